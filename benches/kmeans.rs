@@ -1,0 +1,2 @@
+//! Benchmarks of the kmeans family (not yet implemented).
+fn main() {}

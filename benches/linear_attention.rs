@@ -1,0 +1,2 @@
+//! Benchmarks of the linear_attention family (not yet implemented).
+fn main() {}

@@ -1,0 +1,2 @@
+//! Benchmarks of the maml family (not yet implemented).
+fn main() {}

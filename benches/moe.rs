@@ -1,0 +1,2 @@
+//! Benchmarks of the moe family (not yet implemented).
+fn main() {}

@@ -1,0 +1,2 @@
+//! Benchmarks of the momentum_attention family (not yet implemented).
+fn main() {}

@@ -1,0 +1,2 @@
+// kmeans kernels (not yet implemented).
+#include "common.cuh"

@@ -1,0 +1,2 @@
+// linear_attention kernels (not yet implemented).
+#include "common.cuh"

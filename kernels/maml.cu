@@ -1,0 +1,2 @@
+// maml kernels (not yet implemented).
+#include "common.cuh"

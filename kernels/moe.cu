@@ -1,0 +1,2 @@
+// moe kernels (not yet implemented).
+#include "common.cuh"

@@ -1,0 +1,2 @@
+// momentum_attention kernels (not yet implemented).
+#include "common.cuh"

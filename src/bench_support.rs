@@ -1,0 +1,174 @@
+//! What the benchmarks share: the machine's measured ceilings and one report line per kernel.
+//!
+//! Every benchmark reports, per kernel and shape: time, GFLOP/s, GB/s, the fraction of the
+//! machine's ceiling measured in the same run, and speed-ups over baselines. Lines also go, as
+//! JSON, to `$METAKERNELS_BENCH_JSON` when set (the GPU bundle collects them into its summary).
+
+use std::io::Write as _;
+use std::sync::OnceLock;
+
+use crate::{Device, Result};
+
+/// The measured ceilings of one device.
+#[derive(Clone, Copy, Debug)]
+pub struct Ceilings {
+    /// f32 GEMM rate, GFLOP/s (CPU: matrixmultiply on all rayon threads; GPU: not measured).
+    pub f32_gemm_gflops: f64,
+    /// Device-to-device copy bandwidth, GB/s counted as bytes read + bytes written (CPU: memcpy
+    /// on all threads).
+    pub copy_gbps: f64,
+}
+
+/// The CPU's ceilings, measured once per process (about half a second).
+pub fn cpu_ceilings() -> Ceilings {
+    static CPU: OnceLock<Ceilings> = OnceLock::new();
+    *CPU.get_or_init(|| Ceilings { f32_gemm_gflops: cpu_sgemm_gflops(), copy_gbps: cpu_copy_gbps() })
+}
+
+/// f32 GEMM rate of this machine: 512³ products, one per rayon thread, best of a few runs.
+pub fn cpu_sgemm_gflops() -> f64 {
+    use rayon::prelude::*;
+    let n = 512;
+    let threads = rayon::current_num_threads();
+    let a: Vec<f32> = (0..n * n).map(|i| ((i % 97) as f32) * 0.01).collect();
+    let mut outs = vec![vec![0f32; n * n]; threads];
+    let mut best = 0f64;
+    for _ in 0..4 {
+        let start = std::time::Instant::now();
+        outs.par_iter_mut().for_each(|c| {
+            let m = crate::cpu::Mat::new(&a, n, n);
+            crate::cpu::sgemm(1.0, m, m, 0.0, c, n);
+        });
+        let secs = start.elapsed().as_secs_f64();
+        best = best.max(2.0 * (n * n * n * threads) as f64 / secs / 1e9);
+    }
+    best
+}
+
+/// Memory copy bandwidth of this machine (bytes read + written), 64 MiB per thread.
+pub fn cpu_copy_gbps() -> f64 {
+    use rayon::prelude::*;
+    let len = 16 << 20; // f32s = 64 MiB
+    let threads = rayon::current_num_threads();
+    let src = vec![1f32; len * threads];
+    let mut dst = vec![0f32; len * threads];
+    let mut best = 0f64;
+    for _ in 0..4 {
+        let start = std::time::Instant::now();
+        dst.par_chunks_mut(len).zip(src.par_chunks(len)).for_each(|(d, s)| d.copy_from_slice(s));
+        let secs = start.elapsed().as_secs_f64();
+        best = best.max(2.0 * (len * threads * 4) as f64 / secs / 1e9);
+    }
+    std::hint::black_box(&dst);
+    best
+}
+
+/// Device-to-device copy bandwidth of a CUDA device (bytes read + written), 1 GiB copies.
+pub fn device_copy_gbps(device: &Device) -> Result<f64> {
+    #[cfg(feature = "cuda")]
+    if let crate::device::Kind::Cuda(d) = &device.0 {
+        return d.copy_bandwidth_gbps(1 << 30);
+    }
+    let _ = device;
+    Ok(cpu_ceilings().copy_gbps)
+}
+
+/// One benchmark measurement.
+#[derive(Clone, Debug, Default)]
+pub struct Measurement {
+    /// Family/kernel, e.g. `linear_attention/forward_causal`.
+    pub kernel: String,
+    /// Shape and options, e.g. `B1 H8 T4096 D64 f32`.
+    pub shape: String,
+    /// Device, e.g. `cpu` or `cuda:0 (NVIDIA H200)`.
+    pub device: String,
+    /// Time per call, milliseconds (best of the repetitions).
+    pub ms: f64,
+    /// Useful floating-point operations per call.
+    pub flops: f64,
+    /// Minimum bytes moved per call.
+    pub bytes: f64,
+    /// (name, rate) of the ceiling this kernel is held against, in the unit of its kind
+    /// (GFLOP/s for compute ceilings, GB/s for bandwidth ceilings).
+    pub ceiling: Option<(String, f64)>,
+    /// (baseline name, its time in ms) for speed-up ratios.
+    pub baselines: Vec<(String, f64)>,
+}
+
+impl Measurement {
+    /// GFLOP/s achieved.
+    pub fn gflops(&self) -> f64 {
+        self.flops / self.ms / 1e6
+    }
+
+    /// GB/s achieved.
+    pub fn gbps(&self) -> f64 {
+        self.bytes / self.ms / 1e6
+    }
+
+    /// Achieved / ceiling, where the ceiling's unit decides which rate is compared.
+    pub fn fraction_of_ceiling(&self) -> Option<f64> {
+        self.ceiling.as_ref().map(|(name, rate)| {
+            let achieved = if name.contains("GB/s") { self.gbps() } else { self.gflops() };
+            achieved / rate
+        })
+    }
+
+    /// Prints the line and appends it as JSON to `$METAKERNELS_BENCH_JSON` when set.
+    pub fn report(&self) {
+        let mut line = format!(
+            "[metakernels] {:<44} {:<28} {:<10} {:>10.4} ms {:>9.2} GFLOP/s {:>8.2} GB/s",
+            self.kernel,
+            self.shape,
+            self.device,
+            self.ms,
+            self.gflops(),
+            self.gbps()
+        );
+        if let (Some((name, rate)), Some(frac)) = (&self.ceiling, self.fraction_of_ceiling()) {
+            line += &format!("  {:.1}% of {name} {rate:.1}", frac * 100.0);
+        }
+        for (name, ms) in &self.baselines {
+            line += &format!("  {:.2}x vs {name}", ms / self.ms);
+        }
+        println!("{line}");
+        if let Some(path) = std::env::var_os("METAKERNELS_BENCH_JSON") {
+            if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+                let _ = writeln!(f, "{}", self.to_json());
+            }
+        }
+    }
+
+    fn to_json(&self) -> String {
+        let esc = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
+        let baselines: Vec<String> = self
+            .baselines
+            .iter()
+            .map(|(n, ms)| format!("{{\"name\":\"{}\",\"ms\":{ms},\"speedup\":{}}}", esc(n), ms / self.ms))
+            .collect();
+        format!(
+            "{{\"kernel\":\"{}\",\"shape\":\"{}\",\"device\":\"{}\",\"ms\":{},\"gflops\":{},\"gbps\":{},\"ceiling\":{},\"fraction_of_ceiling\":{},\"baselines\":[{}]}}",
+            esc(&self.kernel),
+            esc(&self.shape),
+            esc(&self.device),
+            self.ms,
+            self.gflops(),
+            self.gbps(),
+            self.ceiling.as_ref().map(|(n, r)| format!("{{\"name\":\"{}\",\"rate\":{r}}}", esc(n))).unwrap_or("null".into()),
+            self.fraction_of_ceiling().map(|f| f.to_string()).unwrap_or("null".into()),
+            baselines.join(",")
+        )
+    }
+}
+
+/// Best time in ms of `reps` calls of `f` on `device` after one warm-up call (CUDA events on a
+/// GPU, wall clock on the CPU).
+pub fn best_ms<F: FnMut() -> Result<()>>(device: &Device, reps: usize, mut f: F) -> Result<f64> {
+    f()?;
+    device.synchronize()?;
+    let mut best = f64::INFINITY;
+    for _ in 0..reps.max(1) {
+        best = best.min(device.time_ms(&mut f)?);
+    }
+    Ok(best)
+}

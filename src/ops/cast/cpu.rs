@@ -1,0 +1,46 @@
+//! CPU casts: rayon over blocks of elements; each block converts through f32 (exact for every
+//! source but f64) or directly for f64 targets.
+
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+use crate::tensor::HostBuffer;
+use crate::{DType, Element, Tensor};
+
+/// Elements per rayon task: large enough to amortise scheduling, small enough to balance.
+const BLOCK: usize = 1 << 15;
+
+pub(super) fn cast(src: &HostBuffer, shape: &[usize], dtype: DType) -> Tensor {
+    match src {
+        HostBuffer::F32(v) => cast_from(v, shape, dtype),
+        HostBuffer::F64(v) => cast_from(v, shape, dtype),
+        HostBuffer::F16(v) => cast_from(v, shape, dtype),
+        HostBuffer::BF16(v) => cast_from(v, shape, dtype),
+        // invariant: the caller rejects u32 before dispatching.
+        HostBuffer::U32(v) => Tensor::from_host_vec(v.clone(), shape),
+    }
+}
+
+fn cast_from<S: Element>(src: &[S], shape: &[usize], dtype: DType) -> Tensor {
+    match dtype {
+        DType::F32 => Tensor::from_host_vec(convert::<S, f32>(src), shape),
+        DType::F64 => Tensor::from_host_vec(convert::<S, f64>(src), shape),
+        DType::F16 => Tensor::from_host_vec(convert::<S, f16>(src), shape),
+        DType::BF16 => Tensor::from_host_vec(convert::<S, bf16>(src), shape),
+        DType::U32 => Tensor::from_host_vec(convert::<S, u32>(src), shape),
+    }
+}
+
+fn convert<S: Element, D: Element>(src: &[S]) -> Vec<D> {
+    // f64 sources and targets go through f64, so that f64 → f16 rounds once, not twice.
+    let wide = S::DTYPE == DType::F64 || D::DTYPE == DType::F64;
+    let mut out = vec![D::from_f32(0.0); src.len()];
+    out.par_chunks_mut(BLOCK).zip(src.par_chunks(BLOCK)).for_each(|(dst, src)| {
+        if wide {
+            dst.iter_mut().zip(src).for_each(|(d, s)| *d = D::from_f64(s.to_f64()));
+        } else {
+            dst.iter_mut().zip(src).for_each(|(d, s)| *d = D::from_f32(s.to_f32()));
+        }
+    });
+    out
+}

@@ -1,0 +1,1 @@
+//! kmeans (not yet implemented).

@@ -1,0 +1,1 @@
+//! maml (not yet implemented).

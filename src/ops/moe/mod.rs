@@ -1,0 +1,1 @@
+//! moe (not yet implemented).

@@ -1,0 +1,1 @@
+//! momentum_attention (not yet implemented).

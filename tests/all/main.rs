@@ -1,0 +1,8 @@
+//! Integration tests: one binary (fewer links), one module per family.
+
+mod kmeans;
+mod linear_attention;
+mod maml;
+mod moe;
+mod momentum_attention;
+mod tensor;

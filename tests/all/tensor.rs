@@ -1,0 +1,1 @@
+//! Tensor, dtype casts and device handling.
