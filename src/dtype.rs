@@ -103,6 +103,39 @@ macro_rules! float_element {
 
 float_element!(f32, DType::F32, |x: f32| x as f64, |v: f64| v as f32, |x| x, |v| v);
 float_element!(f64, DType::F64, |x| x, |v| v, |x: f64| x as f32, |v: f32| v as f64);
-float_element!(f16, DType::F16, |x: f16| x.to_f64(), f16::from_f64, |x: f16| x.to_f32(), f16::from_f32);
-float_element!(bf16, DType::BF16, |x: bf16| x.to_f64(), bf16::from_f64, |x: bf16| x.to_f32(), bf16::from_f32);
+float_element!(
+    f16,
+    DType::F16,
+    |x: f16| x.to_f64(),
+    |v| f16::from_f32(f32_round_to_odd(v)),
+    |x: f16| x.to_f32(),
+    f16::from_f32
+);
+float_element!(
+    bf16,
+    DType::BF16,
+    |x: bf16| x.to_f64(),
+    |v| bf16::from_f32(f32_round_to_odd(v)),
+    |x: bf16| x.to_f32(),
+    bf16::from_f32
+);
 float_element!(u32, DType::U32, |x: u32| x as f64, |v: f64| v as u32, |x: u32| x as f32, |v: f32| v as u32);
+
+/// f64 → f32 with round-to-odd: the first half of a correctly rounded f64 → f16/bf16.
+///
+/// `half`'s `from_f64` rounds twice through f32 (seen: 14.45703164631105 → f16 14.453125, the
+/// wrong neighbour). Rounding to odd first makes the second rounding exact: f32 keeps at least 13
+/// more mantissa bits than f16 or bf16, and an odd last bit records that the value was inexact.
+fn f32_round_to_odd(x: f64) -> f32 {
+    let nearest = x as f32;
+    if x.is_nan() || nearest as f64 == x {
+        return nearest;
+    }
+    let bits = nearest.to_bits();
+    if bits & 1 == 1 {
+        return nearest;
+    }
+    // Step the magnitude one ulp back toward x: the truncation, with the sticky bit set.
+    let toward_x = if (nearest as f64).abs() > x.abs() { bits - 1 } else { bits + 1 };
+    f32::from_bits(toward_x)
+}
