@@ -32,15 +32,49 @@ fn cast_from<S: Element>(src: &[S], shape: &[usize], dtype: DType) -> Tensor {
 }
 
 fn convert<S: Element, D: Element>(src: &[S]) -> Vec<D> {
-    // f64 sources and targets go through f64, so that f64 → f16 rounds once, not twice.
-    let wide = S::DTYPE == DType::F64 || D::DTYPE == DType::F64;
     let mut out = vec![D::from_f32(0.0); src.len()];
-    out.par_chunks_mut(BLOCK).zip(src.par_chunks(BLOCK)).for_each(|(dst, src)| {
-        if wide {
-            dst.iter_mut().zip(src).for_each(|(d, s)| *d = D::from_f64(s.to_f64()));
-        } else {
-            dst.iter_mut().zip(src).for_each(|(d, s)| *d = D::from_f32(s.to_f32()));
-        }
-    });
+    out.par_chunks_mut(BLOCK).zip(src.par_chunks(BLOCK)).for_each(|(dst, src)| convert_block(src, dst));
     out
+}
+
+/// Converts one block. f32 ↔ f16/bf16 use `half`'s slice conversions (F16C / SIMD where the CPU
+/// has them); f64 sources and targets go through f64 so that f64 → f16 rounds once.
+fn convert_block<S: Element, D: Element>(src: &[S], dst: &mut [D]) {
+    use half::slice::HalfFloatSliceExt;
+    // The casts succeed exactly when S or D is the type named, which the dtype tags decide.
+    let src_f32 = bytemuck::try_cast_slice::<S, f32>(src).ok().filter(|_| S::DTYPE == DType::F32);
+    let dst_f32 =
+        (D::DTYPE == DType::F32).then(|| bytemuck::try_cast_slice_mut::<D, f32>(dst).ok()).flatten();
+    match (src_f32, dst_f32, S::DTYPE, D::DTYPE) {
+        (Some(s), None, _, DType::F16) => {
+            if let Ok(d) = bytemuck::try_cast_slice_mut::<D, f16>(dst) {
+                return d.convert_from_f32_slice(s);
+            }
+        }
+        (Some(s), None, _, DType::BF16) => {
+            if let Ok(d) = bytemuck::try_cast_slice_mut::<D, bf16>(dst) {
+                return d.convert_from_f32_slice(s);
+            }
+        }
+        (None, Some(d), DType::F16, _) => {
+            if let Ok(s) = bytemuck::try_cast_slice::<S, f16>(src) {
+                return s.convert_to_f32_slice(d);
+            }
+        }
+        (None, Some(d), DType::BF16, _) => {
+            if let Ok(s) = bytemuck::try_cast_slice::<S, bf16>(src) {
+                return s.convert_to_f32_slice(d);
+            }
+        }
+        _ => {}
+    }
+    convert_scalar(src, dst)
+}
+
+fn convert_scalar<S: Element, D: Element>(src: &[S], dst: &mut [D]) {
+    if S::DTYPE == DType::F64 || D::DTYPE == DType::F64 {
+        dst.iter_mut().zip(src).for_each(|(d, s)| *d = D::from_f64(s.to_f64()));
+    } else {
+        dst.iter_mut().zip(src).for_each(|(d, s)| *d = D::from_f32(s.to_f32()));
+    }
 }
