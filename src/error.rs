@@ -64,7 +64,7 @@ pub enum Error {
         op: &'static str,
         /// Which argument.
         what: String,
-        /// What was expected, in words (e.g. "[B,H,T,Dk] with Dk ≤ 256").
+        /// What was expected, in words (e.g. `"[B,H,T,Dk] with Dk ≤ 256"`).
         expected: String,
         /// The shape given.
         got: Vec<usize>,
