@@ -81,6 +81,22 @@ fn cuda_copies_and_casts(c: &mut Criterion) {
     }
     group.finish();
     report_casts(&dev, numel, 20);
+    report_ceilings(&dev);
+}
+
+/// The device's measured peaks, which the family benchmarks hold their kernels against.
+fn report_ceilings(dev: &Device) {
+    for dtype in [DType::BF16, DType::F16, DType::F32] {
+        match bench_support::device_matrix_tflops(dev, dtype) {
+            Ok(tflops) => println!(
+                "[metakernels] ceiling {dtype} matrix rate (mma.sync / fp32 FMA): {tflops:.1} TFLOP/s"
+            ),
+            Err(e) => println!("[metakernels] ceiling {dtype}: not measured: {e}"),
+        }
+    }
+    if let Ok(gbps) = bench_support::device_copy_gbps(dev) {
+        println!("[metakernels] ceiling device copy: {gbps:.1} GB/s (read + write)");
+    }
 }
 
 /// One report line per cast: GB/s against the copy bandwidth measured now.

@@ -73,6 +73,32 @@ pub fn device_copy_gbps(device: &Device) -> Result<f64> {
     Ok(cpu_ceilings().copy_gbps)
 }
 
+/// Peak tensor-core matrix rate of a CUDA device for `dtype` (bf16 or f16), TFLOP/s, measured
+/// with mma.sync m16n8k16 chains (`kernels/ceiling.cu`); for f32 the SIMT FMA peak.
+///
+/// Errors on the CPU, or for other dtypes.
+pub fn device_matrix_tflops(device: &Device, dtype: crate::DType) -> Result<f64> {
+    use crate::DType;
+    let kernel = match dtype {
+        DType::BF16 => "ceiling_mma_bf16",
+        DType::F16 => "ceiling_mma_f16",
+        DType::F32 => "ceiling_fma_f32",
+        other => {
+            return Err(crate::Error::UnsupportedDType {
+                op: "device_matrix_tflops",
+                dtype: other,
+                supported: "bf16, f16, f32",
+            })
+        }
+    };
+    #[cfg(feature = "cuda")]
+    if let crate::device::Kind::Cuda(d) = &device.0 {
+        return d.peak_tflops(kernel);
+    }
+    let _ = kernel;
+    Err(crate::Error::invalid("device_matrix_tflops", "device", format!("{device} is not a CUDA device")))
+}
+
 /// One benchmark measurement.
 #[derive(Clone, Debug, Default)]
 pub struct Measurement {

@@ -213,6 +213,51 @@ impl CudaDevice {
         Ok(2.0 * bytes as f64 / best / 1e6)
     }
 
+    /// The number of streaming multiprocessors.
+    pub(crate) fn sm_count(&self) -> Result<usize> {
+        use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT;
+        let n = self
+            .inner
+            .ctx
+            .attribute(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(driver("reading the SM count"))?;
+        Ok(n.max(1) as usize)
+    }
+
+    /// Peak rate of one of the `kernels/ceiling.cu` micro-kernels, in TFLOP/s.
+    ///
+    /// `kernel` is `ceiling_mma_bf16`, `ceiling_mma_f16` (4096 flops per mma per warp) or
+    /// `ceiling_fma_f32` (2 flops per FMA per thread); eight 256-thread blocks per SM.
+    pub(crate) fn peak_tflops(&self, kernel: &str) -> Result<f64> {
+        const THREADS: u32 = 256;
+        const CHAINS: f64 = 4.0;
+        let iters: i32 = 4096;
+        let blocks = self.sm_count()? * 8;
+        let func = self.function("ceiling", kernel)?;
+        let mut sink = self.alloc::<f32>(blocks * THREADS as usize)?;
+        let cfg =
+            LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        let never = 0i32;
+        let mut launch = || -> Result<()> {
+            let mut args = self.stream().launch_builder(&func);
+            args.arg(&mut sink).arg(&iters).arg(&never);
+            // SAFETY: the kernel writes `sink` (blocks × THREADS floats) only when `never` is
+            // nonzero; the argument types match ceiling.cu.
+            unsafe { args.launch(cfg) }.map(drop).map_err(driver(format!("launching {kernel}")))
+        };
+        launch()?; // warm-up: loads the module, clocks up
+        let mut best = f64::INFINITY;
+        for _ in 0..3 {
+            best = best.min(self.time_ms(&mut launch)?);
+        }
+        let per_unit = if kernel.contains("mma") {
+            (blocks * THREADS as usize / 32) as f64 * 4096.0
+        } else {
+            (blocks * THREADS as usize) as f64 * 2.0 * 2.0
+        };
+        Ok(per_unit * CHAINS * iters as f64 / (best * 1e-3) / 1e12)
+    }
+
     /// Turns an allocation failure into [`Error::OutOfMemory`] when that is what it was.
     fn alloc_error(&self, e: DriverError, requested_bytes: usize) -> Error {
         use cudarc::driver::sys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY;

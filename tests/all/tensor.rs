@@ -236,3 +236,16 @@ fn kernels_report_is_consistent() {
         }
     }
 }
+
+#[test]
+fn ceilings_are_measurable_on_cuda() {
+    let Some(dev) = cuda_or_skip("ceilings_are_measurable_on_cuda") else { return };
+    use metakernels::bench_support;
+    for dtype in [DType::BF16, DType::F16, DType::F32] {
+        let tflops = bench_support::device_matrix_tflops(&dev, dtype).unwrap();
+        assert!(tflops.is_finite() && tflops > 1.0, "{dtype} peak {tflops} TFLOP/s");
+    }
+    let gbps = bench_support::device_copy_gbps(&dev).unwrap();
+    assert!(gbps.is_finite() && gbps > 10.0, "copy {gbps} GB/s");
+    assert!(bench_support::device_matrix_tflops(&Device::cpu(), DType::BF16).is_err());
+}
