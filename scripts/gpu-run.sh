@@ -31,8 +31,8 @@ failed=$(grep -Eo '[0-9]+ failed' "$out/tests.log" | tail -n1 | grep -Eo '[0-9]+
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n1 || true)
 sanitizer_status="not installed"
 if [ -n "$sanitizer" ]; then
-  echo "== compute-sanitizer memcheck (tests whose names contain 'cuda')"
-  "$sanitizer" --tool memcheck --error-exitcode 99 "$here/bin/test-all" cuda --test-threads=1 \
+  echo "== compute-sanitizer memcheck (tests whose names contain 'cuda' or 'gpu')"
+  "$sanitizer" --tool memcheck --error-exitcode 99 "$here/bin/test-all" cuda gpu --test-threads=1 \
     > "$out/sanitizer.log" 2>&1
   sanitizer_rc=$?
   sanitizer_status=$([ $sanitizer_rc -eq 0 ] && echo "clean" || echo "errors (exit $sanitizer_rc)")
