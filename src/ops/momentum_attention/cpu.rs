@@ -1,0 +1,457 @@
+//! CPU momentum attention: tiled online-softmax attention (FlashAttention's algorithm), with the
+//! tile products on `crate::cpu::sgemm` and the momentum term as a scan fused into the same
+//! task. Memory stays linear in T: the largest temporary is one `BLOCK × BLOCK` score tile per
+//! task.
+//!
+//! Forward: rayon over (head, query tile). Each task streams the key/value tiles up to the
+//! diagonal, keeps the running row max `m`, row sum `l` and unnormalised output `acc`, then adds
+//! the momentum `m_t = η(m_{t−1} + v_{t−1})`, scanning only the value rows within the momentum
+//! horizon of the tile (the rows the last value tiles just brought into cache).
+//!
+//! Backward (FlashAttention-2): rayon over heads; per head, key/value tiles from last to first,
+//! each looping over the query tiles at or below the diagonal, recomputing `P` from the saved
+//! log-sum-exp, accumulating dK and dV in the tile and dQ in the head's f32 buffer. The momentum
+//! gradient `dv_s += Σ_{t>s} η^{t−s} do_t` is a reverse scan carried from tile to tile.
+//!
+//! Logits are kept in base 2 (`scale · log2 e` folded into the GEMM's alpha) so every
+//! exponential is an `exp2`, evaluated by a branch-free polynomial the compiler vectorises.
+
+use rayon::prelude::*;
+
+use super::{MomentumAttentionGrads, Problem, SoftmaxParams};
+use crate::cpu::{sgemm, Mat};
+use crate::testing::output_vec;
+use crate::{DType, Element, Error, Result, Tensor};
+
+/// Query and key rows per tile. 64 keeps a score tile (16 KiB) and a head-dim-256 accumulator
+/// (64 KiB) in L2 while giving the GEMMs enough work to amortise their packing.
+const BLOCK: usize = 64;
+
+const LOG2_E: f32 = std::f32::consts::LOG2_E;
+
+// ----- forward -----------------------------------------------------------------------------------
+
+pub(super) fn forward(
+    problem: &Problem,
+    params: &SoftmaxParams,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    shape: &[usize],
+) -> Result<Tensor> {
+    let op = super::OP_FORWARD;
+    let (q, k, v) = (q.host_f32(op)?, k.host_f32(op)?, v.host_f32(op)?);
+    let mut out = output_vec::<f32>(problem.numel());
+    attention_forward(problem, params, &q, &k, &v, &mut out, None)?;
+    Ok(to_tensor(out, problem.dtype, shape))
+}
+
+/// Writes `out` (`[bh, t, d]`) and, when given, the base-2 log-sum-exp of each row's scaled
+/// logits `lse2` (`[bh, t]`), with the momentum term included in `out` when `params.eta > 0`.
+pub(super) fn attention_forward(
+    problem: &Problem,
+    params: &SoftmaxParams,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &mut [f32],
+    lse2: Option<&mut [f32]>,
+) -> Result<()> {
+    let Problem { t, d, .. } = *problem;
+    let head = t * d;
+    let mut lse_fallback: Vec<f32>;
+    let lse2 = match lse2 {
+        Some(l) => l,
+        None => {
+            lse_fallback = vec![0f32; problem.bh * t];
+            &mut lse_fallback
+        }
+    };
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    out.par_chunks_mut(head).zip(lse2.par_chunks_mut(t)).enumerate().for_each(|(h, (out_h, lse_h))| {
+        let heads = HeadView { q: &q[h * head..][..head], k: &k[h * head..][..head], v: &v[h * head..][..head], t, d };
+        out_h
+            .par_chunks_mut(BLOCK * d)
+            .zip(lse_h.par_chunks_mut(BLOCK))
+            .enumerate()
+            .for_each_init(
+                || ForwardScratch::new(d),
+                |scratch, (tile, (out_tile, lse_tile))| {
+                    if !forward_tile(&heads, params, tile * BLOCK, scratch, out_tile, lse_tile) {
+                        failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                },
+            );
+    });
+    if failed.into_inner() {
+        return Err(gemm_bug(super::OP_FORWARD));
+    }
+    Ok(())
+}
+
+/// One head's q, k, v (`t × d` each, row-major).
+struct HeadView<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    t: usize,
+    d: usize,
+}
+
+impl<'a> HeadView<'a> {
+    fn rows(x: &'a [f32], d: usize, start: usize, n: usize) -> Mat<'a, f32> {
+        Mat::new(&x[start * d..(start + n) * d], n, d)
+    }
+}
+
+/// Per-task buffers, allocated once per rayon worker split, never in the tile loop.
+struct ForwardScratch {
+    scores: Vec<f32>,
+    acc: Vec<f32>,
+    row_max: Vec<f32>,
+    row_sum: Vec<f32>,
+    carry: Vec<f32>,
+}
+
+impl ForwardScratch {
+    fn new(d: usize) -> Self {
+        ForwardScratch {
+            scores: vec![0.0; BLOCK * BLOCK],
+            acc: vec![0.0; BLOCK * d],
+            row_max: vec![0.0; BLOCK],
+            row_sum: vec![0.0; BLOCK],
+            carry: vec![0.0; d],
+        }
+    }
+}
+
+/// The output rows `q0 .. q0 + rows` of one head. Returns false only if a GEMM refused its
+/// shapes (a bug).
+fn forward_tile(
+    head: &HeadView<'_>,
+    params: &SoftmaxParams,
+    q0: usize,
+    s: &mut ForwardScratch,
+    out: &mut [f32],
+    lse2: &mut [f32],
+) -> bool {
+    let d = head.d;
+    let rows = lse2.len();
+    let q_tile = HeadView::rows(head.q, d, q0, rows);
+    let acc = &mut s.acc[..rows * d];
+    acc.fill(0.0);
+    s.row_max[..rows].fill(f32::NEG_INFINITY);
+    s.row_sum[..rows].fill(0.0);
+    let kv_end = q0 + rows; // causal: no key after the last query of the tile
+    let mut ok = true;
+    for k0 in (0..kv_end).step_by(BLOCK) {
+        let cols = BLOCK.min(kv_end - k0);
+        let scores = &mut s.scores[..rows * BLOCK];
+        let k_tile = HeadView::rows(head.k, d, k0, cols);
+        ok &= sgemm(params.scale * LOG2_E, q_tile, k_tile.t(), 0.0, scores, BLOCK);
+        if k0 + cols > q0 + 1 {
+            mask_above_diagonal(scores, rows, cols, q0, k0);
+        }
+        for r in 0..rows {
+            let row = &mut scores[r * BLOCK..r * BLOCK + cols];
+            let new_max = s.row_max[r].max(row_max(row));
+            let rescale = exp2(s.row_max[r] - new_max);
+            s.row_max[r] = new_max;
+            s.row_sum[r] = s.row_sum[r] * rescale + exp2_in_place_sum(row, new_max);
+            if rescale != 1.0 {
+                acc[r * d..(r + 1) * d].iter_mut().for_each(|a| *a *= rescale);
+            }
+        }
+        let p = Mat { data: &s.scores[..rows * BLOCK], rows, cols, ld: BLOCK, transposed: false };
+        ok &= sgemm(1.0, p, HeadView::rows(head.v, d, k0, cols), 1.0, acc, d);
+    }
+    for r in 0..rows {
+        let inv = 1.0 / s.row_sum[r];
+        out[r * d..(r + 1) * d].iter_mut().zip(&acc[r * d..(r + 1) * d]).for_each(|(o, a)| *o = a * inv);
+        lse2[r] = s.row_max[r] + s.row_sum[r].log2();
+    }
+    if params.eta > 0.0 {
+        add_momentum(head, params, q0, rows, &mut s.carry, out);
+    }
+    ok
+}
+
+/// Sets the scores of keys after their query to −∞ (only the diagonal-crossing tiles need it).
+fn mask_above_diagonal(scores: &mut [f32], rows: usize, cols: usize, q0: usize, k0: usize) {
+    for r in 0..rows {
+        let first_masked = (q0 + r + 1).saturating_sub(k0);
+        if first_masked < cols {
+            scores[r * BLOCK + first_masked..r * BLOCK + cols].fill(f32::NEG_INFINITY);
+        }
+    }
+}
+
+/// `out[r] += m_{q0+r}` for the tile's rows: the carry `m_{q0}` is scanned from the value rows
+/// inside the horizon (older rows weigh less than f32 resolution), then the recurrence
+/// `m_{t+1} = η (m_t + v_t)` runs through the tile.
+fn add_momentum(
+    head: &HeadView<'_>,
+    params: &SoftmaxParams,
+    q0: usize,
+    rows: usize,
+    carry: &mut [f32],
+    out: &mut [f32],
+) {
+    let d = head.d;
+    let eta = params.eta;
+    carry.fill(0.0);
+    for i in q0.saturating_sub(params.horizon)..q0 {
+        carry.iter_mut().zip(&head.v[i * d..(i + 1) * d]).for_each(|(c, v)| *c = eta * (*c + v));
+    }
+    for r in 0..rows {
+        out[r * d..(r + 1) * d].iter_mut().zip(carry.iter()).for_each(|(o, c)| *o += c);
+        let v_row = &head.v[(q0 + r) * d..(q0 + r + 1) * d];
+        carry.iter_mut().zip(v_row).for_each(|(c, v)| *c = eta * (*c + v));
+    }
+}
+
+// ----- backward ----------------------------------------------------------------------------------
+
+pub(super) fn backward(
+    problem: &Problem,
+    params: &SoftmaxParams,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    grad_output: &Tensor,
+    shape: &[usize],
+) -> Result<MomentumAttentionGrads> {
+    let op = super::OP_BACKWARD;
+    let (q, k, v) = (q.host_f32(op)?, k.host_f32(op)?, v.host_f32(op)?);
+    let grad = grad_output.host_f32(op)?;
+    let n = problem.numel();
+
+    // Recompute the attention output (no momentum) and the row log-sum-exps.
+    let plain = SoftmaxParams { eta: 0.0, horizon: 0, ..*params };
+    let mut attn = vec![0f32; n];
+    let mut lse2 = vec![0f32; problem.bh * problem.t];
+    attention_forward(problem, &plain, &q, &k, &v, &mut attn, Some(&mut lse2))?;
+
+    let mut dq = output_vec::<f32>(n);
+    let mut dk = output_vec::<f32>(n);
+    let mut dv = output_vec::<f32>(n);
+    let head = problem.t * problem.d;
+    let ok = dq
+        .par_chunks_mut(head)
+        .zip(dk.par_chunks_mut(head))
+        .zip(dv.par_chunks_mut(head))
+        .enumerate()
+        .map(|(h, ((dq_h, dk_h), dv_h))| {
+            let inputs = BackwardHead {
+                head: HeadView {
+                    q: &q[h * head..][..head],
+                    k: &k[h * head..][..head],
+                    v: &v[h * head..][..head],
+                    t: problem.t,
+                    d: problem.d,
+                },
+                grad: &grad[h * head..][..head],
+                attn: &attn[h * head..][..head],
+                lse2: &lse2[h * problem.t..][..problem.t],
+            };
+            backward_head(&inputs, params, dq_h, dk_h, dv_h)
+        })
+        .all(|ok| ok);
+    if !ok {
+        return Err(gemm_bug(op));
+    }
+    Ok(MomentumAttentionGrads {
+        dq: to_tensor(dq, problem.dtype, shape),
+        dk: to_tensor(dk, problem.dtype, shape),
+        dv: to_tensor(dv, problem.dtype, shape),
+    })
+}
+
+struct BackwardHead<'a> {
+    head: HeadView<'a>,
+    grad: &'a [f32],
+    attn: &'a [f32],
+    lse2: &'a [f32],
+}
+
+/// dQ, dK, dV of one head (each `t × d`). Returns false only if a GEMM refused its shapes.
+fn backward_head(
+    x: &BackwardHead<'_>,
+    params: &SoftmaxParams,
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+) -> bool {
+    let HeadView { t, d, .. } = x.head;
+    // delta_r = Σ_d do_r · attn_r: the softmax backward's row correction.
+    let delta: Vec<f32> =
+        x.grad.chunks_exact(d).zip(x.attn.chunks_exact(d)).map(|(g, o)| dot(g, o)).collect();
+    let mut p = vec![0f32; BLOCK * BLOCK];
+    let mut dp = vec![0f32; BLOCK * BLOCK];
+    let mut carry = vec![0f32; d];
+    let scale2 = params.scale * LOG2_E;
+    let mut ok = true;
+    dq.fill(0.0);
+    let tiles = t.div_ceil(BLOCK);
+    for tile in (0..tiles).rev() {
+        let k0 = tile * BLOCK;
+        let cols = BLOCK.min(t - k0);
+        let k_tile = HeadView::rows(x.head.k, d, k0, cols);
+        let v_tile = HeadView::rows(x.head.v, d, k0, cols);
+        let dk_tile = &mut dk[k0 * d..(k0 + cols) * d];
+        let dv_tile = &mut dv[k0 * d..(k0 + cols) * d];
+        dk_tile.fill(0.0);
+        dv_tile.fill(0.0);
+        // Query tiles at or below the diagonal; BLOCK-aligned, so the first one starts at k0.
+        for q0 in (k0..t).step_by(BLOCK) {
+            let rows = BLOCK.min(t - q0);
+            let q_tile = HeadView::rows(x.head.q, d, q0, rows);
+            let g_tile = HeadView::rows(x.grad, d, q0, rows);
+            // P = exp2(S2 − lse2) with S2 = scale·log2e · Q Kᵀ, masked above the diagonal.
+            ok &= sgemm(scale2, q_tile, k_tile.t(), 0.0, &mut p, BLOCK);
+            if q0 == k0 {
+                mask_above_diagonal(&mut p, rows, cols, q0, k0);
+            }
+            for r in 0..rows {
+                let lse = x.lse2[q0 + r];
+                p[r * BLOCK..r * BLOCK + cols].iter_mut().for_each(|s| *s = exp2(*s - lse));
+            }
+            let p_mat = Mat { data: &p, rows, cols, ld: BLOCK, transposed: false };
+            ok &= sgemm(1.0, p_mat.t(), g_tile, 1.0, dv_tile, d); // dV += Pᵀ dO
+            ok &= sgemm(1.0, g_tile, v_tile.t(), 0.0, &mut dp, BLOCK); // dP = dO Vᵀ
+            for r in 0..rows {
+                let delta_r = delta[q0 + r];
+                let (p_row, dp_row) = (&p[r * BLOCK..r * BLOCK + cols], &mut dp[r * BLOCK..r * BLOCK + cols]);
+                dp_row.iter_mut().zip(p_row).for_each(|(ds, p)| *ds = p * (*ds - delta_r));
+            }
+            let ds = Mat { data: &dp, rows, cols, ld: BLOCK, transposed: false };
+            ok &= sgemm(params.scale, ds, k_tile, 1.0, &mut dq[q0 * d..(q0 + rows) * d], d); // dQ += dS K
+            ok &= sgemm(params.scale, ds.t(), q_tile, 1.0, dk_tile, d); // dK += dSᵀ Q
+        }
+        if params.eta > 0.0 {
+            add_momentum_grad(x.grad, params.eta, d, k0, cols, &mut carry, dv_tile);
+        }
+    }
+    ok
+}
+
+/// `dv_s += c_s` for the tile's rows, `c_s = Σ_{t>s} η^{t−s} do_t`, by the reverse recurrence
+/// `c_{s−1} = η (c_s + do_s)`; `carry` enters as `c_{k0+cols−1}` and leaves as `c_{k0−1}`.
+fn add_momentum_grad(
+    grad: &[f32],
+    eta: f32,
+    d: usize,
+    k0: usize,
+    cols: usize,
+    carry: &mut [f32],
+    dv_tile: &mut [f32],
+) {
+    for r in (0..cols).rev() {
+        dv_tile[r * d..(r + 1) * d].iter_mut().zip(carry.iter()).for_each(|(g, c)| *g += c);
+        let g_row = &grad[(k0 + r) * d..(k0 + r + 1) * d];
+        carry.iter_mut().zip(g_row).for_each(|(c, g)| *c = eta * (*c + g));
+    }
+}
+
+// ----- small vectorisable helpers -----------------------------------------------------------------
+
+/// 2^x for x ≤ 128, 0 for x < −126 (and −∞), relative error below 2e-7. Branch-free so that
+/// loops over it vectorise: round to nearest with the 1.5·2²³ trick, a degree-6 polynomial for
+/// 2^f on [−½, ½], and the integer part put into the exponent bits.
+#[inline(always)]
+fn exp2(x: f32) -> f32 {
+    const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23
+    let clamped = x.clamp(-127.0, 127.0);
+    let n = (clamped + ROUND) - ROUND;
+    let f = clamped - n;
+    // Taylor coefficients of 2^f = e^{f ln 2}: (ln 2)^i / i!.
+    let p = 1.540_353_1e-4f32;
+    let p = p.mul_add(f, 1.333_355_8e-3);
+    let p = p.mul_add(f, 9.618_129_1e-3);
+    let p = p.mul_add(f, 5.550_410_9e-2);
+    let p = p.mul_add(f, 0.240_226_5);
+    let p = p.mul_add(f, std::f32::consts::LN_2);
+    let p = p.mul_add(f, 1.0);
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if x < -126.0 {
+        0.0
+    } else {
+        p * scale
+    }
+}
+
+/// Replaces each score s by 2^(s − max) and returns their sum (8 partial sums so it vectorises).
+fn exp2_in_place_sum(row: &mut [f32], max: f32) -> f32 {
+    let mut lanes = [0f32; 8];
+    let mut chunks = row.chunks_exact_mut(8);
+    for chunk in &mut chunks {
+        for (lane, s) in lanes.iter_mut().zip(chunk.iter_mut()) {
+            *s = exp2(*s - max);
+            *lane += *s;
+        }
+    }
+    let mut total: f32 = lanes.iter().sum();
+    for s in chunks.into_remainder() {
+        *s = exp2(*s - max);
+        total += *s;
+    }
+    total
+}
+
+fn row_max(row: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let mut chunks = row.chunks_exact(8);
+    for chunk in &mut chunks {
+        for (lane, &s) in lanes.iter_mut().zip(chunk) {
+            *lane = if s > *lane { s } else { *lane };
+        }
+    }
+    chunks.remainder().iter().chain(&lanes).fold(f32::NEG_INFINITY, |m, &s| if s > m { s } else { m })
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (xa, xb) in ca.zip(cb) {
+        for i in 0..8 {
+            lanes[i] = xa[i].mul_add(xb[i], lanes[i]);
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// A host tensor of `dtype` holding `values` (rounded to nearest even).
+fn to_tensor(values: Vec<f32>, dtype: DType, shape: &[usize]) -> Tensor {
+    fn convert<T: Element>(values: &[f32]) -> Vec<T> {
+        values.par_iter().map(|&x| T::from_f32(x)).collect()
+    }
+    match dtype {
+        DType::F16 => Tensor::from_host_vec(convert::<half::f16>(&values), shape),
+        DType::BF16 => Tensor::from_host_vec(convert::<half::bf16>(&values), shape),
+        _ => Tensor::from_host_vec(values, shape),
+    }
+}
+
+fn gemm_bug(op: &'static str) -> Error {
+    Error::invalid(op, "tile GEMM", "a tile product was refused its shapes (a metakernels bug; please report)")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp2_is_accurate_and_saturates() {
+        for i in -2000..=2000 {
+            let x = i as f32 * 0.0625;
+            let (got, want) = (exp2(x), (x as f64).exp2());
+            if x < -126.0 {
+                assert_eq!(got, 0.0);
+            } else {
+                assert!(((got as f64 - want) / want).abs() < 5e-7, "exp2({x}) = {got}, want {want}");
+            }
+        }
+        assert_eq!(exp2(f32::NEG_INFINITY), 0.0);
+    }
+}

@@ -1,0 +1,1 @@
+//! CUDA tests (written with the kernels).
