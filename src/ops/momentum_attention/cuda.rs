@@ -1,10 +1,245 @@
-//! Launches of `kernels/momentum_attention.cu` (being written).
-use super::{MomentumAttentionGrads, Problem, SoftmaxParams};
-use crate::{Error, Result, Tensor};
+//! Launches of `kernels/momentum_attention.cu`.
+//!
+//! Forward: one launch of `mattn_fwd_<dtype>_d<D>` (tensor cores for f16/bf16, SIMT for f32),
+//! grid = (query tiles, B·H). Backward: the forward again with η = 0 (attention output and base-2
+//! log-sum-exp), `mattn_bwd_delta_<dtype>`, `mattn_bwd_<dtype>_d<D>` (one block per key tile,
+//! dQ by f32 atomics into a zeroed buffer), and `mattn_dq_finish_<dtype>`. Every temporary is
+//! linear in T.
 
-pub(super) fn forward(_: &Problem, _: &SoftmaxParams, _: &Tensor, _: &Tensor, _: &Tensor, _: &[usize]) -> Result<Tensor> {
-    Err(Error::KernelsNotBuilt { module: "momentum_attention" })
+use half::{bf16, f16};
+
+use super::{MomentumAttentionGrads, Problem, SoftmaxParams};
+use crate::cuda::{driver, grid_1d, CudaDevice, CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
+use crate::tensor::CudaBuffer;
+use crate::{DType, Element, Error, Result, Tensor};
+
+const MODULE: &str = "momentum_attention";
+const THREADS: u32 = 128;
+const LOG2_E: f32 = std::f32::consts::LOG2_E;
+
+/// Rows per query tile (forward) or key tile (backward) and dynamic shared memory of a kernel;
+/// mirrors `FwdTile`, `SimtTile` and `BwdTile` in the .cu file.
+#[derive(Clone, Copy, Debug)]
+struct Geometry {
+    rows_per_block: usize,
+    smem_bytes: usize,
 }
-pub(super) fn backward(_: &Problem, _: &SoftmaxParams, _: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor, _: &[usize]) -> Result<MomentumAttentionGrads> {
-    Err(Error::KernelsNotBuilt { module: "momentum_attention" })
+
+fn forward_geometry(dtype: DType, d: usize) -> Geometry {
+    if dtype == DType::F32 {
+        let ld = d + 1;
+        Geometry { rows_per_block: 32, smem_bytes: (3 * 32 * ld + 32 * 33) * 4 }
+    } else {
+        let bc = if d == 256 { 32 } else { 64 };
+        Geometry { rows_per_block: 64, smem_bytes: (64 + 2 * bc) * (d + 8) * 2 }
+    }
+}
+
+fn backward_geometry(d: usize) -> Geometry {
+    let ld = d + 1;
+    Geometry { rows_per_block: 32, smem_bytes: (4 * 32 * ld + 2 * 32 * 33 + 2 * 32) * 4 }
+}
+
+/// A tiled launch: `blocks` tiles per head on x, heads on y, with `smem` bytes of dynamic
+/// shared memory (opted into above 48 KiB).
+fn tiled_config(func: &CudaFunction, problem: &Problem, geometry: Geometry, op: &'static str) -> Result<LaunchConfig> {
+    let tiles = problem.t.div_ceil(geometry.rows_per_block);
+    if tiles > i32::MAX as usize || problem.bh > 65_535 || problem.t > i32::MAX as usize {
+        return Err(Error::invalid(
+            op,
+            "shape",
+            format!(
+                "B·H = {} and T = {} exceed the CUDA launch limits (B·H ≤ 65535, T < 2^31)",
+                problem.bh, problem.t
+            ),
+        ));
+    }
+    if geometry.smem_bytes > 48 * 1024 {
+        use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+        func.set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, geometry.smem_bytes as i32)
+            .map_err(driver(format!("{op}: opting into {} bytes of shared memory", geometry.smem_bytes)))?;
+    }
+    Ok(LaunchConfig {
+        grid_dim: (tiles as u32, problem.bh as u32, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: geometry.smem_bytes as u32,
+    })
+}
+
+// ----- forward -----------------------------------------------------------------------------------
+
+pub(super) fn forward(
+    problem: &Problem,
+    params: &SoftmaxParams,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    shape: &[usize],
+) -> Result<Tensor> {
+    let dev = q.cuda_device()?;
+    let out = match problem.dtype {
+        DType::F16 => CudaBuffer::F16(forward_typed::<f16>(dev, problem, params, q, k, v)?.0),
+        DType::BF16 => CudaBuffer::BF16(forward_typed::<bf16>(dev, problem, params, q, k, v)?.0),
+        _ => CudaBuffer::F32(forward_typed::<f32>(dev, problem, params, q, k, v)?.0),
+    };
+    Ok(Tensor::from_cuda_buffer(out, shape, problem.dtype, q.device()))
+}
+
+/// The output and the base-2 row log-sum-exps `[bh, t]`.
+fn forward_typed<T: Element>(
+    dev: &CudaDevice,
+    problem: &Problem,
+    params: &SoftmaxParams,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+) -> Result<(CudaSlice<T>, CudaSlice<f32>)> {
+    let op = super::OP_FORWARD;
+    let (qs, ks, vs) = (q.cuda_slice::<T>(op)?, k.cuda_slice::<T>(op)?, v.cuda_slice::<T>(op)?);
+    let mut out = dev.alloc::<T>(problem.numel())?;
+    let mut lse2 = dev.alloc::<f32>(problem.bh * problem.t)?;
+    let name = format!("mattn_fwd_{}_d{}", T::DTYPE.as_str(), problem.d);
+    let func = dev.function(MODULE, &name)?;
+    let cfg = tiled_config(&func, problem, forward_geometry(T::DTYPE, problem.d), op)?;
+    let t_len = problem.t as i32;
+    let scale_log2 = params.scale * LOG2_E;
+    let horizon = params.horizon.min(i32::MAX as usize) as i32;
+    let mut args = dev.stream().launch_builder(&func);
+    args.arg(qs).arg(ks).arg(vs).arg(&mut out).arg(&mut lse2);
+    args.arg(&t_len).arg(&scale_log2).arg(&params.eta).arg(&horizon);
+    // SAFETY: q, k, v and out hold bh·t·d elements of T and lse2 bh·t floats (checked by
+    // Problem::check and the allocations above); the grid covers every (query tile, head) and
+    // each block writes only its own rows; the argument list matches MK_FWD in the .cu file.
+    unsafe { args.launch(cfg) }.map_err(driver(format!("launching {name}")))?;
+    Ok((out, lse2))
+}
+
+/// The reference kernel (one block per query row; explicit momentum sum), for the GPU tests.
+#[doc(hidden)]
+pub(crate) fn forward_reference(problem: &Problem, params: &SoftmaxParams, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    fn typed<T: Element>(problem: &Problem, params: &SoftmaxParams, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let op = "momentum_attention::forward_reference";
+        let dev = q.cuda_device()?;
+        let (qs, ks, vs) = (q.cuda_slice::<T>(op)?, k.cuda_slice::<T>(op)?, v.cuda_slice::<T>(op)?);
+        let mut out = dev.alloc::<T>(problem.numel())?;
+        let name = format!("mattn_fwd_reference_{}", T::DTYPE.as_str());
+        let func = dev.function(MODULE, &name)?;
+        if problem.t > i32::MAX as usize || problem.bh > 65_535 {
+            return Err(Error::invalid(op, "shape", "too large for the reference kernel"));
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (problem.t as u32, problem.bh as u32, 1),
+            block_dim: (problem.d as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (t_len, d) = (problem.t as i32, problem.d as i32);
+        let mut args = dev.stream().launch_builder(&func);
+        args.arg(qs).arg(ks).arg(vs).arg(&mut out).arg(&t_len).arg(&d).arg(&params.scale).arg(&params.eta);
+        // SAFETY: buffers hold bh·t·d elements; one block of d threads per (row, head) writes
+        // its own row; arguments match mattn_fwd_reference_<dtype>.
+        unsafe { args.launch(cfg) }.map_err(driver(format!("launching {name}")))?;
+        Ok(Tensor::from_cuda_buffer(CudaBuffer::wrap(out), q.shape(), T::DTYPE, q.device()))
+    }
+    match problem.dtype {
+        DType::F16 => typed::<f16>(problem, params, q, k, v),
+        DType::BF16 => typed::<bf16>(problem, params, q, k, v),
+        _ => typed::<f32>(problem, params, q, k, v),
+    }
+}
+
+// ----- backward ----------------------------------------------------------------------------------
+
+pub(super) fn backward(
+    problem: &Problem,
+    params: &SoftmaxParams,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    grad_output: &Tensor,
+    shape: &[usize],
+) -> Result<MomentumAttentionGrads> {
+    let dev = q.cuda_device()?;
+    let (dq, dk, dv) = match problem.dtype {
+        DType::F16 => wrap3(backward_typed::<f16>(dev, problem, params, q, k, v, grad_output)?),
+        DType::BF16 => wrap3(backward_typed::<bf16>(dev, problem, params, q, k, v, grad_output)?),
+        _ => wrap3(backward_typed::<f32>(dev, problem, params, q, k, v, grad_output)?),
+    };
+    let tensor = |b| Tensor::from_cuda_buffer(b, shape, problem.dtype, q.device());
+    Ok(MomentumAttentionGrads { dq: tensor(dq), dk: tensor(dk), dv: tensor(dv) })
+}
+
+type Grads<T> = (CudaSlice<T>, CudaSlice<T>, CudaSlice<T>);
+
+fn wrap3<T: Element>((a, b, c): Grads<T>) -> (CudaBuffer, CudaBuffer, CudaBuffer) {
+    (CudaBuffer::wrap(a), CudaBuffer::wrap(b), CudaBuffer::wrap(c))
+}
+
+fn backward_typed<T: Element>(
+    dev: &CudaDevice,
+    problem: &Problem,
+    params: &SoftmaxParams,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    grad_output: &Tensor,
+) -> Result<Grads<T>> {
+    let op = super::OP_BACKWARD;
+    let n = problem.numel();
+    let rows = problem.bh * problem.t;
+    let dtype = T::DTYPE.as_str();
+    // Attention output without momentum, and the log-sum-exps.
+    let plain = SoftmaxParams { eta: 0.0, horizon: 0, ..*params };
+    let (attn, lse2) = forward_typed::<T>(dev, problem, &plain, q, k, v)?;
+    let (qs, ks, vs) = (q.cuda_slice::<T>(op)?, k.cuda_slice::<T>(op)?, v.cuda_slice::<T>(op)?);
+    let gs = grad_output.cuda_slice::<T>(op)?;
+
+    // delta_t = Σ_d dO·O_attn: one warp per row.
+    let mut delta = dev.alloc::<f32>(rows)?;
+    {
+        let name = format!("mattn_bwd_delta_{dtype}");
+        let func = dev.function(MODULE, &name)?;
+        let blocks = rows.div_ceil(8);
+        if blocks > i32::MAX as usize {
+            return Err(Error::invalid(op, "shape", format!("{rows} rows exceed the CUDA grid limit")));
+        }
+        let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let (rows_arg, d) = (rows as u64, problem.d as i32);
+        let mut args = dev.stream().launch_builder(&func);
+        args.arg(gs).arg(&attn).arg(&mut delta).arg(&rows_arg).arg(&d);
+        // SAFETY: grad and attn hold rows·d elements, delta rows floats; one warp per row,
+        // 8 warps per block cover every row; arguments match mattn_bwd_delta_<dtype>.
+        unsafe { args.launch(cfg) }.map_err(driver(format!("launching {name}")))?;
+    }
+
+    let mut dq_acc = dev.alloc_zeros::<f32>(n)?;
+    let mut dk = dev.alloc::<T>(n)?;
+    let mut dv = dev.alloc::<T>(n)?;
+    {
+        let name = format!("mattn_bwd_{dtype}_d{}", problem.d);
+        let func = dev.function(MODULE, &name)?;
+        let cfg = tiled_config(&func, problem, backward_geometry(problem.d), op)?;
+        let t_len = problem.t as i32;
+        let horizon = params.horizon.min(i32::MAX as usize) as i32;
+        let mut args = dev.stream().launch_builder(&func);
+        args.arg(qs).arg(ks).arg(vs).arg(gs).arg(&lse2).arg(&delta);
+        args.arg(&mut dq_acc).arg(&mut dk).arg(&mut dv);
+        args.arg(&t_len).arg(&params.scale).arg(&params.eta).arg(&horizon);
+        // SAFETY: every tensor buffer holds bh·t·d elements, lse2 and delta bh·t floats; each
+        // block writes the dK/dV rows of its own key tile and adds to dq_acc atomically;
+        // arguments match MK_BWD.
+        unsafe { args.launch(cfg) }.map_err(driver(format!("launching {name}")))?;
+    }
+
+    let mut dq = dev.alloc::<T>(n)?;
+    {
+        let name = format!("mattn_dq_finish_{dtype}");
+        let func = dev.function(MODULE, &name)?;
+        let n_arg = n as u64;
+        let mut args = dev.stream().launch_builder(&func);
+        args.arg(&dq_acc).arg(&mut dq).arg(&n_arg);
+        // SAFETY: both buffers hold n elements; grid-stride loop; arguments match
+        // mattn_dq_finish_<dtype>.
+        unsafe { args.launch(grid_1d(n, 256)) }.map_err(driver(format!("launching {name}")))?;
+    }
+    Ok((dq, dk, dv))
 }

@@ -155,6 +155,27 @@ impl MomentumAttention {
     }
 }
 
+impl MomentumAttention {
+    /// The forward pass by the CUDA reference kernel (one block per query row, explicit momentum
+    /// sum): what the GPU tests hold the fast kernels against. CUDA tensors only.
+    #[doc(hidden)]
+    pub fn forward_reference_kernel(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        const OP: &str = "MomentumAttention::forward_reference_kernel";
+        let problem = Problem::check(OP, q, k, v)?;
+        let eta = check_eta(OP, self.eta)?;
+        match &self.base {
+            Base::Softmax { scale } => {
+                let params = SoftmaxParams::new(OP, eta, *scale, problem.d)?;
+                match q.storage() {
+                    #[cfg(feature = "cuda")]
+                    Storage::Cuda(_) => cuda::forward_reference(&problem, &params, q, k, v),
+                    _ => Err(Error::DeviceMismatch { op: OP, expected: "a CUDA device".into(), got: "cpu".into() }),
+                }
+            }
+        }
+    }
+}
+
 /// How many lags of the momentum sum the kernels keep for coefficient `eta`: the smallest `H`
 /// with `η^H ≤ 2⁻²⁴`, so that the dropped tail Σ_{n>H} ηⁿ is at most 2⁻²⁴ of Σ_{n≥1} ηⁿ (below
 /// f32 resolution of the sum's scale). 0 for η = 0; capped at `u32::MAX`.
