@@ -18,6 +18,7 @@
 //                               dQ += dS K by f32 atomics; the momentum gradient
 //                               dv_s += Σ_{t>s} η^{t−s} do_t fused the same way (SIMT fp32 FMA).
 //   mattn_dq_finish_<DN>        dq (storage dtype) from the f32 accumulator.
+//   mattn_momentum_scan_<DN>    the unfused baseline's separate momentum pass (in place).
 //   mattn_fwd_reference_<DN>    one block per query row, the obvious algorithm and an explicit
 //                               momentum sum with powf: the GPU tests' reference.
 //
@@ -627,6 +628,21 @@ __device__ void forward_reference(const T* __restrict__ q, const T* __restrict__
     out[(size_t)t * d + col] = mk::from_float<T>(acc / l + mom);
 }
 
+// Unfused baseline: out += momentum, one thread per (head, column), sequential over all rows.
+template <typename T>
+__device__ void momentum_scan(const T* __restrict__ v, T* __restrict__ out, uint64_t columns, uint64_t t_len,
+                              uint64_t d, float eta) {
+    for (uint64_t i = mk::global_thread(); i < columns; i += mk::grid_threads()) {
+        const uint64_t base = (i / d) * t_len * d + i % d;
+        float c = 0.f;
+        for (uint64_t t = 0; t < t_len; ++t) {
+            const uint64_t at = base + t * d;
+            out[at] = mk::from_float<T>(mk::to_float(out[at]) + c);
+            c = eta * (c + mk::to_float(v[at]));
+        }
+    }
+}
+
 }  // namespace
 
 // ------------------------------------------------------------------ entry points --------------
@@ -666,6 +682,11 @@ __device__ void forward_reference(const T* __restrict__ q, const T* __restrict__
                                                         const T* __restrict__ v, T* __restrict__ out,   \
                                                         int t_len, int d, float scale, float eta) {     \
         forward_reference<T>(q, k, v, out, t_len, d, scale, eta);                                       \
+    }                                                                                                  \
+    extern "C" __global__ void mattn_momentum_scan_##DN(const T* __restrict__ v, T* __restrict__ out,    \
+                                                        uint64_t columns, uint64_t t_len, uint64_t d,  \
+                                                        float eta) {                                   \
+        momentum_scan<T>(v, out, columns, t_len, d, eta);                                               \
     }
 
 MK_DTYPE(f16, __half, forward_mma)

@@ -60,8 +60,8 @@ fn forward_matches_f64_reference_for_every_dtype_head_dim_and_eta() {
     let mut seed = 1;
     for dtype in DTYPES {
         for d in HEAD_DIMS {
-            // T = 1, and a T that is not a multiple of the 64-row tile and spans two tiles.
-            for t in [1, 67] {
+            // T = 1, and a T that is not a multiple of the 128-row tile and spans two tiles.
+            for t in [1, 131] {
                 let x = Inputs::new(Dims { bh: 2, t, d }, dtype, &cpu, seed);
                 seed += 3;
                 for eta in ETAS {
@@ -109,6 +109,19 @@ fn momentum_term_equals_the_explicit_sum() {
         let term: Vec<f64> = with.iter().zip(&plain).map(|(a, b)| a - b).collect();
         let explicit = reference::momentum(&x.v64, x.dims, eta as f64);
         assert_close(&format!("momentum eta={eta}"), &term, &explicit, 1e-5);
+    }
+}
+
+#[test]
+fn unfused_baseline_matches_fused() {
+    testing::set_poisoning(true);
+    let x = Inputs::new(Dims { bh: 2, t: 300, d: 64 }, DType::F32, &Device::cpu(), 12);
+    for eta in ETAS {
+        let attn = MomentumAttention::new(eta);
+        let fused = to_f64(&attn.forward(&x.q, &x.k, &x.v).unwrap()).unwrap();
+        let unfused = attn.forward_unfused(&x.q, &x.k, &x.v).unwrap();
+        assert_eq!(unfused.shape(), x.q.shape());
+        assert_close(&format!("unfused eta={eta}"), &to_f64(&unfused).unwrap(), &fused, 1e-5);
     }
 }
 
@@ -172,7 +185,7 @@ fn backward_matches_f64_reference_for_every_dtype_head_dim_and_eta() {
     let mut seed = 1000;
     for dtype in DTYPES {
         for d in HEAD_DIMS {
-            for t in [1, 67] {
+            for t in [1, 131] {
                 let x = Inputs::new(Dims { bh: 2, t, d }, dtype, &cpu, seed);
                 let (grad, g64) = randn(&[1, 2, t, d], dtype, &cpu, seed + 3).unwrap();
                 seed += 4;

@@ -147,6 +147,44 @@ pub(crate) fn forward_reference(problem: &Problem, params: &SoftmaxParams, q: &T
     }
 }
 
+/// Attention with η = 0, then `mattn_momentum_scan_<dtype>` in place (one thread per head
+/// column, all T rows): the unfused baseline.
+pub(crate) fn forward_unfused(
+    problem: &Problem,
+    params: &SoftmaxParams,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+) -> Result<Tensor> {
+    fn typed<T: Element>(
+        problem: &Problem,
+        params: &SoftmaxParams,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<Tensor> {
+        let op = "MomentumAttention::forward_unfused";
+        let dev = q.cuda_device()?;
+        let plain = SoftmaxParams { eta: 0.0, horizon: 0, ..*params };
+        let (mut out, _) = forward_typed::<T>(dev, problem, &plain, q, k, v)?;
+        let name = format!("mattn_momentum_scan_{}", T::DTYPE.as_str());
+        let func = dev.function(MODULE, &name)?;
+        let (t_len, d, bh) = (problem.t as u64, problem.d as u64, (problem.bh * problem.d) as u64);
+        let mut args = dev.stream().launch_builder(&func);
+        args.arg(v.cuda_slice::<T>(op)?).arg(&mut out).arg(&bh).arg(&t_len).arg(&d).arg(&params.eta);
+        // SAFETY: v and out hold bh·t·d elements; one thread per (head, column) of the
+        // bh·d covered by the grid-stride loop; arguments match mattn_momentum_scan_<dtype>.
+        unsafe { args.launch(grid_1d(problem.bh * problem.d, 128)) }
+            .map_err(driver(format!("launching {name}")))?;
+        Ok(Tensor::from_cuda_buffer(CudaBuffer::wrap(out), q.shape(), T::DTYPE, q.device()))
+    }
+    match problem.dtype {
+        DType::F16 => typed::<f16>(problem, params, q, k, v),
+        DType::BF16 => typed::<bf16>(problem, params, q, k, v),
+        _ => typed::<f32>(problem, params, q, k, v),
+    }
+}
+
 // ----- backward ----------------------------------------------------------------------------------
 
 pub(super) fn backward(

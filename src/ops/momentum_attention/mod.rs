@@ -176,6 +176,33 @@ impl MomentumAttention {
     }
 }
 
+impl MomentumAttention {
+    /// The unfused composition the fused kernels are measured against: attention with η = 0,
+    /// then a separate pass that adds the momentum scan `m_t = η (m_{t−1} + v_{t−1})` (all lags)
+    /// on the same device. Same result as [`forward`](Self::forward) up to rounding and the
+    /// skipped sub-resolution lags; kept for benchmarks and tests.
+    #[doc(hidden)]
+    pub fn forward_unfused(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        const OP: &str = "MomentumAttention::forward_unfused";
+        let problem = Problem::check(OP, q, k, v)?;
+        let eta = check_eta(OP, self.eta)?;
+        match &self.base {
+            Base::Softmax { scale } => {
+                let params = SoftmaxParams::new(OP, eta, *scale, problem.d)?;
+                let plain = SoftmaxParams { eta: 0.0, horizon: 0, ..params };
+                match q.storage() {
+                    Storage::Cpu(_) => {
+                        let attn = cpu::forward(&problem, &plain, q, k, v, q.shape())?;
+                        cpu::add_momentum_scan(&problem, eta, &attn, v)
+                    }
+                    #[cfg(feature = "cuda")]
+                    Storage::Cuda(_) => cuda::forward_unfused(&problem, &params, q, k, v),
+                }
+            }
+        }
+    }
+}
+
 /// How many lags of the momentum sum the kernels keep for coefficient `eta`: the smallest `H`
 /// with `η^H ≤ 2⁻²⁴`, so that the dropped tail Σ_{n>H} ηⁿ is at most 2⁻²⁴ of Σ_{n≥1} ηⁿ (below
 /// f32 resolution of the sum's scale). 0 for η = 0; capped at `u32::MAX`.
