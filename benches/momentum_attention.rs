@@ -80,8 +80,11 @@ fn report_forward(dev: &Device, shape: Shape, dtype: DType, ceiling: Option<(Str
     let time = |eta: f32, unfused: bool| {
         let attn = MomentumAttention::new(eta);
         best_ms(dev, reps, || {
-            let out =
-                if unfused { attn.forward_unfused(&x.q, &x.k, &x.v)? } else { attn.forward(&x.q, &x.k, &x.v)? };
+            let out = if unfused {
+                attn.forward_unfused(&x.q, &x.k, &x.v)?
+            } else {
+                attn.forward(&x.q, &x.k, &x.v)?
+            };
             black_box(out);
             Ok(())
         })
@@ -93,7 +96,11 @@ fn report_forward(dev: &Device, shape: Shape, dtype: DType, ceiling: Option<(Str
     let ws = workspace_bytes(shape, dtype, dev, false) / (1 << 20) as f64;
     for (eta, ms, baselines) in [
         (0.0, plain, vec![]),
-        (0.9, momentum, vec![("eta=0 (plain attention)".to_string(), plain), ("unfused".to_string(), unfused)]),
+        (
+            0.9,
+            momentum,
+            vec![("eta=0 (plain attention)".to_string(), plain), ("unfused".to_string(), unfused)],
+        ),
     ] {
         Measurement {
             kernel: format!("momentum_attention/forward eta={eta}"),
@@ -109,7 +116,13 @@ fn report_forward(dev: &Device, shape: Shape, dtype: DType, ceiling: Option<(Str
     }
 }
 
-fn report_forward_backward(dev: &Device, shape: Shape, dtype: DType, ceiling: Option<(String, f64)>, reps: usize) {
+fn report_forward_backward(
+    dev: &Device,
+    shape: Shape,
+    dtype: DType,
+    ceiling: Option<(String, f64)>,
+    reps: usize,
+) {
     let x = qkv(shape, dtype, dev);
     let time = |eta: f32| {
         let attn = MomentumAttention::new(eta);
@@ -207,13 +220,16 @@ fn cuda_groups(c: &mut Criterion) {
         group.throughput(Throughput::Elements(shape.forward_flops() as u64));
         for eta in [0.0f32, 0.9] {
             let attn = MomentumAttention::new(eta);
-            group.bench_function(BenchmarkId::new(format!("forward eta={eta}"), shape.label(DType::BF16)), |b| {
-                b.iter(|| {
-                    let out = attn.forward(&x.q, &x.k, &x.v).expect("forward");
-                    gpu.synchronize().expect("sync");
-                    black_box(out)
-                })
-            });
+            group.bench_function(
+                BenchmarkId::new(format!("forward eta={eta}"), shape.label(DType::BF16)),
+                |b| {
+                    b.iter(|| {
+                        let out = attn.forward(&x.q, &x.k, &x.v).expect("forward");
+                        gpu.synchronize().expect("sync");
+                        black_box(out)
+                    })
+                },
+            );
         }
     }
     group.finish();

@@ -194,7 +194,9 @@ fn backward_matches_f64_reference_for_every_dtype_head_dim_and_eta() {
                     let (dq, dk, dv) =
                         reference::backward(&x.q64, &x.k64, &x.v64, &g64, x.dims, eta as f64, x.scale());
                     let tol = grad_tolerance(dtype);
-                    for (name, got, want) in [("dq", &grads.dq, dq), ("dk", &grads.dk, dk), ("dv", &grads.dv, dv)] {
+                    for (name, got, want) in
+                        [("dq", &grads.dq, dq), ("dk", &grads.dk, dk), ("dv", &grads.dv, dv)]
+                    {
                         assert_eq!(got.dtype(), dtype);
                         let what = format!("{name} {dtype} d={d} t={t} eta={eta}");
                         assert_close(&what, &to_f64(got).unwrap(), &want, tol);
@@ -250,7 +252,12 @@ fn backward_matches_finite_differences() {
                     (up - down) / (2.0 * h)
                 })
                 .collect();
-            assert_close(&format!("d{} eta={eta} vs finite differences", ["q", "k", "v"][which]), got, &fd, 1e-4);
+            assert_close(
+                &format!("d{} eta={eta} vs finite differences", ["q", "k", "v"][which]),
+                got,
+                &fd,
+                1e-4,
+            );
         }
     }
 }

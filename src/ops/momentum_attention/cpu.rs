@@ -69,19 +69,21 @@ pub(super) fn attention_forward(
     };
     let failed = std::sync::atomic::AtomicBool::new(false);
     out.par_chunks_mut(head).zip(lse2.par_chunks_mut(t)).enumerate().for_each(|(h, (out_h, lse_h))| {
-        let heads = HeadView { q: &q[h * head..][..head], k: &k[h * head..][..head], v: &v[h * head..][..head], t, d };
-        out_h
-            .par_chunks_mut(BLOCK * d)
-            .zip(lse_h.par_chunks_mut(BLOCK))
-            .enumerate()
-            .for_each_init(
-                || ForwardScratch::new(d),
-                |scratch, (tile, (out_tile, lse_tile))| {
-                    if !forward_tile(&heads, params, tile * BLOCK, scratch, out_tile, lse_tile) {
-                        failed.store(true, std::sync::atomic::Ordering::Relaxed);
-                    }
-                },
-            );
+        let heads = HeadView {
+            q: &q[h * head..][..head],
+            k: &k[h * head..][..head],
+            v: &v[h * head..][..head],
+            t,
+            d,
+        };
+        out_h.par_chunks_mut(BLOCK * d).zip(lse_h.par_chunks_mut(BLOCK)).enumerate().for_each_init(
+            || ForwardScratch::new(d),
+            |scratch, (tile, (out_tile, lse_tile))| {
+                if !forward_tile(&heads, params, tile * BLOCK, scratch, out_tile, lse_tile) {
+                    failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+            },
+        );
     });
     if failed.into_inner() {
         return Err(gemm_bug(super::OP_FORWARD));
@@ -511,7 +513,11 @@ fn to_tensor(values: Vec<f32>, dtype: DType, shape: &[usize]) -> Tensor {
 }
 
 fn gemm_bug(op: &'static str) -> Error {
-    Error::invalid(op, "tile GEMM", "a tile product was refused its shapes (a metakernels bug; please report)")
+    Error::invalid(
+        op,
+        "tile GEMM",
+        "a tile product was refused its shapes (a metakernels bug; please report)",
+    )
 }
 
 #[cfg(test)]

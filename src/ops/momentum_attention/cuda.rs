@@ -42,7 +42,12 @@ fn backward_geometry(d: usize) -> Geometry {
 
 /// A tiled launch: `blocks` tiles per head on x, heads on y, with `smem` bytes of dynamic
 /// shared memory (opted into above 48 KiB).
-fn tiled_config(func: &CudaFunction, problem: &Problem, geometry: Geometry, op: &'static str) -> Result<LaunchConfig> {
+fn tiled_config(
+    func: &CudaFunction,
+    problem: &Problem,
+    geometry: Geometry,
+    op: &'static str,
+) -> Result<LaunchConfig> {
     let tiles = problem.t.div_ceil(geometry.rows_per_block);
     if tiles > i32::MAX as usize || problem.bh > 65_535 || problem.t > i32::MAX as usize {
         return Err(Error::invalid(
@@ -116,8 +121,20 @@ fn forward_typed<T: Element>(
 
 /// The reference kernel (one block per query row; explicit momentum sum), for the GPU tests.
 #[doc(hidden)]
-pub(crate) fn forward_reference(problem: &Problem, params: &SoftmaxParams, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    fn typed<T: Element>(problem: &Problem, params: &SoftmaxParams, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+pub(crate) fn forward_reference(
+    problem: &Problem,
+    params: &SoftmaxParams,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+) -> Result<Tensor> {
+    fn typed<T: Element>(
+        problem: &Problem,
+        params: &SoftmaxParams,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<Tensor> {
         let op = "momentum_attention::forward_reference";
         let dev = q.cuda_device()?;
         let (qs, ks, vs) = (q.cuda_slice::<T>(op)?, k.cuda_slice::<T>(op)?, v.cuda_slice::<T>(op)?);
@@ -240,7 +257,8 @@ fn backward_typed<T: Element>(
         if blocks > i32::MAX as usize {
             return Err(Error::invalid(op, "shape", format!("{rows} rows exceed the CUDA grid limit")));
         }
-        let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let cfg =
+            LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let (rows_arg, d) = (rows as u64, problem.d as i32);
         let mut args = dev.stream().launch_builder(&func);
         args.arg(gs).arg(&attn).arg(&mut delta).arg(&rows_arg).arg(&d);

@@ -169,7 +169,11 @@ impl MomentumAttention {
                 match q.storage() {
                     #[cfg(feature = "cuda")]
                     Storage::Cuda(_) => cuda::forward_reference(&problem, &params, q, k, v),
-                    _ => Err(Error::DeviceMismatch { op: OP, expected: "a CUDA device".into(), got: "cpu".into() }),
+                    _ => Err(Error::DeviceMismatch {
+                        op: OP,
+                        expected: "a CUDA device".into(),
+                        got: "cpu".into(),
+                    }),
                 }
             }
         }
@@ -269,7 +273,11 @@ fn check_eta(op: &'static str, eta: f32) -> Result<f32> {
     if eta.is_finite() && (0.0..1.0).contains(&eta) {
         Ok(eta)
     } else {
-        Err(Error::invalid(op, "eta", format!("got {eta}; the momentum coefficient must be finite and in [0, 1)")))
+        Err(Error::invalid(
+            op,
+            "eta",
+            format!("got {eta}; the momentum coefficient must be finite and in [0, 1)"),
+        ))
     }
 }
 
@@ -288,7 +296,11 @@ impl SoftmaxParams {
     fn new(op: &'static str, eta: f32, scale: Option<f32>, d: usize) -> Result<SoftmaxParams> {
         let scale = scale.unwrap_or(1.0 / (d as f32).sqrt());
         if !scale.is_finite() {
-            return Err(Error::invalid(op, "scale", format!("got {scale}; the softmax scale must be finite")));
+            return Err(Error::invalid(
+                op,
+                "scale",
+                format!("got {scale}; the softmax scale must be finite"),
+            ));
         }
         Ok(SoftmaxParams { scale, eta, horizon: momentum_horizon(eta) })
     }

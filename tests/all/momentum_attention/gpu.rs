@@ -72,7 +72,9 @@ fn cuda_backward_matches_f64_reference() {
                     let grads = MomentumAttention::new(eta).backward(&x.q, &x.k, &x.v, &grad).unwrap();
                     let (dq, dk, dv) =
                         reference::backward(&x.q64, &x.k64, &x.v64, &g64, x.dims, eta as f64, x.scale());
-                    for (name, got, want) in [("dq", &grads.dq, dq), ("dk", &grads.dk, dk), ("dv", &grads.dv, dv)] {
+                    for (name, got, want) in
+                        [("dq", &grads.dq, dq), ("dk", &grads.dk, dk), ("dv", &grads.dv, dv)]
+                    {
                         assert!(got.device().is_cuda());
                         let what = format!("cuda {name} {dtype} d={d} t={t} eta={eta}");
                         assert_close(&what, &to_f64(got).unwrap(), &want, grad_tolerance(dtype));
