@@ -442,10 +442,10 @@ fn exp2(x: f32) -> f32 {
     let n = (clamped + ROUND) - ROUND;
     let f = clamped - n;
     // Taylor coefficients of 2^f = e^{f ln 2}: (ln 2)^i / i!.
-    let p = 1.540_353_1e-4f32;
+    let p = 1.540_353e-4f32;
     let p = p * f + 1.333_355_8e-3;
-    let p = p * f + 9.618_129_1e-3;
-    let p = p * f + 5.550_410_9e-2;
+    let p = p * f + 9.618_129e-3;
+    let p = p * f + 5.550_411e-2;
     let p = p * f + 0.240_226_5;
     let p = p * f + std::f32::consts::LN_2;
     let p = p * f + 1.0;
