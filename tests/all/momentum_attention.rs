@@ -222,6 +222,26 @@ fn backward_f32_over_several_tiles() {
     }
 }
 
+/// The CPU backward runs one pass per head when there are at least two heads per thread, and
+/// splits heads into key tiles and query tiles otherwise: both paths against the reference.
+#[test]
+fn backward_per_head_and_per_tile_paths_match_reference() {
+    testing::set_poisoning(true);
+    let cpu = Device::cpu();
+    let x = Inputs::new(Dims { bh: 3, t: 300, d: 64 }, DType::F32, &cpu, 90);
+    let (grad, g64) = randn(&[1, 3, 300, 64], DType::F32, &cpu, 93).unwrap();
+    let eta = 0.9;
+    let (dq, dk, dv) = reference::backward(&x.q64, &x.k64, &x.v64, &g64, x.dims, eta, x.scale());
+    for threads in [1, 8] {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let grads =
+            pool.install(|| MomentumAttention::new(eta as f32).backward(&x.q, &x.k, &x.v, &grad)).unwrap();
+        assert_close(&format!("dq, {threads} threads"), &to_f64(&grads.dq).unwrap(), &dq, 1e-4);
+        assert_close(&format!("dk, {threads} threads"), &to_f64(&grads.dk).unwrap(), &dk, 1e-4);
+        assert_close(&format!("dv, {threads} threads"), &to_f64(&grads.dv).unwrap(), &dv, 1e-4);
+    }
+}
+
 /// L(q, k, v) = Σ grad ∘ forward_f64(q, k, v): its central differences in f64 check the
 /// reference gradient, and through it the kernel's.
 #[test]

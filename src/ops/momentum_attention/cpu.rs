@@ -8,10 +8,12 @@
 //! the momentum `m_t = η(m_{t−1} + v_{t−1})`, scanning only the value rows within the momentum
 //! horizon of the tile (the rows the last value tiles just brought into cache).
 //!
-//! Backward (FlashAttention-2): rayon over heads; per head, key/value tiles from last to first,
-//! each looping over the query tiles at or below the diagonal, recomputing `P` from the saved
-//! log-sum-exp, accumulating dK and dV in the tile and dQ in the head's f32 buffer. The momentum
-//! gradient `dv_s += Σ_{t>s} η^{t−s} do_t` is a reverse scan carried from tile to tile.
+//! Backward (FlashAttention-2): each key tile loops over the query tiles at or below the
+//! diagonal, recomputing `P` from the saved log-sum-exp, accumulating dK and dV in the tile.
+//! With at least two heads per thread, rayon runs over heads and dQ is accumulated in the same
+//! pass; with fewer, rayon runs over (head, key tile) for dK, dV and then over (head, query
+//! tile) for dQ. The momentum gradient `dv_s += Σ_{t>s} η^{t−s} do_t` is a reverse scan fused
+//! into each key tile, starting from the gradient rows within the horizon after it.
 //!
 //! Logits are kept in base 2 (`scale · log2 e` folded into the GEMM's alpha) so every
 //! exponential is an `exp2`, evaluated by a branch-free polynomial the compiler vectorises.
@@ -243,31 +245,84 @@ pub(super) fn backward(
     let mut lse2 = vec![0f32; problem.bh * problem.t];
     attention_forward(problem, &plain, &q, &k, &v, &mut attn, Some(&mut lse2))?;
 
+    // delta_r = Σ_d do_r · attn_r: the softmax backward's row correction.
+    let d = problem.d;
+    let delta: Vec<f32> = grad.par_chunks(d).zip(attn.par_chunks(d)).map(|(g, o)| dot(g, o)).collect();
+
     let mut dq = output_vec::<f32>(n);
     let mut dk = output_vec::<f32>(n);
     let mut dv = output_vec::<f32>(n);
-    let head = problem.t * problem.d;
-    let ok = dq
-        .par_chunks_mut(head)
-        .zip(dk.par_chunks_mut(head))
-        .zip(dv.par_chunks_mut(head))
-        .enumerate()
-        .map(|(h, ((dq_h, dk_h), dv_h))| {
-            let inputs = BackwardHead {
-                head: HeadView {
-                    q: &q[h * head..][..head],
-                    k: &k[h * head..][..head],
-                    v: &v[h * head..][..head],
-                    t: problem.t,
-                    d: problem.d,
-                },
-                grad: &grad[h * head..][..head],
-                attn: &attn[h * head..][..head],
-                lse2: &lse2[h * problem.t..][..problem.t],
-            };
-            backward_head(&inputs, params, dq_h, dk_h, dv_h)
-        })
-        .all(|ok| ok);
+    let (t, head) = (problem.t, problem.t * d);
+    let view = |h: usize| BackwardHead {
+        head: HeadView {
+            q: &q[h * head..][..head],
+            k: &k[h * head..][..head],
+            v: &v[h * head..][..head],
+            t,
+            d,
+        },
+        grad: &grad[h * head..][..head],
+        lse2: &lse2[h * t..][..t],
+        delta: &delta[h * t..][..t],
+    };
+    let ok = if problem.bh >= 2 * rayon::current_num_threads() {
+        // Enough heads to keep every thread busy: one pass per head, dQ accumulated in place
+        // (5 tile GEMMs per (key tile, query tile) pair).
+        dq.par_chunks_mut(head)
+            .zip(dk.par_chunks_mut(head))
+            .zip(dv.par_chunks_mut(head))
+            .enumerate()
+            .map(|(h, ((dq_h, dk_h), dv_h))| {
+                let x = view(h);
+                let mut scratch = BackwardScratch::new(d);
+                dq_h.fill(0.0);
+                let mut ok = true;
+                for (tile, (dk_t, dv_t)) in
+                    dk_h.chunks_mut(BLOCK * d).zip(dv_h.chunks_mut(BLOCK * d)).enumerate()
+                {
+                    ok &=
+                        key_tile_grads(&x, params, tile * BLOCK, &mut scratch, dk_t, dv_t, Some(&mut *dq_h));
+                }
+                ok
+            })
+            .all(|ok| ok)
+    } else {
+        // Few heads: rayon over key tiles for dK and dV, then over query tiles for dQ. Recomputing
+        // S and dP for dQ costs 7 tile GEMMs per pair instead of 5, but keeps every thread busy.
+        let kv_ok = dk
+            .par_chunks_mut(head)
+            .zip(dv.par_chunks_mut(head))
+            .enumerate()
+            .map(|(h, (dk_h, dv_h))| {
+                let x = view(h);
+                dk_h.par_chunks_mut(BLOCK * d)
+                    .zip(dv_h.par_chunks_mut(BLOCK * d))
+                    .enumerate()
+                    .map_init(
+                        || BackwardScratch::new(d),
+                        |s, (tile, (dk_t, dv_t))| {
+                            key_tile_grads(&x, params, tile * BLOCK, s, dk_t, dv_t, None)
+                        },
+                    )
+                    .all(|ok| ok)
+            })
+            .all(|ok| ok);
+        let q_ok = dq
+            .par_chunks_mut(head)
+            .enumerate()
+            .map(|(h, dq_h)| {
+                let x = view(h);
+                dq_h.par_chunks_mut(BLOCK * d)
+                    .enumerate()
+                    .map_init(
+                        || BackwardScratch::new(d),
+                        |s, (tile, dq_t)| query_tile_grads(&x, params, tile * BLOCK, s, dq_t),
+                    )
+                    .all(|ok| ok)
+            })
+            .all(|ok| ok);
+        kv_ok && q_ok
+    };
     if !ok {
         return Err(gemm_bug(op));
     }
@@ -278,82 +333,154 @@ pub(super) fn backward(
     })
 }
 
+/// One head's inputs to the backward pass.
 struct BackwardHead<'a> {
     head: HeadView<'a>,
     grad: &'a [f32],
-    attn: &'a [f32],
+    /// Base-2 log-sum-exp of each row's scaled logits.
     lse2: &'a [f32],
+    /// Σ_d do · attn per row.
+    delta: &'a [f32],
 }
 
-/// dQ, dK, dV of one head (each `t × d`). Returns false only if a GEMM refused its shapes.
-fn backward_head(
+struct BackwardScratch {
+    p: Vec<f32>,
+    ds: Vec<f32>,
+    carry: Vec<f32>,
+}
+
+impl BackwardScratch {
+    fn new(d: usize) -> Self {
+        BackwardScratch { p: vec![0.0; BLOCK * BLOCK], ds: vec![0.0; BLOCK * BLOCK], carry: vec![0.0; d] }
+    }
+}
+
+/// P (`rows × cols`, row stride BLOCK) of query rows `q0..` against key rows `k0..`:
+/// `2^(S2 − lse2)` with `S2 = scale·log2 e · Q Kᵀ`, zero above the diagonal.
+fn recompute_probabilities(
     x: &BackwardHead<'_>,
     params: &SoftmaxParams,
-    dq: &mut [f32],
-    dk: &mut [f32],
-    dv: &mut [f32],
+    (q0, rows): (usize, usize),
+    (k0, cols): (usize, usize),
+    p: &mut [f32],
 ) -> bool {
-    let HeadView { t, d, .. } = x.head;
-    // delta_r = Σ_d do_r · attn_r: the softmax backward's row correction.
-    let delta: Vec<f32> =
-        x.grad.chunks_exact(d).zip(x.attn.chunks_exact(d)).map(|(g, o)| dot(g, o)).collect();
-    let mut p = vec![0f32; BLOCK * BLOCK];
-    let mut dp = vec![0f32; BLOCK * BLOCK];
-    let mut carry = vec![0f32; d];
-    let scale2 = params.scale * LOG2_E;
-    let mut ok = true;
-    dq.fill(0.0);
-    let tiles = t.div_ceil(BLOCK);
-    for tile in (0..tiles).rev() {
-        let k0 = tile * BLOCK;
-        let cols = BLOCK.min(t - k0);
-        let k_tile = HeadView::rows(x.head.k, d, k0, cols);
-        let v_tile = HeadView::rows(x.head.v, d, k0, cols);
-        let dk_tile = &mut dk[k0 * d..(k0 + cols) * d];
-        let dv_tile = &mut dv[k0 * d..(k0 + cols) * d];
-        dk_tile.fill(0.0);
-        dv_tile.fill(0.0);
-        // Query tiles at or below the diagonal; BLOCK-aligned, so the first one starts at k0.
-        for q0 in (k0..t).step_by(BLOCK) {
-            let rows = BLOCK.min(t - q0);
-            let q_tile = HeadView::rows(x.head.q, d, q0, rows);
-            let g_tile = HeadView::rows(x.grad, d, q0, rows);
-            // P = exp2(S2 − lse2) with S2 = scale·log2e · Q Kᵀ, masked above the diagonal.
-            ok &= sgemm(scale2, q_tile, k_tile.t(), 0.0, &mut p, BLOCK);
-            if q0 == k0 {
-                mask_above_diagonal(&mut p, rows, cols, q0, k0);
-            }
-            probabilities(&mut p[..rows * BLOCK], cols, &x.lse2[q0..q0 + rows]);
-            let p_mat = Mat { data: &p, rows, cols, ld: BLOCK, transposed: false };
-            ok &= sgemm(1.0, p_mat.t(), g_tile, 1.0, dv_tile, d); // dV += Pᵀ dO
-            ok &= sgemm(1.0, g_tile, v_tile.t(), 0.0, &mut dp, BLOCK); // dP = dO Vᵀ
-            for r in 0..rows {
-                let delta_r = delta[q0 + r];
-                let (p_row, dp_row) = (&p[r * BLOCK..r * BLOCK + cols], &mut dp[r * BLOCK..r * BLOCK + cols]);
-                dp_row.iter_mut().zip(p_row).for_each(|(ds, p)| *ds = p * (*ds - delta_r));
-            }
-            let ds = Mat { data: &dp, rows, cols, ld: BLOCK, transposed: false };
-            ok &= sgemm(params.scale, ds, k_tile, 1.0, &mut dq[q0 * d..(q0 + rows) * d], d); // dQ += dS K
-            ok &= sgemm(params.scale, ds.t(), q_tile, 1.0, dk_tile, d); // dK += dSᵀ Q
-        }
-        if params.eta > 0.0 {
-            add_momentum_grad(x.grad, params.eta, d, k0, cols, &mut carry, dv_tile);
-        }
+    let d = x.head.d;
+    let ok = sgemm(
+        params.scale * LOG2_E,
+        HeadView::rows(x.head.q, d, q0, rows),
+        HeadView::rows(x.head.k, d, k0, cols).t(),
+        0.0,
+        p,
+        BLOCK,
+    );
+    if k0 + cols > q0 + 1 {
+        mask_above_diagonal(p, rows, cols, q0, k0);
+    }
+    probabilities(&mut p[..rows * BLOCK], cols, &x.lse2[q0..q0 + rows]);
+    ok
+}
+
+/// dS = P ∘ (dO Vᵀ − delta) for the same tile pair, into `ds`.
+fn recompute_ds(
+    x: &BackwardHead<'_>,
+    (q0, rows): (usize, usize),
+    (k0, cols): (usize, usize),
+    p: &[f32],
+    ds: &mut [f32],
+) -> bool {
+    let d = x.head.d;
+    let g_tile = HeadView::rows(x.grad, d, q0, rows);
+    let ok = sgemm(1.0, g_tile, HeadView::rows(x.head.v, d, k0, cols).t(), 0.0, ds, BLOCK);
+    for r in 0..rows {
+        let delta_r = x.delta[q0 + r];
+        let (p_row, ds_row) = (&p[r * BLOCK..r * BLOCK + cols], &mut ds[r * BLOCK..r * BLOCK + cols]);
+        ds_row.iter_mut().zip(p_row).for_each(|(ds, p)| *ds = p * (*ds - delta_r));
     }
     ok
 }
 
-/// `dv_s += c_s` for the tile's rows, `c_s = Σ_{t>s} η^{t−s} do_t`, by the reverse recurrence
-/// `c_{s−1} = η (c_s + do_s)`; `carry` enters as `c_{k0+cols−1}` and leaves as `c_{k0−1}`.
+/// dK and dV of key rows `k0 .. k0 + cols` (the tiles' lengths say how many), looping over the
+/// query tiles at or below the diagonal; adds `scale · dS K` to `dq` (the whole head's) when
+/// given. Returns false only if a GEMM refused its shapes.
+fn key_tile_grads(
+    x: &BackwardHead<'_>,
+    params: &SoftmaxParams,
+    k0: usize,
+    s: &mut BackwardScratch,
+    dk_tile: &mut [f32],
+    dv_tile: &mut [f32],
+    mut dq: Option<&mut [f32]>,
+) -> bool {
+    let HeadView { t, d, .. } = x.head;
+    let cols = dk_tile.len() / d;
+    let k_tile = HeadView::rows(x.head.k, d, k0, cols);
+    dk_tile.fill(0.0);
+    dv_tile.fill(0.0);
+    let mut ok = true;
+    // BLOCK-aligned query tiles, so the first starts at k0.
+    for q0 in (k0..t).step_by(BLOCK) {
+        let rows = BLOCK.min(t - q0);
+        ok &= recompute_probabilities(x, params, (q0, rows), (k0, cols), &mut s.p);
+        let p = Mat { data: &s.p, rows, cols, ld: BLOCK, transposed: false };
+        ok &= sgemm(1.0, p.t(), HeadView::rows(x.grad, d, q0, rows), 1.0, dv_tile, d); // dV += Pᵀ dO
+        ok &= recompute_ds(x, (q0, rows), (k0, cols), &s.p, &mut s.ds);
+        let ds = Mat { data: &s.ds, rows, cols, ld: BLOCK, transposed: false };
+        if let Some(dq) = dq.as_deref_mut() {
+            ok &= sgemm(params.scale, ds, k_tile, 1.0, &mut dq[q0 * d..(q0 + rows) * d], d);
+            // dQ += dS K
+        }
+        let q_tile = HeadView::rows(x.head.q, d, q0, rows);
+        ok &= sgemm(params.scale, ds.t(), q_tile, 1.0, dk_tile, d); // dK += dSᵀ Q
+    }
+    if params.eta > 0.0 {
+        add_momentum_grad(x.grad, params, d, k0, cols, &mut s.carry, dv_tile);
+    }
+    ok
+}
+
+/// dQ of query rows `q0 .. q0 + rows` (`dq_tile`'s length says how many), looping over the key
+/// tiles up to the diagonal. Returns false only if a GEMM refused its shapes.
+fn query_tile_grads(
+    x: &BackwardHead<'_>,
+    params: &SoftmaxParams,
+    q0: usize,
+    s: &mut BackwardScratch,
+    dq_tile: &mut [f32],
+) -> bool {
+    let d = x.head.d;
+    let rows = dq_tile.len() / d;
+    dq_tile.fill(0.0);
+    let mut ok = true;
+    for k0 in (0..q0 + rows).step_by(BLOCK) {
+        let cols = BLOCK.min(q0 + rows - k0);
+        ok &= recompute_probabilities(x, params, (q0, rows), (k0, cols), &mut s.p);
+        ok &= recompute_ds(x, (q0, rows), (k0, cols), &s.p, &mut s.ds);
+        let ds = Mat { data: &s.ds, rows, cols, ld: BLOCK, transposed: false };
+        ok &= sgemm(params.scale, ds, HeadView::rows(x.head.k, d, k0, cols), 1.0, dq_tile, d);
+    }
+    ok
+}
+
+/// `dv_s += c_s` for the tile's rows, `c_s = Σ_{t>s} η^{t−s} do_t`. The carry into the tile,
+/// `c_{k0+cols−1}`, is scanned from the gradient rows within the horizon after the tile (older
+/// lags weigh less than f32 resolution); then the reverse recurrence `c_{s−1} = η (c_s + do_s)`
+/// runs down the tile.
 fn add_momentum_grad(
     grad: &[f32],
-    eta: f32,
+    params: &SoftmaxParams,
     d: usize,
     k0: usize,
     cols: usize,
     carry: &mut [f32],
     dv_tile: &mut [f32],
 ) {
+    let eta = params.eta;
+    let t = grad.len() / d;
+    let after = k0 + cols;
+    carry.fill(0.0);
+    for row in (after..t.min(after.saturating_add(params.horizon))).rev() {
+        carry.iter_mut().zip(&grad[row * d..(row + 1) * d]).for_each(|(c, g)| *c = eta * (*c + g));
+    }
     for r in (0..cols).rev() {
         dv_tile[r * d..(r + 1) * d].iter_mut().zip(carry.iter()).for_each(|(g, c)| *g += c);
         let g_row = &grad[(k0 + r) * d..(k0 + r + 1) * d];
