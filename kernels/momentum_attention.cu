@@ -13,10 +13,12 @@
 //                               recurrence through the tile's own rows and adds it to the output.
 //                               Writes the base-2 row log-sum-exp when `lse2` is not null.
 //   mattn_bwd_delta_<DN>        delta_t = Σ_d dO·O_attn (the softmax backward's row term).
+//   mattn_bwd_mma_<f16|bf16>_d<64|128>  FlashAttention-2 backward on tensor cores (see below).
 //   mattn_bwd_<DN>_d<D>         FlashAttention-2 backward, one block per key/value tile: recompute
 //                               P from lse2, dV += Pᵀ dO, dS = P ∘ (dO Vᵀ − delta), dK += dSᵀ Q,
 //                               dQ += dS K by f32 atomics; the momentum gradient
-//                               dv_s += Σ_{t>s} η^{t−s} do_t fused the same way (SIMT fp32 FMA).
+//                               dv_s += Σ_{t>s} η^{t−s} do_t fused the same way (SIMT fp32 FMA;
+//                               runs for f32, and for f16/bf16 at D = 256).
 //   mattn_dq_finish_<DN>        dq (storage dtype) from the f32 accumulator.
 //   mattn_momentum_scan_<DN>    the unfused baseline's separate momentum pass (in place).
 //   mattn_fwd_reference_<DN>    one block per query row, the obvious algorithm and an explicit
@@ -585,6 +587,258 @@ __device__ void backward_simt(const T* __restrict__ q, const T* __restrict__ k, 
     }
 }
 
+// ------------------------------------------------------------------ tensor-core backward ------
+// f16/bf16 at D = 64 and 128 (at D = 256 the accumulators do not fit in registers; the SIMT
+// kernel above runs there). Block = one key tile of 64 rows, warp w owns keys 16w..16w+15 and
+// holds their dK and dV accumulators; query tiles of 32 rows stream through shared memory.
+// Per query tile, in the transposed orientation of FlashAttention-2's backward:
+//   Sᵀ = K Qᵀ,  Pᵀ = exp2(Sᵀ·scale_log2 − lse2),  dV += Pᵀ dO,
+//   dPᵀ = V dOᵀ,  dSᵀ = Pᵀ ∘ (dPᵀ − delta),  dK += dSᵀ Q,
+// then dSᵀ goes to shared memory and the block computes dQ = dS K for the query tile (each warp
+// 16 queries × D/2 columns) and adds it to the f32 accumulator with atomics. Pᵀ and dSᵀ reach
+// the next mma as A fragments straight from the accumulators.
+
+template <int D>
+struct BwdMmaTile {
+    static constexpr int BC = 64, BR = 32;
+    static constexpr int LD = D + PAD;
+    static constexpr int LDS = BR + PAD;  // dSᵀ rows (keys) of BR queries
+    static constexpr int SMEM_BYTES = (2 * BC + 2 * BR) * LD * 2 + BC * LDS * 2 + 2 * BR * 4;
+};
+
+template <typename T, int D>
+__device__ void backward_mma(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                             const T* __restrict__ dout, const float* __restrict__ lse2,
+                             const float* __restrict__ delta, float* __restrict__ dq_acc, T* __restrict__ dk,
+                             T* __restrict__ dv, int t_len, float scale, float eta, int horizon) {
+    using Tile = BwdMmaTile<D>;
+    constexpr int BC = Tile::BC, BR = Tile::BR, LD = Tile::LD, LDS = Tile::LDS;
+    constexpr int NT_S = BR / 8;  // n8 tiles of Sᵀ (queries) per warp
+    constexpr int NT_D = D / 8;   // n8 tiles of dK, dV per warp
+    constexpr float LOG2E = 1.4426950408889634f;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T* k_s = reinterpret_cast<T*>(smem_raw);
+    T* v_s = k_s + BC * LD;
+    T* q_s = v_s + BC * LD;
+    T* g_s = q_s + BR * LD;
+    T* ds_s = g_s + BR * LD;  // dSᵀ: [BC keys][LDS]
+    float* lse_s = reinterpret_cast<float*>(ds_s + BC * LDS);
+    float* delta_s = lse_s + BR;
+
+    const int n_k_tiles = (t_len + BC - 1) / BC;
+    const int k0 = (n_k_tiles - 1 - blockIdx.x) * BC;
+    const size_t head = (size_t)blockIdx.y * t_len * D;
+    q += head, k += head, v += head, dout += head, dq_acc += head, dk += head, dv += head;
+    lse2 += (size_t)blockIdx.y * t_len, delta += (size_t)blockIdx.y * t_len;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int g = lane / 4, c4 = lane % 4;
+    const float scale_log2 = scale * LOG2E;
+
+    load_tile_async<T, D, LD>(k_s, k, k0, BC, t_len);
+    load_tile_async<T, D, LD>(v_s, v, k0, BC, t_len);
+    cp_async_commit();
+
+    float dk_acc[NT_D][4], dv_acc[NT_D][4];
+#pragma unroll
+    for (int n = 0; n < NT_D; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dk_acc[n][e] = dv_acc[n][e] = 0.f;
+    float carry[MAX_COLS_PER_THREAD] = {0.f, 0.f};
+    const int k_end = k0 + BC;
+    const int warp_key0 = k0 + warp * 16;
+
+    for (int q0 = k0; q0 < t_len; q0 += BR) {
+        __syncthreads();  // the previous query tile's Q, dO and dSᵀ are consumed
+        load_tile_async<T, D, LD>(q_s, q, q0, BR, t_len);
+        load_tile_async<T, D, LD>(g_s, dout, q0, BR, t_len);
+        cp_async_commit();
+        if (threadIdx.x < BR) {
+            const int t = q0 + threadIdx.x;
+            lse_s[threadIdx.x] = t < t_len ? lse2[t] : 0.f;
+            delta_s[threadIdx.x] = t < t_len ? delta[t] : 0.f;
+        }
+        cp_async_wait_all();
+        __syncthreads();
+        // Warps whose keys all come after this query tile see only masked entries.
+        const bool warp_active = warp_key0 <= q0 + BR - 1;
+
+        float s[NT_S][4], dp[NT_S][4];
+#pragma unroll
+        for (int n = 0; n < NT_S; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.f;
+        if (warp_active) {
+            // Sᵀ = K Qᵀ and dPᵀ = V dOᵀ share the k-loop over the head dimension.
+#pragma unroll
+            for (int kk = 0; kk < D; kk += 16) {
+                uint32_t a_k[4], a_v[4];
+                ldmatrix_x4(a_k, k_s + (warp * 16 + lane % 16) * LD + kk + (lane / 16) * 8);
+                ldmatrix_x4(a_v, v_s + (warp * 16 + lane % 16) * LD + kk + (lane / 16) * 8);
+#pragma unroll
+                for (int n = 0; n < NT_S; n += 2) {
+                    const int row = (n * 8 + (lane / 16) * 8 + lane % 8) * LD + kk + ((lane / 8) % 2) * 8;
+                    uint32_t b[4];
+                    ldmatrix_x4(b, q_s + row);
+                    mma_16816<T>(s[n], a_k, b[0], b[1]);
+                    mma_16816<T>(s[n + 1], a_k, b[2], b[3]);
+                    ldmatrix_x4(b, g_s + row);
+                    mma_16816<T>(dp[n], a_v, b[0], b[1]);
+                    mma_16816<T>(dp[n + 1], a_v, b[2], b[3]);
+                }
+            }
+        }
+        // Pᵀ and dSᵀ (both kept as f32 in s and dp).
+#pragma unroll
+        for (int n = 0; n < NT_S; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int key = warp_key0 + g + 8 * (e / 2);
+                const int col = n * 8 + 2 * c4 + (e % 2);
+                const int t = q0 + col;
+                const bool live = key <= t && t < t_len && key < t_len;
+                const float p = live ? exp2f(s[n][e] * scale_log2 - lse_s[col]) : 0.f;
+                s[n][e] = p;
+                dp[n][e] = p * (dp[n][e] - delta_s[col]);
+            }
+        }
+        if (warp_active) {
+#pragma unroll
+            for (int m = 0; m < BR / 16; ++m) {
+                uint32_t a_p[4], a_ds[4];
+                a_p[0] = pack2<T>(s[2 * m][0], s[2 * m][1]);
+                a_p[1] = pack2<T>(s[2 * m][2], s[2 * m][3]);
+                a_p[2] = pack2<T>(s[2 * m + 1][0], s[2 * m + 1][1]);
+                a_p[3] = pack2<T>(s[2 * m + 1][2], s[2 * m + 1][3]);
+                a_ds[0] = pack2<T>(dp[2 * m][0], dp[2 * m][1]);
+                a_ds[1] = pack2<T>(dp[2 * m][2], dp[2 * m][3]);
+                a_ds[2] = pack2<T>(dp[2 * m + 1][0], dp[2 * m + 1][1]);
+                a_ds[3] = pack2<T>(dp[2 * m + 1][2], dp[2 * m + 1][3]);
+#pragma unroll
+                for (int n = 0; n < NT_D; n += 2) {
+                    const int row = (m * 16 + ((lane / 8) % 2) * 8 + lane % 8) * LD + n * 8 + (lane / 16) * 8;
+                    uint32_t b[4];
+                    ldmatrix_x4_trans(b, g_s + row);  // dV += Pᵀ dO
+                    mma_16816<T>(dv_acc[n], a_p, b[0], b[1]);
+                    mma_16816<T>(dv_acc[n + 1], a_p, b[2], b[3]);
+                    ldmatrix_x4_trans(b, q_s + row);  // dK += dSᵀ Q
+                    mma_16816<T>(dk_acc[n], a_ds, b[0], b[1]);
+                    mma_16816<T>(dk_acc[n + 1], a_ds, b[2], b[3]);
+                }
+            }
+        }
+        // dSᵀ to shared memory for dQ.
+#pragma unroll
+        for (int n = 0; n < NT_S; ++n) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int key_row = warp * 16 + g + 8 * h;
+                *reinterpret_cast<uint32_t*>(ds_s + key_row * LDS + n * 8 + 2 * c4) =
+                    pack2<T>(dp[n][2 * h], dp[n][2 * h + 1]);
+            }
+        }
+        // Momentum: add this dO tile's rows at or after k_end, weighted η^{t − k_end}.
+        if (eta > 0.f && q0 + BR > k_end && q0 < k_end + horizon) {
+            const int first = max(q0, k_end);
+            const int last = min(q0 + BR, t_len);
+            float w = exp2f((float)(first - k_end) * log2f(eta));
+            for (int tt = first; tt < last; ++tt, w *= eta) {
+#pragma unroll
+                for (int j = 0; j < MAX_COLS_PER_THREAD; ++j) {
+                    const int col = threadIdx.x + j * THREADS;
+                    if (col < D) carry[j] = fmaf(w, mk::to_float(g_s[(tt - q0) * LD + col]), carry[j]);
+                }
+            }
+        }
+        __syncthreads();  // dSᵀ complete
+        // dQ = dS K: warp w takes queries 16·(w % 2) .. +15 and columns (w / 2)·D/2 .. +D/2.
+        {
+            constexpr int NT_Q = D / 16;  // n8 tiles in half the head dimension
+            const int qb = (warp % 2) * 16, cb = (warp / 2) * (D / 2);
+            float dq[NT_Q][4];
+#pragma unroll
+            for (int n = 0; n < NT_Q; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < BC; kk += 16) {
+                uint32_t a[4];
+                ldmatrix_x4_trans(a, ds_s + (kk + (lane / 16) * 8 + lane % 8) * LDS + qb + ((lane / 8) % 2) * 8);
+#pragma unroll
+                for (int n = 0; n < NT_Q; n += 2) {
+                    uint32_t b[4];
+                    ldmatrix_x4_trans(b, k_s + (kk + ((lane / 8) % 2) * 8 + lane % 8) * LD + cb + n * 8 + (lane / 16) * 8);
+                    mma_16816<T>(dq[n], a, b[0], b[1]);
+                    mma_16816<T>(dq[n + 1], a, b[2], b[3]);
+                }
+            }
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int t = q0 + qb + g + 8 * h;
+                if (t < t_len) {
+#pragma unroll
+                    for (int n = 0; n < NT_Q; ++n) {
+                        float* dst = dq_acc + (size_t)t * D + cb + n * 8 + 2 * c4;
+                        atomicAdd(dst, scale * dq[n][2 * h]);
+                        atomicAdd(dst + 1, scale * dq[n][2 * h + 1]);
+                    }
+                }
+            }
+        }
+    }
+
+    // Epilogue, reusing the tiles as f32 staging [BC][D + 4]: dV (plus momentum), then dK.
+    __syncthreads();
+    float* stage = reinterpret_cast<float*>(smem_raw);
+    constexpr int LDO = D + 4;
+    const int rows = min(BC, t_len - k0);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int r = warp * 16 + g + 8 * h;
+#pragma unroll
+        for (int n = 0; n < NT_D; ++n)
+            *reinterpret_cast<float2*>(stage + r * LDO + n * 8 + 2 * c4) = make_float2(dv_acc[n][2 * h], dv_acc[n][2 * h + 1]);
+    }
+    __syncthreads();
+    if (eta > 0.f) {
+#pragma unroll
+        for (int j = 0; j < MAX_COLS_PER_THREAD; ++j) {
+            const int col = threadIdx.x + j * THREADS;
+            if (col < D) {
+                float cs = eta * carry[j];  // c at row k_end − 1 (zero past the sequence end)
+                for (int r = BC - 1; r >= 0; --r) {
+                    if (r < rows) {
+                        stage[r * LDO + col] += cs;
+                        cs = eta * (cs + mk::to_float(dout[(size_t)(k0 + r) * D + col]));
+                    }
+                }
+            }
+        }
+        __syncthreads();
+    }
+    for (int i = threadIdx.x; i < rows * (D / 4); i += THREADS) {
+        const int r = i / (D / 4), c = (i % (D / 4)) * 4;
+        mk::Vec<T, 4> packed;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) packed.v[e] = mk::from_float<T>(stage[r * LDO + c + e]);
+        mk::store_vec<T, 4>(dv + (size_t)(k0 + r) * D + c, packed);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int r = warp * 16 + g + 8 * h;
+#pragma unroll
+        for (int n = 0; n < NT_D; ++n)
+            *reinterpret_cast<float2*>(stage + r * LDO + n * 8 + 2 * c4) =
+                make_float2(scale * dk_acc[n][2 * h], scale * dk_acc[n][2 * h + 1]);
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < rows * (D / 4); i += THREADS) {
+        const int r = i / (D / 4), c = (i % (D / 4)) * 4;
+        mk::Vec<T, 4> packed;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) packed.v[e] = mk::from_float<T>(stage[r * LDO + c + e]);
+        mk::store_vec<T, 4>(dk + (size_t)(k0 + r) * D + c, packed);
+    }
+}
+
 // delta_t = Σ_d dO_t · O_t, one warp per row.
 template <typename T>
 __device__ void backward_delta(const T* __restrict__ dout, const T* __restrict__ o, float* __restrict__ delta,
@@ -664,6 +918,15 @@ __device__ void momentum_scan(const T* __restrict__ v, T* __restrict__ out, uint
         backward_simt<T, D>(q, k, v, dout, lse2, delta, dq_acc, dk, dv, t_len, scale, eta, horizon);    \
     }
 
+#define MK_BWD_MMA(NAME, T, D)                                                                          \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                              \
+        NAME(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,                 \
+             const T* __restrict__ dout, const float* __restrict__ lse2, const float* __restrict__ delta, \
+             float* __restrict__ dq_acc, T* __restrict__ dk, T* __restrict__ dv, int t_len, float scale, \
+             float eta, int horizon) {                                                                 \
+        backward_mma<T, D>(q, k, v, dout, lse2, delta, dq_acc, dk, dv, t_len, scale, eta, horizon);     \
+    }
+
 #define MK_DTYPE(DN, T, FWD_IMPL)                                                                        \
     MK_FWD(mattn_fwd_##DN##_d64, T, 64, FWD_IMPL)                                                       \
     MK_FWD(mattn_fwd_##DN##_d128, T, 128, FWD_IMPL)                                                     \
@@ -692,4 +955,8 @@ __device__ void momentum_scan(const T* __restrict__ v, T* __restrict__ out, uint
 
 MK_DTYPE(f16, __half, forward_mma)
 MK_DTYPE(bf16, __nv_bfloat16, forward_mma)
+MK_BWD_MMA(mattn_bwd_mma_f16_d64, __half, 64)
+MK_BWD_MMA(mattn_bwd_mma_f16_d128, __half, 128)
+MK_BWD_MMA(mattn_bwd_mma_bf16_d64, __nv_bfloat16, 64)
+MK_BWD_MMA(mattn_bwd_mma_bf16_d128, __nv_bfloat16, 128)
 MK_DTYPE(f32, float, forward_simt)

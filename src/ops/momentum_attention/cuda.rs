@@ -2,8 +2,9 @@
 //!
 //! Forward: one launch of `mattn_fwd_<dtype>_d<D>` (tensor cores for f16/bf16, SIMT for f32),
 //! grid = (query tiles, B·H). Backward: the forward again with η = 0 (attention output and base-2
-//! log-sum-exp), `mattn_bwd_delta_<dtype>`, `mattn_bwd_<dtype>_d<D>` (one block per key tile,
-//! dQ by f32 atomics into a zeroed buffer), and `mattn_dq_finish_<dtype>`. Every temporary is
+//! log-sum-exp), `mattn_bwd_delta_<dtype>`, the backward kernel (`mattn_bwd_mma_<dtype>_d<D>` on
+//! tensor cores for f16/bf16 at D ≤ 128, else the SIMT `mattn_bwd_<dtype>_d<D>`; one block per
+//! key tile, dQ by f32 atomics into a zeroed buffer), and `mattn_dq_finish_<dtype>`. Every temporary is
 //! linear in T.
 
 use half::{bf16, f16};
@@ -18,7 +19,7 @@ const THREADS: u32 = 128;
 const LOG2_E: f32 = std::f32::consts::LOG2_E;
 
 /// Rows per query tile (forward) or key tile (backward) and dynamic shared memory of a kernel;
-/// mirrors `FwdTile`, `SimtTile` and `BwdTile` in the .cu file.
+/// mirrors `FwdTile`, `SimtTile`, `BwdTile` and `BwdMmaTile` in the .cu file.
 #[derive(Clone, Copy, Debug)]
 struct Geometry {
     rows_per_block: usize,
@@ -35,9 +36,18 @@ fn forward_geometry(dtype: DType, d: usize) -> Geometry {
     }
 }
 
-fn backward_geometry(d: usize) -> Geometry {
-    let ld = d + 1;
-    Geometry { rows_per_block: 32, smem_bytes: (4 * 32 * ld + 2 * 32 * 33 + 2 * 32) * 4 }
+/// The backward kernel for a dtype and head dim, and its geometry: tensor cores for f16/bf16 at
+/// D ≤ 128 (64 keys per block), else SIMT (32 keys per block).
+fn backward_kernel(dtype: DType, d: usize) -> (String, Geometry) {
+    if dtype != DType::F32 && d <= 128 {
+        let (ld, lds) = (d + 8, 32 + 8);
+        let smem_bytes = (2 * 64 + 2 * 32) * ld * 2 + 64 * lds * 2 + 2 * 32 * 4;
+        (format!("mattn_bwd_mma_{}_d{d}", dtype.as_str()), Geometry { rows_per_block: 64, smem_bytes })
+    } else {
+        let ld = d + 1;
+        let smem_bytes = (4 * 32 * ld + 2 * 32 * 33 + 2 * 32) * 4;
+        (format!("mattn_bwd_{}_d{d}", dtype.as_str()), Geometry { rows_per_block: 32, smem_bytes })
+    }
 }
 
 /// A tiled launch: `blocks` tiles per head on x, heads on y, with `smem` bytes of dynamic
@@ -271,9 +281,9 @@ fn backward_typed<T: Element>(
     let mut dk = dev.alloc::<T>(n)?;
     let mut dv = dev.alloc::<T>(n)?;
     {
-        let name = format!("mattn_bwd_{dtype}_d{}", problem.d);
+        let (name, geometry) = backward_kernel(T::DTYPE, problem.d);
         let func = dev.function(MODULE, &name)?;
-        let cfg = tiled_config(&func, problem, backward_geometry(problem.d), op)?;
+        let cfg = tiled_config(&func, problem, geometry, op)?;
         let t_len = problem.t as i32;
         let horizon = params.horizon.min(i32::MAX as usize) as i32;
         let mut args = dev.stream().launch_builder(&func);
