@@ -9,7 +9,8 @@
 //! - CUDA (only when a GPU is usable), bf16: the shapes (4,16,4096,128),
 //!   (8,16,2048,64), (1,16,16384,128), forward and forward+backward, η = 0 and 0.9.
 //!
-//! Then criterion groups on small CPU shapes (the whole file finishes in about 90 s on two
+//! Then criterion groups on small CPU shapes (their "elements" throughput is FLOPs, counted
+//! as above) (the whole file finishes in about 90 s on two
 //! cores) and on the shapes for CUDA. `METAKERNELS_BENCH_REPORT_ONLY=1` stops after the
 //! report lines.
 

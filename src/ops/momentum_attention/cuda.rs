@@ -118,7 +118,7 @@ fn forward_typed<T: Element>(
     let cfg = tiled_config(&func, problem, forward_geometry(T::DTYPE, problem.d), op)?;
     let t_len = problem.t as i32;
     let scale_log2 = params.scale * LOG2_E;
-    let horizon = params.horizon.min(i32::MAX as usize) as i32;
+    let horizon = params.horizon.min(problem.t) as i32; // lags past T change nothing; keeps int math in range
     let mut args = dev.stream().launch_builder(&func);
     args.arg(qs).arg(ks).arg(vs).arg(&mut out).arg(&mut lse2);
     args.arg(&t_len).arg(&scale_log2).arg(&params.eta).arg(&horizon);
@@ -285,7 +285,7 @@ fn backward_typed<T: Element>(
         let func = dev.function(MODULE, &name)?;
         let cfg = tiled_config(&func, problem, geometry, op)?;
         let t_len = problem.t as i32;
-        let horizon = params.horizon.min(i32::MAX as usize) as i32;
+        let horizon = params.horizon.min(problem.t) as i32; // lags past T change nothing; keeps int math in range
         let mut args = dev.stream().launch_builder(&func);
         args.arg(qs).arg(ks).arg(vs).arg(gs).arg(&lse2).arg(&delta);
         args.arg(&mut dq_acc).arg(&mut dk).arg(&mut dv);
