@@ -60,8 +60,9 @@ fn qkv(shape: Shape, dtype: DType, dev: &Device) -> Qkv {
 
 /// Bytes a call holds beyond its inputs and outputs (the kernels' own workspace), in the
 /// layouts of cpu.rs and cuda.rs: the forward keeps a per-task tile scratch on the CPU and an
-/// f32 log-sum-exp row on the GPU; the backward adds the recomputed attention output, the
-/// log-sum-exps, the row deltas and (GPU) the f32 dQ accumulator.
+/// f32 log-sum-exp row on the GPU; forward+backward (forward_with_state, backward_with_state)
+/// adds the saved attention output and log-sum-exps, the row deltas and (GPU) the f32 dQ
+/// accumulator.
 fn workspace_bytes(shape: Shape, dtype: DType, dev: &Device, backward: bool) -> f64 {
     let n = shape.elements() as f64;
     let rows = (shape.b * shape.h * shape.t) as f64;
@@ -128,8 +129,8 @@ fn report_forward_backward(
     let time = |eta: f32| {
         let attn = MomentumAttention::new(eta);
         best_ms(dev, reps, || {
-            let out = attn.forward(&x.q, &x.k, &x.v)?;
-            black_box(attn.backward(&x.q, &x.k, &x.v, &out)?);
+            let state = attn.forward_with_state(&x.q, &x.k, &x.v)?;
+            black_box(attn.backward_with_state(&x.q, &x.k, &x.v, &state, state.output())?);
             Ok(())
         })
         .expect("benchmark run")

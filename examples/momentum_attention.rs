@@ -9,12 +9,13 @@
 //! attention's `Σ_{i<t} η^{t−i} v_i` supplies one directly.
 //!
 //! Model: q = X W_q, k = X W_k, v = X W_v, o = MoAttn_η(q, k, v); loss = mean ‖o_t − z_t‖².
-//! The gradients of W_q, W_k, W_v come from `MomentumAttention::backward` (dq, dk, dv) and
+//! The gradients of W_q, W_k, W_v come from `MomentumAttention::backward_with_state` (dq, dk,
+//! dv, reusing the forward pass's saved log-sum-exps) and
 //! `dW = Xᵀ d(·)`. Adam, 300 steps, the same initial weights and batches for every η.
 //!
 //! Run: `cargo run --release --example momentum_attention`
 
-use metakernels::momentum_attention::MomentumAttention;
+use metakernels::momentum_attention::{MomentumAttention, MomentumAttentionState};
 use metakernels::testing::Rng;
 use metakernels::{Device, Result, Tensor};
 
@@ -155,12 +156,18 @@ fn tensor(values: &[f64], dev: &Device) -> Result<Tensor> {
     Tensor::from_vec(v, &[BATCH, 1, T, D], dev)
 }
 
-fn forward(attn: &MomentumAttention, w: &[Vec<f64>], x: &[f64], dev: &Device) -> Result<[Tensor; 4]> {
+/// q, k, v of the layer and the forward state (output plus what the backward pass needs).
+fn forward(
+    attn: &MomentumAttention,
+    w: &[Vec<f64>],
+    x: &[f64],
+    dev: &Device,
+) -> Result<([Tensor; 3], MomentumAttentionState)> {
     let q = tensor(&matmul(x, &w[0]), dev)?;
     let k = tensor(&matmul(x, &w[1]), dev)?;
     let v = tensor(&matmul(x, &w[2]), dev)?;
-    let o = attn.forward(&q, &k, &v)?;
-    Ok([q, k, v, o])
+    let state = attn.forward_with_state(&q, &k, &v)?;
+    Ok(([q, k, v], state))
 }
 
 fn loss_only(
@@ -169,8 +176,8 @@ fn loss_only(
     data: &(Vec<f64>, Vec<f64>),
     dev: &Device,
 ) -> Result<f64> {
-    let [_, _, _, o] = forward(attn, w, &data.0, dev)?;
-    let o = o.to_vec::<f32>()?;
+    let (_, state) = forward(attn, w, &data.0, dev)?;
+    let o = state.output().to_vec::<f32>()?;
     Ok(o.iter().zip(&data.1).map(|(o, z)| (*o as f64 - z).powi(2)).sum::<f64>() / o.len() as f64)
 }
 
@@ -181,11 +188,11 @@ fn loss_and_grads(
     z: &[f64],
     dev: &Device,
 ) -> Result<Vec<Vec<f64>>> {
-    let [q, k, v, o] = forward(attn, w, x, dev)?;
-    let o = o.to_vec::<f32>()?;
+    let ([q, k, v], state) = forward(attn, w, x, dev)?;
+    let o = state.output().to_vec::<f32>()?;
     let scale = 2.0 / o.len() as f64;
     let grad_out: Vec<f64> = o.iter().zip(z).map(|(o, z)| scale * (*o as f64 - z)).collect();
-    let grads = attn.backward(&q, &k, &v, &tensor(&grad_out, dev)?)?;
+    let grads = attn.backward_with_state(&q, &k, &v, &state, &tensor(&grad_out, dev)?)?;
     [grads.dq, grads.dk, grads.dv]
         .iter()
         .map(|g| {

@@ -11,7 +11,9 @@
 //                               c ← η(c + v_i) of its columns; tiles older than the horizon
 //                               (weights below f32 resolution) are skipped; the epilogue runs the
 //                               recurrence through the tile's own rows and adds it to the output.
-//                               Writes the base-2 row log-sum-exp when `lse2` is not null.
+//                               Writes the base-2 row log-sum-exp when `lse2` is not null, and
+//                               the attention without momentum when `attn_out` is not null (both
+//                               saved for the backward pass).
 //   mattn_bwd_delta_<DN>        delta_t = Σ_d dO·O_attn (the softmax backward's row term).
 //   mattn_bwd_mma_<f16|bf16>_d<64|128>  FlashAttention-2 backward on tensor cores (see below).
 //   mattn_bwd_<DN>_d<D>         FlashAttention-2 backward, one block per key/value tile: recompute
@@ -119,14 +121,33 @@ __device__ __forceinline__ void momentum_advance(float (&carry)[MAX_COLS_PER_THR
     }
 }
 
-// Epilogue: o_s (f32, [BR][ldo], the normalised attention rows of the tile) gets the momentum
-// of each row added, then is stored to `out` in T. The recurrence runs through the tile's own
-// value rows, read from global memory (the last value tiles, still in L2).
+// Stores `rows` rows of a staged f32 tile (row stride ldo) to dst in T, 4 elements per thread
+// per step, coalesced.
+template <typename T, int D>
+__device__ __forceinline__ void store_staged_rows(const float* o_s, int ldo, T* __restrict__ dst, int rows) {
+    constexpr int VEC = 4;
+    for (int i = threadIdx.x; i < rows * (D / VEC); i += THREADS) {
+        const int r = i / (D / VEC), c = (i % (D / VEC)) * VEC;
+        mk::Vec<T, VEC> packed;
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) packed.v[e] = mk::from_float<T>(o_s[r * ldo + c + e]);
+        mk::store_vec<T, VEC>(dst + (size_t)r * D + c, packed);
+    }
+}
+
+// Epilogue: o_s (f32, [BR][ldo], the normalised attention rows of the tile) is stored to
+// attn_out when that is not null (the base attention, saved for the backward pass), gets the
+// momentum of each row added, and is stored to `out` in T. The recurrence runs through the
+// tile's own value rows, read from global memory (the last value tiles, still in L2).
 template <typename T, int D, int BR>
 __device__ __forceinline__ void momentum_epilogue_store(float* o_s, int ldo, float (&carry)[MAX_COLS_PER_THREAD],
                                                         const T* __restrict__ v, T* __restrict__ out,
-                                                        int t0, int t_len, float eta) {
+                                                        T* __restrict__ attn_out, int t0, int t_len, float eta) {
     const int rows = min(BR, t_len - t0);
+    if (attn_out != nullptr) {
+        store_staged_rows<T, D>(o_s, ldo, attn_out + (size_t)t0 * D, rows);
+        __syncthreads();  // every read of o_s precedes the momentum writes
+    }
     if (eta > 0.f) {
 #pragma unroll
         for (int j = 0; j < MAX_COLS_PER_THREAD; ++j) {
@@ -141,15 +162,7 @@ __device__ __forceinline__ void momentum_epilogue_store(float* o_s, int ldo, flo
         }
         __syncthreads();
     }
-    // Coalesced store: 4 elements per thread per step.
-    constexpr int VEC = 4;
-    for (int i = threadIdx.x; i < rows * (D / VEC); i += THREADS) {
-        const int r = i / (D / VEC), c = (i % (D / VEC)) * VEC;
-        mk::Vec<T, VEC> packed;
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) packed.v[e] = mk::from_float<T>(o_s[r * ldo + c + e]);
-        mk::store_vec<T, VEC>(out + (size_t)(t0 + r) * D + c, packed);
-    }
+    store_staged_rows<T, D>(o_s, ldo, out + (size_t)t0 * D, rows);
 }
 
 // Whether value tile [k0, k0 + rows) lies before the query tile and inside the horizon.
@@ -182,7 +195,7 @@ __device__ __forceinline__ void load_tile_async(T* dst, const T* __restrict__ sr
 
 template <typename T, int D>
 __device__ void forward_mma(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-                            T* __restrict__ out, float* __restrict__ lse2, int t_len, float scale_log2,
+                            T* __restrict__ out, T* __restrict__ attn_out, float* __restrict__ lse2, int t_len, float scale_log2,
                             float eta, int horizon) {
     using Tile = FwdTile<D>;
     constexpr int BR = Tile::BR, BC = Tile::BC, LD = Tile::LD;
@@ -198,6 +211,7 @@ __device__ void forward_mma(const T* __restrict__ q, const T* __restrict__ k, co
     const int t0 = tile * BR;
     const size_t head = (size_t)blockIdx.y * t_len * D;
     q += head, k += head, v += head, out += head;
+    if (attn_out != nullptr) attn_out += head;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane / 4, c4 = lane % 4;
     const int warp_row0 = t0 + warp * 16;  // first query row of this warp
@@ -331,7 +345,7 @@ __device__ void forward_mma(const T* __restrict__ q, const T* __restrict__ k, co
             lse2[(size_t)blockIdx.y * t_len + t0 + r] = row_max[h] + log2f(l);
     }
     __syncthreads();
-    momentum_epilogue_store<T, D, BR>(o_s, LDO, carry, v, out, t0, t_len, eta);
+    momentum_epilogue_store<T, D, BR>(o_s, LDO, carry, v, out, attn_out, t0, t_len, eta);
 }
 
 // ------------------------------------------------------------------ SIMT (f32) forward --------
@@ -357,7 +371,7 @@ __device__ __forceinline__ void load_tile_f32(float* dst, int ld, const T* __res
 
 template <typename T, int D>
 __device__ void forward_simt(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-                             T* __restrict__ out, float* __restrict__ lse2, int t_len, float scale_log2,
+                             T* __restrict__ out, T* __restrict__ attn_out, float* __restrict__ lse2, int t_len, float scale_log2,
                              float eta, int horizon) {
     using Tile = SimtTile<D>;
     constexpr int BR = Tile::BR, BC = Tile::BC, LD = Tile::LD, COLS = D / 4;
@@ -371,6 +385,7 @@ __device__ void forward_simt(const T* __restrict__ q, const T* __restrict__ k, c
     const int t0 = (n_q_tiles - 1 - blockIdx.x) * BR;
     const size_t head = (size_t)blockIdx.y * t_len * D;
     q += head, k += head, v += head, out += head;
+    if (attn_out != nullptr) attn_out += head;
     const int r = threadIdx.x / 4, quarter = threadIdx.x % 4;
     const int row = t0 + r;
 
@@ -437,7 +452,7 @@ __device__ void forward_simt(const T* __restrict__ q, const T* __restrict__ k, c
     for (int i = 0; i < COLS; ++i) o_s[r * LD + quarter + 4 * i] = o[i] * inv;
     if (lse2 != nullptr && quarter == 0 && row < t_len) lse2[(size_t)blockIdx.y * t_len + row] = row_max + log2f(l);
     __syncthreads();
-    momentum_epilogue_store<T, D, BR>(o_s, LD, carry, v, out, t0, t_len, eta);
+    momentum_epilogue_store<T, D, BR>(o_s, LD, carry, v, out, attn_out, t0, t_len, eta);
 }
 
 // ------------------------------------------------------------------ backward ------------------
@@ -905,8 +920,9 @@ __device__ void momentum_scan(const T* __restrict__ v, T* __restrict__ out, uint
 #define MK_FWD(NAME, T, D, IMPL)                                                                        \
     extern "C" __global__ void __launch_bounds__(THREADS)                                              \
         NAME(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ out, \
-             float* __restrict__ lse2, int t_len, float scale_log2, float eta, int horizon) {          \
-        IMPL<T, D>(q, k, v, out, lse2, t_len, scale_log2, eta, horizon);                               \
+             T* __restrict__ attn_out, float* __restrict__ lse2, int t_len, float scale_log2, float eta,    \
+             int horizon) {                                                                            \
+        IMPL<T, D>(q, k, v, out, attn_out, lse2, t_len, scale_log2, eta, horizon);                     \
     }
 
 #define MK_BWD(NAME, T, D)                                                                              \

@@ -242,6 +242,63 @@ fn backward_per_head_and_per_tile_paths_match_reference() {
     }
 }
 
+#[test]
+fn forward_with_state_saves_what_backward_recomputes() {
+    testing::set_poisoning(true);
+    let cpu = Device::cpu();
+    for dtype in DTYPES {
+        let x = Inputs::new(Dims { bh: 2, t: 150, d: 64 }, dtype, &cpu, 400);
+        let (grad, _) = randn(&[1, 2, 150, 64], dtype, &cpu, 403).unwrap();
+        let attn = MomentumAttention::new(0.9);
+        let state = attn.forward_with_state(&x.q, &x.k, &x.v).unwrap();
+        let plain_out = attn.forward(&x.q, &x.k, &x.v).unwrap();
+        assert_eq!(to_f64(state.output()).unwrap(), to_f64(&plain_out).unwrap(), "{dtype}");
+        // The log-sum-exps against float64: log Σ_{s≤t} exp(scale q_t·k_s).
+        let lse = to_f64(&state.logsumexp().unwrap()).unwrap();
+        let want: Vec<f64> = (0..2 * 150)
+            .map(|row| {
+                let (h, t) = (row / 150, row % 150);
+                let q = &x.q64[row * 64..(row + 1) * 64];
+                let logits: Vec<f64> = (0..=t)
+                    .map(|s| {
+                        let k = &x.k64[(h * 150 + s) * 64..(h * 150 + s + 1) * 64];
+                        x.scale() * q.iter().zip(k).map(|(a, b)| a * b).sum::<f64>()
+                    })
+                    .collect();
+                let max = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                max + logits.iter().map(|l| (l - max).exp()).sum::<f64>().ln()
+            })
+            .collect();
+        assert_close(&format!("logsumexp {dtype}"), &lse, &want, 1e-5);
+        let saved = attn.backward_with_state(&x.q, &x.k, &x.v, &state, &grad).unwrap();
+        let recomputed = attn.backward(&x.q, &x.k, &x.v, &grad).unwrap();
+        for (a, b) in [(&saved.dq, &recomputed.dq), (&saved.dk, &recomputed.dk), (&saved.dv, &recomputed.dv)]
+        {
+            // f16/bf16 states hold the attention rounded to the dtype; the recomputation keeps f32.
+            assert_close(
+                &format!("saved vs recomputed {dtype}"),
+                &to_f64(a).unwrap(),
+                &to_f64(b).unwrap(),
+                grad_tolerance(dtype),
+            );
+        }
+    }
+}
+
+#[test]
+fn backward_with_state_rejects_a_state_of_other_settings() {
+    let cpu = Device::cpu();
+    let x = Inputs::new(Dims { bh: 1, t: 10, d: 64 }, DType::F32, &cpu, 410);
+    let state = MomentumAttention::new(0.5).forward_with_state(&x.q, &x.k, &x.v).unwrap();
+    let err = MomentumAttention::new(0.9).backward_with_state(&x.q, &x.k, &x.v, &state, &x.v).unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument { ref what, .. } if what == "state"), "{err}");
+    let scaled = MomentumAttention::new(0.5).with_scale(0.3);
+    assert!(scaled.backward_with_state(&x.q, &x.k, &x.v, &state, &x.v).is_err());
+    let other = Inputs::new(Dims { bh: 1, t: 11, d: 64 }, DType::F32, &cpu, 411);
+    let err = MomentumAttention::new(0.5).backward_with_state(&other.q, &other.k, &other.v, &state, &other.v);
+    assert!(matches!(err, Err(Error::ShapeMismatch { .. })));
+}
+
 /// L(q, k, v) = Σ grad ∘ forward_f64(q, k, v): its central differences in f64 check the
 /// reference gradient, and through it the kernel's.
 #[test]

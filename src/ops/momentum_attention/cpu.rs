@@ -18,9 +18,11 @@
 //! Logits are kept in base 2 (`scale · log2 e` folded into the GEMM's alpha) so every
 //! exponential is an `exp2`, evaluated by a branch-free polynomial the compiler vectorises.
 
+use std::borrow::Cow;
+
 use rayon::prelude::*;
 
-use super::{MomentumAttentionGrads, Problem, SoftmaxParams};
+use super::{BackwardInputs, MomentumAttentionGrads, Problem, SoftmaxParams};
 use crate::cpu::{sgemm, Mat};
 use crate::testing::output_vec;
 use crate::{DType, Element, Error, Result, Tensor};
@@ -44,53 +46,98 @@ pub(super) fn forward(
     let op = super::OP_FORWARD;
     let (q, k, v) = (q.host_f32(op)?, k.host_f32(op)?, v.host_f32(op)?);
     let mut out = output_vec::<f32>(problem.numel());
-    attention_forward(problem, params, &q, &k, &v, &mut out, None)?;
+    let mut lse2 = vec![0f32; problem.bh * problem.t];
+    attention_forward(problem, params, (&q, &k, &v), &mut out, &mut lse2, None)?;
     Ok(to_tensor(out, problem.dtype, shape))
 }
 
-/// Writes `out` (`[bh, t, d]`) and, when given, the base-2 log-sum-exp of each row's scaled
-/// logits `lse2` (`[bh, t]`), with the momentum term included in `out` when `params.eta > 0`.
-pub(super) fn attention_forward(
+/// The output and what the backward pass needs: the attention without momentum (in the
+/// inputs' dtype) and the base-2 row log-sum-exps (f32, `[B, H, T]`).
+pub(super) fn forward_with_state(
     problem: &Problem,
     params: &SoftmaxParams,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    shape: &[usize],
+) -> Result<[Tensor; 3]> {
+    let op = super::OP_FORWARD;
+    let (q, k, v) = (q.host_f32(op)?, k.host_f32(op)?, v.host_f32(op)?);
+    let mut out = output_vec::<f32>(problem.numel());
+    let mut attn = output_vec::<f32>(problem.numel());
+    let mut lse2 = output_vec::<f32>(problem.bh * problem.t);
+    attention_forward(problem, params, (&q, &k, &v), &mut out, &mut lse2, Some(&mut attn))?;
+    Ok([
+        to_tensor(out, problem.dtype, shape),
+        to_tensor(attn, problem.dtype, shape),
+        Tensor::from_host_vec(lse2, &shape[..3]),
+    ])
+}
+
+/// Writes `out` (`[bh, t, d]`, with the momentum term when `params.eta > 0`), the base-2
+/// log-sum-exp of each row's scaled logits `lse2` (`[bh, t]`) and, when given, the attention
+/// without momentum `attn`. Rayon runs over every (head, query tile).
+fn attention_forward(
+    problem: &Problem,
+    params: &SoftmaxParams,
+    (q, k, v): (&[f32], &[f32], &[f32]),
     out: &mut [f32],
-    lse2: Option<&mut [f32]>,
+    lse2: &mut [f32],
+    attn: Option<&mut [f32]>,
 ) -> Result<()> {
-    let Problem { t, d, .. } = *problem;
+    let Problem { bh, t, d, .. } = *problem;
     let head = t * d;
-    let mut lse_fallback: Vec<f32>;
-    let lse2 = match lse2 {
-        Some(l) => l,
-        None => {
-            lse_fallback = vec![0f32; problem.bh * t];
-            &mut lse_fallback
-        }
+    let tiles_per_head = t.div_ceil(BLOCK);
+    // Every (head, query tile) is one rayon task: split each buffer into its per-tile rows.
+    let out_tiles = split_tiles(out, t, d);
+    let lse_tiles = split_tiles(lse2, t, 1);
+    let attn_tiles: Vec<Option<&mut [f32]>> = match attn {
+        Some(a) => split_tiles(a, t, d).into_iter().map(Some).collect(),
+        None => (0..bh * tiles_per_head).map(|_| None).collect(),
     };
-    let failed = std::sync::atomic::AtomicBool::new(false);
-    out.par_chunks_mut(head).zip(lse2.par_chunks_mut(t)).enumerate().for_each(|(h, (out_h, lse_h))| {
-        let heads = HeadView {
-            q: &q[h * head..][..head],
-            k: &k[h * head..][..head],
-            v: &v[h * head..][..head],
-            t,
-            d,
-        };
-        out_h.par_chunks_mut(BLOCK * d).zip(lse_h.par_chunks_mut(BLOCK)).enumerate().for_each_init(
+    let ok = out_tiles
+        .into_par_iter()
+        .zip(lse_tiles)
+        .zip(attn_tiles)
+        .enumerate()
+        .map_init(
             || ForwardScratch::new(d),
-            |scratch, (tile, (out_tile, lse_tile))| {
-                if !forward_tile(&heads, params, tile * BLOCK, scratch, out_tile, lse_tile) {
-                    failed.store(true, std::sync::atomic::Ordering::Relaxed);
-                }
+            |scratch, (i, ((out_tile, lse_tile), attn_tile))| {
+                let h = i / tiles_per_head;
+                let view = HeadView {
+                    q: &q[h * head..][..head],
+                    k: &k[h * head..][..head],
+                    v: &v[h * head..][..head],
+                    t,
+                    d,
+                };
+                let q0 = (i % tiles_per_head) * BLOCK;
+                forward_tile(
+                    &view,
+                    params,
+                    q0,
+                    scratch,
+                    TileOut { out: out_tile, lse2: lse_tile, attn: attn_tile },
+                )
             },
-        );
-    });
-    if failed.into_inner() {
+        )
+        .all(|ok| ok);
+    if !ok {
         return Err(gemm_bug(super::OP_FORWARD));
     }
     Ok(())
+}
+
+/// `buf` (`[heads, t, per_row]`) cut into the rows of each (head, query tile), heads outer.
+fn split_tiles(buf: &mut [f32], t: usize, per_row: usize) -> Vec<&mut [f32]> {
+    buf.chunks_mut(t * per_row).flat_map(|h| h.chunks_mut(BLOCK * per_row)).collect()
+}
+
+/// The rows one forward task writes.
+struct TileOut<'a> {
+    out: &'a mut [f32],
+    lse2: &'a mut [f32],
+    attn: Option<&'a mut [f32]>,
 }
 
 /// One head's q, k, v (`t × d` each, row-major).
@@ -136,9 +183,9 @@ fn forward_tile(
     params: &SoftmaxParams,
     q0: usize,
     s: &mut ForwardScratch,
-    out: &mut [f32],
-    lse2: &mut [f32],
+    tile: TileOut<'_>,
 ) -> bool {
+    let TileOut { out, lse2, attn } = tile;
     let d = head.d;
     let rows = lse2.len();
     let q_tile = HeadView::rows(head.q, d, q0, rows);
@@ -164,6 +211,9 @@ fn forward_tile(
         let inv = 1.0 / s.row_sum[r];
         out[r * d..(r + 1) * d].iter_mut().zip(&acc[r * d..(r + 1) * d]).for_each(|(o, a)| *o = a * inv);
         lse2[r] = s.row_max[r] + s.row_sum[r].log2();
+    }
+    if let Some(attn) = attn {
+        attn.copy_from_slice(out);
     }
     if params.eta > 0.0 {
         add_momentum(head, params, q0, rows, &mut s.carry, out);
@@ -228,22 +278,27 @@ pub(super) fn add_momentum_scan(problem: &Problem, eta: f32, attn: &Tensor, v: &
 pub(super) fn backward(
     problem: &Problem,
     params: &SoftmaxParams,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    grad_output: &Tensor,
+    inputs: &BackwardInputs<'_>,
     shape: &[usize],
 ) -> Result<MomentumAttentionGrads> {
     let op = super::OP_BACKWARD;
+    let BackwardInputs { q, k, v, grad_output, saved } = *inputs;
     let (q, k, v) = (q.host_f32(op)?, k.host_f32(op)?, v.host_f32(op)?);
     let grad = grad_output.host_f32(op)?;
     let n = problem.numel();
 
-    // Recompute the attention output (no momentum) and the row log-sum-exps.
-    let plain = SoftmaxParams { eta: 0.0, horizon: 0, ..*params };
-    let mut attn = vec![0f32; n];
-    let mut lse2 = vec![0f32; problem.bh * problem.t];
-    attention_forward(problem, &plain, &q, &k, &v, &mut attn, Some(&mut lse2))?;
+    // The attention output (no momentum) and the row log-sum-exps: saved by the forward pass,
+    // or recomputed.
+    let (attn, lse2): (Cow<'_, [f32]>, Cow<'_, [f32]>) = match saved {
+        Some((attn, lse2)) => (attn.host_f32(op)?, Cow::Borrowed(lse2.host_slice::<f32>(op)?)),
+        None => {
+            let plain = SoftmaxParams { eta: 0.0, horizon: 0, ..*params };
+            let mut attn = vec![0f32; n];
+            let mut lse2 = vec![0f32; problem.bh * problem.t];
+            attention_forward(problem, &plain, (&q, &k, &v), &mut attn, &mut lse2, None)?;
+            (Cow::Owned(attn), Cow::Owned(lse2))
+        }
+    };
 
     // delta_r = Σ_d do_r · attn_r: the softmax backward's row correction.
     let d = problem.d;

@@ -9,7 +9,7 @@
 
 use half::{bf16, f16};
 
-use super::{MomentumAttentionGrads, Problem, SoftmaxParams};
+use super::{BackwardInputs, MomentumAttentionGrads, Problem, SoftmaxParams};
 use crate::cuda::{driver, grid_1d, CudaDevice, CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 use crate::tensor::CudaBuffer;
 use crate::{DType, Element, Error, Result, Tensor};
@@ -93,14 +93,58 @@ pub(super) fn forward(
 ) -> Result<Tensor> {
     let dev = q.cuda_device()?;
     let out = match problem.dtype {
-        DType::F16 => CudaBuffer::F16(forward_typed::<f16>(dev, problem, params, q, k, v)?.0),
-        DType::BF16 => CudaBuffer::BF16(forward_typed::<bf16>(dev, problem, params, q, k, v)?.0),
-        _ => CudaBuffer::F32(forward_typed::<f32>(dev, problem, params, q, k, v)?.0),
+        DType::F16 => CudaBuffer::wrap(forward_typed::<f16>(dev, problem, params, q, k, v, false)?.out),
+        DType::BF16 => CudaBuffer::wrap(forward_typed::<bf16>(dev, problem, params, q, k, v, false)?.out),
+        _ => CudaBuffer::wrap(forward_typed::<f32>(dev, problem, params, q, k, v, false)?.out),
     };
     Ok(Tensor::from_cuda_buffer(out, shape, problem.dtype, q.device()))
 }
 
-/// The output and the base-2 row log-sum-exps `[bh, t]`.
+/// The output, the attention without momentum and the base-2 row log-sum-exps `[B, H, T]`.
+pub(super) fn forward_with_state(
+    problem: &Problem,
+    params: &SoftmaxParams,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    shape: &[usize],
+) -> Result<[Tensor; 3]> {
+    fn typed<T: Element>(
+        problem: &Problem,
+        params: &SoftmaxParams,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        shape: &[usize],
+    ) -> Result<[Tensor; 3]> {
+        let dev = q.cuda_device()?;
+        let fwd = forward_typed::<T>(dev, problem, params, q, k, v, true)?;
+        let attn = fwd
+            .attn
+            .ok_or_else(|| Error::invalid(super::OP_FORWARD, "state", "attention not saved (a bug)"))?;
+        let tensor = |b, shape: &[usize], dtype| Tensor::from_cuda_buffer(b, shape, dtype, q.device());
+        Ok([
+            tensor(CudaBuffer::wrap(fwd.out), shape, T::DTYPE),
+            tensor(CudaBuffer::wrap(attn), shape, T::DTYPE),
+            tensor(CudaBuffer::wrap(fwd.lse2), &shape[..3], DType::F32),
+        ])
+    }
+    match problem.dtype {
+        DType::F16 => typed::<f16>(problem, params, q, k, v, shape),
+        DType::BF16 => typed::<bf16>(problem, params, q, k, v, shape),
+        _ => typed::<f32>(problem, params, q, k, v, shape),
+    }
+}
+
+/// What one forward launch produced.
+struct Forward<T> {
+    out: CudaSlice<T>,
+    /// The attention without momentum, when asked for.
+    attn: Option<CudaSlice<T>>,
+    /// Base-2 row log-sum-exps, `[bh, t]`.
+    lse2: CudaSlice<f32>,
+}
+
 fn forward_typed<T: Element>(
     dev: &CudaDevice,
     problem: &Problem,
@@ -108,10 +152,12 @@ fn forward_typed<T: Element>(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-) -> Result<(CudaSlice<T>, CudaSlice<f32>)> {
+    save_attention: bool,
+) -> Result<Forward<T>> {
     let op = super::OP_FORWARD;
     let (qs, ks, vs) = (q.cuda_slice::<T>(op)?, k.cuda_slice::<T>(op)?, v.cuda_slice::<T>(op)?);
     let mut out = dev.alloc::<T>(problem.numel())?;
+    let mut attn = if save_attention { Some(dev.alloc::<T>(problem.numel())?) } else { None };
     let mut lse2 = dev.alloc::<f32>(problem.bh * problem.t)?;
     let name = format!("mattn_fwd_{}_d{}", T::DTYPE.as_str(), problem.d);
     let func = dev.function(MODULE, &name)?;
@@ -119,14 +165,20 @@ fn forward_typed<T: Element>(
     let t_len = problem.t as i32;
     let scale_log2 = params.scale * LOG2_E;
     let horizon = params.horizon.min(problem.t) as i32; // lags past T change nothing; keeps int math in range
+    let null_pointer: u64 = 0; // attn_out == nullptr: the kernel skips that store
     let mut args = dev.stream().launch_builder(&func);
-    args.arg(qs).arg(ks).arg(vs).arg(&mut out).arg(&mut lse2);
-    args.arg(&t_len).arg(&scale_log2).arg(&params.eta).arg(&horizon);
-    // SAFETY: q, k, v and out hold bh·t·d elements of T and lse2 bh·t floats (checked by
-    // Problem::check and the allocations above); the grid covers every (query tile, head) and
-    // each block writes only its own rows; the argument list matches MK_FWD in the .cu file.
+    args.arg(qs).arg(ks).arg(vs).arg(&mut out);
+    match attn.as_mut() {
+        Some(a) => args.arg(a),
+        None => args.arg(&null_pointer),
+    };
+    args.arg(&mut lse2).arg(&t_len).arg(&scale_log2).arg(&params.eta).arg(&horizon);
+    // SAFETY: q, k, v, out (and attn when given) hold bh·t·d elements of T and lse2 bh·t floats
+    // (checked by Problem::check and the allocations above); a null attn_out is skipped by the
+    // kernel; the grid covers every (query tile, head) and each block writes only its own rows;
+    // the argument list matches MK_FWD in the .cu file.
     unsafe { args.launch(cfg) }.map_err(driver(format!("launching {name}")))?;
-    Ok((out, lse2))
+    Ok(Forward { out, attn, lse2 })
 }
 
 /// The reference kernel (one block per query row; explicit momentum sum), for the GPU tests.
@@ -193,7 +245,7 @@ pub(crate) fn forward_unfused(
         let op = "MomentumAttention::forward_unfused";
         let dev = q.cuda_device()?;
         let plain = SoftmaxParams { eta: 0.0, horizon: 0, ..*params };
-        let (mut out, _) = forward_typed::<T>(dev, problem, &plain, q, k, v)?;
+        let mut out = forward_typed::<T>(dev, problem, &plain, q, k, v, false)?.out;
         let name = format!("mattn_momentum_scan_{}", T::DTYPE.as_str());
         let func = dev.function(MODULE, &name)?;
         let (t_len, d, bh) = (problem.t as u64, problem.d as u64, (problem.bh * problem.d) as u64);
@@ -217,17 +269,15 @@ pub(crate) fn forward_unfused(
 pub(super) fn backward(
     problem: &Problem,
     params: &SoftmaxParams,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    grad_output: &Tensor,
+    inputs: &BackwardInputs<'_>,
     shape: &[usize],
 ) -> Result<MomentumAttentionGrads> {
+    let q = inputs.q;
     let dev = q.cuda_device()?;
     let (dq, dk, dv) = match problem.dtype {
-        DType::F16 => wrap3(backward_typed::<f16>(dev, problem, params, q, k, v, grad_output)?),
-        DType::BF16 => wrap3(backward_typed::<bf16>(dev, problem, params, q, k, v, grad_output)?),
-        _ => wrap3(backward_typed::<f32>(dev, problem, params, q, k, v, grad_output)?),
+        DType::F16 => wrap3(backward_typed::<f16>(dev, problem, params, inputs)?),
+        DType::BF16 => wrap3(backward_typed::<bf16>(dev, problem, params, inputs)?),
+        _ => wrap3(backward_typed::<f32>(dev, problem, params, inputs)?),
     };
     let tensor = |b| Tensor::from_cuda_buffer(b, shape, problem.dtype, q.device());
     Ok(MomentumAttentionGrads { dq: tensor(dq), dk: tensor(dk), dv: tensor(dv) })
@@ -243,18 +293,23 @@ fn backward_typed<T: Element>(
     dev: &CudaDevice,
     problem: &Problem,
     params: &SoftmaxParams,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    grad_output: &Tensor,
+    inputs: &BackwardInputs<'_>,
 ) -> Result<Grads<T>> {
     let op = super::OP_BACKWARD;
+    let BackwardInputs { q, k, v, grad_output, saved } = *inputs;
     let n = problem.numel();
     let rows = problem.bh * problem.t;
     let dtype = T::DTYPE.as_str();
-    // Attention output without momentum, and the log-sum-exps.
-    let plain = SoftmaxParams { eta: 0.0, horizon: 0, ..*params };
-    let (attn, lse2) = forward_typed::<T>(dev, problem, &plain, q, k, v)?;
+    // Attention output without momentum, and the log-sum-exps: saved, or recomputed.
+    let recomputed;
+    let (attn, lse2) = match saved {
+        Some((attn, lse2)) => (attn.cuda_slice::<T>(op)?, lse2.cuda_slice::<f32>(op)?),
+        None => {
+            let plain = SoftmaxParams { eta: 0.0, horizon: 0, ..*params };
+            recomputed = forward_typed::<T>(dev, problem, &plain, q, k, v, false)?;
+            (&recomputed.out, &recomputed.lse2)
+        }
+    };
     let (qs, ks, vs) = (q.cuda_slice::<T>(op)?, k.cuda_slice::<T>(op)?, v.cuda_slice::<T>(op)?);
     let gs = grad_output.cuda_slice::<T>(op)?;
 
@@ -271,7 +326,7 @@ fn backward_typed<T: Element>(
             LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let (rows_arg, d) = (rows as u64, problem.d as i32);
         let mut args = dev.stream().launch_builder(&func);
-        args.arg(gs).arg(&attn).arg(&mut delta).arg(&rows_arg).arg(&d);
+        args.arg(gs).arg(attn).arg(&mut delta).arg(&rows_arg).arg(&d);
         // SAFETY: grad and attn hold rows·d elements, delta rows floats; one warp per row,
         // 8 warps per block cover every row; arguments match mattn_bwd_delta_<dtype>.
         unsafe { args.launch(cfg) }.map_err(driver(format!("launching {name}")))?;
@@ -287,7 +342,7 @@ fn backward_typed<T: Element>(
         let t_len = problem.t as i32;
         let horizon = params.horizon.min(problem.t) as i32; // lags past T change nothing; keeps int math in range
         let mut args = dev.stream().launch_builder(&func);
-        args.arg(qs).arg(ks).arg(vs).arg(gs).arg(&lse2).arg(&delta);
+        args.arg(qs).arg(ks).arg(vs).arg(gs).arg(lse2).arg(&delta);
         args.arg(&mut dq_acc).arg(&mut dk).arg(&mut dv);
         args.arg(&t_len).arg(&params.scale).arg(&params.eta).arg(&horizon);
         // SAFETY: every tensor buffer holds bh·t·d elements, lse2 and delta bh·t floats; each

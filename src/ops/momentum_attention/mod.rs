@@ -110,6 +110,38 @@ pub struct MomentumAttentionGrads {
     pub dv: Tensor,
 }
 
+/// The output of [`MomentumAttention::forward_with_state`] and what the backward pass needs
+/// from the forward pass: the base attention without the momentum term (in the inputs' dtype)
+/// and each row's log-sum-exp (f32, `[B, H, T]`). Memory is linear in T.
+#[derive(Clone, Debug)]
+pub struct MomentumAttentionState {
+    output: Tensor,
+    attention: Tensor,
+    /// Base-2 log-sum-exp of each row's scaled logits.
+    lse2: Tensor,
+    eta: f32,
+    scale: f32,
+}
+
+impl MomentumAttentionState {
+    /// The output `o = Attn(q, k, v) + m`, `[B, H, T, D]`.
+    pub fn output(&self) -> &Tensor {
+        &self.output
+    }
+
+    /// The output, dropping the saved state.
+    pub fn into_output(self) -> Tensor {
+        self.output
+    }
+
+    /// The natural-log log-sum-exp of each row's scaled logits, `log Σ_{s≤t} exp(scale·q_t·k_s)`,
+    /// f32 `[B, H, T]` on the tensors' device (copied through the host).
+    pub fn logsumexp(&self) -> Result<Tensor> {
+        let lse: Vec<f32> = self.lse2.to_vec::<f32>()?.iter().map(|x| x * std::f32::consts::LN_2).collect();
+        Tensor::from_vec(lse, self.lse2.shape(), self.lse2.device())
+    }
+}
+
 impl Default for MomentumAttention {
     /// Plain causal softmax attention (η = 0, scale 1/√D).
     fn default() -> Self {
@@ -144,6 +176,60 @@ impl MomentumAttention {
         }
     }
 
+    /// Like [`forward`](Self::forward), also keeping what
+    /// [`backward_with_state`](Self::backward_with_state) needs (the attention without momentum
+    /// and the row log-sum-exps), so that the backward pass does not recompute the forward.
+    pub fn forward_with_state(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<MomentumAttentionState> {
+        let problem = Problem::check(OP_FORWARD, q, k, v)?;
+        let eta = check_eta(OP_FORWARD, self.eta)?;
+        match &self.base {
+            Base::Softmax { scale } => {
+                let params = SoftmaxParams::new(OP_FORWARD, eta, *scale, problem.d)?;
+                let [output, attention, lse2] = match q.storage() {
+                    Storage::Cpu(_) => cpu::forward_with_state(&problem, &params, q, k, v, q.shape())?,
+                    #[cfg(feature = "cuda")]
+                    Storage::Cuda(_) => cuda::forward_with_state(&problem, &params, q, k, v, q.shape())?,
+                };
+                Ok(MomentumAttentionState { output, attention, lse2, eta, scale: params.scale })
+            }
+        }
+    }
+
+    /// The gradients of a loss `L` with respect to `q`, `k`, `v`, given `grad_output = ∂L/∂o`
+    /// and the `state` that [`forward_with_state`](Self::forward_with_state) returned for the
+    /// same `q`, `k`, `v` and the same settings (checked: shapes, device, η and scale).
+    pub fn backward_with_state(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        state: &MomentumAttentionState,
+        grad_output: &Tensor,
+    ) -> Result<MomentumAttentionGrads> {
+        let problem = Problem::check(OP_BACKWARD, q, k, v)?;
+        problem.check_like(OP_BACKWARD, "grad_output", grad_output, q)?;
+        problem.check_like(OP_BACKWARD, "state.output", &state.output, q)?;
+        problem.check_like(OP_BACKWARD, "state.attention", &state.attention, q)?;
+        let eta = check_eta(OP_BACKWARD, self.eta)?;
+        match &self.base {
+            Base::Softmax { scale } => {
+                let params = SoftmaxParams::new(OP_BACKWARD, eta, *scale, problem.d)?;
+                if state.eta != eta || state.scale != params.scale {
+                    return Err(Error::invalid(
+                        OP_BACKWARD,
+                        "state",
+                        format!(
+                            "it was computed with eta {} and scale {}, but this module has eta {eta} and scale {}",
+                            state.eta, state.scale, params.scale
+                        ),
+                    ));
+                }
+                let saved = Some((&state.attention, &state.lse2));
+                softmax_backward(&problem, &params, q, k, v, grad_output, saved)
+            }
+        }
+    }
+
     /// The gradients of a loss `L` with respect to `q`, `k`, `v`, given `grad_output = ∂L/∂o`.
     ///
     /// Recomputes what it needs of the forward pass (FlashAttention-2 style: the row
@@ -163,7 +249,7 @@ impl MomentumAttention {
         match &self.base {
             Base::Softmax { scale } => {
                 let params = SoftmaxParams::new(OP_BACKWARD, eta, *scale, problem.d)?;
-                softmax_backward(&problem, &params, q, k, v, grad_output)
+                softmax_backward(&problem, &params, q, k, v, grad_output, None)
             }
         }
     }
@@ -336,6 +422,17 @@ fn softmax_forward(
     }
 }
 
+/// The tensors of one backward call.
+pub(crate) struct BackwardInputs<'a> {
+    pub(crate) q: &'a Tensor,
+    pub(crate) k: &'a Tensor,
+    pub(crate) v: &'a Tensor,
+    pub(crate) grad_output: &'a Tensor,
+    /// (attention without momentum, base-2 log-sum-exps) saved by the forward pass; recomputed
+    /// when `None`.
+    pub(crate) saved: Option<(&'a Tensor, &'a Tensor)>,
+}
+
 fn softmax_backward(
     problem: &Problem,
     params: &SoftmaxParams,
@@ -343,10 +440,12 @@ fn softmax_backward(
     k: &Tensor,
     v: &Tensor,
     grad_output: &Tensor,
+    saved: Option<(&Tensor, &Tensor)>,
 ) -> Result<MomentumAttentionGrads> {
+    let inputs = BackwardInputs { q, k, v, grad_output, saved };
     match q.storage() {
-        Storage::Cpu(_) => cpu::backward(problem, params, q, k, v, grad_output, q.shape()),
+        Storage::Cpu(_) => cpu::backward(problem, params, &inputs, q.shape()),
         #[cfg(feature = "cuda")]
-        Storage::Cuda(_) => cuda::backward(problem, params, q, k, v, grad_output, q.shape()),
+        Storage::Cuda(_) => cuda::backward(problem, params, &inputs, q.shape()),
     }
 }

@@ -86,6 +86,32 @@ fn cuda_backward_matches_f64_reference() {
 }
 
 #[test]
+fn cuda_backward_with_state_matches_recomputing_backward() {
+    let Some(gpu) = cuda_or_skip("cuda_backward_with_state_matches_recomputing_backward") else { return };
+    for dtype in DTYPES {
+        for d in HEAD_DIMS {
+            let x = Inputs::new(Dims { bh: 2, t: 150, d }, dtype, &gpu, 7500);
+            let (grad, g64) = randn(&[1, 2, 150, d], dtype, &gpu, 7503).unwrap();
+            let attn = MomentumAttention::new(0.9);
+            let state = attn.forward_with_state(&x.q, &x.k, &x.v).unwrap();
+            let out = to_f64(state.output()).unwrap();
+            assert_close(
+                &format!("state output {dtype} d={d}"),
+                &out,
+                &x.reference_forward(0.9),
+                tolerance(dtype),
+            );
+            let grads = attn.backward_with_state(&x.q, &x.k, &x.v, &state, &grad).unwrap();
+            let (dq, dk, dv) = reference::backward(&x.q64, &x.k64, &x.v64, &g64, x.dims, 0.9, x.scale());
+            for (name, got, want) in [("dq", &grads.dq, dq), ("dk", &grads.dk, dk), ("dv", &grads.dv, dv)] {
+                let what = format!("cuda with state {name} {dtype} d={d}");
+                assert_close(&what, &to_f64(got).unwrap(), &want, grad_tolerance(dtype));
+            }
+        }
+    }
+}
+
+#[test]
 fn cuda_large_logits_stay_finite() {
     let Some(gpu) = cuda_or_skip("cuda_large_logits_stay_finite") else { return };
     let dims = Dims { bh: 2, t: 150, d: 64 };
