@@ -13,6 +13,11 @@
 //! attention is an enum ([`Base`]) so that other bases plug in as one more match arm in
 //! [`MomentumAttention::forward`] and [`MomentumAttention::backward`].
 //!
+//! Training: [`MomentumAttention::forward_with_state`] keeps the row log-sum-exps and the base
+//! attention (FlashAttention-2's saved state, linear in T) so that
+//! [`MomentumAttention::backward_with_state`] does not recompute the forward pass;
+//! [`MomentumAttention::backward`] recomputes it.
+//!
 //! Numerics: every path accumulates in f32 and never materialises the T×T score matrix
 //! (memory stays linear in T). Terms of the momentum sum whose weight is below f32 resolution
 //! are skipped: with `H = ⌈24 / −log2 η⌉` lags kept, the dropped tail Σ_{n>H} ηⁿ is at most
