@@ -137,6 +137,21 @@ fn cuda_large_logits_stay_finite() {
 }
 
 #[test]
+fn cuda_unfused_baseline_matches_fused() {
+    let Some(gpu) = cuda_or_skip("cuda_unfused_baseline_matches_fused") else { return };
+    for dtype in DTYPES {
+        let x = Inputs::new(Dims { bh: 2, t: 300, d: 64 }, dtype, &gpu, 8000);
+        for eta in ETAS {
+            let attn = MomentumAttention::new(eta);
+            let fused = to_f64(&attn.forward(&x.q, &x.k, &x.v).unwrap()).unwrap();
+            let unfused = to_f64(&attn.forward_unfused(&x.q, &x.k, &x.v).unwrap()).unwrap();
+            // The unfused pass rounds the attention to the dtype before adding the momentum.
+            assert_close(&format!("unfused {dtype} eta={eta}"), &unfused, &fused, 2.0 * tolerance(dtype));
+        }
+    }
+}
+
+#[test]
 fn cuda_rejects_mixed_devices() {
     let Some(gpu) = cuda_or_skip("cuda_rejects_mixed_devices") else { return };
     let (q, _) = randn(&[1, 1, 8, 64], DType::F32, &gpu, 1).unwrap();
