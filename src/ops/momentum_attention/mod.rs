@@ -274,11 +274,14 @@ impl MomentumAttention {
                 match q.storage() {
                     #[cfg(feature = "cuda")]
                     Storage::Cuda(_) => cuda::forward_reference(&problem, &params, q, k, v),
-                    _ => Err(Error::DeviceMismatch {
-                        op: OP,
-                        expected: "a CUDA device".into(),
-                        got: "cpu".into(),
-                    }),
+                    Storage::Cpu(_) => {
+                        let _ = params; // only the CUDA kernel takes them
+                        Err(Error::DeviceMismatch {
+                            op: OP,
+                            expected: "a CUDA device".into(),
+                            got: "cpu".into(),
+                        })
+                    }
                 }
             }
         }
