@@ -161,8 +161,8 @@ fn report() {
     // ratio holds on a machine shared with other work.
     let _ = cpu_ceilings();
     let ceiling = || Some(("f32 GEMM GFLOP/s".to_string(), cpu_sgemm_gflops()));
-    report_forward(&cpu, Shape { b: 1, h: 16, t: 4096, d: 64 }, DType::F32, ceiling(), 3);
-    report_forward_backward(&cpu, Shape { b: 1, h: 16, t: 1024, d: 64 }, DType::F32, ceiling(), 3);
+    report_forward(&cpu, Shape { b: 1, h: 16, t: 4096, d: 64 }, DType::F32, ceiling(), 5);
+    report_forward_backward(&cpu, Shape { b: 1, h: 16, t: 1024, d: 64 }, DType::F32, ceiling(), 5);
 
     if let Some(gpu) = cuda() {
         // No GEMM of this crate measures the tensor-core rate; the H200's nominal dense bf16
