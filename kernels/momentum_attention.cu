@@ -7,10 +7,11 @@
 //                               shared memory by cp.async (V_j loads while S_j = Q K_jᵀ computes,
 //                               K_{j+1} while O += P V_j). f32: the same tiling with SIMT FMA.
 //                               The momentum term is fused: while a value tile inside the momentum
-//                               horizon is in shared memory, each thread advances the carry
-//                               c ← η(c + v_i) of its columns; tiles older than the horizon
-//                               (weights below f32 resolution) are skipped; the epilogue runs the
-//                               recurrence through the tile's own rows and adds it to the output.
+//                               horizon is in shared memory, each thread adds its columns' share
+//                               Σ η^{t0−i} v_i of m_{t0} (weights computed on the fly); tiles older
+//                               than the horizon (weights below f32 resolution) are skipped; the
+//                               epilogue runs m_{t+1} = η(m_t + v_t) through the tile's own rows
+//                               and adds it to the output.
 //                               Writes the base-2 row log-sum-exp when `lse2` is not null, and
 //                               the attention without momentum when `attn_out` is not null (both
 //                               saved for the backward pass).
@@ -105,18 +106,34 @@ __device__ __forceinline__ float safe_max(float m) { return m == -INFINITY ? 0.f
 // tid + THREADS, ... (at most 2 for D = 256).
 constexpr int MAX_COLS_PER_THREAD = 2;
 
-// carry ← η (carry + v_i) for the rows of a value tile in shared memory (row stride ld, any
-// element type); the tile lies entirely before the query tile.
-template <int D, typename S>
+// carry += Σ_r η^{t0 − (k0 + r)} v_{k0+r} over the ROWS rows of a value tile in shared memory
+// (row stride ld, any element type) that lies entirely before the query tile starting at t0:
+// the tile's share of m_{t0} = Σ_{i<t0} η^{t0−i} v_i. Four interleaved partial sums, each with
+// its own weight η^{lag} stepped by η⁴, keep the dependency chains short (the recurrence
+// c ← η(c + v) would serialise all ROWS rows).
+template <int D, int ROWS, typename S>
 __device__ __forceinline__ void momentum_advance(float (&carry)[MAX_COLS_PER_THREAD], const S* v_s, int ld,
-                                                 int rows, float eta) {
+                                                 int k0, int t0, float eta) {
+    static_assert(ROWS % 4 == 0, "rows come in groups of four");
+    const float eta4 = (eta * eta) * (eta * eta);
+    // Weight of the last row of the tile, whose lag to t0 is the smallest.
+    const float w_last = exp2f((float)(t0 - (k0 + ROWS - 1)) * log2f(eta));
 #pragma unroll
     for (int j = 0; j < MAX_COLS_PER_THREAD; ++j) {
         const int col = threadIdx.x + j * THREADS;
         if (col < D) {
-            float c = carry[j];
-            for (int r = 0; r < rows; ++r) c = eta * (c + mk::to_float(v_s[r * ld + col]));
-            carry[j] = c;
+            float acc[4] = {0.f, 0.f, 0.f, 0.f};
+            float w[4] = {w_last, w_last * eta, w_last * eta * eta, w_last * eta * eta * eta};
+#pragma unroll
+            for (int i = 0; i < ROWS / 4; ++i) {
+#pragma unroll
+                for (int u = 0; u < 4; ++u) {
+                    const int r = ROWS - 1 - 4 * i - u;
+                    acc[u] = fmaf(w[u], mk::to_float(v_s[r * ld + col]), acc[u]);
+                    w[u] *= eta4;
+                }
+            }
+            carry[j] += (acc[0] + acc[1]) + (acc[2] + acc[3]);
         }
     }
 }
@@ -322,7 +339,7 @@ __device__ void forward_mma(const T* __restrict__ q, const T* __restrict__ k, co
                 }
             }
         }
-        if (in_momentum_window(k0, BC, t0, eta, horizon)) momentum_advance<D>(carry, v_s, LD, BC, eta);
+        if (in_momentum_window(k0, BC, t0, eta, horizon)) momentum_advance<D, BC>(carry, v_s, LD, k0, t0, eta);
     }
 
     // Epilogue: normalise, stage O in shared memory as f32 (reusing the tiles), add momentum, store.
@@ -439,7 +456,7 @@ __device__ void forward_simt(const T* __restrict__ q, const T* __restrict__ k, c
 #pragma unroll
             for (int i = 0; i < COLS; ++i) o[i] = fmaf(p, v_s[c * LD + quarter + 4 * i], o[i]);
         }
-        if (in_momentum_window(k0, BC, t0, eta, horizon)) momentum_advance<D>(carry, v_s, LD, BC, eta);
+        if (in_momentum_window(k0, BC, t0, eta, horizon)) momentum_advance<D, BC>(carry, v_s, LD, k0, t0, eta);
     }
 
     float l = row_sum;
