@@ -138,6 +138,32 @@ __device__ __forceinline__ void momentum_advance(float (&carry)[MAX_COLS_PER_THR
     }
 }
 
+// Runs the momentum recurrence down one column of a staged tile: for each of `rows` rows (in
+// ascending order, or descending for the backward's reverse scan), stage[r] += c, then
+// c ← η (c + src_r), with src a [rows, D] global array (rows the block just streamed, so L2
+// hits). Loads go out BATCH at a time, ahead of the dependency chain through c.
+template <bool ASCENDING, int D, typename T>
+__device__ __forceinline__ void momentum_column(float c, float eta, float* stage, int ld, const T* __restrict__ src,
+                                                int rows, int col) {
+    constexpr int BATCH = 16;
+    for (int r0 = 0; r0 < rows; r0 += BATCH) {
+        float vals[BATCH];
+#pragma unroll
+        for (int b = 0; b < BATCH; ++b) {
+            const int r = ASCENDING ? r0 + b : rows - 1 - (r0 + b);
+            vals[b] = r0 + b < rows ? mk::to_float(src[(size_t)r * D + col]) : 0.f;
+        }
+#pragma unroll
+        for (int b = 0; b < BATCH; ++b) {
+            const int r = ASCENDING ? r0 + b : rows - 1 - (r0 + b);
+            if (r0 + b < rows) {
+                stage[r * ld + col] += c;
+                c = eta * (c + vals[b]);
+            }
+        }
+    }
+}
+
 // Stores `rows` rows of a staged f32 tile (row stride ldo) to dst in T, 4 elements per thread
 // per step, coalesced.
 template <typename T, int D>
@@ -170,11 +196,7 @@ __device__ __forceinline__ void momentum_epilogue_store(float* o_s, int ldo, flo
         for (int j = 0; j < MAX_COLS_PER_THREAD; ++j) {
             const int col = threadIdx.x + j * THREADS;
             if (col < D) {
-                float c = carry[j];
-                for (int r = 0; r < rows; ++r) {
-                    o_s[r * ldo + col] += c;
-                    c = eta * (c + mk::to_float(v[(size_t)(t0 + r) * D + col]));
-                }
+                momentum_column<true, D>(carry[j], eta, o_s, ldo, v + (size_t)t0 * D, rows, col);
             }
         }
         __syncthreads();
@@ -601,13 +623,8 @@ __device__ void backward_simt(const T* __restrict__ q, const T* __restrict__ k, 
         for (int j = 0; j < MAX_COLS_PER_THREAD; ++j) {
             const int col = threadIdx.x + j * THREADS;
             if (col < D) {
-                float cs = eta * carry[j];  // c at row k_end − 1 (zero past the sequence end)
-                for (int r = BC - 1; r >= 0; --r) {
-                    if (r < rows) {
-                        dv_s[r * LD + col] += cs;
-                        cs = eta * (cs + mk::to_float(dout[(size_t)(k0 + r) * D + col]));
-                    }
-                }
+                // Enters as c at row k0 + rows − 1: η·G (zero past the sequence end).
+                momentum_column<false, D>(eta * carry[j], eta, dv_s, LD, dout + (size_t)k0 * D, rows, col);
             }
         }
         __syncthreads();
@@ -834,13 +851,8 @@ __device__ void backward_mma(const T* __restrict__ q, const T* __restrict__ k, c
         for (int j = 0; j < MAX_COLS_PER_THREAD; ++j) {
             const int col = threadIdx.x + j * THREADS;
             if (col < D) {
-                float cs = eta * carry[j];  // c at row k_end − 1 (zero past the sequence end)
-                for (int r = BC - 1; r >= 0; --r) {
-                    if (r < rows) {
-                        stage[r * LDO + col] += cs;
-                        cs = eta * (cs + mk::to_float(dout[(size_t)(k0 + r) * D + col]));
-                    }
-                }
+                // Enters as c at row k0 + rows − 1: η·G (zero past the sequence end).
+                momentum_column<false, D>(eta * carry[j], eta, stage, LDO, dout + (size_t)k0 * D, rows, col);
             }
         }
         __syncthreads();
