@@ -18,7 +18,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput};
-use metakernels::bench_support::{best_ms, cpu_ceilings, cpu_sgemm_gflops, Measurement};
+use metakernels::bench_support::{cpu_ceilings, cpu_sgemm_gflops, Measurement};
 use metakernels::momentum_attention::MomentumAttention;
 use metakernels::testing::randn;
 use metakernels::{DType, Device, Tensor};
@@ -77,24 +77,42 @@ fn workspace_bytes(shape: Shape, dtype: DType, dev: &Device, backward: bool) -> 
     }
 }
 
+/// Best time in ms of each of `variants`, measured in interleaved rounds (one call of each per
+/// round, after a warm-up round) so that load drifting on a shared machine hits all alike.
+fn best_interleaved(
+    dev: &Device,
+    reps: usize,
+    variants: &mut [&mut dyn FnMut() -> metakernels::Result<()>],
+) -> Vec<f64> {
+    let mut best = vec![f64::INFINITY; variants.len()];
+    for round in 0..=reps.max(1) {
+        for (f, b) in variants.iter_mut().zip(best.iter_mut()) {
+            let ms = dev.time_ms(&mut **f).expect("benchmark run");
+            if round > 0 {
+                *b = b.min(ms);
+            }
+        }
+    }
+    best
+}
+
 fn report_forward(dev: &Device, shape: Shape, dtype: DType, ceiling: Option<(String, f64)>, reps: usize) {
     let x = qkv(shape, dtype, dev);
-    let time = |eta: f32, unfused: bool| {
-        let attn = MomentumAttention::new(eta);
-        best_ms(dev, reps, || {
-            let out = if unfused {
-                attn.forward_unfused(&x.q, &x.k, &x.v)?
-            } else {
-                attn.forward(&x.q, &x.k, &x.v)?
-            };
-            black_box(out);
-            Ok(())
-        })
-        .expect("benchmark run")
+    let (plain_attn, momentum_attn) = (MomentumAttention::new(0.0), MomentumAttention::new(0.9));
+    let mut plain_fn = || {
+        black_box(plain_attn.forward(&x.q, &x.k, &x.v)?);
+        Ok(())
     };
-    let plain = time(0.0, false);
-    let momentum = time(0.9, false);
-    let unfused = time(0.9, true);
+    let mut momentum_fn = || {
+        black_box(momentum_attn.forward(&x.q, &x.k, &x.v)?);
+        Ok(())
+    };
+    let mut unfused_fn = || {
+        black_box(momentum_attn.forward_unfused(&x.q, &x.k, &x.v)?);
+        Ok(())
+    };
+    let times = best_interleaved(dev, reps, &mut [&mut plain_fn, &mut momentum_fn, &mut unfused_fn]);
+    let (plain, momentum, unfused) = (times[0], times[1], times[2]);
     let ws = workspace_bytes(shape, dtype, dev, false) / (1 << 20) as f64;
     for (eta, ms, baselines) in [
         (0.0, plain, vec![]),
@@ -126,17 +144,16 @@ fn report_forward_backward(
     reps: usize,
 ) {
     let x = qkv(shape, dtype, dev);
-    let time = |eta: f32| {
-        let attn = MomentumAttention::new(eta);
-        best_ms(dev, reps, || {
-            let state = attn.forward_with_state(&x.q, &x.k, &x.v)?;
-            black_box(attn.backward_with_state(&x.q, &x.k, &x.v, &state, state.output())?);
-            Ok(())
-        })
-        .expect("benchmark run")
+    let train = |attn: &MomentumAttention| -> metakernels::Result<()> {
+        let state = attn.forward_with_state(&x.q, &x.k, &x.v)?;
+        black_box(attn.backward_with_state(&x.q, &x.k, &x.v, &state, state.output())?);
+        Ok(())
     };
-    let plain = time(0.0);
-    let momentum = time(0.9);
+    let (plain_attn, momentum_attn) = (MomentumAttention::new(0.0), MomentumAttention::new(0.9));
+    let mut plain_fn = || train(&plain_attn);
+    let mut momentum_fn = || train(&momentum_attn);
+    let times = best_interleaved(dev, reps, &mut [&mut plain_fn, &mut momentum_fn]);
+    let (plain, momentum) = (times[0], times[1]);
     let ws = workspace_bytes(shape, dtype, dev, true) / (1 << 20) as f64;
     for (eta, ms, baselines) in
         [(0.0, plain, vec![]), (0.9, momentum, vec![("eta=0 (plain attention)".to_string(), plain)])]
