@@ -1,5 +1,5 @@
 // Momentum attention (Dai et al. 2022, §5 eq. 16): causal softmax attention plus the decayed sum
-// m_t = Σ_{i<t} η^{t−i} v_i, on [BH, T, D] tensors (one head per blockIdx.y).
+// m_t = Σ_{i<t} η^{t−i} v_i, on [BH, T, D] tensors (tiled kernels: one head per blockIdx.x, one tile per blockIdx.y).
 //
 // Kernels (DN = f16 | bf16 | f32, D = 64 | 128 | 256):
 //   mattn_fwd_<DN>_d<D>         FlashAttention-2 forward. f16/bf16: mma.sync m16n8k16 tensor cores
@@ -246,9 +246,9 @@ __device__ void forward_mma(const T* __restrict__ q, const T* __restrict__ k, co
     T* v_s = k_s + BC * LD;
 
     const int n_q_tiles = (t_len + BR - 1) / BR;
-    const int tile = n_q_tiles - 1 - blockIdx.x;  // longest (most keys) tiles first
+    const int tile = n_q_tiles - 1 - blockIdx.y;  // longest (most keys) tiles first
     const int t0 = tile * BR;
-    const size_t head = (size_t)blockIdx.y * t_len * D;
+    const size_t head = (size_t)blockIdx.x * t_len * D;
     q += head, k += head, v += head, out += head;
     if (attn_out != nullptr) attn_out += head;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -381,7 +381,7 @@ __device__ void forward_mma(const T* __restrict__ q, const T* __restrict__ k, co
             *reinterpret_cast<float2*>(o_s + r * LDO + n * 8 + 2 * c4) = pair;
         }
         if (lse2 != nullptr && c4 == 0 && t0 + r < t_len)
-            lse2[(size_t)blockIdx.y * t_len + t0 + r] = row_max[h] + log2f(l);
+            lse2[(size_t)blockIdx.x * t_len + t0 + r] = row_max[h] + log2f(l);
     }
     __syncthreads();
     momentum_epilogue_store<T, D, BR>(o_s, LDO, carry, v, out, attn_out, t0, t_len, eta);
@@ -421,8 +421,8 @@ __device__ void forward_simt(const T* __restrict__ q, const T* __restrict__ k, c
     float* p_s = v_s + BC * LD;
 
     const int n_q_tiles = (t_len + BR - 1) / BR;
-    const int t0 = (n_q_tiles - 1 - blockIdx.x) * BR;
-    const size_t head = (size_t)blockIdx.y * t_len * D;
+    const int t0 = (n_q_tiles - 1 - blockIdx.y) * BR;
+    const size_t head = (size_t)blockIdx.x * t_len * D;
     q += head, k += head, v += head, out += head;
     if (attn_out != nullptr) attn_out += head;
     const int r = threadIdx.x / 4, quarter = threadIdx.x % 4;
@@ -489,7 +489,7 @@ __device__ void forward_simt(const T* __restrict__ q, const T* __restrict__ k, c
     const float inv = 1.f / l;
 #pragma unroll
     for (int i = 0; i < COLS; ++i) o_s[r * LD + quarter + 4 * i] = o[i] * inv;
-    if (lse2 != nullptr && quarter == 0 && row < t_len) lse2[(size_t)blockIdx.y * t_len + row] = row_max + log2f(l);
+    if (lse2 != nullptr && quarter == 0 && row < t_len) lse2[(size_t)blockIdx.x * t_len + row] = row_max + log2f(l);
     __syncthreads();
     momentum_epilogue_store<T, D, BR>(o_s, LD, carry, v, out, attn_out, t0, t_len, eta);
 }
@@ -528,10 +528,10 @@ __device__ void backward_simt(const T* __restrict__ q, const T* __restrict__ k, 
     float* delta_s = lse_s + BR;
 
     const int n_k_tiles = (t_len + BC - 1) / BC;
-    const int k0 = (n_k_tiles - 1 - blockIdx.x) * BC;
-    const size_t head = (size_t)blockIdx.y * t_len * D;
+    const int k0 = (n_k_tiles - 1 - blockIdx.y) * BC;
+    const size_t head = (size_t)blockIdx.x * t_len * D;
     q += head, k += head, v += head, dout += head, dq_acc += head, dk += head, dv += head;
-    lse2 += (size_t)blockIdx.y * t_len, delta += (size_t)blockIdx.y * t_len;
+    lse2 += (size_t)blockIdx.x * t_len, delta += (size_t)blockIdx.x * t_len;
     const int c = threadIdx.x / 4, quarter = threadIdx.x % 4;
     const int key = k0 + c;
     const float scale_log2 = scale * LOG2E;
@@ -675,10 +675,10 @@ __device__ void backward_mma(const T* __restrict__ q, const T* __restrict__ k, c
     float* delta_s = lse_s + BR;
 
     const int n_k_tiles = (t_len + BC - 1) / BC;
-    const int k0 = (n_k_tiles - 1 - blockIdx.x) * BC;
-    const size_t head = (size_t)blockIdx.y * t_len * D;
+    const int k0 = (n_k_tiles - 1 - blockIdx.y) * BC;
+    const size_t head = (size_t)blockIdx.x * t_len * D;
     q += head, k += head, v += head, dout += head, dq_acc += head, dk += head, dv += head;
-    lse2 += (size_t)blockIdx.y * t_len, delta += (size_t)blockIdx.y * t_len;
+    lse2 += (size_t)blockIdx.x * t_len, delta += (size_t)blockIdx.x * t_len;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane / 4, c4 = lane % 4;
     const float scale_log2 = scale * LOG2E;

@@ -1,7 +1,7 @@
 //! Launches of `kernels/momentum_attention.cu`.
 //!
 //! Forward: one launch of `mattn_fwd_<dtype>_d<D>` (tensor cores for f16/bf16, SIMT for f32),
-//! grid = (query tiles, B·H). Backward: the forward again with η = 0 (attention output and base-2
+//! grid = (B·H, query tiles). Backward: the forward again with η = 0 (attention output and base-2
 //! log-sum-exp), `mattn_bwd_delta_<dtype>`, the backward kernel (`mattn_bwd_mma_<dtype>_d<D>` on
 //! tensor cores for f16/bf16 at D ≤ 128, else the SIMT `mattn_bwd_<dtype>_d<D>`; one block per
 //! key tile, dQ by f32 atomics into a zeroed buffer), and `mattn_dq_finish_<dtype>`. Every temporary is
@@ -50,22 +50,25 @@ fn backward_kernel(dtype: DType, d: usize) -> (String, Geometry) {
     }
 }
 
-/// A tiled launch: `blocks` tiles per head on x, heads on y, with `smem` bytes of dynamic
-/// shared memory (opted into above 48 KiB).
+/// A tiled launch: heads on x, tiles of `geometry.rows_per_block` rows on y, with
+/// `geometry.smem_bytes` of dynamic shared memory (opted into above 48 KiB).
 fn tiled_config(
     func: &CudaFunction,
     problem: &Problem,
     geometry: Geometry,
     op: &'static str,
 ) -> Result<LaunchConfig> {
+    const MAX_GRID_Y: usize = 65_535;
     let tiles = problem.t.div_ceil(geometry.rows_per_block);
-    if tiles > i32::MAX as usize || problem.bh > 65_535 || problem.t > i32::MAX as usize {
+    if tiles > MAX_GRID_Y || problem.bh > i32::MAX as usize {
         return Err(Error::invalid(
             op,
             "shape",
             format!(
-                "B·H = {} and T = {} exceed the CUDA launch limits (B·H ≤ 65535, T < 2^31)",
-                problem.bh, problem.t
+                "B·H = {} and T = {} exceed the CUDA launch limits (B·H < 2^31, T ≤ {})",
+                problem.bh,
+                problem.t,
+                MAX_GRID_Y * geometry.rows_per_block
             ),
         ));
     }
@@ -75,7 +78,8 @@ fn tiled_config(
             .map_err(driver(format!("{op}: opting into {} bytes of shared memory", geometry.smem_bytes)))?;
     }
     Ok(LaunchConfig {
-        grid_dim: (tiles as u32, problem.bh as u32, 1),
+        // Heads on x (up to 2^31 − 1), tiles on y; the kernels take the longest tiles first.
+        grid_dim: (problem.bh as u32, tiles as u32, 1),
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: geometry.smem_bytes as u32,
     })
