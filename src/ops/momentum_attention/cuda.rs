@@ -1,0 +1,370 @@
+//! Launches of `kernels/momentum_attention.cu`.
+//!
+//! Forward: one launch of `mattn_fwd_<dtype>_d<D>` (tensor cores for f16/bf16, SIMT for f32),
+//! grid = (B·H, query tiles). Backward: the forward again with η = 0 (attention output and base-2
+//! log-sum-exp), `mattn_bwd_delta_<dtype>`, the backward kernel (`mattn_bwd_mma_<dtype>_d<D>` on
+//! tensor cores for f16/bf16 at D ≤ 128, else the SIMT `mattn_bwd_<dtype>_d<D>`; one block per
+//! key tile, dQ by f32 atomics into a zeroed buffer), and `mattn_dq_finish_<dtype>`. Every temporary is
+//! linear in T.
+
+use half::{bf16, f16};
+
+use super::{BackwardInputs, MomentumAttentionGrads, Problem, SoftmaxParams};
+use crate::cuda::{driver, grid_1d, CudaDevice, CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
+use crate::tensor::CudaBuffer;
+use crate::{DType, Element, Error, Result, Tensor};
+
+const MODULE: &str = "momentum_attention";
+const THREADS: u32 = 128;
+const LOG2_E: f32 = std::f32::consts::LOG2_E;
+
+/// Rows per query tile (forward) or key tile (backward) and dynamic shared memory of a kernel;
+/// mirrors `FwdTile`, `SimtTile`, `BwdTile` and `BwdMmaTile` in the .cu file.
+#[derive(Clone, Copy, Debug)]
+struct Geometry {
+    rows_per_block: usize,
+    smem_bytes: usize,
+}
+
+fn forward_geometry(dtype: DType, d: usize) -> Geometry {
+    if dtype == DType::F32 {
+        let ld = d + 1;
+        Geometry { rows_per_block: 32, smem_bytes: (3 * 32 * ld + 32 * 33) * 4 }
+    } else {
+        let bc = if d == 256 { 32 } else { 64 };
+        Geometry { rows_per_block: 64, smem_bytes: (64 + 2 * bc) * (d + 8) * 2 }
+    }
+}
+
+/// The backward kernel for a dtype and head dim, and its geometry: tensor cores for f16/bf16 at
+/// D ≤ 128 (64 keys per block), else SIMT (32 keys per block).
+fn backward_kernel(dtype: DType, d: usize) -> (String, Geometry) {
+    if dtype != DType::F32 && d <= 128 {
+        let (ld, lds) = (d + 8, 32 + 8);
+        let smem_bytes = (2 * 64 + 2 * 32) * ld * 2 + 64 * lds * 2 + 2 * 32 * 4;
+        (format!("mattn_bwd_mma_{}_d{d}", dtype.as_str()), Geometry { rows_per_block: 64, smem_bytes })
+    } else {
+        let ld = d + 1;
+        let smem_bytes = (4 * 32 * ld + 2 * 32 * 33 + 2 * 32) * 4;
+        (format!("mattn_bwd_{}_d{d}", dtype.as_str()), Geometry { rows_per_block: 32, smem_bytes })
+    }
+}
+
+/// A tiled launch: heads on x, tiles of `geometry.rows_per_block` rows on y, with
+/// `geometry.smem_bytes` of dynamic shared memory (opted into above 48 KiB).
+fn tiled_config(
+    func: &CudaFunction,
+    problem: &Problem,
+    geometry: Geometry,
+    op: &'static str,
+) -> Result<LaunchConfig> {
+    const MAX_GRID_Y: usize = 65_535;
+    let tiles = problem.t.div_ceil(geometry.rows_per_block);
+    if tiles > MAX_GRID_Y || problem.bh > i32::MAX as usize {
+        return Err(Error::invalid(
+            op,
+            "shape",
+            format!(
+                "B·H = {} and T = {} exceed the CUDA launch limits (B·H < 2^31, T ≤ {})",
+                problem.bh,
+                problem.t,
+                MAX_GRID_Y * geometry.rows_per_block
+            ),
+        ));
+    }
+    if geometry.smem_bytes > 48 * 1024 {
+        use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+        func.set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, geometry.smem_bytes as i32)
+            .map_err(driver(format!("{op}: opting into {} bytes of shared memory", geometry.smem_bytes)))?;
+    }
+    Ok(LaunchConfig {
+        // Heads on x (up to 2^31 − 1), tiles on y; the kernels take the longest tiles first.
+        grid_dim: (problem.bh as u32, tiles as u32, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: geometry.smem_bytes as u32,
+    })
+}
+
+// ----- forward -----------------------------------------------------------------------------------
+
+pub(super) fn forward(
+    problem: &Problem,
+    params: &SoftmaxParams,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    shape: &[usize],
+) -> Result<Tensor> {
+    let dev = q.cuda_device()?;
+    let out = match problem.dtype {
+        DType::F16 => CudaBuffer::wrap(forward_typed::<f16>(dev, problem, params, q, k, v, false)?.out),
+        DType::BF16 => CudaBuffer::wrap(forward_typed::<bf16>(dev, problem, params, q, k, v, false)?.out),
+        _ => CudaBuffer::wrap(forward_typed::<f32>(dev, problem, params, q, k, v, false)?.out),
+    };
+    Ok(Tensor::from_cuda_buffer(out, shape, problem.dtype, q.device()))
+}
+
+/// The output, the attention without momentum and the base-2 row log-sum-exps `[B, H, T]`.
+pub(super) fn forward_with_state(
+    problem: &Problem,
+    params: &SoftmaxParams,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    shape: &[usize],
+) -> Result<[Tensor; 3]> {
+    fn typed<T: Element>(
+        problem: &Problem,
+        params: &SoftmaxParams,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        shape: &[usize],
+    ) -> Result<[Tensor; 3]> {
+        let dev = q.cuda_device()?;
+        let fwd = forward_typed::<T>(dev, problem, params, q, k, v, true)?;
+        let attn = fwd
+            .attn
+            .ok_or_else(|| Error::invalid(super::OP_FORWARD, "state", "attention not saved (a bug)"))?;
+        let tensor = |b, shape: &[usize], dtype| Tensor::from_cuda_buffer(b, shape, dtype, q.device());
+        Ok([
+            tensor(CudaBuffer::wrap(fwd.out), shape, T::DTYPE),
+            tensor(CudaBuffer::wrap(attn), shape, T::DTYPE),
+            tensor(CudaBuffer::wrap(fwd.lse2), &shape[..3], DType::F32),
+        ])
+    }
+    match problem.dtype {
+        DType::F16 => typed::<f16>(problem, params, q, k, v, shape),
+        DType::BF16 => typed::<bf16>(problem, params, q, k, v, shape),
+        _ => typed::<f32>(problem, params, q, k, v, shape),
+    }
+}
+
+/// What one forward launch produced.
+struct Forward<T> {
+    out: CudaSlice<T>,
+    /// The attention without momentum, when asked for.
+    attn: Option<CudaSlice<T>>,
+    /// Base-2 row log-sum-exps, `[bh, t]`.
+    lse2: CudaSlice<f32>,
+}
+
+fn forward_typed<T: Element>(
+    dev: &CudaDevice,
+    problem: &Problem,
+    params: &SoftmaxParams,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    save_attention: bool,
+) -> Result<Forward<T>> {
+    let op = super::OP_FORWARD;
+    let (qs, ks, vs) = (q.cuda_slice::<T>(op)?, k.cuda_slice::<T>(op)?, v.cuda_slice::<T>(op)?);
+    let mut out = dev.alloc::<T>(problem.numel())?;
+    let mut attn = if save_attention { Some(dev.alloc::<T>(problem.numel())?) } else { None };
+    let mut lse2 = dev.alloc::<f32>(problem.bh * problem.t)?;
+    let name = format!("mattn_fwd_{}_d{}", T::DTYPE.as_str(), problem.d);
+    let func = dev.function(MODULE, &name)?;
+    let cfg = tiled_config(&func, problem, forward_geometry(T::DTYPE, problem.d), op)?;
+    let t_len = problem.t as i32;
+    let scale_log2 = params.scale * LOG2_E;
+    let horizon = params.horizon.min(problem.t) as i32; // lags past T change nothing; keeps int math in range
+    let null_pointer: u64 = 0; // attn_out == nullptr: the kernel skips that store
+    let mut args = dev.stream().launch_builder(&func);
+    args.arg(qs).arg(ks).arg(vs).arg(&mut out);
+    match attn.as_mut() {
+        Some(a) => args.arg(a),
+        None => args.arg(&null_pointer),
+    };
+    args.arg(&mut lse2).arg(&t_len).arg(&scale_log2).arg(&params.eta).arg(&horizon);
+    // SAFETY: q, k, v, out (and attn when given) hold bh·t·d elements of T and lse2 bh·t floats
+    // (checked by Problem::check and the allocations above); a null attn_out is skipped by the
+    // kernel; the grid covers every (query tile, head) and each block writes only its own rows;
+    // the argument list matches MK_FWD in the .cu file.
+    unsafe { args.launch(cfg) }.map_err(driver(format!("launching {name}")))?;
+    Ok(Forward { out, attn, lse2 })
+}
+
+/// The reference kernel (one block per query row; explicit momentum sum), for the GPU tests.
+#[doc(hidden)]
+pub(crate) fn forward_reference(
+    problem: &Problem,
+    params: &SoftmaxParams,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+) -> Result<Tensor> {
+    fn typed<T: Element>(
+        problem: &Problem,
+        params: &SoftmaxParams,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<Tensor> {
+        let op = "momentum_attention::forward_reference";
+        let dev = q.cuda_device()?;
+        let (qs, ks, vs) = (q.cuda_slice::<T>(op)?, k.cuda_slice::<T>(op)?, v.cuda_slice::<T>(op)?);
+        let mut out = dev.alloc::<T>(problem.numel())?;
+        let name = format!("mattn_fwd_reference_{}", T::DTYPE.as_str());
+        let func = dev.function(MODULE, &name)?;
+        if problem.t > i32::MAX as usize || problem.bh > 65_535 {
+            return Err(Error::invalid(op, "shape", "too large for the reference kernel"));
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (problem.t as u32, problem.bh as u32, 1),
+            block_dim: (problem.d as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (t_len, d) = (problem.t as i32, problem.d as i32);
+        let mut args = dev.stream().launch_builder(&func);
+        args.arg(qs).arg(ks).arg(vs).arg(&mut out).arg(&t_len).arg(&d).arg(&params.scale).arg(&params.eta);
+        // SAFETY: buffers hold bh·t·d elements; one block of d threads per (row, head) writes
+        // its own row; arguments match mattn_fwd_reference_<dtype>.
+        unsafe { args.launch(cfg) }.map_err(driver(format!("launching {name}")))?;
+        Ok(Tensor::from_cuda_buffer(CudaBuffer::wrap(out), q.shape(), T::DTYPE, q.device()))
+    }
+    match problem.dtype {
+        DType::F16 => typed::<f16>(problem, params, q, k, v),
+        DType::BF16 => typed::<bf16>(problem, params, q, k, v),
+        _ => typed::<f32>(problem, params, q, k, v),
+    }
+}
+
+/// Attention with η = 0, then `mattn_momentum_scan_<dtype>` in place (one thread per head
+/// column, all T rows): the unfused baseline.
+pub(crate) fn forward_unfused(
+    problem: &Problem,
+    params: &SoftmaxParams,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+) -> Result<Tensor> {
+    fn typed<T: Element>(
+        problem: &Problem,
+        params: &SoftmaxParams,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<Tensor> {
+        let op = "MomentumAttention::forward_unfused";
+        let dev = q.cuda_device()?;
+        let plain = SoftmaxParams { eta: 0.0, horizon: 0, ..*params };
+        let mut out = forward_typed::<T>(dev, problem, &plain, q, k, v, false)?.out;
+        let name = format!("mattn_momentum_scan_{}", T::DTYPE.as_str());
+        let func = dev.function(MODULE, &name)?;
+        let (t_len, d, bh) = (problem.t as u64, problem.d as u64, (problem.bh * problem.d) as u64);
+        let mut args = dev.stream().launch_builder(&func);
+        args.arg(v.cuda_slice::<T>(op)?).arg(&mut out).arg(&bh).arg(&t_len).arg(&d).arg(&params.eta);
+        // SAFETY: v and out hold bh·t·d elements; one thread per (head, column) of the
+        // bh·d covered by the grid-stride loop; arguments match mattn_momentum_scan_<dtype>.
+        unsafe { args.launch(grid_1d(problem.bh * problem.d, 128)) }
+            .map_err(driver(format!("launching {name}")))?;
+        Ok(Tensor::from_cuda_buffer(CudaBuffer::wrap(out), q.shape(), T::DTYPE, q.device()))
+    }
+    match problem.dtype {
+        DType::F16 => typed::<f16>(problem, params, q, k, v),
+        DType::BF16 => typed::<bf16>(problem, params, q, k, v),
+        _ => typed::<f32>(problem, params, q, k, v),
+    }
+}
+
+// ----- backward ----------------------------------------------------------------------------------
+
+pub(super) fn backward(
+    problem: &Problem,
+    params: &SoftmaxParams,
+    inputs: &BackwardInputs<'_>,
+    shape: &[usize],
+) -> Result<MomentumAttentionGrads> {
+    let q = inputs.q;
+    let dev = q.cuda_device()?;
+    let (dq, dk, dv) = match problem.dtype {
+        DType::F16 => wrap3(backward_typed::<f16>(dev, problem, params, inputs)?),
+        DType::BF16 => wrap3(backward_typed::<bf16>(dev, problem, params, inputs)?),
+        _ => wrap3(backward_typed::<f32>(dev, problem, params, inputs)?),
+    };
+    let tensor = |b| Tensor::from_cuda_buffer(b, shape, problem.dtype, q.device());
+    Ok(MomentumAttentionGrads { dq: tensor(dq), dk: tensor(dk), dv: tensor(dv) })
+}
+
+type Grads<T> = (CudaSlice<T>, CudaSlice<T>, CudaSlice<T>);
+
+fn wrap3<T: Element>((a, b, c): Grads<T>) -> (CudaBuffer, CudaBuffer, CudaBuffer) {
+    (CudaBuffer::wrap(a), CudaBuffer::wrap(b), CudaBuffer::wrap(c))
+}
+
+fn backward_typed<T: Element>(
+    dev: &CudaDevice,
+    problem: &Problem,
+    params: &SoftmaxParams,
+    inputs: &BackwardInputs<'_>,
+) -> Result<Grads<T>> {
+    let op = super::OP_BACKWARD;
+    let BackwardInputs { q, k, v, grad_output, saved } = *inputs;
+    let n = problem.numel();
+    let rows = problem.bh * problem.t;
+    let dtype = T::DTYPE.as_str();
+    // Attention output without momentum, and the log-sum-exps: saved, or recomputed.
+    let recomputed;
+    let (attn, lse2) = match saved {
+        Some((attn, lse2)) => (attn.cuda_slice::<T>(op)?, lse2.cuda_slice::<f32>(op)?),
+        None => {
+            let plain = SoftmaxParams { eta: 0.0, horizon: 0, ..*params };
+            recomputed = forward_typed::<T>(dev, problem, &plain, q, k, v, false)?;
+            (&recomputed.out, &recomputed.lse2)
+        }
+    };
+    let (qs, ks, vs) = (q.cuda_slice::<T>(op)?, k.cuda_slice::<T>(op)?, v.cuda_slice::<T>(op)?);
+    let gs = grad_output.cuda_slice::<T>(op)?;
+
+    // delta_t = Σ_d dO·O_attn: one warp per row.
+    let mut delta = dev.alloc::<f32>(rows)?;
+    {
+        let name = format!("mattn_bwd_delta_{dtype}");
+        let func = dev.function(MODULE, &name)?;
+        let blocks = rows.div_ceil(8);
+        if blocks > i32::MAX as usize {
+            return Err(Error::invalid(op, "shape", format!("{rows} rows exceed the CUDA grid limit")));
+        }
+        let cfg =
+            LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let (rows_arg, d) = (rows as u64, problem.d as i32);
+        let mut args = dev.stream().launch_builder(&func);
+        args.arg(gs).arg(attn).arg(&mut delta).arg(&rows_arg).arg(&d);
+        // SAFETY: grad and attn hold rows·d elements, delta rows floats; one warp per row,
+        // 8 warps per block cover every row; arguments match mattn_bwd_delta_<dtype>.
+        unsafe { args.launch(cfg) }.map_err(driver(format!("launching {name}")))?;
+    }
+
+    let mut dq_acc = dev.alloc_zeros::<f32>(n)?;
+    let mut dk = dev.alloc::<T>(n)?;
+    let mut dv = dev.alloc::<T>(n)?;
+    {
+        let (name, geometry) = backward_kernel(T::DTYPE, problem.d);
+        let func = dev.function(MODULE, &name)?;
+        let cfg = tiled_config(&func, problem, geometry, op)?;
+        let t_len = problem.t as i32;
+        let horizon = params.horizon.min(problem.t) as i32; // lags past T change nothing; keeps int math in range
+        let mut args = dev.stream().launch_builder(&func);
+        args.arg(qs).arg(ks).arg(vs).arg(gs).arg(lse2).arg(&delta);
+        args.arg(&mut dq_acc).arg(&mut dk).arg(&mut dv);
+        args.arg(&t_len).arg(&params.scale).arg(&params.eta).arg(&horizon);
+        // SAFETY: every tensor buffer holds bh·t·d elements, lse2 and delta bh·t floats; each
+        // block writes the dK/dV rows of its own key tile and adds to dq_acc atomically;
+        // arguments match MK_BWD.
+        unsafe { args.launch(cfg) }.map_err(driver(format!("launching {name}")))?;
+    }
+
+    let mut dq = dev.alloc::<T>(n)?;
+    {
+        let name = format!("mattn_dq_finish_{dtype}");
+        let func = dev.function(MODULE, &name)?;
+        let n_arg = n as u64;
+        let mut args = dev.stream().launch_builder(&func);
+        args.arg(&dq_acc).arg(&mut dq).arg(&n_arg);
+        // SAFETY: both buffers hold n elements; grid-stride loop; arguments match
+        // mattn_dq_finish_<dtype>.
+        unsafe { args.launch(grid_1d(n, 256)) }.map_err(driver(format!("launching {name}")))?;
+    }
+    Ok((dq, dk, dv))
+}
