@@ -278,7 +278,9 @@ impl Tensor {
     pub fn to_vec<T: Element>(&self) -> Result<Vec<T>> {
         self.expect_dtype(T::DTYPE, "Tensor::to_vec", "the tensor")?;
         match &*self.storage {
-            Storage::Cpu(b) => b.downcast::<T>().map(|v| v.to_vec()).ok_or_else(|| dtype_bug("Tensor::to_vec")),
+            Storage::Cpu(b) => {
+                b.downcast::<T>().map(|v| v.to_vec()).ok_or_else(|| dtype_bug("Tensor::to_vec"))
+            }
             #[cfg(feature = "cuda")]
             Storage::Cuda(_) => {
                 let d = self.cuda_device()?;

@@ -30,20 +30,6 @@ mod cuda;
 use crate::tensor::Storage;
 use crate::{DType, Error, Result, Tensor};
 
-// Foundation workaround (reported to the foundation owner): `crate::cpu::dgemm` has no caller
-// on this branch, so `cargo clippy -- -D warnings` fails on its dead-code warning. Naming it here
-// keeps the branch clean until a family calls it; remove when one does.
-type DgemmFn = fn(
-    f64,
-    crate::cpu::Mat<'static, f64>,
-    crate::cpu::Mat<'static, f64>,
-    f64,
-    &'static mut [f64],
-    usize,
-) -> bool;
-#[allow(dead_code)]
-const _DGEMM_IS_USED_ELSEWHERE: DgemmFn = crate::cpu::dgemm;
-
 const OP_FORWARD: &str = "MomentumAttention::forward";
 const OP_BACKWARD: &str = "MomentumAttention::backward";
 
