@@ -1,1 +1,539 @@
-//! linear_attention (not yet implemented).
+//! Fused linear attention (von Oswald et al. 2022; Dai et al. 2022): causal and non-causal,
+//! forward and backward, with an initial recurrent state, variable-length packed sequences
+//! and a fused momentum term (Dai et al. 2022, §5), on the CPU and on CUDA.
+//!
+//! With φ the feature map, for one (sequence, head):
+//!
+//! ```text
+//! S_t = S_0 + Σ_{s ≤ t} φ(k_s) v_sᵀ        z_t = z_0 + Σ_{s ≤ t} φ(k_s)     (all s when non-causal)
+//! o_t = scale · φ(q_t)ᵀ S_t                 (normalize: divided by φ(q_t)·z_t + eps)
+//! ```
+//!
+//! This file holds the public API, the validation of every argument, and the dispatch to
+//! [`cpu`] (chunked, rayon over sequences × heads) or `cuda` (`kernels/linear_attention.cu`).
+//! Both back ends see the same [`Problem`]: a list of [`Segment`]s, one per (sequence, head),
+//! each a run of consecutive rows of the `[rows, D]` matrices that q, k and v are viewed as, so
+//! the dense `[B,H,T,D]` layout and the packed `cu_seqlens` layout share every kernel.
+
+mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
+
+use crate::tensor::Storage;
+use crate::{DType, Error, Result, Tensor};
+
+/// The largest head dimension (Dk and Dv) the kernels accept.
+pub const MAX_HEAD_DIM: usize = 256;
+
+/// The feature map φ applied to queries and keys inside the kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum FeatureMap {
+    /// φ(x) = x (plain linear attention; von Oswald's construction).
+    #[default]
+    Identity,
+    /// φ(x) = elu(x) + 1 (Katharopoulos et al. 2020): positive, so the normaliser is safe.
+    EluPlusOne,
+    /// φ(x) = max(x, 0).
+    Relu,
+}
+
+impl FeatureMap {
+    /// The code the CUDA kernels use for this map.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    fn code(self) -> i32 {
+        match self {
+            FeatureMap::Identity => 0,
+            FeatureMap::EluPlusOne => 1,
+            FeatureMap::Relu => 2,
+        }
+    }
+}
+
+/// A linear-attention layer's options. Build one and call [`LinearAttention::forward`].
+///
+/// q and k are `[B,H,T,Dk]`, v is `[B,H,T,Dv]`, all of one dtype (f32, f16 or bf16) on one
+/// device, with 1 ≤ Dk, Dv ≤ 256 and any T ≥ 1. Accumulation and the carried state are f32.
+///
+/// ```
+/// use metakernels::linear_attention::{FeatureMap, LinearAttention};
+/// use metakernels::{Device, Tensor};
+/// # fn main() -> metakernels::Result<()> {
+/// let dev = Device::cpu();
+/// let (b, h, t, d) = (1, 2, 5, 4);
+/// let data: Vec<f32> = (0..b * h * t * d).map(|i| (i as f32 * 0.37).sin()).collect();
+/// let x = Tensor::from_slice(&data, &[b, h, t, d], &dev)?;
+/// let attn = LinearAttention { feature_map: FeatureMap::EluPlusOne, normalize: true, ..Default::default() };
+///
+/// // One call over all five steps ...
+/// let whole = attn.forward(&x, &x, &x, None)?;
+/// // ... equals two calls that carry the recurrent state.
+/// let (first, rest) = (x.to_vec::<f32>()?, ());
+/// # let _ = rest;
+/// let piece = |range: std::ops::Range<usize>| -> metakernels::Result<Tensor> {
+///     let rows: Vec<f32> = (0..b * h)
+///         .flat_map(|bh| first[(bh * t + range.start) * d..(bh * t + range.end) * d].to_vec())
+///         .collect();
+///     Tensor::from_vec(rows, &[b, h, range.len(), d], &dev)
+/// };
+/// let (a, z) = (piece(0..2)?, piece(2..5)?);
+/// let out_a = attn.forward(&a, &a, &a, None)?;
+/// let out_z = attn.forward(&z, &z, &z, Some(out_a.final_state()))?;
+/// let last = whole.output.to_vec::<f32>()?[(t - 1) * d..t * d].to_vec();
+/// let last_piece = out_z.output.to_vec::<f32>()?[2 * d..3 * d].to_vec();
+/// for (x, y) in last.iter().zip(&last_piece) {
+///     assert!((x - y).abs() < 1e-5);
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LinearAttention {
+    /// Causal (each step sees steps ≤ t) or not (every step sees the whole sequence).
+    pub causal: bool,
+    /// φ, applied to q and k.
+    pub feature_map: FeatureMap,
+    /// Divide each output row by φ(q_t)·z_t + eps.
+    pub normalize: bool,
+    /// Multiplies the output (before the momentum term); must be finite.
+    pub scale: f32,
+    /// Added to the normaliser's denominator; finite and ≥ 0.
+    pub eps: f32,
+}
+
+impl Default for LinearAttention {
+    /// Causal, identity feature map, no normalisation, scale 1, eps 1e-6.
+    fn default() -> Self {
+        LinearAttention { causal: true, feature_map: FeatureMap::Identity, normalize: false, scale: 1.0, eps: 1e-6 }
+    }
+}
+
+/// A recurrent state `(S, z)` passed into a call: `state` is `[N,H,Dk,Dv]` f32, `normalizer`
+/// `[N,H,Dk]` f32 (zeros when `None`); N is B, or the number of packed sequences.
+///
+/// Also the shape of the gradient of a final state passed to the backward.
+#[derive(Clone, Copy, Debug)]
+pub struct RecurrentState<'a> {
+    /// S, `[N,H,Dk,Dv]` f32.
+    pub state: &'a Tensor,
+    /// z, `[N,H,Dk]` f32, or zeros when `None`.
+    pub normalizer: Option<&'a Tensor>,
+}
+
+/// What [`LinearAttention::forward`] returns.
+#[derive(Clone, Debug)]
+pub struct LinearAttentionOutput {
+    /// o, `[B,H,T,Dv]` in the inputs' dtype.
+    pub output: Tensor,
+    /// S_T, `[N,H,Dk,Dv]` f32: the state after the last step (including S_0).
+    pub final_state: Tensor,
+    /// z_T, `[N,H,Dk]` f32 (computed whether or not `normalize` is set).
+    pub final_normalizer: Tensor,
+}
+
+impl LinearAttentionOutput {
+    /// The final state and normaliser as the initial state of the next piece of the sequence.
+    pub fn final_state(&self) -> RecurrentState<'_> {
+        RecurrentState { state: &self.final_state, normalizer: Some(&self.final_normalizer) }
+    }
+}
+
+/// What [`LinearAttention::backward`] returns.
+#[derive(Clone, Debug)]
+pub struct LinearAttentionGrads {
+    /// ∂L/∂q, shaped and typed like q.
+    pub dq: Tensor,
+    /// ∂L/∂k, shaped and typed like k.
+    pub dk: Tensor,
+    /// ∂L/∂v, shaped and typed like v.
+    pub dv: Tensor,
+    /// ∂L/∂S_0, `[N,H,Dk,Dv]` f32 (also when no initial state was given: the gradient at zero).
+    pub d_initial_state: Tensor,
+    /// ∂L/∂z_0, `[N,H,Dk]` f32.
+    pub d_initial_normalizer: Tensor,
+}
+
+/// One (sequence, head): `len` consecutive rows from `row0` of the `[rows, D]` views of q, k,
+/// v, o; its state is number `state` of the `[N·H, Dk, Dv]` state tensors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Segment {
+    pub row0: usize,
+    pub len: usize,
+    pub state: usize,
+}
+
+/// Everything a back end needs besides the tensors.
+#[derive(Clone, Debug)]
+pub(crate) struct Problem {
+    pub cfg: LinearAttention,
+    /// The momentum decay η (causal only), or `None`.
+    pub momentum: Option<f32>,
+    pub dk: usize,
+    pub dv: usize,
+    /// Rows of the `[rows, D]` views.
+    pub rows: usize,
+    /// Sorted by `row0`; they tile `0..rows` exactly.
+    pub segments: Vec<Segment>,
+}
+
+impl Problem {
+    /// Number of states (N·H).
+    pub fn states(&self) -> usize {
+        self.segments.len()
+    }
+}
+
+/// The tensors of a forward call, validated.
+pub(crate) struct ForwardArgs<'a> {
+    pub q: &'a Tensor,
+    pub k: &'a Tensor,
+    pub v: &'a Tensor,
+    pub s0: Option<&'a Tensor>,
+    pub z0: Option<&'a Tensor>,
+}
+
+/// The extra tensors of a backward call, validated.
+pub(crate) struct BackwardArgs<'a> {
+    pub grad_output: &'a Tensor,
+    pub grad_state: Option<&'a Tensor>,
+    pub grad_normalizer: Option<&'a Tensor>,
+}
+
+/// Raw results of a back end's forward: output in the inputs' dtype, states f32.
+pub(crate) struct ForwardResult {
+    pub output: Tensor,
+    pub state: Tensor,
+    pub normalizer: Tensor,
+}
+
+const FORWARD: &str = "LinearAttention::forward";
+const BACKWARD: &str = "LinearAttention::backward";
+
+impl LinearAttention {
+    /// Runs the layer on `[B,H,T,D]` tensors, starting from `initial` (zeros when `None`).
+    ///
+    /// Errors on wrong ranks or shapes, mixed dtypes or devices, an unsupported dtype, a head
+    /// dimension above 256, empty inputs, or a non-finite `scale` / bad `eps`.
+    pub fn forward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        initial: Option<RecurrentState<'_>>,
+    ) -> Result<LinearAttentionOutput> {
+        let problem = self.dense_problem(FORWARD, q, k, v, None)?;
+        let args = forward_args(FORWARD, &problem, q, k, v, initial)?;
+        let r = dispatch_forward(&problem, &args)?;
+        Ok(self.wrap_forward(r, &[q.shape()[0], q.shape()[1]], problem.dk, problem.dv))
+    }
+
+    /// Gradients of a loss L with respect to q, k, v and the initial state, given
+    /// `grad_output` = ∂L/∂o (`[B,H,T,Dv]`, the inputs' dtype) and optionally ∂L/∂(final
+    /// state, final normaliser) (f32). The forward is recomputed inside; nothing is stored.
+    pub fn backward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        initial: Option<RecurrentState<'_>>,
+        grad_output: &Tensor,
+        grad_final: Option<RecurrentState<'_>>,
+    ) -> Result<LinearAttentionGrads> {
+        let problem = self.dense_problem(BACKWARD, q, k, v, None)?;
+        let args = forward_args(BACKWARD, &problem, q, k, v, initial)?;
+        let grads = backward_args(&problem, q, grad_output, grad_final)?;
+        let lead = [q.shape()[0], q.shape()[1]];
+        dispatch_backward(&problem, &args, &grads, &lead)
+    }
+
+    /// Like [`forward`](Self::forward) on packed variable-length sequences: q, k, v are
+    /// `[1,H,ΣT,D]`, sequence n occupies steps `cu_seqlens[n]..cu_seqlens[n+1]`, and each
+    /// starts from its own state (`initial` and the returned states are `[N,H,..]`).
+    ///
+    /// `cu_seqlens` must start at 0, increase strictly, and end at ΣT.
+    pub fn forward_varlen(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cu_seqlens: &[usize],
+        initial: Option<RecurrentState<'_>>,
+    ) -> Result<LinearAttentionOutput> {
+        let problem = self.varlen_problem(FORWARD, q, k, v, cu_seqlens)?;
+        let args = forward_args(FORWARD, &problem, q, k, v, initial)?;
+        let r = dispatch_forward(&problem, &args)?;
+        Ok(self.wrap_forward(r, &[cu_seqlens.len() - 1, q.shape()[1]], problem.dk, problem.dv))
+    }
+
+    /// The backward of [`forward_varlen`](Self::forward_varlen).
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_varlen(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cu_seqlens: &[usize],
+        initial: Option<RecurrentState<'_>>,
+        grad_output: &Tensor,
+        grad_final: Option<RecurrentState<'_>>,
+    ) -> Result<LinearAttentionGrads> {
+        let problem = self.varlen_problem(BACKWARD, q, k, v, cu_seqlens)?;
+        let args = forward_args(BACKWARD, &problem, q, k, v, initial)?;
+        let grads = backward_args(&problem, q, grad_output, grad_final)?;
+        dispatch_backward(&problem, &args, &grads, &[cu_seqlens.len() - 1, q.shape()[1]])
+    }
+
+    /// Causal linear attention plus the momentum term of Dai et al. (2022, eq. 16):
+    /// `o_t + m_t` with `m_t = Σ_{i<t} η^{t−i} v_i` (so `m_1 = 0`), fused into the same pass.
+    /// No initial state. `eta` must be finite and in [0, 1); the layer must be causal.
+    pub fn forward_with_momentum(&self, q: &Tensor, k: &Tensor, v: &Tensor, eta: f32) -> Result<Tensor> {
+        const OP: &str = "LinearAttention::forward_with_momentum";
+        let problem = self.dense_problem(OP, q, k, v, Some(eta))?;
+        let args = forward_args(OP, &problem, q, k, v, None)?;
+        Ok(dispatch_forward(&problem, &args)?.output)
+    }
+
+    /// The backward of [`forward_with_momentum`](Self::forward_with_momentum): as
+    /// [`backward`](Self::backward), with `dv_s += Σ_{t>s} η^{t−s} do_t` fused in.
+    pub fn backward_with_momentum(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        grad_output: &Tensor,
+        eta: f32,
+    ) -> Result<LinearAttentionGrads> {
+        const OP: &str = "LinearAttention::backward_with_momentum";
+        let problem = self.dense_problem(OP, q, k, v, Some(eta))?;
+        let args = forward_args(OP, &problem, q, k, v, None)?;
+        let grads = backward_args(&problem, q, grad_output, None)?;
+        dispatch_backward(&problem, &args, &grads, &[q.shape()[0], q.shape()[1]])
+    }
+
+    fn wrap_forward(&self, r: ForwardResult, lead: &[usize], dk: usize, dv: usize) -> LinearAttentionOutput {
+        LinearAttentionOutput {
+            output: r.output,
+            final_state: reshape_known(&r.state, &[lead[0], lead[1], dk, dv]),
+            final_normalizer: reshape_known(&r.normalizer, &[lead[0], lead[1], dk]),
+        }
+    }
+
+    /// Checks the options (and η), returning the momentum to run with.
+    fn check_options(&self, op: &'static str, momentum: Option<f32>) -> Result<()> {
+        if !self.scale.is_finite() {
+            return Err(Error::invalid(op, "scale", format!("{} is not finite", self.scale)));
+        }
+        if !(self.eps.is_finite() && self.eps >= 0.0) {
+            return Err(Error::invalid(op, "eps", format!("{} is not finite and ≥ 0", self.eps)));
+        }
+        if let Some(eta) = momentum {
+            if !(eta.is_finite() && (0.0..1.0).contains(&eta)) {
+                return Err(Error::invalid(op, "eta", format!("{eta} is not in [0, 1)")));
+            }
+            if !self.causal {
+                return Err(Error::invalid(op, "causal", "momentum attention is causal; set causal: true"));
+            }
+        }
+        Ok(())
+    }
+
+    fn dense_problem(
+        &self,
+        op: &'static str,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        momentum: Option<f32>,
+    ) -> Result<Problem> {
+        self.check_options(op, momentum)?;
+        let (b, h, t, dk, dv) = check_qkv(op, q, k, v)?;
+        let segments = (0..b * h).map(|bh| Segment { row0: bh * t, len: t, state: bh }).collect();
+        Ok(Problem { cfg: *self, momentum, dk, dv, rows: b * h * t, segments })
+    }
+
+    fn varlen_problem(
+        &self,
+        op: &'static str,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cu_seqlens: &[usize],
+    ) -> Result<Problem> {
+        self.check_options(op, None)?;
+        let (b, h, total, dk, dv) = check_qkv(op, q, k, v)?;
+        if b != 1 {
+            return Err(Error::shape(op, "q", "[1,H,ΣT,Dk] for packed sequences", q.shape()));
+        }
+        check_cu_seqlens(op, cu_seqlens, total)?;
+        let n = cu_seqlens.len() - 1;
+        let mut segments = Vec::with_capacity(n * h);
+        for head in 0..h {
+            for (seq, w) in cu_seqlens.windows(2).enumerate() {
+                segments.push(Segment { row0: head * total + w[0], len: w[1] - w[0], state: seq * h + head });
+            }
+        }
+        Ok(Problem { cfg: *self, momentum: None, dk, dv, rows: h * total, segments })
+    }
+}
+
+/// A reshape whose element count is known to match.
+fn reshape_known(t: &Tensor, shape: &[usize]) -> Tensor {
+    t.reshape(shape).unwrap_or_else(|_| t.clone())
+}
+
+fn check_cu_seqlens(op: &'static str, cu: &[usize], total: usize) -> Result<()> {
+    let bad = |reason: String| Err(Error::invalid(op, "cu_seqlens", reason));
+    if cu.len() < 2 {
+        return bad(format!("{cu:?} has {} entries; at least 2 (0 and ΣT) are needed", cu.len()));
+    }
+    if cu[0] != 0 {
+        return bad(format!("starts at {}, expected 0", cu[0]));
+    }
+    if let Some(w) = cu.windows(2).find(|w| w[1] <= w[0]) {
+        return bad(format!("is not strictly increasing ({} then {})", w[0], w[1]));
+    }
+    if cu[cu.len() - 1] != total {
+        return bad(format!("ends at {}, expected ΣT = {total} (q's dimension 2)", cu[cu.len() - 1]));
+    }
+    Ok(())
+}
+
+/// Checks q, k, v; returns (B, H, T, Dk, Dv).
+fn check_qkv(
+    op: &'static str,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+) -> Result<(usize, usize, usize, usize, usize)> {
+    for (what, t) in [("q", q), ("k", k), ("v", v)] {
+        if t.rank() != 4 {
+            return Err(Error::shape(op, what, "rank 4: [B,H,T,D]", t.shape()));
+        }
+        q.device().expect_same(t.device(), op)?;
+        t.expect_dtype(q.dtype(), op, what)?;
+    }
+    if !matches!(q.dtype(), DType::F32 | DType::F16 | DType::BF16) {
+        return Err(Error::UnsupportedDType { op, dtype: q.dtype(), supported: "f32, f16, bf16" });
+    }
+    let s = q.shape();
+    let (b, h, t, dk) = (s[0], s[1], s[2], s[3]);
+    if k.shape() != s {
+        return Err(Error::shape(op, "k", format!("q's shape {s:?}"), k.shape()));
+    }
+    let dv = v.shape()[3];
+    if v.shape()[..3] != s[..3] {
+        return Err(Error::shape(op, "v", format!("[{b},{h},{t},Dv] like q's [B,H,T]"), v.shape()));
+    }
+    if q.numel() == 0 || v.numel() == 0 {
+        let what = if q.numel() == 0 { "q" } else { "v" };
+        let shape = if q.numel() == 0 { q.shape() } else { v.shape() };
+        return Err(Error::EmptyInput { op, what: what.into(), shape: shape.to_vec() });
+    }
+    if dk > MAX_HEAD_DIM {
+        return Err(Error::shape(op, "q", format!("[B,H,T,Dk] with Dk ≤ {MAX_HEAD_DIM}"), s));
+    }
+    if dv > MAX_HEAD_DIM {
+        return Err(Error::shape(op, "v", format!("[B,H,T,Dv] with Dv ≤ {MAX_HEAD_DIM}"), v.shape()));
+    }
+    Ok((b, h, t, dk, dv))
+}
+
+/// Checks an f32 state tensor of `expected` shape on `q`'s device.
+fn check_state(op: &'static str, what: &str, t: &Tensor, q: &Tensor, expected: &[usize]) -> Result<()> {
+    q.device().expect_same(t.device(), op)?;
+    t.expect_dtype(DType::F32, op, what)?;
+    if t.shape() != expected {
+        return Err(Error::shape(op, what, format!("{expected:?} f32"), t.shape()));
+    }
+    Ok(())
+}
+
+/// The shape of the state tensors: `[N, H, Dk, Dv]` and `[N, H, Dk]`.
+fn state_shapes(problem: &Problem, q: &Tensor) -> ([usize; 4], [usize; 3]) {
+    let h = q.shape()[1];
+    let n = problem.states() / h;
+    ([n, h, problem.dk, problem.dv], [n, h, problem.dk])
+}
+
+fn forward_args<'a>(
+    op: &'static str,
+    problem: &Problem,
+    q: &'a Tensor,
+    k: &'a Tensor,
+    v: &'a Tensor,
+    initial: Option<RecurrentState<'a>>,
+) -> Result<ForwardArgs<'a>> {
+    let (s_shape, z_shape) = state_shapes(problem, q);
+    let (mut s0, mut z0) = (None, None);
+    if let Some(init) = initial {
+        check_state(op, "initial state", init.state, q, &s_shape)?;
+        s0 = Some(init.state);
+        if let Some(z) = init.normalizer {
+            check_state(op, "initial normalizer", z, q, &z_shape)?;
+            z0 = Some(z);
+        }
+    }
+    Ok(ForwardArgs { q, k, v, s0, z0 })
+}
+
+fn backward_args<'a>(
+    problem: &Problem,
+    q: &Tensor,
+    grad_output: &'a Tensor,
+    grad_final: Option<RecurrentState<'a>>,
+) -> Result<BackwardArgs<'a>> {
+    let op = BACKWARD;
+    q.device().expect_same(grad_output.device(), op)?;
+    grad_output.expect_dtype(q.dtype(), op, "grad_output")?;
+    let mut expected = q.shape().to_vec();
+    expected[3] = problem.dv;
+    if grad_output.shape() != expected {
+        return Err(Error::shape(op, "grad_output", format!("{expected:?} like the output"), grad_output.shape()));
+    }
+    let (s_shape, z_shape) = state_shapes(problem, q);
+    let (mut grad_state, mut grad_normalizer) = (None, None);
+    if let Some(g) = grad_final {
+        check_state(op, "grad of the final state", g.state, q, &s_shape)?;
+        grad_state = Some(g.state);
+        if let Some(z) = g.normalizer {
+            check_state(op, "grad of the final normalizer", z, q, &z_shape)?;
+            grad_normalizer = Some(z);
+        }
+    }
+    Ok(BackwardArgs { grad_output, grad_state, grad_normalizer })
+}
+
+fn dispatch_forward(problem: &Problem, args: &ForwardArgs<'_>) -> Result<ForwardResult> {
+    match args.q.storage() {
+        Storage::Cpu(_) => cpu::forward(problem, args),
+        #[cfg(feature = "cuda")]
+        Storage::Cuda(_) => cuda::forward(problem, args, cuda::Path::Auto),
+    }
+}
+
+fn dispatch_backward(
+    problem: &Problem,
+    args: &ForwardArgs<'_>,
+    grads: &BackwardArgs<'_>,
+    lead: &[usize],
+) -> Result<LinearAttentionGrads> {
+    let raw = match args.q.storage() {
+        Storage::Cpu(_) => cpu::backward(problem, args, grads)?,
+        #[cfg(feature = "cuda")]
+        Storage::Cuda(_) => cuda::backward(problem, args, grads, cuda::Path::Auto)?,
+    };
+    Ok(LinearAttentionGrads {
+        d_initial_state: reshape_known(&raw.d_state, &[lead[0], lead[1], problem.dk, problem.dv]),
+        d_initial_normalizer: reshape_known(&raw.d_normalizer, &[lead[0], lead[1], problem.dk]),
+        dq: raw.dq,
+        dk: raw.dk,
+        dv: raw.dv,
+    })
+}
+
+/// Raw results of a back end's backward.
+pub(crate) struct BackwardResult {
+    pub dq: Tensor,
+    pub dk: Tensor,
+    pub dv: Tensor,
+    pub d_state: Tensor,
+    pub d_normalizer: Tensor,
+}
