@@ -151,6 +151,22 @@ pub struct LinearAttentionGrads {
     pub d_initial_normalizer: Tensor,
 }
 
+/// Which CUDA kernels run a call (for tests and benchmarks; the CPU ignores it).
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelPath {
+    /// The rule documented in `cuda.rs`: fused when the (sequence, head) × Dv-tile blocks fill
+    /// the GPU, split otherwise.
+    Auto,
+    /// The O(T²) reference kernels.
+    Reference,
+    /// One chunked launch per pass.
+    Fused,
+    /// Chunk-group states, a scan, then all groups' outputs in parallel (forward only; the
+    /// backward and momentum calls fall back to fused).
+    Split,
+}
+
 /// One (sequence, head): `len` consecutive rows from `row0` of the `[rows, D]` views of q, k,
 /// v, o; its state is number `state` of the `[N·H, Dk, Dv]` state tensors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -221,7 +237,7 @@ impl LinearAttention {
     ) -> Result<LinearAttentionOutput> {
         let problem = self.dense_problem(FORWARD, q, k, v, None)?;
         let args = forward_args(FORWARD, &problem, q, k, v, initial)?;
-        let r = dispatch_forward(&problem, &args)?;
+        let r = dispatch_forward(&problem, &args, KernelPath::Auto)?;
         Ok(self.wrap_forward(r, &[q.shape()[0], q.shape()[1]], problem.dk, problem.dv))
     }
 
@@ -241,7 +257,7 @@ impl LinearAttention {
         let args = forward_args(BACKWARD, &problem, q, k, v, initial)?;
         let grads = backward_args(&problem, q, grad_output, grad_final)?;
         let lead = [q.shape()[0], q.shape()[1]];
-        dispatch_backward(&problem, &args, &grads, &lead)
+        dispatch_backward(&problem, &args, &grads, &lead, KernelPath::Auto)
     }
 
     /// Like [`forward`](Self::forward) on packed variable-length sequences: q, k, v are
@@ -259,7 +275,7 @@ impl LinearAttention {
     ) -> Result<LinearAttentionOutput> {
         let problem = self.varlen_problem(FORWARD, q, k, v, cu_seqlens)?;
         let args = forward_args(FORWARD, &problem, q, k, v, initial)?;
-        let r = dispatch_forward(&problem, &args)?;
+        let r = dispatch_forward(&problem, &args, KernelPath::Auto)?;
         Ok(self.wrap_forward(r, &[cu_seqlens.len() - 1, q.shape()[1]], problem.dk, problem.dv))
     }
 
@@ -278,7 +294,7 @@ impl LinearAttention {
         let problem = self.varlen_problem(BACKWARD, q, k, v, cu_seqlens)?;
         let args = forward_args(BACKWARD, &problem, q, k, v, initial)?;
         let grads = backward_args(&problem, q, grad_output, grad_final)?;
-        dispatch_backward(&problem, &args, &grads, &[cu_seqlens.len() - 1, q.shape()[1]])
+        dispatch_backward(&problem, &args, &grads, &[cu_seqlens.len() - 1, q.shape()[1]], KernelPath::Auto)
     }
 
     /// Causal linear attention plus the momentum term of Dai et al. (2022, eq. 16):
@@ -288,7 +304,7 @@ impl LinearAttention {
         const OP: &str = "LinearAttention::forward_with_momentum";
         let problem = self.dense_problem(OP, q, k, v, Some(eta))?;
         let args = forward_args(OP, &problem, q, k, v, None)?;
-        Ok(dispatch_forward(&problem, &args)?.output)
+        Ok(dispatch_forward(&problem, &args, KernelPath::Auto)?.output)
     }
 
     /// The backward of [`forward_with_momentum`](Self::forward_with_momentum): as
@@ -305,7 +321,77 @@ impl LinearAttention {
         let problem = self.dense_problem(OP, q, k, v, Some(eta))?;
         let args = forward_args(OP, &problem, q, k, v, None)?;
         let grads = backward_args(&problem, q, grad_output, None)?;
-        dispatch_backward(&problem, &args, &grads, &[q.shape()[0], q.shape()[1]])
+        dispatch_backward(&problem, &args, &grads, &[q.shape()[0], q.shape()[1]], KernelPath::Auto)
+    }
+
+    /// [`forward`](Self::forward) on a chosen CUDA kernel path (the tests and benchmarks
+    /// compare them; `Auto` is what `forward` runs). Ignored on the CPU.
+    #[doc(hidden)]
+    pub fn forward_on_path(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        initial: Option<RecurrentState<'_>>,
+        path: KernelPath,
+    ) -> Result<LinearAttentionOutput> {
+        let problem = self.dense_problem(FORWARD, q, k, v, None)?;
+        let args = forward_args(FORWARD, &problem, q, k, v, initial)?;
+        let r = dispatch_forward(&problem, &args, path)?;
+        Ok(self.wrap_forward(r, &[q.shape()[0], q.shape()[1]], problem.dk, problem.dv))
+    }
+
+    /// [`backward`](Self::backward) on a chosen CUDA kernel path. Ignored on the CPU.
+    #[doc(hidden)]
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_on_path(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        initial: Option<RecurrentState<'_>>,
+        grad_output: &Tensor,
+        grad_final: Option<RecurrentState<'_>>,
+        path: KernelPath,
+    ) -> Result<LinearAttentionGrads> {
+        let problem = self.dense_problem(BACKWARD, q, k, v, None)?;
+        let args = forward_args(BACKWARD, &problem, q, k, v, initial)?;
+        let grads = backward_args(&problem, q, grad_output, grad_final)?;
+        dispatch_backward(&problem, &args, &grads, &[q.shape()[0], q.shape()[1]], path)
+    }
+
+    /// [`forward_with_momentum`](Self::forward_with_momentum) on a chosen CUDA kernel path.
+    #[doc(hidden)]
+    pub fn forward_with_momentum_on_path(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        eta: f32,
+        path: KernelPath,
+    ) -> Result<Tensor> {
+        const OP: &str = "LinearAttention::forward_with_momentum";
+        let problem = self.dense_problem(OP, q, k, v, Some(eta))?;
+        let args = forward_args(OP, &problem, q, k, v, None)?;
+        Ok(dispatch_forward(&problem, &args, path)?.output)
+    }
+
+    /// [`backward_with_momentum`](Self::backward_with_momentum) on a chosen CUDA kernel path.
+    #[doc(hidden)]
+    pub fn backward_with_momentum_on_path(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        grad_output: &Tensor,
+        eta: f32,
+        path: KernelPath,
+    ) -> Result<LinearAttentionGrads> {
+        const OP: &str = "LinearAttention::backward_with_momentum";
+        let problem = self.dense_problem(OP, q, k, v, Some(eta))?;
+        let args = forward_args(OP, &problem, q, k, v, None)?;
+        let grads = backward_args(&problem, q, grad_output, None)?;
+        dispatch_backward(&problem, &args, &grads, &[q.shape()[0], q.shape()[1]], path)
     }
 
     fn wrap_forward(&self, r: ForwardResult, lead: &[usize], dk: usize, dv: usize) -> LinearAttentionOutput {
@@ -501,11 +587,13 @@ fn backward_args<'a>(
     Ok(BackwardArgs { grad_output, grad_state, grad_normalizer })
 }
 
-fn dispatch_forward(problem: &Problem, args: &ForwardArgs<'_>) -> Result<ForwardResult> {
+fn dispatch_forward(problem: &Problem, args: &ForwardArgs<'_>, path: KernelPath) -> Result<ForwardResult> {
+    #[cfg(not(feature = "cuda"))]
+    let _ = path;
     match args.q.storage() {
         Storage::Cpu(_) => cpu::forward(problem, args),
         #[cfg(feature = "cuda")]
-        Storage::Cuda(_) => cuda::forward(problem, args, cuda::Path::Auto),
+        Storage::Cuda(_) => cuda::forward(problem, args, path),
     }
 }
 
@@ -514,11 +602,14 @@ fn dispatch_backward(
     args: &ForwardArgs<'_>,
     grads: &BackwardArgs<'_>,
     lead: &[usize],
+    path: KernelPath,
 ) -> Result<LinearAttentionGrads> {
+    #[cfg(not(feature = "cuda"))]
+    let _ = path;
     let raw = match args.q.storage() {
         Storage::Cpu(_) => cpu::backward(problem, args, grads)?,
         #[cfg(feature = "cuda")]
-        Storage::Cuda(_) => cuda::backward(problem, args, grads, cuda::Path::Auto)?,
+        Storage::Cuda(_) => cuda::backward(problem, args, grads, path)?,
     };
     Ok(LinearAttentionGrads {
         d_initial_state: reshape_known(&raw.d_state, &[lead[0], lead[1], problem.dk, problem.dv]),
