@@ -59,29 +59,24 @@ impl FeatureMap {
 /// use metakernels::{Device, Tensor};
 /// # fn main() -> metakernels::Result<()> {
 /// let dev = Device::cpu();
-/// let (b, h, t, d) = (1, 2, 5, 4);
-/// let data: Vec<f32> = (0..b * h * t * d).map(|i| (i as f32 * 0.37).sin()).collect();
-/// let x = Tensor::from_slice(&data, &[b, h, t, d], &dev)?;
+/// let (t, d) = (5, 4); // B = H = 1: five steps of a 4-wide head
+/// let x: Vec<f32> = (0..t * d).map(|i| (i as f32 * 0.37).sin()).collect();
 /// let attn = LinearAttention { feature_map: FeatureMap::EluPlusOne, normalize: true, ..Default::default() };
 ///
 /// // One call over all five steps ...
-/// let whole = attn.forward(&x, &x, &x, None)?;
-/// // ... equals two calls that carry the recurrent state.
-/// let (first, rest) = (x.to_vec::<f32>()?, ());
-/// # let _ = rest;
-/// let piece = |range: std::ops::Range<usize>| -> metakernels::Result<Tensor> {
-///     let rows: Vec<f32> = (0..b * h)
-///         .flat_map(|bh| first[(bh * t + range.start) * d..(bh * t + range.end) * d].to_vec())
-///         .collect();
-///     Tensor::from_vec(rows, &[b, h, range.len(), d], &dev)
-/// };
-/// let (a, z) = (piece(0..2)?, piece(2..5)?);
-/// let out_a = attn.forward(&a, &a, &a, None)?;
-/// let out_z = attn.forward(&z, &z, &z, Some(out_a.final_state()))?;
-/// let last = whole.output.to_vec::<f32>()?[(t - 1) * d..t * d].to_vec();
-/// let last_piece = out_z.output.to_vec::<f32>()?[2 * d..3 * d].to_vec();
-/// for (x, y) in last.iter().zip(&last_piece) {
-///     assert!((x - y).abs() < 1e-5);
+/// let all = Tensor::from_slice(&x, &[1, 1, t, d], &dev)?;
+/// let whole = attn.forward(&all, &all, &all, None)?;
+///
+/// // ... equals two calls that carry the returned state (S_T, z_T) forward.
+/// let head = Tensor::from_slice(&x[..2 * d], &[1, 1, 2, d], &dev)?;
+/// let tail = Tensor::from_slice(&x[2 * d..], &[1, 1, 3, d], &dev)?;
+/// let first = attn.forward(&head, &head, &head, None)?;
+/// let second = attn.forward(&tail, &tail, &tail, Some(first.final_state()))?;
+///
+/// let expected = whole.output.to_vec::<f32>()?;
+/// let got = second.output.to_vec::<f32>()?;
+/// for (a, b) in expected[2 * d..].iter().zip(&got) {
+///     assert!((a - b).abs() < 1e-5);
 /// }
 /// # Ok(()) }
 /// ```
