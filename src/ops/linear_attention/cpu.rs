@@ -22,6 +22,7 @@ use std::borrow::Cow;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use super::cpu_gemm::Gemm;
 use super::{BackwardArgs, BackwardResult, FeatureMap, ForwardArgs, ForwardResult, Problem, Segment};
 use crate::cpu::{sgemm, Mat};
 use crate::testing::output_vec;
@@ -70,7 +71,8 @@ fn dphi(fm: FeatureMap, x: f32) -> f32 {
     }
 }
 
-/// Head sizes of one problem; `dva = dv + 1` is the width of the augmented state [S, z].
+/// Head sizes of one problem; `dva` is the width of the state rows: `dv + 1` for the augmented
+/// state [S, z] of the backward, `dv` in the forward (which keeps z apart).
 #[derive(Clone, Copy)]
 struct Dims {
     dk: usize,
@@ -100,6 +102,12 @@ struct Workspace {
     carry: Vec<f32>,
     /// len × dva: g' for a whole segment (causal backward).
     gp: Vec<f32>,
+    /// dk × CHUNK: φ(K)ᵀ of a chunk (forward; the row stride is CHUNK).
+    kft: Vec<f32>,
+    /// dk: the normaliser z (forward).
+    z: Vec<f32>,
+    /// CHUNK: the denominators of a chunk's rows (forward).
+    den: Vec<f32>,
 }
 
 impl Workspace {
@@ -115,6 +123,9 @@ impl Workspace {
             ds: vec![0.0; d.dk * d.dva],
             carry: vec![0.0; d.dv],
             gp: Vec::new(),
+            kft: vec![0.0; d.dk * CHUNK],
+            z: vec![0.0; d.dk],
+            den: vec![0.0; CHUNK],
         }
     }
 }
@@ -149,7 +160,9 @@ fn load_values(right: &mut [f32], v: &[f32], n: usize, d: Dims) {
     for i in 0..n {
         let row = &mut right[(d.dk + i) * d.dva..(d.dk + i + 1) * d.dva];
         row[..d.dv].copy_from_slice(&v[i * d.dv..(i + 1) * d.dv]);
-        row[d.dv] = 1.0;
+        if d.dva > d.dv {
+            row[d.dv] = 1.0;
+        }
     }
 }
 
@@ -171,7 +184,9 @@ fn init_state(right: &mut [f32], s0: Option<&[f32]>, z0: Option<&[f32]>, d: Dims
             Some(s) => row[..d.dv].copy_from_slice(&s[i * d.dv..(i + 1) * d.dv]),
             None => row[..d.dv].fill(0.0),
         }
-        row[d.dv] = z0.map_or(0.0, |z| z[i]);
+        if d.dva > d.dv {
+            row[d.dv] = z0.map_or(0.0, |z| z[i]);
+        }
     }
 }
 
@@ -250,56 +265,103 @@ struct ForwardTask<'a> {
     z_out: &'a mut [f32],
 }
 
+/// φ of `n` rows of width `d`: the rows themselves for the identity map (no copy), else
+/// written to `buf`.
+fn features<'a>(fm: FeatureMap, src: &'a [f32], n: usize, d: usize, buf: &'a mut [f32]) -> &'a [f32] {
+    if fm == FeatureMap::Identity {
+        &src[..n * d]
+    } else {
+        load_features(fm, src, n, d, buf, d);
+        &buf[..n * d]
+    }
+}
+
+/// The forward of one segment. The state S (dk × dv) lives in `ws.right`, z and the
+/// denominators apart (cheap row sums); q, k, v are read in place where φ is the identity, and
+/// the chunk products run through the unpacked [`Gemm`]:
+/// A = φ(Q)φ(K)ᵀ (upper triangle zeroed), O = φ(Q)·S + A·V, S += φ(K)ᵀV.
 fn forward_segment(t: ForwardTask<'_>, o: Opts, d: Dims, ws: &mut Workspace) -> Result<()> {
     let len = t.q.len() / d.dk;
-    let ld_l = d.dk + CHUNK;
-    init_state(&mut ws.right, t.s0, t.z0, d);
+    let (dk, dv) = (d.dk, d.dv);
+    let Workspace { left: qbuf, right, kf: kbuf, kft, square, z, den, carry, .. } = ws;
+    let state = &mut right[..dk * dv];
+    match t.s0 {
+        Some(s0) => state.copy_from_slice(s0),
+        None => state.fill(0.0),
+    }
+    match t.z0 {
+        Some(z0) => z.copy_from_slice(z0),
+        None => z.fill(0.0),
+    }
+    // S += φ(K)ᵀ V and z += Σ φ(k) over `n` rows.
+    let update = |kf: &[f32], v: &[f32], n: usize, state: &mut [f32], z: &mut [f32]| -> Result<()> {
+        for row in kf.chunks_exact(dk) {
+            z.iter_mut().zip(row).for_each(|(z, x)| *z += x);
+        }
+        Gemm { m: dk, n: dv, k: n, rsa: 1, csa: dk, ldb: dv, ldc: dv, accumulate: true }.run(kf, v, state)
+    };
     if !o.causal {
         for t0 in (0..len).step_by(CHUNK) {
             let n = CHUNK.min(len - t0);
-            load_features(o.fm, &t.k[t0 * d.dk..], n, d.dk, &mut ws.kf, d.dk);
-            load_values(&mut ws.right, &t.v[t0 * d.dv..], n, d);
-            update_state(ws, n, d)?;
+            let kf = features(o.fm, &t.k[t0 * dk..], n, dk, kbuf);
+            update(kf, &t.v[t0 * dv..(t0 + n) * dv], n, state, z)?;
         }
     }
-    ws.carry.fill(0.0);
+    carry.fill(0.0);
     for t0 in (0..len).step_by(CHUNK) {
         let n = CHUNK.min(len - t0);
-        load_features(o.fm, &t.q[t0 * d.dk..], n, d.dk, &mut ws.left, ld_l);
+        let (v, out) = (&t.v[t0 * dv..(t0 + n) * dv], &mut t.out[t0 * dv..(t0 + n) * dv]);
+        let qf = features(o.fm, &t.q[t0 * dk..], n, dk, qbuf);
+        let kf = if o.causal { features(o.fm, &t.k[t0 * dk..], n, dk, kbuf) } else { &[][..] };
         if o.causal {
-            load_features(o.fm, &t.k[t0 * d.dk..], n, d.dk, &mut ws.kf, d.dk);
-            load_values(&mut ws.right, &t.v[t0 * d.dv..], n, d);
-        }
-        chunk_numerators(ws, n, d, o.causal)?;
-        for i in 0..n {
-            let oa = &ws.oa[i * d.dva..(i + 1) * d.dva];
-            let f = o.factor(oa[d.dv]);
-            let out = &mut t.out[(t0 + i) * d.dv..(t0 + i + 1) * d.dv];
-            for (y, &x) in out.iter_mut().zip(oa) {
-                *y = f * x;
+            for (i, row) in kf.chunks_exact(dk).enumerate() {
+                row.iter().enumerate().for_each(|(c, &x)| kft[c * CHUNK + i] = x);
             }
-            if let Some(eta) = o.eta {
-                // m_t is added to row t, then m_{t+1} = η (m_t + v_t).
-                let v_row = &t.v[(t0 + i) * d.dv..(t0 + i + 1) * d.dv];
-                for ((y, m), &vx) in out.iter_mut().zip(ws.carry.iter_mut()).zip(v_row) {
-                    *y += *m;
-                    *m = eta * (*m + vx);
-                }
+            let scores = Gemm { m: n, n, k: dk, rsa: dk, csa: 1, ldb: CHUNK, ldc: CHUNK, accumulate: false };
+            scores.run(qf, kft, square)?;
+            for i in 0..n {
+                square[i * CHUNK + i + 1..i * CHUNK + n].fill(0.0);
             }
         }
+        if o.normalize {
+            for i in 0..n {
+                let inter: f32 = qf[i * dk..(i + 1) * dk].iter().zip(z.iter()).map(|(a, b)| a * b).sum();
+                let intra: f32 = if o.causal { square[i * CHUNK..i * CHUNK + i + 1].iter().sum() } else { 0.0 };
+                den[i] = inter + intra + o.eps;
+            }
+        }
+        Gemm { m: n, n: dv, k: dk, rsa: dk, csa: 1, ldb: dv, ldc: dv, accumulate: false }.run(qf, state, out)?;
         if o.causal {
-            update_state(ws, n, d)?;
+            Gemm { m: n, n: dv, k: n, rsa: CHUNK, csa: 1, ldb: dv, ldc: dv, accumulate: true }.run(square, v, out)?;
+        }
+        finish_rows(out, v, o, dv, den, carry);
+        if o.causal {
+            update(kf, v, n, state, z)?;
         }
     }
-    for i in 0..d.dk {
-        t.s_out[i * d.dv..(i + 1) * d.dv].copy_from_slice(&ws.right[i * d.dva..i * d.dva + d.dv]);
-        t.z_out[i] = ws.right[i * d.dva + d.dv];
-    }
+    t.s_out.copy_from_slice(state);
+    t.z_out.copy_from_slice(z);
     Ok(())
 }
 
+/// Scales (and normalises) the output rows in place and adds the momentum term.
+fn finish_rows(out: &mut [f32], v: &[f32], o: Opts, dv: usize, den: &[f32], carry: &mut [f32]) {
+    for (i, row) in out.chunks_exact_mut(dv).enumerate() {
+        let f = if o.normalize { o.scale / den[i] } else { o.scale };
+        row.iter_mut().for_each(|y| *y *= f);
+        if let Some(eta) = o.eta {
+            // m_t is added to row t, then m_{t+1} = η (m_t + v_t).
+            let v_row = &v[i * dv..(i + 1) * dv];
+            for ((y, m), &vx) in row.iter_mut().zip(carry.iter_mut()).zip(v_row) {
+                *y += *m;
+                *m = eta * (*m + vx);
+            }
+        }
+    }
+}
+
 pub(super) fn forward(p: &Problem, a: &ForwardArgs<'_>) -> Result<ForwardResult> {
-    let d = Dims { dk: p.dk, dv: p.dv, dva: p.dv + 1 };
+    let d = Dims { dk: p.dk, dv: p.dv, dva: p.dv };
     let (q, k, v) = (a.q.host_f32(OP)?, a.k.host_f32(OP)?, a.v.host_f32(OP)?);
     let s0 = a.s0.map(|s| s.host_slice::<f32>(OP)).transpose()?;
     let z0 = a.z0.map(|z| z.host_slice::<f32>(OP)).transpose()?;

@@ -16,6 +16,7 @@
 //! the dense `[B,H,T,D]` layout and the packed `cu_seqlens` layout share every kernel.
 
 mod cpu;
+mod cpu_gemm;
 #[cfg(feature = "cuda")]
 mod cuda;
 
