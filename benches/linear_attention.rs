@@ -37,14 +37,37 @@ fn inputs(shape: (usize, usize, usize, usize), dtype: DType, dev: &Device) -> (T
 
 /// The unfused baseline on the CPU: per head, A = QKᵀ (T×T, masked when causal), then O = A·V,
 /// both through matrixmultiply, rayon over heads.
-fn quadratic_baseline(q: &[f32], k: &[f32], v: &[f32], heads: usize, t: usize, d: usize, causal: bool) -> Vec<f32> {
+fn quadratic_baseline(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    heads: usize,
+    t: usize,
+    d: usize,
+    causal: bool,
+) -> Vec<f32> {
     let mut out = vec![0f32; heads * t * d];
     out.par_chunks_mut(t * d).enumerate().for_each(|(hd, o)| {
         let (q, k, v) = (&q[hd * t * d..], &k[hd * t * d..], &v[hd * t * d..]);
         let mut a = vec![0f32; t * t];
         // SAFETY: all pointers address buffers of the sizes the strides describe.
         unsafe {
-            matrixmultiply::sgemm(t, d, t, 1.0, q.as_ptr(), d as isize, 1, k.as_ptr(), 1, d as isize, 0.0, a.as_mut_ptr(), t as isize, 1);
+            matrixmultiply::sgemm(
+                t,
+                d,
+                t,
+                1.0,
+                q.as_ptr(),
+                d as isize,
+                1,
+                k.as_ptr(),
+                1,
+                d as isize,
+                0.0,
+                a.as_mut_ptr(),
+                t as isize,
+                1,
+            );
         }
         if causal {
             for i in 0..t {
@@ -53,7 +76,22 @@ fn quadratic_baseline(q: &[f32], k: &[f32], v: &[f32], heads: usize, t: usize, d
         }
         // SAFETY: as above.
         unsafe {
-            matrixmultiply::sgemm(t, t, d, 1.0, a.as_ptr(), t as isize, 1, v.as_ptr(), d as isize, 1, 0.0, o.as_mut_ptr(), d as isize, 1);
+            matrixmultiply::sgemm(
+                t,
+                t,
+                d,
+                1.0,
+                a.as_ptr(),
+                t as isize,
+                1,
+                v.as_ptr(),
+                d as isize,
+                1,
+                0.0,
+                o.as_mut_ptr(),
+                d as isize,
+                1,
+            );
         }
     });
     out
@@ -63,11 +101,17 @@ fn cpu_report() {
     let dev = Device::cpu();
     let ceilings = cpu_ceilings();
     let gemm = ("CPU f32 GEMM GFLOP/s".to_string(), ceilings.f32_gemm_gflops);
-    println!("[metakernels] CPU: {} rayon threads, f32 GEMM {:.1} GFLOP/s, copy {:.1} GB/s", rayon::current_num_threads(), ceilings.f32_gemm_gflops, ceilings.copy_gbps);
+    println!(
+        "[metakernels] CPU: {} rayon threads, f32 GEMM {:.1} GFLOP/s, copy {:.1} GB/s",
+        rayon::current_num_threads(),
+        ceilings.f32_gemm_gflops,
+        ceilings.copy_gbps
+    );
     for shape in SHAPES {
         let (b, h, t, d) = shape;
         let (q, k, v) = inputs(shape, DType::F32, &dev);
-        let (qh, kh, vh) = (q.to_vec::<f32>().unwrap(), k.to_vec::<f32>().unwrap(), v.to_vec::<f32>().unwrap());
+        let (qh, kh, vh) =
+            (q.to_vec::<f32>().unwrap(), k.to_vec::<f32>().unwrap(), v.to_vec::<f32>().unwrap());
         let go = v.clone();
         let name = format!("B{b} H{h} T{t} D{d} f32");
         for causal in [true, false] {
@@ -125,7 +169,8 @@ fn cuda_report(gpu: &Device) {
             let kind = if causal { "causal" } else { "noncausal" };
             let mut times = Vec::new();
             for path in [KernelPath::Auto, KernelPath::Fused, KernelPath::Split] {
-                let ms = best_ms(gpu, 10, || attn.forward_on_path(&q, &k, &v, None, path).map(|_| ())).unwrap();
+                let ms =
+                    best_ms(gpu, 10, || attn.forward_on_path(&q, &k, &v, None, path).map(|_| ())).unwrap();
                 times.push((format!("{path:?}"), ms));
             }
             let ms = times[0].1;
@@ -163,8 +208,10 @@ fn cuda_report(gpu: &Device) {
     let shape = (1, 8, 512, 64);
     let (q, k, v) = inputs(shape, DType::BF16, gpu);
     let attn = LinearAttention::default();
-    let fast = best_ms(gpu, 10, || attn.forward_on_path(&q, &k, &v, None, KernelPath::Auto).map(|_| ())).unwrap();
-    let slow = best_ms(gpu, 2, || attn.forward_on_path(&q, &k, &v, None, KernelPath::Reference).map(|_| ())).unwrap();
+    let fast =
+        best_ms(gpu, 10, || attn.forward_on_path(&q, &k, &v, None, KernelPath::Auto).map(|_| ())).unwrap();
+    let slow = best_ms(gpu, 2, || attn.forward_on_path(&q, &k, &v, None, KernelPath::Reference).map(|_| ()))
+        .unwrap();
     Measurement {
         kernel: "linear_attention/forward_causal".into(),
         shape: "B1 H8 T512 D64 bf16".into(),
@@ -184,12 +231,16 @@ fn bench_cpu(c: &mut Criterion) {
     let (b, h, t, d) = shape;
     let (q, k, v) = inputs(shape, DType::F32, &dev);
     let mut g = c.benchmark_group("linear_attention_cpu");
-    g.sample_size(10).measurement_time(std::time::Duration::from_secs(2)).warm_up_time(std::time::Duration::from_millis(500));
+    g.sample_size(10)
+        .measurement_time(std::time::Duration::from_secs(2))
+        .warm_up_time(std::time::Duration::from_millis(500));
     g.throughput(Throughput::Elements((b * h * t) as u64));
     for causal in [true, false] {
         let attn = LinearAttention { causal, ..Default::default() };
         let id = format!("B{b}H{h}T{t}D{d}_{}", if causal { "causal" } else { "noncausal" });
-        g.bench_function(BenchmarkId::new("forward", &id), |bench| bench.iter(|| attn.forward(&q, &k, &v, None).unwrap()));
+        g.bench_function(BenchmarkId::new("forward", &id), |bench| {
+            bench.iter(|| attn.forward(&q, &k, &v, None).unwrap())
+        });
         g.bench_function(BenchmarkId::new("backward", &id), |bench| {
             bench.iter(|| attn.backward(&q, &k, &v, None, &v, None).unwrap())
         });

@@ -47,8 +47,9 @@ fn sample_task(rng: &mut Rng) -> Task {
 
 /// The one-step GD prediction W1 x_test with W1 = (η/N) Σ y_i x_iᵀ (from W0 = 0), in f64.
 fn gd_prediction(t: &Task, eta: f64) -> f64 {
-    let w1: Vec<f64> =
-        (0..DX).map(|c| eta / N as f64 * t.xs.iter().zip(&t.ys).map(|(x, y)| y * x[c]).sum::<f64>()).collect();
+    let w1: Vec<f64> = (0..DX)
+        .map(|c| eta / N as f64 * t.xs.iter().zip(&t.ys).map(|(x, y)| y * x[c]).sum::<f64>())
+        .collect();
     w1.iter().zip(&t.x_test).map(|(a, b)| a * b).sum()
 }
 
@@ -61,11 +62,15 @@ fn layer_inputs(tasks: &[Task], dev: &Device) -> metakernels::Result<(Tensor, Te
             // W_V e_i = (0, W0 x_i − y_i) = (0, −y_i) with W0 = 0.
             q.extend(t.x_test.iter().map(|&e| e as f32).chain([0.0]));
             k.extend(x.iter().map(|&e| e as f32).chain([0.0]));
-            v.extend(std::iter::repeat_n(0.0f32, DX).chain([-y as f32]));
+            v.extend(std::iter::repeat(0.0f32).take(DX).chain([-y as f32]));
         }
     }
     let shape = [tasks.len(), 1, N, D];
-    Ok((Tensor::from_vec(q, &shape, dev)?, Tensor::from_vec(k, &shape, dev)?, Tensor::from_vec(v, &shape, dev)?))
+    Ok((
+        Tensor::from_vec(q, &shape, dev)?,
+        Tensor::from_vec(k, &shape, dev)?,
+        Tensor::from_vec(v, &shape, dev)?,
+    ))
 }
 
 fn main() -> metakernels::Result<()> {
@@ -79,8 +84,10 @@ fn main() -> metakernels::Result<()> {
         tasks.iter().map(|t| 0.5 * (gd_prediction(t, eta) - t.y_test).powi(2)).sum::<f64>() / TASKS as f64
     };
     let grid: Vec<f64> = (1..=120).map(|i| i as f64 * 0.25).collect();
-    let (best_eta, best_loss) =
-        grid.iter().map(|&eta| (eta, half_mse(eta))).fold((0.0, f64::INFINITY), |a, b| if b.1 < a.1 { b } else { a });
+    let (best_eta, best_loss) = grid
+        .iter()
+        .map(|&eta| (eta, half_mse(eta)))
+        .fold((0.0, f64::INFINITY), |a, b| if b.1 < a.1 { b } else { a });
 
     // The linear self-attention layer with P = (η/N)·I, i.e. scale η/N, on the device.
     let attn = LinearAttention { causal: false, scale: (best_eta / N as f64) as f32, ..Default::default() };
@@ -99,7 +106,10 @@ fn main() -> metakernels::Result<()> {
     println!("  best learning rate on the grid 0.25..30: η = {best_eta}");
     println!("  half-MSE of one GD step at η:          {best_loss:.4}   (paper: about 0.2)");
     println!("  half-MSE of the attention layer:       {layer_loss:.4}");
-    println!("  zero predictor half-MSE:               {:.4}", tasks.iter().map(|t| 0.5 * t.y_test * t.y_test).sum::<f64>() / TASKS as f64);
+    println!(
+        "  zero predictor half-MSE:               {:.4}",
+        tasks.iter().map(|t| 0.5 * t.y_test * t.y_test).sum::<f64>() / TASKS as f64
+    );
     println!("  max |ŷ_attention − ŷ_GD| over tasks:   {max_diff:.3e}   (f32 rounding only)");
     Ok(())
 }

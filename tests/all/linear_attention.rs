@@ -55,7 +55,8 @@ impl Case {
         let (mut s0, mut z0, mut sx, mut zx) = (None, None, None, None);
         if with_state {
             let (s, x) = tensor(&rng.normal_vec(states * dk * dv), &[states / h, h, dk, dv], DType::F32, dev);
-            let (z, y) = tensor(&rng.uniform_vec(states * dk, 0.5, 1.5), &[states / h, h, dk], DType::F32, dev);
+            let (z, y) =
+                tensor(&rng.uniform_vec(states * dk, 0.5, 1.5), &[states / h, h, dk], DType::F32, dev);
             (s0, z0, sx, zx) = (Some(s), Some(z), Some(x), Some(y));
         }
         Case { q, k, v, s0, z0, x: Inputs { q: qx, k: kx, v: vx, s0: sx, z0: zx } }
@@ -143,8 +144,9 @@ fn pieces_equal_one_call() {
         for w in cuts.windows(2) {
             let slice = |x: &Tensor, d: usize| {
                 let all = x.to_vec::<f32>().expect("host");
-                let rows: Vec<f32> =
-                    (0..b * h).flat_map(|bh| all[(bh * t + w[0]) * d..(bh * t + w[1]) * d].to_vec()).collect();
+                let rows: Vec<f32> = (0..b * h)
+                    .flat_map(|bh| all[(bh * t + w[0]) * d..(bh * t + w[1]) * d].to_vec())
+                    .collect();
                 Tensor::from_vec(rows, &[b, h, w[1] - w[0], d], &dev).expect("piece")
             };
             let (q, k, v) = (slice(&c.q, dk), slice(&c.k, dk), slice(&c.v, dv));
@@ -163,7 +165,12 @@ fn pieces_equal_one_call() {
         assert_close("pieces output", &joined, &f64s(&whole.output), 1e-6);
         let last = state.expect("pieces ran");
         assert_close("pieces state", &f64s(&last.final_state), &f64s(&whole.final_state), 1e-6);
-        assert_close("pieces normalizer", &f64s(&last.final_normalizer), &f64s(&whole.final_normalizer), 1e-6);
+        assert_close(
+            "pieces normalizer",
+            &f64s(&last.final_normalizer),
+            &f64s(&whole.final_normalizer),
+            1e-6,
+        );
     }
 }
 
@@ -216,11 +223,7 @@ fn check_backward(
     let with_final = eta.is_none();
     let (gs, ws) = tensor(&rng.normal_vec(states * dk * dv), &[lead[0], lead[1], dk, dv], DType::F32, &dev);
     let (gz, wz) = tensor(&rng.normal_vec(states * dk), &[lead[0], lead[1], dk], DType::F32, &dev);
-    let w = LossWeights {
-        wo,
-        ws: with_final.then_some(ws),
-        wz: with_final.then_some(wz),
-    };
+    let w = LossWeights { wo, ws: with_final.then_some(ws), wz: with_final.then_some(wz) };
     let grads = run(&go, with_final.then_some(RecurrentState { state: &gs, normalizer: Some(&gz) }));
     let fd = reference::finite_differences(cfg, eta, &c.x, segs, dk, dv, &w);
     let tol = if dtype == DType::F32 { 1e-4 } else { 2e-2 };
@@ -329,7 +332,8 @@ fn dai_dual_form_from_returned_state() {
         for r in 0..t {
             for i in 0..dk {
                 for j in 0..dv {
-                    icl[(head * dk + i) * dv + j] += c.x.k[(head * t + r) * dk + i] * c.x.v[(head * t + r) * dv + j];
+                    icl[(head * dk + i) * dv + j] +=
+                        c.x.k[(head * t + r) * dk + i] * c.x.v[(head * t + r) * dv + j];
                 }
             }
         }
@@ -365,9 +369,16 @@ fn bad_inputs_are_typed_errors() {
     expect_err("dtype mix", a.forward(&q, &t(&[1, 2, 8, 4], DType::BF16), &v, None), |e| {
         matches!(e, Error::DTypeMismatch { .. })
     });
-    expect_err("f64", a.forward(&t(&[1, 1, 2, 2], DType::F64), &t(&[1, 1, 2, 2], DType::F64), &t(&[1, 1, 2, 2], DType::F64), None), |e| {
-        matches!(e, Error::UnsupportedDType { .. })
-    });
+    expect_err(
+        "f64",
+        a.forward(
+            &t(&[1, 1, 2, 2], DType::F64),
+            &t(&[1, 1, 2, 2], DType::F64),
+            &t(&[1, 1, 2, 2], DType::F64),
+            None,
+        ),
+        |e| matches!(e, Error::UnsupportedDType { .. }),
+    );
     let big = t(&[1, 1, 2, 257], DType::F32);
     expect_err("Dk > 256", a.forward(&big, &big, &t(&[1, 1, 2, 2], DType::F32), None), shape);
     expect_err("Dv > 256", a.forward(&q, &q, &t(&[1, 2, 8, 257], DType::F32), None), shape);
@@ -385,7 +396,9 @@ fn bad_inputs_are_typed_errors() {
     expect_err("state shape", a.forward(&q, &q, &v, Some(init)), shape);
     let s_half = t(&[1, 2, 4, 3], DType::BF16);
     let init = RecurrentState { state: &s_half, normalizer: None };
-    expect_err("state dtype", a.forward(&q, &q, &v, Some(init)), |e| matches!(e, Error::DTypeMismatch { .. }));
+    expect_err("state dtype", a.forward(&q, &q, &v, Some(init)), |e| {
+        matches!(e, Error::DTypeMismatch { .. })
+    });
     let s_ok = t(&[1, 2, 4, 3], DType::F32);
     let z_bad = t(&[1, 2, 3], DType::F32);
     let init = RecurrentState { state: &s_ok, normalizer: Some(&z_bad) };
@@ -399,7 +412,17 @@ fn bad_inputs_are_typed_errors() {
     for cu in [&[0usize, 5, 5, 8][..], &[0, 5, 3, 8], &[0, 5, 7], &[1, 8], &[0], &[0, 9]] {
         expect_err(&format!("cu_seqlens {cu:?}"), a.forward_varlen(&p, &p, &v, cu, None), invalid);
     }
-    expect_err("varlen B > 1", a.forward_varlen(&t(&[2, 2, 4, 4], DType::F32), &t(&[2, 2, 4, 4], DType::F32), &t(&[2, 2, 4, 3], DType::F32), &[0, 4], None), shape);
+    expect_err(
+        "varlen B > 1",
+        a.forward_varlen(
+            &t(&[2, 2, 4, 4], DType::F32),
+            &t(&[2, 2, 4, 4], DType::F32),
+            &t(&[2, 2, 4, 3], DType::F32),
+            &[0, 4],
+            None,
+        ),
+        shape,
+    );
     let s_one = t(&[1, 2, 4, 3], DType::F32);
     let init = RecurrentState { state: &s_one, normalizer: None };
     expect_err("varlen state count", a.forward_varlen(&p, &p, &v, &[0, 3, 8], Some(init)), shape);
@@ -409,5 +432,9 @@ fn bad_inputs_are_typed_errors() {
     }
     let non_causal = LinearAttention { causal: false, ..a };
     expect_err("momentum non-causal", non_causal.forward_with_momentum(&q, &q, &v, 0.5), invalid);
-    expect_err("momentum backward non-causal", non_causal.backward_with_momentum(&q, &q, &v, &v, 0.5), invalid);
+    expect_err(
+        "momentum backward non-causal",
+        non_causal.backward_with_momentum(&q, &q, &v, &v, 0.5),
+        invalid,
+    );
 }

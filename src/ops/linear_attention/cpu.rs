@@ -17,8 +17,6 @@
 //! Σ η^{t−i} v_i, and its reverse sum on dv) is a per-row recurrence folded into the same
 //! loops.
 
-use std::borrow::Cow;
-
 use half::{bf16, f16};
 use rayon::prelude::*;
 
@@ -193,7 +191,14 @@ fn init_state(right: &mut [f32], s0: Option<&[f32]>, z0: Option<&[f32]>, d: Dims
 /// S' += φ(K)ᵀ V' for the `n` rows loaded in `kf` and `right[dk..]`.
 fn update_state(ws: &mut Workspace, n: usize, d: Dims) -> Result<()> {
     let (s, vals) = ws.right.split_at_mut(d.dk * d.dva);
-    gemm(1.0, Mat::new(&ws.kf[..n * d.dk], n, d.dk).t(), Mat::new(&vals[..n * d.dva], n, d.dva), 1.0, s, d.dva)
+    gemm(
+        1.0,
+        Mat::new(&ws.kf[..n * d.dk], n, d.dk).t(),
+        Mat::new(&vals[..n * d.dva], n, d.dva),
+        1.0,
+        s,
+        d.dva,
+    )
 }
 
 /// `oa` := [num | den − eps] for the `n` chunk rows: φ(Q)·S' plus (causal) the masked
@@ -210,7 +215,14 @@ fn chunk_numerators(ws: &mut Workspace, n: usize, d: Dims, causal: bool) -> Resu
             CHUNK,
         )?;
         mask_into(&ws.square, &mut ws.left[d.dk..], n, ld_l, true);
-        gemm(1.0, view(&ws.left, n, d.dk + n, ld_l), Mat::new(&ws.right, d.dk + n, d.dva), 0.0, &mut ws.oa, d.dva)
+        gemm(
+            1.0,
+            view(&ws.left, n, d.dk + n, ld_l),
+            Mat::new(&ws.right, d.dk + n, d.dva),
+            0.0,
+            &mut ws.oa,
+            d.dva,
+        )
     } else {
         gemm(1.0, view(&ws.left, n, d.dk, ld_l), Mat::new(&ws.right, d.dk, d.dva), 0.0, &mut ws.oa, d.dva)
     }
@@ -326,13 +338,16 @@ fn forward_segment(t: ForwardTask<'_>, o: Opts, d: Dims, ws: &mut Workspace) -> 
         if o.normalize {
             for i in 0..n {
                 let inter: f32 = qf[i * dk..(i + 1) * dk].iter().zip(z.iter()).map(|(a, b)| a * b).sum();
-                let intra: f32 = if o.causal { square[i * CHUNK..i * CHUNK + i + 1].iter().sum() } else { 0.0 };
+                let intra: f32 =
+                    if o.causal { square[i * CHUNK..i * CHUNK + i + 1].iter().sum() } else { 0.0 };
                 den[i] = inter + intra + o.eps;
             }
         }
-        Gemm { m: n, n: dv, k: dk, rsa: dk, csa: 1, ldb: dv, ldc: dv, accumulate: false }.run(qf, state, out)?;
+        Gemm { m: n, n: dv, k: dk, rsa: dk, csa: 1, ldb: dv, ldc: dv, accumulate: false }
+            .run(qf, state, out)?;
         if o.causal {
-            Gemm { m: n, n: dv, k: n, rsa: CHUNK, csa: 1, ldb: dv, ldc: dv, accumulate: true }.run(square, v, out)?;
+            Gemm { m: n, n: dv, k: n, rsa: CHUNK, csa: 1, ldb: dv, ldc: dv, accumulate: true }
+                .run(square, v, out)?;
         }
         finish_rows(out, v, o, dv, den, carry);
         if o.causal {
@@ -455,7 +470,13 @@ fn init_grad_state(ds: &mut [f32], gs: Option<&[f32]>, gz: Option<&[f32]>, d: Di
     init_state(ds, gs, gz, d);
 }
 
-fn backward_segment(t: BackwardIn<'_>, out: BackwardOut<'_>, o: Opts, d: Dims, ws: &mut Workspace) -> Result<()> {
+fn backward_segment(
+    t: BackwardIn<'_>,
+    out: BackwardOut<'_>,
+    o: Opts,
+    d: Dims,
+    ws: &mut Workspace,
+) -> Result<()> {
     if o.causal {
         causal_dq_pass(t, out.dq, o, d, ws)?;
         causal_dkv_pass(t, out.dk, out.dv, o, d, ws)?;
@@ -490,7 +511,14 @@ fn causal_dq_pass(t: BackwardIn<'_>, dq: &mut [f32], o: Opts, d: Dims, ws: &mut 
         let vals = Mat::new(&ws.right[d.dk * d.dva..(d.dk + n) * d.dva], n, d.dva);
         gemm(1.0, Mat::new(gp, n, d.dva), vals.t(), 0.0, &mut ws.square, CHUNK)?;
         mask_into(&ws.square, &mut ws.masked, n, CHUNK, true);
-        gemm(1.0, view(&ws.masked, n, n, CHUNK), Mat::new(&ws.kf[..n * d.dk], n, d.dk), 1.0, &mut ws.dfeat, d.dk)?;
+        gemm(
+            1.0,
+            view(&ws.masked, n, n, CHUNK),
+            Mat::new(&ws.kf[..n * d.dk], n, d.dk),
+            1.0,
+            &mut ws.dfeat,
+            d.dk,
+        )?;
         let rows = t0 * d.dk..(t0 + n) * d.dk;
         chain_feature(o.fm, &ws.dfeat[..n * d.dk], &t.q[rows.clone()], &mut dq[rows]);
         update_state(ws, n, d)?;
@@ -621,9 +649,11 @@ pub(super) fn backward(p: &Problem, a: &ForwardArgs<'_>, b: &BackwardArgs<'_>) -
         .into_iter()
         .zip(split_rows(&mut dk, &p.segments, d.dk))
         .zip(split_rows(&mut dv, &p.segments, d.dv));
-    let state_outs = split_states(&mut ds0, &p.segments, d.dk * d.dv)?
-        .into_iter()
-        .zip(split_states(&mut dz0, &p.segments, d.dk)?);
+    let state_outs = split_states(&mut ds0, &p.segments, d.dk * d.dv)?.into_iter().zip(split_states(
+        &mut dz0,
+        &p.segments,
+        d.dk,
+    )?);
     let tasks: Vec<(BackwardIn<'_>, BackwardOut<'_>)> = p
         .segments
         .iter()
@@ -662,7 +692,7 @@ pub(super) fn backward(p: &Problem, a: &ForwardArgs<'_>, b: &BackwardArgs<'_>) -
 // layout helpers
 
 /// The rows of `seg` in a `[rows, width]` matrix.
-fn rows<'a>(data: &'a Cow<'_, [f32]>, seg: &Segment, width: usize) -> &'a [f32] {
+fn rows<'a>(data: &'a [f32], seg: &Segment, width: usize) -> &'a [f32] {
     &data[seg.row0 * width..(seg.row0 + seg.len) * width]
 }
 

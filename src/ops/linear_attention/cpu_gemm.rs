@@ -119,7 +119,14 @@ impl Gemm {
 
     /// Rows `rows` × columns `cols` of C, one row at a time (the ragged edges).
     #[inline(always)]
-    fn edge(&self, a: &[f32], b: &[f32], c: &mut [f32], rows: std::ops::Range<usize>, cols: std::ops::Range<usize>) {
+    fn edge(
+        &self,
+        a: &[f32],
+        b: &[f32],
+        c: &mut [f32],
+        rows: std::ops::Range<usize>,
+        cols: std::ops::Range<usize>,
+    ) {
         if cols.is_empty() {
             return;
         }

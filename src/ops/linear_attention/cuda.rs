@@ -214,7 +214,9 @@ fn launch_core(
         return Err(Error::invalid(
             "LinearAttention (cuda)",
             "head dimension",
-            format!("the chunk kernel needs {smem} bytes of shared memory at Dk = {dk}; this GPU allows {optin}"),
+            format!(
+                "the chunk kernel needs {smem} bytes of shared memory at Dk = {dk}; this GPU allows {optin}"
+            ),
         ));
     }
     f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
@@ -227,7 +229,11 @@ fn launch_core(
         .ok()
         .filter(|&x| x < (1u32 << 31))
         .ok_or_else(|| Error::invalid("LinearAttention (cuda)", "B·H", format!("{n_items} work items")))?;
-    let cfg = LaunchConfig { grid_dim: (grid_x, tiles as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem as u32 };
+    let cfg = LaunchConfig {
+        grid_dim: (grid_x, tiles as u32, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
     let mut b = dev.stream().launch_builder(&f);
     b.arg(args);
     // SAFETY: every pointer in `args` addresses a live buffer sized for the items' rows and
@@ -302,8 +308,18 @@ pub(super) fn forward(p: &Problem, a: &ForwardArgs<'_>, path: KernelPath) -> Res
     shape[3] = p.dv;
     Ok(ForwardResult {
         output: out.into_tensor(&shape, a.q.device()),
-        state: Tensor::from_cuda_buffer(CudaBuffer::F32(s_out), &[states, p.dk, p.dv], DType::F32, a.q.device()),
-        normalizer: Tensor::from_cuda_buffer(CudaBuffer::F32(z_out), &[states, p.dk], DType::F32, a.q.device()),
+        state: Tensor::from_cuda_buffer(
+            CudaBuffer::F32(s_out),
+            &[states, p.dk, p.dv],
+            DType::F32,
+            a.q.device(),
+        ),
+        normalizer: Tensor::from_cuda_buffer(
+            CudaBuffer::F32(z_out),
+            &[states, p.dk],
+            DType::F32,
+            a.q.device(),
+        ),
     })
 }
 
@@ -318,7 +334,8 @@ fn fused_forward(
     let items = dev.htod(&segment_items(p, a.s0.is_some()))?;
     let stream = dev.stream().clone();
     let mut ptr = Ptrs::new(&stream);
-    let mut args = CoreArgs { n_items: items.len() as i32, dk: p.dk as i32, dv: p.dv as i32, ..Default::default() };
+    let mut args =
+        CoreArgs { n_items: items.len() as i32, dk: p.dk as i32, dv: p.dv as i32, ..Default::default() };
     fill_core_options(&mut args, p);
     args.q = ptr.tensor(a.q)?;
     args.k = ptr.tensor(a.k)?;
@@ -377,7 +394,8 @@ fn split_forward(
     let stream = dev.stream().clone();
     {
         let mut ptr = Ptrs::new(&stream);
-        let mut args = CoreArgs { n_items: n_items as i32, dk: dk as i32, dv: dv as i32, ..Default::default() };
+        let mut args =
+            CoreArgs { n_items: n_items as i32, dk: dk as i32, dv: dv as i32, ..Default::default() };
         fill_core_options(&mut args, p);
         args.q = ptr.tensor(a.q)?;
         args.k = ptr.tensor(a.k)?;
@@ -442,7 +460,8 @@ fn reference_forward(
     let items = dev.htod(&segment_items(p, a.s0.is_some()))?;
     let stream = dev.stream().clone();
     let mut ptr = Ptrs::new(&stream);
-    let mut args = CoreArgs { n_items: items.len() as i32, dk: p.dk as i32, dv: p.dv as i32, ..Default::default() };
+    let mut args =
+        CoreArgs { n_items: items.len() as i32, dk: p.dk as i32, dv: p.dv as i32, ..Default::default() };
     fill_core_options(&mut args, p);
     args.q = ptr.tensor(a.q)?;
     args.k = ptr.tensor(a.k)?;
@@ -522,7 +541,8 @@ fn reference_backward(
     let mut gp = dev.alloc::<f32>(p.rows * (p.dv + 1))?;
     let stream = dev.stream().clone();
     let mut ptr = Ptrs::new(&stream);
-    let mut f = CoreArgs { n_items: items.len() as i32, dk: p.dk as i32, dv: p.dv as i32, ..Default::default() };
+    let mut f =
+        CoreArgs { n_items: items.len() as i32, dk: p.dk as i32, dv: p.dv as i32, ..Default::default() };
     fill_core_options(&mut f, p);
     f.q = ptr.tensor(a.q)?;
     f.k = ptr.tensor(a.k)?;
@@ -711,7 +731,12 @@ fn chunked_backward(
         elementwise(dev, "la_backward_states", states * dk * dva, &args)?;
     }
     let pass = |q: u64, k: u64, v: u64, widths: (usize, usize), reverse: bool| {
-        let mut args = CoreArgs { n_items: n_items as i32, dk: widths.0 as i32, dv: widths.1 as i32, ..Default::default() };
+        let mut args = CoreArgs {
+            n_items: n_items as i32,
+            dk: widths.0 as i32,
+            dv: widths.1 as i32,
+            ..Default::default()
+        };
         args.causal = p.cfg.causal as i32;
         args.reverse = reverse as i32;
         args.scale = 1.0;

@@ -10,8 +10,8 @@
 //! ```
 //!
 //! This file holds the public API, the validation of every argument, and the dispatch to
-//! [`cpu`] (chunked, rayon over sequences × heads) or `cuda` (`kernels/linear_attention.cu`).
-//! Both back ends see the same [`Problem`]: a list of [`Segment`]s, one per (sequence, head),
+//! `cpu` (chunked, rayon over sequences × heads) or `cuda` (`kernels/linear_attention.cu`).
+//! Both back ends see the same `Problem`: a list of `Segment`s, one per (sequence, head),
 //! each a run of consecutive rows of the `[rows, D]` matrices that q, k and v are viewed as, so
 //! the dense `[B,H,T,D]` layout and the packed `cu_seqlens` layout share every kernel.
 
@@ -22,6 +22,13 @@ mod cuda;
 
 use crate::tensor::Storage;
 use crate::{DType, Error, Result, Tensor};
+
+// Workaround for a foundation lint: `crate::cpu::dgemm` has no caller on this branch yet (the
+// families that use it live on other branches), and `clippy -D warnings` rejects dead code.
+// Naming it here keeps this branch clean without touching the foundation file.
+const _: () = {
+    let _ = crate::cpu::dgemm;
+};
 
 /// The largest head dimension (Dk and Dv) the kernels accept.
 pub const MAX_HEAD_DIM: usize = 256;
@@ -98,7 +105,13 @@ pub struct LinearAttention {
 impl Default for LinearAttention {
     /// Causal, identity feature map, no normalisation, scale 1, eps 1e-6.
     fn default() -> Self {
-        LinearAttention { causal: true, feature_map: FeatureMap::Identity, normalize: false, scale: 1.0, eps: 1e-6 }
+        LinearAttention {
+            causal: true,
+            feature_map: FeatureMap::Identity,
+            normalize: false,
+            scale: 1.0,
+            eps: 1e-6,
+        }
     }
 }
 
@@ -568,7 +581,12 @@ fn backward_args<'a>(
     let mut expected = q.shape().to_vec();
     expected[3] = problem.dv;
     if grad_output.shape() != expected {
-        return Err(Error::shape(op, "grad_output", format!("{expected:?} like the output"), grad_output.shape()));
+        return Err(Error::shape(
+            op,
+            "grad_output",
+            format!("{expected:?} like the output"),
+            grad_output.shape(),
+        ));
     }
     let (s_shape, z_shape) = state_shapes(problem, q);
     let (mut grad_state, mut grad_normalizer) = (None, None);

@@ -2,7 +2,9 @@
 //! float64 recurrence and against the CPU (itself checked by finite differences). Each test
 //! skips without a GPU (and fails under METAKERNELS_REQUIRE_CUDA=1).
 
-use metakernels::linear_attention::{FeatureMap, KernelPath, LinearAttention, LinearAttentionGrads, RecurrentState};
+use metakernels::linear_attention::{
+    FeatureMap, KernelPath, LinearAttention, LinearAttentionGrads, RecurrentState,
+};
 use metakernels::testing::{assert_close, cuda_or_skip, tolerance, Rng};
 use metakernels::{DType, Device, Tensor};
 
@@ -32,15 +34,31 @@ fn cuda_forward_every_option_and_path() {
                         let r = reference::forward(&cfg, None, &c.x, &dense_segments(b * h, t), dk, dv);
                         let mut outs = Vec::new();
                         for path in PATHS {
-                            let out = cfg.forward_on_path(&c.q, &c.k, &c.v, c.initial(), path).expect("forward");
+                            let out =
+                                cfg.forward_on_path(&c.q, &c.k, &c.v, c.initial(), path).expect("forward");
                             let what = format!("{cfg:?} {dtype} state={with_state} {path:?}");
-                            assert_close(&format!("{what} output"), &f64s(&out.output), &r.o, tolerance(dtype));
+                            assert_close(
+                                &format!("{what} output"),
+                                &f64s(&out.output),
+                                &r.o,
+                                tolerance(dtype),
+                            );
                             assert_close(&format!("{what} state"), &f64s(&out.final_state), &r.s, 1e-5);
-                            assert_close(&format!("{what} normalizer"), &f64s(&out.final_normalizer), &r.z, 1e-5);
+                            assert_close(
+                                &format!("{what} normalizer"),
+                                &f64s(&out.final_normalizer),
+                                &r.z,
+                                1e-5,
+                            );
                             outs.push(f64s(&out.output));
                         }
                         for (path, o) in PATHS.iter().zip(&outs).skip(1) {
-                            assert_close(&format!("{cfg:?} {dtype} {path:?} vs reference kernel"), o, &outs[0], tolerance(dtype));
+                            assert_close(
+                                &format!("{cfg:?} {dtype} {path:?} vs reference kernel"),
+                                o,
+                                &outs[0],
+                                tolerance(dtype),
+                            );
                         }
                     }
                 }
@@ -54,7 +72,9 @@ fn cuda_forward_every_option_and_path() {
 #[test]
 fn cuda_forward_wide_heads_and_long_sequences() {
     let Some(gpu) = cuda_or_skip("cuda_forward_wide_heads_and_long_sequences") else { return };
-    for (b, h, t, dk, dv) in [(1, 2, 100, 256, 200), (1, 1, 77, 130, 256), (1, 2, 1000, 64, 64), (2, 3, 1, 5, 7)] {
+    for (b, h, t, dk, dv) in
+        [(1, 2, 100, 256, 200), (1, 1, 77, 130, 256), (1, 2, 1000, 64, 64), (2, 3, 1, 5, 7)]
+    {
         for causal in [true, false] {
             for dtype in [DType::F32, DType::BF16] {
                 let cfg = layer(FeatureMap::EluPlusOne, causal, true);
@@ -109,7 +129,14 @@ fn cuda_backward_matches_cpu() {
                     let (gs_c, gz_c) = (on_cpu(&gs), on_cpu(&gz));
                     let gf_cpu = RecurrentState { state: &gs_c, normalizer: Some(&gz_c) };
                     let cpu = cfg
-                        .backward(&on_cpu(&c.q), &on_cpu(&c.k), &on_cpu(&c.v), init_cpu, &on_cpu(&go), Some(gf_cpu))
+                        .backward(
+                            &on_cpu(&c.q),
+                            &on_cpu(&c.k),
+                            &on_cpu(&c.v),
+                            init_cpu,
+                            &on_cpu(&go),
+                            Some(gf_cpu),
+                        )
                         .expect("cpu backward");
                     let tol = if dtype == DType::F32 { 1e-4 } else { 2e-2 };
                     for path in [KernelPath::Reference, KernelPath::Fused] {
@@ -143,7 +170,8 @@ fn cuda_momentum_matches_cpu() {
                 let what = format!("momentum η={eta} {dtype} {path:?}");
                 let o = cfg.forward_with_momentum_on_path(&c.q, &c.k, &c.v, eta, path).expect("forward");
                 assert_close(&what, &f64s(&o), &r.o, tolerance(dtype).max(1e-5));
-                let g = cfg.backward_with_momentum_on_path(&c.q, &c.k, &c.v, &go, eta, path).expect("backward");
+                let g =
+                    cfg.backward_with_momentum_on_path(&c.q, &c.k, &c.v, &go, eta, path).expect("backward");
                 same_grads(&what, &g, &cpu, tol);
             }
         }

@@ -1,6 +1,8 @@
 //! Float64 references for the linear-attention tests: the step-by-step recurrence (obviously
 //! correct, O(T·Dk·Dv)), a scalar loss over all outputs, and central finite differences.
 
+#![allow(clippy::needless_range_loop)] // index loops mirror the formulas
+
 use metakernels::linear_attention::{FeatureMap, LinearAttention};
 
 /// One (sequence, head): rows `row0..row0+len` of the `[rows, D]` views; state number `state`.
@@ -137,7 +139,9 @@ fn dot(a: &[f64], b: &[f64]) -> f64 {
 }
 
 pub fn loss(out: &Outputs, w: &LossWeights) -> f64 {
-    dot(&out.o, &w.wo) + w.ws.as_ref().map_or(0.0, |ws| dot(&out.s, ws)) + w.wz.as_ref().map_or(0.0, |wz| dot(&out.z, wz))
+    dot(&out.o, &w.wo)
+        + w.ws.as_ref().map_or(0.0, |ws| dot(&out.s, ws))
+        + w.wz.as_ref().map_or(0.0, |wz| dot(&out.z, wz))
 }
 
 /// Central finite-difference gradients of the loss with respect to q, k, v, s0, z0.
