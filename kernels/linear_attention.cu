@@ -16,7 +16,8 @@
 // memory, keeps the state tile S[:, tile] and z in shared memory for the whole sequence, and
 // computes, with each thread owning a (C/16)×4 register micro-tile:
 //   A = mask(φ(Q)φ(K)ᵀ);  O = φ(Q)·S + A·V;  S += φ(K)ᵀV;  z += Σ φ(K)
-// Accumulation is f32 throughout (SIMT FMA; see the module docs for the tensor-core status).
+// Accumulation is f32 throughout. This SIMT core serves f32, Dk > 128, momentum and the
+// backward's f32 passes; f16/bf16 forwards with Dk ≤ 128 run core_mma (tensor cores), below.
 // C = 64 for Dk ≤ 128 and 32 above (shared memory), so every state stays on chip.
 //
 // A split form for few (sequence, head)s uses the same core on groups of chunks: pass 1 with
@@ -299,6 +300,286 @@ __device__ void core(const CoreArgs& p, float* sm) {
     }
 }
 
+// ---------------------------------------------------------------- tensor-core core ---------
+// The same algorithm for f16/bf16 inputs with Dk ≤ 128, its three chunk products on mma.sync
+// m16n8k16 (16-bit operands, f32 accumulation). φ(Q), φ(K), V, the masked scores A and a
+// 16-bit copy of the state tile are staged in shared memory; the state S itself and z stay
+// f32 in shared memory for the whole sequence (as in fla, S is rounded to the input type only
+// as an mma operand). 8 warps; for the 64×64 products warp w owns rows 16·(w%4).. and
+// columns 32·(w/4).. (four 16×8 tiles). Fragments are gathered with 16/32-bit shared loads.
+
+__device__ __forceinline__ void mma16816(float* d, const uint32_t* a, const uint32_t* b, __half) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+__device__ __forceinline__ void mma16816(float* d, const uint32_t* a, const uint32_t* b, __nv_bfloat16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+__device__ __forceinline__ uint32_t pack2(const uint16_t* base, int lo, int hi) {
+    return (uint32_t)base[lo] | ((uint32_t)base[hi] << 16);
+}
+
+// Fragments of a 16×16 A tile at (r0, k0) of a matrix stored M[r][k] (row stride ld, halves).
+__device__ __forceinline__ void frag_a_rowmajor(uint32_t* a, const uint16_t* m, int ld, int r0, int k0, int g, int t) {
+    const int r = r0 + g, k = k0 + 2 * t;
+    a[0] = pack2(m, r * ld + k, r * ld + k + 1);
+    a[1] = pack2(m, (r + 8) * ld + k, (r + 8) * ld + k + 1);
+    a[2] = pack2(m, r * ld + k + 8, r * ld + k + 9);
+    a[3] = pack2(m, (r + 8) * ld + k + 8, (r + 8) * ld + k + 9);
+}
+// ... of an A tile stored transposed, M[k][r].
+__device__ __forceinline__ void frag_a_colmajor(uint32_t* a, const uint16_t* m, int ld, int r0, int k0, int g, int t) {
+    const int r = r0 + g, k = k0 + 2 * t;
+    a[0] = pack2(m, k * ld + r, (k + 1) * ld + r);
+    a[1] = pack2(m, k * ld + r + 8, (k + 1) * ld + r + 8);
+    a[2] = pack2(m, (k + 8) * ld + r, (k + 9) * ld + r);
+    a[3] = pack2(m, (k + 8) * ld + r + 8, (k + 9) * ld + r + 8);
+}
+// Fragments of a 16×8 B tile at (k0, n0) of B stored N-major, M[n][k] (e.g. φ(K) for QKᵀ).
+__device__ __forceinline__ void frag_b_nmajor(uint32_t* b, const uint16_t* m, int ld, int k0, int n0, int g, int t) {
+    const int n = n0 + g, k = k0 + 2 * t;
+    b[0] = pack2(m, n * ld + k, n * ld + k + 1);
+    b[1] = pack2(m, n * ld + k + 8, n * ld + k + 9);
+}
+// ... of B stored K-major, M[k][n] (e.g. V, S).
+__device__ __forceinline__ void frag_b_kmajor(uint32_t* b, const uint16_t* m, int ld, int k0, int n0, int g, int t) {
+    const int n = n0 + g, k = k0 + 2 * t;
+    b[0] = pack2(m, k * ld + n, (k + 1) * ld + n);
+    b[1] = pack2(m, (k + 8) * ld + n, (k + 9) * ld + n);
+}
+
+constexpr int MMA_C = 64;
+constexpr int HALF_LD_PAD = 8;
+
+// Shared-memory plan of the tensor-core core, in bytes, for a padded key width dkp (a
+// multiple of 16, ≤ 128). Halves first, then floats (16-byte aligned).
+struct SmemMma {
+    int ldq, q, k, v, a, sh, sf, z, den, m, o, total;
+    __host__ __device__ SmemMma(int dkp) {
+        ldq = dkp + HALF_LD_PAD;
+        const int ldt = TILE + HALF_LD_PAD;
+        q = 0;                                  // halves: MMA_C × ldq
+        k = q + MMA_C * ldq * 2;                // halves: MMA_C × ldq
+        v = k + MMA_C * ldq * 2;                // halves: MMA_C × ldt
+        a = v + MMA_C * ldt * 2;                // halves: MMA_C × ldt
+        sh = a + MMA_C * ldt * 2;               // halves: dkp × ldt
+        sf = (sh + dkp * ldt * 2 + 15) / 16 * 16;  // floats: dkp × TILE_LD
+        z = sf + dkp * TILE_LD * 4;             // floats: dkp
+        den = z + dkp * 4;                      // floats: MMA_C
+        m = den + MMA_C * 4;                    // floats: TILE
+        o = m + TILE * 4;                       // floats: MMA_C × TILE_LD
+        total = o + MMA_C * TILE_LD * 4;
+    }
+};
+
+template <typename T>
+__device__ void core_mma(const CoreArgs& p, unsigned char* smem) {
+    constexpr int C = MMA_C;
+    const int dk = p.dk, dv = p.dv;
+    const int dkp = (dk + 15) / 16 * 16;
+    const SmemMma L(dkp);
+    const int ldq = L.ldq, ldt = TILE + HALF_LD_PAD;
+    T* Qh = reinterpret_cast<T*>(smem + L.q);
+    T* Kh = reinterpret_cast<T*>(smem + L.k);
+    T* Vh = reinterpret_cast<T*>(smem + L.v);
+    T* Ah = reinterpret_cast<T*>(smem + L.a);
+    T* Sh = reinterpret_cast<T*>(smem + L.sh);
+    float* Sf = reinterpret_cast<float*>(smem + L.sf);
+    float* zs = reinterpret_cast<float*>(smem + L.z);
+    float* dens = reinterpret_cast<float*>(smem + L.den);
+    float* ms = reinterpret_cast<float*>(smem + L.m);
+    float* Os = reinterpret_cast<float*>(smem + L.o);
+    const uint16_t* Qu = reinterpret_cast<const uint16_t*>(Qh);
+    const uint16_t* Ku = reinterpret_cast<const uint16_t*>(Kh);
+    const uint16_t* Vu = reinterpret_cast<const uint16_t*>(Vh);
+    const uint16_t* Au = reinterpret_cast<const uint16_t*>(Ah);
+    const uint16_t* Su = reinterpret_cast<const uint16_t*>(Sh);
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tq = lane % 4;
+    const int wr = (warp % 4) * 16, wc = (warp / 4) * 32;  // this warp's 16×32 block of a 64×64 product
+    const Item it = p.items[blockIdx.x];
+    const int j0 = blockIdx.y * TILE;
+    const int w = min(TILE, dv - j0);
+    const T* q = static_cast<const T*>(p.q);
+    const T* k = static_cast<const T*>(p.k);
+    const T* v = static_cast<const T*>(p.v);
+
+    for (int e = tid; e < dkp * TILE; e += THREADS) {
+        const int c = e / TILE, j = e % TILE;
+        float x = 0.f;
+        if (c < dk && j < w && it.state_in >= 0 && p.s_in != nullptr) x = p.s_in[(it.state_in * dk + c) * dv + j0 + j];
+        Sf[c * TILE_LD + j] = x;
+    }
+    for (int c = tid; c < dkp; c += THREADS)
+        zs[c] = (c < dk && it.state_in >= 0 && p.z_in != nullptr) ? p.z_in[it.state_in * dk + c] : 0.f;
+    const long long chunks = (it.len + C - 1) / C;
+
+    auto load_rows = [&](T* dst, const T* src, long long ch, int n) {
+        for (int e = tid; e < C * dkp; e += THREADS) {
+            const int i = e / dkp, c = e % dkp;
+            float x = 0.f;
+            if (i < n && c < dk) x = phi(p.fm, mk::to_float(src[row_of(it, ch * C + i, p.reverse) * dk + c]));
+            dst[i * ldq + c] = mk::from_float<T>(x);
+        }
+    };
+    auto load_v = [&](long long ch, int n) {
+        for (int e = tid; e < C * TILE; e += THREADS) {
+            const int i = e / TILE, j = e % TILE;
+            Vh[i * ldt + j] = (i < n && j < w) ? v[row_of(it, ch * C + i, p.reverse) * dv + j0 + j] : mk::from_float<T>(0.f);
+        }
+    };
+    // S += φ(K)ᵀV on tensor cores (S: dkp × 64, k = the C chunk rows); z += Σ φ(K).
+    auto update_state = [&]() {
+        const int tiles = (dkp / 16) * (TILE / 8);
+        for (int tt = warp; tt < tiles; tt += THREADS / 32) {
+            const int r0 = (tt / (TILE / 8)) * 16, n0 = (tt % (TILE / 8)) * 8;
+            float d[4] = {Sf[(r0 + g) * TILE_LD + n0 + 2 * tq], Sf[(r0 + g) * TILE_LD + n0 + 2 * tq + 1],
+                          Sf[(r0 + g + 8) * TILE_LD + n0 + 2 * tq], Sf[(r0 + g + 8) * TILE_LD + n0 + 2 * tq + 1]};
+#pragma unroll
+            for (int k0 = 0; k0 < C; k0 += 16) {
+                uint32_t a[4], b[2];
+                frag_a_colmajor(a, Ku, ldq, r0, k0, g, tq);
+                frag_b_kmajor(b, Vu, ldt, k0, n0, g, tq);
+                mma16816(d, a, b, T());
+            }
+            Sf[(r0 + g) * TILE_LD + n0 + 2 * tq] = d[0];
+            Sf[(r0 + g) * TILE_LD + n0 + 2 * tq + 1] = d[1];
+            Sf[(r0 + g + 8) * TILE_LD + n0 + 2 * tq] = d[2];
+            Sf[(r0 + g + 8) * TILE_LD + n0 + 2 * tq + 1] = d[3];
+        }
+        for (int c = tid; c < dk; c += THREADS) {
+            float acc = 0.f;
+            for (int i = 0; i < C; ++i) acc += mk::to_float(Kh[i * ldq + c]);
+            zs[c] += acc;
+        }
+    };
+
+    if (!p.causal && p.accumulate) {
+        for (long long ch = 0; ch < chunks; ++ch) {
+            const int n = (int)min((long long)C, it.len - ch * C);
+            __syncthreads();
+            load_rows(Kh, k, ch, n);
+            load_v(ch, n);
+            __syncthreads();
+            update_state();
+        }
+    }
+    if (tid < TILE) ms[tid] = 0.f;
+    for (long long ch = 0; ch < chunks && p.out != nullptr; ++ch) {
+        const int n = (int)min((long long)C, it.len - ch * C);
+        __syncthreads();
+        load_rows(Qh, q, ch, n);
+        if (p.causal) {
+            load_rows(Kh, k, ch, n);
+            load_v(ch, n);
+        }
+        for (int e = tid; e < dkp * TILE; e += THREADS) {
+            const int c = e / TILE, j = e % TILE;
+            Sh[c * ldt + j] = mk::from_float<T>(Sf[c * TILE_LD + j]);
+        }
+        __syncthreads();
+        if (p.causal) {
+            // A = mask(φ(Q)φ(K)ᵀ), rounded to T for the next product.
+            float d[4][4] = {};
+            for (int k0 = 0; k0 < dkp; k0 += 16) {
+                uint32_t a[4];
+                frag_a_rowmajor(a, Qu, ldq, wr, k0, g, tq);
+#pragma unroll
+                for (int nt = 0; nt < 4; ++nt) {
+                    uint32_t b[2];
+                    frag_b_nmajor(b, Ku, ldq, k0, wc + 8 * nt, g, tq);
+                    mma16816(d[nt], a, b, T());
+                }
+            }
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int i = wr + g + (e >= 2 ? 8 : 0), s = wc + 8 * nt + 2 * tq + (e & 1);
+                    Ah[i * ldt + s] = mk::from_float<T>(s <= i ? d[nt][e] : 0.f);
+                }
+            __syncthreads();
+        }
+        // O = φ(Q)·S + A·V
+        float o[4][4] = {};
+        for (int k0 = 0; k0 < dkp; k0 += 16) {
+            uint32_t a[4];
+            frag_a_rowmajor(a, Qu, ldq, wr, k0, g, tq);
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt) {
+                uint32_t b[2];
+                frag_b_kmajor(b, Su, ldt, k0, wc + 8 * nt, g, tq);
+                mma16816(o[nt], a, b, T());
+            }
+        }
+        if (p.causal) {
+#pragma unroll
+            for (int k0 = 0; k0 < C; k0 += 16) {
+                uint32_t a[4];
+                frag_a_rowmajor(a, Au, ldt, wr, k0, g, tq);
+#pragma unroll
+                for (int nt = 0; nt < 4; ++nt) {
+                    uint32_t b[2];
+                    frag_b_kmajor(b, Vu, ldt, k0, wc + 8 * nt, g, tq);
+                    mma16816(o[nt], a, b, T());
+                }
+            }
+        }
+        if (tid < C) {
+            float dsum = 0.f;
+            for (int c = 0; c < dk; ++c) dsum = fmaf(mk::to_float(Qh[tid * ldq + c]), zs[c], dsum);
+            if (p.causal)
+                for (int s = 0; s < C; ++s) dsum += mk::to_float(Ah[tid * ldt + s]);
+            dens[tid] = dsum + p.eps;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int i = wr + g + (e >= 2 ? 8 : 0), j = wc + 8 * nt + 2 * tq + (e & 1);
+                const float f = p.normalize ? p.scale / dens[i] : p.scale;
+                Os[i * TILE_LD + j] = f * o[nt][e];
+            }
+        __syncthreads();
+        T* out = static_cast<T*>(p.out);
+        for (int e = tid; e < n * TILE; e += THREADS) {
+            const int i = e / TILE, j = e % TILE;
+            if (j < w) out[row_of(it, ch * C + i, p.reverse) * dv + j0 + j] = mk::from_float<T>(Os[i * TILE_LD + j]);
+        }
+        if (p.den_out != nullptr && blockIdx.y == 0 && tid < n)
+            p.den_out[row_of(it, ch * C + tid, p.reverse)] = dens[tid];
+        if (p.causal) update_state();
+    }
+    if (p.out == nullptr && p.causal) {
+        for (long long ch = 0; ch < chunks; ++ch) {
+            const int n = (int)min((long long)C, it.len - ch * C);
+            __syncthreads();
+            load_rows(Kh, k, ch, n);
+            load_v(ch, n);
+            __syncthreads();
+            update_state();
+        }
+    }
+    __syncthreads();
+    if (it.state_out >= 0 && p.s_out != nullptr) {
+        for (int e = tid; e < dk * w; e += THREADS) {
+            const int c = e / w, j = e % w;
+            p.s_out[(it.state_out * dk + c) * dv + j0 + j] = Sf[c * TILE_LD + j];
+        }
+        if (blockIdx.y == 0 && p.z_out != nullptr)
+            for (int c = tid; c < dk; c += THREADS) p.z_out[it.state_out * dk + c] = zs[c];
+    }
+}
+
 // ---------------------------------------------------------------- reference kernels --------
 // One block per item, one thread per output element, every sum written out in full: O(T²).
 
@@ -478,6 +759,15 @@ __device__ void reference_backward(const RefBackwardArgs& r) {
     MK_CORE(la_core_##SN##_to_f32_c32, T, float, 32)                \
     extern "C" __global__ void la_reference_forward_##SN(CoreArgs p) { reference_forward<T>(p); } \
     extern "C" __global__ void la_reference_backward_##SN(RefBackwardArgs r) { reference_backward<T>(r); }
+
+extern "C" __global__ void __launch_bounds__(THREADS, 1) la_core_mma_f16(CoreArgs p) {
+    extern __shared__ __align__(16) unsigned char smem_h[];
+    core_mma<__half>(p, smem_h);
+}
+extern "C" __global__ void __launch_bounds__(THREADS, 1) la_core_mma_bf16(CoreArgs p) {
+    extern __shared__ __align__(16) unsigned char smem_b[];
+    core_mma<__nv_bfloat16>(p, smem_b);
+}
 
 MK_CORE_ALL(f16, __half)
 MK_CORE_ALL(bf16, __nv_bfloat16)

@@ -13,6 +13,11 @@
 //! and a second core launch computes all groups' outputs in parallel. The threshold is the
 //! occupancy argument above; it has not yet been tuned by measurement on a GPU.
 //!
+//! **Tensor cores.** Forward launches with f16/bf16 inputs, Dk ≤ 128 and no momentum run
+//! `la_core_mma_<dt>`, whose three chunk products are `mma.sync.m16n8k16` with f32
+//! accumulation; everything else (f32, Dk > 128, the momentum forward, and the backward's f32
+//! passes) runs the SIMT core `la_core_<in>_to_<out>_c<C>`.
+//!
 //! **Backward** (8 launches, all O(T)): featurise φ(Q), φ(K), [V,1]; recompute the forward's
 //! outputs and denominators; form g' = [∂L/∂num, ∂L/∂den]; build the passes' initial states;
 //! then three core passes (dφ(Q) forward in time; dφ(K) and dV' backward in time, the last
@@ -172,7 +177,8 @@ impl Out {
     }
 }
 
-/// Rows per chunk of the core for a key width `dk` (shared memory bounds it).
+/// Rows per chunk of the SIMT core for a key width `dk` (shared memory bounds it); the
+/// tensor-core core always uses 64.
 fn chunk_for(dk: usize) -> usize {
     if dk <= 128 {
         64
@@ -186,6 +192,21 @@ fn core_smem_bytes(c: usize, dk: usize) -> usize {
     let tile_ld = TILE + 1;
     let floats = 2 * c * (dk + 1) + c * tile_ld + c * (c + 1) + dk * tile_ld + dk + c + TILE + c * tile_ld;
     floats * 4
+}
+
+/// Shared-memory bytes of the tensor-core core; mirrors `SmemMma` in the .cu file.
+fn mma_smem_bytes(dk: usize) -> usize {
+    let dkp = dk.div_ceil(16) * 16;
+    let (ldq, ldt, c, tile_ld) = (dkp + 8, TILE + 8, 64, TILE + 1);
+    let halves = 2 * c * ldq + 2 * c * ldt + dkp * ldt;
+    let floats_start = (halves * 2).div_ceil(16) * 16;
+    floats_start + 4 * (dkp * tile_ld + dkp + c + TILE + c * tile_ld)
+}
+
+/// Whether a core launch runs on the tensor-core kernel: 16-bit inputs and outputs (the
+/// forward), Dk ≤ 128, no momentum term.
+fn uses_mma(in_dtype: DType, out_f32: bool, args: &CoreArgs) -> bool {
+    matches!(in_dtype, DType::F16 | DType::BF16) && !out_f32 && args.dk <= 128 && args.eta < 0.0
 }
 
 fn attribute(dev: &CudaDevice, a: CUdevice_attribute) -> Result<usize> {
@@ -206,9 +227,12 @@ fn launch_core(
     let c = chunk_for(dk);
     let dt = in_dtype.as_str();
     let out = if out_f32 { "f32" } else { dt };
-    let name = format!("la_core_{dt}_to_{out}_c{c}");
+    let (name, smem) = if uses_mma(in_dtype, out_f32, args) {
+        (format!("la_core_mma_{dt}"), mma_smem_bytes(dk))
+    } else {
+        (format!("la_core_{dt}_to_{out}_c{c}"), core_smem_bytes(c, dk))
+    };
     let f = dev.function(MODULE, &name)?;
-    let smem = core_smem_bytes(c, dk);
     let optin = attribute(dev, CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
     if smem > optin {
         return Err(Error::invalid(
@@ -275,7 +299,9 @@ fn split_groups(dev: &CudaDevice, p: &Problem, path: KernelPath) -> Result<usize
     if p.momentum.is_some() || matches!(path, KernelPath::Fused | KernelPath::Reference) {
         return Ok(1);
     }
-    let c = chunk_for(p.dk);
+    // Chunk boundaries of the groups must be chunk boundaries of both cores: 64 is a multiple
+    // of 32.
+    let c = 64;
     let max_chunks = p.segments.iter().map(|s| s.len.div_ceil(c)).max().unwrap_or(1);
     let blocks = p.segments.len() * p.dv.div_ceil(TILE);
     let sms = sm_count(dev)?;
@@ -365,7 +391,8 @@ fn split_forward(
     s_out: &mut CudaSlice<f32>,
     z_out: &mut CudaSlice<f32>,
 ) -> Result<()> {
-    let c = chunk_for(p.dk);
+    // Groups are cut at multiples of 64 rows, a chunk boundary of both cores.
+    let c = 64;
     let (dk, dv) = (p.dk, p.dv);
     let mut pass1 = Vec::with_capacity(p.segments.len() * groups);
     let mut pass2 = Vec::with_capacity(p.segments.len() * groups);
