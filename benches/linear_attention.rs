@@ -117,7 +117,7 @@ fn cpu_report() {
         for causal in [true, false] {
             let attn = LinearAttention { causal, ..Default::default() };
             let kind = if causal { "causal" } else { "noncausal" };
-            let fwd = best_ms(&dev, 3, || attn.forward(&q, &k, &v, None).map(|_| ())).unwrap();
+            let fwd = best_ms(&dev, 10, || attn.forward(&q, &k, &v, None).map(|_| ())).unwrap();
             // The quadratic baseline is costly on two cores: one timed call after a warm-up.
             let quad = best_ms(&dev, 1, || {
                 std::hint::black_box(quadratic_baseline(&qh, &kh, &vh, b * h, t, d, causal));

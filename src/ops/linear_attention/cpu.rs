@@ -30,6 +30,10 @@ use crate::{DType, Error, Result, Tensor};
 /// masking waste small; measured faster than 32 and 128 at D = 64.
 const CHUNK: usize = 64;
 
+/// Rows per block of the causal chunk products: each block multiplies only up to its diagonal,
+/// which skips 3/8 of the work of a full 64 × 64 masked product.
+const ROW_BLOCK: usize = 16;
+
 const OP: &str = "linear_attention (cpu)";
 
 #[inline]
@@ -329,10 +333,24 @@ fn forward_segment(t: ForwardTask<'_>, o: Opts, d: Dims, ws: &mut Workspace) -> 
             for (i, row) in kf.chunks_exact(dk).enumerate() {
                 row.iter().enumerate().for_each(|(c, &x)| kft[c * CHUNK + i] = x);
             }
-            let scores = Gemm { m: n, n, k: dk, rsa: dk, csa: 1, ldb: CHUNK, ldc: CHUNK, accumulate: false };
-            scores.run(qf, kft, square)?;
+            // Row block by row block, only up to the diagonal: the rest is masked anyway.
+            for i0 in (0..n).step_by(ROW_BLOCK) {
+                let (rows, cols) = (ROW_BLOCK.min(n - i0), (i0 + ROW_BLOCK).min(n));
+                let scores = Gemm {
+                    m: rows,
+                    n: cols,
+                    k: dk,
+                    rsa: dk,
+                    csa: 1,
+                    ldb: CHUNK,
+                    ldc: CHUNK,
+                    accumulate: false,
+                };
+                scores.run(&qf[i0 * dk..], kft, &mut square[i0 * CHUNK..])?;
+            }
             for i in 0..n {
-                square[i * CHUNK + i + 1..i * CHUNK + n].fill(0.0);
+                let block_end = ((i / ROW_BLOCK + 1) * ROW_BLOCK).min(n);
+                square[i * CHUNK + i + 1..i * CHUNK + block_end].fill(0.0);
             }
         }
         if o.normalize {
@@ -346,8 +364,12 @@ fn forward_segment(t: ForwardTask<'_>, o: Opts, d: Dims, ws: &mut Workspace) -> 
         Gemm { m: n, n: dv, k: dk, rsa: dk, csa: 1, ldb: dv, ldc: dv, accumulate: false }
             .run(qf, state, out)?;
         if o.causal {
-            Gemm { m: n, n: dv, k: n, rsa: CHUNK, csa: 1, ldb: dv, ldc: dv, accumulate: true }
-                .run(square, v, out)?;
+            for i0 in (0..n).step_by(ROW_BLOCK) {
+                let (rows, depth) = (ROW_BLOCK.min(n - i0), (i0 + ROW_BLOCK).min(n));
+                let intra =
+                    Gemm { m: rows, n: dv, k: depth, rsa: CHUNK, csa: 1, ldb: dv, ldc: dv, accumulate: true };
+                intra.run(&square[i0 * CHUNK..], v, &mut out[i0 * dv..])?;
+            }
         }
         finish_rows(out, v, o, dv, den, carry);
         if o.causal {

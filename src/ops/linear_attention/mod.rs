@@ -9,11 +9,27 @@
 //! o_t = scale · φ(q_t)ᵀ S_t                 (normalize: divided by φ(q_t)·z_t + eps)
 //! ```
 //!
-//! This file holds the public API, the validation of every argument, and the dispatch to
-//! `cpu` (chunked, rayon over sequences × heads) or `cuda` (`kernels/linear_attention.cu`).
-//! Both back ends see the same `Problem`: a list of `Segment`s, one per (sequence, head),
-//! each a run of consecutive rows of the `[rows, D]` matrices that q, k and v are viewed as, so
-//! the dense `[B,H,T,D]` layout and the packed `cu_seqlens` layout share every kernel.
+//! # Back ends
+//!
+//! Both run the chunked algorithm (chunks of 64 rows): per chunk the masked intra-chunk
+//! scores A = φ(Q)φ(K)ᵀ, the output φ(Q)·S + A·V, and the state update S += φ(K)ᵀV, with the
+//! state carried in f32.
+//!
+//! - **CPU** (`cpu.rs`): rayon over (sequence, head) segments. The forward's chunk products
+//!   run through an unpacked register-blocked GEMM (`cpu_gemm.rs`, AVX-512 / AVX2 picked at
+//!   run time), reading q, k, v in place; the backward's through `crate::cpu::sgemm`.
+//! - **CUDA** (`cuda.rs`, `kernels/linear_attention.cu`): one chunked "core" kernel, with the
+//!   state tile and z in shared memory for the whole sequence; f16/bf16 forwards with
+//!   Dk ≤ 128 use tensor cores (`mma.sync.m16n8k16`, f32 accumulation), the rest f32 FMA. The
+//!   forward is one launch, or a split form (chunk-group states, a scan, then all groups'
+//!   outputs in parallel) when the sequences × heads do not fill the GPU; the backward is
+//!   three more core passes around small element-wise kernels. O(T²) reference kernels sit
+//!   beside them for the tests.
+//!
+//! This file holds the public API, the validation of every argument, and the dispatch. Both
+//! back ends see the same `Problem`: a list of `Segment`s, one per (sequence, head), each a
+//! run of consecutive rows of the `[rows, D]` matrices that q, k and v are viewed as, so the
+//! dense `[B,H,T,D]` layout and the packed `cu_seqlens` layout share every kernel.
 
 mod cpu;
 mod cpu_gemm;
