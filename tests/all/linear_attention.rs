@@ -151,7 +151,7 @@ fn pieces_equal_one_call() {
             };
             let (q, k, v) = (slice(&c.q, dk), slice(&c.k, dk), slice(&c.v, dv));
             let init = match &state {
-                Some(s) => Some(s.final_state()),
+                Some(s) => Some(s.carry()),
                 None => c.initial(),
             };
             let out = cfg.forward(&q, &k, &v, init).expect("piece forward");

@@ -95,7 +95,7 @@ impl FeatureMap {
 /// let head = Tensor::from_slice(&x[..2 * d], &[1, 1, 2, d], &dev)?;
 /// let tail = Tensor::from_slice(&x[2 * d..], &[1, 1, 3, d], &dev)?;
 /// let first = attn.forward(&head, &head, &head, None)?;
-/// let second = attn.forward(&tail, &tail, &tail, Some(first.final_state()))?;
+/// let second = attn.forward(&tail, &tail, &tail, Some(first.carry()))?;
 ///
 /// let expected = whole.output.to_vec::<f32>()?;
 /// let got = second.output.to_vec::<f32>()?;
@@ -155,8 +155,8 @@ pub struct LinearAttentionOutput {
 }
 
 impl LinearAttentionOutput {
-    /// The final state and normaliser as the initial state of the next piece of the sequence.
-    pub fn final_state(&self) -> RecurrentState<'_> {
+    /// The final state and normaliser, as the initial state of the next piece of the sequence.
+    pub fn carry(&self) -> RecurrentState<'_> {
         RecurrentState { state: &self.final_state, normalizer: Some(&self.final_normalizer) }
     }
 }
