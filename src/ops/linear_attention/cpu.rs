@@ -1,19 +1,20 @@
 //! CPU linear attention: the chunked algorithm in f32, rayon over (sequence, head) segments,
-//! every matmul-shaped step through [`crate::cpu::sgemm`].
+//! every matmul-shaped step through the unpacked register-blocked [`Gemm`] of `cpu_gemm.rs`
+//! (operands already sit in cache; `matrixmultiply`'s per-call packing cost as much as the
+//! arithmetic at these 64-row sizes).
 //!
-//! The normaliser rides along as one extra value column: with v' = [v, 1] the augmented state
-//! S' = [S, z] is updated by the same GEMM, and the output GEMM's last column is the
-//! denominator φ(q)·z. Per chunk of `CHUNK` rows (causal):
+//! Forward, per chunk of `CHUNK` rows (causal), with S and z carried in f32:
 //!
 //! ```text
-//! A        = mask_{j≤i}(φ(Q) φ(K)ᵀ)                 (one GEMM)
-//! [O | d]  = [φ(Q) | A] · [S' ; V']                 (one GEMM: inter-chunk + intra-chunk)
-//! S'      += φ(K)ᵀ V'                               (one GEMM)
+//! A  = mask_{j≤i}(φ(Q) φ(K)ᵀ)          (row blocks stop at the diagonal)
+//! O  = φ(Q)·S + A·V,  den = φ(Q)·z + rowsum(A) + eps
+//! S += φ(K)ᵀ V,       z  += Σ φ(K)
 //! ```
 //!
-//! The backward treats the normalisation as a gradient on the augmented output: g' = [∂L/∂num,
-//! ∂L/∂den]; then dφ(Q) is a forward-direction pass (G'S'ᵀ + mask(G'V'ᵀ)φ(K)), and dφ(K), dV a
-//! reverse pass carrying dS' = ∂L/∂S' back from the final state. The momentum term (output +
+//! The backward treats the normaliser as one extra value column (v' = [v, 1], S' = [S, z]) and
+//! the normalisation as a gradient on the augmented output: g' = [∂L/∂num, ∂L/∂den]. Then
+//! dφ(Q) is a forward-direction pass (G'S'ᵀ + mask(G'V'ᵀ)φ(K)), and dφ(K), dV a reverse pass
+//! carrying dS' = ∂L/∂S' back from the final state. The momentum term (output +
 //! Σ η^{t−i} v_i, and its reverse sum on dv) is a per-row recurrence folded into the same
 //! loops.
 
@@ -22,7 +23,6 @@ use rayon::prelude::*;
 
 use super::cpu_gemm::Gemm;
 use super::{BackwardArgs, BackwardResult, FeatureMap, ForwardArgs, ForwardResult, Problem, Segment};
-use crate::cpu::{sgemm, Mat};
 use crate::testing::output_vec;
 use crate::{DType, Error, Result, Tensor};
 
@@ -110,6 +110,12 @@ struct Workspace {
     z: Vec<f32>,
     /// CHUNK: the denominators of a chunk's rows (forward).
     den: Vec<f32>,
+    /// dva × dk: S'ᵀ or dS'ᵀ (backward).
+    state_t: Vec<f32>,
+    /// dva × CHUNK: V'ᵀ or G'ᵀ of a chunk (backward).
+    rows_t: Vec<f32>,
+    /// dk × CHUNK: φ(Q)ᵀ of a chunk (backward).
+    qft: Vec<f32>,
 }
 
 impl Workspace {
@@ -128,23 +134,37 @@ impl Workspace {
             kft: vec![0.0; d.dk * CHUNK],
             z: vec![0.0; d.dk],
             den: vec![0.0; CHUNK],
+            state_t: vec![0.0; d.dva * d.dk],
+            rows_t: vec![0.0; d.dva * CHUNK],
+            qft: vec![0.0; d.dk * CHUNK],
         }
     }
 }
 
-/// A checked GEMM: the views are built from the workspace sizes, so a refusal is a bug in this
-/// file; it is reported as an error rather than silently skipped.
-fn gemm(alpha: f32, a: Mat<'_, f32>, b: Mat<'_, f32>, beta: f32, c: &mut [f32], ldc: usize) -> Result<()> {
-    if sgemm(alpha, a, b, beta, c, ldc) {
-        Ok(())
-    } else {
-        Err(Error::invalid(OP, "internal GEMM", "shapes disagree (a metakernels bug; please report)"))
-    }
+/// C (m×n, row stride ldc) = A·B (+ C when `acc`), A with strides (rsa, csa), B row-major
+/// with row stride ldb: a shorthand for [`Gemm`].
+#[allow(clippy::too_many_arguments)]
+fn mm(
+    (m, n, k): (usize, usize, usize),
+    a: &[f32],
+    (rsa, csa): (usize, usize),
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) -> Result<()> {
+    Gemm { m, n, k, rsa, csa, ldb, ldc, accumulate }.run(a, b, c)
 }
 
-/// A row-major view with an explicit row stride.
-fn view(data: &[f32], rows: usize, cols: usize, ld: usize) -> Mat<'_, f32> {
-    Mat { data, rows, cols, ld, transposed: false }
+/// dst[c·ld_dst + i] = src[i·ld_src + c] for i < rows, c < cols: the transposed operands the
+/// row-major-B [`Gemm`] needs (O(n·d) per chunk, against O(n·d²) of arithmetic).
+fn transpose(src: &[f32], rows: usize, cols: usize, ld_src: usize, dst: &mut [f32], ld_dst: usize) {
+    for i in 0..rows {
+        for (c, &x) in src[i * ld_src..i * ld_src + cols].iter().enumerate() {
+            dst[c * ld_dst + i] = x;
+        }
+    }
 }
 
 /// dst[i·ld_dst + c] = φ(src[i·d + c]) for `n` rows of width `d`.
@@ -195,40 +215,19 @@ fn init_state(right: &mut [f32], s0: Option<&[f32]>, z0: Option<&[f32]>, d: Dims
 /// S' += φ(K)ᵀ V' for the `n` rows loaded in `kf` and `right[dk..]`.
 fn update_state(ws: &mut Workspace, n: usize, d: Dims) -> Result<()> {
     let (s, vals) = ws.right.split_at_mut(d.dk * d.dva);
-    gemm(
-        1.0,
-        Mat::new(&ws.kf[..n * d.dk], n, d.dk).t(),
-        Mat::new(&vals[..n * d.dva], n, d.dva),
-        1.0,
-        s,
-        d.dva,
-    )
+    mm((d.dk, d.dva, n), &ws.kf, (1, d.dk), vals, d.dva, s, d.dva, true)
 }
 
 /// `oa` := [num | den − eps] for the `n` chunk rows: φ(Q)·S' plus (causal) the masked
-/// intra-chunk part. Expects φ(Q) in `left`, φ(K) in `kf`, V' and S' in `right`.
+/// intra-chunk part. Expects φ(Q) in `left`, φ(K) in `kf` and `kft`, V' and S' in `right`.
 fn chunk_numerators(ws: &mut Workspace, n: usize, d: Dims, causal: bool) -> Result<()> {
     let ld_l = d.dk + CHUNK;
     if causal {
-        gemm(
-            1.0,
-            view(&ws.left, n, d.dk, ld_l),
-            Mat::new(&ws.kf[..n * d.dk], n, d.dk).t(),
-            0.0,
-            &mut ws.square,
-            CHUNK,
-        )?;
+        mm((n, n, d.dk), &ws.left, (ld_l, 1), &ws.kft, CHUNK, &mut ws.square, CHUNK, false)?;
         mask_into(&ws.square, &mut ws.left[d.dk..], n, ld_l, true);
-        gemm(
-            1.0,
-            view(&ws.left, n, d.dk + n, ld_l),
-            Mat::new(&ws.right, d.dk + n, d.dva),
-            0.0,
-            &mut ws.oa,
-            d.dva,
-        )
+        mm((n, d.dva, d.dk + n), &ws.left, (ld_l, 1), &ws.right, d.dva, &mut ws.oa, d.dva, false)
     } else {
-        gemm(1.0, view(&ws.left, n, d.dk, ld_l), Mat::new(&ws.right, d.dk, d.dva), 0.0, &mut ws.oa, d.dva)
+        mm((n, d.dva, d.dk), &ws.left, (ld_l, 1), &ws.right, d.dva, &mut ws.oa, d.dva, false)
     }
 }
 
@@ -512,35 +511,34 @@ fn backward_segment(
     Ok(())
 }
 
+/// φ(K) of `n` rows into `kf` and its transpose into `kft` (backward layout).
+fn load_keys_both(fm: FeatureMap, k: &[f32], n: usize, d: Dims, ws: &mut Workspace) {
+    load_features(fm, k, n, d.dk, &mut ws.kf, d.dk);
+    transpose(&ws.kf, n, d.dk, d.dk, &mut ws.kft, CHUNK);
+}
+
 /// Forward direction: recompute each chunk's outputs, form g', and
 /// dφ(Q) = G' S'ᵀ_prev + mask_{j≤i}(G' V'ᵀ) φ(K). Leaves g' of every row in `ws.gp`.
 fn causal_dq_pass(t: BackwardIn<'_>, dq: &mut [f32], o: Opts, d: Dims, ws: &mut Workspace) -> Result<()> {
-    let (len, ld_l) = (t.q.len() / d.dk, d.dk + CHUNK);
+    let (len, ld_l, dva) = (t.q.len() / d.dk, d.dk + CHUNK, d.dva);
     init_state(&mut ws.right, t.s0, t.z0, d);
-    ws.gp.resize(len * d.dva, 0.0);
+    ws.gp.resize(len * dva, 0.0);
     for t0 in (0..len).step_by(CHUNK) {
         let n = CHUNK.min(len - t0);
         load_features(o.fm, &t.q[t0 * d.dk..], n, d.dk, &mut ws.left, ld_l);
-        load_features(o.fm, &t.k[t0 * d.dk..], n, d.dk, &mut ws.kf, d.dk);
+        load_keys_both(o.fm, &t.k[t0 * d.dk..], n, d, ws);
         load_values(&mut ws.right, &t.v[t0 * d.dv..], n, d);
         chunk_numerators(ws, n, d, true)?;
-        let gp = &mut ws.gp[t0 * d.dva..(t0 + n) * d.dva];
+        let gp = &mut ws.gp[t0 * dva..(t0 + n) * dva];
         augmented_grad(o, d, &ws.oa, &t.g[t0 * d.dv..], gp, n);
-        let gp = &ws.gp[t0 * d.dva..(t0 + n) * d.dva];
-        // dφ(Q) = G' S'ᵀ
-        gemm(1.0, Mat::new(gp, n, d.dva), Mat::new(&ws.right, d.dk, d.dva).t(), 0.0, &mut ws.dfeat, d.dk)?;
-        // + mask(G' V'ᵀ) φ(K)
-        let vals = Mat::new(&ws.right[d.dk * d.dva..(d.dk + n) * d.dva], n, d.dva);
-        gemm(1.0, Mat::new(gp, n, d.dva), vals.t(), 0.0, &mut ws.square, CHUNK)?;
+        let gp = &ws.gp[t0 * dva..(t0 + n) * dva];
+        // dφ(Q) = G' S'ᵀ + mask(G' V'ᵀ) φ(K)
+        transpose(&ws.right, d.dk, dva, dva, &mut ws.state_t, d.dk);
+        mm((n, d.dk, dva), gp, (dva, 1), &ws.state_t, d.dk, &mut ws.dfeat, d.dk, false)?;
+        transpose(&ws.right[d.dk * dva..], n, dva, dva, &mut ws.rows_t, CHUNK);
+        mm((n, n, dva), gp, (dva, 1), &ws.rows_t, CHUNK, &mut ws.square, CHUNK, false)?;
         mask_into(&ws.square, &mut ws.masked, n, CHUNK, true);
-        gemm(
-            1.0,
-            view(&ws.masked, n, n, CHUNK),
-            Mat::new(&ws.kf[..n * d.dk], n, d.dk),
-            1.0,
-            &mut ws.dfeat,
-            d.dk,
-        )?;
+        mm((n, d.dk, n), &ws.masked, (CHUNK, 1), &ws.kf, d.dk, &mut ws.dfeat, d.dk, true)?;
         let rows = t0 * d.dk..(t0 + n) * d.dk;
         chain_feature(o.fm, &ws.dfeat[..n * d.dk], &t.q[rows.clone()], &mut dq[rows]);
         update_state(ws, n, d)?;
@@ -559,7 +557,7 @@ fn causal_dkv_pass(
     d: Dims,
     ws: &mut Workspace,
 ) -> Result<()> {
-    let (len, ld_l) = (t.q.len() / d.dk, d.dk + CHUNK);
+    let (len, ld_l, dva) = (t.q.len() / d.dk, d.dk + CHUNK, d.dva);
     init_grad_state(&mut ws.ds, t.gs, t.gz, d);
     ws.carry.fill(0.0);
     let chunks: Vec<usize> = (0..len).step_by(CHUNK).collect();
@@ -568,28 +566,29 @@ fn causal_dkv_pass(
         load_features(o.fm, &t.q[t0 * d.dk..], n, d.dk, &mut ws.left, ld_l);
         load_features(o.fm, &t.k[t0 * d.dk..], n, d.dk, &mut ws.kf, d.dk);
         load_values(&mut ws.right, &t.v[t0 * d.dv..], n, d);
-        let gp = Mat::new(&ws.gp[t0 * d.dva..(t0 + n) * d.dva], n, d.dva);
-        let vals = Mat::new(&ws.right[d.dk * d.dva..(d.dk + n) * d.dva], n, d.dva);
-        let qf = view(&ws.left, n, d.dk, ld_l);
-        let kf = Mat::new(&ws.kf[..n * d.dk], n, d.dk);
-        // dφ(K)
-        gemm(1.0, vals, gp.t(), 0.0, &mut ws.square, CHUNK)?;
+        let gp = &ws.gp[t0 * dva..(t0 + n) * dva];
+        let vals = &ws.right[d.dk * dva..(d.dk + n) * dva];
+        // dφ(K) = mask(V' G'ᵀ) φ(Q) + V' dS'ᵀ
+        transpose(gp, n, dva, dva, &mut ws.rows_t, CHUNK);
+        mm((n, n, dva), vals, (dva, 1), &ws.rows_t, CHUNK, &mut ws.square, CHUNK, false)?;
         mask_into(&ws.square, &mut ws.masked, n, CHUNK, false);
-        gemm(1.0, view(&ws.masked, n, n, CHUNK), qf, 0.0, &mut ws.dfeat, d.dk)?;
-        gemm(1.0, vals, Mat::new(&ws.ds, d.dk, d.dva).t(), 1.0, &mut ws.dfeat, d.dk)?;
+        mm((n, d.dk, n), &ws.masked, (CHUNK, 1), &ws.left, ld_l, &mut ws.dfeat, d.dk, false)?;
+        transpose(&ws.ds, d.dk, dva, dva, &mut ws.state_t, d.dk);
+        mm((n, d.dk, dva), vals, (dva, 1), &ws.state_t, d.dk, &mut ws.dfeat, d.dk, true)?;
         let rows = t0 * d.dk..(t0 + n) * d.dk;
         chain_feature(o.fm, &ws.dfeat[..n * d.dk], &t.k[rows.clone()], &mut dk_out[rows]);
-        // dV (the first dv columns of dV')
-        gemm(1.0, kf, qf.t(), 0.0, &mut ws.square, CHUNK)?;
+        // dV = mask(φ(K) φ(Q)ᵀ) G' + φ(K) dS'   (the first dv columns of dV')
+        transpose(&ws.left, n, d.dk, ld_l, &mut ws.qft, CHUNK);
+        mm((n, n, d.dk), &ws.kf, (d.dk, 1), &ws.qft, CHUNK, &mut ws.square, CHUNK, false)?;
         mask_into(&ws.square, &mut ws.masked, n, CHUNK, false);
         let dv = &mut dv_out[t0 * d.dv..(t0 + n) * d.dv];
-        gemm(1.0, view(&ws.masked, n, n, CHUNK), view(gp.data, n, d.dv, d.dva), 0.0, dv, d.dv)?;
-        gemm(1.0, kf, view(&ws.ds, d.dk, d.dv, d.dva), 1.0, dv, d.dv)?;
+        mm((n, d.dv, n), &ws.masked, (CHUNK, 1), gp, dva, dv, d.dv, false)?;
+        mm((n, d.dv, d.dk), &ws.kf, (d.dk, 1), &ws.ds, dva, dv, d.dv, true)?;
         if let Some(eta) = o.eta {
             add_momentum_grad(eta, &t.g[t0 * d.dv..(t0 + n) * d.dv], dv, &mut ws.carry, d.dv);
         }
         // dS' += φ(Q)ᵀ G'
-        gemm(1.0, qf.t(), gp, 1.0, &mut ws.ds, d.dva)?;
+        mm((d.dk, dva, n), &ws.left, (1, ld_l), gp, dva, &mut ws.ds, dva, true)?;
     }
     Ok(())
 }
@@ -617,7 +616,7 @@ fn noncausal_backward(
     d: Dims,
     ws: &mut Workspace,
 ) -> Result<()> {
-    let (len, ld_l) = (t.q.len() / d.dk, d.dk + CHUNK);
+    let (len, ld_l, dva) = (t.q.len() / d.dk, d.dk + CHUNK, d.dva);
     init_state(&mut ws.right, t.s0, t.z0, d);
     for t0 in (0..len).step_by(CHUNK) {
         let n = CHUNK.min(len - t0);
@@ -626,29 +625,30 @@ fn noncausal_backward(
         update_state(ws, n, d)?;
     }
     init_grad_state(&mut ws.ds, t.gs, t.gz, d);
-    ws.gp.resize(CHUNK * d.dva, 0.0);
+    ws.gp.resize(CHUNK * dva, 0.0);
+    transpose(&ws.right, d.dk, dva, dva, &mut ws.state_t, d.dk);
     for t0 in (0..len).step_by(CHUNK) {
         let n = CHUNK.min(len - t0);
         load_features(o.fm, &t.q[t0 * d.dk..], n, d.dk, &mut ws.left, ld_l);
         chunk_numerators(ws, n, d, false)?;
         augmented_grad(o, d, &ws.oa, &t.g[t0 * d.dv..], &mut ws.gp, n);
-        let gp = Mat::new(&ws.gp[..n * d.dva], n, d.dva);
-        let state = Mat::new(&ws.right[..d.dk * d.dva], d.dk, d.dva);
-        gemm(1.0, gp, state.t(), 0.0, &mut ws.dfeat, d.dk)?;
+        let gp = &ws.gp[..n * dva];
+        mm((n, d.dk, dva), gp, (dva, 1), &ws.state_t, d.dk, &mut ws.dfeat, d.dk, false)?;
         let rows = t0 * d.dk..(t0 + n) * d.dk;
         chain_feature(o.fm, &ws.dfeat[..n * d.dk], &t.q[rows.clone()], &mut dq[rows]);
-        gemm(1.0, view(&ws.left, n, d.dk, ld_l).t(), gp, 1.0, &mut ws.ds, d.dva)?;
+        mm((d.dk, dva, n), &ws.left, (1, ld_l), gp, dva, &mut ws.ds, dva, true)?;
     }
+    transpose(&ws.ds, d.dk, dva, dva, &mut ws.state_t, d.dk);
     for t0 in (0..len).step_by(CHUNK) {
         let n = CHUNK.min(len - t0);
         load_features(o.fm, &t.k[t0 * d.dk..], n, d.dk, &mut ws.kf, d.dk);
         load_values(&mut ws.right, &t.v[t0 * d.dv..], n, d);
-        let vals = Mat::new(&ws.right[d.dk * d.dva..(d.dk + n) * d.dva], n, d.dva);
-        gemm(1.0, vals, Mat::new(&ws.ds, d.dk, d.dva).t(), 0.0, &mut ws.dfeat, d.dk)?;
+        let vals = &ws.right[d.dk * dva..(d.dk + n) * dva];
+        mm((n, d.dk, dva), vals, (dva, 1), &ws.state_t, d.dk, &mut ws.dfeat, d.dk, false)?;
         let rows = t0 * d.dk..(t0 + n) * d.dk;
         chain_feature(o.fm, &ws.dfeat[..n * d.dk], &t.k[rows.clone()], &mut dk_out[rows]);
-        let kf = Mat::new(&ws.kf[..n * d.dk], n, d.dk);
-        gemm(1.0, kf, view(&ws.ds, d.dk, d.dv, d.dva), 0.0, &mut dv_out[t0 * d.dv..(t0 + n) * d.dv], d.dv)?;
+        let dv = &mut dv_out[t0 * d.dv..(t0 + n) * d.dv];
+        mm((n, d.dv, d.dk), &ws.kf, (d.dk, 1), &ws.ds, dva, dv, d.dv, false)?;
     }
     Ok(())
 }

@@ -15,9 +15,9 @@
 //! scores A = φ(Q)φ(K)ᵀ, the output φ(Q)·S + A·V, and the state update S += φ(K)ᵀV, with the
 //! state carried in f32.
 //!
-//! - **CPU** (`cpu.rs`): rayon over (sequence, head) segments. The forward's chunk products
-//!   run through an unpacked register-blocked GEMM (`cpu_gemm.rs`, AVX-512 / AVX2 picked at
-//!   run time), reading q, k, v in place; the backward's through `crate::cpu::sgemm`.
+//! - **CPU** (`cpu.rs`): rayon over (sequence, head) segments; the chunk products run through
+//!   an unpacked register-blocked GEMM (`cpu_gemm.rs`, AVX-512 / AVX2 picked at run time),
+//!   the forward reading q, k, v in place.
 //! - **CUDA** (`cuda.rs`, `kernels/linear_attention.cu`): one chunked "core" kernel, with the
 //!   state tile and z in shared memory for the whole sequence; f16/bf16 forwards with
 //!   Dk ≤ 128 use tensor cores (`mma.sync.m16n8k16`, f32 accumulation), the rest f32 FMA. The
@@ -39,11 +39,12 @@ mod cuda;
 use crate::tensor::Storage;
 use crate::{DType, Error, Result, Tensor};
 
-// Workaround for a foundation lint: `crate::cpu::dgemm` has no caller on this branch yet (the
-// families that use it live on other branches), and `clippy -D warnings` rejects dead code.
-// Naming it here keeps this branch clean without touching the foundation file.
+// Workaround for a foundation lint: `crate::cpu::dgemm` and `Mat::t` have no caller on this
+// branch (the families that use them live on other branches), and `clippy -D warnings`
+// rejects dead code. Naming them here keeps this branch clean without touching the foundation.
 const _: () = {
     let _ = crate::cpu::dgemm;
+    let _ = crate::cpu::Mat::<f32>::t;
 };
 
 /// The largest head dimension (Dk and Dv) the kernels accept.
