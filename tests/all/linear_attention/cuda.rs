@@ -13,6 +13,16 @@ use super::{f64s, tensor, Case, DTYPES, FEATURE_MAPS};
 
 const PATHS: [KernelPath; 3] = [KernelPath::Reference, KernelPath::Fused, KernelPath::Split];
 
+/// Final states are f32; on the tensor-core path (f16/bf16) they are sums of products of
+/// 16-bit-rounded φ(k) and v.
+fn state_tolerance(dtype: DType) -> f64 {
+    if dtype == DType::F32 {
+        1e-5
+    } else {
+        1e-2
+    }
+}
+
 fn layer(fm: FeatureMap, causal: bool, normalize: bool) -> LinearAttention {
     LinearAttention { causal, feature_map: fm, normalize, scale: 0.7, eps: 1e-3 }
 }
@@ -43,13 +53,12 @@ fn cuda_forward_every_option_and_path() {
                                 &r.o,
                                 tolerance(dtype),
                             );
-                            assert_close(&format!("{what} state"), &f64s(&out.final_state), &r.s, 1e-5);
-                            assert_close(
-                                &format!("{what} normalizer"),
-                                &f64s(&out.final_normalizer),
-                                &r.z,
-                                1e-5,
-                            );
+                            // The tensor-core path stages φ(k) in the input's 16-bit type (as fla
+                            // does), so its state is as exact as that rounding, not as f32.
+                            let state_tol = state_tolerance(dtype);
+                            assert_close(&format!("{what} state"), &f64s(&out.final_state), &r.s, state_tol);
+                            let z = f64s(&out.final_normalizer);
+                            assert_close(&format!("{what} normalizer"), &z, &r.z, state_tol);
                             outs.push(f64s(&out.output));
                         }
                         for (path, o) in PATHS.iter().zip(&outs).skip(1) {
@@ -85,7 +94,8 @@ fn cuda_forward_wide_heads_and_long_sequences() {
                     let what = format!("B{b} H{h} T{t} Dk{dk} Dv{dv} causal={causal} {dtype} {path:?}");
                     let tol = if dtype == DType::F32 { 1e-4 } else { 1e-2 };
                     assert_close(&format!("{what} output"), &f64s(&out.output), &r.o, tol);
-                    assert_close(&format!("{what} state"), &f64s(&out.final_state), &r.s, 1e-4);
+                    let state_tol = state_tolerance(dtype).max(1e-4);
+                    assert_close(&format!("{what} state"), &f64s(&out.final_state), &r.s, state_tol);
                 }
             }
         }
