@@ -9,7 +9,7 @@ mod reference;
 #[path = "linear_attention/cuda.rs"]
 mod cuda;
 
-use metakernels::linear_attention::{FeatureMap, LinearAttention, RecurrentState};
+use metakernels::linear_attention::{FeatureMap, KernelPath, LinearAttention, RecurrentState};
 use metakernels::testing::{assert_close, from_f64, set_poisoning, to_f64, tolerance, Rng};
 use metakernels::{DType, Device, Error, Tensor};
 
@@ -124,6 +124,29 @@ fn forward_handles_extreme_shapes() {
             let out = cfg.forward(&c.q, &c.k, &c.v, c.initial()).expect("forward");
             let r = reference::forward(&cfg, None, &c.x, &dense_segments(1, t), dk, dv);
             assert_close(&format!("T{t} Dk{dk} Dv{dv} causal={causal}"), &f64s(&out.output), &r.o, 1e-5);
+        }
+    }
+}
+
+/// The CPU split form (chunk-group states in parallel, a prefix sum, then all groups' outputs
+/// in parallel) against the reference and the fused form, causal and not, with a ragged tail.
+#[test]
+fn split_form_matches_reference() {
+    set_poisoning(true);
+    let dev = Device::cpu();
+    let (b, h, t, dk, dv) = (1, 1, 333, 7, 5);
+    for causal in [true, false] {
+        for normalize in [false, true] {
+            let cfg = layer(FeatureMap::EluPlusOne, causal, normalize);
+            let c = Case::new([b, h, t], dk, dv, 1, true, normalize, DType::F32, &dev, 555);
+            let r = reference::forward(&cfg, None, &c.x, &dense_segments(1, t), dk, dv);
+            for path in [KernelPath::Split, KernelPath::Fused, KernelPath::Auto] {
+                let out = cfg.forward_on_path(&c.q, &c.k, &c.v, c.initial(), path).expect("forward");
+                let what = format!("{cfg:?} {path:?}");
+                assert_close(&format!("{what} output"), &f64s(&out.output), &r.o, 1e-5);
+                assert_close(&format!("{what} state"), &f64s(&out.final_state), &r.s, 1e-5);
+                assert_close(&format!("{what} normalizer"), &f64s(&out.final_normalizer), &r.z, 1e-5);
+            }
         }
     }
 }

@@ -22,7 +22,9 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::cpu_gemm::Gemm;
-use super::{BackwardArgs, BackwardResult, FeatureMap, ForwardArgs, ForwardResult, Problem, Segment};
+use super::{
+    BackwardArgs, BackwardResult, FeatureMap, ForwardArgs, ForwardResult, KernelPath, Problem, Segment,
+};
 use crate::testing::output_vec;
 use crate::{DType, Error, Result, Tensor};
 
@@ -277,8 +279,12 @@ struct ForwardTask<'a> {
     s0: Option<&'a [f32]>,
     z0: Option<&'a [f32]>,
     out: &'a mut [f32],
-    s_out: &'a mut [f32],
-    z_out: &'a mut [f32],
+    /// Where the final state goes (not wanted by the split form's second pass).
+    s_out: Option<&'a mut [f32]>,
+    z_out: Option<&'a mut [f32]>,
+    /// Non-causal: add this task's own φ(K)ᵀV to the initial state (false when the initial
+    /// state already is the sequence's total, in the split form).
+    accumulate: bool,
 }
 
 /// φ of `n` rows of width `d`: the rows themselves for the identity map (no copy), else
@@ -316,7 +322,7 @@ fn forward_segment(t: ForwardTask<'_>, o: Opts, d: Dims, ws: &mut Workspace) -> 
         }
         Gemm { m: dk, n: dv, k: n, rsa: 1, csa: dk, ldb: dv, ldc: dv, accumulate: true }.run(kf, v, state)
     };
-    if !o.causal {
+    if !o.causal && t.accumulate {
         for t0 in (0..len).step_by(CHUNK) {
             let n = CHUNK.min(len - t0);
             let kf = features(o.fm, &t.k[t0 * dk..], n, dk, kbuf);
@@ -376,8 +382,12 @@ fn forward_segment(t: ForwardTask<'_>, o: Opts, d: Dims, ws: &mut Workspace) -> 
             update(kf, v, n, state, z)?;
         }
     }
-    t.s_out.copy_from_slice(state);
-    t.z_out.copy_from_slice(z);
+    if let Some(s_out) = t.s_out {
+        s_out.copy_from_slice(state);
+    }
+    if let Some(z_out) = t.z_out {
+        z_out.copy_from_slice(z);
+    }
     Ok(())
 }
 
@@ -397,7 +407,7 @@ fn finish_rows(out: &mut [f32], v: &[f32], o: Opts, dv: usize, den: &[f32], carr
     }
 }
 
-pub(super) fn forward(p: &Problem, a: &ForwardArgs<'_>) -> Result<ForwardResult> {
+pub(super) fn forward(p: &Problem, a: &ForwardArgs<'_>, path: KernelPath) -> Result<ForwardResult> {
     let d = Dims { dk: p.dk, dv: p.dv, dva: p.dv };
     let (q, k, v) = (a.q.host_f32(OP)?, a.k.host_f32(OP)?, a.v.host_f32(OP)?);
     let s0 = a.s0.map(|s| s.host_slice::<f32>(OP)).transpose()?;
@@ -405,35 +415,174 @@ pub(super) fn forward(p: &Problem, a: &ForwardArgs<'_>) -> Result<ForwardResult>
     let mut out = output_vec::<f32>(p.rows * d.dv);
     let mut s_out = output_vec::<f32>(p.states() * d.dk * d.dv);
     let mut z_out = output_vec::<f32>(p.states() * d.dk);
-
-    let outs = split_rows(&mut out, &p.segments, d.dv);
-    let s_outs = split_states(&mut s_out, &p.segments, d.dk * d.dv)?;
-    let z_outs = split_states(&mut z_out, &p.segments, d.dk)?;
-    let tasks: Vec<ForwardTask<'_>> = p
-        .segments
-        .iter()
-        .zip(outs)
-        .zip(s_outs.into_iter().zip(z_outs))
-        .map(|((seg, out), (s_out, z_out))| ForwardTask {
-            q: rows(&q, seg, d.dk),
-            k: rows(&k, seg, d.dk),
-            v: rows(&v, seg, d.dv),
-            s0: s0.map(|s| state(s, seg, d.dk * d.dv)),
-            z0: z0.map(|z| state(z, seg, d.dk)),
-            out,
-            s_out,
-            z_out,
-        })
-        .collect();
     let o = Opts::of(p);
-    tasks.into_par_iter().try_for_each_init(|| Workspace::new(d), |ws, t| forward_segment(t, o, d, ws))?;
-
+    let inputs = Inputs { q: &q, k: &k, v: &v, s0, z0 };
+    let groups = split_groups(p, path);
+    if groups > 1 {
+        split_forward(p, &inputs, d, o, groups, (&mut out, &mut s_out, &mut z_out))?;
+    } else {
+        fused_forward(p, &inputs, d, o, (&mut out, &mut s_out, &mut z_out))?;
+    }
     let output_shape = with_last(a.q.shape(), d.dv);
     Ok(ForwardResult {
         output: to_dtype(out, &output_shape, a.q.dtype()),
         state: Tensor::from_host_vec(s_out, &[p.states(), d.dk, d.dv]),
         normalizer: Tensor::from_host_vec(z_out, &[p.states(), d.dk]),
     })
+}
+
+/// The whole inputs of a forward, as f32 rows.
+struct Inputs<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    s0: Option<&'a [f32]>,
+    z0: Option<&'a [f32]>,
+}
+
+/// Output, final states and final normalisers of a forward.
+type Outputs<'a> = (&'a mut [f32], &'a mut [f32], &'a mut [f32]);
+
+/// The number of chunk groups per sequence for the split form, or 1 (fused). `Auto` splits
+/// when there are fewer (sequence, head)s than rayon threads; never with a momentum term
+/// (whose carry crosses the groups).
+fn split_groups(p: &Problem, path: KernelPath) -> usize {
+    let threads = rayon::current_num_threads();
+    let max_chunks = p.segments.iter().map(|s| s.len.div_ceil(CHUNK)).max().unwrap_or(1);
+    let wanted = (2 * threads).div_ceil(p.segments.len()).max(2);
+    match path {
+        _ if p.momentum.is_some() => 1,
+        KernelPath::Split => wanted.min(max_chunks),
+        KernelPath::Auto if p.segments.len() < threads => wanted.min(max_chunks),
+        _ => 1,
+    }
+}
+
+/// One task per (sequence, head), in parallel.
+fn fused_forward(
+    p: &Problem,
+    x: &Inputs<'_>,
+    d: Dims,
+    o: Opts,
+    (out, s_out, z_out): Outputs<'_>,
+) -> Result<()> {
+    let (q, k, v, s0, z0) = (x.q, x.k, x.v, x.s0, x.z0);
+    let outs = split_rows(out, &p.segments, d.dv);
+    let s_outs = split_states(s_out, &p.segments, d.dk * d.dv)?;
+    let z_outs = split_states(z_out, &p.segments, d.dk)?;
+    let tasks: Vec<ForwardTask<'_>> = p
+        .segments
+        .iter()
+        .zip(outs)
+        .zip(s_outs.into_iter().zip(z_outs))
+        .map(|((seg, out), (s_out, z_out))| ForwardTask {
+            q: rows(q, seg, d.dk),
+            k: rows(k, seg, d.dk),
+            v: rows(v, seg, d.dv),
+            s0: s0.map(|s| state(s, seg, d.dk * d.dv)),
+            z0: z0.map(|z| state(z, seg, d.dk)),
+            out,
+            s_out: Some(s_out),
+            z_out: Some(z_out),
+            accumulate: true,
+        })
+        .collect();
+    tasks.into_par_iter().try_for_each_init(|| Workspace::new(d), |ws, t| forward_segment(t, o, d, ws))
+}
+
+/// Split form: each sequence is cut into `groups` runs of whole chunks; pass 1 computes every
+/// run's local (S, z) in parallel, a prefix sum gives each run its initial state (and each
+/// sequence its final state), and pass 2 computes all runs' outputs in parallel.
+fn split_forward(
+    p: &Problem,
+    x: &Inputs<'_>,
+    d: Dims,
+    o: Opts,
+    groups: usize,
+    (out, s_out, z_out): Outputs<'_>,
+) -> Result<()> {
+    let (sz, dk, dv) = (d.dk * d.dv, d.dk, d.dv);
+    let mut runs = Vec::with_capacity(p.segments.len() * groups);
+    for (index, seg) in p.segments.iter().enumerate() {
+        let per = seg.len.div_ceil(CHUNK).div_ceil(groups) * CHUNK;
+        for g in 0..groups {
+            let (start, end) = ((g * per).min(seg.len), ((g + 1) * per).min(seg.len));
+            runs.push(Segment { row0: seg.row0 + start, len: end - start, state: index });
+        }
+    }
+    // Pass 1: local states.
+    let mut local_s = vec![0f32; runs.len() * sz];
+    let mut local_z = vec![0f32; runs.len() * dk];
+    runs.par_iter().zip(local_s.par_chunks_mut(sz)).zip(local_z.par_chunks_mut(dk)).try_for_each_init(
+        || Workspace::new(d),
+        |ws, ((run, s), z)| local_state(o.fm, rows(x.k, run, dk), rows(x.v, run, dv), d, ws, s, z),
+    )?;
+    // Prefix sums (sequential: a few states per sequence).
+    let mut init_s = vec![0f32; runs.len() * sz];
+    let mut init_z = vec![0f32; runs.len() * dk];
+    for (index, seg) in p.segments.iter().enumerate() {
+        let mut acc_s = x.s0.map_or_else(|| vec![0f32; sz], |s| state(s, seg, sz).to_vec());
+        let mut acc_z = x.z0.map_or_else(|| vec![0f32; dk], |z| state(z, seg, dk).to_vec());
+        for r in index * groups..(index + 1) * groups {
+            init_s[r * sz..(r + 1) * sz].copy_from_slice(&acc_s);
+            init_z[r * dk..(r + 1) * dk].copy_from_slice(&acc_z);
+            acc_s.iter_mut().zip(&local_s[r * sz..(r + 1) * sz]).for_each(|(a, b)| *a += b);
+            acc_z.iter_mut().zip(&local_z[r * dk..(r + 1) * dk]).for_each(|(a, b)| *a += b);
+        }
+        if !o.causal {
+            // Every row of a non-causal sequence sees its total state.
+            for r in index * groups..(index + 1) * groups {
+                init_s[r * sz..(r + 1) * sz].copy_from_slice(&acc_s);
+                init_z[r * dk..(r + 1) * dk].copy_from_slice(&acc_z);
+            }
+        }
+        s_out[seg.state * sz..(seg.state + 1) * sz].copy_from_slice(&acc_s);
+        z_out[seg.state * dk..(seg.state + 1) * dk].copy_from_slice(&acc_z);
+    }
+    // Pass 2: outputs.
+    let tasks: Vec<ForwardTask<'_>> = runs
+        .iter()
+        .zip(split_rows(out, &runs, dv))
+        .enumerate()
+        .map(|(r, (run, out))| ForwardTask {
+            q: rows(x.q, run, dk),
+            k: rows(x.k, run, dk),
+            v: rows(x.v, run, dv),
+            s0: Some(&init_s[r * sz..(r + 1) * sz]),
+            z0: Some(&init_z[r * dk..(r + 1) * dk]),
+            out,
+            s_out: None,
+            z_out: None,
+            accumulate: false,
+        })
+        .collect();
+    tasks.into_par_iter().try_for_each_init(|| Workspace::new(d), |ws, t| forward_segment(t, o, d, ws))
+}
+
+/// S = Σ φ(k)ᵀ v and z = Σ φ(k) over the rows of one run, from zero.
+fn local_state(
+    fm: FeatureMap,
+    k: &[f32],
+    v: &[f32],
+    d: Dims,
+    ws: &mut Workspace,
+    s: &mut [f32],
+    z: &mut [f32],
+) -> Result<()> {
+    let len = k.len() / d.dk;
+    s.fill(0.0);
+    z.fill(0.0);
+    for t0 in (0..len).step_by(CHUNK) {
+        let n = CHUNK.min(len - t0);
+        let kf = features(fm, &k[t0 * d.dk..], n, d.dk, &mut ws.kf);
+        for row in kf.chunks_exact(d.dk) {
+            z.iter_mut().zip(row).for_each(|(z, x)| *z += x);
+        }
+        let update =
+            Gemm { m: d.dk, n: d.dv, k: n, rsa: 1, csa: d.dk, ldb: d.dv, ldc: d.dv, accumulate: true };
+        update.run(kf, &v[t0 * d.dv..(t0 + n) * d.dv], s)?;
+    }
+    Ok(())
 }
 
 // ------------------------------------------------------------------------------------------

@@ -177,7 +177,7 @@ pub struct LinearAttentionGrads {
     pub d_initial_normalizer: Tensor,
 }
 
-/// Which CUDA kernels run a call (for tests and benchmarks; the CPU ignores it).
+/// Which kernels run a call (for tests and benchmarks).
 #[doc(hidden)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KernelPath {
@@ -350,8 +350,9 @@ impl LinearAttention {
         dispatch_backward(&problem, &args, &grads, &[q.shape()[0], q.shape()[1]], KernelPath::Auto)
     }
 
-    /// [`forward`](Self::forward) on a chosen CUDA kernel path (the tests and benchmarks
-    /// compare them; `Auto` is what `forward` runs). Ignored on the CPU.
+    /// [`forward`](Self::forward) on a chosen kernel path (the tests and benchmarks compare
+    /// them; `Auto` is what `forward` runs). On the CPU, `Split` forces the split form and
+    /// `Reference` means fused.
     #[doc(hidden)]
     pub fn forward_on_path(
         &self,
@@ -619,10 +620,8 @@ fn backward_args<'a>(
 }
 
 fn dispatch_forward(problem: &Problem, args: &ForwardArgs<'_>, path: KernelPath) -> Result<ForwardResult> {
-    #[cfg(not(feature = "cuda"))]
-    let _ = path;
     match args.q.storage() {
-        Storage::Cpu(_) => cpu::forward(problem, args),
+        Storage::Cpu(_) => cpu::forward(problem, args, path),
         #[cfg(feature = "cuda")]
         Storage::Cuda(_) => cuda::forward(problem, args, path),
     }
