@@ -15,9 +15,10 @@
 //! scores A = φ(Q)φ(K)ᵀ, the output φ(Q)·S + A·V, and the state update S += φ(K)ᵀV, with the
 //! state carried in f32.
 //!
-//! - **CPU** (`cpu.rs`): rayon over (sequence, head) segments; the chunk products run through
-//!   an unpacked register-blocked GEMM (`cpu_gemm.rs`, AVX-512 / AVX2 picked at run time),
-//!   the forward reading q, k, v in place.
+//! - **CPU** (`cpu.rs`): rayon over (sequence, head) segments, and for fewer segments than
+//!   threads a split forward (chunk-group states in parallel, a prefix sum, then all groups'
+//!   outputs in parallel); the chunk products run through an unpacked register-blocked GEMM
+//!   (`cpu_gemm.rs`, AVX-512 / AVX2 picked at run time), the forward reading q, k, v in place.
 //! - **CUDA** (`cuda.rs`, `kernels/linear_attention.cu`): one chunked "core" kernel, with the
 //!   state tile and z in shared memory for the whole sequence; f16/bf16 forwards with
 //!   Dk ≤ 128 use tensor cores (`mma.sync.m16n8k16`, f32 accumulation), the rest f32 FMA. The
