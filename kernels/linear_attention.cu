@@ -1,2 +1,915 @@
-// linear_attention kernels (not yet implemented).
+// Linear attention: a chunked "core" kernel that every forward and backward pass is built
+// from, the small element-wise kernels around it, and obviously correct reference kernels.
+//
+// The core computes, for each work item (a run of rows of one (sequence, head), with an
+// optional initial state), o_t = scale · φ(q_t)ᵀ S_t (÷ (φ(q_t)·z_t + eps) when normalising)
+// plus an optional momentum term Σ_{i<t} η^{t−i} m_i, where S_t = S_0 + Σ_{s≤t} φ(k_s) v_sᵀ
+// (over all s when non-causal), and the final state. `reverse` runs time backwards (row
+// len−1 first), which is what the backward needs: with g' the gradient of the augmented output
+// [num, den], the backward is three more core passes (see ops/linear_attention/cuda.rs):
+//   dφ(Q) = core(q = g', k = [v,1], v = φ(K), S_0 = [S_0,z_0]ᵀ)
+//   dφ(K) = core(q = [v,1], k = g', v = φ(Q), S_0 = dS'_Tᵀ, reverse)
+//   dV'   = core(q = φ(K), k = φ(Q), v = g', S_0 = dS'_T, reverse)  → final state = dS'_0
+//
+// Core layout: one block of 256 threads per (work item, 64-column tile of v). Per chunk of C
+// rows it stages φ(Q), φ(K), the V tile, the intra-chunk scores A and the output in shared
+// memory, keeps the state tile S[:, tile] and z in shared memory for the whole sequence, and
+// computes, with each thread owning a (C/16)×4 register micro-tile:
+//   A = mask(φ(Q)φ(K)ᵀ);  O = φ(Q)·S + A·V;  S += φ(K)ᵀV;  z += Σ φ(K)
+// Accumulation is f32 throughout. This SIMT core serves f32, Dk > 128, momentum and the
+// backward's f32 passes; f16/bf16 forwards with Dk ≤ 128 run core_mma (tensor cores), below.
+// C = 64 for Dk ≤ 128 and 32 above (shared memory), so every state stays on chip.
+//
+// A split form for few (sequence, head)s uses the same core on groups of chunks: pass 1 with
+// outputs off gives each group's local state, la_state_scan turns them into each group's
+// initial state (and the final state), pass 2 computes every group's outputs in parallel.
 #include "common.cuh"
+
+namespace {
+
+constexpr int THREADS = 256;
+constexpr int TILE = 64;          // v columns per block
+constexpr int TILE_LD = TILE + 1;  // padded shared-memory row stride
+
+enum FeatureMap { IDENTITY = 0, ELU_PLUS_ONE = 1, RELU = 2 };
+
+__device__ __forceinline__ float phi(int fm, float x) {
+    if (fm == ELU_PLUS_ONE) return x > 0.f ? x + 1.f : __expf(x);
+    if (fm == RELU) return fmaxf(x, 0.f);
+    return x;
+}
+
+__device__ __forceinline__ float dphi(int fm, float x) {
+    if (fm == ELU_PLUS_ONE) return x > 0.f ? 1.f : __expf(x);
+    if (fm == RELU) return x > 0.f ? 1.f : 0.f;
+    return 1.f;
+}
+
+// A work item: rows row0 .. row0+len of the [rows, D] views; state_in / state_out index the
+// [*, dk, dv] state buffers (−1: zeros / not written).
+struct Item {
+    long long row0, len, state_in, state_out;
+};
+
+struct CoreArgs {
+    const void* q;   // [rows, dk]   (TIn)
+    const void* k;   // [rows, dk]   (TIn)
+    const void* v;   // [rows, dv]   (TIn)
+    void* out;       // [rows, dv]   (TOut) or null: no outputs (split pass 1)
+    float* den_out;  // [rows] or null: φ(q)·z + eps (written by the first tile)
+    const Item* items;
+    int n_items;
+    int dk, dv;
+    const float* s_in;  // [*, dk, dv] or null
+    const float* z_in;  // [*, dk] or null
+    float* s_out;       // [*, dk, dv] or null
+    float* z_out;       // [*, dk] or null
+    int fm, causal, reverse, normalize;
+    int accumulate;  // non-causal: add the item's own φ(K)ᵀV to the initial state (0 when the
+                     // initial state already is the total, split pass 2)
+    float scale, eps;
+    float eta;            // momentum decay; < 0: none
+    const void* mom;      // [rows, mom_ld] (TIn): the momentum's source (v, or ∂L/∂o)
+    int mom_width, mom_ld;
+};
+
+// Shared-memory plan of the core for a given (C, dk); all in floats.
+struct Smem {
+    int ld_qk, q, k, v, a, s, z, den, m, o, total;
+    __host__ __device__ Smem(int c, int dk) {
+        ld_qk = dk + 1;
+        q = 0;
+        k = q + c * ld_qk;
+        v = k + c * ld_qk;
+        a = v + c * TILE_LD;
+        s = a + c * (c + 1);
+        z = s + dk * TILE_LD;
+        den = z + dk;
+        m = den + c;
+        o = m + TILE;
+        total = o + c * TILE_LD;
+    }
+};
+
+// Physical row of logical step `t` of an item (time runs backwards when reversing).
+__device__ __forceinline__ long long row_of(const Item& it, long long t, int reverse) {
+    return it.row0 + (reverse ? it.len - 1 - t : t);
+}
+
+template <typename TIn, typename TOut, int C>
+__device__ void core(const CoreArgs& p, float* sm) {
+    constexpr int RA = C / 16;  // micro-tile rows per thread
+    const Smem L(C, p.dk);
+    float* Qs = sm + L.q;
+    float* Ks = sm + L.k;
+    float* Vs = sm + L.v;
+    float* As = sm + L.a;
+    float* Ss = sm + L.s;
+    float* zs = sm + L.z;
+    float* dens = sm + L.den;
+    float* ms = sm + L.m;
+    float* Os = sm + L.o;
+    const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+    const int dk = p.dk, dv = p.dv;
+    const Item it = p.items[blockIdx.x];
+    const int j0 = blockIdx.y * TILE;
+    const int w = min(TILE, dv - j0);
+    const TIn* q = static_cast<const TIn*>(p.q);
+    const TIn* k = static_cast<const TIn*>(p.k);
+    const TIn* v = static_cast<const TIn*>(p.v);
+    const TIn* mom = static_cast<const TIn*>(p.mom);
+
+    // Initial state tile and normaliser.
+    for (int e = tid; e < dk * TILE; e += THREADS) {
+        const int c = e / TILE, j = e % TILE;
+        float x = 0.f;
+        if (it.state_in >= 0 && p.s_in != nullptr && j < w) x = p.s_in[(it.state_in * dk + c) * dv + j0 + j];
+        Ss[c * TILE_LD + j] = x;
+    }
+    for (int c = tid; c < dk; c += THREADS)
+        zs[c] = (it.state_in >= 0 && p.z_in != nullptr) ? p.z_in[it.state_in * dk + c] : 0.f;
+    if (tid < TILE) ms[tid] = 0.f;
+
+    const long long chunks = (it.len + C - 1) / C;
+
+    // Loads φ(K) and the V tile of chunk `ch` (rows past the end are zero).
+    auto load_kv = [&](long long ch, int n) {
+        for (int e = tid; e < C * dk; e += THREADS) {
+            const int i = e / dk, c = e % dk;
+            Ks[i * L.ld_qk + c] =
+                i < n ? phi(p.fm, mk::to_float(k[row_of(it, ch * C + i, p.reverse) * dk + c])) : 0.f;
+        }
+        for (int e = tid; e < C * TILE; e += THREADS) {
+            const int i = e / TILE, j = e % TILE;
+            Vs[i * TILE_LD + j] =
+                (i < n && j < w) ? mk::to_float(v[row_of(it, ch * C + i, p.reverse) * dv + j0 + j]) : 0.f;
+        }
+    };
+    auto load_q = [&](long long ch, int n) {
+        for (int e = tid; e < C * dk; e += THREADS) {
+            const int i = e / dk, c = e % dk;
+            Qs[i * L.ld_qk + c] =
+                i < n ? phi(p.fm, mk::to_float(q[row_of(it, ch * C + i, p.reverse) * dk + c])) : 0.f;
+        }
+    };
+    // S += φ(K)ᵀ V and z += Σ φ(K) over the n staged rows.
+    auto update_state = [&](int n) {
+        for (int c = ty; c < dk; c += 16) {
+#pragma unroll
+            for (int b = 0; b < 4; ++b) {
+                const int j = tx + 16 * b;
+                float acc = 0.f;
+                for (int i = 0; i < n; ++i) acc = fmaf(Ks[i * L.ld_qk + c], Vs[i * TILE_LD + j], acc);
+                Ss[c * TILE_LD + j] += acc;
+            }
+        }
+        for (int c = tid; c < dk; c += THREADS) {
+            float acc = 0.f;
+            for (int i = 0; i < n; ++i) acc += Ks[i * L.ld_qk + c];
+            zs[c] += acc;
+        }
+    };
+
+    if (!p.causal && p.accumulate) {
+        for (long long ch = 0; ch < chunks; ++ch) {
+            const int n = (int)min((long long)C, it.len - ch * C);
+            __syncthreads();
+            load_kv(ch, n);
+            __syncthreads();
+            update_state(n);
+        }
+    }
+
+    for (long long ch = 0; ch < chunks && p.out != nullptr; ++ch) {
+        const int n = (int)min((long long)C, it.len - ch * C);
+        __syncthreads();  // the previous chunk is done with every buffer
+        load_q(ch, n);
+        if (p.causal) load_kv(ch, n);
+        __syncthreads();
+
+        // O = φ(Q)·S (inter-chunk) and, causal, A = mask(φ(Q)φ(K)ᵀ).
+        float acc[RA][4];
+#pragma unroll
+        for (int a = 0; a < RA; ++a)
+#pragma unroll
+            for (int b = 0; b < 4; ++b) acc[a][b] = 0.f;
+        for (int c = 0; c < dk; ++c) {
+            float qa[RA], sb[4];
+#pragma unroll
+            for (int a = 0; a < RA; ++a) qa[a] = Qs[(ty + 16 * a) * L.ld_qk + c];
+#pragma unroll
+            for (int b = 0; b < 4; ++b) sb[b] = Ss[c * TILE_LD + tx + 16 * b];
+#pragma unroll
+            for (int a = 0; a < RA; ++a)
+#pragma unroll
+                for (int b = 0; b < 4; ++b) acc[a][b] = fmaf(qa[a], sb[b], acc[a][b]);
+        }
+        if (p.causal) {
+            // A tile: rows ty+16a, columns tx+16b (b < C/16).
+            float sc[RA][C / 16];
+#pragma unroll
+            for (int a = 0; a < RA; ++a)
+#pragma unroll
+                for (int b = 0; b < C / 16; ++b) sc[a][b] = 0.f;
+            for (int c = 0; c < dk; ++c) {
+                float qa[RA], kb[C / 16];
+#pragma unroll
+                for (int a = 0; a < RA; ++a) qa[a] = Qs[(ty + 16 * a) * L.ld_qk + c];
+#pragma unroll
+                for (int b = 0; b < C / 16; ++b) kb[b] = Ks[(tx + 16 * b) * L.ld_qk + c];
+#pragma unroll
+                for (int a = 0; a < RA; ++a)
+#pragma unroll
+                    for (int b = 0; b < C / 16; ++b) sc[a][b] = fmaf(qa[a], kb[b], sc[a][b]);
+            }
+#pragma unroll
+            for (int a = 0; a < RA; ++a)
+#pragma unroll
+                for (int b = 0; b < C / 16; ++b) {
+                    const int i = ty + 16 * a, s = tx + 16 * b;
+                    As[i * (C + 1) + s] = s <= i ? sc[a][b] : 0.f;
+                }
+            __syncthreads();
+#pragma unroll 4
+            for (int s = 0; s < C; ++s) {
+                float aa[RA], vb[4];
+#pragma unroll
+                for (int a = 0; a < RA; ++a) aa[a] = As[(ty + 16 * a) * (C + 1) + s];
+#pragma unroll
+                for (int b = 0; b < 4; ++b) vb[b] = Vs[s * TILE_LD + tx + 16 * b];
+#pragma unroll
+                for (int a = 0; a < RA; ++a)
+#pragma unroll
+                    for (int b = 0; b < 4; ++b) acc[a][b] = fmaf(aa[a], vb[b], acc[a][b]);
+            }
+        }
+        // Denominators: φ(q_i)·z (+ the intra-chunk row sum of A).
+        if (tid < C) {
+            float d = 0.f;
+            for (int c = 0; c < dk; ++c) d = fmaf(Qs[tid * L.ld_qk + c], zs[c], d);
+            if (p.causal)
+                for (int s = 0; s < C; ++s) d += As[tid * (C + 1) + s];
+            dens[tid] = d + p.eps;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int a = 0; a < RA; ++a) {
+            const int i = ty + 16 * a;
+            const float f = p.normalize ? p.scale / dens[i] : p.scale;
+#pragma unroll
+            for (int b = 0; b < 4; ++b) Os[i * TILE_LD + tx + 16 * b] = f * acc[a][b];
+        }
+        __syncthreads();
+        // Momentum: row t gets m_t, then m_{t+1} = η (m_t + src_t); sequential in t per column.
+        if (p.eta >= 0.f && tid < w && j0 + tid < p.mom_width) {
+            float m = ms[tid];
+            for (int i = 0; i < n; ++i) {
+                Os[i * TILE_LD + tid] += m;
+                m = p.eta * (m + mk::to_float(mom[row_of(it, ch * C + i, p.reverse) * p.mom_ld + j0 + tid]));
+            }
+            ms[tid] = m;
+        }
+        __syncthreads();
+        TOut* out = static_cast<TOut*>(p.out);
+        for (int e = tid; e < n * TILE; e += THREADS) {
+            const int i = e / TILE, j = e % TILE;
+            if (j < w) out[row_of(it, ch * C + i, p.reverse) * dv + j0 + j] = mk::from_float<TOut>(Os[i * TILE_LD + j]);
+        }
+        if (p.den_out != nullptr && blockIdx.y == 0 && tid < n)
+            p.den_out[row_of(it, ch * C + tid, p.reverse)] = dens[tid];
+        if (p.causal) update_state(n);
+    }
+    if (p.out == nullptr && p.causal) {
+        // State-only pass (split form, pass 1).
+        for (long long ch = 0; ch < chunks; ++ch) {
+            const int n = (int)min((long long)C, it.len - ch * C);
+            __syncthreads();
+            load_kv(ch, n);
+            __syncthreads();
+            update_state(n);
+        }
+    }
+    __syncthreads();
+    if (it.state_out >= 0 && p.s_out != nullptr) {
+        for (int e = tid; e < dk * w; e += THREADS) {
+            const int c = e / w, j = e % w;
+            p.s_out[(it.state_out * dk + c) * dv + j0 + j] = Ss[c * TILE_LD + j];
+        }
+        if (blockIdx.y == 0 && p.z_out != nullptr)
+            for (int c = tid; c < dk; c += THREADS) p.z_out[it.state_out * dk + c] = zs[c];
+    }
+}
+
+// ---------------------------------------------------------------- tensor-core core ---------
+// The same algorithm for f16/bf16 inputs with Dk ≤ 128, its three chunk products on mma.sync
+// m16n8k16 (16-bit operands, f32 accumulation). φ(Q), φ(K), V, the masked scores A and a
+// 16-bit copy of the state tile are staged in shared memory; the state S itself and z stay
+// f32 in shared memory for the whole sequence (as in fla, S is rounded to the input type only
+// as an mma operand). 8 warps; for the 64×64 products warp w owns rows 16·(w%4).. and
+// columns 32·(w/4).. (four 16×8 tiles). Fragments are gathered with 16/32-bit shared loads.
+
+__device__ __forceinline__ void mma16816(float* d, const uint32_t* a, const uint32_t* b, __half) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+__device__ __forceinline__ void mma16816(float* d, const uint32_t* a, const uint32_t* b, __nv_bfloat16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+__device__ __forceinline__ uint32_t pack2(const uint16_t* base, int lo, int hi) {
+    return (uint32_t)base[lo] | ((uint32_t)base[hi] << 16);
+}
+
+// Fragments of a 16×16 A tile at (r0, k0) of a matrix stored M[r][k] (row stride ld, halves).
+__device__ __forceinline__ void frag_a_rowmajor(uint32_t* a, const uint16_t* m, int ld, int r0, int k0, int g, int t) {
+    const int r = r0 + g, k = k0 + 2 * t;
+    a[0] = pack2(m, r * ld + k, r * ld + k + 1);
+    a[1] = pack2(m, (r + 8) * ld + k, (r + 8) * ld + k + 1);
+    a[2] = pack2(m, r * ld + k + 8, r * ld + k + 9);
+    a[3] = pack2(m, (r + 8) * ld + k + 8, (r + 8) * ld + k + 9);
+}
+// ... of an A tile stored transposed, M[k][r].
+__device__ __forceinline__ void frag_a_colmajor(uint32_t* a, const uint16_t* m, int ld, int r0, int k0, int g, int t) {
+    const int r = r0 + g, k = k0 + 2 * t;
+    a[0] = pack2(m, k * ld + r, (k + 1) * ld + r);
+    a[1] = pack2(m, k * ld + r + 8, (k + 1) * ld + r + 8);
+    a[2] = pack2(m, (k + 8) * ld + r, (k + 9) * ld + r);
+    a[3] = pack2(m, (k + 8) * ld + r + 8, (k + 9) * ld + r + 8);
+}
+// Fragments of a 16×8 B tile at (k0, n0) of B stored N-major, M[n][k] (e.g. φ(K) for QKᵀ).
+__device__ __forceinline__ void frag_b_nmajor(uint32_t* b, const uint16_t* m, int ld, int k0, int n0, int g, int t) {
+    const int n = n0 + g, k = k0 + 2 * t;
+    b[0] = pack2(m, n * ld + k, n * ld + k + 1);
+    b[1] = pack2(m, n * ld + k + 8, n * ld + k + 9);
+}
+// ... of B stored K-major, M[k][n] (e.g. V, S).
+__device__ __forceinline__ void frag_b_kmajor(uint32_t* b, const uint16_t* m, int ld, int k0, int n0, int g, int t) {
+    const int n = n0 + g, k = k0 + 2 * t;
+    b[0] = pack2(m, k * ld + n, (k + 1) * ld + n);
+    b[1] = pack2(m, (k + 8) * ld + n, (k + 9) * ld + n);
+}
+
+constexpr int MMA_C = 64;
+constexpr int HALF_LD_PAD = 8;
+
+// Shared-memory plan of the tensor-core core, in bytes, for a padded key width dkp (a
+// multiple of 16, ≤ 128). Halves first, then floats (16-byte aligned).
+struct SmemMma {
+    int ldq, q, k, v, a, sh, sf, z, den, m, o, total;
+    __host__ __device__ SmemMma(int dkp) {
+        ldq = dkp + HALF_LD_PAD;
+        const int ldt = TILE + HALF_LD_PAD;
+        q = 0;                                  // halves: MMA_C × ldq
+        k = q + MMA_C * ldq * 2;                // halves: MMA_C × ldq
+        v = k + MMA_C * ldq * 2;                // halves: MMA_C × ldt
+        a = v + MMA_C * ldt * 2;                // halves: MMA_C × ldt
+        sh = a + MMA_C * ldt * 2;               // halves: dkp × ldt
+        sf = (sh + dkp * ldt * 2 + 15) / 16 * 16;  // floats: dkp × TILE_LD
+        z = sf + dkp * TILE_LD * 4;             // floats: dkp
+        den = z + dkp * 4;                      // floats: MMA_C
+        m = den + MMA_C * 4;                    // floats: TILE
+        o = m + TILE * 4;                       // floats: MMA_C × TILE_LD
+        total = o + MMA_C * TILE_LD * 4;
+    }
+};
+
+template <typename T>
+__device__ void core_mma(const CoreArgs& p, unsigned char* smem) {
+    constexpr int C = MMA_C;
+    const int dk = p.dk, dv = p.dv;
+    const int dkp = (dk + 15) / 16 * 16;
+    const SmemMma L(dkp);
+    const int ldq = L.ldq, ldt = TILE + HALF_LD_PAD;
+    T* Qh = reinterpret_cast<T*>(smem + L.q);
+    T* Kh = reinterpret_cast<T*>(smem + L.k);
+    T* Vh = reinterpret_cast<T*>(smem + L.v);
+    T* Ah = reinterpret_cast<T*>(smem + L.a);
+    T* Sh = reinterpret_cast<T*>(smem + L.sh);
+    float* Sf = reinterpret_cast<float*>(smem + L.sf);
+    float* zs = reinterpret_cast<float*>(smem + L.z);
+    float* dens = reinterpret_cast<float*>(smem + L.den);
+    float* ms = reinterpret_cast<float*>(smem + L.m);
+    float* Os = reinterpret_cast<float*>(smem + L.o);
+    const uint16_t* Qu = reinterpret_cast<const uint16_t*>(Qh);
+    const uint16_t* Ku = reinterpret_cast<const uint16_t*>(Kh);
+    const uint16_t* Vu = reinterpret_cast<const uint16_t*>(Vh);
+    const uint16_t* Au = reinterpret_cast<const uint16_t*>(Ah);
+    const uint16_t* Su = reinterpret_cast<const uint16_t*>(Sh);
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tq = lane % 4;
+    const int wr = (warp % 4) * 16, wc = (warp / 4) * 32;  // this warp's 16×32 block of a 64×64 product
+    const Item it = p.items[blockIdx.x];
+    const int j0 = blockIdx.y * TILE;
+    const int w = min(TILE, dv - j0);
+    const T* q = static_cast<const T*>(p.q);
+    const T* k = static_cast<const T*>(p.k);
+    const T* v = static_cast<const T*>(p.v);
+
+    for (int e = tid; e < dkp * TILE; e += THREADS) {
+        const int c = e / TILE, j = e % TILE;
+        float x = 0.f;
+        if (c < dk && j < w && it.state_in >= 0 && p.s_in != nullptr) x = p.s_in[(it.state_in * dk + c) * dv + j0 + j];
+        Sf[c * TILE_LD + j] = x;
+    }
+    for (int c = tid; c < dkp; c += THREADS)
+        zs[c] = (c < dk && it.state_in >= 0 && p.z_in != nullptr) ? p.z_in[it.state_in * dk + c] : 0.f;
+    const long long chunks = (it.len + C - 1) / C;
+
+    auto load_rows = [&](T* dst, const T* src, long long ch, int n) {
+        for (int e = tid; e < C * dkp; e += THREADS) {
+            const int i = e / dkp, c = e % dkp;
+            float x = 0.f;
+            if (i < n && c < dk) x = phi(p.fm, mk::to_float(src[row_of(it, ch * C + i, p.reverse) * dk + c]));
+            dst[i * ldq + c] = mk::from_float<T>(x);
+        }
+    };
+    auto load_v = [&](long long ch, int n) {
+        for (int e = tid; e < C * TILE; e += THREADS) {
+            const int i = e / TILE, j = e % TILE;
+            Vh[i * ldt + j] = (i < n && j < w) ? v[row_of(it, ch * C + i, p.reverse) * dv + j0 + j] : mk::from_float<T>(0.f);
+        }
+    };
+    // S += φ(K)ᵀV on tensor cores (S: dkp × 64, k = the C chunk rows); z += Σ φ(K).
+    auto update_state = [&]() {
+        const int tiles = (dkp / 16) * (TILE / 8);
+        for (int tt = warp; tt < tiles; tt += THREADS / 32) {
+            const int r0 = (tt / (TILE / 8)) * 16, n0 = (tt % (TILE / 8)) * 8;
+            float d[4] = {Sf[(r0 + g) * TILE_LD + n0 + 2 * tq], Sf[(r0 + g) * TILE_LD + n0 + 2 * tq + 1],
+                          Sf[(r0 + g + 8) * TILE_LD + n0 + 2 * tq], Sf[(r0 + g + 8) * TILE_LD + n0 + 2 * tq + 1]};
+#pragma unroll
+            for (int k0 = 0; k0 < C; k0 += 16) {
+                uint32_t a[4], b[2];
+                frag_a_colmajor(a, Ku, ldq, r0, k0, g, tq);
+                frag_b_kmajor(b, Vu, ldt, k0, n0, g, tq);
+                mma16816(d, a, b, T());
+            }
+            Sf[(r0 + g) * TILE_LD + n0 + 2 * tq] = d[0];
+            Sf[(r0 + g) * TILE_LD + n0 + 2 * tq + 1] = d[1];
+            Sf[(r0 + g + 8) * TILE_LD + n0 + 2 * tq] = d[2];
+            Sf[(r0 + g + 8) * TILE_LD + n0 + 2 * tq + 1] = d[3];
+        }
+        for (int c = tid; c < dk; c += THREADS) {
+            float acc = 0.f;
+            for (int i = 0; i < C; ++i) acc += mk::to_float(Kh[i * ldq + c]);
+            zs[c] += acc;
+        }
+    };
+
+    if (!p.causal && p.accumulate) {
+        for (long long ch = 0; ch < chunks; ++ch) {
+            const int n = (int)min((long long)C, it.len - ch * C);
+            __syncthreads();
+            load_rows(Kh, k, ch, n);
+            load_v(ch, n);
+            __syncthreads();
+            update_state();
+        }
+    }
+    if (tid < TILE) ms[tid] = 0.f;
+    for (long long ch = 0; ch < chunks && p.out != nullptr; ++ch) {
+        const int n = (int)min((long long)C, it.len - ch * C);
+        __syncthreads();
+        load_rows(Qh, q, ch, n);
+        if (p.causal) {
+            load_rows(Kh, k, ch, n);
+            load_v(ch, n);
+        }
+        for (int e = tid; e < dkp * TILE; e += THREADS) {
+            const int c = e / TILE, j = e % TILE;
+            Sh[c * ldt + j] = mk::from_float<T>(Sf[c * TILE_LD + j]);
+        }
+        __syncthreads();
+        if (p.causal) {
+            // A = mask(φ(Q)φ(K)ᵀ), rounded to T for the next product.
+            float d[4][4] = {};
+            for (int k0 = 0; k0 < dkp; k0 += 16) {
+                uint32_t a[4];
+                frag_a_rowmajor(a, Qu, ldq, wr, k0, g, tq);
+#pragma unroll
+                for (int nt = 0; nt < 4; ++nt) {
+                    uint32_t b[2];
+                    frag_b_nmajor(b, Ku, ldq, k0, wc + 8 * nt, g, tq);
+                    mma16816(d[nt], a, b, T());
+                }
+            }
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int i = wr + g + (e >= 2 ? 8 : 0), s = wc + 8 * nt + 2 * tq + (e & 1);
+                    Ah[i * ldt + s] = mk::from_float<T>(s <= i ? d[nt][e] : 0.f);
+                }
+            __syncthreads();
+        }
+        // O = φ(Q)·S + A·V
+        float o[4][4] = {};
+        for (int k0 = 0; k0 < dkp; k0 += 16) {
+            uint32_t a[4];
+            frag_a_rowmajor(a, Qu, ldq, wr, k0, g, tq);
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt) {
+                uint32_t b[2];
+                frag_b_kmajor(b, Su, ldt, k0, wc + 8 * nt, g, tq);
+                mma16816(o[nt], a, b, T());
+            }
+        }
+        if (p.causal) {
+#pragma unroll
+            for (int k0 = 0; k0 < C; k0 += 16) {
+                uint32_t a[4];
+                frag_a_rowmajor(a, Au, ldt, wr, k0, g, tq);
+#pragma unroll
+                for (int nt = 0; nt < 4; ++nt) {
+                    uint32_t b[2];
+                    frag_b_kmajor(b, Vu, ldt, k0, wc + 8 * nt, g, tq);
+                    mma16816(o[nt], a, b, T());
+                }
+            }
+        }
+        if (tid < C) {
+            float dsum = 0.f;
+            for (int c = 0; c < dk; ++c) dsum = fmaf(mk::to_float(Qh[tid * ldq + c]), zs[c], dsum);
+            if (p.causal)
+                for (int s = 0; s < C; ++s) dsum += mk::to_float(Ah[tid * ldt + s]);
+            dens[tid] = dsum + p.eps;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int i = wr + g + (e >= 2 ? 8 : 0), j = wc + 8 * nt + 2 * tq + (e & 1);
+                const float f = p.normalize ? p.scale / dens[i] : p.scale;
+                Os[i * TILE_LD + j] = f * o[nt][e];
+            }
+        __syncthreads();
+        T* out = static_cast<T*>(p.out);
+        for (int e = tid; e < n * TILE; e += THREADS) {
+            const int i = e / TILE, j = e % TILE;
+            if (j < w) out[row_of(it, ch * C + i, p.reverse) * dv + j0 + j] = mk::from_float<T>(Os[i * TILE_LD + j]);
+        }
+        if (p.den_out != nullptr && blockIdx.y == 0 && tid < n)
+            p.den_out[row_of(it, ch * C + tid, p.reverse)] = dens[tid];
+        if (p.causal) update_state();
+    }
+    if (p.out == nullptr && p.causal) {
+        for (long long ch = 0; ch < chunks; ++ch) {
+            const int n = (int)min((long long)C, it.len - ch * C);
+            __syncthreads();
+            load_rows(Kh, k, ch, n);
+            load_v(ch, n);
+            __syncthreads();
+            update_state();
+        }
+    }
+    __syncthreads();
+    if (it.state_out >= 0 && p.s_out != nullptr) {
+        for (int e = tid; e < dk * w; e += THREADS) {
+            const int c = e / w, j = e % w;
+            p.s_out[(it.state_out * dk + c) * dv + j0 + j] = Sf[c * TILE_LD + j];
+        }
+        if (blockIdx.y == 0 && p.z_out != nullptr)
+            for (int c = tid; c < dk; c += THREADS) p.z_out[it.state_out * dk + c] = zs[c];
+    }
+}
+
+// ---------------------------------------------------------------- reference kernels --------
+// One block per item, one thread per output element, every sum written out in full: O(T²).
+
+template <typename T>
+__device__ void reference_forward(const CoreArgs& p) {
+    const Item it = p.items[blockIdx.x];
+    const int dk = p.dk, dv = p.dv;
+    const T* q = static_cast<const T*>(p.q);
+    const T* k = static_cast<const T*>(p.k);
+    const T* v = static_cast<const T*>(p.v);
+    auto S0 = [&](int c, int j) { return it.state_in >= 0 ? p.s_in[(it.state_in * dk + c) * dv + j] : 0.f; };
+    auto z0 = [&](int c) { return (it.state_in >= 0 && p.z_in) ? p.z_in[it.state_in * dk + c] : 0.f; };
+    auto Q = [&](long long t, int c) { return phi(p.fm, mk::to_float(q[(it.row0 + t) * dk + c])); };
+    auto K = [&](long long t, int c) { return phi(p.fm, mk::to_float(k[(it.row0 + t) * dk + c])); };
+    auto V = [&](long long t, int j) { return mk::to_float(v[(it.row0 + t) * dv + j]); };
+    for (long long e = threadIdx.x; e < it.len * dv; e += blockDim.x) {
+        const long long t = e / dv;
+        const int j = (int)(e % dv);
+        float num = 0.f, den = 0.f;
+        for (int c = 0; c < dk; ++c) {
+            num += Q(t, c) * S0(c, j);
+            den += Q(t, c) * z0(c);
+        }
+        const long long last = p.causal ? t : it.len - 1;
+        for (long long s = 0; s <= last; ++s) {
+            float qk = 0.f;
+            for (int c = 0; c < dk; ++c) qk += Q(t, c) * K(s, c);
+            num += qk * V(s, j);
+            den += qk;
+        }
+        float o = p.normalize ? p.scale * num / (den + p.eps) : p.scale * num;
+        if (p.eta >= 0.f)
+            for (long long i = 0; i < t; ++i) o += powf(p.eta, (float)(t - i)) * V(i, j);
+        static_cast<T*>(p.out)[(it.row0 + t) * dv + j] = mk::from_float<T>(o);
+    }
+    for (int e = threadIdx.x; e < dk * dv; e += blockDim.x) {
+        const int c = e / dv, j = e % dv;
+        float s = S0(c, j);
+        for (long long t = 0; t < it.len; ++t) s += K(t, c) * V(t, j);
+        p.s_out[(it.state_out * dk + c) * dv + j] = s;
+    }
+    for (int c = threadIdx.x; c < dk; c += blockDim.x) {
+        float z = z0(c);
+        for (long long t = 0; t < it.len; ++t) z += K(t, c);
+        p.z_out[it.state_out * dk + c] = z;
+    }
+}
+
+// The backward written straight from the definitions. `gp` is scratch [rows, dv+1] for
+// g' = [∂L/∂num, ∂L/∂den]; `gs`/`gz` the gradient of the final state (or null).
+struct RefBackwardArgs {
+    CoreArgs f;
+    const void* grad_out;
+    const float* gs;
+    const float* gz;
+    float* gp;
+    void* dq;
+    void* dk;
+    void* dv;
+    float* ds0;
+    float* dz0;
+};
+
+template <typename T>
+__device__ void reference_backward(const RefBackwardArgs& r) {
+    const CoreArgs& p = r.f;
+    const Item it = p.items[blockIdx.x];
+    const int dk = p.dk, dv = p.dv, dva = dv + 1;
+    const T* q = static_cast<const T*>(p.q);
+    const T* k = static_cast<const T*>(p.k);
+    const T* v = static_cast<const T*>(p.v);
+    const T* g = static_cast<const T*>(r.grad_out);
+    const long long si = it.state_in, so = it.state_out;
+    auto S0a = [&](int c, int j) {  // [S_0, z_0]
+        if (si < 0) return 0.f;
+        if (j < dv) return p.s_in[(si * dk + c) * dv + j];
+        return p.z_in ? p.z_in[si * dk + c] : 0.f;
+    };
+    auto dSTa = [&](int c, int j) {  // [∂L/∂S_T, ∂L/∂z_T]
+        if (j < dv) return r.gs ? r.gs[(so * dk + c) * dv + j] : 0.f;
+        return r.gz ? r.gz[so * dk + c] : 0.f;
+    };
+    auto Qx = [&](long long t, int c) { return mk::to_float(q[(it.row0 + t) * dk + c]); };
+    auto Kx = [&](long long t, int c) { return mk::to_float(k[(it.row0 + t) * dk + c]); };
+    auto Q = [&](long long t, int c) { return phi(p.fm, Qx(t, c)); };
+    auto K = [&](long long t, int c) { return phi(p.fm, Kx(t, c)); };
+    auto Va = [&](long long t, int j) { return j < dv ? mk::to_float(v[(it.row0 + t) * dv + j]) : 1.f; };
+    auto G = [&](long long t, int j) { return mk::to_float(g[(it.row0 + t) * dv + j]); };
+    auto visible = [&](long long t, long long s) { return !p.causal || s <= t; };
+    float* gp = r.gp + it.row0 * dva;
+
+    // g' per row: recompute the row's numerators and denominator.
+    for (long long t = threadIdx.x; t < it.len; t += blockDim.x) {
+        float den = p.eps, dot = 0.f;
+        for (int c = 0; c < dk; ++c) den += Q(t, c) * S0a(c, dv);
+        for (long long s = 0; s < it.len; ++s)
+            if (visible(t, s)) {
+                float qk = 0.f;
+                for (int c = 0; c < dk; ++c) qk += Q(t, c) * K(s, c);
+                den += qk;
+            }
+        const float f = p.normalize ? p.scale / den : p.scale;
+        for (int j = 0; j < dv; ++j) {
+            float num = 0.f;
+            for (int c = 0; c < dk; ++c) num += Q(t, c) * S0a(c, j);
+            for (long long s = 0; s < it.len; ++s)
+                if (visible(t, s)) {
+                    float qk = 0.f;
+                    for (int c = 0; c < dk; ++c) qk += Q(t, c) * K(s, c);
+                    num += qk * Va(s, j);
+                }
+            gp[t * dva + j] = f * G(t, j);
+            dot += G(t, j) * f * num;
+        }
+        gp[t * dva + dv] = p.normalize ? -dot / den : 0.f;
+    }
+    __syncthreads();
+    auto GP = [&](long long t, int j) { return gp[t * dva + j]; };
+    auto gv = [&](long long t, long long s) {  // g'_t · v'_s
+        float x = 0.f;
+        for (int j = 0; j < dva; ++j) x += GP(t, j) * Va(s, j);
+        return x;
+    };
+    for (long long e = threadIdx.x; e < it.len * dk; e += blockDim.x) {
+        const long long t = e / dk;
+        const int c = (int)(e % dk);
+        float dqf = 0.f, dkf = 0.f;
+        for (int j = 0; j < dva; ++j) {
+            dqf += GP(t, j) * S0a(c, j);
+            dkf += dSTa(c, j) * Va(t, j);
+        }
+        for (long long s = 0; s < it.len; ++s) {
+            if (visible(t, s)) dqf += gv(t, s) * K(s, c);
+            if (visible(s, t)) dkf += gv(s, t) * Q(s, c);
+        }
+        static_cast<T*>(r.dq)[(it.row0 + t) * dk + c] = mk::from_float<T>(dqf * dphi(p.fm, Qx(t, c)));
+        static_cast<T*>(r.dk)[(it.row0 + t) * dk + c] = mk::from_float<T>(dkf * dphi(p.fm, Kx(t, c)));
+    }
+    for (long long e = threadIdx.x; e < it.len * dv; e += blockDim.x) {
+        const long long s = e / dv;
+        const int j = (int)(e % dv);
+        float x = 0.f;
+        for (int c = 0; c < dk; ++c) x += K(s, c) * dSTa(c, j);
+        for (long long t = 0; t < it.len; ++t)
+            if (visible(t, s)) {
+                float qk = 0.f;
+                for (int c = 0; c < dk; ++c) qk += Q(t, c) * K(s, c);
+                x += qk * GP(t, j);
+            }
+        if (p.eta >= 0.f)
+            for (long long t = s + 1; t < it.len; ++t) x += powf(p.eta, (float)(t - s)) * G(t, j);
+        static_cast<T*>(r.dv)[(it.row0 + s) * dv + j] = mk::from_float<T>(x);
+    }
+    for (int e = threadIdx.x; e < dk * dva; e += blockDim.x) {
+        const int c = e / dva, j = e % dva;
+        float x = dSTa(c, j);
+        for (long long t = 0; t < it.len; ++t) x += Q(t, c) * GP(t, j);
+        if (j < dv) r.ds0[(so * dk + c) * dv + j] = x;
+        else r.dz0[so * dk + c] = x;
+    }
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- entry points ------------
+
+#define MK_CORE(NAME, TIN, TOUT, C)                                                      \
+    extern "C" __global__ void __launch_bounds__(THREADS, 1) NAME(CoreArgs p) {            \
+        extern __shared__ float sm[];                                                    \
+        core<TIN, TOUT, C>(p, sm);                                                       \
+    }
+
+#define MK_CORE_ALL(SN, T)                                          \
+    MK_CORE(la_core_##SN##_to_##SN##_c64, T, T, 64)                 \
+    MK_CORE(la_core_##SN##_to_##SN##_c32, T, T, 32)                 \
+    MK_CORE(la_core_##SN##_to_f32_c64, T, float, 64)                \
+    MK_CORE(la_core_##SN##_to_f32_c32, T, float, 32)                \
+    extern "C" __global__ void la_reference_forward_##SN(CoreArgs p) { reference_forward<T>(p); } \
+    extern "C" __global__ void la_reference_backward_##SN(RefBackwardArgs r) { reference_backward<T>(r); }
+
+extern "C" __global__ void __launch_bounds__(THREADS, 1) la_core_mma_f16(CoreArgs p) {
+    extern __shared__ __align__(16) unsigned char smem_h[];
+    core_mma<__half>(p, smem_h);
+}
+extern "C" __global__ void __launch_bounds__(THREADS, 1) la_core_mma_bf16(CoreArgs p) {
+    extern __shared__ __align__(16) unsigned char smem_b[];
+    core_mma<__nv_bfloat16>(p, smem_b);
+}
+
+MK_CORE_ALL(f16, __half)
+MK_CORE_ALL(bf16, __nv_bfloat16)
+MK_CORE(la_core_f32_to_f32_c64, float, float, 64)
+MK_CORE(la_core_f32_to_f32_c32, float, float, 32)
+extern "C" __global__ void la_reference_forward_f32(CoreArgs p) { reference_forward<float>(p); }
+extern "C" __global__ void la_reference_backward_f32(RefBackwardArgs r) { reference_backward<float>(r); }
+
+// Split form, between the passes: per segment, the state at the start of each of its `groups`
+// item groups (S_0 + the local states of the groups before it), written to `prefix`, and the
+// final state. One thread per state element; element
+// e < dk·dv is S, the rest z.
+extern "C" __global__ void la_state_scan(const float* __restrict__ local_s, const float* __restrict__ local_z,
+                                         const float* __restrict__ s0, const float* __restrict__ z0,
+                                         const long long* __restrict__ seg_state, float* __restrict__ prefix_s,
+                                         float* __restrict__ prefix_z, float* __restrict__ final_s,
+                                         float* __restrict__ final_z, int segments, int groups, int dk, int dv) {
+    const long long per = (long long)dk * dv + dk;
+    for (long long e = mk::global_thread(); e < per * segments; e += mk::grid_threads()) {
+        const long long seg = e / per, x = e % per;
+        const bool is_s = x < (long long)dk * dv;
+        const long long st = seg_state[seg];
+        const float* init = is_s ? s0 : z0;
+        float acc = init ? init[st * (is_s ? (long long)dk * dv : dk) + (is_s ? x : x - (long long)dk * dv)] : 0.f;
+        for (int g = 0; g < groups; ++g) {
+            const long long item = seg * groups + g;
+            if (is_s) {
+                prefix_s[item * dk * dv + x] = acc;
+                acc += local_s[item * dk * dv + x];
+            } else {
+                prefix_z[item * dk + (x - (long long)dk * dv)] = acc;
+                acc += local_z[item * dk + (x - (long long)dk * dv)];
+            }
+        }
+        if (is_s) final_s[st * dk * dv + x] = acc;
+        else final_z[st * dk + (x - (long long)dk * dv)] = acc;
+    }
+}
+
+// ---------------------------------------------------------------- backward glue -----------
+
+// φ(q), φ(k) as f32 and v' = [v, 1] (f32, width dv+1), for the backward's core passes.
+template <typename T>
+__device__ void featurize(const T* q, const T* k, const T* v, float* qf, float* kf, float* va, long long rows,
+                          int dk, int dv, int fm) {
+    for (long long e = mk::global_thread(); e < rows * dk; e += mk::grid_threads()) {
+        qf[e] = phi(fm, mk::to_float(q[e]));
+        kf[e] = phi(fm, mk::to_float(k[e]));
+    }
+    const int dva = dv + 1;
+    for (long long e = mk::global_thread(); e < rows * dva; e += mk::grid_threads()) {
+        const long long r = e / dva;
+        const int j = (int)(e % dva);
+        va[e] = j < dv ? mk::to_float(v[r * dv + j]) : 1.f;
+    }
+}
+
+// g' = [f·g, −(g·o)/den] per row, f = scale/den (normalising) or scale; also g as f32.
+// One warp per row.
+template <typename T>
+__device__ void augmented_grad(const T* g, const float* o, const float* den, float* gp, float* g32,
+                               long long rows, int dv, int normalize, float scale) {
+    const int lane = threadIdx.x & 31;
+    const long long warps = mk::grid_threads() / 32;
+    for (long long r = mk::global_thread() / 32; r < rows; r += warps) {
+        const float f = normalize ? scale / den[r] : scale;
+        float dot = 0.f;
+        for (int j = lane; j < dv; j += 32) {
+            const float gx = mk::to_float(g[r * dv + j]);
+            dot += gx * o[r * dv + j];
+            gp[r * (dv + 1) + j] = f * gx;
+            g32[r * dv + j] = gx;
+        }
+        dot = mk::warp_sum(dot);
+        if (lane == 0) gp[r * (dv + 1) + dv] = normalize ? -dot / den[r] : 0.f;
+    }
+}
+
+// Initial states of the backward's passes, per state n:
+//   s0t[n] = [S_0, z_0]ᵀ           ((dv+1) × dk)
+//   dst[n] = [∂S_T, ∂z_T]          (dk × (dv+1))
+//   dstt[n] = dst[n]ᵀ              ((dv+1) × dk)
+__device__ void backward_states(const float* s0, const float* z0, const float* gs, const float* gz, float* s0t,
+                                float* dst, float* dstt, long long states, int dk, int dv) {
+    const int dva = dv + 1;
+    const long long per = (long long)dk * dva;
+    for (long long e = mk::global_thread(); e < states * per; e += mk::grid_threads()) {
+        const long long n = e / per;
+        const int c = (int)((e % per) / dva), j = (int)(e % dva);
+        const float s = j < dv ? (s0 ? s0[(n * dk + c) * dv + j] : 0.f) : (z0 ? z0[n * dk + c] : 0.f);
+        const float d = j < dv ? (gs ? gs[(n * dk + c) * dv + j] : 0.f) : (gz ? gz[n * dk + c] : 0.f);
+        s0t[(n * dva + j) * dk + c] = s;
+        dst[(n * dk + c) * dva + j] = d;
+        dstt[(n * dva + j) * dk + c] = d;
+    }
+}
+
+// dq = dφ(Q) ⊙ φ'(q), dk likewise, dv = the first dv columns of dV'; the final state of the dV'
+// pass, dS'_0 (dk × (dv+1)), split into ∂S_0 and ∂z_0.
+template <typename T>
+__device__ void finish_backward(const T* q, const T* k, const float* dqf, const float* dkf, const float* dva_,
+                                T* dq, T* dk_, T* dv_, const float* ds0a, float* ds0, float* dz0, long long rows,
+                                long long states, int dk, int dv, int fm) {
+    const int dva = dv + 1;
+    for (long long e = mk::global_thread(); e < rows * dk; e += mk::grid_threads()) {
+        dq[e] = mk::from_float<T>(dqf[e] * dphi(fm, mk::to_float(q[e])));
+        dk_[e] = mk::from_float<T>(dkf[e] * dphi(fm, mk::to_float(k[e])));
+    }
+    for (long long e = mk::global_thread(); e < rows * dv; e += mk::grid_threads())
+        dv_[e] = mk::from_float<T>(dva_[(e / dv) * dva + e % dv]);
+    for (long long e = mk::global_thread(); e < states * dk * dva; e += mk::grid_threads()) {
+        const long long n = e / ((long long)dk * dva);
+        const int c = (int)((e / dva) % dk), j = (int)(e % dva);
+        if (j < dv) ds0[(n * dk + c) * dv + j] = ds0a[e];
+        else dz0[n * dk + c] = ds0a[e];
+    }
+}
+
+#define MK_GLUE(SN, T)                                                                                        \
+    extern "C" __global__ void la_featurize_##SN(const T* q, const T* k, const T* v, float* qf, float* kf,  \
+                                                 float* va, long long rows, int dk, int dv, int fm) {       \
+        featurize<T>(q, k, v, qf, kf, va, rows, dk, dv, fm);                                                 \
+    }                                                                                                        \
+    extern "C" __global__ void la_augmented_grad_##SN(const T* g, const float* o, const float* den,         \
+                                                      float* gp, float* g32, long long rows, int dv,        \
+                                                      int normalize, float scale) {                         \
+        augmented_grad<T>(g, o, den, gp, g32, rows, dv, normalize, scale);                                  \
+    }                                                                                                        \
+    extern "C" __global__ void la_finish_backward_##SN(const T* q, const T* k, const float* dqf,            \
+                                                       const float* dkf, const float* dva, T* dq, T* dk,    \
+                                                       T* dv, const float* ds0a, float* ds0, float* dz0,    \
+                                                       long long rows, long long states, int dkd, int dvd,  \
+                                                       int fm) {                                            \
+        finish_backward<T>(q, k, dqf, dkf, dva, dq, dk, dv, ds0a, ds0, dz0, rows, states, dkd, dvd, fm);    \
+    }
+
+MK_GLUE(f32, float)
+MK_GLUE(f16, __half)
+MK_GLUE(bf16, __nv_bfloat16)
+
+extern "C" __global__ void la_backward_states(const float* s0, const float* z0, const float* gs, const float* gz,
+                                              float* s0t, float* dst, float* dstt, long long states, int dk,
+                                              int dv) {
+    backward_states(s0, z0, gs, gz, s0t, dst, dstt, states, dk, dv);
+}

@@ -1,0 +1,830 @@
+//! Launches of `kernels/linear_attention.cu`.
+//!
+//! Every pass is the chunked core kernel (`la_core_<in>_to_<out>_c<C>`) over a list of work
+//! items (runs of rows with an initial and a final state), so the dense and packed layouts,
+//! the forward, the three backward passes and the split form share one kernel. Its arguments
+//! travel as one `#[repr(C)]` struct mirroring `CoreArgs` in the .cu file.
+//!
+//! **Forward rule.** One block runs one (sequence, head) × 64-column tile of v. When those
+//! blocks fill the GPU (≥ one per SM), or the call has a momentum term, or a sequence has
+//! fewer than four chunks, the forward is one fused launch. Otherwise it is split: each
+//! sequence is cut into G groups of chunks (G ≈ 2·SMs / blocks) whose local states one launch
+//! computes, `la_state_scan` turns them into each group's initial state and the final state,
+//! and a second core launch computes all groups' outputs in parallel. The threshold is the
+//! occupancy argument above; it has not yet been tuned by measurement on a GPU.
+//!
+//! **Tensor cores.** Forward launches with f16/bf16 inputs, Dk ≤ 128 and no momentum run
+//! `la_core_mma_<dt>`, whose three chunk products are `mma.sync.m16n8k16` with f32
+//! accumulation; everything else (f32, Dk > 128, the momentum forward, and the backward's f32
+//! passes) runs the SIMT core `la_core_<in>_to_<out>_c<C>`.
+//!
+//! **Backward** (8 launches, all O(T)): featurise φ(Q), φ(K), [V,1]; recompute the forward's
+//! outputs and denominators; form g' = [∂L/∂num, ∂L/∂den]; build the passes' initial states;
+//! then three core passes (dφ(Q) forward in time; dφ(K) and dV' backward in time, the last
+//! carrying dS' to dS'_0 and folding in the momentum's reverse sum); then apply φ' and cast.
+
+use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop};
+
+use super::{BackwardArgs, BackwardResult, ForwardArgs, ForwardResult, KernelPath, Problem};
+use crate::cuda::{driver, grid_1d, CudaDevice, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+use crate::tensor::{CudaBuffer, Storage};
+use crate::{DType, Error, Result, Tensor};
+
+const MODULE: &str = "linear_attention";
+const THREADS: u32 = 256;
+const TILE: usize = 64;
+const ELEMENTWISE_THREADS: u32 = 256;
+
+/// Mirrors `Item` in the .cu file.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct Item {
+    row0: i64,
+    len: i64,
+    state_in: i64,
+    state_out: i64,
+}
+
+/// Mirrors `CoreArgs` in the .cu file (same field order; repr(C) gives the same padding).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct CoreArgs {
+    q: u64,
+    k: u64,
+    v: u64,
+    out: u64,
+    den_out: u64,
+    items: u64,
+    n_items: i32,
+    dk: i32,
+    dv: i32,
+    s_in: u64,
+    z_in: u64,
+    s_out: u64,
+    z_out: u64,
+    fm: i32,
+    causal: i32,
+    reverse: i32,
+    normalize: i32,
+    accumulate: i32,
+    scale: f32,
+    eps: f32,
+    eta: f32,
+    mom: u64,
+    mom_width: i32,
+    mom_ld: i32,
+}
+
+/// Mirrors `RefBackwardArgs` in the .cu file.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct RefBackwardArgs {
+    f: CoreArgs,
+    grad_out: u64,
+    gs: u64,
+    gz: u64,
+    gp: u64,
+    dq: u64,
+    dk: u64,
+    dv: u64,
+    ds0: u64,
+    dz0: u64,
+}
+
+// SAFETY: plain-old-data structs of integers and floats whose layout matches the kernels'
+// parameter structs field by field.
+unsafe impl DeviceRepr for Item {}
+unsafe impl DeviceRepr for CoreArgs {}
+unsafe impl DeviceRepr for RefBackwardArgs {}
+
+/// Raw device pointers for one launch, with the guards that order their use on our stream.
+struct Ptrs<'a> {
+    stream: &'a CudaStream,
+    guards: Vec<SyncOnDrop<'a>>,
+}
+
+impl<'a> Ptrs<'a> {
+    fn new(stream: &'a CudaStream) -> Self {
+        Ptrs { stream, guards: Vec::new() }
+    }
+
+    fn of<T>(&mut self, s: &'a CudaSlice<T>) -> u64 {
+        let (p, g) = s.device_ptr(self.stream);
+        self.guards.push(g);
+        p
+    }
+
+    fn of_mut<T>(&mut self, s: &'a mut CudaSlice<T>) -> u64 {
+        let (p, g) = s.device_ptr_mut(self.stream);
+        self.guards.push(g);
+        p
+    }
+
+    fn tensor(&mut self, t: &'a Tensor) -> Result<u64> {
+        match t.storage() {
+            Storage::Cuda(b) => Ok(match b {
+                CudaBuffer::F32(s) => self.of(s),
+                CudaBuffer::F64(s) => self.of(s),
+                CudaBuffer::F16(s) => self.of(s),
+                CudaBuffer::BF16(s) => self.of(s),
+                CudaBuffer::U32(s) => self.of(s),
+            }),
+            Storage::Cpu(_) => Err(Error::DeviceMismatch {
+                op: "linear_attention (cuda)",
+                expected: "a CUDA device".into(),
+                got: "cpu".into(),
+            }),
+        }
+    }
+
+    fn opt_tensor(&mut self, t: Option<&'a Tensor>) -> Result<u64> {
+        t.map_or(Ok(0), |t| self.tensor(t))
+    }
+}
+
+/// A device buffer of any element type, for outputs of the input dtype.
+enum Out {
+    F32(CudaSlice<f32>),
+    F16(CudaSlice<half::f16>),
+    BF16(CudaSlice<half::bf16>),
+}
+
+impl Out {
+    fn alloc(dev: &CudaDevice, dtype: DType, len: usize) -> Result<Out> {
+        Ok(match dtype {
+            DType::F16 => Out::F16(dev.alloc(len)?),
+            DType::BF16 => Out::BF16(dev.alloc(len)?),
+            _ => Out::F32(dev.alloc(len)?),
+        })
+    }
+
+    fn ptr<'a>(&'a mut self, p: &mut Ptrs<'a>) -> u64 {
+        match self {
+            Out::F32(s) => p.of_mut(s),
+            Out::F16(s) => p.of_mut(s),
+            Out::BF16(s) => p.of_mut(s),
+        }
+    }
+
+    fn into_tensor(self, shape: &[usize], device: &crate::Device) -> Tensor {
+        let (buffer, dtype) = match self {
+            Out::F32(s) => (CudaBuffer::F32(s), DType::F32),
+            Out::F16(s) => (CudaBuffer::F16(s), DType::F16),
+            Out::BF16(s) => (CudaBuffer::BF16(s), DType::BF16),
+        };
+        Tensor::from_cuda_buffer(buffer, shape, dtype, device)
+    }
+}
+
+/// Rows per chunk of the SIMT core for a key width `dk` (shared memory bounds it); the
+/// tensor-core core always uses 64.
+fn chunk_for(dk: usize) -> usize {
+    if dk <= 128 {
+        64
+    } else {
+        32
+    }
+}
+
+/// Shared-memory bytes of the core; mirrors `Smem` in the .cu file.
+fn core_smem_bytes(c: usize, dk: usize) -> usize {
+    let tile_ld = TILE + 1;
+    let floats = 2 * c * (dk + 1) + c * tile_ld + c * (c + 1) + dk * tile_ld + dk + c + TILE + c * tile_ld;
+    floats * 4
+}
+
+/// Shared-memory bytes of the tensor-core core; mirrors `SmemMma` in the .cu file.
+fn mma_smem_bytes(dk: usize) -> usize {
+    let dkp = dk.div_ceil(16) * 16;
+    let (ldq, ldt, c, tile_ld) = (dkp + 8, TILE + 8, 64, TILE + 1);
+    let halves = 2 * c * ldq + 2 * c * ldt + dkp * ldt;
+    let floats_start = (halves * 2).div_ceil(16) * 16;
+    floats_start + 4 * (dkp * tile_ld + dkp + c + TILE + c * tile_ld)
+}
+
+/// Whether a core launch runs on the tensor-core kernel: 16-bit inputs and outputs (the
+/// forward), Dk ≤ 128, no momentum term.
+fn uses_mma(in_dtype: DType, out_f32: bool, args: &CoreArgs) -> bool {
+    matches!(in_dtype, DType::F16 | DType::BF16) && !out_f32 && args.dk <= 128 && args.eta < 0.0
+}
+
+fn attribute(dev: &CudaDevice, a: CUdevice_attribute) -> Result<usize> {
+    let v = dev.stream().context().attribute(a).map_err(driver("reading a device attribute"))?;
+    Ok(v.max(0) as usize)
+}
+
+/// Launches the core over `items` with `args` (pointers filled in by the caller).
+fn launch_core(
+    dev: &CudaDevice,
+    in_dtype: DType,
+    out_f32: bool,
+    args: &CoreArgs,
+    n_items: usize,
+    width_v: usize,
+) -> Result<()> {
+    let dk = args.dk as usize;
+    let c = chunk_for(dk);
+    let dt = in_dtype.as_str();
+    let out = if out_f32 { "f32" } else { dt };
+    let (name, smem) = if uses_mma(in_dtype, out_f32, args) {
+        (format!("la_core_mma_{dt}"), mma_smem_bytes(dk))
+    } else {
+        (format!("la_core_{dt}_to_{out}_c{c}"), core_smem_bytes(c, dk))
+    };
+    let f = dev.function(MODULE, &name)?;
+    let optin = attribute(dev, CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
+    if smem > optin {
+        return Err(Error::invalid(
+            "LinearAttention (cuda)",
+            "head dimension",
+            format!(
+                "the chunk kernel needs {smem} bytes of shared memory at Dk = {dk}; this GPU allows {optin}"
+            ),
+        ));
+    }
+    f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+        .map_err(driver(format!("setting the shared memory of {name}")))?;
+    let tiles = width_v.div_ceil(TILE);
+    if n_items == 0 {
+        return Ok(());
+    }
+    let grid_x = u32::try_from(n_items)
+        .ok()
+        .filter(|&x| x < (1u32 << 31))
+        .ok_or_else(|| Error::invalid("LinearAttention (cuda)", "B·H", format!("{n_items} work items")))?;
+    let cfg = LaunchConfig {
+        grid_dim: (grid_x, tiles as u32, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(args);
+    // SAFETY: every pointer in `args` addresses a live buffer sized for the items' rows and
+    // states (built by the callers below), the struct mirrors the kernel's parameter, the grid
+    // covers items × v tiles, and the dynamic shared memory matches the kernel's plan.
+    unsafe { b.launch(cfg) }.map_err(driver(format!("launching {name}")))?;
+    Ok(())
+}
+
+fn fill_core_options(args: &mut CoreArgs, p: &Problem) {
+    args.fm = p.cfg.feature_map.code();
+    args.causal = p.cfg.causal as i32;
+    args.normalize = p.cfg.normalize as i32;
+    args.scale = p.cfg.scale;
+    args.eps = p.cfg.eps;
+    args.accumulate = 1;
+    args.eta = -1.0;
+}
+
+/// One item per segment, starting from its initial state (when there is one).
+fn segment_items(p: &Problem, has_initial: bool) -> Vec<Item> {
+    p.segments
+        .iter()
+        .map(|s| Item {
+            row0: s.row0 as i64,
+            len: s.len as i64,
+            state_in: if has_initial { s.state as i64 } else { -1 },
+            state_out: s.state as i64,
+        })
+        .collect()
+}
+
+fn sm_count(dev: &CudaDevice) -> Result<usize> {
+    attribute(dev, CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map(|n| n.max(1))
+}
+
+/// The number of chunk groups per sequence for the split form, or 1 for the fused form.
+fn split_groups(dev: &CudaDevice, p: &Problem, path: KernelPath) -> Result<usize> {
+    if p.momentum.is_some() || matches!(path, KernelPath::Fused | KernelPath::Reference) {
+        return Ok(1);
+    }
+    // Chunk boundaries of the groups must be chunk boundaries of both cores: 64 is a multiple
+    // of 32.
+    let c = 64;
+    let max_chunks = p.segments.iter().map(|s| s.len.div_ceil(c)).max().unwrap_or(1);
+    let blocks = p.segments.len() * p.dv.div_ceil(TILE);
+    let sms = sm_count(dev)?;
+    let groups = (2 * sms).div_ceil(blocks).min(max_chunks);
+    let split = match path {
+        KernelPath::Split => groups > 1,
+        _ => blocks < sms && max_chunks >= 4 && groups > 1,
+    };
+    Ok(if split { groups } else { 1 })
+}
+
+pub(super) fn forward(p: &Problem, a: &ForwardArgs<'_>, path: KernelPath) -> Result<ForwardResult> {
+    let dev = a.q.cuda_device()?;
+    let dtype = a.q.dtype();
+    let states = p.states();
+    let mut out = Out::alloc(dev, dtype, p.rows * p.dv)?;
+    let mut s_out = dev.alloc::<f32>(states * p.dk * p.dv)?;
+    let mut z_out = dev.alloc::<f32>(states * p.dk)?;
+    if path == KernelPath::Reference {
+        reference_forward(dev, p, a, &mut out, &mut s_out, &mut z_out)?;
+    } else {
+        let groups = split_groups(dev, p, path)?;
+        if groups == 1 {
+            fused_forward(dev, p, a, &mut out, &mut s_out, &mut z_out)?;
+        } else {
+            split_forward(dev, p, a, groups, &mut out, &mut s_out, &mut z_out)?;
+        }
+    }
+    let mut shape = a.q.shape().to_vec();
+    shape[3] = p.dv;
+    Ok(ForwardResult {
+        output: out.into_tensor(&shape, a.q.device()),
+        state: Tensor::from_cuda_buffer(
+            CudaBuffer::F32(s_out),
+            &[states, p.dk, p.dv],
+            DType::F32,
+            a.q.device(),
+        ),
+        normalizer: Tensor::from_cuda_buffer(
+            CudaBuffer::F32(z_out),
+            &[states, p.dk],
+            DType::F32,
+            a.q.device(),
+        ),
+    })
+}
+
+fn fused_forward(
+    dev: &CudaDevice,
+    p: &Problem,
+    a: &ForwardArgs<'_>,
+    out: &mut Out,
+    s_out: &mut CudaSlice<f32>,
+    z_out: &mut CudaSlice<f32>,
+) -> Result<()> {
+    let items = dev.htod(&segment_items(p, a.s0.is_some()))?;
+    let stream = dev.stream().clone();
+    let mut ptr = Ptrs::new(&stream);
+    let mut args =
+        CoreArgs { n_items: items.len() as i32, dk: p.dk as i32, dv: p.dv as i32, ..Default::default() };
+    fill_core_options(&mut args, p);
+    args.q = ptr.tensor(a.q)?;
+    args.k = ptr.tensor(a.k)?;
+    args.v = ptr.tensor(a.v)?;
+    args.out = out.ptr(&mut ptr);
+    args.items = ptr.of(&items);
+    args.s_in = ptr.opt_tensor(a.s0)?;
+    args.z_in = ptr.opt_tensor(a.z0)?;
+    args.s_out = ptr.of_mut(s_out);
+    args.z_out = ptr.of_mut(z_out);
+    if let Some(eta) = p.momentum {
+        args.eta = eta;
+        args.mom = args.v;
+        args.mom_width = p.dv as i32;
+        args.mom_ld = p.dv as i32;
+    }
+    launch_core(dev, a.q.dtype(), false, &args, p.segments.len(), p.dv)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn split_forward(
+    dev: &CudaDevice,
+    p: &Problem,
+    a: &ForwardArgs<'_>,
+    groups: usize,
+    out: &mut Out,
+    s_out: &mut CudaSlice<f32>,
+    z_out: &mut CudaSlice<f32>,
+) -> Result<()> {
+    // Groups are cut at multiples of 64 rows, a chunk boundary of both cores.
+    let c = 64;
+    let (dk, dv) = (p.dk, p.dv);
+    let mut pass1 = Vec::with_capacity(p.segments.len() * groups);
+    let mut pass2 = Vec::with_capacity(p.segments.len() * groups);
+    for s in &p.segments {
+        let rows_per_group = s.len.div_ceil(c).div_ceil(groups) * c;
+        for g in 0..groups {
+            let start = (g * rows_per_group).min(s.len);
+            let end = ((g + 1) * rows_per_group).min(s.len);
+            let item = (pass1.len()) as i64;
+            let (row0, len) = ((s.row0 + start) as i64, (end - start) as i64);
+            pass1.push(Item { row0, len, state_in: -1, state_out: item });
+            // Causal: start from the group's prefix state; non-causal: from the total.
+            let state_in = if p.cfg.causal { item } else { s.state as i64 };
+            pass2.push(Item { row0, len, state_in, state_out: -1 });
+        }
+    }
+    let n_items = pass1.len();
+    let items1 = dev.htod(&pass1)?;
+    let items2 = dev.htod(&pass2)?;
+    let seg_state: Vec<i64> = p.segments.iter().map(|s| s.state as i64).collect();
+    let seg_state = dev.htod(&seg_state)?;
+    let mut local_s = dev.alloc::<f32>(n_items * dk * dv)?;
+    let mut local_z = dev.alloc::<f32>(n_items * dk)?;
+    let mut prefix_s = dev.alloc::<f32>(n_items * dk * dv)?;
+    let mut prefix_z = dev.alloc::<f32>(n_items * dk)?;
+    let stream = dev.stream().clone();
+    {
+        let mut ptr = Ptrs::new(&stream);
+        let mut args =
+            CoreArgs { n_items: n_items as i32, dk: dk as i32, dv: dv as i32, ..Default::default() };
+        fill_core_options(&mut args, p);
+        args.q = ptr.tensor(a.q)?;
+        args.k = ptr.tensor(a.k)?;
+        args.v = ptr.tensor(a.v)?;
+        args.items = ptr.of(&items1);
+        args.s_out = ptr.of_mut(&mut local_s);
+        args.z_out = ptr.of_mut(&mut local_z);
+        launch_core(dev, a.q.dtype(), false, &args, n_items, dv)?;
+    }
+    {
+        let f = dev.function(MODULE, "la_state_scan")?;
+        let mut ptr = Ptrs::new(&stream);
+        let ptrs = [
+            ptr.of(&local_s),
+            ptr.of(&local_z),
+            ptr.opt_tensor(a.s0)?,
+            ptr.opt_tensor(a.z0)?,
+            ptr.of(&seg_state),
+            ptr.of_mut(&mut prefix_s),
+            ptr.of_mut(&mut prefix_z),
+            ptr.of_mut(s_out),
+            ptr.of_mut(z_out),
+        ];
+        let (segments, groups_i, dk_i, dv_i) = (p.segments.len() as i32, groups as i32, dk as i32, dv as i32);
+        let mut b = stream.launch_builder(&f);
+        for x in &ptrs {
+            b.arg(x);
+        }
+        b.arg(&segments).arg(&groups_i).arg(&dk_i).arg(&dv_i);
+        let cfg = grid_1d(p.segments.len() * (dk * dv + dk), ELEMENTWISE_THREADS);
+        // SAFETY: the buffers hold n_items (= segments × groups) local and prefix states and the
+        // final states; the kernel is a grid-stride loop over segments × state elements.
+        unsafe { b.launch(cfg) }.map_err(driver("launching la_state_scan"))?;
+    }
+    let mut ptr = Ptrs::new(&stream);
+    let mut args = CoreArgs { n_items: n_items as i32, dk: dk as i32, dv: dv as i32, ..Default::default() };
+    fill_core_options(&mut args, p);
+    args.accumulate = 0;
+    args.q = ptr.tensor(a.q)?;
+    args.k = ptr.tensor(a.k)?;
+    args.v = ptr.tensor(a.v)?;
+    args.out = out.ptr(&mut ptr);
+    args.items = ptr.of(&items2);
+    if p.cfg.causal {
+        args.s_in = ptr.of(&prefix_s);
+        args.z_in = ptr.of(&prefix_z);
+    } else {
+        args.s_in = ptr.of(s_out);
+        args.z_in = ptr.of(z_out);
+    }
+    launch_core(dev, a.q.dtype(), false, &args, n_items, dv)
+}
+
+fn reference_forward(
+    dev: &CudaDevice,
+    p: &Problem,
+    a: &ForwardArgs<'_>,
+    out: &mut Out,
+    s_out: &mut CudaSlice<f32>,
+    z_out: &mut CudaSlice<f32>,
+) -> Result<()> {
+    let items = dev.htod(&segment_items(p, a.s0.is_some()))?;
+    let stream = dev.stream().clone();
+    let mut ptr = Ptrs::new(&stream);
+    let mut args =
+        CoreArgs { n_items: items.len() as i32, dk: p.dk as i32, dv: p.dv as i32, ..Default::default() };
+    fill_core_options(&mut args, p);
+    args.q = ptr.tensor(a.q)?;
+    args.k = ptr.tensor(a.k)?;
+    args.v = ptr.tensor(a.v)?;
+    args.out = out.ptr(&mut ptr);
+    args.items = ptr.of(&items);
+    args.s_in = ptr.opt_tensor(a.s0)?;
+    args.z_in = ptr.opt_tensor(a.z0)?;
+    args.s_out = ptr.of_mut(s_out);
+    args.z_out = ptr.of_mut(z_out);
+    if let Some(eta) = p.momentum {
+        args.eta = eta;
+    }
+    let name = format!("la_reference_forward_{}", a.q.dtype().as_str());
+    let f = dev.function(MODULE, &name)?;
+    let cfg = LaunchConfig {
+        grid_dim: (p.segments.len() as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = stream.launch_builder(&f);
+    b.arg(&args);
+    // SAFETY: as for the core; one block per segment, every loop bounded by the item's rows.
+    unsafe { b.launch(cfg) }.map_err(driver(format!("launching {name}")))?;
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------
+// backward
+
+pub(super) fn backward(
+    p: &Problem,
+    a: &ForwardArgs<'_>,
+    b: &BackwardArgs<'_>,
+    path: KernelPath,
+) -> Result<BackwardResult> {
+    let dev = a.q.cuda_device()?;
+    let dtype = a.q.dtype();
+    let (rows, states, dk, dv) = (p.rows, p.states(), p.dk, p.dv);
+    let mut dq = Out::alloc(dev, dtype, rows * dk)?;
+    let mut dkk = Out::alloc(dev, dtype, rows * dk)?;
+    let mut dvv = Out::alloc(dev, dtype, rows * dv)?;
+    let mut ds0 = dev.alloc::<f32>(states * dk * dv)?;
+    let mut dz0 = dev.alloc::<f32>(states * dk)?;
+    let mut outs = Outs { dq: &mut dq, dk: &mut dkk, dv: &mut dvv, ds0: &mut ds0, dz0: &mut dz0 };
+    if path == KernelPath::Reference {
+        reference_backward(dev, p, a, b, &mut outs)?;
+    } else {
+        chunked_backward(dev, p, a, b, &mut outs)?;
+    }
+    let device = a.q.device();
+    Ok(BackwardResult {
+        dq: dq.into_tensor(a.q.shape(), device),
+        dk: dkk.into_tensor(a.k.shape(), device),
+        dv: dvv.into_tensor(a.v.shape(), device),
+        d_state: Tensor::from_cuda_buffer(CudaBuffer::F32(ds0), &[states, dk, dv], DType::F32, device),
+        d_normalizer: Tensor::from_cuda_buffer(CudaBuffer::F32(dz0), &[states, dk], DType::F32, device),
+    })
+}
+
+struct Outs<'o> {
+    dq: &'o mut Out,
+    dk: &'o mut Out,
+    dv: &'o mut Out,
+    ds0: &'o mut CudaSlice<f32>,
+    dz0: &'o mut CudaSlice<f32>,
+}
+
+fn reference_backward(
+    dev: &CudaDevice,
+    p: &Problem,
+    a: &ForwardArgs<'_>,
+    b: &BackwardArgs<'_>,
+    o: &mut Outs<'_>,
+) -> Result<()> {
+    let items = dev.htod(&segment_items(p, a.s0.is_some()))?;
+    let mut gp = dev.alloc::<f32>(p.rows * (p.dv + 1))?;
+    let stream = dev.stream().clone();
+    let mut ptr = Ptrs::new(&stream);
+    let mut f =
+        CoreArgs { n_items: items.len() as i32, dk: p.dk as i32, dv: p.dv as i32, ..Default::default() };
+    fill_core_options(&mut f, p);
+    f.q = ptr.tensor(a.q)?;
+    f.k = ptr.tensor(a.k)?;
+    f.v = ptr.tensor(a.v)?;
+    f.items = ptr.of(&items);
+    f.s_in = ptr.opt_tensor(a.s0)?;
+    f.z_in = ptr.opt_tensor(a.z0)?;
+    if let Some(eta) = p.momentum {
+        f.eta = eta;
+    }
+    let args = RefBackwardArgs {
+        f,
+        grad_out: ptr.tensor(b.grad_output)?,
+        gs: ptr.opt_tensor(b.grad_state)?,
+        gz: ptr.opt_tensor(b.grad_normalizer)?,
+        gp: ptr.of_mut(&mut gp),
+        dq: o.dq.ptr(&mut ptr),
+        dk: o.dk.ptr(&mut ptr),
+        dv: o.dv.ptr(&mut ptr),
+        ds0: ptr.of_mut(o.ds0),
+        dz0: ptr.of_mut(o.dz0),
+    };
+    let name = format!("la_reference_backward_{}", a.q.dtype().as_str());
+    let func = dev.function(MODULE, &name)?;
+    let cfg = LaunchConfig {
+        grid_dim: (p.segments.len() as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut lb = stream.launch_builder(&func);
+    lb.arg(&args);
+    // SAFETY: one block per segment; every buffer is sized for all rows / states.
+    unsafe { lb.launch(cfg) }.map_err(driver(format!("launching {name}")))?;
+    Ok(())
+}
+
+/// The scratch of the chunked backward, all f32.
+struct Scratch {
+    qf: CudaSlice<f32>,
+    kf: CudaSlice<f32>,
+    va: CudaSlice<f32>,
+    o: CudaSlice<f32>,
+    den: CudaSlice<f32>,
+    gp: CudaSlice<f32>,
+    g32: CudaSlice<f32>,
+    s0t: CudaSlice<f32>,
+    dst: CudaSlice<f32>,
+    dstt: CudaSlice<f32>,
+    dqf: CudaSlice<f32>,
+    dkf: CudaSlice<f32>,
+    dva: CudaSlice<f32>,
+    ds0a: CudaSlice<f32>,
+}
+
+impl Scratch {
+    fn new(dev: &CudaDevice, p: &Problem) -> Result<Scratch> {
+        let (rows, states, dk, dv, dva) = (p.rows, p.states(), p.dk, p.dv, p.dv + 1);
+        Ok(Scratch {
+            qf: dev.alloc(rows * dk)?,
+            kf: dev.alloc(rows * dk)?,
+            va: dev.alloc(rows * dva)?,
+            o: dev.alloc(rows * dv)?,
+            den: dev.alloc(rows)?,
+            gp: dev.alloc(rows * dva)?,
+            g32: dev.alloc(rows * dv)?,
+            s0t: dev.alloc(states * dk * dva)?,
+            dst: dev.alloc(states * dk * dva)?,
+            dstt: dev.alloc(states * dk * dva)?,
+            dqf: dev.alloc(rows * dk)?,
+            dkf: dev.alloc(rows * dk)?,
+            dva: dev.alloc(rows * dva)?,
+            ds0a: dev.alloc(states * dk * dva)?,
+        })
+    }
+}
+
+/// A kernel argument of the element-wise kernels.
+#[derive(Clone, Copy)]
+enum Arg {
+    Ptr(u64),
+    I64(i64),
+    I32(i32),
+    F32(f32),
+}
+
+fn elementwise(dev: &CudaDevice, name: &str, work: usize, args: &[Arg]) -> Result<()> {
+    let f = dev.function(MODULE, name)?;
+    let mut b = dev.stream().launch_builder(&f);
+    for a in args {
+        match a {
+            Arg::Ptr(x) => b.arg(x),
+            Arg::I64(x) => b.arg(x),
+            Arg::I32(x) => b.arg(x),
+            Arg::F32(x) => b.arg(x),
+        };
+    }
+    // SAFETY: grid-stride kernels bounded by the sizes in `args`, over buffers allocated for
+    // exactly those sizes by `Scratch::new` and the callers; the argument list follows the
+    // kernel's signature in the .cu file.
+    unsafe { b.launch(grid_1d(work, ELEMENTWISE_THREADS)) }.map_err(driver(format!("launching {name}")))?;
+    Ok(())
+}
+
+fn chunked_backward(
+    dev: &CudaDevice,
+    p: &Problem,
+    a: &ForwardArgs<'_>,
+    b: &BackwardArgs<'_>,
+    o: &mut Outs<'_>,
+) -> Result<()> {
+    let dt = a.q.dtype();
+    let dts = dt.as_str();
+    let (rows, states, dk, dv, dva) = (p.rows, p.states(), p.dk, p.dv, p.dv + 1);
+    let (rows_i, states_i, dk_i, dv_i) = (rows as i64, states as i64, dk as i32, dv as i32);
+    let fm = p.cfg.feature_map.code();
+    let mut s = Scratch::new(dev, p)?;
+    let stream = dev.stream().clone();
+    let fwd_items = dev.htod(&segment_items(p, a.s0.is_some()))?;
+    // The backward passes always read their (possibly zero) initial states.
+    let bwd_items = dev.htod(&segment_items(p, true))?;
+    let n_items = p.segments.len();
+
+    // 1. φ(Q), φ(K), [V, 1].
+    {
+        let mut ptr = Ptrs::new(&stream);
+        let args = [
+            Arg::Ptr(ptr.tensor(a.q)?),
+            Arg::Ptr(ptr.tensor(a.k)?),
+            Arg::Ptr(ptr.tensor(a.v)?),
+            Arg::Ptr(ptr.of_mut(&mut s.qf)),
+            Arg::Ptr(ptr.of_mut(&mut s.kf)),
+            Arg::Ptr(ptr.of_mut(&mut s.va)),
+            Arg::I64(rows_i),
+            Arg::I32(dk_i),
+            Arg::I32(dv_i),
+            Arg::I32(fm),
+        ];
+        elementwise(dev, &format!("la_featurize_{dts}"), rows * dva.max(dk), &args)?;
+    }
+    // 2. Recompute the forward: outputs (attention part only) and denominators.
+    {
+        let mut ptr = Ptrs::new(&stream);
+        let mut args = CoreArgs { n_items: n_items as i32, dk: dk_i, dv: dv_i, ..Default::default() };
+        fill_core_options(&mut args, p);
+        args.q = ptr.tensor(a.q)?;
+        args.k = ptr.tensor(a.k)?;
+        args.v = ptr.tensor(a.v)?;
+        args.out = ptr.of_mut(&mut s.o);
+        args.den_out = ptr.of_mut(&mut s.den);
+        args.items = ptr.of(&fwd_items);
+        args.s_in = ptr.opt_tensor(a.s0)?;
+        args.z_in = ptr.opt_tensor(a.z0)?;
+        launch_core(dev, dt, true, &args, n_items, dv)?;
+    }
+    // 3. g' and g as f32.
+    {
+        let mut ptr = Ptrs::new(&stream);
+        let args = [
+            Arg::Ptr(ptr.tensor(b.grad_output)?),
+            Arg::Ptr(ptr.of(&s.o)),
+            Arg::Ptr(ptr.of(&s.den)),
+            Arg::Ptr(ptr.of_mut(&mut s.gp)),
+            Arg::Ptr(ptr.of_mut(&mut s.g32)),
+            Arg::I64(rows_i),
+            Arg::I32(dv_i),
+            Arg::I32(p.cfg.normalize as i32),
+            Arg::F32(p.cfg.scale),
+        ];
+        elementwise(dev, &format!("la_augmented_grad_{dts}"), rows * 32, &args)?;
+    }
+    // 4. Initial states of the three passes.
+    {
+        let mut ptr = Ptrs::new(&stream);
+        let args = [
+            Arg::Ptr(ptr.opt_tensor(a.s0)?),
+            Arg::Ptr(ptr.opt_tensor(a.z0)?),
+            Arg::Ptr(ptr.opt_tensor(b.grad_state)?),
+            Arg::Ptr(ptr.opt_tensor(b.grad_normalizer)?),
+            Arg::Ptr(ptr.of_mut(&mut s.s0t)),
+            Arg::Ptr(ptr.of_mut(&mut s.dst)),
+            Arg::Ptr(ptr.of_mut(&mut s.dstt)),
+            Arg::I64(states_i),
+            Arg::I32(dk_i),
+            Arg::I32(dv_i),
+        ];
+        elementwise(dev, "la_backward_states", states * dk * dva, &args)?;
+    }
+    let pass = |q: u64, k: u64, v: u64, widths: (usize, usize), reverse: bool| {
+        let mut args = CoreArgs {
+            n_items: n_items as i32,
+            dk: widths.0 as i32,
+            dv: widths.1 as i32,
+            ..Default::default()
+        };
+        args.causal = p.cfg.causal as i32;
+        args.reverse = reverse as i32;
+        args.scale = 1.0;
+        args.accumulate = 1;
+        args.eta = -1.0;
+        (args.q, args.k, args.v) = (q, k, v);
+        args
+    };
+    // 5. dφ(Q) = core(g', [V,1], φ(K), [S_0,z_0]ᵀ).
+    {
+        let mut ptr = Ptrs::new(&stream);
+        let mut args = pass(ptr.of(&s.gp), ptr.of(&s.va), ptr.of(&s.kf), (dva, dk), false);
+        args.items = ptr.of(&bwd_items);
+        args.s_in = ptr.of(&s.s0t);
+        args.out = ptr.of_mut(&mut s.dqf);
+        launch_core(dev, DType::F32, true, &args, n_items, dk)?;
+    }
+    // 6. dφ(K) = core([V,1], g', φ(Q), dS'_Tᵀ), time reversed.
+    {
+        let mut ptr = Ptrs::new(&stream);
+        let mut args = pass(ptr.of(&s.va), ptr.of(&s.gp), ptr.of(&s.qf), (dva, dk), true);
+        args.items = ptr.of(&bwd_items);
+        args.s_in = ptr.of(&s.dstt);
+        args.out = ptr.of_mut(&mut s.dkf);
+        launch_core(dev, DType::F32, true, &args, n_items, dk)?;
+    }
+    // 7. dV' = core(φ(K), φ(Q), g', dS'_T), time reversed; final state dS'_0; momentum.
+    {
+        let mut ptr = Ptrs::new(&stream);
+        let mut args = pass(ptr.of(&s.kf), ptr.of(&s.qf), ptr.of(&s.gp), (dk, dva), true);
+        args.items = ptr.of(&bwd_items);
+        args.s_in = ptr.of(&s.dst);
+        args.s_out = ptr.of_mut(&mut s.ds0a);
+        args.out = ptr.of_mut(&mut s.dva);
+        if let Some(eta) = p.momentum {
+            args.eta = eta;
+            args.mom = ptr.of(&s.g32);
+            args.mom_width = dv_i;
+            args.mom_ld = dv_i;
+        }
+        launch_core(dev, DType::F32, true, &args, n_items, dva)?;
+    }
+    // 8. φ', casts, and the split of dS'_0.
+    let mut ptr = Ptrs::new(&stream);
+    let args = [
+        Arg::Ptr(ptr.tensor(a.q)?),
+        Arg::Ptr(ptr.tensor(a.k)?),
+        Arg::Ptr(ptr.of(&s.dqf)),
+        Arg::Ptr(ptr.of(&s.dkf)),
+        Arg::Ptr(ptr.of(&s.dva)),
+        Arg::Ptr(o.dq.ptr(&mut ptr)),
+        Arg::Ptr(o.dk.ptr(&mut ptr)),
+        Arg::Ptr(o.dv.ptr(&mut ptr)),
+        Arg::Ptr(ptr.of(&s.ds0a)),
+        Arg::Ptr(ptr.of_mut(o.ds0)),
+        Arg::Ptr(ptr.of_mut(o.dz0)),
+        Arg::I64(rows_i),
+        Arg::I64(states_i),
+        Arg::I32(dk_i),
+        Arg::I32(dv_i),
+        Arg::I32(fm),
+    ];
+    elementwise(dev, &format!("la_finish_backward_{dts}"), rows * dk.max(dv), &args)
+}
