@@ -18,7 +18,14 @@ const K_BLOCK: usize = 512;
 
 /// Nearest centroid and its distance for each of the `n` rows of `x` (`n × d`, row-major);
 /// `c` is `k × d`. Ties go to the lowest index.
-pub(crate) fn assign(x: &[f32], n: usize, d: usize, c: &[f32], k: usize, metric: Metric) -> (Vec<u32>, Vec<f32>) {
+pub(crate) fn assign(
+    x: &[f32],
+    n: usize,
+    d: usize,
+    c: &[f32],
+    k: usize,
+    metric: Metric,
+) -> (Vec<u32>, Vec<f32>) {
     let mut labels = crate::testing::output_vec::<u32>(n);
     let mut dist = crate::testing::output_vec::<f32>(n);
     match metric {
@@ -60,7 +67,8 @@ fn assign_l2(x: &[f32], d: usize, c: &[f32], k: usize, labels: &mut [u32], dist:
                         }
                     }
                 }
-                for (i, ((l, dd), xr)) in lb.iter_mut().zip(db.iter_mut()).zip(xb.chunks_exact(d)).enumerate() {
+                for (i, ((l, dd), xr)) in lb.iter_mut().zip(db.iter_mut()).zip(xb.chunks_exact(d)).enumerate()
+                {
                     let xn: f32 = xr.iter().map(|v| v * v).sum();
                     let (v, j) = best[i];
                     *l = j;
@@ -73,8 +81,10 @@ fn assign_l2(x: &[f32], d: usize, c: &[f32], k: usize, labels: &mut [u32], dist:
 
 fn assign_l1(x: &[f32], d: usize, c: &[f32], labels: &mut [u32], dist: &mut [f32]) {
     let inv_d = 1.0 / d as f32;
-    x.par_chunks(ROW_BLOCK * d).zip(labels.par_chunks_mut(ROW_BLOCK)).zip(dist.par_chunks_mut(ROW_BLOCK)).for_each(
-        |((xb, lb), db)| {
+    x.par_chunks(ROW_BLOCK * d)
+        .zip(labels.par_chunks_mut(ROW_BLOCK))
+        .zip(dist.par_chunks_mut(ROW_BLOCK))
+        .for_each(|((xb, lb), db)| {
             for ((xr, l), dd) in xb.chunks_exact(d).zip(lb.iter_mut()).zip(db.iter_mut()) {
                 let mut best = (f32::INFINITY, 0u32);
                 let mut any_nan = false;
@@ -88,8 +98,7 @@ fn assign_l1(x: &[f32], d: usize, c: &[f32], labels: &mut [u32], dist: &mut [f32
                 *l = best.1;
                 *dd = if any_nan || !best.0.is_finite() { f32::NAN } else { best.0 };
             }
-        },
-    );
+        });
 }
 
 /// Σ |a − b| with eight independent partial sums so the compiler vectorises it.

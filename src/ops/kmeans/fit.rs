@@ -79,7 +79,13 @@ pub struct KMeansFit {
 impl KMeans {
     /// `k` clusters, squared L2, k-means++ with seed 0, up to 300 iterations, `tol` 1e-4.
     pub fn new(k: usize) -> KMeans {
-        KMeans { k, max_iter: 300, tol: 1e-4, metric: Metric::SquaredL2, init: Init::KMeansPlusPlus { seed: 0 } }
+        KMeans {
+            k,
+            max_iter: 300,
+            tol: 1e-4,
+            metric: Metric::SquaredL2,
+            init: Init::KMeansPlusPlus { seed: 0 },
+        }
     }
 
     /// Sets the maximum number of iterations.
@@ -154,7 +160,12 @@ impl KMeans {
 
     fn given_centroids(&self, c: &Tensor, x_dtype: DType, d: usize) -> Result<Vec<f32>> {
         if c.shape() != [self.k, d] {
-            return Err(Error::shape(OP, "Init::Given centroids", format!("[{}, {d}] ([k, D])", self.k), c.shape()));
+            return Err(Error::shape(
+                OP,
+                "Init::Given centroids",
+                format!("[{}, {d}] ([k, D])", self.k),
+                c.shape(),
+            ));
         }
         if c.dtype() != DType::F32 && c.dtype() != x_dtype {
             return Err(Error::DTypeMismatch {

@@ -38,7 +38,14 @@ pub(super) fn gather(x: &[f32], d: usize, ids: &[usize]) -> Vec<f32> {
 
 /// k-means++ seeding with the sampling weight the metric's own distance (D² for squared L2,
 /// the mean absolute difference for mean-L1), parallel over points within each step.
-pub(super) fn kmeans_plus_plus(x: &[f32], n: usize, d: usize, k: usize, metric: Metric, seed: u64) -> Vec<f32> {
+pub(super) fn kmeans_plus_plus(
+    x: &[f32],
+    n: usize,
+    d: usize,
+    k: usize,
+    metric: Metric,
+    seed: u64,
+) -> Vec<f32> {
     if n.saturating_mul(k) > PARALLEL_INIT_MIN_PAIRS {
         return kmeans_parallel(x, n, d, k, metric, seed);
     }
@@ -61,7 +68,8 @@ fn weighted_plus_plus(
 ) -> Vec<usize> {
     let first = sample(weights, rng).unwrap_or(0);
     let mut ids = vec![first];
-    let mut nearest: Vec<f32> = (0..n).into_par_iter().map(|i| row_distance(x, d, i, first, metric)).collect();
+    let mut nearest: Vec<f32> =
+        (0..n).into_par_iter().map(|i| row_distance(x, d, i, first, metric)).collect();
     while ids.len() < k {
         let mass: Vec<f64> = nearest.iter().zip(weights).map(|(&dist, &w)| dist as f64 * w).collect();
         let next = match sample(&mass, rng) {
@@ -158,6 +166,7 @@ fn kmeans_parallel(x: &[f32], n: usize, d: usize, k: usize, metric: Metric, seed
 
 /// A uniform number in [0, 1) from (seed, round, row): SplitMix64 finalisers over the mixed key.
 fn coin(seed: u64, round: u64, row: u64) -> f64 {
-    let mut rng = Rng::new(seed ^ round.wrapping_mul(0xD1B5_4A32_D192_ED03) ^ row.wrapping_mul(0x8CB9_2BA7_2F3D_8DD7));
+    let mut rng =
+        Rng::new(seed ^ round.wrapping_mul(0xD1B5_4A32_D192_ED03) ^ row.wrapping_mul(0x8CB9_2BA7_2F3D_8DD7));
     rng.uniform()
 }

@@ -111,7 +111,11 @@ pub fn update(x: &Tensor, assignment: &Tensor, k: usize) -> Result<(Tensor, Tens
             let xs = x.host_f32(OP)?;
             let a = assignment.host_slice::<u32>(OP)?;
             if let Some(bad) = a.iter().find(|&&c| c as usize >= k) {
-                return Err(Error::invalid(OP, "assignment", format!("holds cluster {bad}, expected < k = {k}")));
+                return Err(Error::invalid(
+                    OP,
+                    "assignment",
+                    format!("holds cluster {bad}, expected < k = {k}"),
+                ));
             }
             let (c, counts) = cpu::update(&xs, n, d, a, k);
             if c.iter().any(|v| !v.is_finite()) {
@@ -156,7 +160,11 @@ pub fn sort_by_cluster(assignment: &Tensor, k: usize) -> Result<(Tensor, Tensor)
         Storage::Cpu(_) => {
             let a = assignment.host_slice::<u32>(OP)?;
             if let Some(bad) = a.iter().find(|&&c| c as usize >= k) {
-                return Err(Error::invalid(OP, "assignment", format!("holds cluster {bad}, expected < k = {k}")));
+                return Err(Error::invalid(
+                    OP,
+                    "assignment",
+                    format!("holds cluster {bad}, expected < k = {k}"),
+                ));
             }
             let (order, offsets) = cpu::counting_sort(a, k);
             Ok((Tensor::from_host_vec(order, &[n]), Tensor::from_host_vec(offsets, &[k + 1])))
@@ -231,7 +239,12 @@ fn check_centroids(c: &Tensor, x: &Tensor, d: usize, op: &'static str) -> Result
         return Err(Error::shape(op, "centroids", format!("[K, {d}] (D of x)"), c.shape()));
     }
     if c.dtype() != DType::F32 && c.dtype() != x.dtype() {
-        return Err(Error::DTypeMismatch { op, what: "centroids".into(), expected: x.dtype(), got: c.dtype() });
+        return Err(Error::DTypeMismatch {
+            op,
+            what: "centroids".into(),
+            expected: x.dtype(),
+            got: c.dtype(),
+        });
     }
     if c.shape()[0] >= i32::MAX as usize {
         return Err(Error::shape(op, "centroids", "[K, D] with K < 2^31", c.shape()));
