@@ -55,6 +55,7 @@ fn check_assign(x: &[f64], c: &[f64], d: usize, metric: Metric, labels: &[u32], 
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn assign_case(
     n: usize,
     d: usize,

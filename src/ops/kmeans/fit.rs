@@ -121,7 +121,7 @@ impl KMeans {
         if self.k == 0 || self.k > n {
             return Err(Error::invalid(OP, "k", format!("k = {}, expected 1 ≤ k ≤ N = {n}", self.k)));
         }
-        if !(self.tol >= 0.0) || !self.tol.is_finite() {
+        if !self.tol.is_finite() || self.tol < 0.0 {
             return Err(Error::invalid(OP, "tol", format!("{}; expected a finite value ≥ 0", self.tol)));
         }
         let given = match &self.init {

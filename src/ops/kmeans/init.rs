@@ -95,7 +95,7 @@ fn row_distance(x: &[f32], d: usize, i: usize, j: usize, metric: Metric) -> f32 
 /// An index drawn with probability proportional to `mass`, or `None` when the mass is zero.
 fn sample(mass: &[f64], rng: &mut Rng) -> Option<usize> {
     let total: f64 = mass.iter().sum();
-    if !(total > 0.0) || !total.is_finite() {
+    if !total.is_finite() || total <= 0.0 {
         return None;
     }
     let target = rng.uniform() * total;
@@ -122,7 +122,7 @@ fn kmeans_parallel(x: &[f32], n: usize, d: usize, k: usize, metric: Metric, seed
     let (_, mut nearest) = cpu::assign(x, n, d, &gather(x, d, &[first]), 1, metric);
     for round in 0..PARALLEL_ROUNDS {
         let phi: f64 = nearest.par_iter().map(|&v| v as f64).sum();
-        if !(phi > 0.0) {
+        if phi.is_nan() || phi <= 0.0 {
             break;
         }
         let scale = OVERSAMPLING * k as f64 / phi;

@@ -149,6 +149,7 @@ fn segment_offsets(segments: &[(usize, usize)]) -> Vec<u32> {
 }
 
 /// The device normal equations G = [XᵀX | XᵀY], `[S, n, n + r]` f32.
+#[allow(clippy::too_many_arguments)]
 fn gram(
     dev: &CudaDevice,
     x: &CudaSlice<f32>,

@@ -17,9 +17,9 @@
 //! # fn main() -> metakernels::Result<()> {
 //! let dev = Device::cpu();
 //! // 4 tokens, 2 experts: token logits pick experts 1, 0, 1, 0.
-//! let logits = Tensor::from_slice(&[0.0f32, 2.0, 3.0, 1.0, -1.0, 0.5, 4.0, 4.5], &[4, 2], &dev)?;
+//! let logits = Tensor::from_slice(&[0.0f32, 2.0, 3.0, 1.0, -1.0, 0.5, 4.5, 4.0], &[4, 2], &dev)?;
 //! let routing: Routing = moe::route_top1_logits(&logits)?;
-//! assert_eq!(routing.order().to_vec::<u32>()?, vec![1, 2, 0, 3]); // expert 0's tokens, then 1's
+//! assert_eq!(routing.order().to_vec::<u32>()?, vec![1, 3, 0, 2]); // expert 0's tokens, then 1's
 //! let x = Tensor::from_slice(&[10.0f32, 11.0, 12.0, 13.0], &[4, 1], &dev)?;
 //! let grouped = moe::dispatch(&x, &routing)?;
 //! assert_eq!(grouped.to_vec::<f32>()?, vec![11.0, 13.0, 10.0, 12.0]);

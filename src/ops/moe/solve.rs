@@ -110,7 +110,7 @@ fn cholesky_in_place(a: &mut [f64], n: usize, threshold: f64) -> bool {
         for p in 0..j {
             diag -= a[j * n + p] * a[j * n + p];
         }
-        if !(diag > threshold) {
+        if diag.is_nan() || diag <= threshold {
             return false;
         }
         let l = diag.sqrt();
