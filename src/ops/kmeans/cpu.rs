@@ -48,22 +48,22 @@ fn assign_l2(x: &[f32], d: usize, c: &[f32], k: usize, labels: &mut [u32], dist:
         .zip(dist.par_chunks_mut(ROW_BLOCK))
         .for_each_init(
             || vec![0f32; ROW_BLOCK * kb],
-            |dots, ((xb, lb), db)| {
+            |scores, ((xb, lb), db)| {
                 let rows = lb.len();
                 let mut best = [(f32::INFINITY, 0u32); ROW_BLOCK];
                 for k0 in (0..k).step_by(kb) {
                     let cols = kb.min(k - k0);
                     let cb = &c[k0 * d..(k0 + cols) * d];
-                    // dots[rows × cols] = xb · cbᵀ
-                    let ok = sgemm(1.0, Mat::new(xb, rows, d), Mat::new(cb, cols, d).t(), 0.0, dots, cols);
+                    // scores[rows × cols] = ‖c‖² − 2·xb·cbᵀ: the GEMM writes the whole score.
+                    for row in scores[..rows * cols].chunks_exact_mut(cols) {
+                        row.copy_from_slice(&c_norms[k0..k0 + cols]);
+                    }
+                    let ok = sgemm(-2.0, Mat::new(xb, rows, d), Mat::new(cb, cols, d).t(), 1.0, scores, cols);
                     debug_assert!(ok);
-                    for (i, slot) in best[..rows].iter_mut().enumerate() {
-                        let row = &dots[i * cols..(i + 1) * cols];
-                        for (j, (&dot, &cn)) in row.iter().zip(&c_norms[k0..k0 + cols]).enumerate() {
-                            let v = cn - 2.0 * dot;
-                            if v < slot.0 {
-                                *slot = (v, (k0 + j) as u32);
-                            }
+                    for (slot, row) in best[..rows].iter_mut().zip(scores.chunks_exact(cols)) {
+                        let (v, j) = argmin(row);
+                        if v < slot.0 {
+                            *slot = (v, (k0 + j) as u32);
                         }
                     }
                 }
@@ -77,6 +77,21 @@ fn assign_l2(x: &[f32], d: usize, c: &[f32], k: usize, labels: &mut [u32], dist:
                 }
             },
         );
+}
+
+/// (minimum, first index holding it) of a non-empty row; +∞ and 0 when every value is NaN.
+/// Two vectorisable passes: an 8-lane min, then the first position equal to it.
+#[inline]
+fn argmin(row: &[f32]) -> (f32, usize) {
+    let mut lanes = [f32::INFINITY; 8];
+    let (head, tail) = row.split_at(row.len() - row.len() % 8);
+    for chunk in head.chunks_exact(8) {
+        for l in 0..8 {
+            lanes[l] = lanes[l].min(chunk[l]);
+        }
+    }
+    let m = tail.iter().fold(lanes.iter().fold(f32::INFINITY, |a, &b| a.min(b)), |a, &b| a.min(b));
+    (m, row.iter().position(|&v| v == m).unwrap_or(0))
 }
 
 fn assign_l1(x: &[f32], d: usize, c: &[f32], labels: &mut [u32], dist: &mut [f32]) {

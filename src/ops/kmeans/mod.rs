@@ -70,6 +70,9 @@ pub fn assign(x: &Tensor, centroids: &Tensor, metric: Metric) -> Result<(Tensor,
         Storage::Cpu(_) => {
             let xs = x.host_f32(OP)?;
             let cs = rounded_centroids(centroids, x.dtype(), OP)?;
+            if cs.iter().any(|v| !v.is_finite()) {
+                return Err(Error::NonFinite { op: OP, what: "centroids".into() });
+            }
             let (a, dist) = cpu::assign(&xs, n, d, &cs, k, metric);
             if dist.iter().any(|v| !v.is_finite()) {
                 return Err(non_finite(OP, x, centroids));
