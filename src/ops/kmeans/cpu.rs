@@ -58,8 +58,10 @@ fn assign_l2(x: &[f32], d: usize, c: &[f32], k: usize, labels: &mut [u32], dist:
                     for row in scores[..rows * cols].chunks_exact_mut(cols) {
                         row.copy_from_slice(&c_norms[k0..k0 + cols]);
                     }
-                    let ok = sgemm(-2.0, Mat::new(xb, rows, d), Mat::new(cb, cols, d).t(), 1.0, scores, cols);
-                    debug_assert!(ok);
+                    // invariant: the views are rows × d, d × cols and rows × cols by construction, so
+                    // sgemm (which refuses inconsistent shapes) always runs.
+                    let _ran =
+                        sgemm(-2.0, Mat::new(xb, rows, d), Mat::new(cb, cols, d).t(), 1.0, scores, cols);
                     for (slot, row) in best[..rows].iter_mut().zip(scores.chunks_exact(cols)) {
                         let (v, j) = argmin(row);
                         if v < slot.0 {
