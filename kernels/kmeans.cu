@@ -486,6 +486,21 @@ __device__ void stable_scatter(const uint32_t* __restrict__ labels, int n, int k
     }
 }
 
+// A single thread, the textbook stable counting sort: the reference for the four kernels above.
+__device__ void counting_sort_reference(const uint32_t* __restrict__ labels, int n, int k,
+                                        uint32_t* __restrict__ offsets, uint32_t* __restrict__ order) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    for (int c = 0; c <= k; ++c) offsets[c] = 0;
+    for (int i = 0; i < n; ++i) offsets[labels[i] + 1] += 1;
+    for (int c = 0; c < k; ++c) offsets[c + 1] += offsets[c];
+    for (int i = 0; i < n; ++i) {
+        // Position = offsets[c] + number of earlier rows with the same label.
+        uint32_t pos = offsets[labels[i]];
+        for (int j = 0; j < i; ++j) pos += labels[j] == labels[i];
+        order[pos] = i;
+    }
+}
+
 // ------------------------------------------------------------------ segmented means -------
 constexpr int SEG_THREADS = 256, SEG_WARPS = SEG_THREADS / 32, SEG_DIMS = 128;
 
@@ -701,6 +716,10 @@ MK_TC(bf16, __nv_bfloat16)
 extern "C" __global__ void tile_histogram_u32(const uint32_t* labels, int n, int k, int tile_rows,
                                               uint32_t* tile_counts, uint32_t* status) {
     tile_histogram(labels, n, k, tile_rows, tile_counts, status);
+}
+extern "C" __global__ void counting_sort_reference_u32(const uint32_t* labels, int n, int k, uint32_t* offsets,
+                                                       uint32_t* order) {
+    counting_sort_reference(labels, n, k, offsets, order);
 }
 extern "C" __global__ void scan_tiles_u32(uint32_t* tile_counts, int tiles, int k, uint32_t* counts) {
     scan_tiles(tile_counts, tiles, k, counts);

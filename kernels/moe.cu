@@ -93,6 +93,33 @@ __device__ void scatter_scaled(const T* __restrict__ src, const uint32_t* __rest
     }
 }
 
+// One thread per row, serial argmax and sum: the reference for top1_logits.
+template <typename T>
+__device__ void top1_logits_reference(const T* __restrict__ logits, int n, int k, uint32_t* __restrict__ expert,
+                                      float* __restrict__ probs) {
+    const int row = blockIdx.x * blockDim.x + threadIdx.x;
+    if (row >= n) return;
+    const T* l = logits + (size_t)row * k;
+    float best = mk::to_float(l[0]);
+    uint32_t arg = 0;
+    for (int j = 1; j < k; ++j)
+        if (mk::to_float(l[j]) > best) { best = mk::to_float(l[j]); arg = j; }
+    float denom = 0.f;
+    for (int j = 0; j < k; ++j) denom += expf(mk::to_float(l[j]) - best);
+    expert[row] = arg;
+    probs[row] = 1.f / denom;
+}
+
+// One thread per byte: the reference for move_rows.
+__device__ void move_bytes_one_thread_per_byte(const uint8_t* __restrict__ src, const uint32_t* __restrict__ idx, int rows,
+                                     int row_bytes, int scatter, uint8_t* __restrict__ dst) {
+    const size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= (size_t)rows * row_bytes) return;
+    const size_t j = t / row_bytes, b = t % row_bytes, other = idx[j];
+    if (scatter) dst[other * row_bytes + b] = src[j * row_bytes + b];
+    else dst[j * row_bytes + b] = src[other * row_bytes + b];
+}
+
 // ------------------------------------------------------------------ least squares ---------
 constexpr int NE_THREADS = 256, NE_ROWS = 32, NE_PER_THREAD = 16, NE_MAX_COLS = 256;
 
@@ -223,6 +250,10 @@ __device__ void cholesky_solve(const float* __restrict__ g, int n, int r, float 
     extern "C" __global__ void scatter_scaled_##SN(const T* src, const uint32_t* idx, const float* w,     \
                                                    int rows, int d, T* dst) {                              \
         scatter_scaled<T>(src, idx, w, rows, d, dst);                                                      \
+    }                                                                                                      \
+    extern "C" __global__ void top1_logits_reference_##SN(const T* logits, int n, int k, uint32_t* expert, \
+                                                          float* probs) {                                  \
+        top1_logits_reference<T>(logits, n, k, expert, probs);                                             \
     }
 MK_TYPED(f32, float)
 MK_TYPED(f16, __half)
@@ -237,6 +268,10 @@ MK_MOVE(v16, uint4)
 MK_MOVE(v4, uint32_t)
 MK_MOVE(v2, uint16_t)
 
+extern "C" __global__ void move_bytes_reference(const uint8_t* src, const uint32_t* idx, int rows, int row_bytes,
+                                                int scatter, uint8_t* dst) {
+    move_bytes_one_thread_per_byte(src, idx, rows, row_bytes, scatter, dst);
+}
 extern "C" __global__ void __launch_bounds__(NE_THREADS)
     normal_equations_f32(const float* x, const float* y, const uint32_t* seg, int n, int r, float* g) {
     normal_equations(x, y, seg, n, r, g);

@@ -380,8 +380,11 @@ fn cuda_update_and_fit_match_cpu() {
         assert_eq!(c.to_vec::<f32>().unwrap(), c2.to_vec::<f32>().unwrap(), "bitwise reproducible");
         let (order, offsets) = kmeans::sort_by_cluster(&lt, k).unwrap();
         let (oc, offc) = kmeans::sort_by_cluster(&lt.to_device(&Device::cpu()).unwrap(), k).unwrap();
+        let (or, offr) = kmeans::reference::sort_by_cluster(&lt, k).unwrap();
         assert_eq!(order.to_vec::<u32>().unwrap(), oc.to_vec::<u32>().unwrap());
         assert_eq!(offsets.to_vec::<u32>().unwrap(), offc.to_vec::<u32>().unwrap());
+        assert_eq!(or.to_vec::<u32>().unwrap(), oc.to_vec::<u32>().unwrap());
+        assert_eq!(offr.to_vec::<u32>().unwrap(), offc.to_vec::<u32>().unwrap());
     }
     let xv = data(3000, 16, 8, true, 3);
     let (x, _) = testing::from_f64(&xv, &[3000, 16], DType::F32, &gpu).unwrap();

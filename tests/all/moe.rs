@@ -322,8 +322,19 @@ fn cuda_moe_matches_cpu() {
                 &testing::to_f64(rc.gate_probs().unwrap()).unwrap(),
                 1e-5,
             );
+            let rr = moe::reference::route_top1_logits(&logits).unwrap();
+            assert_eq!(rr.expert().to_vec::<u32>().unwrap(), rc.expert().to_vec::<u32>().unwrap());
+            testing::assert_close(
+                "gate probs (reference kernel)",
+                &testing::to_f64(rr.gate_probs().unwrap()).unwrap(),
+                &testing::to_f64(rc.gate_probs().unwrap()).unwrap(),
+                1e-5,
+            );
             let (x, xs) = testing::randn(&[n, d], dtype, &gpu, 3).unwrap();
             let grouped = moe::dispatch(&x, &r).unwrap();
+            let grouped_ref = moe::reference::dispatch(&x, &r).unwrap();
+            assert_eq!(testing::to_f64(&grouped).unwrap(), testing::to_f64(&grouped_ref).unwrap());
+            assert_eq!(testing::to_f64(&moe::reference::combine(&grouped, &r).unwrap()).unwrap(), xs);
             let gc = moe::dispatch(&x.to_device(&host).unwrap(), &rc).unwrap();
             assert_eq!(testing::to_f64(&grouped).unwrap(), testing::to_f64(&gc).unwrap());
             assert_eq!(testing::to_f64(&moe::combine(&grouped, &r, None).unwrap()).unwrap(), xs);

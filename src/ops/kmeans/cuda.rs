@@ -379,6 +379,27 @@ pub(super) fn assign_reference(x: &Tensor, centroids: &Tensor, metric: Metric) -
     ))
 }
 
+/// Single-thread stable counting sort; labels must be < k.
+pub(super) fn counting_sort_reference(labels: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
+    const OP: &str = "kmeans::reference::sort_by_cluster";
+    let dev = labels.cuda_device()?.clone();
+    let n = labels.shape()[0];
+    let l = labels.cuda_slice::<u32>(OP)?;
+    let mut offsets = dev.alloc::<u32>(k + 1)?;
+    let mut order = dev.alloc::<u32>(n)?;
+    let (ni, ki) = (n as i32, k as i32);
+    let f = dev.function(MODULE, "counting_sort_reference_u32")?;
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(l).arg(&ni).arg(&ki).arg(&mut offsets).arg(&mut order);
+    // SAFETY: one thread; labels n values < k (checked by the caller), offsets k + 1, order n.
+    unsafe { b.launch(cfg((1, 1), 1)) }.map_err(driver("launching counting_sort_reference_u32"))?;
+    let device = labels.device();
+    Ok((
+        Tensor::from_cuda_buffer(CudaBuffer::U32(order), &[n], DType::U32, device),
+        Tensor::from_cuda_buffer(CudaBuffer::U32(offsets), &[k + 1], DType::U32, device),
+    ))
+}
+
 /// Direct one-thread-per-(cluster, dim) update.
 pub(super) fn update_reference(x: &Tensor, labels: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
     const OP: &str = "kmeans::reference::update";

@@ -202,6 +202,17 @@ pub mod reference {
         }
     }
 
+    /// Reference [`sort_by_cluster`](super::sort_by_cluster) (single thread on CUDA).
+    pub fn sort_by_cluster(assignment: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
+        // Validates (and, on CUDA, checks the labels) through the fast path first.
+        let fast = super::sort_by_cluster(assignment, k)?;
+        match assignment.storage() {
+            Storage::Cpu(_) => Ok(fast),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => cuda::counting_sort_reference(assignment, k),
+        }
+    }
+
     /// Reference [`update`](super::update); labels must be `< k`.
     pub fn update(x: &Tensor, assignment: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
         const OP: &str = "kmeans::reference::update";

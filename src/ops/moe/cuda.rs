@@ -306,3 +306,75 @@ pub(super) fn lstsq_reference(x: &Tensor, y: &Tensor, ridge: f64) -> Result<Tens
     let g = gram(&dev, x32.cuda_slice::<f32>(OP)?, y32.cuda_slice::<f32>(OP)?, &seg, batch, n, r, true)?;
     solve_on_device(&dev, &g, batch, n, r, ridge, &out_shape, x.device(), OP)
 }
+
+/// One thread per row: the reference for [`top1_logits`].
+pub(super) fn top1_logits_reference(logits: &Tensor) -> Result<(Tensor, Tensor)> {
+    const OP: &str = "moe::reference::route_top1_logits";
+    let dev = logits.cuda_device()?.clone();
+    let (n, k) = (logits.shape()[0], logits.shape()[1]);
+    let mut expert = dev.alloc::<u32>(n)?;
+    let mut probs = dev.alloc::<f32>(n)?;
+    let name = format!("top1_logits_reference_{}", logits.dtype().as_str());
+    let f = dev.function(MODULE, &name)?;
+    let (ni, ki) = (n as i32, k as i32);
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(128).max(1) as u32, 1, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    macro_rules! go {
+        ($t:ty) => {{
+            let l = logits.cuda_slice::<$t>(OP)?;
+            let mut b = dev.stream().launch_builder(&f);
+            b.arg(l).arg(&ni).arg(&ki).arg(&mut expert).arg(&mut probs);
+            // SAFETY: one thread per row; logits n·k, outputs n each.
+            unsafe { b.launch(cfg) }.map_err(driver(format!("launching {name}")))?;
+        }};
+    }
+    match logits.dtype() {
+        DType::F32 => go!(f32),
+        DType::F16 => go!(half::f16),
+        DType::BF16 => go!(half::bf16),
+        other => return Err(Error::UnsupportedDType { op: OP, dtype: other, supported: "f32, f16, bf16" }),
+    }
+    let device = logits.device();
+    Ok((
+        Tensor::from_cuda_buffer(CudaBuffer::U32(expert), &[n], DType::U32, device),
+        Tensor::from_cuda_buffer(CudaBuffer::F32(probs), &[n], DType::F32, device),
+    ))
+}
+
+/// One thread per byte: the reference for dispatch (`scatter = false`) and unweighted combine.
+pub(super) fn move_rows_reference(src: &Tensor, routing: &Routing, scatter: bool) -> Result<Tensor> {
+    const OP: &str = "moe::reference::dispatch/combine";
+    let dev = src.cuda_device()?.clone();
+    let (n, d) = (src.shape()[0], src.shape()[1]);
+    let row_bytes = d * src.dtype().size_in_bytes();
+    let idx = routing.order.cuda_slice::<u32>(OP)?;
+    let f = dev.function(MODULE, "move_bytes_reference")?;
+    let (ni, rbi, si) = (n as i32, row_bytes as i32, i32::from(scatter));
+    let total = n * row_bytes;
+    let cfg = LaunchConfig {
+        grid_dim: (total.div_ceil(256).max(1) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    macro_rules! go {
+        ($t:ty, $variant:ident) => {{
+            let s = src.cuda_slice::<$t>(OP)?;
+            let mut out = dev.alloc::<$t>(n * d)?;
+            let mut b = dev.stream().launch_builder(&f);
+            b.arg(s).arg(idx).arg(&ni).arg(&rbi).arg(&si).arg(&mut out);
+            // SAFETY: one thread per byte of n rows of row_bytes; idx is a permutation of 0..n.
+            unsafe { b.launch(cfg) }.map_err(driver("launching move_bytes_reference"))?;
+            CudaBuffer::$variant(out)
+        }};
+    }
+    let buffer = match src.dtype() {
+        DType::F32 => go!(f32, F32),
+        DType::F16 => go!(half::f16, F16),
+        DType::BF16 => go!(half::bf16, BF16),
+        other => return Err(Error::UnsupportedDType { op: OP, dtype: other, supported: "f32, f16, bf16" }),
+    };
+    Ok(Tensor::from_cuda_buffer(buffer, &[n, d], src.dtype(), src.device()))
+}

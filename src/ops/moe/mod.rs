@@ -355,6 +355,39 @@ fn check_ridge(ridge: f64, op: &'static str) -> Result<()> {
 pub mod reference {
     use super::*;
 
+    /// [`route_top1_logits`](super::route_top1_logits) with one thread per row on CUDA.
+    pub fn route_top1_logits(logits: &Tensor) -> Result<Routing> {
+        let fast = super::route_top1_logits(logits)?; // validation
+        match logits.storage() {
+            Storage::Cpu(_) => Ok(fast),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => {
+                let (expert, probs) = cuda::top1_logits_reference(logits)?;
+                Routing::from_experts(expert, logits.shape()[1], Some(probs))
+            }
+        }
+    }
+
+    /// [`dispatch`](super::dispatch) with one thread per byte on CUDA.
+    pub fn dispatch(x: &Tensor, routing: &Routing) -> Result<Tensor> {
+        let fast = super::dispatch(x, routing)?; // validation
+        match x.storage() {
+            Storage::Cpu(_) => Ok(fast),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => cuda::move_rows_reference(x, routing, false),
+        }
+    }
+
+    /// Unweighted [`combine`](super::combine) with one thread per byte on CUDA.
+    pub fn combine(grouped: &Tensor, routing: &Routing) -> Result<Tensor> {
+        let fast = super::combine(grouped, routing, None)?; // validation
+        match grouped.storage() {
+            Storage::Cpu(_) => Ok(fast),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => cuda::move_rows_reference(grouped, routing, true),
+        }
+    }
+
     /// [`lstsq`](super::lstsq) with the one-thread-per-entry normal-equation kernel on CUDA.
     pub fn lstsq(x: &Tensor, y: &Tensor, ridge: f64) -> Result<Tensor> {
         match x.storage() {
