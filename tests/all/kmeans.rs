@@ -93,6 +93,14 @@ fn assign_matches_f64_brute_force() {
 }
 
 #[test]
+fn assign_medium_shape_spans_several_gemm_blocks() {
+    testing::set_poisoning(true);
+    // N not a multiple of the 256-row block, K over the 512-centroid block.
+    assign_case(3001, 48, 600, Metric::SquaredL2, DType::F32, true, 99, &cpu());
+    assign_case(1500, 20, 70, Metric::MeanL1, DType::BF16, false, 98, &cpu());
+}
+
+#[test]
 fn assign_ties_go_to_the_lowest_index() {
     testing::set_poisoning(true);
     // x = 0 is equidistant from (1,0), (0,1), (-1,0); a duplicated centroid too.
