@@ -13,18 +13,32 @@ use std::time::Duration;
 use criterion::{criterion_group, Criterion};
 use metakernels::bench_support::{best_ms, cpu_ceilings, device_copy_gbps, Measurement};
 use metakernels::kmeans::{self, Metric};
-use metakernels::testing;
 use metakernels::{DType, Device, Tensor};
 
 const CPU_SHAPE: (usize, usize, usize) = (200_000, 64, 256);
 const GPU_SHAPE: (usize, usize, usize) = (4_194_304, 128, 1024);
 
-/// x ~ N(0, 1) and the first K rows as centroids.
+/// `len` values uniform in [-1, 1), generated in parallel from a counter hash (the GPU shapes
+/// hold half a billion values: f64 Box–Muller on one thread would dominate the run).
+fn uniform_f32(len: usize, seed: u64) -> Vec<f32> {
+    use rayon::prelude::*;
+    (0..len)
+        .into_par_iter()
+        .map(|i| {
+            let mut z = (i as u64 ^ seed).wrapping_add(0x9E37_79B9_7F4A_7C15);
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// x uniform in [-1, 1) and its first K rows as centroids.
 fn inputs(n: usize, d: usize, k: usize, dtype: DType, dev: &Device) -> (Tensor, Tensor) {
-    let (x, _) = testing::randn(&[n, d], dtype, &Device::cpu(), 42).expect("inputs");
-    let c = x.to_dtype(DType::F32).and_then(|x| x.to_vec::<f32>()).expect("centroids");
-    let c = Tensor::from_slice(&c[..k * d], &[k, d], dev).expect("centroids");
-    (x.to_device(dev).expect("upload"), c)
+    let host = uniform_f32(n * d, 42);
+    let c = Tensor::from_slice(&host[..k * d], &[k, d], dev).expect("centroids");
+    let x = Tensor::from_vec(host, &[n, d], dev).and_then(|x| x.to_dtype(dtype)).expect("inputs");
+    (x, c)
 }
 
 /// The unfused baseline on the CPU: for every row, every centroid's distance taken directly.

@@ -11,17 +11,35 @@ use std::time::Duration;
 use criterion::{criterion_group, Criterion};
 use metakernels::bench_support::{best_ms, device_copy_gbps, Measurement};
 use metakernels::moe;
-use metakernels::testing;
 use metakernels::{DType, Device, Tensor};
 
+/// `len` values uniform in [-1, 1) from a parallel counter hash (1M × 1024 tokens would take
+/// minutes through the f64 test generators).
+fn uniform(len: usize, seed: u64) -> Vec<f32> {
+    use rayon::prelude::*;
+    (0..len)
+        .into_par_iter()
+        .map(|i| {
+            let mut z = (i as u64 ^ seed).wrapping_add(0x9E37_79B9_7F4A_7C15);
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn tensor(shape: &[usize], dtype: DType, dev: &Device, seed: u64) -> Tensor {
+    let host = uniform(shape.iter().product(), seed);
+    Tensor::from_vec(host, shape, dev).and_then(|t| t.to_dtype(dtype)).expect("inputs")
+}
+
 fn routing(n: usize, k: usize, dev: &Device) -> moe::Routing {
-    let (logits, _) = testing::randn(&[n, k], DType::F32, dev, 1).expect("logits");
-    moe::route_top1_logits(&logits).expect("routing")
+    moe::route_top1_logits(&tensor(&[n, k], DType::F32, dev, 1)).expect("routing")
 }
 
 fn report_dispatch(dev: &Device, n: usize, d: usize, dtype: DType) {
     let r = routing(n, 64, dev);
-    let (x, _) = testing::randn(&[n, d], dtype, dev, 2).expect("x");
+    let x = tensor(&[n, d], dtype, dev, 2);
     let grouped = moe::dispatch(&x, &r).expect("dispatch");
     let bytes = 2.0 * (n * d * dtype.size_in_bytes()) as f64;
     let copy = device_copy_gbps(dev).unwrap_or(f64::NAN);
@@ -69,9 +87,7 @@ fn report_dispatch(dev: &Device, n: usize, d: usize, dtype: DType) {
 }
 
 fn lstsq_inputs(dev: &Device) -> (Tensor, Tensor) {
-    let (x, _) = testing::randn(&[1024, 64, 16], DType::F32, dev, 3).expect("x");
-    let (y, _) = testing::randn(&[1024, 64, 8], DType::F32, dev, 4).expect("y");
-    (x, y)
+    (tensor(&[1024, 64, 16], DType::F32, dev, 3), tensor(&[1024, 64, 8], DType::F32, dev, 4))
 }
 
 fn report_lstsq(dev: &Device) {
@@ -98,7 +114,7 @@ fn cpu_group(c: &mut Criterion) {
     g.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
     let (n, d) = (65_536, 1024);
     let r = routing(n, 64, &dev);
-    let (x, _) = testing::randn(&[n, d], DType::F32, &dev, 2).expect("x");
+    let x = tensor(&[n, d], DType::F32, &dev, 2);
     g.throughput(criterion::Throughput::Bytes((2 * 2 * n * d * 4) as u64));
     g.bench_function("dispatch_combine_65536x1024_f32", |b| {
         b.iter(|| moe::combine(&moe::dispatch(&x, &r).expect("d"), &r, None).expect("c"))
@@ -115,7 +131,7 @@ fn cuda_group(c: &mut Criterion) {
     g.sample_size(10).measurement_time(Duration::from_secs(3));
     let (n, d) = (1 << 20, 1024);
     let r = routing(n, 64, &dev);
-    let (x, _) = testing::randn(&[n, d], DType::BF16, &dev, 2).expect("x");
+    let x = tensor(&[n, d], DType::BF16, &dev, 2);
     g.bench_function("dispatch_combine_1Mx1024_bf16", |b| {
         b.iter(|| {
             moe::combine(&moe::dispatch(&x, &r).expect("d"), &r, None).expect("c");
