@@ -577,6 +577,17 @@ __device__ void update_reference(const T* __restrict__ x, const uint32_t* __rest
     if (e == 0) counts[c] = cnt;
 }
 
+// Rows ids[0..m) of x as f32 (the seeding's sampled rows), one warp per row.
+template <typename T>
+__device__ void gather_rows(const T* __restrict__ x, const uint32_t* __restrict__ ids, int m, int d,
+                            float* __restrict__ out) {
+    const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    for (int r = blockIdx.x * warps + (threadIdx.x >> 5); r < m; r += gridDim.x * warps) {
+        const T* src = x + (size_t)ids[r] * d;
+        for (int e = lane; e < d; e += 32) out[(size_t)r * d + e] = mk::to_float(src[e]);
+    }
+}
+
 // ------------------------------------------------------------------ Lloyd loop helpers ----
 // One block: every empty cluster, in index order, takes the next row in (distance descending,
 // row ascending) order. Round r finds the best row strictly after round r−1's pick in that order.
@@ -694,6 +705,9 @@ __device__ void shift_inertia(const float* __restrict__ old_c, const float* __re
     extern "C" __global__ void update_reference_##SN(const T* x, const uint32_t* labels, int n, int k, int d,   \
                                                      float* centroids, uint32_t* counts) {                      \
         update_reference<T>(x, labels, n, k, d, centroids, counts);                                             \
+    }                                                                                                           \
+    extern "C" __global__ void gather_rows_##SN(const T* x, const uint32_t* ids, int m, int d, float* out) {    \
+        gather_rows<T>(x, ids, m, d, out);                                                                      \
     }                                                                                                           \
     extern "C" __global__ void reseed_empty_##SN(const T* x, int n, int d, int k, const uint32_t* counts,       \
                                                  const float* dist, float* centroids) {                         \

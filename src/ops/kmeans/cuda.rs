@@ -349,6 +349,32 @@ fn shift_inertia(
     Ok(())
 }
 
+/// Rows `ids` of `x` (all `< N`), converted to f32 on the device and copied to the host.
+pub(super) fn gather_rows_f32(x: &Tensor, ids: &[usize]) -> Result<Vec<f32>> {
+    const OP: &str = "kmeans (gather rows)";
+    let dev = x.cuda_device()?.clone();
+    let d = x.shape()[1];
+    let m = ids.len();
+    if m == 0 {
+        return Ok(Vec::new());
+    }
+    let idx: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
+    let idx = dev.htod(&idx)?;
+    let mut out = dev.alloc::<f32>(m * d)?;
+    let (mi, di) = (m as i32, d as i32);
+    let name = format!("gather_rows_{}", suffix(x.dtype()));
+    let f = dev.function(MODULE, &name)?;
+    with_slice!(x, OP, |xs| {
+        let mut b = dev.stream().launch_builder(&f);
+        b.arg(xs).arg(&idx).arg(&mi).arg(&di).arg(&mut out);
+        // SAFETY: one warp per gathered row (grid-stride); ids < n index rows of x (n·d),
+        // out holds m·d floats.
+        unsafe { b.launch(cfg((m.div_ceil(8).clamp(1, 65_535) as u32, 1), 256)) }
+            .map_err(driver(format!("launching {name}")))?;
+    });
+    dev.dtoh(&out, m * d)
+}
+
 // ----- reference kernels, for the GPU tests ------------------------------------------------
 
 /// Direct one-thread-per-row assignment (no GEMM form, no tiling).

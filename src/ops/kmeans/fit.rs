@@ -42,8 +42,10 @@ pub enum Init {
 /// ends with no empty cluster unless it stops on that very iteration or `x` has fewer distinct
 /// rows than `k`.
 ///
-/// **Initialisation on CUDA.** The seeding (k-means++, k-means‖, random rows) runs on the host
-/// from one copy of `x`; [`Init::Given`] avoids that copy.
+/// **Initialisation on CUDA.** Random rows are gathered on the device; k-means‖ takes its
+/// distances with the device's assignment kernels and copies only per-row distances, labels and
+/// the sampled rows to the host; exact k-means++ (N·K ≤ 2²⁴ and N·D ≤ 2²⁴) works on one host
+/// copy of `x`. The weighted k-means++ over the k-means‖ candidates runs on the host.
 #[derive(Clone, Debug)]
 pub struct KMeans {
     /// Number of clusters, 1 ≤ k ≤ N.
@@ -136,7 +138,7 @@ impl KMeans {
                 }
                 let c0 = match given {
                     Some(c) => c,
-                    None => self.seed_centroids(&xs, n, d),
+                    None => self.seed_centroids(&xs, n, d)?,
                 };
                 self.lloyd_cpu(&xs, n, d, x.dtype(), c0)
             }
@@ -144,14 +146,7 @@ impl KMeans {
             Storage::Cuda(_) => {
                 let c0 = match given {
                     Some(c) => c,
-                    None => {
-                        let host = x.to_device(&crate::Device::cpu())?;
-                        let xs = host.host_f32(OP)?;
-                        if xs.iter().any(|v| !v.is_finite()) {
-                            return Err(Error::NonFinite { op: OP, what: "x".into() });
-                        }
-                        self.seed_centroids(&xs, n, d)
-                    }
+                    None => self.seed_on_device(x, n, d)?,
                 };
                 super::cuda::lloyd(x, &c0, self)
             }
@@ -183,13 +178,42 @@ impl KMeans {
         Ok(v)
     }
 
-    fn seed_centroids(&self, xs: &[f32], n: usize, d: usize) -> Vec<f32> {
+    fn seed_centroids(&self, xs: &[f32], n: usize, d: usize) -> Result<Vec<f32>> {
         match self.init {
             Init::KMeansPlusPlus { seed } => init::kmeans_plus_plus(xs, n, d, self.k, self.metric, seed),
-            Init::Random { seed } => init::gather(xs, d, &init::random_rows(n, self.k, seed)),
+            Init::Random { seed } => Ok(init::gather(xs, d, &init::random_rows(n, self.k, seed))),
+            // invariant: Given is resolved by the caller before seeding.
+            Init::Given(_) => Ok(Vec::new()),
+        }
+    }
+
+    /// Seeding for a CUDA `x`: random rows and k-means‖ gather rows and take distances on the
+    /// device; exact k-means++ (small N·K) works on one host copy of `x`, taken only when it
+    /// is small (N·D ≤ 2²⁴), else k-means‖ runs instead.
+    #[cfg(feature = "cuda")]
+    fn seed_on_device(&self, x: &Tensor, n: usize, d: usize) -> Result<Vec<f32>> {
+        let points = init::TensorPoints { x, metric: self.metric };
+        let c = match self.init {
+            Init::Random { seed } => init::Points::rows(&points, &init::random_rows(n, self.k, seed))?,
+            Init::KMeansPlusPlus { .. }
+                if n.saturating_mul(self.k) <= init::PARALLEL_INIT_MIN_PAIRS
+                    && n.saturating_mul(d) <= 1 << 24 =>
+            {
+                let host = x.to_device(&crate::Device::cpu())?;
+                let xs = host.host_f32(OP)?;
+                if xs.iter().any(|v| !v.is_finite()) {
+                    return Err(Error::NonFinite { op: OP, what: "x".into() });
+                }
+                self.seed_centroids(&xs, n, d)?
+            }
+            Init::KMeansPlusPlus { seed } => init::kmeans_parallel(&points, self.k, self.metric, seed)?,
             // invariant: Given is resolved by the caller before seeding.
             Init::Given(_) => Vec::new(),
+        };
+        if c.iter().any(|v| !v.is_finite()) {
+            return Err(Error::NonFinite { op: OP, what: "x".into() });
         }
+        Ok(c)
     }
 
     fn lloyd_cpu(&self, xs: &[f32], n: usize, d: usize, dtype: DType, mut c: Vec<f32>) -> Result<KMeansFit> {

@@ -226,6 +226,18 @@ pub mod reference {
     }
 }
 
+/// Rows `ids` of `x` as host f32 (gathered on the device first for CUDA tensors).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn gather_rows_f32(x: &Tensor, ids: &[usize]) -> Result<Vec<f32>> {
+    const OP: &str = "kmeans (gather rows)";
+    let d = x.shape()[1];
+    match x.storage() {
+        Storage::Cpu(_) => Ok(init::gather(&x.host_f32(OP)?, d, ids)),
+        #[cfg(feature = "cuda")]
+        Storage::Cuda(_) => cuda::gather_rows_f32(x, ids),
+    }
+}
+
 // ----- validation shared by the entry points ----------------------------------------------
 
 /// `x` must be `[N, D]` with N, D ≥ 1, a float dtype of f32/f16/bf16. Returns (N, D).
