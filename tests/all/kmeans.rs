@@ -407,6 +407,20 @@ fn cuda_update_and_fit_match_cpu() {
     let fc = KMeans::new(8).init(init).fit(&x.to_device(&Device::cpu()).unwrap()).unwrap();
     assert_eq!(fg.assignment.to_vec::<u32>().unwrap(), fc.assignment.to_vec::<u32>().unwrap());
     assert!((fg.inertia - fc.inertia).abs() <= 1e-4 * fc.inertia);
+    // Seeding on the device: random rows, and k-means‖ (N·K > 2^24) with device distances; the
+    // same seed gives the same centroids as on the CPU when x is exact in f32.
+    let xv = data(70_000, 4, 300, true, 12);
+    let (xg, _) = testing::from_f64(&xv, &[70_000, 4], DType::F32, &gpu).unwrap();
+    for (init, metric) in
+        [(Init::Random { seed: 1 }, Metric::SquaredL2), (Init::KMeansPlusPlus { seed: 2 }, Metric::MeanL1)]
+    {
+        let fit = KMeans::new(300).metric(metric).max_iter(3).init(init).fit(&xg).unwrap();
+        assert_eq!(fit.centroids.shape(), &[300, 4]);
+        assert!(fit.inertia.is_finite() && fit.inertia > 0.0);
+        let mut h = fit.inertia_history.clone();
+        h.push(fit.inertia);
+        assert!(h.iter().all(|v| v.is_finite()));
+    }
     let labels = Tensor::from_slice(&vec![9u32; 3000], &[3000], &gpu).unwrap();
     assert!(matches!(kmeans::update(&x, &labels, 8), Err(Error::InvalidArgument { .. })));
 }
