@@ -52,7 +52,8 @@ pub struct KMeans {
     pub k: usize,
     /// Maximum number of Lloyd iterations (0 only assigns to the initial centroids).
     pub max_iter: usize,
-    /// Stop when no centroid moves by more than this (under `metric`); ≥ 0.
+    /// Stop when no centroid moves by more than this, measured with `metric` (squared L2:
+    /// ‖c_new − c_old‖²; mean-L1: the mean |c_new − c_old|); ≥ 0.
     pub tol: f64,
     /// The distance.
     pub metric: Metric,

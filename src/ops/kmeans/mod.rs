@@ -57,8 +57,8 @@ pub enum Metric {
 /// Returns `(assignment [N] u32, distance [N] f32)`. Ties go to the lowest centroid index.
 ///
 /// Errors: rank or width mismatch, `K = 0`, mixed devices, unsupported dtypes, and
-/// [`Error::NonFinite`] when `x` or `centroids` hold NaN or ±inf (detected from the
-/// distances, so this costs no extra pass).
+/// [`Error::NonFinite`] when `x` or `centroids` hold NaN or ±inf, or a distance overflows f32
+/// (on CUDA detected from the distances in the kernel's epilogue, so it costs no extra pass).
 pub fn assign(x: &Tensor, centroids: &Tensor, metric: Metric) -> Result<(Tensor, Tensor)> {
     const OP: &str = "kmeans::assign";
     let (n, d) = check_points(x, OP)?;
