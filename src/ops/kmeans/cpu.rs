@@ -179,7 +179,7 @@ pub(crate) fn counting_sort(labels: &[u32], k: usize) -> (Vec<u32>, Vec<u32>) {
 
 /// Per-cluster means (`k × d`, zero rows for empty clusters) and counts. Each cluster's sum
 /// runs over its rows in increasing row order, so the result does not depend on threads.
-pub(crate) fn update(x: &[f32], _n: usize, d: usize, labels: &[u32], k: usize) -> (Vec<f32>, Vec<u32>) {
+pub(crate) fn update(x: &[f32], d: usize, labels: &[u32], k: usize) -> (Vec<f32>, Vec<u32>) {
     let (order, offsets) = counting_sort(labels, k);
     let mut centroids = crate::testing::output_vec::<f32>(k * d);
     centroids.par_chunks_mut(d).enumerate().for_each(|(c, out)| {

@@ -145,7 +145,7 @@ impl Sorted {
     }
 }
 
-pub(super) fn counting_sort(labels: &Tensor, k: usize, _checked: bool) -> Result<Sorted> {
+pub(super) fn counting_sort(labels: &Tensor, k: usize) -> Result<Sorted> {
     let dev = labels.cuda_device()?.clone();
     let n = labels.shape()[0];
     let mut status = dev.alloc_zeros::<u32>(1)?;
@@ -242,7 +242,7 @@ fn segment_means_raw(
 pub(super) fn update(x: &Tensor, assignment: &Tensor, k: usize) -> Result<(Tensor, Tensor, u32)> {
     let dev = x.cuda_device()?.clone();
     let d = x.shape()[1];
-    let sorted = counting_sort(assignment, k, true)?;
+    let sorted = counting_sort(assignment, k)?;
     let mut status = dev.alloc_zeros::<u32>(1)?;
     let centroids = segment_means_raw(&dev, x, &sorted.order, &sorted.offsets, k, &mut status)?;
     let s = dev.dtoh(&status, 1)?[0] | dev.dtoh(&sorted.status, 1)?[0];

@@ -226,7 +226,7 @@ impl KMeans {
         for it in 1..=self.max_iter {
             let (labels, dist) = cpu::assign(xs, n, d, &round(&c), k, self.metric);
             history.push(inertia(&dist)?);
-            let (mut next, counts) = cpu::update(xs, n, d, &labels, k);
+            let (mut next, counts) = cpu::update(xs, d, &labels, k);
             reseed_empty(xs, d, &counts, &dist, &mut next);
             let shift = max_shift(&c, &next, d, self.metric);
             c = next;

@@ -75,7 +75,7 @@ pub fn assign(x: &Tensor, centroids: &Tensor, metric: Metric) -> Result<(Tensor,
             }
             let (a, dist) = cpu::assign(&xs, n, d, &cs, k, metric);
             if dist.iter().any(|v| !v.is_finite()) {
-                return Err(non_finite(OP, x, centroids));
+                return Err(non_finite(OP, centroids));
             }
             Ok((Tensor::from_host_vec(a, &[n]), Tensor::from_host_vec(dist, &[n])))
         }
@@ -83,7 +83,7 @@ pub fn assign(x: &Tensor, centroids: &Tensor, metric: Metric) -> Result<(Tensor,
         Storage::Cuda(_) => {
             let out = cuda::assign(x, centroids, metric)?;
             if out.status_nonzero()? {
-                return Err(non_finite(OP, x, centroids));
+                return Err(non_finite(OP, centroids));
             }
             Ok((out.assignment, out.distance))
         }
@@ -120,7 +120,7 @@ pub fn update(x: &Tensor, assignment: &Tensor, k: usize) -> Result<(Tensor, Tens
                     format!("holds cluster {bad}, expected < k = {k}"),
                 ));
             }
-            let (c, counts) = cpu::update(&xs, n, d, a, k);
+            let (c, counts) = cpu::update(&xs, d, a, k);
             if c.iter().any(|v| !v.is_finite()) {
                 return Err(Error::NonFinite { op: OP, what: "x".into() });
             }
@@ -174,7 +174,7 @@ pub fn sort_by_cluster(assignment: &Tensor, k: usize) -> Result<(Tensor, Tensor)
         }
         #[cfg(feature = "cuda")]
         Storage::Cuda(_) => {
-            let sorted = cuda::counting_sort(assignment, k, true)?;
+            let sorted = cuda::counting_sort(assignment, k)?;
             if sorted.status_nonzero()? {
                 return Err(Error::invalid(OP, "assignment", format!("holds a cluster id ≥ k = {k}")));
             }
@@ -301,12 +301,13 @@ fn rounded_centroids<'a>(
     })
 }
 
-fn non_finite(op: &'static str, x: &Tensor, c: &Tensor) -> Error {
-    // Which input is at fault is cheap to tell on the host for the (small) centroids.
+/// Which input is at fault is cheap to tell on the host for the (small) centroids; otherwise it
+/// is `x` (or a distance that overflowed).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn non_finite(op: &'static str, c: &Tensor) -> Error {
     let centroids_bad = c
         .to_device(&crate::Device::cpu())
         .and_then(|h| h.host_f32(op).map(|v| v.iter().any(|e| !e.is_finite())))
         .unwrap_or(false);
-    let _ = x;
     Error::NonFinite { op, what: if centroids_bad { "centroids" } else { "x" }.into() }
 }

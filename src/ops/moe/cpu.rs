@@ -28,7 +28,7 @@ pub(super) fn top1_logits(logits: &[f32], n: usize, k: usize) -> (Vec<u32>, Vec<
 }
 
 /// `out[j] = x[order[j]]` for a CPU tensor of any float dtype.
-pub(super) fn gather_rows(x: &Tensor, order: &[u32], n: usize, d: usize, op: &'static str) -> Result<Tensor> {
+pub(super) fn gather_rows(x: &Tensor, order: &[u32], n: usize, d: usize) -> Result<Tensor> {
     fn go<T: Element>(src: &[T], order: &[u32], n: usize, d: usize) -> Tensor {
         let mut out = crate::testing::output_vec::<T>(n * d);
         out.par_chunks_mut(d.max(1)).zip(order.par_iter()).for_each(|(dst, &i)| {
@@ -36,7 +36,6 @@ pub(super) fn gather_rows(x: &Tensor, order: &[u32], n: usize, d: usize, op: &'s
         });
         Tensor::from_host_vec(out, &[n, d])
     }
-    let _ = op;
     Ok(match storage(x)? {
         HostBuffer::F32(v) => go(v, order, n, d),
         HostBuffer::F16(v) => go(v, order, n, d),
@@ -59,7 +58,7 @@ pub(super) fn combine(
         position[t as usize] = j as u32;
     }
     let Some(w) = w else {
-        return gather_rows(grouped, &position, n, d, op);
+        return gather_rows(grouped, &position, n, d);
     };
     fn go<T: Element>(src: &[T], pos: &[u32], w: &[f32], n: usize, d: usize) -> Tensor {
         let mut out = crate::testing::output_vec::<T>(n * d);

@@ -211,7 +211,7 @@ pub fn dispatch(x: &Tensor, routing: &Routing) -> Result<Tensor> {
     match x.storage() {
         Storage::Cpu(_) => {
             let order = routing.order.host_slice::<u32>(OP)?;
-            Ok(cpu::gather_rows(x, order, n, d, OP)?)
+            cpu::gather_rows(x, order, n, d)
         }
         #[cfg(feature = "cuda")]
         Storage::Cuda(_) => cuda::dispatch(x, routing),
