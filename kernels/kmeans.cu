@@ -18,6 +18,8 @@
 // update_reference_* is the O(N·K·D) direct version for tests.
 #include "common.cuh"
 
+#include <type_traits>
+
 namespace {
 
 constexpr uint32_t STATUS_NON_FINITE = 1u;
@@ -750,3 +752,45 @@ extern "C" __global__ void __launch_bounds__(1024)
                       const uint32_t* status, double* out) {
     shift_inertia(old_c, new_c, k, d, l1, dist, n, status, out);
 }
+
+// ------------------------------------------------------------------ benchmark ceilings ----
+// The measured matrix rate of each assignment path, for the benchmarks' "% of ceiling": every
+// warp issues `iters` × 8 independent mma.sync m16n8k16 (f16/bf16 → f32) or every thread 8
+// independent FFMA chains (f32), from registers only. The result is written only if it equals a
+// value it cannot take, which keeps the loop alive without a memory cost.
+template <typename T>
+__device__ void peak_mma(int iters, float* out) {
+    // Small integers are exact in f16 and bf16: 1.0 = 0x3c00 (f16), 0x3f80 (bf16).
+    const uint32_t bits = (std::is_same<T, __half>::value ? 0x3c00u : 0x3f80u) * 0x10001u;
+    uint32_t a[4] = {bits, bits, bits, bits};
+    float c[8][4];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) c[j][0] = c[j][1] = c[j][2] = c[j][3] = 0.f;
+    for (int i = 0; i < iters; ++i) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) tc::Mma<T>::run(c[j], a, bits, bits);
+    }
+    float s = 0.f;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) s += c[j][0] + c[j][1] + c[j][2] + c[j][3];
+    if (s == -1.f) out[0] = s;
+}
+
+__device__ void peak_ffma(int iters, float* out) {
+    float c[8];
+    const float a = 1.0001f + threadIdx.x * 1e-7f, b = 0.9999f;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) c[j] = (float)j;
+    for (int i = 0; i < iters; ++i) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) c[j] = fmaf(c[j], a, b);
+    }
+    float s = 0.f;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) s += c[j];
+    if (s == -1.f) out[0] = s;
+}
+
+extern "C" __global__ void peak_mma_f16(int iters, float* out) { peak_mma<__half>(iters, out); }
+extern "C" __global__ void peak_mma_bf16(int iters, float* out) { peak_mma<__nv_bfloat16>(iters, out); }
+extern "C" __global__ void peak_ffma_f32(int iters, float* out) { peak_ffma(iters, out); }

@@ -334,6 +334,10 @@ fn errors_are_typed() {
 #[test]
 fn cuda_assign_fast_vs_reference_vs_cpu() {
     let Some(gpu) = testing::cuda_or_skip("cuda_assign_fast_vs_reference_vs_cpu") else { return };
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        let peak = kmeans::matrix_peak_gflops(&gpu, dtype).unwrap();
+        assert!(peak.is_finite() && peak > 0.0, "{dtype:?} peak {peak}");
+    }
     for metric in [Metric::SquaredL2, Metric::MeanL1] {
         for dtype in [DType::F32, DType::F16, DType::BF16] {
             for &(n, d, k) in &[(1, 1, 1), (300, 7, 5), (1000, 64, 257), (129, 40, 130), (64, 8, 64)] {
