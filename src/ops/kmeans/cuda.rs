@@ -1,0 +1,480 @@
+//! Launches of `kernels/kmeans.cu`: assignment (tensor cores for f16/bf16 squared L2, exact
+//! f32 FFMA otherwise), the counting sort, the segmented means, and the device-resident Lloyd
+//! loop whose only device-to-host copy per iteration is the convergence check.
+//!
+//! Status flags: every kernel that can meet bad input ORs a bit into a one-word device buffer
+//! (1 = a non-finite distance or mean, 2 = a label ≥ k) instead of failing; the host reads it
+//! once per public call (or once per Lloyd iteration, with the convergence check).
+
+use super::fit::{KMeans, KMeansFit};
+use super::Metric;
+use crate::cuda::{driver, CudaDevice, CudaSlice, LaunchConfig, PushKernelArg};
+use crate::tensor::CudaBuffer;
+use crate::{DType, Error, Result, Tensor};
+
+const MODULE: &str = "kmeans";
+/// Rows per block of the assignment kernels (both tile BM = 128).
+const ASSIGN_ROWS: usize = 128;
+const ASSIGN_THREADS: u32 = 256;
+/// Sort tiles: rows per warp of the stable scatter; cursors = tiles × k are kept under 2²⁴.
+const SORT_TILE_ROWS: usize = 2048;
+const MAX_CURSORS: usize = 1 << 24;
+const SEG_DIMS: usize = 128;
+const SEG_THREADS: u32 = 256;
+
+pub(super) const STATUS_OUT_OF_RANGE: u32 = 2;
+
+fn cfg(grid: (u32, u32), block: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: (grid.0, grid.1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 }
+}
+
+fn suffix(dtype: DType) -> &'static str {
+    dtype.as_str()
+}
+
+/// Calls `$body` with `$s` bound to `x`'s typed device slice.
+macro_rules! with_slice {
+    ($x:expr, $op:expr, |$s:ident| $body:expr) => {
+        match $x.dtype() {
+            DType::F32 => {
+                let $s = $x.cuda_slice::<f32>($op)?;
+                $body
+            }
+            DType::F16 => {
+                let $s = $x.cuda_slice::<half::f16>($op)?;
+                $body
+            }
+            DType::BF16 => {
+                let $s = $x.cuda_slice::<half::bf16>($op)?;
+                $body
+            }
+            other => {
+                return Err(Error::UnsupportedDType { op: $op, dtype: other, supported: "f32, f16, bf16" })
+            }
+        }
+    };
+}
+
+/// The outputs of an assignment plus its status word.
+pub(super) struct AssignOut {
+    pub assignment: Tensor,
+    pub distance: Tensor,
+    status: CudaSlice<u32>,
+    dev: CudaDevice,
+}
+
+impl AssignOut {
+    /// Reads the status word (synchronises): whether any distance was non-finite.
+    pub fn status_nonzero(&self) -> Result<bool> {
+        Ok(self.dev.dtoh(&self.status, 1)?[0] != 0)
+    }
+}
+
+pub(super) fn assign(x: &Tensor, centroids: &Tensor, metric: Metric) -> Result<AssignOut> {
+    let dev = x.cuda_device()?.clone();
+    let n = x.shape()[0];
+    let mut status = dev.alloc_zeros::<u32>(1)?;
+    let (labels, dist) = assign_raw(&dev, x, centroids, metric, &mut status)?;
+    Ok(AssignOut {
+        assignment: Tensor::from_cuda_buffer(CudaBuffer::U32(labels), &[n], DType::U32, x.device()),
+        distance: Tensor::from_cuda_buffer(CudaBuffer::F32(dist), &[n], DType::F32, x.device()),
+        status,
+        dev,
+    })
+}
+
+/// Launches the assignment; centroids of any float dtype are rounded to `x`'s first.
+fn assign_raw(
+    dev: &CudaDevice,
+    x: &Tensor,
+    centroids: &Tensor,
+    metric: Metric,
+    status: &mut CudaSlice<u32>,
+) -> Result<(CudaSlice<u32>, CudaSlice<f32>)> {
+    const OP: &str = "kmeans::assign";
+    let (n, d, k) = (x.shape()[0], x.shape()[1], centroids.shape()[0]);
+    let c = centroids.to_dtype(x.dtype())?;
+    let mut labels = dev.alloc::<u32>(n)?;
+    let mut dist = dev.alloc::<f32>(n)?;
+    let mut c_norms = dev.alloc::<f32>(k)?;
+    let sfx = suffix(x.dtype());
+    let (ni, ki, di) = (n as i32, k as i32, d as i32);
+    let (kernel, norms_needed) = match (metric, x.dtype()) {
+        (Metric::SquaredL2, DType::F16 | DType::BF16) => (format!("assign_l2_mma_{sfx}"), true),
+        (Metric::SquaredL2, _) => (format!("assign_simt_l2_{sfx}"), true),
+        (Metric::MeanL1, _) => (format!("assign_simt_l1_{sfx}"), false),
+    };
+    let xs_c = &c;
+    with_slice!(x, OP, |xs| {
+        with_slice!(xs_c, OP, |cs| {
+            if norms_needed {
+                let f = dev.function(MODULE, &format!("row_sq_norms_{sfx}"))?;
+                let blocks = k.div_ceil(8).clamp(1, 65_535) as u32;
+                let mut b = dev.stream().launch_builder(&f);
+                b.arg(cs).arg(&ki).arg(&di).arg(&mut c_norms);
+                // SAFETY: reads k·d elements of the centroids, writes k floats; sizes match.
+                unsafe { b.launch(cfg((blocks, 1), 256)) }.map_err(driver("launching row_sq_norms"))?;
+            }
+            let f = dev.function(MODULE, &kernel)?;
+            let blocks = n.div_ceil(ASSIGN_ROWS) as u32;
+            let mut b = dev.stream().launch_builder(&f);
+            b.arg(xs).arg(cs).arg(&c_norms).arg(&ni).arg(&ki).arg(&di);
+            b.arg(&mut labels).arg(&mut dist).arg(&mut *status);
+            // SAFETY: x holds n·d and c k·d elements of the kernel's type, c_norms k floats,
+            // labels/dist n elements each; every access in the kernel is bounds-checked.
+            unsafe { b.launch(cfg((blocks, 1), ASSIGN_THREADS)) }
+                .map_err(driver(format!("launching {kernel}")))?;
+        })
+    });
+    Ok((labels, dist))
+}
+
+/// The result of a counting sort on the device.
+pub(super) struct Sorted {
+    pub order: Tensor,
+    pub offsets: Tensor,
+    pub counts: CudaSlice<u32>,
+    status: CudaSlice<u32>,
+    dev: CudaDevice,
+}
+
+impl Sorted {
+    /// Reads the status word (synchronises): whether a label was ≥ k.
+    pub fn status_nonzero(&self) -> Result<bool> {
+        Ok(self.dev.dtoh(&self.status, 1)?[0] != 0)
+    }
+}
+
+pub(super) fn counting_sort(labels: &Tensor, k: usize) -> Result<Sorted> {
+    let dev = labels.cuda_device()?.clone();
+    let n = labels.shape()[0];
+    let mut status = dev.alloc_zeros::<u32>(1)?;
+    let l = labels.cuda_slice::<u32>("kmeans::sort_by_cluster")?;
+    let (order, offsets, counts) = counting_sort_raw(&dev, l, n, k, &mut status)?;
+    let device = labels.device();
+    Ok(Sorted {
+        order: Tensor::from_cuda_buffer(CudaBuffer::U32(order), &[n], DType::U32, device),
+        offsets: Tensor::from_cuda_buffer(CudaBuffer::U32(offsets), &[k + 1], DType::U32, device),
+        counts,
+        status,
+        dev,
+    })
+}
+
+/// Histogram per tile → per-tile prefix per cluster → cluster offsets → stable scatter.
+/// Returns (order [n], offsets [k+1], counts [k]).
+fn counting_sort_raw(
+    dev: &CudaDevice,
+    labels: &CudaSlice<u32>,
+    n: usize,
+    k: usize,
+    status: &mut CudaSlice<u32>,
+) -> Result<(CudaSlice<u32>, CudaSlice<u32>, CudaSlice<u32>)> {
+    let tile_rows = SORT_TILE_ROWS.max(n.div_ceil((MAX_CURSORS / k).max(1)).next_multiple_of(32));
+    let tiles = n.div_ceil(tile_rows).max(1);
+    let mut cursors = dev.alloc_zeros::<u32>(tiles * k)?;
+    let mut counts = dev.alloc::<u32>(k)?;
+    let mut offsets = dev.alloc::<u32>(k + 1)?;
+    let mut order = dev.alloc::<u32>(n)?;
+    let (ni, ki, ti, tri) = (n as i32, k as i32, tiles as i32, tile_rows as i32);
+    let s = dev.stream();
+
+    let f = dev.function(MODULE, "tile_histogram_u32")?;
+    let mut b = s.launch_builder(&f);
+    b.arg(labels).arg(&ni).arg(&ki).arg(&tri).arg(&mut cursors).arg(&mut *status);
+    // SAFETY: labels holds n values; cursors tiles·k; out-of-range labels are flagged, not used.
+    unsafe { b.launch(cfg((tiles as u32, 1), 256)) }.map_err(driver("launching tile_histogram_u32"))?;
+
+    let f = dev.function(MODULE, "scan_tiles_u32")?;
+    let mut b = s.launch_builder(&f);
+    b.arg(&mut cursors).arg(&ti).arg(&ki).arg(&mut counts);
+    // SAFETY: cursors holds tiles·k values and counts k; one thread per cluster.
+    unsafe { b.launch(cfg((k.div_ceil(256) as u32, 1), 256)) }.map_err(driver("launching scan_tiles_u32"))?;
+
+    let f = dev.function(MODULE, "scan_offsets_u32")?;
+    let mut b = s.launch_builder(&f);
+    b.arg(&counts).arg(&ki).arg(&mut offsets);
+    // SAFETY: counts holds k values, offsets k + 1; a single block of 1024 threads.
+    unsafe { b.launch(cfg((1, 1), 1024)) }.map_err(driver("launching scan_offsets_u32"))?;
+
+    let f = dev.function(MODULE, "stable_scatter_u32")?;
+    let mut b = s.launch_builder(&f);
+    b.arg(labels).arg(&ni).arg(&ki).arg(&tri).arg(&offsets).arg(&mut cursors).arg(&mut order);
+    // SAFETY: one warp per tile (4 per block); positions are offsets + cursor + rank < n for
+    // labels < k, the only ones scattered.
+    unsafe { b.launch(cfg((tiles.div_ceil(4) as u32, 1), 128)) }
+        .map_err(driver("launching stable_scatter_u32"))?;
+    Ok((order, offsets, counts))
+}
+
+/// Per-cluster means of `x`'s rows, read in sorted order.
+fn segment_means_raw(
+    dev: &CudaDevice,
+    x: &Tensor,
+    order: &Tensor,
+    offsets: &Tensor,
+    k: usize,
+    status: &mut CudaSlice<u32>,
+) -> Result<CudaSlice<f32>> {
+    const OP: &str = "kmeans::update";
+    let d = x.shape()[1];
+    if d.div_ceil(SEG_DIMS) > 65_535 {
+        return Err(Error::shape(OP, "x", "[N, D] with D ≤ 8388480 on CUDA", x.shape()));
+    }
+    let mut centroids = dev.alloc::<f32>(k * d)?;
+    let o = order.cuda_slice::<u32>(OP)?;
+    let off = offsets.cuda_slice::<u32>(OP)?;
+    let (ki, di) = (k as i32, d as i32);
+    let name = format!("segment_means_{}", suffix(x.dtype()));
+    let f = dev.function(MODULE, &name)?;
+    with_slice!(x, OP, |xs| {
+        let mut b = dev.stream().launch_builder(&f);
+        b.arg(xs).arg(o).arg(off).arg(&ki).arg(&di).arg(&mut centroids).arg(&mut *status);
+        // SAFETY: grid (k, ⌈d/128⌉) within limits (checked above); order holds n row ids < n,
+        // offsets k + 1 bounds into it; centroids k·d floats.
+        unsafe { b.launch(cfg((k as u32, d.div_ceil(SEG_DIMS) as u32), SEG_THREADS)) }
+            .map_err(driver(format!("launching {name}")))?;
+    });
+    Ok(centroids)
+}
+
+/// (centroids [k, d] f32, counts [k] u32, status word).
+pub(super) fn update(x: &Tensor, assignment: &Tensor, k: usize) -> Result<(Tensor, Tensor, u32)> {
+    let dev = x.cuda_device()?.clone();
+    let d = x.shape()[1];
+    let sorted = counting_sort(assignment, k)?;
+    let mut status = dev.alloc_zeros::<u32>(1)?;
+    let centroids = segment_means_raw(&dev, x, &sorted.order, &sorted.offsets, k, &mut status)?;
+    let s = dev.dtoh(&status, 1)?[0] | dev.dtoh(&sorted.status, 1)?[0];
+    let device = x.device();
+    Ok((
+        Tensor::from_cuda_buffer(CudaBuffer::F32(centroids), &[k, d], DType::F32, device),
+        Tensor::from_cuda_buffer(CudaBuffer::U32(sorted.counts), &[k], DType::U32, device),
+        if s & STATUS_OUT_OF_RANGE != 0 { STATUS_OUT_OF_RANGE } else { s },
+    ))
+}
+
+/// Lloyd's loop on the device, from host centroids `c0` (`[k, d]` f32).
+pub(super) fn lloyd(x: &Tensor, c0: &[f32], km: &KMeans) -> Result<KMeansFit> {
+    const OP: &str = "KMeans::fit";
+    let dev = x.cuda_device()?.clone();
+    let device = x.device();
+    let (n, d, k) = (x.shape()[0], x.shape()[1], km.k);
+    let l1 = i32::from(km.metric == Metric::MeanL1);
+    let mut c = Tensor::from_slice(c0, &[k, d], device)?;
+    let mut status = dev.alloc_zeros::<u32>(1)?;
+    let mut stats = dev.alloc::<f64>(3)?;
+    let mut history = Vec::new();
+    let (mut iterations, mut converged) = (0, false);
+    for it in 1..=km.max_iter {
+        let (labels, dist) = assign_raw(&dev, x, &c, km.metric, &mut status)?;
+        let (order, offsets, counts) = counting_sort_raw(&dev, &labels, n, k, &mut status)?;
+        let order = Tensor::from_cuda_buffer(CudaBuffer::U32(order), &[n], DType::U32, device);
+        let offsets = Tensor::from_cuda_buffer(CudaBuffer::U32(offsets), &[k + 1], DType::U32, device);
+        let mut next = segment_means_raw(&dev, x, &order, &offsets, k, &mut status)?;
+        reseed_empty(&dev, x, &counts, &dist, &mut next)?;
+        let old = c.cuda_slice::<f32>(OP)?;
+        shift_inertia(&dev, old, &next, k, d, l1, &dist, n, &status, &mut stats)?;
+        // The convergence check: the loop's only device-to-host copy.
+        let host = dev.dtoh(&stats, 3)?;
+        if host[2] != 0.0 {
+            return Err(Error::NonFinite { op: OP, what: "x (or its distances overflow f32)".into() });
+        }
+        history.push(host[1]);
+        c = Tensor::from_cuda_buffer(CudaBuffer::F32(next), &[k, d], DType::F32, device);
+        iterations = it;
+        if host[0] <= km.tol {
+            converged = true;
+            break;
+        }
+    }
+    let (labels, dist) = assign_raw(&dev, x, &c, km.metric, &mut status)?;
+    let cs = c.cuda_slice::<f32>(OP)?;
+    shift_inertia(&dev, cs, cs, k, d, l1, &dist, n, &status, &mut stats)?;
+    let host = dev.dtoh(&stats, 3)?;
+    if host[2] != 0.0 || !host[1].is_finite() {
+        return Err(Error::NonFinite { op: OP, what: "x (or its distances overflow f32)".into() });
+    }
+    Ok(KMeansFit {
+        centroids: c,
+        assignment: Tensor::from_cuda_buffer(CudaBuffer::U32(labels), &[n], DType::U32, device),
+        inertia: host[1],
+        inertia_history: history,
+        iterations,
+        converged,
+    })
+}
+
+fn reseed_empty(
+    dev: &CudaDevice,
+    x: &Tensor,
+    counts: &CudaSlice<u32>,
+    dist: &CudaSlice<f32>,
+    centroids: &mut CudaSlice<f32>,
+) -> Result<()> {
+    const OP: &str = "KMeans::fit";
+    let (n, d) = (x.shape()[0] as i32, x.shape()[1] as i32);
+    let k = (counts.len()) as i32;
+    let name = format!("reseed_empty_{}", suffix(x.dtype()));
+    let f = dev.function(MODULE, &name)?;
+    with_slice!(x, OP, |xs| {
+        let mut b = dev.stream().launch_builder(&f);
+        b.arg(xs).arg(&n).arg(&d).arg(&k).arg(counts).arg(dist).arg(&mut *centroids);
+        // SAFETY: one block; reads n·d of x, k counts, n distances; writes rows of centroids
+        // (k·d floats) of empty clusters only.
+        unsafe { b.launch(cfg((1, 1), 1024)) }.map_err(driver(format!("launching {name}")))?;
+    });
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn shift_inertia(
+    dev: &CudaDevice,
+    old: &CudaSlice<f32>,
+    new: &CudaSlice<f32>,
+    k: usize,
+    d: usize,
+    l1: i32,
+    dist: &CudaSlice<f32>,
+    n: usize,
+    status: &CudaSlice<u32>,
+    stats: &mut CudaSlice<f64>,
+) -> Result<()> {
+    let (ki, di, ni) = (k as i32, d as i32, n as i32);
+    let f = dev.function(MODULE, "shift_inertia_f32")?;
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(old).arg(new).arg(&ki).arg(&di).arg(&l1).arg(dist).arg(&ni).arg(status).arg(stats);
+    // SAFETY: one block; old/new hold k·d floats, dist n, status 1, stats 3 doubles.
+    unsafe { b.launch(cfg((1, 1), 1024)) }.map_err(driver("launching shift_inertia_f32"))?;
+    Ok(())
+}
+
+/// Rows `ids` of `x` (all `< N`), converted to f32 on the device and copied to the host.
+pub(super) fn gather_rows_f32(x: &Tensor, ids: &[usize]) -> Result<Vec<f32>> {
+    const OP: &str = "kmeans (gather rows)";
+    let dev = x.cuda_device()?.clone();
+    let d = x.shape()[1];
+    let m = ids.len();
+    if m == 0 {
+        return Ok(Vec::new());
+    }
+    let idx: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
+    let idx = dev.htod(&idx)?;
+    let mut out = dev.alloc::<f32>(m * d)?;
+    let (mi, di) = (m as i32, d as i32);
+    let name = format!("gather_rows_{}", suffix(x.dtype()));
+    let f = dev.function(MODULE, &name)?;
+    with_slice!(x, OP, |xs| {
+        let mut b = dev.stream().launch_builder(&f);
+        b.arg(xs).arg(&idx).arg(&mi).arg(&di).arg(&mut out);
+        // SAFETY: one warp per gathered row (grid-stride); ids < n index rows of x (n·d),
+        // out holds m·d floats.
+        unsafe { b.launch(cfg((m.div_ceil(8).clamp(1, 65_535) as u32, 1), 256)) }
+            .map_err(driver(format!("launching {name}")))?;
+    });
+    dev.dtoh(&out, m * d)
+}
+
+// ----- reference kernels, for the GPU tests ------------------------------------------------
+
+/// Direct one-thread-per-row assignment (no GEMM form, no tiling).
+pub(super) fn assign_reference(x: &Tensor, centroids: &Tensor, metric: Metric) -> Result<(Tensor, Tensor)> {
+    const OP: &str = "kmeans::reference::assign";
+    let dev = x.cuda_device()?.clone();
+    let (n, d, k) = (x.shape()[0], x.shape()[1], centroids.shape()[0]);
+    let c = centroids.to_dtype(x.dtype())?;
+    let mut labels = dev.alloc::<u32>(n)?;
+    let mut dist = dev.alloc::<f32>(n)?;
+    let (ni, ki, di, l1) = (n as i32, k as i32, d as i32, i32::from(metric == Metric::MeanL1));
+    let name = format!("assign_reference_{}", suffix(x.dtype()));
+    let f = dev.function(MODULE, &name)?;
+    let cref = &c;
+    with_slice!(x, OP, |xs| {
+        with_slice!(cref, OP, |cs| {
+            let mut b = dev.stream().launch_builder(&f);
+            b.arg(xs).arg(cs).arg(&ni).arg(&ki).arg(&di).arg(&l1).arg(&mut labels).arg(&mut dist);
+            // SAFETY: one thread per row; x n·d, c k·d, outputs n.
+            unsafe { b.launch(cfg((n.div_ceil(128) as u32, 1), 128)) }
+                .map_err(driver(format!("launching {name}")))?;
+        })
+    });
+    let device = x.device();
+    Ok((
+        Tensor::from_cuda_buffer(CudaBuffer::U32(labels), &[n], DType::U32, device),
+        Tensor::from_cuda_buffer(CudaBuffer::F32(dist), &[n], DType::F32, device),
+    ))
+}
+
+/// Single-thread stable counting sort; labels must be < k.
+pub(super) fn counting_sort_reference(labels: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
+    const OP: &str = "kmeans::reference::sort_by_cluster";
+    let dev = labels.cuda_device()?.clone();
+    let n = labels.shape()[0];
+    let l = labels.cuda_slice::<u32>(OP)?;
+    let mut offsets = dev.alloc::<u32>(k + 1)?;
+    let mut order = dev.alloc::<u32>(n)?;
+    let (ni, ki) = (n as i32, k as i32);
+    let f = dev.function(MODULE, "counting_sort_reference_u32")?;
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(l).arg(&ni).arg(&ki).arg(&mut offsets).arg(&mut order);
+    // SAFETY: one thread; labels n values < k (checked by the caller), offsets k + 1, order n.
+    unsafe { b.launch(cfg((1, 1), 1)) }.map_err(driver("launching counting_sort_reference_u32"))?;
+    let device = labels.device();
+    Ok((
+        Tensor::from_cuda_buffer(CudaBuffer::U32(order), &[n], DType::U32, device),
+        Tensor::from_cuda_buffer(CudaBuffer::U32(offsets), &[k + 1], DType::U32, device),
+    ))
+}
+
+/// Direct one-thread-per-(cluster, dim) update.
+pub(super) fn update_reference(x: &Tensor, labels: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
+    const OP: &str = "kmeans::reference::update";
+    let dev = x.cuda_device()?.clone();
+    let (n, d) = (x.shape()[0], x.shape()[1]);
+    let mut centroids = dev.alloc::<f32>(k * d)?;
+    let mut counts = dev.alloc::<u32>(k)?;
+    let l = labels.cuda_slice::<u32>(OP)?;
+    let (ni, ki, di) = (n as i32, k as i32, d as i32);
+    let name = format!("update_reference_{}", suffix(x.dtype()));
+    let f = dev.function(MODULE, &name)?;
+    with_slice!(x, OP, |xs| {
+        let mut b = dev.stream().launch_builder(&f);
+        b.arg(xs).arg(l).arg(&ni).arg(&ki).arg(&di).arg(&mut centroids).arg(&mut counts);
+        // SAFETY: one thread per (cluster, dim) of k·d; labels n; outputs k·d and k.
+        unsafe { b.launch(cfg(((k * d).div_ceil(256) as u32, 1), 256)) }
+            .map_err(driver(format!("launching {name}")))?;
+    });
+    let device = x.device();
+    Ok((
+        Tensor::from_cuda_buffer(CudaBuffer::F32(centroids), &[k, d], DType::F32, device),
+        Tensor::from_cuda_buffer(CudaBuffer::U32(counts), &[k], DType::U32, device),
+    ))
+}
+
+/// Measured peak of the assignment's matrix path for `dtype` (GFLOP/s): register-only mma.sync
+/// loops for f16/bf16, FFMA chains for f32; best of three launches.
+pub(super) fn matrix_peak_gflops(dev: &CudaDevice, dtype: DType) -> Result<f64> {
+    const BLOCKS: usize = 2048;
+    const THREADS: usize = 256;
+    let (name, iters, flops_per_iter) = match dtype {
+        DType::F16 => ("peak_mma_f16", 512usize, (THREADS / 32 * 8 * 2 * 16 * 8 * 16) as f64),
+        DType::BF16 => ("peak_mma_bf16", 512, (THREADS / 32 * 8 * 2 * 16 * 8 * 16) as f64),
+        _ => ("peak_ffma_f32", 4096, (THREADS * 8 * 2) as f64),
+    };
+    let f = dev.function(MODULE, name)?;
+    let mut sink = dev.alloc_zeros::<f32>(1)?;
+    let iters_i = iters as i32;
+    let mut best = f64::INFINITY;
+    for _ in 0..4 {
+        let ms = dev.time_ms(|| {
+            let mut b = dev.stream().launch_builder(&f);
+            b.arg(&iters_i).arg(&mut sink);
+            // SAFETY: register-only loops; the kernel may write sink[0] (one float) only.
+            unsafe { b.launch(cfg((BLOCKS as u32, 1), THREADS as u32)) }
+                .map_err(driver(format!("launching {name}")))?;
+            Ok(())
+        })?;
+        best = best.min(ms);
+    }
+    Ok(BLOCKS as f64 * iters as f64 * flops_per_iter / best / 1e6)
+}
