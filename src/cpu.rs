@@ -20,7 +20,6 @@ impl<'a, T> Mat<'a, T> {
     }
 
     /// The transpose of this view (no copy).
-    #[allow(dead_code)] // until a family uses it
     pub fn t(self) -> Self {
         Mat { rows: self.cols, cols: self.rows, transposed: !self.transposed, ..self }
     }
@@ -92,7 +91,6 @@ pub(crate) fn sgemm(
 }
 
 /// The f64 counterpart of [`sgemm`].
-#[allow(dead_code)] // until a family uses it
 pub(crate) fn dgemm(
     alpha: f64,
     a: Mat<'_, f64>,

@@ -117,7 +117,6 @@ impl Device {
         self.ordinal() == other.ordinal()
     }
 
-    #[allow(dead_code)] // until a family uses it
     /// Checks that `other` is the same device, else [`Error::DeviceMismatch`] naming `op`.
     pub(crate) fn expect_same(&self, other: &Device, op: &'static str) -> Result<()> {
         if self.same_as(other) {

@@ -333,7 +333,6 @@ impl Tensor {
     }
 
     /// The host elements of a CPU tensor of element type `T`.
-    #[allow(dead_code)] // until a family uses it
     pub(crate) fn host_slice<T: Element>(&self, op: &'static str) -> Result<&[T]> {
         self.expect_dtype(T::DTYPE, op, "tensor")?;
         match &*self.storage {
@@ -345,7 +344,6 @@ impl Tensor {
         }
     }
 
-    #[allow(dead_code)] // until a family uses it
     /// The elements of a CPU float tensor as f32 (converted for f16/bf16/f64; shared for f32).
     pub(crate) fn host_f32(&self, op: &'static str) -> Result<std::borrow::Cow<'_, [f32]>> {
         use half::slice::HalfFloatSliceExt;

@@ -9,10 +9,12 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use cudarc::driver::{CudaContext, CudaModule, CudaStream, DriverError};
+use cudarc::driver::{CudaContext, CudaModule, DriverError};
 
+pub(crate) use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 pub(crate) use cudarc::driver::{
-    CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
+    SyncOnDrop, ValidAsZeroBits,
 };
 
 use crate::{Error, Result};

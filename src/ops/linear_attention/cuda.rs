@@ -23,8 +23,9 @@
 //! then three core passes (dφ(Q) forward in time; dφ(K) and dV' backward in time, the last
 //! carrying dS' to dS'_0 and folding in the momentum's reverse sum); then apply φ' and cast.
 
-use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
-use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop};
+use crate::cuda::{
+    CUdevice_attribute, CUfunction_attribute, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop,
+};
 
 use super::{BackwardArgs, BackwardResult, ForwardArgs, ForwardResult, KernelPath, Problem};
 use crate::cuda::{driver, grid_1d, CudaDevice, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};

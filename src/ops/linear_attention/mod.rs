@@ -40,14 +40,6 @@ mod cuda;
 use crate::tensor::Storage;
 use crate::{DType, Error, Result, Tensor};
 
-// Workaround for a foundation lint: `crate::cpu::dgemm` and `Mat::t` have no caller on this
-// branch (the families that use them live on other branches), and `clippy -D warnings`
-// rejects dead code. Naming them here keeps this branch clean without touching the foundation.
-const _: () = {
-    let _ = crate::cpu::dgemm;
-    let _ = crate::cpu::Mat::<f32>::t;
-};
-
 /// The largest head dimension (Dk and Dv) the kernels accept.
 pub const MAX_HEAD_DIM: usize = 256;
 

@@ -73,7 +73,7 @@ fn tiled_config(
         ));
     }
     if geometry.smem_bytes > 48 * 1024 {
-        use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+        use crate::cuda::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
         func.set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, geometry.smem_bytes as i32)
             .map_err(driver(format!("{op}: opting into {} bytes of shared memory", geometry.smem_bytes)))?;
     }
