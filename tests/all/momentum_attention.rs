@@ -374,3 +374,67 @@ fn rejects_bad_arguments_with_typed_errors() {
     let no_heads = Tensor::zeros(&[0, 2, 3, 64], DType::F32, &cpu).unwrap();
     assert!(matches!(ok.backward(&no_heads, &no_heads, &no_heads, &no_heads), Err(Error::EmptyInput { .. })));
 }
+
+/// Σ_{i<t} η^{t−i} x_i for every row t of every head (`forward`), or Σ_{t>s} η^{t−s} x_t for
+/// every row s (`reverse`): the momentum term and its gradient, explicitly, in f64.
+fn decayed_sums(x: &[f64], heads: usize, t: usize, d: usize, eta: f64, reverse: bool) -> Vec<f64> {
+    let mut out = vec![0.0; x.len()];
+    for h in 0..heads {
+        for row in 0..t {
+            for other in 0..t {
+                let lag = if reverse { other as i64 - row as i64 } else { row as i64 - other as i64 };
+                if lag <= 0 {
+                    continue;
+                }
+                let w = eta.powi(lag as i32);
+                for j in 0..d {
+                    out[(h * t + row) * d + j] += w * x[(h * t + other) * d + j];
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn linear_base_is_linear_attention_plus_the_momentum_term() {
+    use metakernels::linear_attention::{FeatureMap, LinearAttention};
+    use metakernels::momentum_attention::Base;
+    testing::set_poisoning(true);
+    let dev = Device::cpu();
+    let (b, h, t, dk, dv) = (2, 2, 37, 16, 24);
+    let linear = LinearAttention {
+        causal: true,
+        feature_map: FeatureMap::EluPlusOne,
+        normalize: true,
+        scale: 0.5,
+        eps: 1e-6,
+    };
+    let (q, _) = randn(&[b, h, t, dk], DType::F32, &dev, 11).unwrap();
+    let (k, _) = randn(&[b, h, t, dk], DType::F32, &dev, 12).unwrap();
+    let (v, v64) = randn(&[b, h, t, dv], DType::F32, &dev, 13).unwrap();
+    let (g, g64) = randn(&[b, h, t, dv], DType::F32, &dev, 14).unwrap();
+    let plain = to_f64(&linear.forward(&q, &k, &v, None).unwrap().output).unwrap();
+    let plain_grads = linear.backward(&q, &k, &v, None, &g, None).unwrap();
+    for eta in [0.0f32, 0.5, 0.9] {
+        let attn = MomentumAttention { eta, base: Base::Linear(linear) };
+        let momentum = decayed_sums(&v64, b * h, t, dv, eta as f64, false);
+        let expected: Vec<f64> = plain.iter().zip(&momentum).map(|(a, m)| a + m).collect();
+        let out = to_f64(&attn.forward(&q, &k, &v).unwrap()).unwrap();
+        assert_close(&format!("linear base forward, eta {eta}"), &out, &expected, 1e-5);
+
+        let grads = attn.backward(&q, &k, &v, &g).unwrap();
+        let dv_momentum = decayed_sums(&g64, b * h, t, dv, eta as f64, true);
+        let plain_dv = to_f64(&plain_grads.dv).unwrap();
+        let expected_dv: Vec<f64> = plain_dv.iter().zip(&dv_momentum).map(|(a, m)| a + m).collect();
+        assert_close("linear base dv", &to_f64(&grads.dv).unwrap(), &expected_dv, 1e-5);
+        assert_close("linear base dq", &to_f64(&grads.dq).unwrap(), &to_f64(&plain_grads.dq).unwrap(), 1e-5);
+        assert_close("linear base dk", &to_f64(&grads.dk).unwrap(), &to_f64(&plain_grads.dk).unwrap(), 1e-5);
+    }
+    // The softmax-only methods say so instead of silently doing something else.
+    let attn = MomentumAttention { eta: 0.5, base: Base::Linear(linear) };
+    assert!(matches!(attn.forward_with_state(&q, &k, &v), Err(Error::InvalidArgument { .. })));
+    let non_causal =
+        MomentumAttention { eta: 0.5, base: Base::Linear(LinearAttention { causal: false, ..linear }) };
+    assert!(non_causal.forward(&q, &k, &v).is_err());
+}

@@ -27,6 +27,7 @@ mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
 
+use crate::linear_attention::LinearAttention;
 use crate::tensor::Storage;
 use crate::{DType, Error, Result, Tensor};
 
@@ -46,6 +47,12 @@ pub enum Base {
         /// Multiplies the logits; `None` means `1/√D`. Must be finite.
         scale: Option<f32>,
     },
+    /// Causal linear attention ([`LinearAttention`], which must have `causal: true`), with the
+    /// momentum scan fused into the linear-attention kernels
+    /// ([`LinearAttention::forward_with_momentum`]). Head dims, feature map and normalisation
+    /// follow the linear-attention family (any D ≤ 256, Dk may differ from Dv). There is no
+    /// saved softmax state: the `*_with_state` methods return an error for this base.
+    Linear(LinearAttention),
 }
 
 impl Default for Base {
@@ -155,35 +162,33 @@ impl MomentumAttention {
     ///
     /// Errors for η outside `[0, 1)` or non-finite, a non-finite scale, shapes that are not one
     /// common `[B, H, T, D]` with `D` in [`SUPPORTED_HEAD_DIMS`], empty inputs, dtypes other
-    /// than one common f32/f16/bf16, or tensors on different devices.
+    /// than one common f32/f16/bf16, or tensors on different devices. With [`Base::Linear`]
+    /// the linear-attention family's checks apply instead (causal layer, any D ≤ 256).
     pub fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        if let Base::Linear(linear) = &self.base {
+            return linear.forward_with_momentum(q, k, v, self.eta);
+        }
+        let scale = self.softmax_scale(OP_FORWARD)?;
         let problem = Problem::check(OP_FORWARD, q, k, v)?;
         let eta = check_eta(OP_FORWARD, self.eta)?;
-        match &self.base {
-            Base::Softmax { scale } => {
-                let params = SoftmaxParams::new(OP_FORWARD, eta, *scale, problem.d)?;
-                softmax_forward(&problem, &params, q, k, v)
-            }
-        }
+        let params = SoftmaxParams::new(OP_FORWARD, eta, scale, problem.d)?;
+        softmax_forward(&problem, &params, q, k, v)
     }
 
     /// Like [`forward`](Self::forward), also keeping what
     /// [`backward_with_state`](Self::backward_with_state) needs (the attention without momentum
     /// and the row log-sum-exps), so that the backward pass does not recompute the forward.
     pub fn forward_with_state(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<MomentumAttentionState> {
+        let scale = self.softmax_scale(OP_FORWARD)?;
         let problem = Problem::check(OP_FORWARD, q, k, v)?;
         let eta = check_eta(OP_FORWARD, self.eta)?;
-        match &self.base {
-            Base::Softmax { scale } => {
-                let params = SoftmaxParams::new(OP_FORWARD, eta, *scale, problem.d)?;
-                let [output, attention, lse2] = match q.storage() {
-                    Storage::Cpu(_) => cpu::forward_with_state(&problem, &params, q, k, v, q.shape())?,
-                    #[cfg(feature = "cuda")]
-                    Storage::Cuda(_) => cuda::forward_with_state(&problem, &params, q, k, v, q.shape())?,
-                };
-                Ok(MomentumAttentionState { output, attention, lse2, eta, scale: params.scale })
-            }
-        }
+        let params = SoftmaxParams::new(OP_FORWARD, eta, scale, problem.d)?;
+        let [output, attention, lse2] = match q.storage() {
+            Storage::Cpu(_) => cpu::forward_with_state(&problem, &params, q, k, v, q.shape())?,
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => cuda::forward_with_state(&problem, &params, q, k, v, q.shape())?,
+        };
+        Ok(MomentumAttentionState { output, attention, lse2, eta, scale: params.scale })
     }
 
     /// The gradients of a loss `L` with respect to `q`, `k`, `v`, given `grad_output = ∂L/∂o`
@@ -197,28 +202,25 @@ impl MomentumAttention {
         state: &MomentumAttentionState,
         grad_output: &Tensor,
     ) -> Result<MomentumAttentionGrads> {
+        let scale = self.softmax_scale(OP_BACKWARD)?;
         let problem = Problem::check(OP_BACKWARD, q, k, v)?;
         problem.check_like(OP_BACKWARD, "grad_output", grad_output, q)?;
         problem.check_like(OP_BACKWARD, "state.output", &state.output, q)?;
         problem.check_like(OP_BACKWARD, "state.attention", &state.attention, q)?;
         let eta = check_eta(OP_BACKWARD, self.eta)?;
-        match &self.base {
-            Base::Softmax { scale } => {
-                let params = SoftmaxParams::new(OP_BACKWARD, eta, *scale, problem.d)?;
-                if state.eta != eta || state.scale != params.scale {
-                    return Err(Error::invalid(
-                        OP_BACKWARD,
-                        "state",
-                        format!(
-                            "it was computed with eta {} and scale {}, but this module has eta {eta} and scale {}",
-                            state.eta, state.scale, params.scale
-                        ),
-                    ));
-                }
-                let saved = Some((&state.attention, &state.lse2));
-                softmax_backward(&problem, &params, q, k, v, grad_output, saved)
-            }
+        let params = SoftmaxParams::new(OP_BACKWARD, eta, scale, problem.d)?;
+        if state.eta != eta || state.scale != params.scale {
+            return Err(Error::invalid(
+                OP_BACKWARD,
+                "state",
+                format!(
+                    "it was computed with eta {} and scale {}, but this module has eta {eta} and scale {}",
+                    state.eta, state.scale, params.scale
+                ),
+            ));
         }
+        let saved = Some((&state.attention, &state.lse2));
+        softmax_backward(&problem, &params, q, k, v, grad_output, saved)
     }
 
     /// The gradients of a loss `L` with respect to `q`, `k`, `v`, given `grad_output = ∂L/∂o`.
@@ -234,41 +236,48 @@ impl MomentumAttention {
         v: &Tensor,
         grad_output: &Tensor,
     ) -> Result<MomentumAttentionGrads> {
+        if let Base::Linear(linear) = &self.base {
+            let grads = linear.backward_with_momentum(q, k, v, grad_output, self.eta)?;
+            return Ok(MomentumAttentionGrads { dq: grads.dq, dk: grads.dk, dv: grads.dv });
+        }
+        let scale = self.softmax_scale(OP_BACKWARD)?;
         let problem = Problem::check(OP_BACKWARD, q, k, v)?;
         problem.check_like(OP_BACKWARD, "grad_output", grad_output, q)?;
         let eta = check_eta(OP_BACKWARD, self.eta)?;
-        match &self.base {
-            Base::Softmax { scale } => {
-                let params = SoftmaxParams::new(OP_BACKWARD, eta, *scale, problem.d)?;
-                softmax_backward(&problem, &params, q, k, v, grad_output, None)
-            }
-        }
+        let params = SoftmaxParams::new(OP_BACKWARD, eta, scale, problem.d)?;
+        softmax_backward(&problem, &params, q, k, v, grad_output, None)
     }
 }
 
 impl MomentumAttention {
+    /// The softmax scale of a [`Base::Softmax`] module; an error naming `op` for other bases
+    /// (the saved state, the reference kernel and the unfused baseline are softmax-only).
+    fn softmax_scale(&self, op: &'static str) -> Result<Option<f32>> {
+        match &self.base {
+            Base::Softmax { scale } => Ok(*scale),
+            Base::Linear(_) => Err(Error::invalid(
+                op,
+                "base",
+                "this method exists for the softmax base only; use forward/backward with Base::Linear",
+            )),
+        }
+    }
+
     /// The forward pass by the CUDA reference kernel (one block per query row, explicit momentum
     /// sum): what the GPU tests hold the fast kernels against. CUDA tensors only.
     #[doc(hidden)]
     pub fn forward_reference_kernel(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         const OP: &str = "MomentumAttention::forward_reference_kernel";
+        let scale = self.softmax_scale(OP)?;
         let problem = Problem::check(OP, q, k, v)?;
         let eta = check_eta(OP, self.eta)?;
-        match &self.base {
-            Base::Softmax { scale } => {
-                let params = SoftmaxParams::new(OP, eta, *scale, problem.d)?;
-                match q.storage() {
-                    #[cfg(feature = "cuda")]
-                    Storage::Cuda(_) => cuda::forward_reference(&problem, &params, q, k, v),
-                    Storage::Cpu(_) => {
-                        let _ = params; // only the CUDA kernel takes them
-                        Err(Error::DeviceMismatch {
-                            op: OP,
-                            expected: "a CUDA device".into(),
-                            got: "cpu".into(),
-                        })
-                    }
-                }
+        let params = SoftmaxParams::new(OP, eta, scale, problem.d)?;
+        match q.storage() {
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => cuda::forward_reference(&problem, &params, q, k, v),
+            Storage::Cpu(_) => {
+                let _ = params; // only the CUDA kernel takes them
+                Err(Error::DeviceMismatch { op: OP, expected: "a CUDA device".into(), got: "cpu".into() })
             }
         }
     }
@@ -282,21 +291,18 @@ impl MomentumAttention {
     #[doc(hidden)]
     pub fn forward_unfused(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         const OP: &str = "MomentumAttention::forward_unfused";
+        let scale = self.softmax_scale(OP)?;
         let problem = Problem::check(OP, q, k, v)?;
         let eta = check_eta(OP, self.eta)?;
-        match &self.base {
-            Base::Softmax { scale } => {
-                let params = SoftmaxParams::new(OP, eta, *scale, problem.d)?;
-                let plain = SoftmaxParams { eta: 0.0, horizon: 0, ..params };
-                match q.storage() {
-                    Storage::Cpu(_) => {
-                        let attn = cpu::forward(&problem, &plain, q, k, v, q.shape())?;
-                        cpu::add_momentum_scan(&problem, eta, &attn, v)
-                    }
-                    #[cfg(feature = "cuda")]
-                    Storage::Cuda(_) => cuda::forward_unfused(&problem, &params, q, k, v),
-                }
+        let params = SoftmaxParams::new(OP, eta, scale, problem.d)?;
+        let plain = SoftmaxParams { eta: 0.0, horizon: 0, ..params };
+        match q.storage() {
+            Storage::Cpu(_) => {
+                let attn = cpu::forward(&problem, &plain, q, k, v, q.shape())?;
+                cpu::add_momentum_scan(&problem, eta, &attn, v)
             }
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => cuda::forward_unfused(&problem, &params, q, k, v),
         }
     }
 }
