@@ -6,7 +6,7 @@
 //!
 //! Report lines: assign in GFLOP/s (2·N·K·D) against the measured matrix rate of its path (CPU:
 //! f32 GEMM; CUDA: register-only mma.sync loops for f16/bf16, FFMA chains for f32, both
-//! measured in this run by `kmeans::matrix_peak_gflops`), update in GB/s against the measured
+//! measured in this run by `bench_support::device_matrix_tflops`), update in GB/s against the measured
 //! copy bandwidth, and the speed-up over the naive baseline.
 
 use std::time::Duration;
@@ -75,7 +75,8 @@ fn report(dev: &Device, dtype: DType, (n, d, k): (usize, usize, usize), reps: us
         let cpu = cpu_ceilings();
         (("f32 GEMM GFLOP/s (measured)".to_string(), cpu.f32_gemm_gflops), cpu.copy_gbps)
     } else {
-        let peak = kmeans::matrix_peak_gflops(dev, dtype).unwrap_or(f64::NAN);
+        let peak =
+            metakernels::bench_support::device_matrix_tflops(dev, dtype).map(|t| t * 1e3).unwrap_or(f64::NAN);
         let path = if dtype == DType::F32 { "f32 FFMA" } else { "mma.sync m16n8k16" };
         ((format!("{path} GFLOP/s (measured)"), peak), device_copy_gbps(dev).unwrap_or(f64::NAN))
     };

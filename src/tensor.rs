@@ -86,8 +86,7 @@ macro_rules! typed_buffer {
                 };
                 match any.downcast::<$container<u32>>() {
                     Ok(b) => $name::U32(*b),
-                    // invariant: Element is sealed to f32, f64, f16, bf16 and u32.
-                    Err(_) => unreachable!("Element is sealed to five types"),
+                    Err(_) => unreachable!("Element is sealed to five types"), // invariant: sealed trait
                 }
             }
         }

@@ -450,31 +450,3 @@ pub(super) fn update_reference(x: &Tensor, labels: &Tensor, k: usize) -> Result<
         Tensor::from_cuda_buffer(CudaBuffer::U32(counts), &[k], DType::U32, device),
     ))
 }
-
-/// Measured peak of the assignment's matrix path for `dtype` (GFLOP/s): register-only mma.sync
-/// loops for f16/bf16, FFMA chains for f32; best of three launches.
-pub(super) fn matrix_peak_gflops(dev: &CudaDevice, dtype: DType) -> Result<f64> {
-    const BLOCKS: usize = 2048;
-    const THREADS: usize = 256;
-    let (name, iters, flops_per_iter) = match dtype {
-        DType::F16 => ("peak_mma_f16", 512usize, (THREADS / 32 * 8 * 2 * 16 * 8 * 16) as f64),
-        DType::BF16 => ("peak_mma_bf16", 512, (THREADS / 32 * 8 * 2 * 16 * 8 * 16) as f64),
-        _ => ("peak_ffma_f32", 4096, (THREADS * 8 * 2) as f64),
-    };
-    let f = dev.function(MODULE, name)?;
-    let mut sink = dev.alloc_zeros::<f32>(1)?;
-    let iters_i = iters as i32;
-    let mut best = f64::INFINITY;
-    for _ in 0..4 {
-        let ms = dev.time_ms(|| {
-            let mut b = dev.stream().launch_builder(&f);
-            b.arg(&iters_i).arg(&mut sink);
-            // SAFETY: register-only loops; the kernel may write sink[0] (one float) only.
-            unsafe { b.launch(cfg((BLOCKS as u32, 1), THREADS as u32)) }
-                .map_err(driver(format!("launching {name}")))?;
-            Ok(())
-        })?;
-        best = best.min(ms);
-    }
-    Ok(BLOCKS as f64 * iters as f64 * flops_per_iter / best / 1e6)
-}

@@ -183,19 +183,6 @@ pub fn sort_by_cluster(assignment: &Tensor, k: usize) -> Result<(Tensor, Tensor)
     }
 }
 
-/// Benchmark support: the measured peak rate (GFLOP/s) of the matrix path [`assign`] uses for
-/// `dtype` on `device` — mma.sync tensor cores (f16/bf16) or f32 FFMA on CUDA, from
-/// register-only loops; on the CPU the f32 GEMM rate of this machine.
-#[doc(hidden)]
-pub fn matrix_peak_gflops(device: &crate::Device, dtype: DType) -> Result<f64> {
-    #[cfg(feature = "cuda")]
-    if let crate::device::Kind::Cuda(d) = &device.0 {
-        return cuda::matrix_peak_gflops(d, dtype);
-    }
-    let _ = (device, dtype);
-    Ok(crate::bench_support::cpu_ceilings().f32_gemm_gflops)
-}
-
 /// The simple versions the tests hold the fast kernels against: on CUDA the reference kernels
 /// of `kernels/kmeans.cu` (one thread per row / per output, distances taken directly); on the CPU
 /// the CPU path. Inputs are validated as by [`assign`] and [`update`].
