@@ -1,0 +1,1 @@
+//! CUDA launches (in progress).

@@ -1,0 +1,1 @@
+//! CUDA tests of the maml family (filled below).
