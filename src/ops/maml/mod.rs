@@ -244,38 +244,76 @@ impl Maml {
     /// the batch of the wrong shape, dtype or device, labels ≥ the number of classes.
     pub fn meta_gradient(&self, mlp: &Mlp, params: &Tensor, batch: &TaskBatch) -> Result<MetaGradient> {
         const OP: &str = "Maml::meta_gradient";
-        let layout = Layout::new(mlp, OP)?;
+        let (layout, meta) = self.validate(mlp, params, batch, OP)?;
+        match (params.storage(), params.dtype()) {
+            (Storage::Cpu(_), DType::F32) => cpu::meta_gradient::<f32>(&layout, self, &meta, params, batch),
+            (Storage::Cpu(_), _) => cpu::meta_gradient::<f64>(&layout, self, &meta, params, batch),
+            #[cfg(feature = "cuda")]
+            (Storage::Cuda(_), _) => cuda::meta_gradient(&layout, self, &meta, params, batch, cuda::Kernel::Fused),
+        }
+    }
+
+    /// [`Maml::meta_gradient`] through the simple reference kernel (one thread per task, plain
+    /// serial loops in global memory) on a CUDA device: the baseline the GPU tests and
+    /// benchmarks hold the fused kernel against. Errors on the CPU.
+    #[doc(hidden)]
+    pub fn meta_gradient_reference(&self, mlp: &Mlp, params: &Tensor, batch: &TaskBatch) -> Result<MetaGradient> {
+        const OP: &str = "Maml::meta_gradient_reference";
+        if params.device().is_cpu() {
+            return Err(Error::DeviceMismatch { op: OP, expected: "a CUDA device".into(), got: "cpu".into() });
+        }
+        #[cfg(feature = "cuda")]
+        {
+            let (layout, meta) = self.validate(mlp, params, batch, OP)?;
+            cuda::meta_gradient(&layout, self, &meta, params, batch, cuda::Kernel::Reference)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (mlp, batch);
+            Err(Error::CudaUnavailable { reason: "built without the `cuda` feature".into() })
+        }
+    }
+}
+
+/// Makes every CUDA MAML kernel use its global-memory workspace even where shared memory would
+/// fit (tests cover both paths on one shape with it). A no-op without CUDA.
+#[doc(hidden)]
+pub fn force_global_workspace(on: bool) {
+    #[cfg(feature = "cuda")]
+    cuda::force_global_workspace(on);
+    #[cfg(not(feature = "cuda"))]
+    let _ = on;
+}
+
+impl Maml {
+    /// Checks the arguments of a meta-gradient call; returns the layout and the batch sizes.
+    fn validate(&self, mlp: &Mlp, params: &Tensor, batch: &TaskBatch, op: &'static str) -> Result<(Layout, MetaDims)> {
+        let layout = Layout::new(mlp, op)?;
         if self.inner_steps == 0 {
-            return Err(Error::invalid(OP, "inner_steps", "must be at least 1 (got 0)"));
+            return Err(Error::invalid(op, "inner_steps", "must be at least 1 (got 0)"));
         }
         if !self.inner_lr.is_finite() {
-            return Err(Error::invalid(OP, "inner_lr", format!("must be finite (got {})", self.inner_lr)));
+            return Err(Error::invalid(op, "inner_lr", format!("must be finite (got {})", self.inner_lr)));
         }
         if params.shape() != [layout.num_params] {
             return Err(Error::shape(
-                OP,
+                op,
                 "params",
                 format!("[P] = [{}] for sizes {:?}", layout.num_params, layout.sizes),
                 params.shape(),
             ));
         }
-        let support = check_inputs(&layout, OP, params, &batch.support_x, Some(&batch.support_y))?;
-        let query = check_inputs(&layout, OP, params, &batch.query_x, Some(&batch.query_y))?;
+        let support = check_inputs(&layout, op, params, &batch.support_x, Some(&batch.support_y))?;
+        let query = check_inputs(&layout, op, params, &batch.query_x, Some(&batch.query_y))?;
         if support.tasks != query.tasks {
             return Err(Error::shape(
-                OP,
+                op,
                 "query_x",
                 format!("[T, Nq, in] with T = {} tasks like support_x", support.tasks),
                 batch.query_x.shape(),
             ));
         }
-        let meta = MetaDims { tasks: support.tasks, support: support.samples, query: query.samples };
-        match (params.storage(), params.dtype()) {
-            (Storage::Cpu(_), DType::F32) => cpu::meta_gradient::<f32>(&layout, self, &meta, params, batch),
-            (Storage::Cpu(_), _) => cpu::meta_gradient::<f64>(&layout, self, &meta, params, batch),
-            #[cfg(feature = "cuda")]
-            (Storage::Cuda(_), _) => cuda::meta_gradient(&layout, self, &meta, params, batch),
-        }
+        Ok((layout, MetaDims { tasks: support.tasks, support: support.samples, query: query.samples }))
     }
 }
 
