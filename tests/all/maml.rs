@@ -495,3 +495,30 @@ fn errors_are_typed_and_say_what_was_wrong() {
     mse.hvp(&pr.params, &pr.x, &pr.y, &pr.params).unwrap();
     assert_eq!(before, to_f64(&pr.params).unwrap());
 }
+
+#[test]
+fn blocked_gemm_path_matches_finite_differences() {
+    // Layer 2 here is large enough (40·96·96 multiply-adds) for the cache-blocked GEMM path;
+    // the other layers take the small-product kernel.
+    set_poisoning(true);
+    let net = mlp(&[32, 96, 96, 5], Activation::Tanh, Loss::SoftmaxCrossEntropy);
+    let (tasks, p) = (2, net.num_params());
+    let mut rng = Rng::new(101);
+    let params64: Vec<f64> = rng.normal_vec(tasks * p).iter().map(|v| 0.1 * v).collect();
+    let x = inputs(&net, tasks, 40, DType::F64, &Device::cpu(), &mut rng);
+    let y = targets(&net, tasks, 40, DType::F64, &Device::cpu(), &mut rng);
+    let v = rng.normal_vec(tasks * p);
+    let hv = to_f64(&net.hvp(&f64_tensor(&params64, &[tasks, p]), &x, &y, &f64_tensor(&v, &[tasks, p])).unwrap()).unwrap();
+    let eps = 1e-5;
+    let plus = grads_at(&net, &shifted(&params64, &v, eps), &[tasks, p], &x, &y);
+    let minus = grads_at(&net, &shifted(&params64, &v, -eps), &[tasks, p], &x, &y);
+    let fd: Vec<f64> = plus.iter().zip(&minus).map(|(a, b)| (a - b) / (2.0 * eps)).collect();
+    assert_close("hvp on the GEMM path", &hv, &fd, 1e-6);
+    let grad = grads_at(&net, &params64, &[tasks, p], &x, &y);
+    let lp = losses_at(&net, &shifted(&params64, &v, eps), &[tasks, p], &x, &y);
+    let lm = losses_at(&net, &shifted(&params64, &v, -eps), &[tasks, p], &x, &y);
+    for t in 0..tasks {
+        let exact: f64 = (0..p).map(|i| grad[t * p + i] * v[t * p + i]).sum();
+        assert_close("grad·v on the GEMM path", &[exact], &[(lp[t] - lm[t]) / (2.0 * eps)], 1e-7);
+    }
+}

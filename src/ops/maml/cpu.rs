@@ -7,7 +7,7 @@
 
 use rayon::prelude::*;
 
-use super::real::{mm_nn, mm_nt, mm_tn, with_act, Act, Real};
+use super::real::{is_small, mm_nn, mm_nt, mm_tn, transpose, with_act, Act, Real};
 use super::{Layout, Loss, Maml, MetaDims, MetaGradient, Order, TaskBatch};
 use super::Dims;
 use crate::testing::output_vec;
@@ -39,8 +39,9 @@ pub(crate) struct Workspace<T> {
     /// dL/dh of the layer below, and its R{}.
     dh: Vec<T>,
     rdh: Vec<T>,
-    /// A gradient the caller does not keep (the by-product of an HVP).
-    grad_scratch: Vec<T>,
+    /// W_lᵀ of the current pass, per layer, and room for one V_lᵀ (small-product path).
+    wt: Vec<Vec<T>>,
+    vt: Vec<T>,
 }
 
 impl<T: Real> Workspace<T> {
@@ -61,7 +62,8 @@ impl<T: Real> Workspace<T> {
             rdelta_below: vec![T::ZERO; wide],
             dh: vec![T::ZERO; wide],
             rdh: vec![T::ZERO; wide],
-            grad_scratch: vec![T::ZERO; layout.num_params],
+            wt: (0..layout.layers()).map(|l| vec![T::ZERO; layout.fan_in(l) * layout.fan_out(l)]).collect(),
+            vt: vec![T::ZERO; (0..layout.layers()).map(|l| layout.fan_in(l) * layout.fan_out(l)).max().unwrap_or(0)],
         }
     }
 
@@ -84,21 +86,41 @@ pub(crate) fn forward<T: Real>(
     n: usize,
     ws: &mut Workspace<T>,
 ) {
-    let Workspace { z, h, rz, rh, .. } = ws;
+    let Workspace { z, h, rz, rh, wt, vt, .. } = ws;
     for l in 0..layout.layers() {
         let (fan_in, fan_out) = (layout.fan_in(l), layout.fan_out(l));
         let (w, b) = (&p[layout.weight(l)], &p[layout.bias(l)]);
         let input: &[T] = if l == 0 { &x[..n * fan_in] } else { &h[l - 1][..n * fan_in] };
+        // Small products stream rows of Wᵀ (transposed once per pass and layer, reused by the
+        // R-forward pass); large ones go to the blocked GEMM with a transposed view.
+        let small = is_small(n, fan_out, fan_in);
+        if small {
+            transpose(w, fan_out, fan_in, &mut wt[l]);
+        }
         let zl = &mut z[l][..n * fan_out];
         zl.chunks_exact_mut(fan_out).for_each(|row| row.copy_from_slice(b));
-        mm_nt(input, w, zl, n, fan_out, fan_in);
+        if small {
+            mm_nn(input, &wt[l], zl, n, fan_in, fan_out);
+        } else {
+            mm_nt(input, w, zl, n, fan_out, fan_in);
+        }
         // R{z_l} = R{h_{l−1}} W_lᵀ + h_{l−1} V_lᵀ + c_l   (R{h_0} = R{x} = 0).
         if let Some(v) = dir {
             let rzl = &mut rz[l][..n * fan_out];
             rzl.chunks_exact_mut(fan_out).for_each(|row| row.copy_from_slice(&v[layout.bias(l)]));
-            mm_nt(input, &v[layout.weight(l)], rzl, n, fan_out, fan_in);
-            if l > 0 {
-                mm_nt(&rh[l - 1][..n * fan_in], w, rzl, n, fan_out, fan_in);
+            let vl = &v[layout.weight(l)];
+            if small {
+                let vt = &mut vt[..fan_in * fan_out];
+                transpose(vl, fan_out, fan_in, vt);
+                mm_nn(input, vt, rzl, n, fan_in, fan_out);
+                if l > 0 {
+                    mm_nn(&rh[l - 1][..n * fan_in], &wt[l], rzl, n, fan_in, fan_out);
+                }
+            } else {
+                mm_nt(input, vl, rzl, n, fan_out, fan_in);
+                if l > 0 {
+                    mm_nt(&rh[l - 1][..n * fan_in], w, rzl, n, fan_out, fan_in);
+                }
             }
         }
         if l + 1 < layout.layers() {
@@ -172,11 +194,11 @@ pub(crate) fn loss_head<T: Real>(
                     let label = labels[s] as usize;
                     let prob = |c: usize| if c == label { d[c] + T::ONE } else { d[c] };
                     let mut p_rz = T::ZERO;
-                    for c in 0..out_w {
-                        p_rz += prob(c) * rz[c];
+                    for (c, &r) in rz.iter().enumerate() {
+                        p_rz += prob(c) * r;
                     }
-                    for c in 0..out_w {
-                        rd[c] = inv_n * prob(c) * (rz[c] - p_rz);
+                    for (c, (out, &r)) in rd.iter_mut().zip(rz).enumerate() {
+                        *out = inv_n * prob(c) * (r - p_rz);
                     }
                 }
                 delta[s * out_w..(s + 1) * out_w].iter_mut().for_each(|d| *d = *d * inv_n);
@@ -203,8 +225,10 @@ fn softmax_row<T: Real>(z: &[T], label: usize, grad: &mut [T]) -> T {
     total.ln() + max - z[label]
 }
 
-/// Backward pass from δ_L in the workspace: writes the gradient into `grad` [P]; with
-/// `dir = Some((v, hv))` also the R-backward pass, writing R{∇L} = H·v into `hv`.
+/// Backward pass from δ_L in the workspace: writes the gradient into `grad` [P] when given;
+/// with `dir = Some((v, hv))` also the R-backward pass, writing R{∇L} = H·v into `hv`. (An
+/// HVP needs the δ chain of the plain backward pass but not the weight gradients, so it passes
+/// no `grad` and saves one product per layer.)
 pub(crate) fn backward<T: Real>(
     layout: &Layout,
     p: &[T],
@@ -212,7 +236,7 @@ pub(crate) fn backward<T: Real>(
     x: &[T],
     n: usize,
     ws: &mut Workspace<T>,
-    grad: &mut [T],
+    mut grad: Option<&mut [T]>,
 ) {
     let Workspace { z, h, rz, rh, delta, delta_below, rdelta, rdelta_below, dh, rdh, .. } = ws;
     let (v, mut hv) = match dir {
@@ -224,7 +248,9 @@ pub(crate) fn backward<T: Real>(
         let input: &[T] = if l == 0 { &x[..n * fan_in] } else { &h[l - 1][..n * fan_in] };
         let d = &delta[..n * fan_out];
         // ∇W_l = δ_lᵀ h_{l−1},  ∇b_l = Σ_samples δ_l.
-        weight_and_bias_grad(layout, l, d, input, n, grad);
+        if let Some(grad) = grad.as_deref_mut() {
+            weight_and_bias_grad(layout, l, d, input, n, grad);
+        }
         if let Some(hv) = hv.as_deref_mut() {
             // R{∇W_l} = R{δ_l}ᵀ h_{l−1} + δ_lᵀ R{h_{l−1}},  R{∇b_l} = Σ R{δ_l}.
             weight_and_bias_grad(layout, l, &rdelta[..n * fan_out], input, n, hv);
@@ -317,11 +343,11 @@ pub(crate) fn task_grad<T: Real>(
 ) -> T {
     forward(layout, p, None, x, n, ws);
     let loss = loss_head(layout, y, n, ws, false);
-    backward(layout, p, None, x, n, ws, grad);
+    backward(layout, p, None, x, n, ws, Some(grad));
     loss
 }
 
-/// H·v of one task's loss at `p` (the gradient is computed on the way, into `grad`).
+/// H·v of one task's loss at `p`; returns the loss.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn task_hvp<T: Real>(
     layout: &Layout,
@@ -335,9 +361,7 @@ pub(crate) fn task_hvp<T: Real>(
 ) -> T {
     forward(layout, p, Some(v), x, n, ws);
     let loss = loss_head(layout, y, n, ws, true);
-    let mut grad = std::mem::take(&mut ws.grad_scratch);
-    backward(layout, p, Some((v, hv)), x, n, ws, &mut grad);
-    ws.grad_scratch = grad;
+    backward(layout, p, Some((v, hv)), x, n, ws, None);
     loss
 }
 

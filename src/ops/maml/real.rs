@@ -28,6 +28,8 @@ pub(crate) trait Real:
     fn tanh(self) -> Self;
     fn abs(self) -> Self;
     fn max(self, other: Self) -> Self;
+    /// self·a + b with one rounding (an FMA instruction where the target has one).
+    fn mul_add(self, a: Self, b: Self) -> Self;
     /// C = alpha·A·B + beta·C through the crate's cache-blocked GEMM.
     fn gemm(alpha: Self, a: Mat<'_, Self>, b: Mat<'_, Self>, beta: Self, c: &mut [Self], ldc: usize) -> bool;
 }
@@ -64,6 +66,10 @@ macro_rules! real {
             #[inline(always)]
             fn max(self, other: Self) -> Self {
                 <$t>::max(self, other)
+            }
+            #[inline(always)]
+            fn mul_add(self, a: Self, b: Self) -> Self {
+                <$t>::mul_add(self, a, b)
             }
             fn gemm(alpha: Self, a: Mat<'_, Self>, b: Mat<'_, Self>, beta: Self, c: &mut [Self], ldc: usize) -> bool {
                 $gemm(alpha, a, b, beta, c, ldc)
@@ -201,50 +207,184 @@ pub(crate) use with_act;
 
 // ------------------------------------------------------------------------------------------
 // Dense products, all accumulating into C. Small products (the MAML regime: tens of samples,
-// tens of units) run as register-friendly loops without any allocation; large ones go to the
+// tens of units) run on a register-tiled kernel without any allocation, compiled for AVX2+FMA
+// when the CPU has it (runtime detection) and for the baseline otherwise; large ones go to the
 // cache-blocked GEMM, whose packing cost is then negligible.
 
-/// Products with fewer multiply-adds than this use the direct loops.
-const DIRECT_MAX_FLOPS: usize = 1 << 17;
+/// Products with at least this many multiply-adds go to the cache-blocked GEMM.
+const GEMM_MIN_MACS: usize = 1 << 18;
 
-/// c[n×m] += a[n×k] · b[m×k]ᵀ.
+/// Whether an [n×k]·[k×m] product takes the small-product kernel (else the blocked GEMM).
+pub(crate) fn is_small(n: usize, m: usize, k: usize) -> bool {
+    n * m * k < GEMM_MIN_MACS
+}
+
+/// c[n×m] += a[n×k] · b[m×k]ᵀ through the blocked GEMM (large products; small ones transpose
+/// b once with [`transpose`] and use [`mm_nn`]).
 pub(crate) fn mm_nt<T: Real>(a: &[T], b: &[T], c: &mut [T], n: usize, m: usize, k: usize) {
-    if n * m * k >= DIRECT_MAX_FLOPS {
-        let ok = T::gemm(T::ONE, Mat::new(a, n, k), Mat::new(b, m, k).t(), T::ONE, c, m);
-        debug_assert!(ok, "mm_nt shapes");
-        return;
-    }
-    for (a_row, c_row) in a.chunks_exact(k).zip(c.chunks_exact_mut(m)).take(n) {
-        for (b_row, c_val) in b.chunks_exact(k).zip(c_row.iter_mut()) {
-            *c_val += dot(a_row, b_row);
+    let ok = T::gemm(T::ONE, Mat::new(a, n, k), Mat::new(b, m, k).t(), T::ONE, c, m);
+    debug_assert!(ok, "mm_nt shapes");
+}
+
+/// bt[cols×rows] = b[rows×cols]ᵀ, written row by row.
+pub(crate) fn transpose<T: Real>(b: &[T], rows: usize, cols: usize, bt: &mut [T]) {
+    for (j, bt_row) in bt.chunks_exact_mut(rows).take(cols).enumerate() {
+        for (i, out) in bt_row.iter_mut().enumerate() {
+            *out = b[i * cols + j];
         }
     }
 }
 
 /// c[m×k] += a[n×m]ᵀ · b[n×k].
 pub(crate) fn mm_tn<T: Real>(a: &[T], b: &[T], c: &mut [T], n: usize, m: usize, k: usize) {
-    if n * m * k >= DIRECT_MAX_FLOPS {
+    if n * m * k >= GEMM_MIN_MACS {
         let ok = T::gemm(T::ONE, Mat::new(a, n, m).t(), Mat::new(b, n, k), T::ONE, c, k);
         debug_assert!(ok, "mm_tn shapes");
         return;
     }
-    for (a_row, b_row) in a.chunks_exact(m).zip(b.chunks_exact(k)).take(n) {
-        for (&s, c_row) in a_row.iter().zip(c.chunks_exact_mut(k)) {
-            axpy(s, b_row, c_row);
-        }
-    }
+    gemm_acc(m, k, n, Strided { data: a, rs: 1, cs: m }, b, c);
 }
 
 /// c[n×k] += a[n×m] · b[m×k].
 pub(crate) fn mm_nn<T: Real>(a: &[T], b: &[T], c: &mut [T], n: usize, m: usize, k: usize) {
-    if n * m * k >= DIRECT_MAX_FLOPS {
+    if n * m * k >= GEMM_MIN_MACS {
         let ok = T::gemm(T::ONE, Mat::new(a, n, m), Mat::new(b, m, k), T::ONE, c, k);
         debug_assert!(ok, "mm_nn shapes");
         return;
     }
-    for (a_row, c_row) in a.chunks_exact(m).zip(c.chunks_exact_mut(k)).take(n) {
-        for (&s, b_row) in a_row.iter().zip(b.chunks_exact(k)) {
-            axpy(s, b_row, c_row);
+    gemm_acc(n, k, m, Strided { data: a, rs: m, cs: 1 }, b, c);
+}
+
+/// A left operand: element (r, p) at `data[r·rs + p·cs]`.
+#[derive(Clone, Copy)]
+struct Strided<'a, T> {
+    data: &'a [T],
+    rs: usize,
+    cs: usize,
+}
+
+/// c[n×m] += A[n×k] · b[k×m], with b and c dense row-major.
+fn gemm_acc<T: Real>(n: usize, m: usize, k: usize, a: Strided<'_, T>, b: &[T], c: &mut [T]) {
+    let fits = n == 0
+        || m == 0
+        || k == 0
+        || ((n - 1) * a.rs + (k - 1) * a.cs < a.data.len() && k * m <= b.len() && n * m <= c.len());
+    debug_assert!(fits, "gemm_acc operands out of bounds");
+    if !fits || n == 0 || m == 0 || k == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F (checked just above).
+            unsafe { gemm_avx512(n, m, k, a, b, c) };
+            return;
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+            unsafe { gemm_avx2(n, m, k, a, b, c) };
+            return;
+        }
+    }
+    gemm_body::<T, false, 16>(n, m, k, a, b, c);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gemm_avx2<T: Real>(n: usize, m: usize, k: usize, a: Strided<'_, T>, b: &[T], c: &mut [T]) {
+    gemm_body::<T, true, 16>(n, m, k, a, b, c);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn gemm_avx512<T: Real>(n: usize, m: usize, k: usize, a: Strided<'_, T>, b: &[T], c: &mut [T]) {
+    gemm_body::<T, true, 32>(n, m, k, a, b, c);
+}
+
+/// Column strips of `WIDE` f32 values (half as many f64), then 16, 8, 4 and 1, each cut into
+/// tiles of up to four rows whose accumulators stay in registers for the whole reduction over k.
+#[inline(always)]
+fn gemm_body<T: Real, const FMA: bool, const WIDE: usize>(
+    n: usize,
+    m: usize,
+    k: usize,
+    a: Strided<'_, T>,
+    b: &[T],
+    c: &mut [T],
+) {
+    let mut j0 = 0;
+    while j0 < m {
+        let rest = m - j0;
+        if WIDE >= 32 && rest >= 32 && size_of::<T>() == 4 {
+            strip::<T, FMA, 32>(n, m, k, j0, a, b, c);
+            j0 += 32;
+        } else if rest >= 16 && (size_of::<T>() == 4 || WIDE >= 32) {
+            strip::<T, FMA, 16>(n, m, k, j0, a, b, c);
+            j0 += 16;
+        } else if rest >= 8 {
+            strip::<T, FMA, 8>(n, m, k, j0, a, b, c);
+            j0 += 8;
+        } else if rest >= 4 {
+            strip::<T, FMA, 4>(n, m, k, j0, a, b, c);
+            j0 += 4;
+        } else {
+            strip::<T, FMA, 1>(n, m, k, j0, a, b, c);
+            j0 += 1;
+        }
+    }
+}
+
+#[inline(always)]
+fn strip<T: Real, const FMA: bool, const W: usize>(
+    n: usize,
+    m: usize,
+    k: usize,
+    j0: usize,
+    a: Strided<'_, T>,
+    b: &[T],
+    c: &mut [T],
+) {
+    let mut i0 = 0;
+    while i0 + 4 <= n {
+        tile::<T, FMA, 4, W>(i0, j0, m, k, a, b, c);
+        i0 += 4;
+    }
+    match n - i0 {
+        3 => tile::<T, FMA, 3, W>(i0, j0, m, k, a, b, c),
+        2 => tile::<T, FMA, 2, W>(i0, j0, m, k, a, b, c),
+        1 => tile::<T, FMA, 1, W>(i0, j0, m, k, a, b, c),
+        _ => {}
+    }
+}
+
+/// c[i0..i0+R, j0..j0+W] += Σ_p A[i0.., p] · b[p, j0..].
+#[inline(always)]
+fn tile<T: Real, const FMA: bool, const R: usize, const W: usize>(
+    i0: usize,
+    j0: usize,
+    m: usize,
+    k: usize,
+    a: Strided<'_, T>,
+    b: &[T],
+    c: &mut [T],
+) {
+    let mut acc = [[T::ZERO; W]; R];
+    for p in 0..k {
+        let b_row: &[T; W] = match b[p * m + j0..p * m + j0 + W].try_into() {
+            Ok(row) => row,
+            Err(_) => return, // invariant: the slice has exactly W elements.
+        };
+        for (r, acc_row) in acc.iter_mut().enumerate() {
+            let av = a.data[(i0 + r) * a.rs + p * a.cs];
+            for j in 0..W {
+                acc_row[j] = if FMA { av.mul_add(b_row[j], acc_row[j]) } else { acc_row[j] + av * b_row[j] };
+            }
+        }
+    }
+    for (r, acc_row) in acc.iter().enumerate() {
+        let c_row = &mut c[(i0 + r) * m + j0..(i0 + r) * m + j0 + W];
+        for j in 0..W {
+            c_row[j] += acc_row[j];
         }
     }
 }
@@ -255,28 +395,4 @@ pub(crate) fn axpy<T: Real>(s: T, x: &[T], y: &mut [T]) {
     for (yi, &xi) in y.iter_mut().zip(x) {
         *yi += s * xi;
     }
-}
-
-/// Σ a_i b_i with eight independent partial sums (vectorisable without reassociation).
-#[inline(always)]
-pub(crate) fn dot<T: Real>(a: &[T], b: &[T]) -> T {
-    const LANES: usize = 8;
-    let mut acc = [T::ZERO; LANES];
-    let chunks = a.chunks_exact(LANES).zip(b.chunks_exact(LANES));
-    for (ca, cb) in chunks {
-        for j in 0..LANES {
-            acc[j] += ca[j] * cb[j];
-        }
-    }
-    let tail = a.len() - a.len() % LANES;
-    let mut sum = T::ZERO;
-    for (&x, &y) in a[tail..].iter().zip(&b[tail..]) {
-        sum += x * y;
-    }
-    let (lo, hi) = acc.split_at(LANES / 2);
-    let mut pairs = [T::ZERO; LANES / 2];
-    for j in 0..LANES / 2 {
-        pairs[j] = lo[j] + hi[j];
-    }
-    sum + (pairs[0] + pairs[2]) + (pairs[1] + pairs[3])
 }
