@@ -96,18 +96,25 @@ fn sinusoid(c: &mut Criterion, dev: &Device) {
     let (tasks, k_shots) = (25, 10);
     let batch = sinusoid_batch(tasks, k_shots, dev);
     let theta = net.init(0, DType::F32, dev).unwrap();
-    let mut group = c.benchmark_group(format!("maml/sinusoid_meta_gradient/{}", if dev.is_cpu() { "cpu" } else { "cuda" }));
+    let mut group = c.benchmark_group(format!(
+        "maml/sinusoid_meta_gradient/{}",
+        if dev.is_cpu() { "cpu" } else { "cuda" }
+    ));
     group.throughput(Throughput::Elements(tasks as u64));
     for steps in [1, 5] {
         for order in [Order::Second, Order::First] {
             let m = Maml { inner_steps: steps, inner_lr: 0.01, order, return_adapted: false };
-            group.bench_with_input(BenchmarkId::new(format!("{order:?}"), format!("k{steps}")), &m, |b, m| {
-                b.iter(|| {
-                    let out = m.meta_gradient(&net, &theta, &batch).unwrap();
-                    dev.synchronize().unwrap();
-                    out
-                })
-            });
+            group.bench_with_input(
+                BenchmarkId::new(format!("{order:?}"), format!("k{steps}")),
+                &m,
+                |b, m| {
+                    b.iter(|| {
+                        let out = m.meta_gradient(&net, &theta, &batch).unwrap();
+                        dev.synchronize().unwrap();
+                        out
+                    })
+                },
+            );
         }
     }
     group.finish();
@@ -121,7 +128,8 @@ fn sinusoid(c: &mut Criterion, dev: &Device) {
         let mut baselines = vec![("first order (no HVPs)".to_string(), first)];
         if dev.is_cuda() {
             let m = Maml { inner_steps: steps, inner_lr: 0.01, order: Order::Second, return_adapted: false };
-            let reference = best_ms(dev, 5, || m.meta_gradient_reference(&net, &theta, &batch).map(|_| ())).unwrap();
+            let reference =
+                best_ms(dev, 5, || m.meta_gradient_reference(&net, &theta, &batch).map(|_| ())).unwrap();
             baselines.push(("reference kernel (thread per task)".to_string(), reference));
         }
         Measurement {
@@ -144,13 +152,21 @@ fn hvp_throughput(c: &mut Criterion, dev: &Device) {
     let (tasks, n) = (if dev.is_cpu() { 8 } else { 64 }, 128);
     let p = net.num_params();
     let mut rng = Rng::new(2);
-    let params = from_f64(&rng.normal_vec(tasks * p).iter().map(|v| 0.05 * v).collect::<Vec<_>>(), &[tasks, p], DType::F32, dev).unwrap().0;
+    let params = from_f64(
+        &rng.normal_vec(tasks * p).iter().map(|v| 0.05 * v).collect::<Vec<_>>(),
+        &[tasks, p],
+        DType::F32,
+        dev,
+    )
+    .unwrap()
+    .0;
     let v = from_f64(&rng.normal_vec(tasks * p), &[tasks, p], DType::F32, dev).unwrap().0;
     let x = from_f64(&rng.normal_vec(tasks * n * 64), &[tasks, n, 64], DType::F32, dev).unwrap().0;
     let labels: Vec<u32> = (0..tasks * n).map(|_| rng.below(10) as u32).collect();
     let y = Tensor::from_slice(&labels, &[tasks, n], dev).unwrap();
 
-    let mut group = c.benchmark_group(format!("maml/hvp_64-256-256-10/{}", if dev.is_cpu() { "cpu" } else { "cuda" }));
+    let mut group =
+        c.benchmark_group(format!("maml/hvp_64-256-256-10/{}", if dev.is_cpu() { "cpu" } else { "cuda" }));
     group.throughput(Throughput::Elements(tasks as u64));
     group.bench_function(BenchmarkId::new("hvp", format!("T{tasks}")), |b| {
         b.iter(|| {
@@ -184,7 +200,11 @@ fn hvp_throughput(c: &mut Criterion, dev: &Device) {
         }
         .report();
     }
-    println!("[metakernels] maml/hvp cost over gradient cost ({shape}, {}): {:.2}x", device_label(dev), hvp_ms / grad_ms);
+    println!(
+        "[metakernels] maml/hvp cost over gradient cost ({shape}, {}): {:.2}x",
+        device_label(dev),
+        hvp_ms / grad_ms
+    );
 }
 
 fn main() {

@@ -12,7 +12,7 @@
 //! tasks is written to `maml_sinusoid.png` (or `--out PATH`).
 //!
 //! ```text
-//! cargo run --release --example maml_sinusoid              # 4 000 meta-iterations (minutes)
+//! cargo run --release --example maml_sinusoid              # 20 000 meta-iterations (under a minute)
 //! cargo run --release --example maml_sinusoid -- --paper   # the paper's 70 000
 //! cargo run --release --example maml_sinusoid -- --iterations 20000 --out plot.png
 //! ```
@@ -30,7 +30,7 @@ const INNER_LR: f64 = 0.01;
 const META_LR: f64 = 1e-3;
 const EVAL_TASKS: usize = 600;
 const EVAL_POINTS: usize = 100;
-const DEFAULT_ITERATIONS: usize = 4_000;
+const DEFAULT_ITERATIONS: usize = 20_000;
 const PAPER_ITERATIONS: usize = 70_000;
 
 /// One sinusoid task.
@@ -132,7 +132,13 @@ impl Progress {
 }
 
 /// Meta-trains θ with MAML of the given order.
-fn train_maml(net: &Mlp, order: Order, iterations: usize, dev: &Device, label: &'static str) -> Result<Vec<f32>> {
+fn train_maml(
+    net: &Mlp,
+    order: Order,
+    iterations: usize,
+    dev: &Device,
+    label: &'static str,
+) -> Result<Vec<f32>> {
     let mut theta = net.init(1, DType::F32, dev)?.to_vec::<f32>()?;
     let mut adam = Adam::new(META_LR, theta.len());
     let maml = Maml { inner_steps: 1, inner_lr: INNER_LR, order, return_adapted: false };
@@ -195,7 +201,13 @@ fn eval_set(dev: &Device) -> Result<EvalSet> {
 
 /// Adapts θ on every evaluation task by SGD; returns the per-task parameters after each number
 /// of steps in `checkpoints` (ascending).
-fn adapt(net: &Mlp, theta: &[f32], set: &EvalSet, checkpoints: &[usize], dev: &Device) -> Result<Vec<Tensor>> {
+fn adapt(
+    net: &Mlp,
+    theta: &[f32],
+    set: &EvalSet,
+    checkpoints: &[usize],
+    dev: &Device,
+) -> Result<Vec<Tensor>> {
     let p = theta.len();
     let rows: Vec<f32> = (0..EVAL_TASKS).flat_map(|_| theta.iter().copied()).collect();
     let mut params = Tensor::from_vec(rows, &[EVAL_TASKS, p], dev)?;
@@ -265,7 +277,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let set = eval_set(&dev)?;
     let checkpoints = [0, 1, 10];
-    let models = [("MAML, second order", &second), ("MAML, first order", &first), ("pre-trained, joint", &pretrained)];
+    let models =
+        [("MAML, second order", &second), ("MAML, first order", &first), ("pre-trained, joint", &pretrained)];
     println!("\nMSE on {EVAL_TASKS} new tasks ({EVAL_POINTS} test points each), mean ± 95% CI, after SGD steps (α = {INNER_LR}) on K = {K} points:");
     println!("{:<22} {:>18} {:>18} {:>18}", "model", "0 steps", "1 step", "10 steps");
     let mut adapted = Vec::new();
@@ -333,8 +346,15 @@ mod plot {
         }
     }
 
-    pub fn write(path: &str, net: &Mlp, set: &EvalSet, adapted: &[Vec<Tensor>], dev: &Device) -> Result<(), Box<dyn std::error::Error>> {
-        let mut canvas = Canvas { w: PANEL_W * PANELS, h: PANEL_H, rgb: vec![255; PANEL_W * PANELS * PANEL_H * 3] };
+    pub fn write(
+        path: &str,
+        net: &Mlp,
+        set: &EvalSet,
+        adapted: &[Vec<Tensor>],
+        dev: &Device,
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let mut canvas =
+            Canvas { w: PANEL_W * PANELS, h: PANEL_H, rgb: vec![255; PANEL_W * PANELS * PANEL_H * 3] };
         let grid: Vec<f64> = (0..GRID).map(|i| -5.0 + 10.0 * i as f64 / (GRID - 1) as f64).collect();
         let grid_x: Vec<f32> = grid.iter().map(|&x| x as f32).collect();
         let support_x = set.support.0.to_vec::<f32>()?;
@@ -343,7 +363,10 @@ mod plot {
             let task = panel * 7;
             let x0 = (panel * PANEL_W) as f64;
             let to_px = |x: f64, y: f64| {
-                (x0 + 10.0 + (x + 5.0) / 10.0 * (PANEL_W - 20) as f64, PANEL_H as f64 / 2.0 - y / Y_RANGE * (PANEL_H as f64 / 2.0 - 10.0))
+                (
+                    x0 + 10.0 + (x + 5.0) / 10.0 * (PANEL_W - 20) as f64,
+                    PANEL_H as f64 / 2.0 - y / Y_RANGE * (PANEL_H as f64 / 2.0 - 10.0),
+                )
             };
             let axis: Vec<(f64, f64)> = [-5.0, 5.0].iter().map(|&x| to_px(x, 0.0)).collect();
             canvas.line(&axis, [220, 220, 220]);

@@ -166,18 +166,26 @@ __device__ void forward(const NetConfig& c, const int* sizes, const int* w_off, 
             const int s = idx / fo, o = idx - s * fo;
             const T* xr = in + s * fi;
             const T* wr = W + o * fi;
+            // Neighbouring threads read rows of W that are fi apart: starting each thread's
+            // reduction at its own offset makes the stride fi + 1, free of shared-memory bank
+            // conflicts when fi is even (odd fi is conflict-free as it is).
+            const int start = (fi & 1) ? 0 : o % fi;
             T acc = b[o];
-            for (int k = 0; k < fi; ++k) acc += xr[k] * wr[k];
+            for (int k = 0, kk = start; k < fi; ++k) {
+                acc += xr[kk] * wr[kk];
+                if (++kk == fi) kk = 0;
+            }
             w.z[out + idx] = acc;
             T racc = T(0);
             if (v != nullptr) {
                 const T* V = v + w_off[l];
                 const T* vr = V + o * fi;
+                const T* rxr = rin != nullptr ? rin + s * fi : nullptr;
                 racc = V[fo * fi + o];
-                for (int k = 0; k < fi; ++k) racc += xr[k] * vr[k];
-                if (rin != nullptr) {
-                    const T* rxr = rin + s * fi;
-                    for (int k = 0; k < fi; ++k) racc += rxr[k] * wr[k];
+                for (int k = 0, kk = start; k < fi; ++k) {
+                    racc += xr[kk] * vr[kk];
+                    if (rxr != nullptr) racc += rxr[kk] * wr[kk];
+                    if (++kk == fi) kk = 0;
                 }
                 w.rz[out + idx] = racc;
             }

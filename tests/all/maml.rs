@@ -11,7 +11,8 @@ use metakernels::maml::{Activation, Loss, Maml, MetaGradient, Mlp, Order, TaskBa
 use metakernels::testing::{assert_close, from_f64, set_poisoning, to_f64, Rng};
 use metakernels::{DType, Device, Error, Tensor};
 
-const ACTIVATIONS: [Activation; 4] = [Activation::Relu, Activation::Tanh, Activation::Gelu, Activation::Softplus];
+const ACTIVATIONS: [Activation; 4] =
+    [Activation::Relu, Activation::Tanh, Activation::Gelu, Activation::Softplus];
 const LOSSES: [Loss; 2] = [Loss::Mse, Loss::SoftmaxCrossEntropy];
 
 fn mlp(sizes: &[usize], activation: Activation, loss: Loss) -> Mlp {
@@ -75,7 +76,9 @@ fn act_value(a: Activation, z: f64) -> f64 {
     match a {
         Activation::Relu => z.max(0.0),
         Activation::Tanh => z.tanh(),
-        Activation::Gelu => 0.5 * z * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (z + 0.044715 * z.powi(3))).tanh()),
+        Activation::Gelu => {
+            0.5 * z * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (z + 0.044715 * z.powi(3))).tanh())
+        }
         Activation::Softplus => (1.0 + z.exp()).ln(),
     }
 }
@@ -89,7 +92,8 @@ fn naive_forward(net: &Mlp, p: &[f64], x: &[f64]) -> Vec<f64> {
         let w = &p[offset..offset + fo * fi];
         let b = &p[offset + fo * fi..offset + fo * fi + fo];
         offset += fo * fi + fo;
-        let z: Vec<f64> = (0..fo).map(|o| b[o] + (0..fi).map(|i| w[o * fi + i] * h[i]).sum::<f64>()).collect();
+        let z: Vec<f64> =
+            (0..fo).map(|o| b[o] + (0..fi).map(|i| w[o * fi + i] * h[i]).sum::<f64>()).collect();
         h = if l + 1 < layers { z.iter().map(|&v| act_value(net.activation, v)).collect() } else { z };
     }
     h
@@ -116,7 +120,13 @@ fn forward_and_loss_match_naive_reference() {
                 for s in 0..n {
                     let o = naive_forward(&net, &pr.params64[t * p..(t + 1) * p], &x[(t * n + s) * 3..][..3]);
                     total += match loss {
-                        Loss::Mse => o.iter().zip(&y[(t * n + s) * 4..][..4]).map(|(a, b)| (a - b).powi(2)).sum::<f64>() / 4.0,
+                        Loss::Mse => {
+                            o.iter()
+                                .zip(&y[(t * n + s) * 4..][..4])
+                                .map(|(a, b)| (a - b).powi(2))
+                                .sum::<f64>()
+                                / 4.0
+                        }
                         _ => {
                             let lse = o.iter().map(|v| v.exp()).sum::<f64>().ln();
                             lse - o[y[t * n + s] as usize]
@@ -149,9 +159,8 @@ fn gradient_matches_central_differences_of_the_loss() {
                 let plus = losses_at(&net, &shifted(&pr.params64, &v, eps), &[tasks, p], &pr.x, &pr.y);
                 let minus = losses_at(&net, &shifted(&pr.params64, &v, -eps), &[tasks, p], &pr.x, &pr.y);
                 let fd: Vec<f64> = plus.iter().zip(&minus).map(|(a, b)| (a - b) / (2.0 * eps)).collect();
-                let exact: Vec<f64> = (0..tasks)
-                    .map(|t| (0..p).map(|i| grad[t * p + i] * v[t * p + i]).sum())
-                    .collect();
+                let exact: Vec<f64> =
+                    (0..tasks).map(|t| (0..p).map(|i| grad[t * p + i] * v[t * p + i]).sum()).collect();
                 assert_close(&format!("grad·v {act:?} {loss:?}"), &exact, &fd, 1e-7);
             }
         }
@@ -168,7 +177,8 @@ fn hvp_matches_central_differences_of_the_gradient() {
             let (tasks, p) = (3, net.num_params());
             let pr = problem(&net, tasks, 5, DType::F64, &dev, 31);
             let v = Rng::new(7).normal_vec(tasks * p);
-            let hv = to_f64(&net.hvp(&pr.params, &pr.x, &pr.y, &f64_tensor(&v, &[tasks, p])).unwrap()).unwrap();
+            let hv =
+                to_f64(&net.hvp(&pr.params, &pr.x, &pr.y, &f64_tensor(&v, &[tasks, p])).unwrap()).unwrap();
             let eps = 1e-5;
             let plus = grads_at(&net, &shifted(&pr.params64, &v, eps), &[tasks, p], &pr.x, &pr.y);
             let minus = grads_at(&net, &shifted(&pr.params64, &v, -eps), &[tasks, p], &pr.x, &pr.y);
@@ -189,8 +199,10 @@ fn hvp_is_symmetric() {
             let pr = problem(&net, tasks, 7, DType::F64, &dev, 41);
             let mut rng = Rng::new(3);
             let (u, v) = (rng.normal_vec(tasks * p), rng.normal_vec(tasks * p));
-            let hu = to_f64(&net.hvp(&pr.params, &pr.x, &pr.y, &f64_tensor(&u, &[tasks, p])).unwrap()).unwrap();
-            let hv = to_f64(&net.hvp(&pr.params, &pr.x, &pr.y, &f64_tensor(&v, &[tasks, p])).unwrap()).unwrap();
+            let hu =
+                to_f64(&net.hvp(&pr.params, &pr.x, &pr.y, &f64_tensor(&u, &[tasks, p])).unwrap()).unwrap();
+            let hv =
+                to_f64(&net.hvp(&pr.params, &pr.x, &pr.y, &f64_tensor(&v, &[tasks, p])).unwrap()).unwrap();
             for t in 0..tasks {
                 let r = t * p..(t + 1) * p;
                 let u_hv: f64 = u[r.clone()].iter().zip(&hv[r.clone()]).map(|(a, b)| a * b).sum();
@@ -240,7 +252,11 @@ fn meta(m: &Maml, net: &Mlp, theta: &Tensor, b: &TaskBatch) -> (MetaGradient, Ve
 fn meta_gradient_matches_finite_differences_of_the_adapted_query_loss() {
     set_poisoning(true);
     let dev = Device::cpu();
-    let cases = [(Activation::Tanh, Loss::Mse), (Activation::Softplus, Loss::SoftmaxCrossEntropy), (Activation::Gelu, Loss::Mse)];
+    let cases = [
+        (Activation::Tanh, Loss::Mse),
+        (Activation::Softplus, Loss::SoftmaxCrossEntropy),
+        (Activation::Gelu, Loss::Mse),
+    ];
     for (act, loss) in cases {
         let net = mlp(&[2, 5, 3], act, loss);
         let p = net.num_params();
@@ -323,7 +339,8 @@ fn meta_gradient_matches_closed_form_on_a_linear_model() {
                 let g = gradient(&th, xs_t, ys_t, ns);
                 th.iter_mut().zip(&g).for_each(|(a, g)| *a -= lr * g);
             }
-            let mut g = gradient(&th, &xq[t * nq * d_in..][..nq * d_in], &yq[t * nq * d_out..][..nq * d_out], nq);
+            let mut g =
+                gradient(&th, &xq[t * nq * d_in..][..nq * d_in], &yq[t * nq * d_out..][..nq * d_out], nq);
             let h = hessian(xs_t, ns);
             for _ in 0..k {
                 let hg: Vec<f64> = (0..p).map(|r| (0..p).map(|c| h[r * p + c] * g[c]).sum()).collect();
@@ -353,12 +370,15 @@ fn first_and_second_order_differ_exactly_by_the_hvp_terms() {
         iterates.push(cur.iter().zip(&g).map(|(a, g)| a - lr * g).collect());
     }
     let query_grad = grads_at(&net, &iterates[k], &[tasks, p], &b.query_x, &b.query_y);
-    let mean = |v: &[f64]| (0..p).map(|i| (0..tasks).map(|t| v[t * p + i]).sum::<f64>() / tasks as f64).collect::<Vec<_>>();
+    let mean = |v: &[f64]| {
+        (0..p).map(|i| (0..tasks).map(|t| v[t * p + i]).sum::<f64>() / tasks as f64).collect::<Vec<_>>()
+    };
     assert_close("first order = mean query gradient", &g1, &mean(&query_grad), 1e-13);
     let mut g = query_grad.clone();
     for j in (0..k).rev() {
         let it = f64_tensor(&iterates[j], &[tasks, p]);
-        let hg = to_f64(&net.hvp(&it, &b.support_x, &b.support_y, &f64_tensor(&g, &[tasks, p])).unwrap()).unwrap();
+        let hg =
+            to_f64(&net.hvp(&it, &b.support_x, &b.support_y, &f64_tensor(&g, &[tasks, p])).unwrap()).unwrap();
         g.iter_mut().zip(&hg).for_each(|(a, h)| *a -= lr * h);
     }
     let hvp_terms: Vec<f64> = mean(&g).iter().zip(&mean(&query_grad)).map(|(a, b)| a - b).collect();
@@ -463,7 +483,10 @@ fn errors_are_typed_and_say_what_was_wrong() {
     assert!(matches!(ok.meta_gradient(&net, &wrong_len, &b), Err(Error::ShapeMismatch { .. })));
     let per_task = f64_tensor(&vec![0.1; 2 * p], &[2, p]);
     assert!(matches!(ok.meta_gradient(&net, &per_task, &b), Err(Error::ShapeMismatch { .. })));
-    let bad_labels = TaskBatch { support_y: Tensor::from_slice(&[0u32, 1, 3, 0, 0, 0], &[2, 3], &dev).unwrap(), ..b.clone() };
+    let bad_labels = TaskBatch {
+        support_y: Tensor::from_slice(&[0u32, 1, 3, 0, 0, 0], &[2, 3], &dev).unwrap(),
+        ..b.clone()
+    };
     let err = ok.meta_gradient(&net, &theta, &bad_labels).unwrap_err();
     assert!(err.to_string().contains("label 3"), "{err}");
     let float_labels = TaskBatch { query_y: f64_tensor(&[0.0; 6], &[2, 3]), ..b.clone() };
@@ -474,9 +497,17 @@ fn errors_are_typed_and_say_what_was_wrong() {
     assert!(matches!(ok.meta_gradient(&net, &bf16_theta, &b), Err(Error::UnsupportedDType { .. })));
     let wrong_in = TaskBatch { support_x: f64_tensor(&[0.0; 18], &[2, 3, 3]), ..b.clone() };
     assert!(matches!(ok.meta_gradient(&net, &theta, &wrong_in), Err(Error::ShapeMismatch { .. })));
-    let wrong_tasks = TaskBatch { query_x: f64_tensor(&[0.0; 18], &[3, 3, 2]), query_y: Tensor::from_slice(&[0u32; 9], &[3, 3], &dev).unwrap(), ..b.clone() };
+    let wrong_tasks = TaskBatch {
+        query_x: f64_tensor(&[0.0; 18], &[3, 3, 2]),
+        query_y: Tensor::from_slice(&[0u32; 9], &[3, 3], &dev).unwrap(),
+        ..b.clone()
+    };
     assert!(matches!(ok.meta_gradient(&net, &theta, &wrong_tasks), Err(Error::ShapeMismatch { .. })));
-    let empty = TaskBatch { support_x: f64_tensor(&[], &[2, 0, 2]), support_y: Tensor::from_slice::<u32>(&[], &[2, 0], &dev).unwrap(), ..b.clone() };
+    let empty = TaskBatch {
+        support_x: f64_tensor(&[], &[2, 0, 2]),
+        support_y: Tensor::from_slice::<u32>(&[], &[2, 0], &dev).unwrap(),
+        ..b.clone()
+    };
     assert!(matches!(ok.meta_gradient(&net, &theta, &empty), Err(Error::EmptyInput { .. })));
     for sizes in [vec![3], vec![2, 0, 3], vec![]] {
         let bad = mlp(&sizes, Activation::Relu, Loss::Mse);
@@ -508,7 +539,9 @@ fn blocked_gemm_path_matches_finite_differences() {
     let x = inputs(&net, tasks, 40, DType::F64, &Device::cpu(), &mut rng);
     let y = targets(&net, tasks, 40, DType::F64, &Device::cpu(), &mut rng);
     let v = rng.normal_vec(tasks * p);
-    let hv = to_f64(&net.hvp(&f64_tensor(&params64, &[tasks, p]), &x, &y, &f64_tensor(&v, &[tasks, p])).unwrap()).unwrap();
+    let hv =
+        to_f64(&net.hvp(&f64_tensor(&params64, &[tasks, p]), &x, &y, &f64_tensor(&v, &[tasks, p])).unwrap())
+            .unwrap();
     let eps = 1e-5;
     let plus = grads_at(&net, &shifted(&params64, &v, eps), &[tasks, p], &x, &y);
     let minus = grads_at(&net, &shifted(&params64, &v, -eps), &[tasks, p], &x, &y);

@@ -8,8 +8,8 @@
 use rayon::prelude::*;
 
 use super::real::{is_small, mm_nn, mm_nt, mm_tn, transpose, with_act, Act, Real};
-use super::{Layout, Loss, Maml, MetaDims, MetaGradient, Order, TaskBatch};
 use super::Dims;
+use super::{Layout, Loss, Maml, MetaDims, MetaGradient, Order, TaskBatch};
 use crate::testing::output_vec;
 use crate::{Result, Tensor};
 
@@ -63,7 +63,10 @@ impl<T: Real> Workspace<T> {
             dh: vec![T::ZERO; wide],
             rdh: vec![T::ZERO; wide],
             wt: (0..layout.layers()).map(|l| vec![T::ZERO; layout.fan_in(l) * layout.fan_out(l)]).collect(),
-            vt: vec![T::ZERO; (0..layout.layers()).map(|l| layout.fan_in(l) * layout.fan_out(l)).max().unwrap_or(0)],
+            vt: vec![
+                T::ZERO;
+                (0..layout.layers()).map(|l| layout.fan_in(l) * layout.fan_out(l)).max().unwrap_or(0)
+            ],
         }
     }
 
@@ -389,7 +392,12 @@ fn task_targets<'a, T>(y: Targets<'a, T>, t: usize, n: usize, stride: usize) -> 
     }
 }
 
-pub(super) fn forward_op<T: Real>(layout: &Layout, dims: &Dims, params: &Tensor, x: &Tensor) -> Result<Tensor> {
+pub(super) fn forward_op<T: Real>(
+    layout: &Layout,
+    dims: &Dims,
+    params: &Tensor,
+    x: &Tensor,
+) -> Result<Tensor> {
     const OP: &str = "Mlp::forward";
     let (p, xs) = (params.host_slice::<T>(OP)?, x.host_slice::<T>(OP)?);
     let (n, pn, d_in, d_out) = (dims.samples, layout.num_params, layout.input(), layout.output());
@@ -525,25 +533,30 @@ pub(super) fn meta_gradient<T: Real>(
     let mut grads = output_vec::<T>(tasks * pn);
     let mut adapted = output_vec::<T>(tasks * pn);
     let mut losses = output_vec::<T>(tasks);
-    grads.par_chunks_mut(pn).zip(adapted.par_chunks_mut(pn)).zip(losses.par_iter_mut()).enumerate().for_each_init(
-        || MetaWorkspace {
-            net: Workspace::new(layout, rows),
-            iterates: vec![T::ZERO; maml.inner_steps * pn],
-            adapted: vec![T::ZERO; pn],
-            hv: vec![T::ZERO; pn],
-        },
-        |ws, (t, ((g, adapted_row), loss))| {
-            let (ns, nq) = (dims.support, dims.query);
-            let data = TaskData {
-                xs: &xs[t * ns * d_in..(t + 1) * ns * d_in],
-                ys: task_targets(ys, t, ns, stride),
-                xq: &xq[t * nq * d_in..(t + 1) * nq * d_in],
-                yq: task_targets(yq, t, nq, stride),
-            };
-            *loss = maml_task(layout, maml, dims, theta, &data, ws, g);
-            adapted_row.copy_from_slice(&ws.adapted);
-        },
-    );
+    grads
+        .par_chunks_mut(pn)
+        .zip(adapted.par_chunks_mut(pn))
+        .zip(losses.par_iter_mut())
+        .enumerate()
+        .for_each_init(
+            || MetaWorkspace {
+                net: Workspace::new(layout, rows),
+                iterates: vec![T::ZERO; maml.inner_steps * pn],
+                adapted: vec![T::ZERO; pn],
+                hv: vec![T::ZERO; pn],
+            },
+            |ws, (t, ((g, adapted_row), loss))| {
+                let (ns, nq) = (dims.support, dims.query);
+                let data = TaskData {
+                    xs: &xs[t * ns * d_in..(t + 1) * ns * d_in],
+                    ys: task_targets(ys, t, ns, stride),
+                    xq: &xq[t * nq * d_in..(t + 1) * nq * d_in],
+                    yq: task_targets(yq, t, nq, stride),
+                };
+                *loss = maml_task(layout, maml, dims, theta, &data, ws, g);
+                adapted_row.copy_from_slice(&ws.adapted);
+            },
+        );
     Ok(finish_meta(maml, tasks, pn, grads, losses, adapted))
 }
 

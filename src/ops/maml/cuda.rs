@@ -127,10 +127,9 @@ fn plan<T: Element>(
 }
 
 fn launch_config(tasks: usize, threads: u32, shared: u32) -> Result<LaunchConfig> {
-    let blocks = u32::try_from(tasks)
-        .ok()
-        .filter(|&b| b <= i32::MAX as u32)
-        .ok_or_else(|| Error::invalid("maml", "tasks", format!("{tasks} tasks exceed the grid limit 2^31 − 1")))?;
+    let blocks = u32::try_from(tasks).ok().filter(|&b| b <= i32::MAX as u32).ok_or_else(|| {
+        Error::invalid("maml", "tasks", format!("{tasks} tasks exceed the grid limit 2^31 − 1"))
+    })?;
     Ok(LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: shared })
 }
 
@@ -254,12 +253,23 @@ pub(super) fn loss_and_grad(
     x: &Tensor,
     y: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
-    fn go<T: Element>(layout: &Layout, dims: &Dims, params: &Tensor, x: &Tensor, y: &Tensor) -> Result<(Tensor, Tensor)> {
+    fn go<T: Element>(
+        layout: &Layout,
+        dims: &Dims,
+        params: &Tensor,
+        x: &Tensor,
+        y: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
         let r = run_op::<T>("Mlp::loss_and_grad", Mode::Grad, layout, dims, params, x, Some(y), None)?;
-        let losses = r.losses.ok_or(Error::invalid("Mlp::loss_and_grad", "losses", "not produced (a bug)"))?;
+        let losses =
+            r.losses.ok_or(Error::invalid("Mlp::loss_and_grad", "losses", "not produced (a bug)"))?;
         Ok((wrap(losses, &[dims.tasks], params), wrap(r.out, &[dims.tasks, layout.num_params], params)))
     }
-    by_dtype(params.dtype(), || go::<f32>(layout, dims, params, x, y), || go::<f64>(layout, dims, params, x, y))
+    by_dtype(
+        params.dtype(),
+        || go::<f32>(layout, dims, params, x, y),
+        || go::<f64>(layout, dims, params, x, y),
+    )
 }
 
 pub(super) fn hvp(
@@ -270,11 +280,22 @@ pub(super) fn hvp(
     y: &Tensor,
     v: &Tensor,
 ) -> Result<Tensor> {
-    fn go<T: Element>(layout: &Layout, dims: &Dims, p: &Tensor, x: &Tensor, y: &Tensor, v: &Tensor) -> Result<Tensor> {
+    fn go<T: Element>(
+        layout: &Layout,
+        dims: &Dims,
+        p: &Tensor,
+        x: &Tensor,
+        y: &Tensor,
+        v: &Tensor,
+    ) -> Result<Tensor> {
         let r = run_op::<T>("Mlp::hvp", Mode::Hvp, layout, dims, p, x, Some(y), Some(v))?;
         Ok(wrap(r.out, &[dims.tasks, layout.num_params], p))
     }
-    by_dtype(params.dtype(), || go::<f32>(layout, dims, params, x, y, v), || go::<f64>(layout, dims, params, x, y, v))
+    by_dtype(
+        params.dtype(),
+        || go::<f32>(layout, dims, params, x, y, v),
+        || go::<f64>(layout, dims, params, x, y, v),
+    )
 }
 
 // ------------------------------------------------------------------------------------------
@@ -316,7 +337,8 @@ fn meta_typed<T: Element>(
     let dev = params.cuda_device()?;
     let (tasks, pn) = (meta.tasks, layout.num_params);
     let net = net_config(OP, layout, meta.support.max(meta.query), 3)?;
-    let steps = i32::try_from(maml.inner_steps).map_err(|_| Error::invalid(OP, "inner_steps", "exceeds 2^31 − 1"))?;
+    let steps =
+        i32::try_from(maml.inner_steps).map_err(|_| Error::invalid(OP, "inner_steps", "exceeds 2^31 − 1"))?;
     let cfg = MetaConfig {
         net,
         support: meta.support as i32,
@@ -351,7 +373,14 @@ fn meta_typed<T: Element>(
             let ws = Workspace::Global(dev.alloc::<T>(tasks * net.ws_elems as usize)?);
             let threads = 32u32;
             let blocks = tasks.div_ceil(threads as usize);
-            (ws, LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 })
+            (
+                ws,
+                LaunchConfig {
+                    grid_dim: (blocks as u32, 1, 1),
+                    block_dim: (threads, 1, 1),
+                    shared_mem_bytes: 0,
+                },
+            )
         }
     };
     let tasks_i = tasks as i32;

@@ -28,7 +28,11 @@ impl Layout {
             ));
         }
         if mlp.sizes.contains(&0) {
-            return Err(Error::invalid(op, "Mlp::sizes", format!("every width must be ≥ 1, got {:?}", mlp.sizes)));
+            return Err(Error::invalid(
+                op,
+                "Mlp::sizes",
+                format!("every width must be ≥ 1, got {:?}", mlp.sizes),
+            ));
         }
         let num_params = mlp.num_params();
         if num_params > MAX_PARAMS {
@@ -44,7 +48,13 @@ impl Layout {
             w_offset.push(offset);
             offset += w[1] * (w[0] + 1);
         }
-        Ok(Layout { sizes: mlp.sizes.clone(), activation: mlp.activation, loss: mlp.loss, w_offset, num_params })
+        Ok(Layout {
+            sizes: mlp.sizes.clone(),
+            activation: mlp.activation,
+            loss: mlp.loss,
+            w_offset,
+            num_params,
+        })
     }
 
     /// The number of dense layers L.

@@ -143,16 +143,16 @@ pub struct Maml {
 pub struct MetaGradient {
     /// The meta-loss: the mean over tasks of the query loss at the adapted parameters.
     pub loss: f64,
-    /// The meta-gradient [P]: the mean over tasks of d L_query(θ_k) / d θ.
+    /// The meta-gradient `[P]`: the mean over tasks of d L_query(θ_k) / d θ.
     pub grad: Tensor,
-    /// The query loss of each task at its adapted parameters [T].
+    /// The query loss of each task at its adapted parameters `[T]`.
     pub per_task_loss: Tensor,
     /// The adapted parameters θ_k of every task [T, P], when asked for.
     pub adapted: Option<Tensor>,
 }
 
 impl Mlp {
-    /// The number of parameters P: Σ_l sizes[l]·sizes[l−1] + sizes[l].
+    /// The number of parameters P: `Σ_l sizes[l]·sizes[l−1] + sizes[l]`.
     ///
     /// Saturates at `usize::MAX` for absurd sizes (which every other method rejects).
     pub fn num_params(&self) -> usize {
@@ -162,7 +162,7 @@ impl Mlp {
             .unwrap_or(usize::MAX)
     }
 
-    /// Fresh parameters [P] of `dtype` (f32 or f64) on `device`.
+    /// Fresh parameters `[P]` of `dtype` (f32 or f64) on `device`.
     ///
     /// Scheme (PyTorch's `nn.Linear` default): every weight and bias of layer l is drawn
     /// independently and uniformly from [−1/√fan_in, 1/√fan_in), fan_in = sizes[l−1], from a
@@ -183,7 +183,7 @@ impl Mlp {
         host.to_device(device)
     }
 
-    /// The network's outputs [T, N, out] for parameters [T, P] (or [P], broadcast) and inputs
+    /// The network's outputs [T, N, out] for parameters [T, P] (or `[P]`, broadcast) and inputs
     /// x [T, N, in].
     pub fn forward(&self, params: &Tensor, x: &Tensor) -> Result<Tensor> {
         const OP: &str = "Mlp::forward";
@@ -197,8 +197,8 @@ impl Mlp {
         }
     }
 
-    /// The loss of every task [T] and its gradient with respect to that task's parameters
-    /// [T, P], for parameters [T, P] (or [P], broadcast), inputs [T, N, in] and targets
+    /// The loss of every task `[T]` and its gradient with respect to that task's parameters
+    /// [T, P], for parameters [T, P] (or `[P]`, broadcast), inputs [T, N, in] and targets
     /// ([T, N, out], or [T, N] `u32` labels for cross-entropy).
     pub fn loss_and_grad(&self, params: &Tensor, x: &Tensor, y: &Tensor) -> Result<(Tensor, Tensor)> {
         const OP: &str = "Mlp::loss_and_grad";
@@ -213,7 +213,7 @@ impl Mlp {
     }
 
     /// The exact Hessian-vector product H_t v_t [T, P] of every task's loss, where H_t is the
-    /// Hessian of task t's loss at its parameters and v_t the t-th row of `v` ([T, P], or [P]
+    /// Hessian of task t's loss at its parameters and v_t the t-th row of `v` ([T, P], or `[P]`
     /// broadcast).
     ///
     /// Computed by the R-operator (Pearlmutter 1994): one forward pass with its directional
@@ -234,13 +234,13 @@ impl Mlp {
 }
 
 impl Maml {
-    /// The meta-loss and meta-gradient of `mlp` at `params` ([P]) over the tasks of `batch`.
+    /// The meta-loss and meta-gradient of `mlp` at `params` (`[P]`) over the tasks of `batch`.
     ///
     /// For each task: k SGD steps of rate α on the support set from θ_0 = `params`, the query
     /// loss and gradient at θ_k, then (second order) the k reverse steps g ← g − α·H_j g with
     /// exact Hessian-vector products at the stored iterates. Returns the mean over tasks.
     ///
-    /// Errors: `inner_steps` = 0, non-finite `inner_lr`, `params` not of shape [P], any tensor of
+    /// Errors: `inner_steps` = 0, non-finite `inner_lr`, `params` not of shape `[P]`, any tensor of
     /// the batch of the wrong shape, dtype or device, labels ≥ the number of classes.
     pub fn meta_gradient(&self, mlp: &Mlp, params: &Tensor, batch: &TaskBatch) -> Result<MetaGradient> {
         const OP: &str = "Maml::meta_gradient";
@@ -249,7 +249,9 @@ impl Maml {
             (Storage::Cpu(_), DType::F32) => cpu::meta_gradient::<f32>(&layout, self, &meta, params, batch),
             (Storage::Cpu(_), _) => cpu::meta_gradient::<f64>(&layout, self, &meta, params, batch),
             #[cfg(feature = "cuda")]
-            (Storage::Cuda(_), _) => cuda::meta_gradient(&layout, self, &meta, params, batch, cuda::Kernel::Fused),
+            (Storage::Cuda(_), _) => {
+                cuda::meta_gradient(&layout, self, &meta, params, batch, cuda::Kernel::Fused)
+            }
         }
     }
 
@@ -257,10 +259,19 @@ impl Maml {
     /// serial loops in global memory) on a CUDA device: the baseline the GPU tests and
     /// benchmarks hold the fused kernel against. Errors on the CPU.
     #[doc(hidden)]
-    pub fn meta_gradient_reference(&self, mlp: &Mlp, params: &Tensor, batch: &TaskBatch) -> Result<MetaGradient> {
+    pub fn meta_gradient_reference(
+        &self,
+        mlp: &Mlp,
+        params: &Tensor,
+        batch: &TaskBatch,
+    ) -> Result<MetaGradient> {
         const OP: &str = "Maml::meta_gradient_reference";
         if params.device().is_cpu() {
-            return Err(Error::DeviceMismatch { op: OP, expected: "a CUDA device".into(), got: "cpu".into() });
+            return Err(Error::DeviceMismatch {
+                op: OP,
+                expected: "a CUDA device".into(),
+                got: "cpu".into(),
+            });
         }
         #[cfg(feature = "cuda")]
         {
@@ -287,7 +298,13 @@ pub fn force_global_workspace(on: bool) {
 
 impl Maml {
     /// Checks the arguments of a meta-gradient call; returns the layout and the batch sizes.
-    fn validate(&self, mlp: &Mlp, params: &Tensor, batch: &TaskBatch, op: &'static str) -> Result<(Layout, MetaDims)> {
+    fn validate(
+        &self,
+        mlp: &Mlp,
+        params: &Tensor,
+        batch: &TaskBatch,
+        op: &'static str,
+    ) -> Result<(Layout, MetaDims)> {
         let layout = Layout::new(mlp, op)?;
         if self.inner_steps == 0 {
             return Err(Error::invalid(op, "inner_steps", "must be at least 1 (got 0)"));
@@ -346,7 +363,7 @@ fn check_float_dtype(dtype: DType, op: &'static str) -> Result<()> {
     }
 }
 
-/// Validates params [T, P] or [P], x [T, N, in] and (when given) the targets; returns the dims.
+/// Validates params [T, P] or `[P]`, x [T, N, in] and (when given) the targets; returns the dims.
 fn check_inputs(
     layout: &Layout,
     op: &'static str,
@@ -373,8 +390,8 @@ fn check_inputs(
     Ok(Dims { tasks, samples, broadcast })
 }
 
-/// Checks that `t` is [tasks, P] or [P] with the dtype and device of `like`; returns whether
-/// it is the broadcast [P] form.
+/// Checks that `t` is [tasks, P] or `[P]` with the dtype and device of `like`; returns whether
+/// it is the broadcast `[P]` form.
 fn check_params_like(
     layout: &Layout,
     op: &'static str,

@@ -71,7 +71,14 @@ macro_rules! real {
             fn mul_add(self, a: Self, b: Self) -> Self {
                 <$t>::mul_add(self, a, b)
             }
-            fn gemm(alpha: Self, a: Mat<'_, Self>, b: Mat<'_, Self>, beta: Self, c: &mut [Self], ldc: usize) -> bool {
+            fn gemm(
+                alpha: Self,
+                a: Mat<'_, Self>,
+                b: Mat<'_, Self>,
+                beta: Self,
+                c: &mut [Self],
+                ldc: usize,
+            ) -> bool {
                 $gemm(alpha, a, b, beta, c, ldc)
             }
         }

@@ -6,10 +6,19 @@ use metakernels::maml::{force_global_workspace, Activation, Loss, Maml, Mlp, Ord
 use metakernels::testing::{assert_close, cuda_or_skip, from_f64, to_f64, Rng};
 use metakernels::{DType, Device, Error, Tensor};
 
-fn batch_on(net: &Mlp, tasks: usize, ns: usize, nq: usize, dtype: DType, dev: &Device, seed: u64) -> TaskBatch {
+fn batch_on(
+    net: &Mlp,
+    tasks: usize,
+    ns: usize,
+    nq: usize,
+    dtype: DType,
+    dev: &Device,
+    seed: u64,
+) -> TaskBatch {
     let mut rng = Rng::new(seed);
     let (d_in, d_out) = (net.sizes[0], *net.sizes.last().unwrap());
-    let mut x = |n: usize| from_f64(&rng.normal_vec(tasks * n * d_in), &[tasks, n, d_in], dtype, dev).unwrap().0;
+    let mut x =
+        |n: usize| from_f64(&rng.normal_vec(tasks * n * d_in), &[tasks, n, d_in], dtype, dev).unwrap().0;
     let (sx, qx) = (x(ns), x(nq));
     let mut y = |n: usize| match net.loss {
         Loss::Mse => from_f64(&rng.normal_vec(tasks * n * d_out), &[tasks, n, d_out], dtype, dev).unwrap().0,
@@ -96,7 +105,14 @@ fn cuda_forward_grad_hvp_match_cpu() {
         for dtype in [DType::F32, DType::F64] {
             let b = batch_on(&net, tasks, 17, 1, dtype, &dev, 11);
             let mut rng = Rng::new(5);
-            let params = from_f64(&rng.normal_vec(tasks * p).iter().map(|v| 0.3 * v).collect::<Vec<_>>(), &[tasks, p], dtype, &dev).unwrap().0;
+            let params = from_f64(
+                &rng.normal_vec(tasks * p).iter().map(|v| 0.3 * v).collect::<Vec<_>>(),
+                &[tasks, p],
+                dtype,
+                &dev,
+            )
+            .unwrap()
+            .0;
             let v = from_f64(&rng.normal_vec(tasks * p), &[tasks, p], dtype, &dev).unwrap().0;
             let c = |t: &Tensor| t.to_device(&cpu).unwrap();
             let (x, y) = (&b.support_x, &b.support_y);
@@ -106,10 +122,16 @@ fn cuda_forward_grad_hvp_match_cpu() {
                 let out = net.forward(&params, x).unwrap();
                 let (l, g) = net.loss_and_grad(&params, x, y).unwrap();
                 let hv = net.hvp(&params, x, y, &v).unwrap();
-                let hv_b = net.hvp(&params, x, y, &c(&v).reshape(&[tasks * p]).unwrap().to_device(&dev).unwrap());
+                let hv_b =
+                    net.hvp(&params, x, y, &c(&v).reshape(&[tasks * p]).unwrap().to_device(&dev).unwrap());
                 force_global_workspace(false);
                 let what = format!("{:?} {dtype} global={global}", net.sizes);
-                assert_close(&format!("forward {what}"), &to_f64(&out).unwrap(), &to_f64(&net.forward(&c(&params), &c(x)).unwrap()).unwrap(), tol);
+                assert_close(
+                    &format!("forward {what}"),
+                    &to_f64(&out).unwrap(),
+                    &to_f64(&net.forward(&c(&params), &c(x)).unwrap()).unwrap(),
+                    tol,
+                );
                 let (cl, cg) = net.loss_and_grad(&c(&params), &c(x), &c(y)).unwrap();
                 assert_close(&format!("loss {what}"), &to_f64(&l).unwrap(), &to_f64(&cl).unwrap(), tol);
                 assert_close(&format!("grad {what}"), &to_f64(&g).unwrap(), &to_f64(&cg).unwrap(), tol);
