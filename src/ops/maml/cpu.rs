@@ -81,6 +81,7 @@ impl<T: Real> Workspace<T> {
 
 /// Forward pass of `n` samples `x` at parameters `p`; with `dir = Some(v)` also the R-forward
 /// pass R{z_l}, R{h_l} along the parameter direction v.
+#[inline(always)]
 pub(crate) fn forward<T: Real>(
     layout: &Layout,
     p: &[T],
@@ -140,6 +141,7 @@ pub(crate) fn forward<T: Real>(
     }
 }
 
+#[inline(always)]
 fn activate<A: Act, T: Real>(z: &[T], h: &mut [T]) {
     for (hi, &zi) in h.iter_mut().zip(z) {
         *hi = A::value(zi);
@@ -147,6 +149,7 @@ fn activate<A: Act, T: Real>(z: &[T], h: &mut [T]) {
 }
 
 /// h = σ(z) and R{h} = σ'(z)·R{z}.
+#[inline(always)]
 fn activate_r<A: Act, T: Real>(z: &[T], h: &mut [T], rz: &[T], rh: &mut [T]) {
     for (((hi, rhi), &zi), &rzi) in h.iter_mut().zip(rh.iter_mut()).zip(z).zip(rz) {
         *hi = A::value(zi);
@@ -156,6 +159,7 @@ fn activate_r<A: Act, T: Real>(z: &[T], h: &mut [T], rz: &[T], rh: &mut [T]) {
 
 /// The loss of the last forward pass; writes δ_L = dL/dz_L into the workspace, and with
 /// `r = true` also R{δ_L} = ∇²_z L · R{z_L}.
+#[inline(always)]
 pub(crate) fn loss_head<T: Real>(
     layout: &Layout,
     y: Targets<'_, T>,
@@ -212,6 +216,7 @@ pub(crate) fn loss_head<T: Real>(
 }
 
 /// One sample's cross-entropy: returns logsumexp(z) − z[label] and writes softmax(z) − onehot.
+#[inline(always)]
 fn softmax_row<T: Real>(z: &[T], label: usize, grad: &mut [T]) -> T {
     let mut max = z[0];
     for &v in &z[1..] {
@@ -232,6 +237,7 @@ fn softmax_row<T: Real>(z: &[T], label: usize, grad: &mut [T]) -> T {
 /// with `dir = Some((v, hv))` also the R-backward pass, writing R{∇L} = H·v into `hv`. (An
 /// HVP needs the δ chain of the plain backward pass but not the weight gradients, so it passes
 /// no `grad` and saves one product per layer.)
+#[inline(always)]
 pub(crate) fn backward<T: Real>(
     layout: &Layout,
     p: &[T],
@@ -297,6 +303,7 @@ pub(crate) fn backward<T: Real>(
 }
 
 /// Overwrites the W_l and b_l slots of `g` with δᵀ·input and the column sums of δ.
+#[inline(always)]
 fn weight_and_bias_grad<T: Real>(layout: &Layout, l: usize, d: &[T], input: &[T], n: usize, g: &mut [T]) {
     let (fan_in, fan_out) = (layout.fan_in(l), layout.fan_out(l));
     let gw = &mut g[layout.weight(l)];
@@ -310,6 +317,7 @@ fn weight_and_bias_grad<T: Real>(layout: &Layout, l: usize, d: &[T], input: &[T]
 }
 
 /// δ_{l−1} = dL/dh_{l−1} ⊙ σ'(z_{l−1}).
+#[inline(always)]
 fn act_backward<A: Act, T: Real>(z: &[T], dh: &[T], delta: &mut [T]) {
     for ((d, &zi), &g) in delta.iter_mut().zip(z).zip(dh) {
         *d = g * A::d1(zi);
@@ -326,6 +334,7 @@ struct ActBackR<'a, T> {
 }
 
 /// δ = dh ⊙ σ'(z) and R{δ} = R{dh} ⊙ σ'(z) + dh ⊙ σ''(z) ⊙ R{z}.
+#[inline(always)]
 fn act_backward_r<A: Act, T: Real>(b: ActBackR<'_, T>) {
     for i in 0..b.z.len() {
         let (d1, d2) = A::derivs(b.z[i]);
@@ -335,6 +344,7 @@ fn act_backward_r<A: Act, T: Real>(b: ActBackR<'_, T>) {
 }
 
 /// Loss and gradient of one task at `p`.
+#[inline(always)]
 pub(crate) fn task_grad<T: Real>(
     layout: &Layout,
     p: &[T],
@@ -352,6 +362,7 @@ pub(crate) fn task_grad<T: Real>(
 
 /// H·v of one task's loss at `p`; returns the loss.
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
 pub(crate) fn task_hvp<T: Real>(
     layout: &Layout,
     p: &[T],
@@ -467,6 +478,8 @@ struct MetaWorkspace<T> {
     iterates: Vec<T>,
     adapted: Vec<T>,
     hv: Vec<T>,
+    /// The current task's meta-gradient.
+    g: Vec<T>,
 }
 
 /// One task's data views.
@@ -479,6 +492,7 @@ struct TaskData<'a, T> {
 
 /// One task of MAML: writes the meta-gradient into `g` and the adapted parameters into
 /// `adapted`; returns the query loss.
+#[inline(always)]
 fn maml_task<T: Real>(
     layout: &Layout,
     maml: &Maml,
@@ -490,7 +504,7 @@ fn maml_task<T: Real>(
 ) -> T {
     let (pn, k) = (layout.num_params, maml.inner_steps);
     let lr = T::of(maml.inner_lr);
-    let MetaWorkspace { net, iterates, adapted, hv } = ws;
+    let MetaWorkspace { net, iterates, adapted, hv, .. } = ws;
     iterates[..pn].copy_from_slice(theta);
     // Inner loop: θ_{j+1} = θ_j − α ∇L_support(θ_j); the gradient lands in `hv` as scratch.
     for j in 0..k {
@@ -516,6 +530,40 @@ fn maml_task<T: Real>(
     loss
 }
 
+/// [`maml_task`] compiled for AVX-512 when the CPU has it (the whole per-task engine is inlined
+/// into this one function, so its elementwise loops use 16-wide vectors too), else for the
+/// baseline target.
+fn maml_task_dispatch<T: Real>(
+    layout: &Layout,
+    maml: &Maml,
+    dims: &MetaDims,
+    theta: &[T],
+    data: &TaskData<'_, T>,
+    ws: &mut MetaWorkspace<T>,
+    g: &mut [T],
+) -> T {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU supports AVX-512F (checked just above).
+        return unsafe { maml_task_avx512(layout, maml, dims, theta, data, ws, g) };
+    }
+    maml_task(layout, maml, dims, theta, data, ws, g)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn maml_task_avx512<T: Real>(
+    layout: &Layout,
+    maml: &Maml,
+    dims: &MetaDims,
+    theta: &[T],
+    data: &TaskData<'_, T>,
+    ws: &mut MetaWorkspace<T>,
+    g: &mut [T],
+) -> T {
+    maml_task(layout, maml, dims, theta, data, ws, g)
+}
+
 pub(super) fn meta_gradient<T: Real>(
     layout: &Layout,
     maml: &Maml,
@@ -530,54 +578,76 @@ pub(super) fn meta_gradient<T: Real>(
     let (yq, _) = targets::<T>(layout, &batch.query_y, OP)?;
     let (pn, d_in, tasks) = (layout.num_params, layout.input(), dims.tasks);
     let rows = dims.support.max(dims.query);
-    let mut grads = output_vec::<T>(tasks * pn);
-    let mut adapted = output_vec::<T>(tasks * pn);
-    let mut losses = output_vec::<T>(tasks);
-    grads
-        .par_chunks_mut(pn)
-        .zip(adapted.par_chunks_mut(pn))
-        .zip(losses.par_iter_mut())
-        .enumerate()
-        .for_each_init(
+    // Tasks run in fixed groups (independent of the thread count); each group sums its tasks'
+    // meta-gradients in order, and the group sums are added in order: the result is
+    // deterministic, and no [T, P] buffer is allocated per call unless θ_k is asked for.
+    let groups = tasks.div_ceil(TASK_GROUP);
+    let results: Vec<GroupResult<T>> = (0..groups)
+        .into_par_iter()
+        .map_init(
             || MetaWorkspace {
                 net: Workspace::new(layout, rows),
                 iterates: vec![T::ZERO; maml.inner_steps * pn],
                 adapted: vec![T::ZERO; pn],
                 hv: vec![T::ZERO; pn],
+                g: vec![T::ZERO; pn],
             },
-            |ws, (t, ((g, adapted_row), loss))| {
-                let (ns, nq) = (dims.support, dims.query);
-                let data = TaskData {
-                    xs: &xs[t * ns * d_in..(t + 1) * ns * d_in],
-                    ys: task_targets(ys, t, ns, stride),
-                    xq: &xq[t * nq * d_in..(t + 1) * nq * d_in],
-                    yq: task_targets(yq, t, nq, stride),
+            |ws, group| {
+                let members = group * TASK_GROUP..((group + 1) * TASK_GROUP).min(tasks);
+                let mut out = GroupResult {
+                    grad_sum: vec![T::ZERO; pn],
+                    losses: Vec::with_capacity(members.len()),
+                    adapted: Vec::with_capacity(if maml.return_adapted { members.len() * pn } else { 0 }),
                 };
-                *loss = maml_task(layout, maml, dims, theta, &data, ws, g);
-                adapted_row.copy_from_slice(&ws.adapted);
+                let (ns, nq) = (dims.support, dims.query);
+                for t in members {
+                    let data = TaskData {
+                        xs: &xs[t * ns * d_in..(t + 1) * ns * d_in],
+                        ys: task_targets(ys, t, ns, stride),
+                        xq: &xq[t * nq * d_in..(t + 1) * nq * d_in],
+                        yq: task_targets(yq, t, nq, stride),
+                    };
+                    let mut g = std::mem::take(&mut ws.g);
+                    out.losses.push(maml_task_dispatch(layout, maml, dims, theta, &data, ws, &mut g));
+                    super::real::axpy(T::ONE, &g, &mut out.grad_sum);
+                    ws.g = g;
+                    if maml.return_adapted {
+                        out.adapted.extend_from_slice(&ws.adapted);
+                    }
+                }
+                out
             },
-        );
-    Ok(finish_meta(maml, tasks, pn, grads, losses, adapted))
+        )
+        .collect();
+    Ok(finish_meta(maml, tasks, pn, results))
 }
 
-/// Means over tasks (in task order, so the result is deterministic) and the output tensors.
-pub(super) fn finish_meta<T: Real>(
-    maml: &Maml,
-    tasks: usize,
-    pn: usize,
-    grads: Vec<T>,
+/// Tasks per group of the CPU meta-gradient (see `meta_gradient`).
+const TASK_GROUP: usize = 4;
+
+/// What one group of tasks produces.
+struct GroupResult<T> {
+    grad_sum: Vec<T>,
     losses: Vec<T>,
     adapted: Vec<T>,
-) -> MetaGradient {
-    let inv = T::of(1.0 / tasks as f64);
-    let mut mean = vec![T::ZERO; pn];
-    for g in grads.chunks_exact(pn) {
-        super::real::axpy(inv, g, &mut mean);
+}
+
+/// The mean over tasks (group sums added in group order) and the output tensors.
+fn finish_meta<T: Real>(maml: &Maml, tasks: usize, pn: usize, results: Vec<GroupResult<T>>) -> MetaGradient {
+    let mut sum = vec![T::ZERO; pn];
+    let mut losses = Vec::with_capacity(tasks);
+    let mut adapted = Vec::with_capacity(if maml.return_adapted { tasks * pn } else { 0 });
+    for r in results {
+        super::real::axpy(T::ONE, &r.grad_sum, &mut sum);
+        losses.extend(r.losses);
+        adapted.extend(r.adapted);
     }
+    let inv = T::of(1.0 / tasks as f64);
+    sum.iter_mut().for_each(|v| *v = *v * inv);
     let loss = losses.iter().map(|l| l.to_f64()).sum::<f64>() / tasks as f64;
     MetaGradient {
         loss,
-        grad: Tensor::from_host_vec(mean, &[pn]),
+        grad: Tensor::from_host_vec(sum, &[pn]),
         per_task_loss: Tensor::from_host_vec(losses, &[tasks]),
         adapted: maml.return_adapted.then(|| Tensor::from_host_vec(adapted, &[tasks, pn])),
     }

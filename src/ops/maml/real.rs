@@ -234,6 +234,7 @@ pub(crate) fn mm_nt<T: Real>(a: &[T], b: &[T], c: &mut [T], n: usize, m: usize, 
 }
 
 /// bt[cols×rows] = b[rows×cols]ᵀ, written row by row.
+#[inline(always)]
 pub(crate) fn transpose<T: Real>(b: &[T], rows: usize, cols: usize, bt: &mut [T]) {
     for (j, bt_row) in bt.chunks_exact_mut(rows).take(cols).enumerate() {
         for (i, out) in bt_row.iter_mut().enumerate() {
@@ -243,6 +244,7 @@ pub(crate) fn transpose<T: Real>(b: &[T], rows: usize, cols: usize, bt: &mut [T]
 }
 
 /// c[m×k] += a[n×m]ᵀ · b[n×k].
+#[inline(always)]
 pub(crate) fn mm_tn<T: Real>(a: &[T], b: &[T], c: &mut [T], n: usize, m: usize, k: usize) {
     if n * m * k >= GEMM_MIN_MACS {
         let ok = T::gemm(T::ONE, Mat::new(a, n, m).t(), Mat::new(b, n, k), T::ONE, c, k);
@@ -253,6 +255,7 @@ pub(crate) fn mm_tn<T: Real>(a: &[T], b: &[T], c: &mut [T], n: usize, m: usize, 
 }
 
 /// c[n×k] += a[n×m] · b[m×k].
+#[inline(always)]
 pub(crate) fn mm_nn<T: Real>(a: &[T], b: &[T], c: &mut [T], n: usize, m: usize, k: usize) {
     if n * m * k >= GEMM_MIN_MACS {
         let ok = T::gemm(T::ONE, Mat::new(a, n, m), Mat::new(b, m, k), T::ONE, c, k);
@@ -365,6 +368,9 @@ fn strip<T: Real, const FMA: bool, const W: usize>(
 }
 
 /// c[i0..i0+R, j0..j0+W] += Σ_p A[i0.., p] · b[p, j0..].
+///
+/// Unchecked indexing: this is the innermost loop of every small product, and bounds checks
+/// (plus the registers they hold) cost more than the multiply-adds at these sizes.
 #[inline(always)]
 fn tile<T: Real, const FMA: bool, const R: usize, const W: usize>(
     i0: usize,
@@ -376,22 +382,30 @@ fn tile<T: Real, const FMA: bool, const R: usize, const W: usize>(
     c: &mut [T],
 ) {
     let mut acc = [[T::ZERO; W]; R];
-    for p in 0..k {
-        let b_row: &[T; W] = match b[p * m + j0..p * m + j0 + W].try_into() {
-            Ok(row) => row,
-            Err(_) => return, // invariant: the slice has exactly W elements.
-        };
-        for (r, acc_row) in acc.iter_mut().enumerate() {
-            let av = a.data[(i0 + r) * a.rs + p * a.cs];
-            for j in 0..W {
-                acc_row[j] = if FMA { av.mul_add(b_row[j], acc_row[j]) } else { acc_row[j] + av * b_row[j] };
+    let mut a_row = [0usize; R];
+    for (r, offset) in a_row.iter_mut().enumerate() {
+        *offset = (i0 + r) * a.rs;
+    }
+    let (ap, bp, cp) = (a.data.as_ptr(), b.as_ptr(), c.as_mut_ptr());
+    // SAFETY: `gemm_acc` checked (n−1)·rs + (k−1)·cs < a.len(), k·m ≤ b.len() and
+    // n·m ≤ c.len(); this tile touches rows i0 + r < n, columns j0 + j < m and p < k only, so
+    // every offset below is in bounds, and `c` is the only mutable borrow.
+    unsafe {
+        for p in 0..k {
+            let b_row = bp.add(p * m + j0);
+            for (acc_row, &row) in acc.iter_mut().zip(&a_row) {
+                let av = *ap.add(row + p * a.cs);
+                for (j, acc_v) in acc_row.iter_mut().enumerate() {
+                    let bv = *b_row.add(j);
+                    *acc_v = if FMA { av.mul_add(bv, *acc_v) } else { *acc_v + av * bv };
+                }
             }
         }
-    }
-    for (r, acc_row) in acc.iter().enumerate() {
-        let c_row = &mut c[(i0 + r) * m + j0..(i0 + r) * m + j0 + W];
-        for j in 0..W {
-            c_row[j] += acc_row[j];
+        for (r, acc_row) in acc.iter().enumerate() {
+            let c_row = cp.add((i0 + r) * m + j0);
+            for (j, &v) in acc_row.iter().enumerate() {
+                *c_row.add(j) += v;
+            }
         }
     }
 }
