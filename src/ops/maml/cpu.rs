@@ -623,7 +623,7 @@ pub(super) fn meta_gradient<T: Real>(
 }
 
 /// Tasks per group of the CPU meta-gradient (see `meta_gradient`).
-const TASK_GROUP: usize = 4;
+const TASK_GROUP: usize = 2;
 
 /// What one group of tasks produces.
 struct GroupResult<T> {
