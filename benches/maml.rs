@@ -65,8 +65,9 @@ fn pass_flops(sizes: &[usize], n: usize, pass: Pass) -> f64 {
             match pass {
                 // forward, weight gradient, dL/dh below
                 Pass::Gradient => m * (2.0 + below),
-                // + R-forward (1 or 2), R weight gradient (1 or 2), R dL/dh below (2)
-                Pass::Hvp => m * (2.0 + below) + m * (1.0 + below) * 2.0 + m * 2.0 * below,
+                // forward (1), R-forward (1 or 2), dL/dh below (1), R weight gradient (1 or 2),
+                // R dL/dh below (2); the HVP skips the plain weight gradient
+                Pass::Hvp => m * (3.0 + 5.0 * below),
             }
         })
         .sum()

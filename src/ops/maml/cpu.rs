@@ -152,8 +152,9 @@ fn activate<A: Act, T: Real>(z: &[T], h: &mut [T]) {
 #[inline(always)]
 fn activate_r<A: Act, T: Real>(z: &[T], h: &mut [T], rz: &[T], rh: &mut [T]) {
     for (((hi, rhi), &zi), &rzi) in h.iter_mut().zip(rh.iter_mut()).zip(z).zip(rz) {
-        *hi = A::value(zi);
-        *rhi = A::d1(zi) * rzi;
+        let (value, d1) = A::value_and_d1(zi);
+        *hi = value;
+        *rhi = d1 * rzi;
     }
 }
 
@@ -275,11 +276,11 @@ pub(crate) fn backward<T: Real>(
         let dhl = &mut dh[..n * fan_in];
         dhl.fill(T::ZERO);
         mm_nn(d, w, dhl, n, fan_out, fan_in);
-        let zb = &z[l - 1][..n * fan_in];
+        let (zb, hb) = (&z[l - 1][..n * fan_in], &h[l - 1][..n * fan_in]);
         match v {
             None => {
                 let below = &mut delta_below[..n * fan_in];
-                with_act!(layout.activation, A => act_backward::<A, T>(zb, dhl, below));
+                with_act!(layout.activation, A => act_backward::<A, T>(zb, hb, dhl, below));
             }
             Some(v) => {
                 let rdhl = &mut rdh[..n * fan_in];
@@ -288,6 +289,7 @@ pub(crate) fn backward<T: Real>(
                 mm_nn(d, &v[layout.weight(l)], rdhl, n, fan_out, fan_in);
                 let bufs = ActBackR {
                     z: zb,
+                    h: hb,
                     rz: &rz[l - 1][..n * fan_in],
                     dh: dhl,
                     rdh: rdhl,
@@ -316,16 +318,17 @@ fn weight_and_bias_grad<T: Real>(layout: &Layout, l: usize, d: &[T], input: &[T]
     }
 }
 
-/// δ_{l−1} = dL/dh_{l−1} ⊙ σ'(z_{l−1}).
+/// δ_{l−1} = dL/dh_{l−1} ⊙ σ'(z_{l−1}), with h_{l−1} = σ(z_{l−1}) at hand.
 #[inline(always)]
-fn act_backward<A: Act, T: Real>(z: &[T], dh: &[T], delta: &mut [T]) {
-    for ((d, &zi), &g) in delta.iter_mut().zip(z).zip(dh) {
-        *d = g * A::d1(zi);
+fn act_backward<A: Act, T: Real>(z: &[T], h: &[T], dh: &[T], delta: &mut [T]) {
+    for (((d, &zi), &hi), &g) in delta.iter_mut().zip(z).zip(h).zip(dh) {
+        *d = g * A::d1_at(zi, hi);
     }
 }
 
 struct ActBackR<'a, T> {
     z: &'a [T],
+    h: &'a [T],
     rz: &'a [T],
     dh: &'a [T],
     rdh: &'a [T],
@@ -337,7 +340,7 @@ struct ActBackR<'a, T> {
 #[inline(always)]
 fn act_backward_r<A: Act, T: Real>(b: ActBackR<'_, T>) {
     for i in 0..b.z.len() {
-        let (d1, d2) = A::derivs(b.z[i]);
+        let (d1, d2) = A::derivs_at(b.z[i], b.h[i]);
         b.delta[i] = b.dh[i] * d1;
         b.rdelta[i] = b.rdh[i] * d1 + b.dh[i] * d2 * b.rz[i];
     }

@@ -99,6 +99,18 @@ pub(crate) trait Act {
     fn d1<T: Real>(z: T) -> T {
         Self::derivs(z).0
     }
+    /// (σ(z), σ'(z)) together.
+    fn value_and_d1<T: Real>(z: T) -> (T, T) {
+        (Self::value(z), Self::d1(z))
+    }
+    /// (σ'(z), σ''(z)) given h = σ(z) as well (tanh needs no transcendental then).
+    fn derivs_at<T: Real>(z: T, _h: T) -> (T, T) {
+        Self::derivs(z)
+    }
+    /// σ'(z) given h = σ(z) as well.
+    fn d1_at<T: Real>(z: T, _h: T) -> T {
+        Self::d1(z)
+    }
 }
 
 pub(crate) struct Relu;
@@ -128,9 +140,21 @@ impl Act for Tanh {
     }
     #[inline(always)]
     fn derivs<T: Real>(z: T) -> (T, T) {
+        Self::derivs_at(z, z.tanh())
+    }
+    #[inline(always)]
+    fn value_and_d1<T: Real>(z: T) -> (T, T) {
         let t = z.tanh();
+        (t, T::ONE - t * t)
+    }
+    #[inline(always)]
+    fn derivs_at<T: Real>(_z: T, t: T) -> (T, T) {
         let d1 = T::ONE - t * t;
         (d1, T::of(-2.0) * t * d1)
+    }
+    #[inline(always)]
+    fn d1_at<T: Real>(_z: T, t: T) -> T {
+        T::ONE - t * t
     }
 }
 
