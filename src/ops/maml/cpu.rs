@@ -4,6 +4,10 @@
 //! Every pass works on one task's samples as row-major [N, width] matrices. Workspaces are
 //! allocated once per rayon work item, before any task runs, and reused by every task and every
 //! inner step it handles: the inner loop allocates nothing.
+//!
+//! Products go through `real.rs` (register tiles for the small MAML shapes, the blocked GEMM for
+//! large ones). The meta-gradient's per-task function is also compiled for AVX-512 and chosen at
+//! run time, so that the whole inlined engine, not just its products, uses 16-wide vectors.
 
 use rayon::prelude::*;
 
