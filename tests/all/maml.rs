@@ -477,6 +477,7 @@ fn errors_are_typed_and_say_what_was_wrong() {
     assert!(ok.meta_gradient(&net, &theta, &b).is_ok());
     let invalid = |r: Result<MetaGradient, Error>| matches!(r, Err(Error::InvalidArgument { .. }));
     assert!(invalid(maml(0, 0.1, Order::Second).meta_gradient(&net, &theta, &b)), "k = 0");
+    assert!(invalid(maml(usize::MAX / 3, 0.1, Order::Second).meta_gradient(&net, &theta, &b)), "huge k");
     assert!(invalid(maml(1, f64::NAN, Order::Second).meta_gradient(&net, &theta, &b)), "NaN α");
     assert!(invalid(maml(1, f64::INFINITY, Order::First).meta_gradient(&net, &theta, &b)), "∞ α");
     let wrong_len = f64_tensor(&vec![0.1; p + 1], &[p + 1]);

@@ -585,6 +585,15 @@ pub(super) fn meta_gradient<T: Real>(
     let (yq, _) = targets::<T>(layout, &batch.query_y, OP)?;
     let (pn, d_in, tasks) = (layout.num_params, layout.input(), dims.tasks);
     let rows = dims.support.max(dims.query);
+    // Fail with an error, not an abort, when the iterates of a task cannot be allocated.
+    let iterate_len = maml.inner_steps * pn;
+    if Vec::<T>::new().try_reserve_exact(iterate_len).is_err() {
+        return Err(crate::Error::invalid(
+            OP,
+            "inner_steps",
+            format!("cannot allocate the {iterate_len} stored iterate values of a task"),
+        ));
+    }
     // Tasks run in fixed groups (independent of the thread count); each group sums its tasks'
     // meta-gradients in order, and the group sums are added in order: the result is
     // deterministic, and no [T, P] buffer is allocated per call unless θ_k is asked for.

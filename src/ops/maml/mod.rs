@@ -309,6 +309,17 @@ impl Maml {
         if self.inner_steps == 0 {
             return Err(Error::invalid(op, "inner_steps", "must be at least 1 (got 0)"));
         }
+        // The k stored iterates of a task must be addressable (and, below, allocatable).
+        if self.inner_steps.checked_mul(layout.num_params).map_or(true, |n| n > isize::MAX as usize / 8) {
+            return Err(Error::invalid(
+                op,
+                "inner_steps",
+                format!(
+                    "{} steps of {} parameters do not fit in memory",
+                    self.inner_steps, layout.num_params
+                ),
+            ));
+        }
         if !self.inner_lr.is_finite() {
             return Err(Error::invalid(op, "inner_lr", format!("must be finite (got {})", self.inner_lr)));
         }
