@@ -537,9 +537,9 @@ fn maml_task<T: Real>(
     loss
 }
 
-/// [`maml_task`] compiled for AVX-512 when the CPU has it (the whole per-task engine is inlined
-/// into this one function, so its elementwise loops use 16-wide vectors too), else for the
-/// baseline target.
+/// [`maml_task`] compiled for AVX-512 or AVX2+FMA when the CPU has them (the whole per-task
+/// engine is inlined into one function, so its elementwise loops use wide vectors too), else
+/// for the baseline target. (`avx512f` as a target feature needs Rust 1.89.)
 fn maml_task_dispatch<T: Real>(
     layout: &Layout,
     maml: &Maml,
@@ -550,10 +550,30 @@ fn maml_task_dispatch<T: Real>(
     g: &mut [T],
 ) -> T {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU supports AVX-512F (checked just above).
-        return unsafe { maml_task_avx512(layout, maml, dims, theta, data, ws, g) };
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F (checked just above).
+            return unsafe { maml_task_avx512(layout, maml, dims, theta, data, ws, g) };
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+            return unsafe { maml_task_avx2(layout, maml, dims, theta, data, ws, g) };
+        }
     }
+    maml_task(layout, maml, dims, theta, data, ws, g)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn maml_task_avx2<T: Real>(
+    layout: &Layout,
+    maml: &Maml,
+    dims: &MetaDims,
+    theta: &[T],
+    data: &TaskData<'_, T>,
+    ws: &mut MetaWorkspace<T>,
+    g: &mut [T],
+) -> T {
     maml_task(layout, maml, dims, theta, data, ws, g)
 }
 
