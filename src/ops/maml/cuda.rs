@@ -1,0 +1,429 @@
+//! Launches of `kernels/maml.cu`: one thread block per task for every operation.
+//!
+//! Each block needs a per-task workspace (activations, deltas and their R{} directions, plus
+//! three parameter-sized vectors for the meta-gradient). When it fits in the device's opt-in
+//! shared memory the kernel runs on dynamic shared memory; otherwise it runs the same code on a
+//! per-block slice of a global workspace (slower, never an error). The choice is made per call
+//! from the sizes, and can be forced to the global path for tests.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+
+use super::{Dims, Layout, Loss, Maml, MetaDims, MetaGradient, Order, TaskBatch};
+use crate::cuda::{driver, CudaDevice, CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+use crate::tensor::CudaBuffer;
+use crate::{DType, Element, Error, Result, Tensor};
+
+const MODULE: &str = "maml";
+const THREADS: u32 = 256;
+/// Shared memory a kernel may use without opting in.
+const DEFAULT_SHARED_BYTES: usize = 48 * 1024;
+
+static FORCE_GLOBAL: AtomicBool = AtomicBool::new(false);
+
+/// Forces the global-memory workspace path (tests use it to cover both paths on one shape).
+pub(crate) fn force_global_workspace(on: bool) {
+    FORCE_GLOBAL.store(on, Ordering::Relaxed);
+}
+
+/// Mirrors `NetConfig` in kernels/maml.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct NetConfig {
+    layers: i32,
+    act: i32,
+    loss: i32,
+    params: i32,
+    rows: i32,
+    act_elems: i32,
+    wide: i32,
+    ws_elems: i32,
+}
+
+/// Mirrors `MetaConfig` in kernels/maml.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct MetaConfig {
+    net: NetConfig,
+    support: i32,
+    query: i32,
+    steps: i32,
+    second: i32,
+    lr: f64,
+}
+
+// SAFETY: plain #[repr(C)] structs of i32/f64 whose layout matches the kernels' structs field
+// for field (the f64 of MetaConfig sits at offset 48 in both).
+unsafe impl DeviceRepr for NetConfig {}
+unsafe impl DeviceRepr for MetaConfig {}
+
+fn too_big(op: &'static str, layout: &Layout) -> Error {
+    Error::invalid(
+        op,
+        "sizes and sample counts",
+        format!("the per-task workspace of sizes {:?} exceeds 2^31 elements", layout.sizes),
+    )
+}
+
+/// The kernel configuration for up to `rows` samples and `vectors` parameter-sized buffers.
+fn net_config(op: &'static str, layout: &Layout, rows: usize, vectors: usize) -> Result<NetConfig> {
+    let int = |v: Option<usize>| v.filter(|&v| v <= i32::MAX as usize).ok_or_else(|| too_big(op, layout));
+    let widths: usize = layout.sizes[1..].iter().sum();
+    let act_elems = int(rows.checked_mul(widths))?;
+    let wide = int(rows.checked_mul(layout.max_width().max(layout.input())))?;
+    let engine = 4usize.checked_mul(act_elems).and_then(|a| a.checked_add(4 * wide)?.checked_add(32));
+    let ws = engine.and_then(|e| e.checked_add(vectors.checked_mul(layout.num_params)?));
+    Ok(NetConfig {
+        layers: layout.layers() as i32,
+        act: layout.activation as i32,
+        loss: matches!(layout.loss, Loss::SoftmaxCrossEntropy) as i32,
+        params: layout.num_params as i32,
+        rows: int(Some(rows))? as i32,
+        act_elems: act_elems as i32,
+        wide: wide as i32,
+        ws_elems: int(ws)? as i32,
+    })
+}
+
+/// Where the blocks' workspaces live.
+enum Workspace<T> {
+    /// Dynamic shared memory of this many bytes per block.
+    Shared(u32),
+    /// A global buffer of `tasks × ws_elems` elements.
+    Global(CudaSlice<T>),
+}
+
+/// Picks shared memory when the workspace fits the opt-in limit (setting the attribute), else
+/// allocates the global workspace.
+fn plan<T: Element>(
+    dev: &CudaDevice,
+    func: &CudaFunction,
+    cfg: &NetConfig,
+    tasks: usize,
+) -> Result<Workspace<T>> {
+    let bytes = cfg.ws_elems as usize * size_of::<T>();
+    let limit = dev
+        .stream()
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        .map_err(driver("querying the shared memory limit"))? as usize;
+    if bytes <= limit && !FORCE_GLOBAL.load(Ordering::Relaxed) {
+        if bytes > DEFAULT_SHARED_BYTES {
+            func.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                bytes as i32,
+            )
+            .map_err(driver("raising the kernel's dynamic shared memory limit"))?;
+        }
+        return Ok(Workspace::Shared(bytes as u32));
+    }
+    let elems = tasks.checked_mul(cfg.ws_elems as usize).ok_or(Error::invalid(
+        "maml",
+        "tasks",
+        "the global workspace size overflows",
+    ))?;
+    Ok(Workspace::Global(dev.alloc::<T>(elems)?))
+}
+
+fn launch_config(tasks: usize, threads: u32, shared: u32) -> Result<LaunchConfig> {
+    let blocks = u32::try_from(tasks).ok().filter(|&b| b <= i32::MAX as u32).ok_or_else(|| {
+        Error::invalid("maml", "tasks", format!("{tasks} tasks exceed the grid limit 2^31 − 1"))
+    })?;
+    Ok(LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: shared })
+}
+
+/// The i32 tables the kernels read: layer widths and weight offsets.
+fn tables(dev: &CudaDevice, layout: &Layout) -> Result<(CudaSlice<i32>, CudaSlice<i32>)> {
+    let sizes: Vec<i32> = layout.sizes.iter().map(|&s| s as i32).collect();
+    let offsets: Vec<i32> = layout.w_offset.iter().map(|&s| s as i32).collect();
+    Ok((dev.htod(&sizes)?, dev.htod(&offsets)?))
+}
+
+fn wrap<T: Element>(buf: CudaSlice<T>, shape: &[usize], like: &Tensor) -> Tensor {
+    Tensor::from_cuda_buffer(CudaBuffer::wrap(buf), shape, T::DTYPE, like.device())
+}
+
+const NULL: u64 = 0;
+
+// ------------------------------------------------------------------------------------------
+// forward / loss_and_grad / hvp
+
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    Forward = 0,
+    Grad = 1,
+    Hvp = 2,
+}
+
+struct OpOutput<T> {
+    out: CudaSlice<T>,
+    losses: Option<CudaSlice<T>>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_op<T: Element>(
+    op: &'static str,
+    mode: Mode,
+    layout: &Layout,
+    dims: &Dims,
+    params: &Tensor,
+    x: &Tensor,
+    y: Option<&Tensor>,
+    v: Option<&Tensor>,
+) -> Result<OpOutput<T>> {
+    let dev = params.cuda_device()?;
+    let cfg = net_config(op, layout, dims.samples, 0)?;
+    let func = dev.function(MODULE, &format!("mlp_op_{}", T::DTYPE.as_str()))?;
+    let workspace = plan::<T>(dev, &func, &cfg, dims.tasks)?;
+    let (sizes, offsets) = tables(dev, layout)?;
+    let out_len = match mode {
+        Mode::Forward => dims.tasks * dims.samples * layout.output(),
+        _ => dims.tasks * layout.num_params,
+    };
+    let mut out = dev.alloc::<T>(out_len)?;
+    let mut losses = if mode == Mode::Grad { Some(dev.alloc::<T>(dims.tasks)?) } else { None };
+    let pn = layout.num_params as i64;
+    let p_stride: i64 = if dims.broadcast { 0 } else { pn };
+    let v_stride: i64 = match v {
+        Some(v) if v.rank() == 2 => pn,
+        _ => 0,
+    };
+    let (mode_i, n) = (mode as i32, dims.samples as i32);
+    let p = params.cuda_slice::<T>(op)?;
+    let xs = x.cuda_slice::<T>(op)?;
+    let (shared, ws_arg) = match &workspace {
+        Workspace::Shared(bytes) => (*bytes, None),
+        Workspace::Global(buf) => (0, Some(buf)),
+    };
+    let cfg_launch = launch_config(dims.tasks, THREADS, shared)?;
+    let mut args = dev.stream().launch_builder(&func);
+    args.arg(&cfg).arg(&mode_i).arg(&n).arg(&sizes).arg(&offsets).arg(p).arg(&p_stride);
+    match v {
+        Some(v) => args.arg(v.cuda_slice::<T>(op)?),
+        None => args.arg(&NULL),
+    };
+    args.arg(&v_stride).arg(xs);
+    match (y, layout.loss) {
+        (Some(y), Loss::Mse) => args.arg(y.cuda_slice::<T>(op)?).arg(&NULL),
+        (Some(y), Loss::SoftmaxCrossEntropy) => args.arg(&NULL).arg(y.cuda_slice::<u32>(op)?),
+        (None, _) => args.arg(&NULL).arg(&NULL),
+    };
+    args.arg(&mut out);
+    match losses.as_mut() {
+        Some(l) => args.arg(l),
+        None => args.arg(&NULL),
+    };
+    match ws_arg {
+        Some(ws) => args.arg(ws),
+        None => args.arg(&NULL),
+    };
+    // SAFETY: the argument list matches `mlp_op_<T>` in maml.cu; every buffer holds what the
+    // kernel indexes: params T·P (or P with stride 0), v likewise, x T·N·in, y T·N·out or
+    // labels T·N (validated by mod.rs), out T·N·out or T·P, losses T, the global workspace
+    // T·ws_elems or `shared` bytes of dynamic shared memory per block (attribute set above).
+    unsafe { args.launch(cfg_launch) }.map_err(driver("launching mlp_op"))?;
+    Ok(OpOutput { out, losses })
+}
+
+fn by_dtype<R>(
+    dtype: DType,
+    f32_fn: impl FnOnce() -> Result<R>,
+    f64_fn: impl FnOnce() -> Result<R>,
+) -> Result<R> {
+    match dtype {
+        DType::F32 => f32_fn(),
+        DType::F64 => f64_fn(),
+        other => Err(Error::UnsupportedDType { op: "maml", dtype: other, supported: "f32, f64" }),
+    }
+}
+
+pub(super) fn forward(layout: &Layout, dims: &Dims, params: &Tensor, x: &Tensor) -> Result<Tensor> {
+    fn go<T: Element>(layout: &Layout, dims: &Dims, params: &Tensor, x: &Tensor) -> Result<Tensor> {
+        let r = run_op::<T>("Mlp::forward", Mode::Forward, layout, dims, params, x, None, None)?;
+        Ok(wrap(r.out, &[dims.tasks, dims.samples, layout.output()], params))
+    }
+    by_dtype(params.dtype(), || go::<f32>(layout, dims, params, x), || go::<f64>(layout, dims, params, x))
+}
+
+pub(super) fn loss_and_grad(
+    layout: &Layout,
+    dims: &Dims,
+    params: &Tensor,
+    x: &Tensor,
+    y: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    fn go<T: Element>(
+        layout: &Layout,
+        dims: &Dims,
+        params: &Tensor,
+        x: &Tensor,
+        y: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let r = run_op::<T>("Mlp::loss_and_grad", Mode::Grad, layout, dims, params, x, Some(y), None)?;
+        let losses =
+            r.losses.ok_or(Error::invalid("Mlp::loss_and_grad", "losses", "not produced (a bug)"))?;
+        Ok((wrap(losses, &[dims.tasks], params), wrap(r.out, &[dims.tasks, layout.num_params], params)))
+    }
+    by_dtype(
+        params.dtype(),
+        || go::<f32>(layout, dims, params, x, y),
+        || go::<f64>(layout, dims, params, x, y),
+    )
+}
+
+pub(super) fn hvp(
+    layout: &Layout,
+    dims: &Dims,
+    params: &Tensor,
+    x: &Tensor,
+    y: &Tensor,
+    v: &Tensor,
+) -> Result<Tensor> {
+    fn go<T: Element>(
+        layout: &Layout,
+        dims: &Dims,
+        p: &Tensor,
+        x: &Tensor,
+        y: &Tensor,
+        v: &Tensor,
+    ) -> Result<Tensor> {
+        let r = run_op::<T>("Mlp::hvp", Mode::Hvp, layout, dims, p, x, Some(y), Some(v))?;
+        Ok(wrap(r.out, &[dims.tasks, layout.num_params], p))
+    }
+    by_dtype(
+        params.dtype(),
+        || go::<f32>(layout, dims, params, x, y, v),
+        || go::<f64>(layout, dims, params, x, y, v),
+    )
+}
+
+// ------------------------------------------------------------------------------------------
+// The meta-gradient.
+
+/// Which meta-gradient kernel to run.
+#[derive(Clone, Copy, PartialEq)]
+pub(crate) enum Kernel {
+    /// `maml_meta_<T>`: a block per task, shared or global workspace.
+    Fused,
+    /// `maml_meta_reference_<T>`: a thread per task, global memory.
+    Reference,
+}
+
+pub(super) fn meta_gradient(
+    layout: &Layout,
+    maml: &Maml,
+    meta: &MetaDims,
+    params: &Tensor,
+    batch: &TaskBatch,
+    kernel: Kernel,
+) -> Result<MetaGradient> {
+    by_dtype(
+        params.dtype(),
+        || meta_typed::<f32>(layout, maml, meta, params, batch, kernel),
+        || meta_typed::<f64>(layout, maml, meta, params, batch, kernel),
+    )
+}
+
+fn meta_typed<T: Element>(
+    layout: &Layout,
+    maml: &Maml,
+    meta: &MetaDims,
+    params: &Tensor,
+    batch: &TaskBatch,
+    kernel: Kernel,
+) -> Result<MetaGradient> {
+    const OP: &str = "Maml::meta_gradient";
+    let dev = params.cuda_device()?;
+    let (tasks, pn) = (meta.tasks, layout.num_params);
+    let net = net_config(OP, layout, meta.support.max(meta.query), 3)?;
+    let steps =
+        i32::try_from(maml.inner_steps).map_err(|_| Error::invalid(OP, "inner_steps", "exceeds 2^31 − 1"))?;
+    let cfg = MetaConfig {
+        net,
+        support: meta.support as i32,
+        query: meta.query as i32,
+        steps,
+        second: (maml.order == Order::Second) as i32,
+        lr: maml.inner_lr,
+    };
+    let iterate_len = tasks
+        .checked_mul(maml.inner_steps - 1)
+        .and_then(|v| v.checked_mul(pn))
+        .ok_or_else(|| Error::invalid(OP, "inner_steps", "the stored iterates overflow usize"))?;
+    let iterates = dev.alloc::<T>(iterate_len)?;
+    let mut adapted = dev.alloc::<T>(tasks * pn)?;
+    let mut grads = dev.alloc::<T>(tasks * pn)?;
+    let mut losses = dev.alloc::<T>(tasks)?;
+    let (sizes, offsets) = tables(dev, layout)?;
+    let (xs, xq) = (batch.support_x.cuda_slice::<T>(OP)?, batch.query_x.cuda_slice::<T>(OP)?);
+    let p = params.cuda_slice::<T>(OP)?;
+    let name = match kernel {
+        Kernel::Fused => format!("maml_meta_{}", T::DTYPE.as_str()),
+        Kernel::Reference => format!("maml_meta_reference_{}", T::DTYPE.as_str()),
+    };
+    let func = dev.function(MODULE, &name)?;
+    let (workspace, launch) = match kernel {
+        Kernel::Fused => {
+            let ws = plan::<T>(dev, &func, &net, tasks)?;
+            let shared = if let Workspace::Shared(b) = ws { b } else { 0 };
+            (ws, launch_config(tasks, THREADS, shared)?)
+        }
+        Kernel::Reference => {
+            let ws = Workspace::Global(dev.alloc::<T>(tasks * net.ws_elems as usize)?);
+            let threads = 32u32;
+            let blocks = tasks.div_ceil(threads as usize);
+            (
+                ws,
+                LaunchConfig {
+                    grid_dim: (blocks as u32, 1, 1),
+                    block_dim: (threads, 1, 1),
+                    shared_mem_bytes: 0,
+                },
+            )
+        }
+    };
+    let tasks_i = tasks as i32;
+    let mut args = dev.stream().launch_builder(&func);
+    args.arg(&cfg).arg(&sizes).arg(&offsets).arg(p).arg(xs);
+    match layout.loss {
+        Loss::Mse => args.arg(batch.support_y.cuda_slice::<T>(OP)?).arg(&NULL),
+        Loss::SoftmaxCrossEntropy => args.arg(&NULL).arg(batch.support_y.cuda_slice::<u32>(OP)?),
+    };
+    args.arg(xq);
+    match layout.loss {
+        Loss::Mse => args.arg(batch.query_y.cuda_slice::<T>(OP)?).arg(&NULL),
+        Loss::SoftmaxCrossEntropy => args.arg(&NULL).arg(batch.query_y.cuda_slice::<u32>(OP)?),
+    };
+    args.arg(&iterates).arg(&mut adapted).arg(&mut grads).arg(&mut losses);
+    match &workspace {
+        Workspace::Global(ws) => args.arg(ws),
+        Workspace::Shared(_) => args.arg(&NULL),
+    };
+    if kernel == Kernel::Reference {
+        args.arg(&tasks_i);
+    }
+    // SAFETY: the argument list matches `maml_meta_<T>` / `maml_meta_reference_<T>` in maml.cu;
+    // support/query inputs and targets have the shapes mod.rs validated (T·Ns·in, T·Ns·out or
+    // T·Ns labels, likewise for the query), iterates hold T·(k−1)·P (at least one element),
+    // adapted and grads T·P, losses T, and the workspace T·ws_elems elements or `shared` bytes
+    // of dynamic shared memory per block (attribute raised in `plan`).
+    unsafe { args.launch(launch) }.map_err(driver(format!("launching {name}")))?;
+
+    let mut mean = dev.alloc::<T>(pn)?;
+    let mean_fn = dev.function(MODULE, &format!("maml_mean_rows_{}", T::DTYPE.as_str()))?;
+    let (pn_i, mean_cfg) = (pn as i32, crate::cuda::grid_1d(pn, 256));
+    let mut args = dev.stream().launch_builder(&mean_fn);
+    args.arg(&grads).arg(&mut mean).arg(&tasks_i).arg(&pn_i);
+    // SAFETY: grads holds tasks·P elements and mean P; the kernel is grid-stride over P.
+    unsafe { args.launch(mean_cfg) }.map_err(driver("launching maml_mean_rows"))?;
+
+    let host_losses = dev.dtoh(&losses, tasks)?;
+    let loss = host_losses.iter().map(|l| l.to_f64()).sum::<f64>() / tasks as f64;
+    Ok(MetaGradient {
+        loss,
+        grad: wrap(mean, &[pn], params),
+        per_task_loss: wrap(losses, &[tasks], params),
+        adapted: maml.return_adapted.then(|| wrap(adapted, &[tasks, pn], params)),
+    })
+}

@@ -1,0 +1,443 @@
+//! The float types the MAML CPU path is generic over (f32, f64), the activations as
+//! zero-sized types (so that every elementwise loop is monomorphised and vectorisable), and
+//! the small dense products of the per-task passes.
+
+use std::ops::{Add, AddAssign, Div, Mul, Neg, Sub, SubAssign};
+
+use crate::cpu::{dgemm, sgemm, Mat};
+use crate::Element;
+
+/// f32 or f64.
+pub(crate) trait Real:
+    Element
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + Neg<Output = Self>
+    + AddAssign
+    + SubAssign
+    + PartialOrd
+{
+    const ZERO: Self;
+    const ONE: Self;
+    fn of(v: f64) -> Self;
+    fn exp(self) -> Self;
+    fn ln(self) -> Self;
+    fn ln_1p(self) -> Self;
+    fn tanh(self) -> Self;
+    fn abs(self) -> Self;
+    fn max(self, other: Self) -> Self;
+    /// self·a + b with one rounding (an FMA instruction where the target has one).
+    fn mul_add(self, a: Self, b: Self) -> Self;
+    /// C = alpha·A·B + beta·C through the crate's cache-blocked GEMM.
+    fn gemm(alpha: Self, a: Mat<'_, Self>, b: Mat<'_, Self>, beta: Self, c: &mut [Self], ldc: usize) -> bool;
+}
+
+macro_rules! real {
+    ($t:ty, $gemm:ident) => {
+        impl Real for $t {
+            const ZERO: Self = 0.0;
+            const ONE: Self = 1.0;
+            #[inline(always)]
+            fn of(v: f64) -> Self {
+                v as $t
+            }
+            #[inline(always)]
+            fn exp(self) -> Self {
+                <$t>::exp(self)
+            }
+            #[inline(always)]
+            fn ln(self) -> Self {
+                <$t>::ln(self)
+            }
+            #[inline(always)]
+            fn ln_1p(self) -> Self {
+                <$t>::ln_1p(self)
+            }
+            #[inline(always)]
+            fn tanh(self) -> Self {
+                <$t>::tanh(self)
+            }
+            #[inline(always)]
+            fn abs(self) -> Self {
+                <$t>::abs(self)
+            }
+            #[inline(always)]
+            fn max(self, other: Self) -> Self {
+                <$t>::max(self, other)
+            }
+            #[inline(always)]
+            fn mul_add(self, a: Self, b: Self) -> Self {
+                <$t>::mul_add(self, a, b)
+            }
+            fn gemm(
+                alpha: Self,
+                a: Mat<'_, Self>,
+                b: Mat<'_, Self>,
+                beta: Self,
+                c: &mut [Self],
+                ldc: usize,
+            ) -> bool {
+                $gemm(alpha, a, b, beta, c, ldc)
+            }
+        }
+    };
+}
+real!(f32, sgemm);
+real!(f64, dgemm);
+
+// ------------------------------------------------------------------------------------------
+// Activations: value, first and second derivative.
+
+/// An activation σ with σ' and σ''.
+pub(crate) trait Act {
+    fn value<T: Real>(z: T) -> T;
+    /// (σ'(z), σ''(z)).
+    fn derivs<T: Real>(z: T) -> (T, T);
+    /// σ'(z) alone (cheaper where σ'' is not needed).
+    fn d1<T: Real>(z: T) -> T {
+        Self::derivs(z).0
+    }
+    /// (σ(z), σ'(z)) together.
+    fn value_and_d1<T: Real>(z: T) -> (T, T) {
+        (Self::value(z), Self::d1(z))
+    }
+    /// (σ'(z), σ''(z)) given h = σ(z) as well (tanh needs no transcendental then).
+    fn derivs_at<T: Real>(z: T, _h: T) -> (T, T) {
+        Self::derivs(z)
+    }
+    /// σ'(z) given h = σ(z) as well.
+    fn d1_at<T: Real>(z: T, _h: T) -> T {
+        Self::d1(z)
+    }
+}
+
+pub(crate) struct Relu;
+pub(crate) struct Tanh;
+pub(crate) struct Gelu;
+pub(crate) struct Softplus;
+
+impl Act for Relu {
+    #[inline(always)]
+    fn value<T: Real>(z: T) -> T {
+        if z > T::ZERO {
+            z
+        } else {
+            T::ZERO
+        }
+    }
+    #[inline(always)]
+    fn derivs<T: Real>(z: T) -> (T, T) {
+        (if z > T::ZERO { T::ONE } else { T::ZERO }, T::ZERO)
+    }
+}
+
+impl Act for Tanh {
+    #[inline(always)]
+    fn value<T: Real>(z: T) -> T {
+        z.tanh()
+    }
+    #[inline(always)]
+    fn derivs<T: Real>(z: T) -> (T, T) {
+        Self::derivs_at(z, z.tanh())
+    }
+    #[inline(always)]
+    fn value_and_d1<T: Real>(z: T) -> (T, T) {
+        let t = z.tanh();
+        (t, T::ONE - t * t)
+    }
+    #[inline(always)]
+    fn derivs_at<T: Real>(_z: T, t: T) -> (T, T) {
+        let d1 = T::ONE - t * t;
+        (d1, T::of(-2.0) * t * d1)
+    }
+    #[inline(always)]
+    fn d1_at<T: Real>(_z: T, t: T) -> T {
+        T::ONE - t * t
+    }
+}
+
+const GELU_C: f64 = 0.797_884_560_802_865_4; // √(2/π)
+const GELU_A: f64 = 0.044_715;
+
+impl Act for Gelu {
+    #[inline(always)]
+    fn value<T: Real>(z: T) -> T {
+        let u = T::of(GELU_C) * (z + T::of(GELU_A) * z * z * z);
+        T::of(0.5) * z * (T::ONE + u.tanh())
+    }
+    #[inline(always)]
+    fn derivs<T: Real>(z: T) -> (T, T) {
+        // g = ½z(1 + tanh u), u = c(z + a z³):
+        // g'  = ½(1 + t) + ½ z (1 − t²) u'
+        // g'' = (1 − t²) (u' + ½ z (u'' − 2 t u'²)),  u' = c(1 + 3a z²), u'' = 6 c a z.
+        let (c, a) = (T::of(GELU_C), T::of(GELU_A));
+        let half = T::of(0.5);
+        let t = (c * (z + a * z * z * z)).tanh();
+        let sech2 = T::ONE - t * t;
+        let du = c * (T::ONE + T::of(3.0) * a * z * z);
+        let ddu = T::of(6.0) * c * a * z;
+        let d1 = half * (T::ONE + t) + half * z * sech2 * du;
+        let d2 = sech2 * (du + half * z * (ddu - T::of(2.0) * t * du * du));
+        (d1, d2)
+    }
+}
+
+impl Act for Softplus {
+    #[inline(always)]
+    fn value<T: Real>(z: T) -> T {
+        z.max(T::ZERO) + (-z.abs()).exp().ln_1p()
+    }
+    #[inline(always)]
+    fn derivs<T: Real>(z: T) -> (T, T) {
+        let s = sigmoid(z);
+        (s, s * (T::ONE - s))
+    }
+    #[inline(always)]
+    fn d1<T: Real>(z: T) -> T {
+        sigmoid(z)
+    }
+}
+
+/// The logistic function, stable for large |z|.
+#[inline(always)]
+fn sigmoid<T: Real>(z: T) -> T {
+    if z >= T::ZERO {
+        T::ONE / (T::ONE + (-z).exp())
+    } else {
+        let e = z.exp();
+        e / (T::ONE + e)
+    }
+}
+
+/// Runs `$body` with the type alias `$a` bound to the activation type of `$act`.
+macro_rules! with_act {
+    ($act:expr, $a:ident => $body:expr) => {
+        match $act {
+            $crate::ops::maml::Activation::Relu => {
+                type $a = $crate::ops::maml::real::Relu;
+                $body
+            }
+            $crate::ops::maml::Activation::Tanh => {
+                type $a = $crate::ops::maml::real::Tanh;
+                $body
+            }
+            $crate::ops::maml::Activation::Gelu => {
+                type $a = $crate::ops::maml::real::Gelu;
+                $body
+            }
+            $crate::ops::maml::Activation::Softplus => {
+                type $a = $crate::ops::maml::real::Softplus;
+                $body
+            }
+        }
+    };
+}
+pub(crate) use with_act;
+
+// ------------------------------------------------------------------------------------------
+// Dense products, all accumulating into C. Small products (the MAML regime: tens of samples,
+// tens of units) run on a register-tiled kernel without any allocation, compiled for AVX2+FMA
+// when the CPU has it (runtime detection) and for the baseline otherwise; large ones go to the
+// cache-blocked GEMM, whose packing cost is then negligible.
+
+/// Products with at least this many multiply-adds go to the cache-blocked GEMM.
+const GEMM_MIN_MACS: usize = 1 << 18;
+
+/// Whether an [n×k]·[k×m] product takes the small-product kernel (else the blocked GEMM).
+pub(crate) fn is_small(n: usize, m: usize, k: usize) -> bool {
+    n * m * k < GEMM_MIN_MACS
+}
+
+/// c[n×m] += a[n×k] · b[m×k]ᵀ through the blocked GEMM (large products; small ones transpose
+/// b once with [`transpose`] and use [`mm_nn`]).
+pub(crate) fn mm_nt<T: Real>(a: &[T], b: &[T], c: &mut [T], n: usize, m: usize, k: usize) {
+    let ok = T::gemm(T::ONE, Mat::new(a, n, k), Mat::new(b, m, k).t(), T::ONE, c, m);
+    debug_assert!(ok, "mm_nt shapes");
+}
+
+/// bt[cols×rows] = b[rows×cols]ᵀ, written row by row.
+#[inline(always)]
+pub(crate) fn transpose<T: Real>(b: &[T], rows: usize, cols: usize, bt: &mut [T]) {
+    for (j, bt_row) in bt.chunks_exact_mut(rows).take(cols).enumerate() {
+        for (i, out) in bt_row.iter_mut().enumerate() {
+            *out = b[i * cols + j];
+        }
+    }
+}
+
+/// c[m×k] += a[n×m]ᵀ · b[n×k].
+#[inline(always)]
+pub(crate) fn mm_tn<T: Real>(a: &[T], b: &[T], c: &mut [T], n: usize, m: usize, k: usize) {
+    if n * m * k >= GEMM_MIN_MACS {
+        let ok = T::gemm(T::ONE, Mat::new(a, n, m).t(), Mat::new(b, n, k), T::ONE, c, k);
+        debug_assert!(ok, "mm_tn shapes");
+        return;
+    }
+    gemm_acc(m, k, n, Strided { data: a, rs: 1, cs: m }, b, c);
+}
+
+/// c[n×k] += a[n×m] · b[m×k].
+#[inline(always)]
+pub(crate) fn mm_nn<T: Real>(a: &[T], b: &[T], c: &mut [T], n: usize, m: usize, k: usize) {
+    if n * m * k >= GEMM_MIN_MACS {
+        let ok = T::gemm(T::ONE, Mat::new(a, n, m), Mat::new(b, m, k), T::ONE, c, k);
+        debug_assert!(ok, "mm_nn shapes");
+        return;
+    }
+    gemm_acc(n, k, m, Strided { data: a, rs: m, cs: 1 }, b, c);
+}
+
+/// A left operand: element (r, p) at `data[r·rs + p·cs]`.
+#[derive(Clone, Copy)]
+struct Strided<'a, T> {
+    data: &'a [T],
+    rs: usize,
+    cs: usize,
+}
+
+/// c[n×m] += A[n×k] · b[k×m], with b and c dense row-major.
+fn gemm_acc<T: Real>(n: usize, m: usize, k: usize, a: Strided<'_, T>, b: &[T], c: &mut [T]) {
+    let fits = n == 0
+        || m == 0
+        || k == 0
+        || ((n - 1) * a.rs + (k - 1) * a.cs < a.data.len() && k * m <= b.len() && n * m <= c.len());
+    debug_assert!(fits, "gemm_acc operands out of bounds");
+    if !fits || n == 0 || m == 0 || k == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F (checked just above).
+            unsafe { gemm_avx512(n, m, k, a, b, c) };
+            return;
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+            unsafe { gemm_avx2(n, m, k, a, b, c) };
+            return;
+        }
+    }
+    gemm_body::<T, false, 16>(n, m, k, a, b, c);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gemm_avx2<T: Real>(n: usize, m: usize, k: usize, a: Strided<'_, T>, b: &[T], c: &mut [T]) {
+    gemm_body::<T, true, 16>(n, m, k, a, b, c);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn gemm_avx512<T: Real>(n: usize, m: usize, k: usize, a: Strided<'_, T>, b: &[T], c: &mut [T]) {
+    gemm_body::<T, true, 32>(n, m, k, a, b, c);
+}
+
+/// Column strips of `WIDE` f32 values (half as many f64), then 16, 8, 4 and 1, each cut into
+/// tiles of up to four rows whose accumulators stay in registers for the whole reduction over k.
+#[inline(always)]
+fn gemm_body<T: Real, const FMA: bool, const WIDE: usize>(
+    n: usize,
+    m: usize,
+    k: usize,
+    a: Strided<'_, T>,
+    b: &[T],
+    c: &mut [T],
+) {
+    let mut j0 = 0;
+    while j0 < m {
+        let rest = m - j0;
+        if WIDE >= 32 && rest >= 32 && size_of::<T>() == 4 {
+            strip::<T, FMA, 32>(n, m, k, j0, a, b, c);
+            j0 += 32;
+        } else if rest >= 16 && (size_of::<T>() == 4 || WIDE >= 32) {
+            strip::<T, FMA, 16>(n, m, k, j0, a, b, c);
+            j0 += 16;
+        } else if rest >= 8 {
+            strip::<T, FMA, 8>(n, m, k, j0, a, b, c);
+            j0 += 8;
+        } else if rest >= 4 {
+            strip::<T, FMA, 4>(n, m, k, j0, a, b, c);
+            j0 += 4;
+        } else {
+            strip::<T, FMA, 1>(n, m, k, j0, a, b, c);
+            j0 += 1;
+        }
+    }
+}
+
+#[inline(always)]
+fn strip<T: Real, const FMA: bool, const W: usize>(
+    n: usize,
+    m: usize,
+    k: usize,
+    j0: usize,
+    a: Strided<'_, T>,
+    b: &[T],
+    c: &mut [T],
+) {
+    let mut i0 = 0;
+    while i0 + 4 <= n {
+        tile::<T, FMA, 4, W>(i0, j0, m, k, a, b, c);
+        i0 += 4;
+    }
+    match n - i0 {
+        3 => tile::<T, FMA, 3, W>(i0, j0, m, k, a, b, c),
+        2 => tile::<T, FMA, 2, W>(i0, j0, m, k, a, b, c),
+        1 => tile::<T, FMA, 1, W>(i0, j0, m, k, a, b, c),
+        _ => {}
+    }
+}
+
+/// c[i0..i0+R, j0..j0+W] += Σ_p A[i0.., p] · b[p, j0..].
+///
+/// Unchecked indexing: this is the innermost loop of every small product, and bounds checks
+/// (plus the registers they hold) cost more than the multiply-adds at these sizes.
+#[inline(always)]
+fn tile<T: Real, const FMA: bool, const R: usize, const W: usize>(
+    i0: usize,
+    j0: usize,
+    m: usize,
+    k: usize,
+    a: Strided<'_, T>,
+    b: &[T],
+    c: &mut [T],
+) {
+    let mut acc = [[T::ZERO; W]; R];
+    let mut a_row = [0usize; R];
+    for (r, offset) in a_row.iter_mut().enumerate() {
+        *offset = (i0 + r) * a.rs;
+    }
+    let (ap, bp, cp) = (a.data.as_ptr(), b.as_ptr(), c.as_mut_ptr());
+    // SAFETY: `gemm_acc` checked (n−1)·rs + (k−1)·cs < a.len(), k·m ≤ b.len() and
+    // n·m ≤ c.len(); this tile touches rows i0 + r < n, columns j0 + j < m and p < k only, so
+    // every offset below is in bounds, and `c` is the only mutable borrow.
+    unsafe {
+        for p in 0..k {
+            let b_row = bp.add(p * m + j0);
+            for (acc_row, &row) in acc.iter_mut().zip(&a_row) {
+                let av = *ap.add(row + p * a.cs);
+                for (j, acc_v) in acc_row.iter_mut().enumerate() {
+                    let bv = *b_row.add(j);
+                    *acc_v = if FMA { av.mul_add(bv, *acc_v) } else { *acc_v + av * bv };
+                }
+            }
+        }
+        for (r, acc_row) in acc.iter().enumerate() {
+            let c_row = cp.add((i0 + r) * m + j0);
+            for (j, &v) in acc_row.iter().enumerate() {
+                *c_row.add(j) += v;
+            }
+        }
+    }
+}
+
+/// y += s·x.
+#[inline(always)]
+pub(crate) fn axpy<T: Real>(s: T, x: &[T], y: &mut [T]) {
+    for (yi, &xi) in y.iter_mut().zip(x) {
+        *yi += s * xi;
+    }
+}

@@ -1,0 +1,166 @@
+//! GPU tests of the maml family: the fused kernel (shared and global workspace) against the
+//! reference kernel and the CPU, forward/gradient/HVP against the CPU, device mismatch errors.
+//! They skip without a GPU (and fail with METAKERNELS_REQUIRE_CUDA=1).
+
+use metakernels::maml::{force_global_workspace, Activation, Loss, Maml, Mlp, Order, TaskBatch};
+use metakernels::testing::{assert_close, cuda_or_skip, from_f64, to_f64, Rng};
+use metakernels::{DType, Device, Error, Tensor};
+
+fn batch_on(
+    net: &Mlp,
+    tasks: usize,
+    ns: usize,
+    nq: usize,
+    dtype: DType,
+    dev: &Device,
+    seed: u64,
+) -> TaskBatch {
+    let mut rng = Rng::new(seed);
+    let (d_in, d_out) = (net.sizes[0], *net.sizes.last().unwrap());
+    let mut x =
+        |n: usize| from_f64(&rng.normal_vec(tasks * n * d_in), &[tasks, n, d_in], dtype, dev).unwrap().0;
+    let (sx, qx) = (x(ns), x(nq));
+    let mut y = |n: usize| match net.loss {
+        Loss::Mse => from_f64(&rng.normal_vec(tasks * n * d_out), &[tasks, n, d_out], dtype, dev).unwrap().0,
+        Loss::SoftmaxCrossEntropy => {
+            let labels: Vec<u32> = (0..tasks * n).map(|_| rng.below(d_out as u64) as u32).collect();
+            Tensor::from_slice(&labels, &[tasks, n], dev).unwrap()
+        }
+    };
+    let (sy, qy) = (y(ns), y(nq));
+    TaskBatch { support_x: sx, support_y: sy, query_x: qx, query_y: qy }
+}
+
+/// The same values on the CPU in f64 (labels stay u32): the reference every GPU result is
+/// held against, so that an f32 kernel is measured against exact arithmetic on its own inputs.
+fn cpu64(t: &Tensor) -> Tensor {
+    let t = t.to_device(&Device::cpu()).unwrap();
+    if t.dtype() == DType::U32 {
+        t
+    } else {
+        t.to_dtype(DType::F64).unwrap()
+    }
+}
+
+fn to_cpu(b: &TaskBatch) -> TaskBatch {
+    TaskBatch {
+        support_x: cpu64(&b.support_x),
+        support_y: cpu64(&b.support_y),
+        query_x: cpu64(&b.query_x),
+        query_y: cpu64(&b.query_y),
+    }
+}
+
+/// Fused (shared), fused (global), reference kernel and CPU agree on one meta-batch.
+fn check_meta(dev: &Device, net: &Mlp, dtype: DType, k: usize, order: Order, tasks: usize, n: usize) {
+    let b = batch_on(net, tasks, n, n + 3, dtype, dev, 7);
+    let theta = net.init(3, dtype, dev).unwrap();
+    let m = Maml { inner_steps: k, inner_lr: 0.05, order, return_adapted: true };
+    let cpu = m.meta_gradient(net, &cpu64(&theta), &to_cpu(&b)).unwrap();
+    let cpu_grad = to_f64(&cpu.grad).unwrap();
+    let tol = if dtype == DType::F64 { 1e-10 } else { 1e-4 };
+    let what = format!("{:?} {:?} {dtype} k={k} {order:?}", net.sizes, net.activation);
+    for global in [false, true] {
+        force_global_workspace(global);
+        let gpu = m.meta_gradient(net, &theta, &b).unwrap();
+        force_global_workspace(false);
+        let path = if global { "global" } else { "shared" };
+        assert_close(&format!("fused/{path} grad {what}"), &to_f64(&gpu.grad).unwrap(), &cpu_grad, tol);
+        assert_close(
+            &format!("fused/{path} losses {what}"),
+            &to_f64(&gpu.per_task_loss).unwrap(),
+            &to_f64(&cpu.per_task_loss).unwrap(),
+            tol,
+        );
+        assert_close(
+            &format!("fused/{path} adapted {what}"),
+            &to_f64(gpu.adapted.as_ref().unwrap()).unwrap(),
+            &to_f64(cpu.adapted.as_ref().unwrap()).unwrap(),
+            tol,
+        );
+    }
+    let reference = m.meta_gradient_reference(net, &theta, &b).unwrap();
+    assert_close(&format!("reference grad {what}"), &to_f64(&reference.grad).unwrap(), &cpu_grad, tol);
+}
+
+#[test]
+fn cuda_meta_gradient_matches_reference_kernel_and_cpu() {
+    let Some(dev) = cuda_or_skip("cuda_meta_gradient_matches_reference_kernel_and_cpu") else { return };
+    let sinusoid = Mlp { sizes: vec![1, 40, 40, 1], activation: Activation::Relu, loss: Loss::Mse };
+    for dtype in [DType::F32, DType::F64] {
+        for (k, order) in [(1, Order::Second), (5, Order::Second), (3, Order::First)] {
+            check_meta(&dev, &sinusoid, dtype, k, order, 25, 10);
+        }
+    }
+    for act in [Activation::Tanh, Activation::Gelu, Activation::Softplus] {
+        let net = Mlp { sizes: vec![5, 33, 17, 7], activation: act, loss: Loss::SoftmaxCrossEntropy };
+        check_meta(&dev, &net, DType::F64, 2, Order::Second, 9, 13);
+    }
+    // Too large for shared memory: takes the global path on its own.
+    let wide = Mlp { sizes: vec![16, 300, 300, 4], activation: Activation::Tanh, loss: Loss::Mse };
+    check_meta(&dev, &wide, DType::F32, 2, Order::Second, 3, 64);
+}
+
+#[test]
+fn cuda_forward_grad_hvp_match_cpu() {
+    let Some(dev) = cuda_or_skip("cuda_forward_grad_hvp_match_cpu") else { return };
+    for (sizes, act, loss) in [
+        (vec![3, 20, 11, 4], Activation::Gelu, Loss::Mse),
+        (vec![6, 9, 5], Activation::Softplus, Loss::SoftmaxCrossEntropy),
+        (vec![64, 256, 256, 10], Activation::Tanh, Loss::SoftmaxCrossEntropy),
+    ] {
+        let net = Mlp { sizes, activation: act, loss };
+        let (tasks, p) = (4, net.num_params());
+        for dtype in [DType::F32, DType::F64] {
+            let b = batch_on(&net, tasks, 17, 1, dtype, &dev, 11);
+            let mut rng = Rng::new(5);
+            let params = from_f64(
+                &rng.normal_vec(tasks * p).iter().map(|v| 0.3 * v).collect::<Vec<_>>(),
+                &[tasks, p],
+                dtype,
+                &dev,
+            )
+            .unwrap()
+            .0;
+            let v = from_f64(&rng.normal_vec(tasks * p), &[tasks, p], dtype, &dev).unwrap().0;
+            let c = cpu64;
+            let (x, y) = (&b.support_x, &b.support_y);
+            let tol = if dtype == DType::F64 { 1e-10 } else { 1e-4 };
+            for global in [false, true] {
+                force_global_workspace(global);
+                let out = net.forward(&params, x).unwrap();
+                let (l, g) = net.loss_and_grad(&params, x, y).unwrap();
+                let hv = net.hvp(&params, x, y, &v).unwrap();
+                let hv_b =
+                    net.hvp(&params, x, y, &c(&v).reshape(&[tasks * p]).unwrap().to_device(&dev).unwrap());
+                force_global_workspace(false);
+                let what = format!("{:?} {dtype} global={global}", net.sizes);
+                assert_close(
+                    &format!("forward {what}"),
+                    &to_f64(&out).unwrap(),
+                    &to_f64(&net.forward(&c(&params), &c(x)).unwrap()).unwrap(),
+                    tol,
+                );
+                let (cl, cg) = net.loss_and_grad(&c(&params), &c(x), &c(y)).unwrap();
+                assert_close(&format!("loss {what}"), &to_f64(&l).unwrap(), &to_f64(&cl).unwrap(), tol);
+                assert_close(&format!("grad {what}"), &to_f64(&g).unwrap(), &to_f64(&cg).unwrap(), tol);
+                let ch = net.hvp(&c(&params), &c(x), &c(y), &c(&v)).unwrap();
+                assert_close(&format!("hvp {what}"), &to_f64(&hv).unwrap(), &to_f64(&ch).unwrap(), tol);
+                assert!(matches!(hv_b, Err(Error::ShapeMismatch { .. })), "a [T·P] direction is refused");
+            }
+        }
+    }
+}
+
+#[test]
+fn cuda_mixed_devices_are_refused() {
+    let Some(dev) = cuda_or_skip("cuda_mixed_devices_are_refused") else { return };
+    let net = Mlp { sizes: vec![2, 4, 1], activation: Activation::Relu, loss: Loss::Mse };
+    let b = batch_on(&net, 2, 3, 3, DType::F32, &dev, 1);
+    let theta_cpu = net.init(0, DType::F32, &Device::cpu()).unwrap();
+    let m = Maml { inner_steps: 1, inner_lr: 0.1, order: Order::Second, return_adapted: false };
+    assert!(matches!(m.meta_gradient(&net, &theta_cpu, &b), Err(Error::DeviceMismatch { .. })));
+    let mixed = TaskBatch { query_y: b.query_y.to_device(&Device::cpu()).unwrap(), ..b.clone() };
+    let theta = theta_cpu.to_device(&dev).unwrap();
+    assert!(matches!(m.meta_gradient(&net, &theta, &mixed), Err(Error::DeviceMismatch { .. })));
+}
