@@ -62,7 +62,7 @@ fn layer_inputs(tasks: &[Task], dev: &Device) -> metakernels::Result<(Tensor, Te
             // W_V e_i = (0, W0 x_i − y_i) = (0, −y_i) with W0 = 0.
             q.extend(t.x_test.iter().map(|&e| e as f32).chain([0.0]));
             k.extend(x.iter().map(|&e| e as f32).chain([0.0]));
-            v.extend(std::iter::repeat(0.0f32).take(DX).chain([-y as f32]));
+            v.extend(std::iter::repeat_n(0.0f32, DX).chain([-y as f32]));
         }
     }
     let shape = [tasks.len(), 1, N, D];

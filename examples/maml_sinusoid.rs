@@ -110,7 +110,7 @@ impl Progress {
     }
 
     fn show(&self, done: usize, loss: f64) {
-        if done % 50 != 0 && done != self.total {
+        if !done.is_multiple_of(50) && done != self.total {
             return;
         }
         const WIDTH: usize = 30;

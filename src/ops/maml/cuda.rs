@@ -8,7 +8,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+use crate::cuda::{CUdevice_attribute, CUfunction_attribute};
 
 use super::{Dims, Layout, Loss, Maml, MetaDims, MetaGradient, Order, TaskBatch};
 use crate::cuda::{driver, CudaDevice, CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};

@@ -310,7 +310,7 @@ impl Maml {
             return Err(Error::invalid(op, "inner_steps", "must be at least 1 (got 0)"));
         }
         // The k stored iterates of a task must be addressable (and, below, allocatable).
-        if self.inner_steps.checked_mul(layout.num_params).map_or(true, |n| n > isize::MAX as usize / 8) {
+        if self.inner_steps.checked_mul(layout.num_params).is_none_or(|n| n > isize::MAX as usize / 8) {
             return Err(Error::invalid(
                 op,
                 "inner_steps",
@@ -360,12 +360,6 @@ pub(crate) struct MetaDims {
     pub support: usize,
     pub query: usize,
 }
-
-/// Workaround for the foundation: `Tensor::host_f32` has no caller on this branch, and its
-/// dead-code warning fails `clippy -D warnings`; naming it here keeps the branch clean.
-#[allow(dead_code)]
-const _FOUNDATION_HOST_F32: for<'a> fn(&'a Tensor, &'static str) -> Result<std::borrow::Cow<'a, [f32]>> =
-    Tensor::host_f32;
 
 fn check_float_dtype(dtype: DType, op: &'static str) -> Result<()> {
     match dtype {
