@@ -44,92 +44,58 @@ impl<'a, T> Mat<'a, T> {
     }
 }
 
-/// C = alpha · A·B + beta · C for f32, with C dense row-major `a.rows × b.cols` (row stride
-/// `ldc`). Single-threaded: callers parallelise over independent products with rayon.
-///
-/// Returns `false` (and computes nothing) if the shapes disagree or a view is out of bounds,
-/// so a caller's bug cannot become out-of-bounds memory access.
-pub(crate) fn sgemm(
-    alpha: f32,
-    a: Mat<'_, f32>,
-    b: Mat<'_, f32>,
-    beta: f32,
-    c: &mut [f32],
-    ldc: usize,
-) -> bool {
+/// Checks the shapes of C = A·B (C dense row-major `a.rows × b.cols`, row stride `ldc`) and
+/// returns the strides to hand to matrixmultiply, or `None` if a view is out of bounds.
+fn gemm_strides<T>(a: &Mat<'_, T>, b: &Mat<'_, T>, c_len: usize, ldc: usize) -> Option<[isize; 4]> {
     let (m, k, n) = (a.rows, a.cols, b.cols);
-    let c_ok = m == 0 || n == 0 || (n <= ldc && (m - 1) * ldc + n <= c.len());
+    let c_ok = m == 0 || n == 0 || (n <= ldc && (m - 1) * ldc + n <= c_len);
     if b.rows != k || !a.in_bounds() || !b.in_bounds() || !c_ok {
-        return false;
+        return None;
     }
-    if m == 0 || n == 0 {
-        return true;
-    }
-    let (rsa, csa) = a.strides();
-    let (rsb, csb) = b.strides();
-    // SAFETY: the bounds checks above guarantee every index the strides produce is inside the
-    // slices; `c` is borrowed mutably and cannot alias `a` or `b`.
-    unsafe {
-        matrixmultiply::sgemm(
-            m,
-            k,
-            n,
-            alpha,
-            a.data.as_ptr(),
-            rsa,
-            csa,
-            b.data.as_ptr(),
-            rsb,
-            csb,
-            beta,
-            c.as_mut_ptr(),
-            ldc as isize,
-            1,
-        );
-    }
-    true
+    let ((rsa, csa), (rsb, csb)) = (a.strides(), b.strides());
+    Some([rsa, csa, rsb, csb])
 }
 
-/// The f64 counterpart of [`sgemm`].
-pub(crate) fn dgemm(
-    alpha: f64,
-    a: Mat<'_, f64>,
-    b: Mat<'_, f64>,
-    beta: f64,
-    c: &mut [f64],
-    ldc: usize,
-) -> bool {
-    let (m, k, n) = (a.rows, a.cols, b.cols);
-    let c_ok = m == 0 || n == 0 || (n <= ldc && (m - 1) * ldc + n <= c.len());
-    if b.rows != k || !a.in_bounds() || !b.in_bounds() || !c_ok {
-        return false;
-    }
-    if m == 0 || n == 0 {
-        return true;
-    }
-    let (rsa, csa) = a.strides();
-    let (rsb, csb) = b.strides();
-    // SAFETY: as in `sgemm`.
-    unsafe {
-        matrixmultiply::dgemm(
-            m,
-            k,
-            n,
-            alpha,
-            a.data.as_ptr(),
-            rsa,
-            csa,
-            b.data.as_ptr(),
-            rsb,
-            csb,
-            beta,
-            c.as_mut_ptr(),
-            ldc as isize,
-            1,
-        );
-    }
-    true
+/// Defines a checked GEMM over one matrixmultiply routine.
+macro_rules! checked_gemm {
+    ($(#[$doc:meta])* $name:ident, $t:ty, $kernel:path) => {
+        $(#[$doc])*
+        pub(crate) fn $name(alpha: $t, a: Mat<'_, $t>, b: Mat<'_, $t>, beta: $t, c: &mut [$t], ldc: usize) -> bool {
+            let Some([rsa, csa, rsb, csb]) = gemm_strides(&a, &b, c.len(), ldc) else { return false };
+            let (m, k, n) = (a.rows, a.cols, b.cols);
+            if m == 0 || n == 0 {
+                return true;
+            }
+            // SAFETY: `gemm_strides` checked that every index the strides produce lies inside
+            // the slices; `c` is borrowed mutably and cannot alias `a` or `b`.
+            unsafe {
+                $kernel(
+                    m, k, n, alpha, a.data.as_ptr(), rsa, csa, b.data.as_ptr(), rsb, csb, beta,
+                    c.as_mut_ptr(), ldc as isize, 1,
+                );
+            }
+            true
+        }
+    };
 }
+
+checked_gemm!(
+    /// C = alpha · A·B + beta · C for f32, with C dense row-major `a.rows × b.cols` (row stride
+    /// `ldc`). Single-threaded: callers parallelise over independent products with rayon.
+    ///
+    /// Returns `false` (and computes nothing) if the shapes disagree or a view is out of bounds,
+    /// so a caller's bug cannot become out-of-bounds memory access.
+    sgemm,
+    f32,
+    matrixmultiply::sgemm
+);
+
+checked_gemm!(
+    /// The f64 counterpart of [`sgemm`].
+    dgemm,
+    f64,
+    matrixmultiply::dgemm
+);
 
 #[cfg(test)]
 mod tests {
