@@ -19,20 +19,7 @@ use metakernels::{DType, Device, Tensor};
 const CPU_SHAPE: (usize, usize, usize) = (200_000, 64, 256);
 const GPU_SHAPE: (usize, usize, usize) = (4_194_304, 128, 1024);
 
-/// `len` values uniform in [-1, 1), generated in parallel from a counter hash (the GPU shapes
-/// hold half a billion values: f64 Box–Muller on one thread would dominate the run).
-fn uniform_f32(len: usize, seed: u64) -> Vec<f32> {
-    use rayon::prelude::*;
-    (0..len)
-        .into_par_iter()
-        .map(|i| {
-            let mut z = (i as u64 ^ seed).wrapping_add(0x9E37_79B9_7F4A_7C15);
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
+use metakernels::testing::uniform_f32_parallel as uniform_f32;
 
 /// x uniform in [-1, 1) and its first K rows as centroids.
 fn inputs(n: usize, d: usize, k: usize, dtype: DType, dev: &Device) -> (Tensor, Tensor) {

@@ -13,20 +13,7 @@ use metakernels::bench_support::{best_ms, device_copy_gbps, Measurement};
 use metakernels::moe;
 use metakernels::{DType, Device, Tensor};
 
-/// `len` values uniform in [-1, 1) from a parallel counter hash (1M × 1024 tokens would take
-/// minutes through the f64 test generators).
-fn uniform(len: usize, seed: u64) -> Vec<f32> {
-    use rayon::prelude::*;
-    (0..len)
-        .into_par_iter()
-        .map(|i| {
-            let mut z = (i as u64 ^ seed).wrapping_add(0x9E37_79B9_7F4A_7C15);
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
+use metakernels::testing::uniform_f32_parallel as uniform;
 
 fn tensor(shape: &[usize], dtype: DType, dev: &Device, seed: u64) -> Tensor {
     let host = uniform(shape.iter().product(), seed);

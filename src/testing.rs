@@ -48,10 +48,7 @@ impl Rng {
     /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        splitmix_finish(self.0)
     }
 
     /// Uniform in [0, 1).
@@ -85,6 +82,27 @@ impl Rng {
     pub fn uniform_vec(&mut self, n: usize, lo: f64, hi: f64) -> Vec<f64> {
         (0..n).map(|_| self.uniform_in(lo, hi)).collect()
     }
+}
+
+/// SplitMix64's output function: a bijective mix of a counter into 64 random-looking bits.
+fn splitmix_finish(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// `len` values uniform in [-1, 1), generated in parallel from a counter hash: for benchmark
+/// inputs of hundreds of millions of elements, where the sequential f64 generators above would
+/// dominate the run. Element `i` depends only on `(i, seed)`.
+pub fn uniform_f32_parallel(len: usize, seed: u64) -> Vec<f32> {
+    use rayon::prelude::*;
+    (0..len)
+        .into_par_iter()
+        .map(|i| {
+            let bits = splitmix_finish((i as u64 ^ seed).wrapping_add(0x9E37_79B9_7F4A_7C15));
+            ((bits >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
 }
 
 /// A tensor of standard-normal values of `dtype` on `device`, plus the float64 values it holds
