@@ -1,8 +1,9 @@
-//! GPU tests of the maml family: the fused kernel (shared and global workspace) against the
-//! reference kernel and the CPU, forward/gradient/HVP against the CPU, device mismatch errors.
-//! They skip without a GPU (and fail with METAKERNELS_REQUIRE_CUDA=1).
+//! GPU tests of the maml family: the fused kernel, the tiled per-layer path (forced, and taken on
+//! its own for sizes that do not fit in shared memory) and the naive per-layer reference against
+//! each other and the CPU in f64; forward/gradient/HVP on both paths against the CPU; device
+//! mismatch errors. They skip without a GPU (and fail with METAKERNELS_REQUIRE_CUDA=1).
 
-use metakernels::maml::{force_global_workspace, Activation, Loss, Maml, Mlp, Order, TaskBatch};
+use metakernels::maml::{force_tiled, Activation, Loss, Maml, Mlp, Order, TaskBatch};
 use metakernels::testing::{assert_close, cuda_or_skip, from_f64, to_f64, Rng};
 use metakernels::{DType, Device, Error, Tensor};
 
@@ -51,36 +52,37 @@ fn to_cpu(b: &TaskBatch) -> TaskBatch {
     }
 }
 
-/// Fused (shared), fused (global), reference kernel and CPU agree on one meta-batch.
+/// The automatic path (fused, or tiled when too large), the forced tiled path and the naive
+/// per-layer reference all agree with the CPU in f64 on one meta-batch, and with each other.
 fn check_meta(dev: &Device, net: &Mlp, dtype: DType, k: usize, order: Order, tasks: usize, n: usize) {
     let b = batch_on(net, tasks, n, n + 3, dtype, dev, 7);
     let theta = net.init(3, dtype, dev).unwrap();
     let m = Maml { inner_steps: k, inner_lr: 0.05, order, return_adapted: true };
     let cpu = m.meta_gradient(net, &cpu64(&theta), &to_cpu(&b)).unwrap();
-    let cpu_grad = to_f64(&cpu.grad).unwrap();
     let tol = if dtype == DType::F64 { 1e-10 } else { 1e-4 };
     let what = format!("{:?} {:?} {dtype} k={k} {order:?}", net.sizes, net.activation);
-    for global in [false, true] {
-        force_global_workspace(global);
-        let gpu = m.meta_gradient(net, &theta, &b).unwrap();
-        force_global_workspace(false);
-        let path = if global { "global" } else { "shared" };
-        assert_close(&format!("fused/{path} grad {what}"), &to_f64(&gpu.grad).unwrap(), &cpu_grad, tol);
-        assert_close(
-            &format!("fused/{path} losses {what}"),
-            &to_f64(&gpu.per_task_loss).unwrap(),
-            &to_f64(&cpu.per_task_loss).unwrap(),
-            tol,
-        );
-        assert_close(
-            &format!("fused/{path} adapted {what}"),
-            &to_f64(gpu.adapted.as_ref().unwrap()).unwrap(),
-            &to_f64(cpu.adapted.as_ref().unwrap()).unwrap(),
-            tol,
-        );
-    }
-    let reference = m.meta_gradient_reference(net, &theta, &b).unwrap();
-    assert_close(&format!("reference grad {what}"), &to_f64(&reference.grad).unwrap(), &cpu_grad, tol);
+    let check =
+        |path: &str, gpu: &metakernels::maml::MetaGradient, reference: &metakernels::maml::MetaGradient| {
+            let close = |field: &str, a: &Tensor, b: &Tensor| {
+                assert_close(&format!("{path} {field} {what}"), &to_f64(a).unwrap(), &to_f64(b).unwrap(), tol)
+            };
+            close("grad", &gpu.grad, &reference.grad);
+            close("per-task losses", &gpu.per_task_loss, &reference.per_task_loss);
+            close("adapted", gpu.adapted.as_ref().unwrap(), reference.adapted.as_ref().unwrap());
+            let loss_err = (gpu.loss - reference.loss).abs() / reference.loss.abs().max(1e-30);
+            assert!(loss_err <= tol, "{path} meta-loss {what}: {} vs {}", gpu.loss, reference.loss);
+        };
+    let naive = m.meta_gradient_reference(net, &theta, &b).unwrap();
+    check("naive reference vs cpu", &naive, &cpu);
+    let auto = m.meta_gradient(net, &theta, &b).unwrap();
+    check("auto (fused or tiled) vs cpu", &auto, &cpu);
+    check("auto vs naive reference", &auto, &naive);
+    force_tiled(true);
+    let tiled = m.meta_gradient(net, &theta, &b);
+    force_tiled(false);
+    let tiled = tiled.unwrap();
+    check("tiled vs cpu", &tiled, &cpu);
+    check("tiled vs naive reference", &tiled, &naive);
 }
 
 #[test]
@@ -96,9 +98,13 @@ fn cuda_meta_gradient_matches_reference_kernel_and_cpu() {
         let net = Mlp { sizes: vec![5, 33, 17, 7], activation: act, loss: Loss::SoftmaxCrossEntropy };
         check_meta(&dev, &net, DType::F64, 2, Order::Second, 9, 13);
     }
-    // Too large for shared memory: takes the global path on its own.
+    // Too large for shared memory (about 2 MiB of workspace per task): the automatic path is
+    // the tiled one; widths of 300 span several partial 64-wide tiles, 64 samples a full one.
     let wide = Mlp { sizes: vec![16, 300, 300, 4], activation: Activation::Tanh, loss: Loss::Mse };
     check_meta(&dev, &wide, DType::F32, 2, Order::Second, 3, 64);
+    let wide_ce =
+        Mlp { sizes: vec![70, 130, 65, 11], activation: Activation::Gelu, loss: Loss::SoftmaxCrossEntropy };
+    check_meta(&dev, &wide_ce, DType::F64, 3, Order::Second, 5, 150);
 }
 
 #[test]
@@ -126,15 +132,15 @@ fn cuda_forward_grad_hvp_match_cpu() {
             let c = cpu64;
             let (x, y) = (&b.support_x, &b.support_y);
             let tol = if dtype == DType::F64 { 1e-10 } else { 1e-4 };
-            for global in [false, true] {
-                force_global_workspace(global);
+            for tiled in [false, true] {
+                force_tiled(tiled);
                 let out = net.forward(&params, x).unwrap();
                 let (l, g) = net.loss_and_grad(&params, x, y).unwrap();
                 let hv = net.hvp(&params, x, y, &v).unwrap();
                 let hv_b =
                     net.hvp(&params, x, y, &c(&v).reshape(&[tasks * p]).unwrap().to_device(&dev).unwrap());
-                force_global_workspace(false);
-                let what = format!("{:?} {dtype} global={global}", net.sizes);
+                force_tiled(false);
+                let what = format!("{:?} {dtype} forced tiled={tiled}", net.sizes);
                 assert_close(
                     &format!("forward {what}"),
                     &to_f64(&out).unwrap(),
