@@ -20,7 +20,10 @@
 //!
 //! The CPU path runs tasks in parallel with rayon over preallocated per-task workspaces; the
 //! CUDA path runs a whole meta-batch (all inner steps, the query gradient and the k reverse HVP
-//! steps of every task) in one kernel launch, a thread block per task.
+//! steps of every task) in one kernel launch, a thread block per task, its workspace in shared
+//! memory. Sizes whose per-task workspace does not fit in a block's shared memory take a tiled
+//! path instead: one launch per layer operation, batched over tasks, with 64×64-tile products
+//! (slower, same results, never an error for a valid size).
 //!
 //! ```
 //! use metakernels::maml::{Activation, Loss, Maml, Mlp, Order, TaskBatch};
