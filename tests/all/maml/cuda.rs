@@ -4,8 +4,17 @@
 //! mismatch errors. They skip without a GPU (and fail with METAKERNELS_REQUIRE_CUDA=1).
 
 use metakernels::maml::{force_tiled, Activation, Loss, Maml, Mlp, Order, TaskBatch};
-use metakernels::testing::{assert_close, cuda_or_skip, from_f64, to_f64, Rng};
+use metakernels::testing::{assert_close, cuda_or_skip, from_f64, set_poisoning, to_f64, Rng};
 use metakernels::{DType, Device, Error, Tensor};
+use std::sync::{Mutex, MutexGuard};
+
+/// `force_tiled` is process-wide: every test that runs an automatic or a forced path holds this
+/// lock, so that a test running in parallel cannot switch the path under another one.
+static PATH_LOCK: Mutex<()> = Mutex::new(());
+
+fn path_lock() -> MutexGuard<'static, ()> {
+    PATH_LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 fn batch_on(
     net: &Mlp,
@@ -72,6 +81,7 @@ fn check_meta(dev: &Device, net: &Mlp, dtype: DType, k: usize, order: Order, tas
             let loss_err = (gpu.loss - reference.loss).abs() / reference.loss.abs().max(1e-30);
             assert!(loss_err <= tol, "{path} meta-loss {what}: {} vs {}", gpu.loss, reference.loss);
         };
+    let _path = path_lock();
     let naive = m.meta_gradient_reference(net, &theta, &b).unwrap();
     check("naive reference vs cpu", &naive, &cpu);
     let auto = m.meta_gradient(net, &theta, &b).unwrap();
@@ -88,6 +98,7 @@ fn check_meta(dev: &Device, net: &Mlp, dtype: DType, k: usize, order: Order, tas
 #[test]
 fn cuda_meta_gradient_matches_reference_kernel_and_cpu() {
     let Some(dev) = cuda_or_skip("cuda_meta_gradient_matches_reference_kernel_and_cpu") else { return };
+    set_poisoning(true);
     let sinusoid = Mlp { sizes: vec![1, 40, 40, 1], activation: Activation::Relu, loss: Loss::Mse };
     for dtype in [DType::F32, DType::F64] {
         for (k, order) in [(1, Order::Second), (5, Order::Second), (3, Order::First)] {
@@ -110,6 +121,7 @@ fn cuda_meta_gradient_matches_reference_kernel_and_cpu() {
 #[test]
 fn cuda_forward_grad_hvp_match_cpu() {
     let Some(dev) = cuda_or_skip("cuda_forward_grad_hvp_match_cpu") else { return };
+    set_poisoning(true);
     for (sizes, act, loss) in [
         (vec![3, 20, 11, 4], Activation::Gelu, Loss::Mse),
         (vec![6, 9, 5], Activation::Softplus, Loss::SoftmaxCrossEntropy),
@@ -133,6 +145,7 @@ fn cuda_forward_grad_hvp_match_cpu() {
             let (x, y) = (&b.support_x, &b.support_y);
             let tol = if dtype == DType::F64 { 1e-10 } else { 1e-4 };
             for tiled in [false, true] {
+                let _path = path_lock();
                 force_tiled(tiled);
                 let out = net.forward(&params, x).unwrap();
                 let (l, g) = net.loss_and_grad(&params, x, y).unwrap();
@@ -161,6 +174,7 @@ fn cuda_forward_grad_hvp_match_cpu() {
 #[test]
 fn cuda_mixed_devices_are_refused() {
     let Some(dev) = cuda_or_skip("cuda_mixed_devices_are_refused") else { return };
+    set_poisoning(true);
     let net = Mlp { sizes: vec![2, 4, 1], activation: Activation::Relu, loss: Loss::Mse };
     let b = batch_on(&net, 2, 3, 3, DType::F32, &dev, 1);
     let theta_cpu = net.init(0, DType::F32, &Device::cpu()).unwrap();
