@@ -62,23 +62,17 @@ struct MetaConfig {
 unsafe impl DeviceRepr for NetConfig {}
 unsafe impl DeviceRepr for MetaConfig {}
 
-fn too_big(op: &'static str, layout: &Layout) -> Error {
-    Error::invalid(
-        op,
-        "sizes and sample counts",
-        format!("the per-task workspace of sizes {:?} exceeds 2^31 elements", layout.sizes),
-    )
-}
-
-/// The kernel configuration for up to `rows` samples and `vectors` parameter-sized buffers.
-fn net_config(op: &'static str, layout: &Layout, rows: usize, vectors: usize) -> Result<NetConfig> {
-    let int = |v: Option<usize>| v.filter(|&v| v <= i32::MAX as usize).ok_or_else(|| too_big(op, layout));
+/// The fused kernels' configuration for up to `rows` samples and `vectors` parameter-sized
+/// buffers per task; `None` when a count exceeds the kernels' 32-bit indexing (such a workspace
+/// is far beyond any shared memory anyway).
+fn net_config(layout: &Layout, rows: usize, vectors: usize) -> Option<NetConfig> {
+    let int = |v: Option<usize>| v.filter(|&v| v <= i32::MAX as usize);
     let widths: usize = layout.sizes[1..].iter().sum();
     let act_elems = int(rows.checked_mul(widths))?;
     let wide = int(rows.checked_mul(layout.max_width().max(layout.input())))?;
     let engine = 4usize.checked_mul(act_elems).and_then(|a| a.checked_add(4 * wide)?.checked_add(32));
     let ws = engine.and_then(|e| e.checked_add(vectors.checked_mul(layout.num_params)?));
-    Ok(NetConfig {
+    Some(NetConfig {
         layers: layout.layers() as i32,
         act: layout.activation as i32,
         loss: matches!(layout.loss, Loss::SoftmaxCrossEntropy) as i32,
@@ -90,14 +84,17 @@ fn net_config(op: &'static str, layout: &Layout, rows: usize, vectors: usize) ->
     })
 }
 
-/// The dynamic shared memory (bytes per block) of the fused kernel when its workspace fits the
-/// device's opt-in limit (raising the kernel's limit when above the default 48 KiB); `None`
-/// when the call must take the tiled path (too large, or forced).
-fn fused_shared_bytes<T: Element>(
+/// The fused kernel's configuration and dynamic shared memory (bytes per block) when its
+/// workspace fits the device's opt-in limit (raising the kernel's limit when above the default
+/// 48 KiB); `None` when the call must take the tiled path (too large, or forced).
+fn fused_plan<T: Element>(
     dev: &CudaDevice,
     func: &CudaFunction,
-    cfg: &NetConfig,
-) -> Result<Option<u32>> {
+    layout: &Layout,
+    rows: usize,
+    vectors: usize,
+) -> Result<Option<(NetConfig, u32)>> {
+    let Some(cfg) = net_config(layout, rows, vectors) else { return Ok(None) };
     let bytes = cfg.ws_elems as usize * size_of::<T>();
     let limit = dev
         .stream()
@@ -114,7 +111,7 @@ fn fused_shared_bytes<T: Element>(
         )
         .map_err(driver("raising the kernel's dynamic shared memory limit"))?;
     }
-    Ok(Some(bytes as u32))
+    Ok(Some((cfg, bytes as u32)))
 }
 
 fn launch_config(tasks: usize, threads: u32, shared: u32) -> Result<LaunchConfig> {
@@ -164,10 +161,9 @@ fn run_op<T: Element>(
     v: Option<&Tensor>,
 ) -> Result<OpOutput<T>> {
     let dev = params.cuda_device()?;
-    let cfg = net_config(op, layout, dims.samples, 0)?;
     let func = dev.function(MODULE, &format!("mlp_op_{}", T::DTYPE.as_str()))?;
-    match fused_shared_bytes::<T>(dev, &func, &cfg)? {
-        Some(shared) => run_op_fused(op, mode, layout, dims, params, x, y, v, &func, &cfg, shared),
+    match fused_plan::<T>(dev, &func, layout, dims.samples, 0)? {
+        Some((cfg, shared)) => run_op_fused(op, mode, layout, dims, params, x, y, v, &func, &cfg, shared),
         None => run_op_tiled(op, mode, layout, dims, params, x, y, v),
     }
 }
@@ -386,14 +382,13 @@ fn meta_typed<T: Element>(
     const OP: &str = "Maml::meta_gradient";
     let dev = params.cuda_device()?;
     let (tasks, pn) = (meta.tasks, layout.num_params);
-    let net = net_config(OP, layout, meta.support.max(meta.query), 3)?;
     let func = dev.function(MODULE, &format!("maml_meta_{}", T::DTYPE.as_str()))?;
-    let fused_shared = match path {
-        Path::Auto => fused_shared_bytes::<T>(dev, &func, &net)?,
+    let fused = match path {
+        Path::Auto => fused_plan::<T>(dev, &func, layout, meta.support.max(meta.query), 3)?,
         Path::Reference => None,
     };
-    let per_task = match fused_shared {
-        Some(shared) => meta_fused::<T>(dev, layout, maml, meta, params, batch, &net, &func, shared)?,
+    let per_task = match fused {
+        Some((net, shared)) => meta_fused::<T>(dev, layout, maml, meta, params, batch, &net, &func, shared)?,
         None => {
             let product = if path == Path::Reference { Product::Naive } else { Product::Tiled };
             let (xs, xq) = layered::batch_inputs::<T>(batch, OP)?;
@@ -467,7 +462,7 @@ fn meta_fused<T: Element>(
     // targets have the shapes mod.rs validated (T·Ns·in, T·Ns·out or T·Ns labels, likewise for
     // the query), iterates hold T·(k−1)·P (at least one element), adapted and grads T·P,
     // losses T, and `shared` bytes of dynamic shared memory per block hold the workspace
-    // (attribute raised in `fused_shared_bytes`).
+    // (attribute raised in `fused_plan`).
     unsafe { args.launch(launch_config(tasks, THREADS, shared)?) }.map_err(driver("launching maml_meta"))?;
     Ok(PerTask { grads, losses, adapted })
 }

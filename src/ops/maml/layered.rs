@@ -239,7 +239,6 @@ impl<'a, T: Element> Engine<'a, T> {
         };
         let wide = layout.max_width();
         let r_layers = |count: usize| if with_r { count } else { 0 };
-        int(OP, "samples × widest layer", rows.saturating_mul(wide))?;
         Ok(Engine {
             k: Kernels::load::<T>(dev, product)?,
             layout,
@@ -351,7 +350,7 @@ impl<'a, T: Element> Engine<'a, T> {
         let last = self.layout.layers() - 1;
         let width = self.layout.output();
         let (z_stride, d_stride) = ((self.rows * width) as i64, (self.rows * self.wide) as i64);
-        let (n_i, width_i, rows_i) = (int(OP, "samples", n)?, width as i32, self.rows as i32);
+        let (n_i, width_i, rows_i) = (int(OP, "samples", n)?, width as i32, int(OP, "samples", self.rows)?);
         let loss = matches!(self.layout.loss, Loss::SoftmaxCrossEntropy) as i32;
         let mut args = self.k.dev.stream().launch_builder(&self.k.loss_rows);
         args.arg(&self.z[last]);
