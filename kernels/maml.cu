@@ -119,7 +119,7 @@ __device__ __forceinline__ void act_derivs(int act, T z, T& d1, T& d2) {
 }
 
 // ------------------------------------------------------------------ the block engine --------
-// One task's buffers, carved from shared memory or from a global workspace slice.
+// One task's buffers, carved from its block's dynamic shared memory.
 template <typename T>
 struct Work {
     T* z;       // pre-activations, all layers
