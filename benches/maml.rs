@@ -9,13 +9,13 @@
 //!
 //! Besides criterion's output, one `[metakernels]` report line per kernel: time, GFLOP/s,
 //! fraction of the same-run f32 GEMM ceiling, and speed-ups over baselines measured in the same
-//! process (first order; on a GPU the per-task reference kernel).
+//! process (first order; on a GPU also the per-layer naive reference and the forced tiled path).
 
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput};
 use metakernels::bench_support::{best_ms, cpu_ceilings, Measurement};
-use metakernels::maml::{Activation, Loss, Maml, Mlp, Order, TaskBatch};
+use metakernels::maml::{force_tiled, Activation, Loss, Maml, Mlp, Order, TaskBatch};
 use metakernels::testing::{from_f64, Rng};
 use metakernels::{DType, Device, Tensor};
 
@@ -131,7 +131,11 @@ fn sinusoid(c: &mut Criterion, dev: &Device) {
             let m = Maml { inner_steps: steps, inner_lr: 0.01, order: Order::Second, return_adapted: false };
             let reference =
                 best_ms(dev, 5, || m.meta_gradient_reference(&net, &theta, &batch).map(|_| ())).unwrap();
-            baselines.push(("reference kernel (thread per task)".to_string(), reference));
+            baselines.push(("per-layer naive reference".to_string(), reference));
+            force_tiled(true);
+            let tiled = best_ms(dev, 20, || m.meta_gradient(&net, &theta, &batch).map(|_| ()));
+            force_tiled(false);
+            baselines.push(("per-layer tiled path (forced)".to_string(), tiled.unwrap()));
         }
         Measurement {
             kernel: "maml/sinusoid_meta_gradient_second_order".into(),

@@ -1,19 +1,28 @@
 // Second-order MAML on MLPs: forward, gradient, exact Hessian-vector products (R-operator,
-// forward-over-reverse) and the whole k-step meta-gradient, one thread block per task.
+// forward-over-reverse) and the whole k-step meta-gradient.
 //
-// Kernels (T = f32 | f64):
-//   maml_meta_<T>       the fused meta-gradient: for its task, a block runs the k inner SGD steps,
-//                       the query gradient and the k reverse HVP steps g <- g - a*H_j g, all in
-//                       one launch for the whole meta-batch. Every per-task buffer (current
-//                       parameters, g, Hg, activations, deltas and their R{} directions) lives in
-//                       dynamic shared memory when it fits; otherwise the same code runs on a
-//                       per-block slice of a global workspace (slower, L2-resident, never an
-//                       error). Only the inner iterates theta_1..theta_{k-1} go to global memory.
-//   mlp_op_<T>          forward / loss+gradient / HVP of T tasks, same engine, same two modes.
+// Two engines compute the same thing (T = f32 | f64):
+//
+// Fused, one thread block per task, everything in dynamic shared memory:
+//   maml_meta_<T>       the whole meta-gradient in one launch for the meta-batch: the k inner SGD
+//                       steps, the query gradient and the k reverse HVP steps g <- g - a*H_j g.
+//                       Every per-task buffer (current parameters, g, Hg, activations, deltas and
+//                       their R{} directions) lives in shared memory; only the inner iterates
+//                       theta_1..theta_{k-1} go to global memory.
+//   mlp_op_<T>          forward / loss+gradient / HVP of T tasks, same engine.
+//
+// Per-layer, orchestrated from the host (src/ops/maml/layered.rs), every launch batched over
+// all tasks; used when the fused workspace does not fit in shared memory, and as the reference:
+//   maml_gemm_tiled_<T> C (+)= A.B per task, 64x64 output tiles staged through shared memory,
+//                       tasks on gridDim.z: the layer products of the (R-)forward and
+//                       (R-)backward passes.
+//   maml_gemm_naive_<T> the same product, one thread per output element, a plain loop: the
+//                       reference the GPU tests hold the fused and tiled paths against.
+//   maml_bias_act_<T>, maml_r_bias_act_<T>, maml_loss_rows_<T>, maml_task_loss_<T>,
+//   maml_col_sum_<T>, maml_act_back_<T>, maml_sgd_step_<T>, maml_descend_<T>
+//                       the element-wise steps between the products, one thread per element.
 //   maml_mean_rows_<T>  the mean over tasks of the per-task meta-gradients (fixed order:
-//                       deterministic).
-//   maml_meta_reference_<T>  one thread per task, plain serial loops in global memory: the
-//                       obviously correct version the GPU tests hold the fast one against.
+//                       deterministic); shared by both engines.
 //
 // Layout of a parameter vector: for each layer l, W_l (fan_out x fan_in, row-major) then b_l.
 // Activations are [n, width] row-major per layer. Accumulation is in T (f32 or f64).
@@ -110,7 +119,7 @@ __device__ __forceinline__ void act_derivs(int act, T z, T& d1, T& d2) {
 }
 
 // ------------------------------------------------------------------ the block engine --------
-// One task's buffers, carved from shared memory or from a global workspace slice.
+// One task's buffers, carved from its block's dynamic shared memory.
 template <typename T>
 struct Work {
     T* z;       // pre-activations, all layers
@@ -317,12 +326,11 @@ __device__ __forceinline__ void block_copy(T* dst, const T* src, int n) {
     for (int i = threadIdx.x; i < n; i += blockDim.x) dst[i] = src[i];
 }
 
-// The per-task workspace base: dynamic shared memory, or this block's slice of `ws_global`.
+// The per-task workspace: dynamic shared memory.
 template <typename T>
-__device__ __forceinline__ T* workspace(T* ws_global, long long ws_elems) {
+__device__ __forceinline__ T* workspace() {
     extern __shared__ __align__(16) unsigned char smem_bytes[];
-    return ws_global != nullptr ? ws_global + (long long)blockIdx.x * ws_elems
-                                : reinterpret_cast<T*>(smem_bytes);
+    return reinterpret_cast<T*>(smem_bytes);
 }
 
 // ------------------------------------------------------------------ fused meta-gradient -----
@@ -330,10 +338,10 @@ __device__ __forceinline__ T* workspace(T* ws_global, long long ws_elems) {
 template <typename T>
 __device__ void maml_meta(const MetaConfig cfg, const int* sizes, const int* w_off, const T* params,
                           const T* xs, const T* ys, const unsigned* ls, const T* xq, const T* yq,
-                          const unsigned* lq, T* iterates, T* adapted, T* grads, T* losses, T* ws_global) {
+                          const unsigned* lq, T* iterates, T* adapted, T* grads, T* losses) {
     const NetConfig& c = cfg.net;
     const int task = blockIdx.x, P = c.params, in_w = sizes[0], out_w = sizes[c.layers];
-    T* base = workspace(ws_global, c.ws_elems);
+    T* base = workspace<T>();
     T* theta = base;
     T* g = base + P;
     T* hv = base + 2 * P;
@@ -390,9 +398,9 @@ enum OpMode { OP_FORWARD = 0, OP_GRAD = 1, OP_HVP = 2 };
 template <typename T>
 __device__ void mlp_op(const NetConfig c, int mode, int n, const int* sizes, const int* w_off, const T* params,
                        long long p_stride, const T* v, long long v_stride, const T* x, const T* y,
-                       const unsigned* labels, T* out, T* losses, T* ws_global) {
+                       const unsigned* labels, T* out, T* losses) {
     const int task = blockIdx.x, P = c.params, in_w = sizes[0], out_w = sizes[c.layers];
-    Work<T> w = carve(workspace(ws_global, c.ws_elems), c);
+    Work<T> w = carve(workspace<T>(), c);
     const T* p = params + task * p_stride;
     const T* vt = mode == OP_HVP ? v + task * v_stride : nullptr;
     const T* xt = x + (long long)task * n * in_w;
@@ -414,161 +422,250 @@ __device__ void mlp_op(const NetConfig c, int mode, int n, const int* sizes, con
     }
 }
 
-// ------------------------------------------------------------------ reference (serial) ------
-// One thread per task, everything in global memory, written as plainly as possible: a forward
-// pass that keeps every layer, a backward pass, and the R-operator versions of both.
-template <typename T>
-struct Ref {
-    const int* sizes;
-    const int* w_off;
-    int layers, act, loss, rows;
-    T *z, *h, *rz, *rh, *d, *db, *rd, *rdb;
+// ------------------------------------------------------------------ per-layer engine --------
+// Every kernel below is batched over tasks and grid-stride, so any launch size is valid.
 
-    __device__ int off(int l) const { return act_offset(sizes, l, rows); }
-
-    __device__ void fwd(const T* p, const T* v, const T* x, int n) {
-        for (int l = 0; l < layers; ++l) {
-            const int fi = sizes[l], fo = sizes[l + 1];
-            for (int s = 0; s < n; ++s)
-                for (int o = 0; o < fo; ++o) {
-                    T a = p[w_off[l] + fo * fi + o], ra = v ? v[w_off[l] + fo * fi + o] : T(0);
-                    for (int i = 0; i < fi; ++i) {
-                        const T in = l == 0 ? x[s * fi + i] : h[off(l - 1) + s * fi + i];
-                        a += p[w_off[l] + o * fi + i] * in;
-                        if (v) {
-                            ra += v[w_off[l] + o * fi + i] * in;
-                            if (l > 0) ra += p[w_off[l] + o * fi + i] * rh[off(l - 1) + s * fi + i];
-                        }
-                    }
-                    z[off(l) + s * fo + o] = a;
-                    rz[off(l) + s * fo + o] = ra;
-                    T d1, d2;
-                    act_derivs(act, a, d1, d2);
-                    h[off(l) + s * fo + o] = act_value(act, a);
-                    rh[off(l) + s * fo + o] = d1 * ra;
-                }
-        }
-    }
-
-    __device__ T head(const T* y, const unsigned* lab, int n) {
-        const int C = sizes[layers];
-        const T* o = z + off(layers - 1);
-        const T* ro = rz + off(layers - 1);
-        T total = T(0);
-        for (int s = 0; s < n; ++s) {
-            if (loss == LOSS_MSE) {
-                for (int j = 0; j < C; ++j) {
-                    const T e = o[s * C + j] - y[s * C + j];
-                    total += e * e / T(n * C);
-                    d[s * C + j] = T(2) * e / T(n * C);
-                    rd[s * C + j] = T(2) * ro[s * C + j] / T(n * C);
-                }
-            } else {
-                T m = o[s * C];
-                for (int j = 1; j < C; ++j) m = max(m, o[s * C + j]);
-                T sum = T(0), prz = T(0);
-                for (int j = 0; j < C; ++j) sum += exp_(o[s * C + j] - m);
-                for (int j = 0; j < C; ++j) prz += exp_(o[s * C + j] - m) / sum * ro[s * C + j];
-                for (int j = 0; j < C; ++j) {
-                    const T pr = exp_(o[s * C + j] - m) / sum;
-                    d[s * C + j] = (pr - (j == (int)lab[s] ? T(1) : T(0))) / T(n);
-                    rd[s * C + j] = pr * (ro[s * C + j] - prz) / T(n);
-                }
-                total += (log_(sum) + m - o[s * C + lab[s]]) / T(n);
-            }
-        }
-        return total;
-    }
-
-    // grad may be null; hv only with v.
-    __device__ void bwd(const T* p, const T* v, const T* x, int n, T* grad, T* hv) {
-        for (int l = layers - 1; l >= 0; --l) {
-            const int fi = sizes[l], fo = sizes[l + 1];
-            for (int o = 0; o < fo; ++o) {
-                T gb = T(0), rgb = T(0);
-                for (int i = 0; i < fi; ++i) {
-                    T gw = T(0), rgw = T(0);
-                    for (int s = 0; s < n; ++s) {
-                        const T in = l == 0 ? x[s * fi + i] : h[off(l - 1) + s * fi + i];
-                        const T rin = l == 0 ? T(0) : rh[off(l - 1) + s * fi + i];
-                        gw += d[s * fo + o] * in;
-                        rgw += rd[s * fo + o] * in + d[s * fo + o] * rin;
-                    }
-                    if (grad) grad[w_off[l] + o * fi + i] = gw;
-                    if (hv) hv[w_off[l] + o * fi + i] = rgw;
-                }
-                for (int s = 0; s < n; ++s) {
-                    gb += d[s * fo + o];
-                    rgb += rd[s * fo + o];
-                }
-                if (grad) grad[w_off[l] + fo * fi + o] = gb;
-                if (hv) hv[w_off[l] + fo * fi + o] = rgb;
-            }
-            if (l == 0) break;
-            for (int s = 0; s < n; ++s)
-                for (int i = 0; i < fi; ++i) {
-                    T g = T(0), rg = T(0);
-                    for (int o = 0; o < fo; ++o) {
-                        g += d[s * fo + o] * p[w_off[l] + o * fi + i];
-                        if (v) rg += rd[s * fo + o] * p[w_off[l] + o * fi + i] + d[s * fo + o] * v[w_off[l] + o * fi + i];
-                    }
-                    T d1, d2;
-                    const int zi = off(l - 1) + s * fi + i;
-                    act_derivs(act, z[zi], d1, d2);
-                    db[s * fi + i] = g * d1;
-                    rdb[s * fi + i] = rg * d1 + g * d2 * rz[zi];
-                }
-            T* t = d; d = db; db = t;
-            t = rd; rd = rdb; rdb = t;
-        }
-    }
+// A matrix operand of one task: element (i, j) of task t at off + t*batch + i*rs + j*cs.
+// Must match `Operand` in src/ops/maml/layered.rs.
+struct Operand {
+    long long off;
+    long long batch;
+    int rs;
+    int cs;
 };
 
-// Reference workspace per task: theta[P], g[P], hv[P], z, h, rz, rh (act_elems each), 4 deltas.
+// C = A.B (accumulate: C += A.B) for every task, A: m x k, B: k x n, C: m x n.
+// Must match `GemmShape` in src/ops/maml/layered.rs.
+struct GemmShape {
+    Operand a, b, c;
+    int m, n, k;
+    int tasks;
+    int accumulate;
+    int pad;
+};
+
+__device__ __forceinline__ long long global_thread() { return (long long)blockIdx.x * blockDim.x + threadIdx.x; }
+__device__ __forceinline__ long long grid_threads() { return (long long)gridDim.x * blockDim.x; }
+
 template <typename T>
-__device__ void maml_meta_reference(const MetaConfig cfg, const int* sizes, const int* w_off, const T* params,
-                                    const T* xs, const T* ys, const unsigned* ls, const T* xq, const T* yq,
-                                    const unsigned* lq, T* iterates, T* adapted, T* grads, T* losses, T* ws,
-                                    int tasks) {
-    const int task = blockIdx.x * blockDim.x + threadIdx.x;
-    if (task >= tasks) return;
-    const NetConfig& c = cfg.net;
-    const int P = c.params, in_w = sizes[0], out_w = sizes[c.layers];
-    T* base = ws + (long long)task * c.ws_elems;
-    T *theta = base, *g = base + P, *hv = base + 2 * P;
-    T* a = base + 3 * P;
-    Ref<T> r{sizes, w_off, c.layers, c.act, c.loss, c.rows,
-             a, a + c.act_elems, a + 2 * c.act_elems, a + 3 * c.act_elems,
-             a + 4 * c.act_elems, a + 4 * c.act_elems + c.wide, a + 4 * c.act_elems + 2 * c.wide,
-             a + 4 * c.act_elems + 3 * c.wide};
-    const T lr = T(cfg.lr);
-    const T* x_s = xs + (long long)task * cfg.support * in_w;
-    const T* x_q = xq + (long long)task * cfg.query * in_w;
-    const T* y_s = c.loss == LOSS_MSE ? ys + (long long)task * cfg.support * out_w : nullptr;
-    const T* y_q = c.loss == LOSS_MSE ? yq + (long long)task * cfg.query * out_w : nullptr;
-    const unsigned* l_s = c.loss == LOSS_CE ? ls + (long long)task * cfg.support : nullptr;
-    const unsigned* l_q = c.loss == LOSS_CE ? lq + (long long)task * cfg.query : nullptr;
-    T* its = iterates + (long long)task * (cfg.steps - 1) * P;
-    for (int i = 0; i < P; ++i) theta[i] = params[i];
-    for (int j = 0; j < cfg.steps; ++j) {
-        r.fwd(theta, nullptr, x_s, cfg.support);
-        r.head(y_s, l_s, cfg.support);
-        r.bwd(theta, nullptr, x_s, cfg.support, hv, nullptr);
-        T* keep = j + 1 < cfg.steps ? its + (long long)j * P : adapted + (long long)task * P;
-        for (int i = 0; i < P; ++i) keep[i] = theta[i] = theta[i] - lr * hv[i];
+__device__ __forceinline__ T* at(T* base, const Operand& o, long long t, long long i, long long j) {
+    return base + o.off + t * o.batch + i * o.rs + j * o.cs;
+}
+
+// The reference product: one thread per output element, a plain loop over k.
+template <typename T>
+__device__ void gemm_naive(const T* A, const T* B, T* C, const GemmShape s) {
+    const long long per_task = (long long)s.m * s.n, total = per_task * s.tasks;
+    for (long long e = global_thread(); e < total; e += grid_threads()) {
+        const long long t = e / per_task, r = e - t * per_task;
+        const long long i = r / s.n, j = r - i * s.n;
+        T acc = T(0);
+        for (int q = 0; q < s.k; ++q) acc += *at(A, s.a, t, i, q) * *at(B, s.b, t, q, j);
+        T* c = at(C, s.c, t, i, j);
+        *c = s.accumulate ? *c + acc : acc;
     }
-    r.fwd(theta, nullptr, x_q, cfg.query);
-    losses[task] = r.head(y_q, l_q, cfg.query);
-    r.bwd(theta, nullptr, x_q, cfg.query, g, nullptr);
-    if (cfg.second)
-        for (int j = cfg.steps - 1; j >= 0; --j) {
-            const T* th = j == 0 ? params : its + (long long)(j - 1) * P;
-            r.fwd(th, g, x_s, cfg.support);
-            r.head(y_s, l_s, cfg.support);
-            r.bwd(th, g, x_s, cfg.support, nullptr, hv);
-            for (int i = 0; i < P; ++i) g[i] -= lr * hv[i];
+}
+
+// The tiled product: a 256-thread block computes 64x64 output tiles, staging 64x16 slices of A
+// and 16x64 slices of B through shared memory; each thread owns a 4x4 micro-tile strided by 16
+// (rows ty + 16i, columns tx + 16j) so that its shared-memory reads are broadcasts (A) or
+// consecutive (B). Loads follow whichever dimension of the operand is contiguous, so both
+// plain and transposed operands coalesce. Tiles over n on gridDim.x, m on y, tasks on z, each
+// grid-stride (the host caps y and z at 65535).
+constexpr int TILE_M = 64, TILE_N = 64, TILE_K = 16, TILE_THREADS = 256;
+
+template <typename T>
+__device__ void gemm_tiled(const T* A, const T* B, T* C, const GemmShape s) {
+    __shared__ T As[TILE_K][TILE_M + 1];
+    __shared__ T Bs[TILE_K][TILE_N + 1];
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    const int tiles_m = (s.m + TILE_M - 1) / TILE_M, tiles_n = (s.n + TILE_N - 1) / TILE_N;
+    const bool a_k_fast = s.a.cs == 1, b_n_fast = s.b.cs == 1;
+    for (int t = blockIdx.z; t < s.tasks; t += gridDim.z)
+        for (int tm = blockIdx.y; tm < tiles_m; tm += gridDim.y)
+            for (int tn = blockIdx.x; tn < tiles_n; tn += gridDim.x) {
+                const int m0 = tm * TILE_M, n0 = tn * TILE_N;
+                T acc[4][4];
+#pragma unroll
+                for (int i = 0; i < 4; ++i)
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) acc[i][j] = T(0);
+                for (int k0 = 0; k0 < s.k; k0 += TILE_K) {
+                    for (int e = threadIdx.x; e < TILE_M * TILE_K; e += TILE_THREADS) {
+                        const int mm = a_k_fast ? e / TILE_K : e % TILE_M;
+                        const int kk = a_k_fast ? e % TILE_K : e / TILE_M;
+                        const int gm = m0 + mm, gk = k0 + kk;
+                        As[kk][mm] = gm < s.m && gk < s.k ? *at(A, s.a, t, gm, gk) : T(0);
+                    }
+                    for (int e = threadIdx.x; e < TILE_K * TILE_N; e += TILE_THREADS) {
+                        const int nn = b_n_fast ? e % TILE_N : e / TILE_K;
+                        const int kk = b_n_fast ? e / TILE_N : e % TILE_K;
+                        const int gn = n0 + nn, gk = k0 + kk;
+                        Bs[kk][nn] = gn < s.n && gk < s.k ? *at(B, s.b, t, gk, gn) : T(0);
+                    }
+                    __syncthreads();
+#pragma unroll
+                    for (int kk = 0; kk < TILE_K; ++kk) {
+                        T a[4], b[4];
+#pragma unroll
+                        for (int i = 0; i < 4; ++i) a[i] = As[kk][ty + 16 * i];
+#pragma unroll
+                        for (int j = 0; j < 4; ++j) b[j] = Bs[kk][tx + 16 * j];
+#pragma unroll
+                        for (int i = 0; i < 4; ++i)
+#pragma unroll
+                            for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * b[j];
+                    }
+                    __syncthreads();
+                }
+#pragma unroll
+                for (int i = 0; i < 4; ++i)
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) {
+                        const int gm = m0 + ty + 16 * i, gn = n0 + tx + 16 * j;
+                        if (gm < s.m && gn < s.n) {
+                            T* c = at(C, s.c, t, gm, gn);
+                            *c = s.accumulate ? *c + acc[i][j] : acc[i][j];
+                        }
+                    }
+            }
+}
+
+// z[t] (n x fo, task stride z_stride) += b (task stride p_stride); h = sigma(z) when h != null.
+template <typename T>
+__device__ void bias_act(T* z, T* h, const T* p, long long b_off, long long p_stride, int n, int fo,
+                         long long z_stride, int tasks, int act) {
+    const long long per_task = (long long)n * fo, total = per_task * tasks;
+    for (long long e = global_thread(); e < total; e += grid_threads()) {
+        const long long t = e / per_task, r = e - t * per_task;
+        const int o = (int)(r % fo);
+        const long long idx = t * z_stride + r;
+        const T v = z[idx] + p[b_off + t * p_stride + o];
+        z[idx] = v;
+        if (h != nullptr) h[idx] = act_value(act, v);
+    }
+}
+
+// rz += R{b} (task stride v_stride); rh = sigma'(z) rz when rh != null.
+template <typename T>
+__device__ void r_bias_act(T* rz, T* rh, const T* z, const T* v, long long b_off, long long v_stride, int n,
+                           int fo, long long z_stride, int tasks, int act) {
+    const long long per_task = (long long)n * fo, total = per_task * tasks;
+    for (long long e = global_thread(); e < total; e += grid_threads()) {
+        const long long t = e / per_task, r = e - t * per_task;
+        const int o = (int)(r % fo);
+        const long long idx = t * z_stride + r;
+        const T rv = rz[idx] + v[b_off + t * v_stride + o];
+        rz[idx] = rv;
+        if (rh != nullptr) {
+            T d1, d2;
+            act_derivs(act, z[idx], d1, d2);
+            rh[idx] = d1 * rv;
         }
-    for (int i = 0; i < P; ++i) grads[(long long)task * P + i] = g[i];
+    }
+}
+
+// One thread per (task, sample): the sample's share of the loss into row_loss[t*rows + s],
+// delta = dL/dz for its output row and, when rdelta != null, R{delta} = (d^2L/dz^2) R{z}.
+template <typename T>
+__device__ void loss_rows(const T* z, const T* rz, long long z_stride, const T* y, const unsigned* labels, int n,
+                          int width, int tasks, int loss, T* delta, T* rdelta, long long d_stride, T* row_loss,
+                          int rows) {
+    const long long total = (long long)n * tasks;
+    for (long long e = global_thread(); e < total; e += grid_threads()) {
+        const long long t = e / n;
+        const int s = (int)(e - t * n);
+        const T* zr = z + t * z_stride + (long long)s * width;
+        const T* rzr = rdelta != nullptr ? rz + t * z_stride + (long long)s * width : nullptr;
+        T* dr = delta + t * d_stride + (long long)s * width;
+        T* rdr = rdelta != nullptr ? rdelta + t * d_stride + (long long)s * width : nullptr;
+        T contribution = T(0);
+        if (loss == LOSS_MSE) {
+            const T* yr = y + e * width;
+            const T count = T((long long)n * width);
+            for (int j = 0; j < width; ++j) {
+                const T err = zr[j] - yr[j];
+                contribution += err * err / count;
+                dr[j] = T(2) * err / count;
+                if (rdr != nullptr) rdr[j] = T(2) * rzr[j] / count;
+            }
+        } else {
+            const int label = (int)labels[e];
+            T m = zr[0];
+            for (int j = 1; j < width; ++j) m = max(m, zr[j]);
+            T sum = T(0);
+            for (int j = 0; j < width; ++j) sum += exp_(zr[j] - m);
+            T p_rz = T(0);
+            if (rdr != nullptr)
+                for (int j = 0; j < width; ++j) p_rz += exp_(zr[j] - m) / sum * rzr[j];
+            for (int j = 0; j < width; ++j) {
+                const T prob = exp_(zr[j] - m) / sum;
+                dr[j] = (prob - (j == label ? T(1) : T(0))) / T(n);
+                if (rdr != nullptr) rdr[j] = prob * (rzr[j] - p_rz) / T(n);
+            }
+            contribution = (log_(sum) + m - zr[label]) / T(n);
+        }
+        row_loss[t * rows + s] = contribution;
+    }
+}
+
+// One thread per task: its loss, the samples' shares summed in order (deterministic).
+template <typename T>
+__device__ void task_loss(const T* row_loss, int rows, int n, T* losses, int tasks) {
+    for (long long t = global_thread(); t < tasks; t += grid_threads()) {
+        T acc = T(0);
+        for (int s = 0; s < n; ++s) acc += row_loss[t * rows + s];
+        losses[t] = acc;
+    }
+}
+
+// One thread per (task, column): out[off + t*out_stride + o] = sum over the n rows of d.
+template <typename T>
+__device__ void col_sum(const T* d, long long d_stride, int n, int width, T* out, long long out_off,
+                        long long out_stride, int tasks) {
+    const long long total = (long long)width * tasks;
+    for (long long e = global_thread(); e < total; e += grid_threads()) {
+        const long long t = e / width;
+        const int o = (int)(e - t * width);
+        T acc = T(0);
+        for (int s = 0; s < n; ++s) acc += d[t * d_stride + (long long)s * width + o];
+        out[out_off + t * out_stride + o] = acc;
+    }
+}
+
+// In place, from dh = dL/dh of a hidden layer (and R{dh} in rd when not null) to its deltas:
+// d = dh sigma'(z);  rd = R{dh} sigma'(z) + dh sigma''(z) R{z}.
+template <typename T>
+__device__ void act_back(T* d, T* rd, long long d_stride, const T* z, const T* rz, long long z_stride, int n,
+                         int width, int tasks, int act) {
+    const long long per_task = (long long)n * width, total = per_task * tasks;
+    for (long long e = global_thread(); e < total; e += grid_threads()) {
+        const long long t = e / per_task, r = e - t * per_task;
+        const long long di = t * d_stride + r, zi = t * z_stride + r;
+        T d1, d2;
+        act_derivs(act, z[zi], d1, d2);
+        const T dh = d[di];
+        d[di] = dh * d1;
+        if (rd != nullptr) rd[di] = rd[di] * d1 + dh * d2 * rz[zi];
+    }
+}
+
+// dst[t] = src[t] - lr * grad[t] over P parameters (src task stride 0: one broadcast row).
+template <typename T>
+__device__ void sgd_step(T* dst, const T* src, long long src_stride, const T* grad, double lr, int P, int tasks) {
+    const T a = T(lr);
+    const long long total = (long long)P * tasks;
+    for (long long e = global_thread(); e < total; e += grid_threads()) {
+        const long long t = e / P, i = e - t * P;
+        dst[e] = src[t * src_stride + i] - a * grad[e];
+    }
+}
+
+// g -= lr * hv, element-wise over total elements.
+template <typename T>
+__device__ void descend(T* g, const T* hv, double lr, long long total) {
+    const T a = T(lr);
+    for (long long e = global_thread(); e < total; e += grid_threads()) g[e] -= a * hv[e];
 }
 
 // Mean over rows of a [tasks, P] matrix, each column summed in row order.
@@ -587,23 +684,59 @@ __device__ void mean_rows(const T* rows, T* out, int tasks, int P) {
     extern "C" __global__ void maml_meta_##TN(                                                           \
         const MetaConfig cfg, const int* sizes, const int* w_off, const T* params, const T* xs,         \
         const T* ys, const unsigned* ls, const T* xq, const T* yq, const unsigned* lq, T* iterates,     \
-        T* adapted, T* grads, T* losses, T* ws_global) {                                                 \
+        T* adapted, T* grads, T* losses) {                                                               \
         maml_meta<T>(cfg, sizes, w_off, params, xs, ys, ls, xq, yq, lq, iterates, adapted, grads,       \
-                     losses, ws_global);                                                                 \
-    }                                                                                                    \
-    extern "C" __global__ void maml_meta_reference_##TN(                                                 \
-        const MetaConfig cfg, const int* sizes, const int* w_off, const T* params, const T* xs,         \
-        const T* ys, const unsigned* ls, const T* xq, const T* yq, const unsigned* lq, T* iterates,     \
-        T* adapted, T* grads, T* losses, T* ws, int tasks) {                                             \
-        maml_meta_reference<T>(cfg, sizes, w_off, params, xs, ys, ls, xq, yq, lq, iterates, adapted,    \
-                               grads, losses, ws, tasks);                                                \
+                     losses);                                                                            \
     }                                                                                                    \
     extern "C" __global__ void mlp_op_##TN(const NetConfig c, int mode, int n, const int* sizes,         \
                                            const int* w_off, const T* params, long long p_stride,       \
                                            const T* v, long long v_stride, const T* x, const T* y,      \
-                                           const unsigned* labels, T* out, T* losses, T* ws_global) {   \
-        mlp_op<T>(c, mode, n, sizes, w_off, params, p_stride, v, v_stride, x, y, labels, out, losses,   \
-                  ws_global);                                                                            \
+                                           const unsigned* labels, T* out, T* losses) {                 \
+        mlp_op<T>(c, mode, n, sizes, w_off, params, p_stride, v, v_stride, x, y, labels, out, losses);  \
+    }                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(TILE_THREADS)                                           \
+        maml_gemm_tiled_##TN(const T* a, const T* b, T* c, const GemmShape s) {                          \
+        gemm_tiled<T>(a, b, c, s);                                                                       \
+    }                                                                                                    \
+    extern "C" __global__ void maml_gemm_naive_##TN(const T* a, const T* b, T* c, const GemmShape s) {   \
+        gemm_naive<T>(a, b, c, s);                                                                       \
+    }                                                                                                    \
+    extern "C" __global__ void maml_bias_act_##TN(T* z, T* h, const T* p, long long b_off,              \
+                                                  long long p_stride, int n, int fo, long long z_stride, \
+                                                  int tasks, int act) {                                  \
+        bias_act<T>(z, h, p, b_off, p_stride, n, fo, z_stride, tasks, act);                             \
+    }                                                                                                    \
+    extern "C" __global__ void maml_r_bias_act_##TN(T* rz, T* rh, const T* z, const T* v, long long b_off, \
+                                                    long long v_stride, int n, int fo, long long z_stride, \
+                                                    int tasks, int act) {                                \
+        r_bias_act<T>(rz, rh, z, v, b_off, v_stride, n, fo, z_stride, tasks, act);                      \
+    }                                                                                                    \
+    extern "C" __global__ void maml_loss_rows_##TN(const T* z, const T* rz, long long z_stride, const T* y, \
+                                                   const unsigned* labels, int n, int width, int tasks,  \
+                                                   int loss, T* delta, T* rdelta, long long d_stride,    \
+                                                   T* row_loss, int rows) {                              \
+        loss_rows<T>(z, rz, z_stride, y, labels, n, width, tasks, loss, delta, rdelta, d_stride, row_loss, \
+                     rows);                                                                              \
+    }                                                                                                    \
+    extern "C" __global__ void maml_task_loss_##TN(const T* row_loss, int rows, int n, T* losses,        \
+                                                   int tasks) {                                          \
+        task_loss<T>(row_loss, rows, n, losses, tasks);                                                  \
+    }                                                                                                    \
+    extern "C" __global__ void maml_col_sum_##TN(const T* d, long long d_stride, int n, int width, T* out, \
+                                                 long long out_off, long long out_stride, int tasks) {   \
+        col_sum<T>(d, d_stride, n, width, out, out_off, out_stride, tasks);                              \
+    }                                                                                                    \
+    extern "C" __global__ void maml_act_back_##TN(T* d, T* rd, long long d_stride, const T* z,           \
+                                                  const T* rz, long long z_stride, int n, int width,     \
+                                                  int tasks, int act) {                                  \
+        act_back<T>(d, rd, d_stride, z, rz, z_stride, n, width, tasks, act);                             \
+    }                                                                                                    \
+    extern "C" __global__ void maml_sgd_step_##TN(T* dst, const T* src, long long src_stride,           \
+                                                  const T* grad, double lr, int P, int tasks) {          \
+        sgd_step<T>(dst, src, src_stride, grad, lr, P, tasks);                                           \
+    }                                                                                                    \
+    extern "C" __global__ void maml_descend_##TN(T* g, const T* hv, double lr, long long total) {        \
+        descend<T>(g, hv, lr, total);                                                                    \
     }                                                                                                    \
     extern "C" __global__ void maml_mean_rows_##TN(const T* rows, T* out, int tasks, int P) {            \
         mean_rows<T>(rows, out, tasks, P);                                                               \

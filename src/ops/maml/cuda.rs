@@ -1,15 +1,19 @@
-//! Launches of `kernels/maml.cu`: one thread block per task for every operation.
+//! Launches of `kernels/maml.cu` and the choice of path per call.
 //!
-//! Each block needs a per-task workspace (activations, deltas and their R{} directions, plus
-//! three parameter-sized vectors for the meta-gradient). When it fits in the device's opt-in
-//! shared memory the kernel runs on dynamic shared memory; otherwise it runs the same code on a
-//! per-block slice of a global workspace (slower, never an error). The choice is made per call
-//! from the sizes, and can be forced to the global path for tests.
+//! The rule: the fused kernels (`maml_meta_<T>`, `mlp_op_<T>`: one thread block per task, one
+//! launch for the whole batch) need a per-task workspace of activations, deltas and their R{}
+//! directions for the largest sample set, plus three parameter-sized vectors for the
+//! meta-gradient (`ws_elems` of `net_config`, times the element size). When it fits in the
+//! device's opt-in shared memory per block (227 KiB on an H100/H200) the fused kernel runs;
+//! otherwise the call takes the tiled per-layer path of `layered.rs` (batched 64×64-tile
+//! products across tasks: slower, never wrong, never an error for a valid size). Tests force the
+//! tiled path with `force_tiled`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::cuda::{CUdevice_attribute, CUfunction_attribute};
 
+use super::layered::{self, Engine, Input, Params, PerTask, Product};
 use super::{Dims, Layout, Loss, Maml, MetaDims, MetaGradient, Order, TaskBatch};
 use crate::cuda::{driver, CudaDevice, CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 use crate::tensor::CudaBuffer;
@@ -20,11 +24,11 @@ const THREADS: u32 = 256;
 /// Shared memory a kernel may use without opting in.
 const DEFAULT_SHARED_BYTES: usize = 48 * 1024;
 
-static FORCE_GLOBAL: AtomicBool = AtomicBool::new(false);
+static FORCE_TILED: AtomicBool = AtomicBool::new(false);
 
-/// Forces the global-memory workspace path (tests use it to cover both paths on one shape).
-pub(crate) fn force_global_workspace(on: bool) {
-    FORCE_GLOBAL.store(on, Ordering::Relaxed);
+/// Forces the tiled per-layer path (tests use it to cover both paths on one shape).
+pub(crate) fn force_tiled(on: bool) {
+    FORCE_TILED.store(on, Ordering::Relaxed);
 }
 
 /// Mirrors `NetConfig` in kernels/maml.cu.
@@ -58,23 +62,17 @@ struct MetaConfig {
 unsafe impl DeviceRepr for NetConfig {}
 unsafe impl DeviceRepr for MetaConfig {}
 
-fn too_big(op: &'static str, layout: &Layout) -> Error {
-    Error::invalid(
-        op,
-        "sizes and sample counts",
-        format!("the per-task workspace of sizes {:?} exceeds 2^31 elements", layout.sizes),
-    )
-}
-
-/// The kernel configuration for up to `rows` samples and `vectors` parameter-sized buffers.
-fn net_config(op: &'static str, layout: &Layout, rows: usize, vectors: usize) -> Result<NetConfig> {
-    let int = |v: Option<usize>| v.filter(|&v| v <= i32::MAX as usize).ok_or_else(|| too_big(op, layout));
+/// The fused kernels' configuration for up to `rows` samples and `vectors` parameter-sized
+/// buffers per task; `None` when a count exceeds the kernels' 32-bit indexing (such a workspace
+/// is far beyond any shared memory anyway).
+fn net_config(layout: &Layout, rows: usize, vectors: usize) -> Option<NetConfig> {
+    let int = |v: Option<usize>| v.filter(|&v| v <= i32::MAX as usize);
     let widths: usize = layout.sizes[1..].iter().sum();
     let act_elems = int(rows.checked_mul(widths))?;
     let wide = int(rows.checked_mul(layout.max_width().max(layout.input())))?;
     let engine = 4usize.checked_mul(act_elems).and_then(|a| a.checked_add(4 * wide)?.checked_add(32));
     let ws = engine.and_then(|e| e.checked_add(vectors.checked_mul(layout.num_params)?));
-    Ok(NetConfig {
+    Some(NetConfig {
         layers: layout.layers() as i32,
         act: layout.activation as i32,
         loss: matches!(layout.loss, Loss::SoftmaxCrossEntropy) as i32,
@@ -86,44 +84,34 @@ fn net_config(op: &'static str, layout: &Layout, rows: usize, vectors: usize) ->
     })
 }
 
-/// Where the blocks' workspaces live.
-enum Workspace<T> {
-    /// Dynamic shared memory of this many bytes per block.
-    Shared(u32),
-    /// A global buffer of `tasks × ws_elems` elements.
-    Global(CudaSlice<T>),
-}
-
-/// Picks shared memory when the workspace fits the opt-in limit (setting the attribute), else
-/// allocates the global workspace.
-fn plan<T: Element>(
+/// The fused kernel's configuration and dynamic shared memory (bytes per block) when its
+/// workspace fits the device's opt-in limit (raising the kernel's limit when above the default
+/// 48 KiB); `None` when the call must take the tiled path (too large, or forced).
+fn fused_plan<T: Element>(
     dev: &CudaDevice,
     func: &CudaFunction,
-    cfg: &NetConfig,
-    tasks: usize,
-) -> Result<Workspace<T>> {
+    layout: &Layout,
+    rows: usize,
+    vectors: usize,
+) -> Result<Option<(NetConfig, u32)>> {
+    let Some(cfg) = net_config(layout, rows, vectors) else { return Ok(None) };
     let bytes = cfg.ws_elems as usize * size_of::<T>();
     let limit = dev
         .stream()
         .context()
         .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
         .map_err(driver("querying the shared memory limit"))? as usize;
-    if bytes <= limit && !FORCE_GLOBAL.load(Ordering::Relaxed) {
-        if bytes > DEFAULT_SHARED_BYTES {
-            func.set_attribute(
-                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                bytes as i32,
-            )
-            .map_err(driver("raising the kernel's dynamic shared memory limit"))?;
-        }
-        return Ok(Workspace::Shared(bytes as u32));
+    if bytes > limit || FORCE_TILED.load(Ordering::Relaxed) {
+        return Ok(None);
     }
-    let elems = tasks.checked_mul(cfg.ws_elems as usize).ok_or(Error::invalid(
-        "maml",
-        "tasks",
-        "the global workspace size overflows",
-    ))?;
-    Ok(Workspace::Global(dev.alloc::<T>(elems)?))
+    if bytes > DEFAULT_SHARED_BYTES {
+        func.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            bytes as i32,
+        )
+        .map_err(driver("raising the kernel's dynamic shared memory limit"))?;
+    }
+    Ok(Some((cfg, bytes as u32)))
 }
 
 fn launch_config(tasks: usize, threads: u32, shared: u32) -> Result<LaunchConfig> {
@@ -173,9 +161,37 @@ fn run_op<T: Element>(
     v: Option<&Tensor>,
 ) -> Result<OpOutput<T>> {
     let dev = params.cuda_device()?;
-    let cfg = net_config(op, layout, dims.samples, 0)?;
     let func = dev.function(MODULE, &format!("mlp_op_{}", T::DTYPE.as_str()))?;
-    let workspace = plan::<T>(dev, &func, &cfg, dims.tasks)?;
+    match fused_plan::<T>(dev, &func, layout, dims.samples, 0)? {
+        Some((cfg, shared)) => run_op_fused(op, mode, layout, dims, params, x, y, v, &func, &cfg, shared),
+        None => run_op_tiled(op, mode, layout, dims, params, x, y, v),
+    }
+}
+
+/// The row stride of a [T, P] tensor, or 0 for one [P] row broadcast to all tasks.
+fn task_stride(t: &Tensor, pn: usize) -> usize {
+    if t.rank() == 2 {
+        pn
+    } else {
+        0
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_op_fused<T: Element>(
+    op: &'static str,
+    mode: Mode,
+    layout: &Layout,
+    dims: &Dims,
+    params: &Tensor,
+    x: &Tensor,
+    y: Option<&Tensor>,
+    v: Option<&Tensor>,
+    func: &CudaFunction,
+    cfg: &NetConfig,
+    shared: u32,
+) -> Result<OpOutput<T>> {
+    let dev = params.cuda_device()?;
     let (sizes, offsets) = tables(dev, layout)?;
     let out_len = match mode {
         Mode::Forward => dims.tasks * dims.samples * layout.output(),
@@ -183,22 +199,15 @@ fn run_op<T: Element>(
     };
     let mut out = dev.alloc::<T>(out_len)?;
     let mut losses = if mode == Mode::Grad { Some(dev.alloc::<T>(dims.tasks)?) } else { None };
-    let pn = layout.num_params as i64;
-    let p_stride: i64 = if dims.broadcast { 0 } else { pn };
-    let v_stride: i64 = match v {
-        Some(v) if v.rank() == 2 => pn,
-        _ => 0,
-    };
+    let pn = layout.num_params;
+    let p_stride = if dims.broadcast { 0 } else { pn as i64 };
+    let v_stride = v.map_or(0, |v| task_stride(v, pn)) as i64;
     let (mode_i, n) = (mode as i32, dims.samples as i32);
     let p = params.cuda_slice::<T>(op)?;
     let xs = x.cuda_slice::<T>(op)?;
-    let (shared, ws_arg) = match &workspace {
-        Workspace::Shared(bytes) => (*bytes, None),
-        Workspace::Global(buf) => (0, Some(buf)),
-    };
     let cfg_launch = launch_config(dims.tasks, THREADS, shared)?;
-    let mut args = dev.stream().launch_builder(&func);
-    args.arg(&cfg).arg(&mode_i).arg(&n).arg(&sizes).arg(&offsets).arg(p).arg(&p_stride);
+    let mut args = dev.stream().launch_builder(func);
+    args.arg(cfg).arg(&mode_i).arg(&n).arg(&sizes).arg(&offsets).arg(p).arg(&p_stride);
     match v {
         Some(v) => args.arg(v.cuda_slice::<T>(op)?),
         None => args.arg(&NULL),
@@ -214,16 +223,53 @@ fn run_op<T: Element>(
         Some(l) => args.arg(l),
         None => args.arg(&NULL),
     };
-    match ws_arg {
-        Some(ws) => args.arg(ws),
-        None => args.arg(&NULL),
-    };
     // SAFETY: the argument list matches `mlp_op_<T>` in maml.cu; every buffer holds what the
     // kernel indexes: params T·P (or P with stride 0), v likewise, x T·N·in, y T·N·out or
-    // labels T·N (validated by mod.rs), out T·N·out or T·P, losses T, the global workspace
-    // T·ws_elems or `shared` bytes of dynamic shared memory per block (attribute set above).
+    // labels T·N (validated by mod.rs), out T·N·out or T·P, losses T, and `shared` bytes of
+    // dynamic shared memory per block hold the workspace (attribute raised when needed).
     unsafe { args.launch(cfg_launch) }.map_err(driver("launching mlp_op"))?;
     Ok(OpOutput { out, losses })
+}
+
+/// forward / loss_and_grad / hvp through the tiled per-layer engine.
+#[allow(clippy::too_many_arguments)]
+fn run_op_tiled<T: Element>(
+    op: &'static str,
+    mode: Mode,
+    layout: &Layout,
+    dims: &Dims,
+    params: &Tensor,
+    x: &Tensor,
+    y: Option<&Tensor>,
+    v: Option<&Tensor>,
+) -> Result<OpOutput<T>> {
+    let dev = params.cuda_device()?;
+    let pn = layout.num_params;
+    let p = Params { buf: params.cuda_slice::<T>(op)?, stride: if dims.broadcast { 0 } else { pn } };
+    let input = Input { x: x.cuda_slice::<T>(op)?, n: dims.samples };
+    let with_r = mode == Mode::Hvp;
+    let mut engine = Engine::<T>::new(dev, layout, Product::Tiled, dims.tasks, dims.samples, with_r)?;
+    let direction = match v {
+        Some(v) if with_r => Some(Params { buf: v.cuda_slice::<T>(op)?, stride: task_stride(v, pn) }),
+        _ => None,
+    };
+    engine.forward(p, direction, input)?;
+    let Some(y) = y else {
+        let out =
+            engine.into_outputs().ok_or(Error::invalid(op, "sizes", "an MLP without layers (a bug)"))?;
+        return Ok(OpOutput { out, losses: None });
+    };
+    let targets = layered::targets::<T>(layout, y, op)?;
+    let mut out = dev.alloc::<T>(dims.tasks * pn)?;
+    if let Some(direction) = direction {
+        engine.head(targets, dims.samples, true, None)?;
+        engine.backward(p, Some((direction, &mut out)), input, None)?;
+        return Ok(OpOutput { out, losses: None });
+    }
+    let mut losses = dev.alloc::<T>(dims.tasks)?;
+    engine.head(targets, dims.samples, false, Some(&mut losses))?;
+    engine.backward(p, None, input, Some(&mut out))?;
+    Ok(OpOutput { out, losses: Some(losses) })
 }
 
 fn by_dtype<R>(
@@ -301,12 +347,12 @@ pub(super) fn hvp(
 // ------------------------------------------------------------------------------------------
 // The meta-gradient.
 
-/// Which meta-gradient kernel to run.
+/// Which meta-gradient path to run.
 #[derive(Clone, Copy, PartialEq)]
-pub(crate) enum Kernel {
-    /// `maml_meta_<T>`: a block per task, shared or global workspace.
-    Fused,
-    /// `maml_meta_reference_<T>`: a thread per task, global memory.
+pub(crate) enum Path {
+    /// The fused kernel when its workspace fits in shared memory, else the tiled per-layer path.
+    Auto,
+    /// The per-layer path with the naive product: the reference.
     Reference,
 }
 
@@ -316,12 +362,12 @@ pub(super) fn meta_gradient(
     meta: &MetaDims,
     params: &Tensor,
     batch: &TaskBatch,
-    kernel: Kernel,
+    path: Path,
 ) -> Result<MetaGradient> {
     by_dtype(
         params.dtype(),
-        || meta_typed::<f32>(layout, maml, meta, params, batch, kernel),
-        || meta_typed::<f64>(layout, maml, meta, params, batch, kernel),
+        || meta_typed::<f32>(layout, maml, meta, params, batch, path),
+        || meta_typed::<f64>(layout, maml, meta, params, batch, path),
     )
 }
 
@@ -331,16 +377,58 @@ fn meta_typed<T: Element>(
     meta: &MetaDims,
     params: &Tensor,
     batch: &TaskBatch,
-    kernel: Kernel,
+    path: Path,
 ) -> Result<MetaGradient> {
     const OP: &str = "Maml::meta_gradient";
     let dev = params.cuda_device()?;
     let (tasks, pn) = (meta.tasks, layout.num_params);
-    let net = net_config(OP, layout, meta.support.max(meta.query), 3)?;
+    let func = dev.function(MODULE, &format!("maml_meta_{}", T::DTYPE.as_str()))?;
+    let fused = match path {
+        Path::Auto => fused_plan::<T>(dev, &func, layout, meta.support.max(meta.query), 3)?,
+        Path::Reference => None,
+    };
+    let per_task = match fused {
+        Some((net, shared)) => meta_fused::<T>(dev, layout, maml, meta, params, batch, &net, &func, shared)?,
+        None => {
+            let product = if path == Path::Reference { Product::Naive } else { Product::Tiled };
+            let (xs, xq) = layered::batch_inputs::<T>(batch, OP)?;
+            let ys = layered::targets::<T>(layout, &batch.support_y, OP)?;
+            let yq = layered::targets::<T>(layout, &batch.query_y, OP)?;
+            let p = params.cuda_slice::<T>(OP)?;
+            layered::meta_gradient::<T>(dev, layout, maml, meta, product, p, xs, ys, xq, yq)?
+        }
+    };
+    let mean = layered::mean_rows::<T>(dev, &per_task.grads, tasks, pn)?;
+    let host_losses = dev.dtoh(&per_task.losses, tasks)?;
+    let loss = host_losses.iter().map(|l| l.to_f64()).sum::<f64>() / tasks as f64;
+    Ok(MetaGradient {
+        loss,
+        grad: wrap(mean, &[pn], params),
+        per_task_loss: wrap(per_task.losses, &[tasks], params),
+        adapted: maml.return_adapted.then(|| wrap(per_task.adapted, &[tasks, pn], params)),
+    })
+}
+
+/// The whole meta-gradient in one launch of `maml_meta_<T>`, workspace in `shared` bytes of
+/// dynamic shared memory per block.
+#[allow(clippy::too_many_arguments)]
+fn meta_fused<T: Element>(
+    dev: &CudaDevice,
+    layout: &Layout,
+    maml: &Maml,
+    meta: &MetaDims,
+    params: &Tensor,
+    batch: &TaskBatch,
+    net: &NetConfig,
+    func: &CudaFunction,
+    shared: u32,
+) -> Result<PerTask<T>> {
+    const OP: &str = "Maml::meta_gradient";
+    let (tasks, pn) = (meta.tasks, layout.num_params);
     let steps =
         i32::try_from(maml.inner_steps).map_err(|_| Error::invalid(OP, "inner_steps", "exceeds 2^31 − 1"))?;
     let cfg = MetaConfig {
-        net,
+        net: *net,
         support: meta.support as i32,
         query: meta.query as i32,
         steps,
@@ -356,35 +444,9 @@ fn meta_typed<T: Element>(
     let mut grads = dev.alloc::<T>(tasks * pn)?;
     let mut losses = dev.alloc::<T>(tasks)?;
     let (sizes, offsets) = tables(dev, layout)?;
-    let (xs, xq) = (batch.support_x.cuda_slice::<T>(OP)?, batch.query_x.cuda_slice::<T>(OP)?);
+    let (xs, xq) = layered::batch_inputs::<T>(batch, OP)?;
     let p = params.cuda_slice::<T>(OP)?;
-    let name = match kernel {
-        Kernel::Fused => format!("maml_meta_{}", T::DTYPE.as_str()),
-        Kernel::Reference => format!("maml_meta_reference_{}", T::DTYPE.as_str()),
-    };
-    let func = dev.function(MODULE, &name)?;
-    let (workspace, launch) = match kernel {
-        Kernel::Fused => {
-            let ws = plan::<T>(dev, &func, &net, tasks)?;
-            let shared = if let Workspace::Shared(b) = ws { b } else { 0 };
-            (ws, launch_config(tasks, THREADS, shared)?)
-        }
-        Kernel::Reference => {
-            let ws = Workspace::Global(dev.alloc::<T>(tasks * net.ws_elems as usize)?);
-            let threads = 32u32;
-            let blocks = tasks.div_ceil(threads as usize);
-            (
-                ws,
-                LaunchConfig {
-                    grid_dim: (blocks as u32, 1, 1),
-                    block_dim: (threads, 1, 1),
-                    shared_mem_bytes: 0,
-                },
-            )
-        }
-    };
-    let tasks_i = tasks as i32;
-    let mut args = dev.stream().launch_builder(&func);
+    let mut args = dev.stream().launch_builder(func);
     args.arg(&cfg).arg(&sizes).arg(&offsets).arg(p).arg(xs);
     match layout.loss {
         Loss::Mse => args.arg(batch.support_y.cuda_slice::<T>(OP)?).arg(&NULL),
@@ -396,34 +458,11 @@ fn meta_typed<T: Element>(
         Loss::SoftmaxCrossEntropy => args.arg(&NULL).arg(batch.query_y.cuda_slice::<u32>(OP)?),
     };
     args.arg(&iterates).arg(&mut adapted).arg(&mut grads).arg(&mut losses);
-    match &workspace {
-        Workspace::Global(ws) => args.arg(ws),
-        Workspace::Shared(_) => args.arg(&NULL),
-    };
-    if kernel == Kernel::Reference {
-        args.arg(&tasks_i);
-    }
-    // SAFETY: the argument list matches `maml_meta_<T>` / `maml_meta_reference_<T>` in maml.cu;
-    // support/query inputs and targets have the shapes mod.rs validated (T·Ns·in, T·Ns·out or
-    // T·Ns labels, likewise for the query), iterates hold T·(k−1)·P (at least one element),
-    // adapted and grads T·P, losses T, and the workspace T·ws_elems elements or `shared` bytes
-    // of dynamic shared memory per block (attribute raised in `plan`).
-    unsafe { args.launch(launch) }.map_err(driver(format!("launching {name}")))?;
-
-    let mut mean = dev.alloc::<T>(pn)?;
-    let mean_fn = dev.function(MODULE, &format!("maml_mean_rows_{}", T::DTYPE.as_str()))?;
-    let (pn_i, mean_cfg) = (pn as i32, crate::cuda::grid_1d(pn, 256));
-    let mut args = dev.stream().launch_builder(&mean_fn);
-    args.arg(&grads).arg(&mut mean).arg(&tasks_i).arg(&pn_i);
-    // SAFETY: grads holds tasks·P elements and mean P; the kernel is grid-stride over P.
-    unsafe { args.launch(mean_cfg) }.map_err(driver("launching maml_mean_rows"))?;
-
-    let host_losses = dev.dtoh(&losses, tasks)?;
-    let loss = host_losses.iter().map(|l| l.to_f64()).sum::<f64>() / tasks as f64;
-    Ok(MetaGradient {
-        loss,
-        grad: wrap(mean, &[pn], params),
-        per_task_loss: wrap(losses, &[tasks], params),
-        adapted: maml.return_adapted.then(|| wrap(adapted, &[tasks, pn], params)),
-    })
+    // SAFETY: the argument list matches `maml_meta_<T>` in maml.cu; support/query inputs and
+    // targets have the shapes mod.rs validated (T·Ns·in, T·Ns·out or T·Ns labels, likewise for
+    // the query), iterates hold T·(k−1)·P (at least one element), adapted and grads T·P,
+    // losses T, and `shared` bytes of dynamic shared memory per block hold the workspace
+    // (attribute raised in `fused_plan`).
+    unsafe { args.launch(launch_config(tasks, THREADS, shared)?) }.map_err(driver("launching maml_meta"))?;
+    Ok(PerTask { grads, losses, adapted })
 }

@@ -20,7 +20,10 @@
 //!
 //! The CPU path runs tasks in parallel with rayon over preallocated per-task workspaces; the
 //! CUDA path runs a whole meta-batch (all inner steps, the query gradient and the k reverse HVP
-//! steps of every task) in one kernel launch, a thread block per task.
+//! steps of every task) in one kernel launch, a thread block per task, its workspace in shared
+//! memory. Sizes whose per-task workspace does not fit in a block's shared memory take a tiled
+//! path instead: one launch per layer operation, batched over tasks, with 64×64-tile products
+//! (slower, same results, never an error for a valid size).
 //!
 //! ```
 //! use metakernels::maml::{Activation, Loss, Maml, Mlp, Order, TaskBatch};
@@ -46,6 +49,8 @@
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(feature = "cuda")]
+mod layered;
 mod layout;
 mod real;
 
@@ -250,14 +255,15 @@ impl Maml {
             (Storage::Cpu(_), _) => cpu::meta_gradient::<f64>(&layout, self, &meta, params, batch),
             #[cfg(feature = "cuda")]
             (Storage::Cuda(_), _) => {
-                cuda::meta_gradient(&layout, self, &meta, params, batch, cuda::Kernel::Fused)
+                cuda::meta_gradient(&layout, self, &meta, params, batch, cuda::Path::Auto)
             }
         }
     }
 
-    /// [`Maml::meta_gradient`] through the simple reference kernel (one thread per task, plain
-    /// serial loops in global memory) on a CUDA device: the baseline the GPU tests and
-    /// benchmarks hold the fused kernel against. Errors on the CPU.
+    /// [`Maml::meta_gradient`] through the simple reference kernels on a CUDA device: one launch
+    /// per layer operation, batched over tasks, each kernel one thread per output element with
+    /// plain loops. The baseline the GPU tests and benchmarks hold the fused and tiled paths
+    /// against. Errors on the CPU.
     #[doc(hidden)]
     pub fn meta_gradient_reference(
         &self,
@@ -276,7 +282,7 @@ impl Maml {
         #[cfg(feature = "cuda")]
         {
             let (layout, meta) = self.validate(mlp, params, batch, OP)?;
-            cuda::meta_gradient(&layout, self, &meta, params, batch, cuda::Kernel::Reference)
+            cuda::meta_gradient(&layout, self, &meta, params, batch, cuda::Path::Reference)
         }
         #[cfg(not(feature = "cuda"))]
         {
@@ -286,12 +292,13 @@ impl Maml {
     }
 }
 
-/// Makes every CUDA MAML kernel use its global-memory workspace even where shared memory would
-/// fit (tests cover both paths on one shape with it). A no-op without CUDA.
+/// Makes every CUDA MAML operation take the tiled per-layer path even where the fused kernel's
+/// workspace would fit in shared memory (tests cover both paths on one shape with it).
+/// Process-wide; a no-op without CUDA.
 #[doc(hidden)]
-pub fn force_global_workspace(on: bool) {
+pub fn force_tiled(on: bool) {
     #[cfg(feature = "cuda")]
-    cuda::force_global_workspace(on);
+    cuda::force_tiled(on);
     #[cfg(not(feature = "cuda"))]
     let _ = on;
 }

@@ -1,10 +1,20 @@
-//! GPU tests of the maml family: the fused kernel (shared and global workspace) against the
-//! reference kernel and the CPU, forward/gradient/HVP against the CPU, device mismatch errors.
-//! They skip without a GPU (and fail with METAKERNELS_REQUIRE_CUDA=1).
+//! GPU tests of the maml family: the fused kernel, the tiled per-layer path (forced, and taken on
+//! its own for sizes that do not fit in shared memory) and the naive per-layer reference against
+//! each other and the CPU in f64; forward/gradient/HVP on both paths against the CPU; device
+//! mismatch errors. They skip without a GPU (and fail with METAKERNELS_REQUIRE_CUDA=1).
 
-use metakernels::maml::{force_global_workspace, Activation, Loss, Maml, Mlp, Order, TaskBatch};
-use metakernels::testing::{assert_close, cuda_or_skip, from_f64, to_f64, Rng};
+use metakernels::maml::{force_tiled, Activation, Loss, Maml, Mlp, Order, TaskBatch};
+use metakernels::testing::{assert_close, cuda_or_skip, from_f64, set_poisoning, to_f64, Rng};
 use metakernels::{DType, Device, Error, Tensor};
+use std::sync::{Mutex, MutexGuard};
+
+/// `force_tiled` is process-wide: every test that runs an automatic or a forced path holds this
+/// lock, so that a test running in parallel cannot switch the path under another one.
+static PATH_LOCK: Mutex<()> = Mutex::new(());
+
+fn path_lock() -> MutexGuard<'static, ()> {
+    PATH_LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 fn batch_on(
     net: &Mlp,
@@ -51,41 +61,44 @@ fn to_cpu(b: &TaskBatch) -> TaskBatch {
     }
 }
 
-/// Fused (shared), fused (global), reference kernel and CPU agree on one meta-batch.
+/// The automatic path (fused, or tiled when too large), the forced tiled path and the naive
+/// per-layer reference all agree with the CPU in f64 on one meta-batch, and with each other.
 fn check_meta(dev: &Device, net: &Mlp, dtype: DType, k: usize, order: Order, tasks: usize, n: usize) {
     let b = batch_on(net, tasks, n, n + 3, dtype, dev, 7);
     let theta = net.init(3, dtype, dev).unwrap();
     let m = Maml { inner_steps: k, inner_lr: 0.05, order, return_adapted: true };
     let cpu = m.meta_gradient(net, &cpu64(&theta), &to_cpu(&b)).unwrap();
-    let cpu_grad = to_f64(&cpu.grad).unwrap();
     let tol = if dtype == DType::F64 { 1e-10 } else { 1e-4 };
     let what = format!("{:?} {:?} {dtype} k={k} {order:?}", net.sizes, net.activation);
-    for global in [false, true] {
-        force_global_workspace(global);
-        let gpu = m.meta_gradient(net, &theta, &b).unwrap();
-        force_global_workspace(false);
-        let path = if global { "global" } else { "shared" };
-        assert_close(&format!("fused/{path} grad {what}"), &to_f64(&gpu.grad).unwrap(), &cpu_grad, tol);
-        assert_close(
-            &format!("fused/{path} losses {what}"),
-            &to_f64(&gpu.per_task_loss).unwrap(),
-            &to_f64(&cpu.per_task_loss).unwrap(),
-            tol,
-        );
-        assert_close(
-            &format!("fused/{path} adapted {what}"),
-            &to_f64(gpu.adapted.as_ref().unwrap()).unwrap(),
-            &to_f64(cpu.adapted.as_ref().unwrap()).unwrap(),
-            tol,
-        );
-    }
-    let reference = m.meta_gradient_reference(net, &theta, &b).unwrap();
-    assert_close(&format!("reference grad {what}"), &to_f64(&reference.grad).unwrap(), &cpu_grad, tol);
+    let check =
+        |path: &str, gpu: &metakernels::maml::MetaGradient, reference: &metakernels::maml::MetaGradient| {
+            let close = |field: &str, a: &Tensor, b: &Tensor| {
+                assert_close(&format!("{path} {field} {what}"), &to_f64(a).unwrap(), &to_f64(b).unwrap(), tol)
+            };
+            close("grad", &gpu.grad, &reference.grad);
+            close("per-task losses", &gpu.per_task_loss, &reference.per_task_loss);
+            close("adapted", gpu.adapted.as_ref().unwrap(), reference.adapted.as_ref().unwrap());
+            let loss_err = (gpu.loss - reference.loss).abs() / reference.loss.abs().max(1e-30);
+            assert!(loss_err <= tol, "{path} meta-loss {what}: {} vs {}", gpu.loss, reference.loss);
+        };
+    let _path = path_lock();
+    let naive = m.meta_gradient_reference(net, &theta, &b).unwrap();
+    check("naive reference vs cpu", &naive, &cpu);
+    let auto = m.meta_gradient(net, &theta, &b).unwrap();
+    check("auto (fused or tiled) vs cpu", &auto, &cpu);
+    check("auto vs naive reference", &auto, &naive);
+    force_tiled(true);
+    let tiled = m.meta_gradient(net, &theta, &b);
+    force_tiled(false);
+    let tiled = tiled.unwrap();
+    check("tiled vs cpu", &tiled, &cpu);
+    check("tiled vs naive reference", &tiled, &naive);
 }
 
 #[test]
 fn cuda_meta_gradient_matches_reference_kernel_and_cpu() {
     let Some(dev) = cuda_or_skip("cuda_meta_gradient_matches_reference_kernel_and_cpu") else { return };
+    set_poisoning(true);
     let sinusoid = Mlp { sizes: vec![1, 40, 40, 1], activation: Activation::Relu, loss: Loss::Mse };
     for dtype in [DType::F32, DType::F64] {
         for (k, order) in [(1, Order::Second), (5, Order::Second), (3, Order::First)] {
@@ -96,14 +109,19 @@ fn cuda_meta_gradient_matches_reference_kernel_and_cpu() {
         let net = Mlp { sizes: vec![5, 33, 17, 7], activation: act, loss: Loss::SoftmaxCrossEntropy };
         check_meta(&dev, &net, DType::F64, 2, Order::Second, 9, 13);
     }
-    // Too large for shared memory: takes the global path on its own.
+    // Too large for shared memory (about 2 MiB of workspace per task): the automatic path is
+    // the tiled one; widths of 300 span several partial 64-wide tiles, 64 samples a full one.
     let wide = Mlp { sizes: vec![16, 300, 300, 4], activation: Activation::Tanh, loss: Loss::Mse };
     check_meta(&dev, &wide, DType::F32, 2, Order::Second, 3, 64);
+    let wide_ce =
+        Mlp { sizes: vec![70, 130, 65, 11], activation: Activation::Gelu, loss: Loss::SoftmaxCrossEntropy };
+    check_meta(&dev, &wide_ce, DType::F64, 3, Order::Second, 5, 150);
 }
 
 #[test]
 fn cuda_forward_grad_hvp_match_cpu() {
     let Some(dev) = cuda_or_skip("cuda_forward_grad_hvp_match_cpu") else { return };
+    set_poisoning(true);
     for (sizes, act, loss) in [
         (vec![3, 20, 11, 4], Activation::Gelu, Loss::Mse),
         (vec![6, 9, 5], Activation::Softplus, Loss::SoftmaxCrossEntropy),
@@ -126,15 +144,16 @@ fn cuda_forward_grad_hvp_match_cpu() {
             let c = cpu64;
             let (x, y) = (&b.support_x, &b.support_y);
             let tol = if dtype == DType::F64 { 1e-10 } else { 1e-4 };
-            for global in [false, true] {
-                force_global_workspace(global);
+            for tiled in [false, true] {
+                let _path = path_lock();
+                force_tiled(tiled);
                 let out = net.forward(&params, x).unwrap();
                 let (l, g) = net.loss_and_grad(&params, x, y).unwrap();
                 let hv = net.hvp(&params, x, y, &v).unwrap();
                 let hv_b =
                     net.hvp(&params, x, y, &c(&v).reshape(&[tasks * p]).unwrap().to_device(&dev).unwrap());
-                force_global_workspace(false);
-                let what = format!("{:?} {dtype} global={global}", net.sizes);
+                force_tiled(false);
+                let what = format!("{:?} {dtype} forced tiled={tiled}", net.sizes);
                 assert_close(
                     &format!("forward {what}"),
                     &to_f64(&out).unwrap(),
@@ -155,6 +174,7 @@ fn cuda_forward_grad_hvp_match_cpu() {
 #[test]
 fn cuda_mixed_devices_are_refused() {
     let Some(dev) = cuda_or_skip("cuda_mixed_devices_are_refused") else { return };
+    set_poisoning(true);
     let net = Mlp { sizes: vec![2, 4, 1], activation: Activation::Relu, loss: Loss::Mse };
     let b = batch_on(&net, 2, 3, 3, DType::F32, &dev, 1);
     let theta_cpu = net.init(0, DType::F32, &Device::cpu()).unwrap();
