@@ -254,10 +254,7 @@ impl LinearAttention {
         v: &Tensor,
         initial: Option<RecurrentState<'_>>,
     ) -> Result<LinearAttentionOutput> {
-        let problem = self.dense_problem(FORWARD, q, k, v, None)?;
-        let args = forward_args(FORWARD, &problem, q, k, v, initial)?;
-        let r = dispatch_forward(&problem, &args, KernelPath::Auto)?;
-        Ok(self.wrap_forward(r, &[q.shape()[0], q.shape()[1]], problem.dk, problem.dv))
+        self.forward_on_path(q, k, v, initial, KernelPath::Auto)
     }
 
     /// Gradients of a loss L with respect to q, k, v and the initial state, given
@@ -272,11 +269,7 @@ impl LinearAttention {
         grad_output: &Tensor,
         grad_final: Option<RecurrentState<'_>>,
     ) -> Result<LinearAttentionGrads> {
-        let problem = self.dense_problem(BACKWARD, q, k, v, None)?;
-        let args = forward_args(BACKWARD, &problem, q, k, v, initial)?;
-        let grads = backward_args(&problem, q, grad_output, grad_final)?;
-        let lead = [q.shape()[0], q.shape()[1]];
-        dispatch_backward(&problem, &args, &grads, &lead, KernelPath::Auto)
+        self.backward_on_path(q, k, v, initial, grad_output, grad_final, KernelPath::Auto)
     }
 
     /// Like [`forward`](Self::forward) on packed variable-length sequences: q, k, v are
@@ -320,10 +313,7 @@ impl LinearAttention {
     /// `o_t + m_t` with `m_t = Σ_{i<t} η^{t−i} v_i` (so `m_1 = 0`), fused into the same pass.
     /// No initial state. `eta` must be finite and in [0, 1); the layer must be causal.
     pub fn forward_with_momentum(&self, q: &Tensor, k: &Tensor, v: &Tensor, eta: f32) -> Result<Tensor> {
-        const OP: &str = "LinearAttention::forward_with_momentum";
-        let problem = self.dense_problem(OP, q, k, v, Some(eta))?;
-        let args = forward_args(OP, &problem, q, k, v, None)?;
-        Ok(dispatch_forward(&problem, &args, KernelPath::Auto)?.output)
+        self.forward_with_momentum_on_path(q, k, v, eta, KernelPath::Auto)
     }
 
     /// The backward of [`forward_with_momentum`](Self::forward_with_momentum): as
@@ -336,11 +326,7 @@ impl LinearAttention {
         grad_output: &Tensor,
         eta: f32,
     ) -> Result<LinearAttentionGrads> {
-        const OP: &str = "LinearAttention::backward_with_momentum";
-        let problem = self.dense_problem(OP, q, k, v, Some(eta))?;
-        let args = forward_args(OP, &problem, q, k, v, None)?;
-        let grads = backward_args(&problem, q, grad_output, None)?;
-        dispatch_backward(&problem, &args, &grads, &[q.shape()[0], q.shape()[1]], KernelPath::Auto)
+        self.backward_with_momentum_on_path(q, k, v, grad_output, eta, KernelPath::Auto)
     }
 
     /// [`forward`](Self::forward) on a chosen kernel path (the tests and benchmarks compare
