@@ -215,15 +215,47 @@ impl CudaDevice {
         Ok(2.0 * bytes as f64 / best / 1e6)
     }
 
-    /// The number of streaming multiprocessors.
-    pub(crate) fn sm_count(&self) -> Result<usize> {
-        use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT;
-        let n = self
+    /// A device attribute (a count or a size, so never negative).
+    pub(crate) fn attribute(&self, attribute: CUdevice_attribute) -> Result<usize> {
+        let value = self
             .inner
             .ctx
-            .attribute(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-            .map_err(driver("reading the SM count"))?;
-        Ok(n.max(1) as usize)
+            .attribute(attribute)
+            .map_err(driver(format!("reading device attribute {attribute:?}")))?;
+        Ok(value.max(0) as usize)
+    }
+
+    /// The number of streaming multiprocessors.
+    pub(crate) fn sm_count(&self) -> Result<usize> {
+        Ok(self.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(1))
+    }
+
+    /// The most dynamic shared memory one block may opt into on this device, in bytes.
+    pub(crate) fn max_shared_bytes_optin(&self) -> Result<usize> {
+        self.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+    }
+
+    /// Lets `func` (named `name` in messages) launch with `bytes` of dynamic shared memory:
+    /// above the 48 KiB every kernel gets, the kernel must opt in. Errors when the device allows
+    /// less than `bytes`.
+    pub(crate) fn allow_shared_bytes(&self, func: &CudaFunction, name: &str, bytes: usize) -> Result<()> {
+        const DEFAULT_LIMIT: usize = 48 * 1024;
+        if bytes <= DEFAULT_LIMIT {
+            return Ok(());
+        }
+        let limit = self.max_shared_bytes_optin()?;
+        if bytes > limit {
+            return Err(Error::invalid(
+                "cuda launch",
+                "shared memory",
+                format!(
+                    "kernel {name} needs {bytes} bytes of shared memory per block; this GPU allows {limit}"
+                ),
+            ));
+        }
+        let bytes = i32::try_from(bytes).unwrap_or(i32::MAX);
+        func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes)
+            .map_err(driver(format!("opting {name} into {bytes} bytes of shared memory")))
     }
 
     /// Peak rate of one of the `kernels/ceiling.cu` micro-kernels, in TFLOP/s.

@@ -23,9 +23,7 @@
 //! then three core passes (dφ(Q) forward in time; dφ(K) and dV' backward in time, the last
 //! carrying dS' to dS'_0 and folding in the momentum's reverse sum); then apply φ' and cast.
 
-use crate::cuda::{
-    CUdevice_attribute, CUfunction_attribute, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop,
-};
+use crate::cuda::{CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop};
 
 use super::{BackwardArgs, BackwardResult, ForwardArgs, ForwardResult, KernelPath, Problem};
 use crate::cuda::{driver, grid_1d, CudaDevice, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
@@ -210,11 +208,6 @@ fn uses_mma(in_dtype: DType, out_f32: bool, args: &CoreArgs) -> bool {
     matches!(in_dtype, DType::F16 | DType::BF16) && !out_f32 && args.dk <= 128 && args.eta < 0.0
 }
 
-fn attribute(dev: &CudaDevice, a: CUdevice_attribute) -> Result<usize> {
-    let v = dev.stream().context().attribute(a).map_err(driver("reading a device attribute"))?;
-    Ok(v.max(0) as usize)
-}
-
 /// Launches the core over `items` with `args` (pointers filled in by the caller).
 fn launch_core(
     dev: &CudaDevice,
@@ -234,18 +227,7 @@ fn launch_core(
         (format!("la_core_{dt}_to_{out}_c{c}"), core_smem_bytes(c, dk))
     };
     let f = dev.function(MODULE, &name)?;
-    let optin = attribute(dev, CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
-    if smem > optin {
-        return Err(Error::invalid(
-            "LinearAttention (cuda)",
-            "head dimension",
-            format!(
-                "the chunk kernel needs {smem} bytes of shared memory at Dk = {dk}; this GPU allows {optin}"
-            ),
-        ));
-    }
-    f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
-        .map_err(driver(format!("setting the shared memory of {name}")))?;
+    dev.allow_shared_bytes(&f, &name, smem)?;
     let tiles = width_v.div_ceil(TILE);
     if n_items == 0 {
         return Ok(());
@@ -292,7 +274,7 @@ fn segment_items(p: &Problem, has_initial: bool) -> Vec<Item> {
 }
 
 fn sm_count(dev: &CudaDevice) -> Result<usize> {
-    attribute(dev, CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map(|n| n.max(1))
+    dev.sm_count()
 }
 
 /// The number of chunk groups per sequence for the split form, or 1 for the fused form.

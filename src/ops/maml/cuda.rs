@@ -11,8 +11,6 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::cuda::{CUdevice_attribute, CUfunction_attribute};
-
 use super::layered::{self, Engine, Input, Params, PerTask, Product};
 use super::{Dims, Layout, Loss, Maml, MetaDims, MetaGradient, Order, TaskBatch};
 use crate::cuda::{driver, CudaDevice, CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
@@ -21,9 +19,6 @@ use crate::{DType, Element, Error, Result, Tensor};
 
 const MODULE: &str = "maml";
 const THREADS: u32 = 256;
-/// Shared memory a kernel may use without opting in.
-const DEFAULT_SHARED_BYTES: usize = 48 * 1024;
-
 static FORCE_TILED: AtomicBool = AtomicBool::new(false);
 
 /// Forces the tiled per-layer path (tests use it to cover both paths on one shape).
@@ -96,21 +91,10 @@ fn fused_plan<T: Element>(
 ) -> Result<Option<(NetConfig, u32)>> {
     let Some(cfg) = net_config(layout, rows, vectors) else { return Ok(None) };
     let bytes = cfg.ws_elems as usize * size_of::<T>();
-    let limit = dev
-        .stream()
-        .context()
-        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
-        .map_err(driver("querying the shared memory limit"))? as usize;
-    if bytes > limit || FORCE_TILED.load(Ordering::Relaxed) {
+    if bytes > dev.max_shared_bytes_optin()? || FORCE_TILED.load(Ordering::Relaxed) {
         return Ok(None);
     }
-    if bytes > DEFAULT_SHARED_BYTES {
-        func.set_attribute(
-            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            bytes as i32,
-        )
-        .map_err(driver("raising the kernel's dynamic shared memory limit"))?;
-    }
+    dev.allow_shared_bytes(func, "the fused MAML kernel", bytes)?;
     Ok(Some((cfg, bytes as u32)))
 }
 

@@ -53,6 +53,7 @@ fn backward_kernel(dtype: DType, d: usize) -> (String, Geometry) {
 /// A tiled launch: heads on x, tiles of `geometry.rows_per_block` rows on y, with
 /// `geometry.smem_bytes` of dynamic shared memory (opted into above 48 KiB).
 fn tiled_config(
+    dev: &CudaDevice,
     func: &CudaFunction,
     problem: &Problem,
     geometry: Geometry,
@@ -72,11 +73,7 @@ fn tiled_config(
             ),
         ));
     }
-    if geometry.smem_bytes > 48 * 1024 {
-        use crate::cuda::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-        func.set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, geometry.smem_bytes as i32)
-            .map_err(driver(format!("{op}: opting into {} bytes of shared memory", geometry.smem_bytes)))?;
-    }
+    dev.allow_shared_bytes(func, op, geometry.smem_bytes)?;
     Ok(LaunchConfig {
         // Heads on x (up to 2^31 − 1), tiles on y; the kernels take the longest tiles first.
         grid_dim: (problem.bh as u32, tiles as u32, 1),
@@ -165,7 +162,7 @@ fn forward_typed<T: Element>(
     let mut lse2 = dev.alloc::<f32>(problem.bh * problem.t)?;
     let name = format!("mattn_fwd_{}_d{}", T::DTYPE.as_str(), problem.d);
     let func = dev.function(MODULE, &name)?;
-    let cfg = tiled_config(&func, problem, forward_geometry(T::DTYPE, problem.d), op)?;
+    let cfg = tiled_config(dev, &func, problem, forward_geometry(T::DTYPE, problem.d), op)?;
     let t_len = problem.t as i32;
     let scale_log2 = params.scale * LOG2_E;
     let horizon = params.horizon.min(problem.t) as i32; // lags past T change nothing; keeps int math in range
@@ -342,7 +339,7 @@ fn backward_typed<T: Element>(
     {
         let (name, geometry) = backward_kernel(T::DTYPE, problem.d);
         let func = dev.function(MODULE, &name)?;
-        let cfg = tiled_config(&func, problem, geometry, op)?;
+        let cfg = tiled_config(dev, &func, problem, geometry, op)?;
         let t_len = problem.t as i32;
         let horizon = params.horizon.min(problem.t) as i32; // lags past T change nothing; keeps int math in range
         let mut args = dev.stream().launch_builder(&func);
