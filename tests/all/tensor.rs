@@ -97,10 +97,17 @@ fn every_cast_pair_matches_f64_rounding_on_cpu() {
 #[test]
 fn every_cast_pair_matches_f64_rounding_on_cuda() {
     let Some(dev) = cuda_or_skip("every_cast_pair_matches_f64_rounding_on_cuda") else { return };
-    // Sizes around the vector width and the grid-stride cap exercise tails and strides.
+    // Sizes around the vector width exercise the scalar tail.
     for n in [1, 3, 4, 5, 1023, 1 << 20] {
         check_all_casts(&dev, n);
     }
+    // Past 65535 blocks × 256 threads × 4 elements each thread loops (grid-stride): one pair.
+    let n = 65_535 * 256 * 4 + 5;
+    let values = cast_inputs(n, 11);
+    let (x, x64) = testing::from_f64(&values, &[values.len()], DType::F32, &dev).unwrap();
+    let got = testing::to_f64(&x.to_dtype(DType::BF16).unwrap()).unwrap();
+    let mismatches = got.iter().zip(&x64).filter(|&(&g, &v)| g != round_to(v, DType::BF16)).count();
+    assert_eq!(mismatches, 0, "f32->bf16 over {n} elements (grid-stride loop)");
 }
 
 #[test]
