@@ -49,7 +49,7 @@ fn build_kernels(out_dir: &Path, require: bool) -> Vec<String> {
     for src in &sources {
         println!("cargo:rerun-if-changed={}", src.display());
     }
-    let Some(nvcc) = find_nvcc() else {
+    let Some((nvcc, nvcc_version)) = find_nvcc() else {
         let msg = "nvcc not found: building metakernels without CUDA kernels (CPU only). \
                    Run scripts/install-cuda-toolchain.sh or set NVCC / CUDA_HOME to build them.";
         if require {
@@ -59,16 +59,17 @@ fn build_kernels(out_dir: &Path, require: bool) -> Vec<String> {
         return Vec::new();
     };
     let archs = cuda_archs();
+    let headers = headers_digest();
     // nvcc is single-threaded per file: compile the files in parallel.
     let results: Vec<(String, Result<String, String>)> = std::thread::scope(|scope| {
         let handles: Vec<_> = sources
             .iter()
             .map(|src| {
-                let nvcc = &nvcc;
+                let toolchain = (nvcc.as_path(), nvcc_version.as_str(), headers);
                 let archs = &archs;
                 scope.spawn(move || {
                     let name = module_name(src);
-                    let result = compile(nvcc, src, &out_dir.join(format!("{name}.fatbin")), archs);
+                    let result = compile_unless_current(toolchain, src, out_dir, &name, archs);
                     (name, result)
                 })
             })
@@ -82,7 +83,6 @@ fn build_kernels(out_dir: &Path, require: bool) -> Vec<String> {
     for (name, result) in results {
         match result {
             Ok(report) => {
-                fs::write(out_dir.join(format!("{name}.ptxas.txt")), &report).expect("write ptxas report");
                 for kernel in spilling_kernels(&report) {
                     println!("cargo:warning=kernel `{kernel}` in kernels/{name}.cu spills registers (see {name}.ptxas.txt)");
                 }
@@ -121,7 +121,8 @@ fn module_name(src: &Path) -> String {
     src.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
-fn find_nvcc() -> Option<PathBuf> {
+/// The first working nvcc and its `--version` text.
+fn find_nvcc() -> Option<(PathBuf, String)> {
     let mut candidates: Vec<PathBuf> = Vec::new();
     if let Some(p) = env::var_os("NVCC") {
         candidates.push(p.into());
@@ -136,9 +137,10 @@ fn find_nvcc() -> Option<PathBuf> {
     }
     candidates.push("/usr/local/cuda/bin/nvcc".into());
     candidates.extend(toolchain_cache_nvcc());
-    candidates
-        .into_iter()
-        .find(|p| Command::new(p).arg("--version").output().is_ok_and(|o| o.status.success()))
+    candidates.into_iter().find_map(|p| {
+        let output = Command::new(&p).arg("--version").output().ok().filter(|o| o.status.success())?;
+        Some((p, String::from_utf8_lossy(&output.stdout).into_owned()))
+    })
 }
 
 /// Where scripts/install-cuda-toolchain.sh puts nvcc (the pip wheels' layout).
@@ -171,32 +173,89 @@ fn cuda_archs() -> Vec<String> {
         .collect()
 }
 
-/// Runs nvcc; returns its ptxas report on success, its full output on failure.
-fn compile(nvcc: &Path, src: &Path, out: &Path, archs: &[String]) -> Result<String, String> {
-    let mut cmd = Command::new(nvcc);
-    cmd.args(["-fatbin", "-O3", "-lineinfo", "-std=c++17", "-Xptxas", "-v", "--expt-relaxed-constexpr"]);
+/// Compiles `src` to `<name>.fatbin` in `out_dir` and writes its ptxas report beside it, unless
+/// both are there from a build with the same nvcc, arguments, source and headers: cargo reruns
+/// this script for any change under kernels/, and recompiling every family for an edit to one
+/// costs minutes. Returns the ptxas report, or nvcc's full output on failure.
+fn compile_unless_current(
+    (nvcc, nvcc_version, headers): (&Path, &str, u64),
+    src: &Path,
+    out_dir: &Path,
+    name: &str,
+    archs: &[String],
+) -> Result<String, String> {
+    let fatbin = out_dir.join(format!("{name}.fatbin"));
+    let report_path = out_dir.join(format!("{name}.ptxas.txt"));
+    let stamp_path = out_dir.join(format!("{name}.stamp"));
+    let args = nvcc_args(src, &fatbin, archs);
+    let source = fs::read(src).map_err(|e| format!("could not read {}: {e}", src.display()))?;
+    let stamp = format!("{}\n{nvcc_version}\n{args:?}\n{:x}\n", nvcc.display(), digest(&[&source]) ^ headers);
+    if fatbin.exists() && fs::read_to_string(&stamp_path).is_ok_and(|old| old == stamp) {
+        if let Ok(report) = fs::read_to_string(&report_path) {
+            return Ok(report);
+        }
+    }
+    let _ = fs::remove_file(&stamp_path);
+    let output = Command::new(nvcc)
+        .args(&args)
+        .output()
+        .map_err(|e| format!("could not run {}: {e}", nvcc.display()))?;
+    let text =
+        String::from_utf8_lossy(&output.stderr).into_owned() + &String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        return Err(text);
+    }
+    fs::write(&report_path, &text).map_err(|e| format!("could not write {}: {e}", report_path.display()))?;
+    fs::write(&stamp_path, stamp).map_err(|e| format!("could not write {}: {e}", stamp_path.display()))?;
+    Ok(text)
+}
+
+/// nvcc's command line for one kernel file.
+fn nvcc_args(src: &Path, out: &Path, archs: &[String]) -> Vec<String> {
+    let mut args: Vec<String> =
+        ["-fatbin", "-O3", "-lineinfo", "-std=c++17", "-Xptxas", "-v", "--expt-relaxed-constexpr"]
+            .map(String::from)
+            .to_vec();
     // Every test and bench binary embeds every fatbin: compressing for size shrinks them about
     // 8x (29 MB → under 4 MB), which keeps the GPU bundle under its 64 MiB limit. The driver
     // decompresses at module load (once per module and process).
-    cmd.arg("--compress-mode=size");
+    args.push("--compress-mode=size".into());
     for arch in archs {
-        cmd.arg(format!("-gencode=arch=compute_{arch},code=sm_{arch}"));
+        args.push(format!("-gencode=arch=compute_{arch},code=sm_{arch}"));
     }
     if let Some(newest) = archs
         .iter()
         .max_by_key(|a| a.trim_end_matches(|c: char| c.is_alphabetic()).parse::<u32>().unwrap_or(0))
     {
-        cmd.arg(format!("-gencode=arch=compute_{newest},code=compute_{newest}"));
+        args.push(format!("-gencode=arch=compute_{newest},code=compute_{newest}"));
     }
-    cmd.arg("-Ikernels").arg("-o").arg(out).arg(src);
-    let output = cmd.output().map_err(|e| format!("could not run {}: {e}", nvcc.display()))?;
-    let text =
-        String::from_utf8_lossy(&output.stderr).into_owned() + &String::from_utf8_lossy(&output.stdout);
-    if output.status.success() {
-        Ok(text)
-    } else {
-        Err(text)
+    args.extend(["-Ikernels".into(), "-o".into(), out.display().to_string(), src.display().to_string()]);
+    args
+}
+
+/// A digest of every header in kernels/ (any .cu may include any of them).
+fn headers_digest() -> u64 {
+    let mut headers: Vec<PathBuf> = fs::read_dir("kernels")
+        .map(|dir| dir.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    headers.retain(|p| p.extension().is_some_and(|e| e == "cuh" || e == "h"));
+    headers.sort();
+    let contents: Vec<Vec<u8>> = headers
+        .iter()
+        .map(|h| [h.display().to_string().into_bytes(), fs::read(h).unwrap_or_default()].concat())
+        .collect();
+    digest(&contents.iter().map(Vec::as_slice).collect::<Vec<_>>())
+}
+
+/// FNV-1a over the parts: stable across Rust versions, unlike std's hasher.
+fn digest(parts: &[&[u8]]) -> u64 {
+    let mut hash = 0xcbf2_9ce4_8422_2325u64;
+    for part in parts {
+        for &byte in part.iter().chain(&[0xffu8]) {
+            hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+        }
     }
+    hash
 }
 
 /// Kernels whose ptxas report shows nonzero spill stores or loads.
