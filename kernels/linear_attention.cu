@@ -308,6 +308,16 @@ __device__ void core(const CoreArgs& p, float* sm) {
 // as an mma operand). 8 warps; for the 64×64 products warp w owns rows 16·(w%4).. and
 // columns 32·(w/4).. (four 16×8 tiles). Fragments are gathered with 16/32-bit shared loads.
 
+#ifdef MK_HOST_EMULATION
+// scripts/compare/linear_attention_emulate.py runs this file on CPU threads; it supplies an
+// emulation of the warp-wide mma with the PTX ISA fragment layouts.
+__device__ __forceinline__ void mma16816(float* d, const uint32_t* a, const uint32_t* b, __half) {
+    mk_emulated_mma(d, a, b, false);
+}
+__device__ __forceinline__ void mma16816(float* d, const uint32_t* a, const uint32_t* b, __nv_bfloat16) {
+    mk_emulated_mma(d, a, b, true);
+}
+#else
 __device__ __forceinline__ void mma16816(float* d, const uint32_t* a, const uint32_t* b, __half) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -323,6 +333,7 @@ __device__ __forceinline__ void mma16816(float* d, const uint32_t* a, const uint
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
+#endif
 
 __device__ __forceinline__ uint32_t pack2(const uint16_t* base, int lo, int hi) {
     return (uint32_t)base[lo] | ((uint32_t)base[hi] << 16);
