@@ -23,9 +23,10 @@
 //!   state tile and z in shared memory for the whole sequence; f16/bf16 forwards with
 //!   Dk ≤ 128 use tensor cores (`mma.sync.m16n8k16`, f32 accumulation), the rest f32 FMA. The
 //!   forward is one launch, or a split form (chunk-group states, a scan, then all groups'
-//!   outputs in parallel) when the sequences × heads do not fill the GPU; the backward is
-//!   three more core passes around small element-wise kernels. O(T²) reference kernels sit
-//!   beside them for the tests.
+//!   outputs in parallel) when the sequences × heads do not fill the GPU; the backward is two
+//!   launches of the same core (the forward recomputed into ∂L/∂(numerator, denominator), then
+//!   the three gradient passes side by side). O(T²) reference kernels sit beside them for the
+//!   tests.
 //!
 //! This file holds the public API, the validation of every argument, and the dispatch. Both
 //! back ends see the same `Problem`: a list of `Segment`s, one per (sequence, head), each a
