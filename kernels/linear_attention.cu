@@ -808,6 +808,81 @@ MK_CORE(la_core_f32_to_f32_c32, float, float, 32)
 extern "C" __global__ void la_reference_forward_f32(CoreArgs p) { reference_forward<float>(p); }
 extern "C" __global__ void la_reference_backward_f32(RefBackwardArgs r) { reference_backward<float>(r); }
 
+// ---------------------------------------------------------------- quadratic baseline -------
+// The unfused O(T²) composition the benchmarks measure the chunked kernels against, as a user
+// without this crate would write it: per head, A = mask(φ(Q)φ(K)ᵀ) materialised as f32 [T, T]
+// (one launch), then O = scale · A·V, divided by rowsum(A) + eps when normalising (a second
+// launch). Plain 16×16 shared-memory tiles, one output element per thread; no initial state.
+
+namespace {
+
+constexpr int QT = 16;       // tile edge
+constexpr int QT_LD = QT + 1;  // padded row stride
+
+// Block (x, y, z) = (column tile of s, row tile of i, head); 256 threads = a 16×16 tile.
+template <typename T>
+__device__ void quadratic_scores(const T* q, const T* k, float* a, int t, int dk, int causal, int fm, float* sm) {
+    float* qs = sm;
+    float* ks = sm + QT * QT_LD;
+    const int tx = threadIdx.x % QT, ty = threadIdx.x / QT;
+    const long long h = blockIdx.z;
+    const int i = blockIdx.y * QT + ty, s = blockIdx.x * QT + tx;
+    const int k_row = blockIdx.x * QT + ty;  // the key row this thread stages
+    float acc = 0.f;
+    for (int c0 = 0; c0 < dk; c0 += QT) {
+        const int c = c0 + tx;
+        qs[ty * QT_LD + tx] = (i < t && c < dk) ? phi(fm, mk::to_float(q[(h * t + i) * dk + c])) : 0.f;
+        ks[ty * QT_LD + tx] = (k_row < t && c < dk) ? phi(fm, mk::to_float(k[(h * t + k_row) * dk + c])) : 0.f;
+        __syncthreads();
+#pragma unroll
+        for (int cc = 0; cc < QT; ++cc) acc = fmaf(qs[ty * QT_LD + cc], ks[tx * QT_LD + cc], acc);
+        __syncthreads();
+    }
+    if (i < t && s < t) a[(h * t + i) * t + s] = (causal && s > i) ? 0.f : acc;
+}
+
+// Block (x, y, z) = (column tile of v, row tile of i, head).
+template <typename T>
+__device__ void quadratic_output(const float* a, const T* v, T* o, int t, int dv, int normalize, float scale,
+                                 float eps, float* sm) {
+    float* as = sm;
+    float* vs = sm + QT * QT_LD;
+    const int tx = threadIdx.x % QT, ty = threadIdx.x / QT;
+    const long long h = blockIdx.z;
+    const int i = blockIdx.y * QT + ty, j = blockIdx.x * QT + tx;
+    float acc = 0.f, den = 0.f;
+    for (int s0 = 0; s0 < t; s0 += QT) {
+        as[ty * QT_LD + tx] = (i < t && s0 + tx < t) ? a[(h * t + i) * t + s0 + tx] : 0.f;
+        vs[ty * QT_LD + tx] = (s0 + ty < t && j < dv) ? mk::to_float(v[(h * t + s0 + ty) * dv + j]) : 0.f;
+        __syncthreads();
+#pragma unroll
+        for (int s = 0; s < QT; ++s) {
+            acc = fmaf(as[ty * QT_LD + s], vs[s * QT_LD + tx], acc);
+            den += as[ty * QT_LD + s];
+        }
+        __syncthreads();
+    }
+    if (i < t && j < dv) o[(h * t + i) * dv + j] = mk::from_float<T>(normalize ? scale * acc / (den + eps) : scale * acc);
+}
+
+}  // namespace
+
+#define MK_QUADRATIC(SN, T)                                                                                \
+    extern "C" __global__ void la_quadratic_scores_##SN(const T* q, const T* k, float* a, int t, int dk,    \
+                                                        int causal, int fm) {                              \
+        extern __shared__ float sm[];                                                                      \
+        quadratic_scores<T>(q, k, a, t, dk, causal, fm, sm);                                               \
+    }                                                                                                      \
+    extern "C" __global__ void la_quadratic_output_##SN(const float* a, const T* v, T* o, int t, int dv,    \
+                                                        int normalize, float scale, float eps) {           \
+        extern __shared__ float sm[];                                                                      \
+        quadratic_output<T>(a, v, o, t, dv, normalize, scale, eps, sm);                                    \
+    }
+
+MK_QUADRATIC(f32, float)
+MK_QUADRATIC(f16, __half)
+MK_QUADRATIC(bf16, __nv_bfloat16)
+
 // Split form, between the passes: per segment, the state at the start of each of its `groups`
 // item groups (S_0 + the local states of the groups before it), written to `prefix`, and the
 // final state. One thread per state element; element

@@ -536,6 +536,64 @@ fn reference_forward(
     Ok(())
 }
 
+/// The unfused quadratic baseline (see `LinearAttention::forward_quadratic`): scores, then
+/// output, two launches of 16×16-tiled kernels with a [B·H, T, T] f32 intermediate.
+pub(super) fn forward_quadratic(p: &Problem, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    const OP: &str = "LinearAttention::forward_quadratic";
+    let dev = q.cuda_device()?;
+    let dts = q.dtype().as_str();
+    let (heads, t) = (p.segments.len(), p.segments.first().map_or(0, |s| s.len));
+    let too_big =
+        |what: &str, n: usize| Error::invalid(OP, what, format!("{n} is more than the grid allows"));
+    let heads_z = u32::try_from(heads).ok().filter(|&h| h <= 65_535).ok_or_else(|| too_big("B·H", heads))?;
+    let t_i = i32::try_from(t).map_err(|_| too_big("T", t))?;
+    let row_tiles =
+        u32::try_from(t.div_ceil(16)).ok().filter(|&x| x <= 65_535).ok_or_else(|| too_big("T", t))?;
+    let scores_len =
+        heads.checked_mul(t * t).ok_or_else(|| too_big("B·H·T²", heads.saturating_mul(t * t)))?;
+    let mut scores = dev.alloc::<f32>(scores_len)?;
+    let mut out = Out::alloc(dev, q.dtype(), p.rows * p.dv)?;
+    let smem = 2 * 16 * 17 * 4;
+    let stream = dev.stream().clone();
+    {
+        let name = format!("la_quadratic_scores_{dts}");
+        let f = dev.function(MODULE, &name)?;
+        let mut ptr = Ptrs::new(&stream);
+        let (qp, kp, ap) = (ptr.tensor(q)?, ptr.tensor(k)?, ptr.of_mut(&mut scores));
+        let (dk, causal, fm) = (p.dk as i32, p.cfg.causal as i32, p.cfg.feature_map.code());
+        let mut b = stream.launch_builder(&f);
+        b.arg(&qp).arg(&kp).arg(&ap).arg(&t_i).arg(&dk).arg(&causal).arg(&fm);
+        let cfg = LaunchConfig {
+            grid_dim: (row_tiles, row_tiles, heads_z),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: smem,
+        };
+        // SAFETY: q, k are [heads·t, dk], scores holds heads·t·t floats; the grid covers the
+        // t × t tiles of every head and the kernel bounds-checks the last tiles.
+        unsafe { b.launch(cfg) }.map_err(driver(format!("launching {name}")))?;
+    }
+    {
+        let name = format!("la_quadratic_output_{dts}");
+        let f = dev.function(MODULE, &name)?;
+        let mut ptr = Ptrs::new(&stream);
+        let (ap, vp, op) = (ptr.of(&scores), ptr.tensor(v)?, out.ptr(&mut ptr));
+        let (dv, normalize, scale, eps) = (p.dv as i32, p.cfg.normalize as i32, p.cfg.scale, p.cfg.eps);
+        let mut b = stream.launch_builder(&f);
+        b.arg(&ap).arg(&vp).arg(&op).arg(&t_i).arg(&dv).arg(&normalize).arg(&scale).arg(&eps);
+        let cfg = LaunchConfig {
+            grid_dim: (p.dv.div_ceil(16) as u32, row_tiles, heads_z),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: smem,
+        };
+        // SAFETY: scores holds heads·t·t floats, v and the output [heads·t, dv]; the grid covers the
+        // t × dv tiles of every head and the kernel bounds-checks the last tiles.
+        unsafe { b.launch(cfg) }.map_err(driver(format!("launching {name}")))?;
+    }
+    let mut shape = q.shape().to_vec();
+    shape[3] = p.dv;
+    Ok(out.into_tensor(&shape, q.device()))
+}
+
 // ------------------------------------------------------------------------------------------
 // backward
 

@@ -401,6 +401,25 @@ impl LinearAttention {
         dispatch_backward(&problem, &args, &grads, &[q.shape()[0], q.shape()[1]], path)
     }
 
+    /// The unfused O(T²) composition the benchmarks measure the chunked kernels against, on
+    /// the GPU: per head A = mask(φ(Q)φ(K)ᵀ) materialised as f32 [T,T] (one launch), then
+    /// scale · A·V, divided by rowsum(A) + eps when normalising (a second launch). The same
+    /// output as [`forward`](Self::forward) without an initial state, up to rounding. CUDA
+    /// tensors only; needs B·H·T² f32 of device memory.
+    #[doc(hidden)]
+    pub fn forward_quadratic(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        const OP: &str = "LinearAttention::forward_quadratic";
+        let problem = self.dense_problem(OP, q, k, v, None)?;
+        match q.storage() {
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => cuda::forward_quadratic(&problem, q, k, v),
+            Storage::Cpu(_) => {
+                let _ = problem; // only the CUDA kernels take it
+                Err(Error::DeviceMismatch { op: OP, expected: "a CUDA device".into(), got: "cpu".into() })
+            }
+        }
+    }
+
     fn wrap_forward(&self, r: ForwardResult, lead: &[usize], dk: usize, dv: usize) -> LinearAttentionOutput {
         LinearAttentionOutput {
             output: r.output,

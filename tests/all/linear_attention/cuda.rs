@@ -218,3 +218,23 @@ fn cuda_varlen_matches_reference() {
         same_grads("cuda varlen", &g, &cpu, 1e-4);
     }
 }
+
+/// The unfused quadratic baseline of the benchmarks (scores, then output) against float64, so
+/// that a benchmark ratio is never taken against a wrong result.
+#[test]
+fn cuda_quadratic_baseline_matches_reference() {
+    let Some(gpu) = cuda_or_skip("cuda_quadratic_baseline_matches_reference") else { return };
+    let (b, h, t, dk, dv) = (2, 2, 70, 20, 33);
+    for causal in [true, false] {
+        for normalize in [false, true] {
+            for dtype in DTYPES {
+                let cfg = layer(FeatureMap::EluPlusOne, causal, normalize);
+                let c = Case::new([b, h, t], dk, dv, b * h, false, normalize, dtype, &gpu, 4000);
+                let r = reference::forward(&cfg, None, &c.x, &dense_segments(b * h, t), dk, dv);
+                let o = cfg.forward_quadratic(&c.q, &c.k, &c.v).expect("quadratic baseline");
+                let what = format!("quadratic {cfg:?} {dtype}");
+                assert_close(&what, &f64s(&o), &r.o, tolerance(dtype).max(1e-5));
+            }
+        }
+    }
+}
