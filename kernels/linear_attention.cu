@@ -74,6 +74,9 @@ struct CoreArgs {
     const void* mom;      // [rows, mom_ld] (TIn): the momentum's source (v, or ∂L/∂o)
     int mom_width, mom_ld;
 };
+// The launchers in ops/linear_attention/cuda.rs mirror these structs; they assert the same sizes.
+static_assert(sizeof(Item) == 32, "Item layout");
+static_assert(sizeof(CoreArgs) == 136, "CoreArgs layout");
 
 // Shared-memory plan of the core for a given (C, dk); all in floats.
 struct Smem {
@@ -675,6 +678,7 @@ struct RefBackwardArgs {
     float* ds0;
     float* dz0;
 };
+static_assert(sizeof(RefBackwardArgs) == 208, "RefBackwardArgs layout");
 
 template <typename T>
 __device__ void reference_backward(const RefBackwardArgs& r) {
@@ -955,6 +959,7 @@ struct BwdArgs {
     float scale, eps;
     float eta;  // momentum decay; < 0: none
 };
+static_assert(sizeof(BwdArgs) == 160, "BwdArgs layout");
 
 // The prep: the forward's loads; the output chunk becomes g'.
 template <typename T>

@@ -132,6 +132,12 @@ unsafe impl DeviceRepr for CoreArgs {}
 unsafe impl DeviceRepr for RefBackwardArgs {}
 unsafe impl DeviceRepr for BwdArgs {}
 
+// The .cu file static_asserts the same sizes for its side of each struct.
+const _: () = assert!(size_of::<Item>() == 32);
+const _: () = assert!(size_of::<CoreArgs>() == 136);
+const _: () = assert!(size_of::<RefBackwardArgs>() == 208);
+const _: () = assert!(size_of::<BwdArgs>() == 160);
+
 /// Raw device pointers for one launch, with the guards that order their use on our stream.
 struct Ptrs<'a> {
     stream: &'a CudaStream,
