@@ -7,8 +7,9 @@
 //! (4,16,2048,128), (8,8,1024,64): time, GFLOP/s counted as 2·T·64·(Dk+Dv) + 4·T·Dk·Dv per head
 //! and pass (whatever chunk the kernel uses), GB/s of the minimum traffic (q, k, v read once, o
 //! written once), the fraction of the same-run ceiling (CPU: f32 GEMM rate; GPU: device copy
-//! bandwidth), and the speed-up over the unfused quadratic baseline (masked QKᵀ then ·V, CPU)
-//! or the reference kernel (GPU).
+//! bandwidth), and the speed-up over the unfused quadratic baseline (masked QKᵀ then ·V, on the
+//! same device: matrixmultiply on the CPU, `forward_quadratic` on the GPU), over the other GPU
+//! paths (fused, split) and, at a small shape, over the reference kernel.
 
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use metakernels::bench_support::{best_ms, cpu_ceilings, device_copy_gbps, Measurement};
@@ -178,6 +179,11 @@ fn cuda_report(gpu: &Device) {
                 let ms =
                     best_ms(gpu, 10, || attn.forward_on_path(&q, &k, &v, None, path).map(|_| ())).unwrap();
                 times.push((format!("{path:?}"), ms));
+            }
+            let quadratic = best_ms(gpu, 3, || attn.forward_quadratic(&q, &k, &v).map(|_| ()));
+            match quadratic {
+                Ok(ms) => times.push(("quadratic masked QKᵀ·V".into(), ms)),
+                Err(e) => println!("[metakernels] quadratic baseline skipped at {name}: {e}"),
             }
             let ms = times[0].1;
             Measurement {

@@ -1,15 +1,18 @@
 // Linear attention: a chunked "core" kernel that every forward and backward pass is built
-// from, the small element-wise kernels around it, and obviously correct reference kernels.
+// from, and obviously correct reference kernels.
 //
 // The core computes, for each work item (a run of rows of one (sequence, head), with an
 // optional initial state), o_t = scale · φ(q_t)ᵀ S_t (÷ (φ(q_t)·z_t + eps) when normalising)
 // plus an optional momentum term Σ_{i<t} η^{t−i} m_i, where S_t = S_0 + Σ_{s≤t} φ(k_s) v_sᵀ
 // (over all s when non-causal), and the final state. `reverse` runs time backwards (row
 // len−1 first), which is what the backward needs: with g' the gradient of the augmented output
-// [num, den], the backward is three more core passes (see ops/linear_attention/cuda.rs):
+// [num, den], the backward is three more core passes (run as one launch, see "backward"):
 //   dφ(Q) = core(q = g', k = [v,1], v = φ(K), S_0 = [S_0,z_0]ᵀ)
 //   dφ(K) = core(q = [v,1], k = g', v = φ(Q), S_0 = dS'_Tᵀ, reverse)
 //   dV'   = core(q = φ(K), k = φ(Q), v = g', S_0 = dS'_T, reverse)  → final state = dS'_0
+// The core only computes; where it reads operands and writes results is an I/O policy
+// (ForwardIo for the forward, PrepIo and PassIo for the backward), so the backward reads q, k,
+// v, ∂L/∂o and the states in place and writes dq, dk, dv, ∂S_0, ∂z_0 directly.
 //
 // Core layout: one block of 256 threads per (work item, 64-column tile of v). Per chunk of C
 // rows it stages φ(Q), φ(K), the V tile, the intra-chunk scores A and the output in shared
@@ -17,7 +20,7 @@
 // computes, with each thread owning a (C/16)×4 register micro-tile:
 //   A = mask(φ(Q)φ(K)ᵀ);  O = φ(Q)·S + A·V;  S += φ(K)ᵀV;  z += Σ φ(K)
 // Accumulation is f32 throughout. This SIMT core serves f32, Dk > 128, momentum and the
-// backward's f32 passes; f16/bf16 forwards with Dk ≤ 128 run core_mma (tensor cores), below.
+// backward; f16/bf16 forwards with Dk ≤ 128 run core_mma (tensor cores), below.
 // C = 64 for Dk ≤ 128 and 32 above (shared memory), so every state stays on chip.
 //
 // A split form for few (sequence, head)s uses the same core on groups of chunks: pass 1 with
@@ -56,7 +59,6 @@ struct CoreArgs {
     const void* k;   // [rows, dk]   (TIn)
     const void* v;   // [rows, dv]   (TIn)
     void* out;       // [rows, dv]   (TOut) or null: no outputs (split pass 1)
-    float* den_out;  // [rows] or null: φ(q)·z + eps (written by the first tile)
     const Item* items;
     int n_items;
     int dk, dv;
@@ -72,6 +74,9 @@ struct CoreArgs {
     const void* mom;      // [rows, mom_ld] (TIn): the momentum's source (v, or ∂L/∂o)
     int mom_width, mom_ld;
 };
+// The launchers in ops/linear_attention/cuda.rs mirror these structs; they assert the same sizes.
+static_assert(sizeof(Item) == 32, "Item layout");
+static_assert(sizeof(CoreArgs) == 136, "CoreArgs layout");
 
 // Shared-memory plan of the core for a given (C, dk); all in floats.
 struct Smem {
@@ -96,8 +101,47 @@ __device__ __forceinline__ long long row_of(const Item& it, long long t, int rev
     return it.row0 + (reverse ? it.len - 1 - t : t);
 }
 
-template <typename TIn, typename TOut, int C>
-__device__ void core(const CoreArgs& p, float* sm) {
+// Where the forward's core reads its operands and writes its results: the tensors of CoreArgs,
+// φ applied to q and k on load. The backward passes plug other I/O into the same core (below):
+// the core itself only computes, on (dk, dv, options) from CoreArgs.
+template <typename TIn, typename TOut>
+struct ForwardIo {
+    const CoreArgs& p;
+    const Item& it;
+    __device__ float q(long long row, int c) const {
+        return phi(p.fm, mk::to_float(static_cast<const TIn*>(p.q)[row * p.dk + c]));
+    }
+    __device__ float k(long long row, int c) const {
+        return phi(p.fm, mk::to_float(static_cast<const TIn*>(p.k)[row * p.dk + c]));
+    }
+    __device__ float v(long long row, int j) const { return mk::to_float(static_cast<const TIn*>(p.v)[row * p.dv + j]); }
+    __device__ float mom(long long row, int j) const {
+        return mk::to_float(static_cast<const TIn*>(p.mom)[row * p.mom_ld + j]);
+    }
+    __device__ float s0(int c, int j) const {
+        return (it.state_in >= 0 && p.s_in != nullptr) ? p.s_in[(it.state_in * p.dk + c) * p.dv + j] : 0.f;
+    }
+    __device__ float z0(int c) const {
+        return (it.state_in >= 0 && p.z_in != nullptr) ? p.z_in[it.state_in * p.dk + c] : 0.f;
+    }
+    __device__ bool has_out() const { return p.out != nullptr; }
+    // Rows step0 .. step0+n of the output tile Os (columns j0 .. j0+w); dens: φ(q)·z + eps.
+    __device__ void store_chunk(const float* Os, const float*, long long step0, int n, int j0, int w) const {
+        TOut* out = static_cast<TOut*>(p.out);
+        for (int e = threadIdx.x; e < n * TILE; e += THREADS) {
+            const int i = e / TILE, j = e % TILE;
+            if (j < w) out[row_of(it, step0 + i, p.reverse) * p.dv + j0 + j] = mk::from_float<TOut>(Os[i * TILE_LD + j]);
+        }
+    }
+    __device__ bool has_state_out() const { return it.state_out >= 0 && p.s_out != nullptr; }
+    __device__ void store_state(int c, int j, float x) const { p.s_out[(it.state_out * p.dk + c) * p.dv + j] = x; }
+    __device__ void store_z(int c, float x) const {
+        if (p.z_out != nullptr) p.z_out[it.state_out * p.dk + c] = x;
+    }
+};
+
+template <int C, typename Io>
+__device__ void core(const CoreArgs& p, const Item& it, const Io& io, float* sm) {
     constexpr int RA = C / 16;  // micro-tile rows per thread
     const Smem L(C, p.dk);
     float* Qs = sm + L.q;
@@ -111,23 +155,15 @@ __device__ void core(const CoreArgs& p, float* sm) {
     float* Os = sm + L.o;
     const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
     const int dk = p.dk, dv = p.dv;
-    const Item it = p.items[blockIdx.x];
     const int j0 = blockIdx.y * TILE;
     const int w = min(TILE, dv - j0);
-    const TIn* q = static_cast<const TIn*>(p.q);
-    const TIn* k = static_cast<const TIn*>(p.k);
-    const TIn* v = static_cast<const TIn*>(p.v);
-    const TIn* mom = static_cast<const TIn*>(p.mom);
 
     // Initial state tile and normaliser.
     for (int e = tid; e < dk * TILE; e += THREADS) {
         const int c = e / TILE, j = e % TILE;
-        float x = 0.f;
-        if (it.state_in >= 0 && p.s_in != nullptr && j < w) x = p.s_in[(it.state_in * dk + c) * dv + j0 + j];
-        Ss[c * TILE_LD + j] = x;
+        Ss[c * TILE_LD + j] = j < w ? io.s0(c, j0 + j) : 0.f;
     }
-    for (int c = tid; c < dk; c += THREADS)
-        zs[c] = (it.state_in >= 0 && p.z_in != nullptr) ? p.z_in[it.state_in * dk + c] : 0.f;
+    for (int c = tid; c < dk; c += THREADS) zs[c] = io.z0(c);
     if (tid < TILE) ms[tid] = 0.f;
 
     const long long chunks = (it.len + C - 1) / C;
@@ -136,20 +172,17 @@ __device__ void core(const CoreArgs& p, float* sm) {
     auto load_kv = [&](long long ch, int n) {
         for (int e = tid; e < C * dk; e += THREADS) {
             const int i = e / dk, c = e % dk;
-            Ks[i * L.ld_qk + c] =
-                i < n ? phi(p.fm, mk::to_float(k[row_of(it, ch * C + i, p.reverse) * dk + c])) : 0.f;
+            Ks[i * L.ld_qk + c] = i < n ? io.k(row_of(it, ch * C + i, p.reverse), c) : 0.f;
         }
         for (int e = tid; e < C * TILE; e += THREADS) {
             const int i = e / TILE, j = e % TILE;
-            Vs[i * TILE_LD + j] =
-                (i < n && j < w) ? mk::to_float(v[row_of(it, ch * C + i, p.reverse) * dv + j0 + j]) : 0.f;
+            Vs[i * TILE_LD + j] = (i < n && j < w) ? io.v(row_of(it, ch * C + i, p.reverse), j0 + j) : 0.f;
         }
     };
     auto load_q = [&](long long ch, int n) {
         for (int e = tid; e < C * dk; e += THREADS) {
             const int i = e / dk, c = e % dk;
-            Qs[i * L.ld_qk + c] =
-                i < n ? phi(p.fm, mk::to_float(q[row_of(it, ch * C + i, p.reverse) * dk + c])) : 0.f;
+            Qs[i * L.ld_qk + c] = i < n ? io.q(row_of(it, ch * C + i, p.reverse), c) : 0.f;
         }
     };
     // S += φ(K)ᵀ V and z += Σ φ(K) over the n staged rows.
@@ -180,7 +213,7 @@ __device__ void core(const CoreArgs& p, float* sm) {
         }
     }
 
-    for (long long ch = 0; ch < chunks && p.out != nullptr; ++ch) {
+    for (long long ch = 0; ch < chunks && io.has_out(); ++ch) {
         const int n = (int)min((long long)C, it.len - ch * C);
         __syncthreads();  // the previous chunk is done with every buffer
         load_q(ch, n);
@@ -265,21 +298,15 @@ __device__ void core(const CoreArgs& p, float* sm) {
             float m = ms[tid];
             for (int i = 0; i < n; ++i) {
                 Os[i * TILE_LD + tid] += m;
-                m = p.eta * (m + mk::to_float(mom[row_of(it, ch * C + i, p.reverse) * p.mom_ld + j0 + tid]));
+                m = p.eta * (m + io.mom(row_of(it, ch * C + i, p.reverse), j0 + tid));
             }
             ms[tid] = m;
         }
         __syncthreads();
-        TOut* out = static_cast<TOut*>(p.out);
-        for (int e = tid; e < n * TILE; e += THREADS) {
-            const int i = e / TILE, j = e % TILE;
-            if (j < w) out[row_of(it, ch * C + i, p.reverse) * dv + j0 + j] = mk::from_float<TOut>(Os[i * TILE_LD + j]);
-        }
-        if (p.den_out != nullptr && blockIdx.y == 0 && tid < n)
-            p.den_out[row_of(it, ch * C + tid, p.reverse)] = dens[tid];
+        io.store_chunk(Os, dens, ch * C, n, j0, w);
         if (p.causal) update_state(n);
     }
-    if (p.out == nullptr && p.causal) {
+    if (!io.has_out() && p.causal) {
         // State-only pass (split form, pass 1).
         for (long long ch = 0; ch < chunks; ++ch) {
             const int n = (int)min((long long)C, it.len - ch * C);
@@ -290,13 +317,13 @@ __device__ void core(const CoreArgs& p, float* sm) {
         }
     }
     __syncthreads();
-    if (it.state_out >= 0 && p.s_out != nullptr) {
+    if (io.has_state_out()) {
         for (int e = tid; e < dk * w; e += THREADS) {
             const int c = e / w, j = e % w;
-            p.s_out[(it.state_out * dk + c) * dv + j0 + j] = Ss[c * TILE_LD + j];
+            io.store_state(c, j0 + j, Ss[c * TILE_LD + j]);
         }
-        if (blockIdx.y == 0 && p.z_out != nullptr)
-            for (int c = tid; c < dk; c += THREADS) p.z_out[it.state_out * dk + c] = zs[c];
+        if (blockIdx.y == 0)
+            for (int c = tid; c < dk; c += THREADS) io.store_z(c, zs[c]);
     }
 }
 
@@ -308,6 +335,16 @@ __device__ void core(const CoreArgs& p, float* sm) {
 // as an mma operand). 8 warps; for the 64×64 products warp w owns rows 16·(w%4).. and
 // columns 32·(w/4).. (four 16×8 tiles). Fragments are gathered with 16/32-bit shared loads.
 
+#ifdef MK_HOST_EMULATION
+// scripts/compare/linear_attention_emulate.py runs this file on CPU threads; it supplies an
+// emulation of the warp-wide mma with the PTX ISA fragment layouts.
+__device__ __forceinline__ void mma16816(float* d, const uint32_t* a, const uint32_t* b, __half) {
+    mk_emulated_mma(d, a, b, false);
+}
+__device__ __forceinline__ void mma16816(float* d, const uint32_t* a, const uint32_t* b, __nv_bfloat16) {
+    mk_emulated_mma(d, a, b, true);
+}
+#else
 __device__ __forceinline__ void mma16816(float* d, const uint32_t* a, const uint32_t* b, __half) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -323,6 +360,7 @@ __device__ __forceinline__ void mma16816(float* d, const uint32_t* a, const uint
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
+#endif
 
 __device__ __forceinline__ uint32_t pack2(const uint16_t* base, int lo, int hi) {
     return (uint32_t)base[lo] | ((uint32_t)base[hi] << 16);
@@ -555,8 +593,6 @@ __device__ void core_mma(const CoreArgs& p, unsigned char* smem) {
             const int i = e / TILE, j = e % TILE;
             if (j < w) out[row_of(it, ch * C + i, p.reverse) * dv + j0 + j] = mk::from_float<T>(Os[i * TILE_LD + j]);
         }
-        if (p.den_out != nullptr && blockIdx.y == 0 && tid < n)
-            p.den_out[row_of(it, ch * C + tid, p.reverse)] = dens[tid];
         if (p.causal) update_state();
     }
     if (p.out == nullptr && p.causal) {
@@ -642,6 +678,7 @@ struct RefBackwardArgs {
     float* ds0;
     float* dz0;
 };
+static_assert(sizeof(RefBackwardArgs) == 208, "RefBackwardArgs layout");
 
 template <typename T>
 __device__ void reference_backward(const RefBackwardArgs& r) {
@@ -749,14 +786,13 @@ __device__ void reference_backward(const RefBackwardArgs& r) {
 #define MK_CORE(NAME, TIN, TOUT, C)                                                      \
     extern "C" __global__ void __launch_bounds__(THREADS, 1) NAME(CoreArgs p) {            \
         extern __shared__ float sm[];                                                    \
-        core<TIN, TOUT, C>(p, sm);                                                       \
+        const Item it = p.items[blockIdx.x];                                             \
+        core<C>(p, it, ForwardIo<TIN, TOUT>{p, it}, sm);                                 \
     }
 
 #define MK_CORE_ALL(SN, T)                                          \
     MK_CORE(la_core_##SN##_to_##SN##_c64, T, T, 64)                 \
     MK_CORE(la_core_##SN##_to_##SN##_c32, T, T, 32)                 \
-    MK_CORE(la_core_##SN##_to_f32_c64, T, float, 64)                \
-    MK_CORE(la_core_##SN##_to_f32_c32, T, float, 32)                \
     extern "C" __global__ void la_reference_forward_##SN(CoreArgs p) { reference_forward<T>(p); } \
     extern "C" __global__ void la_reference_backward_##SN(RefBackwardArgs r) { reference_backward<T>(r); }
 
@@ -775,6 +811,81 @@ MK_CORE(la_core_f32_to_f32_c64, float, float, 64)
 MK_CORE(la_core_f32_to_f32_c32, float, float, 32)
 extern "C" __global__ void la_reference_forward_f32(CoreArgs p) { reference_forward<float>(p); }
 extern "C" __global__ void la_reference_backward_f32(RefBackwardArgs r) { reference_backward<float>(r); }
+
+// ---------------------------------------------------------------- quadratic baseline -------
+// The unfused O(T²) composition the benchmarks measure the chunked kernels against, as a user
+// without this crate would write it: per head, A = mask(φ(Q)φ(K)ᵀ) materialised as f32 [T, T]
+// (one launch), then O = scale · A·V, divided by rowsum(A) + eps when normalising (a second
+// launch). Plain 16×16 shared-memory tiles, one output element per thread; no initial state.
+
+namespace {
+
+constexpr int QT = 16;       // tile edge
+constexpr int QT_LD = QT + 1;  // padded row stride
+
+// Block (x, y, z) = (column tile of s, row tile of i, head); 256 threads = a 16×16 tile.
+template <typename T>
+__device__ void quadratic_scores(const T* q, const T* k, float* a, int t, int dk, int causal, int fm, float* sm) {
+    float* qs = sm;
+    float* ks = sm + QT * QT_LD;
+    const int tx = threadIdx.x % QT, ty = threadIdx.x / QT;
+    const long long h = blockIdx.z;
+    const int i = blockIdx.y * QT + ty, s = blockIdx.x * QT + tx;
+    const int k_row = blockIdx.x * QT + ty;  // the key row this thread stages
+    float acc = 0.f;
+    for (int c0 = 0; c0 < dk; c0 += QT) {
+        const int c = c0 + tx;
+        qs[ty * QT_LD + tx] = (i < t && c < dk) ? phi(fm, mk::to_float(q[(h * t + i) * dk + c])) : 0.f;
+        ks[ty * QT_LD + tx] = (k_row < t && c < dk) ? phi(fm, mk::to_float(k[(h * t + k_row) * dk + c])) : 0.f;
+        __syncthreads();
+#pragma unroll
+        for (int cc = 0; cc < QT; ++cc) acc = fmaf(qs[ty * QT_LD + cc], ks[tx * QT_LD + cc], acc);
+        __syncthreads();
+    }
+    if (i < t && s < t) a[(h * t + i) * t + s] = (causal && s > i) ? 0.f : acc;
+}
+
+// Block (x, y, z) = (column tile of v, row tile of i, head).
+template <typename T>
+__device__ void quadratic_output(const float* a, const T* v, T* o, int t, int dv, int normalize, float scale,
+                                 float eps, float* sm) {
+    float* as = sm;
+    float* vs = sm + QT * QT_LD;
+    const int tx = threadIdx.x % QT, ty = threadIdx.x / QT;
+    const long long h = blockIdx.z;
+    const int i = blockIdx.y * QT + ty, j = blockIdx.x * QT + tx;
+    float acc = 0.f, den = 0.f;
+    for (int s0 = 0; s0 < t; s0 += QT) {
+        as[ty * QT_LD + tx] = (i < t && s0 + tx < t) ? a[(h * t + i) * t + s0 + tx] : 0.f;
+        vs[ty * QT_LD + tx] = (s0 + ty < t && j < dv) ? mk::to_float(v[(h * t + s0 + ty) * dv + j]) : 0.f;
+        __syncthreads();
+#pragma unroll
+        for (int s = 0; s < QT; ++s) {
+            acc = fmaf(as[ty * QT_LD + s], vs[s * QT_LD + tx], acc);
+            den += as[ty * QT_LD + s];
+        }
+        __syncthreads();
+    }
+    if (i < t && j < dv) o[(h * t + i) * dv + j] = mk::from_float<T>(normalize ? scale * acc / (den + eps) : scale * acc);
+}
+
+}  // namespace
+
+#define MK_QUADRATIC(SN, T)                                                                                \
+    extern "C" __global__ void la_quadratic_scores_##SN(const T* q, const T* k, float* a, int t, int dk,    \
+                                                        int causal, int fm) {                              \
+        extern __shared__ float sm[];                                                                      \
+        quadratic_scores<T>(q, k, a, t, dk, causal, fm, sm);                                               \
+    }                                                                                                      \
+    extern "C" __global__ void la_quadratic_output_##SN(const float* a, const T* v, T* o, int t, int dv,    \
+                                                        int normalize, float scale, float eps) {           \
+        extern __shared__ float sm[];                                                                      \
+        quadratic_output<T>(a, v, o, t, dv, normalize, scale, eps, sm);                                    \
+    }
+
+MK_QUADRATIC(f32, float)
+MK_QUADRATIC(f16, __half)
+MK_QUADRATIC(bf16, __nv_bfloat16)
 
 // Split form, between the passes: per segment, the state at the start of each of its `groups`
 // item groups (S_0 + the local states of the groups before it), written to `prefix`, and the
@@ -807,109 +918,206 @@ extern "C" __global__ void la_state_scan(const float* __restrict__ local_s, cons
     }
 }
 
-// ---------------------------------------------------------------- backward glue -----------
+// ---------------------------------------------------------------- backward -----------------
+// Two launches, both the SIMT core with other I/O (see ForwardIo):
+//   1. la_backward_prep: the forward recomputed chunk by chunk (one block per item × 64-column
+//      v tile); instead of o it writes g' = [∂L/∂num, ∂L/∂den] to gp, a [rows, dv + tiles]
+//      scratch: gp[r, j] = f_r·g[r, j] (f = scale/den or scale) and, per v tile y,
+//      gp[r, dv + y] = −Σ_{j in tile y} g[r, j]·o[r, j] / den_r (0 without normalisation).
+//      The consumers read ∂L/∂den_r as the sum of those `tiles` partials, in a fixed order.
+//   2. la_backward_passes: the three passes, blockIdx.z = pass, all reading q, k, v, g and the
+//      states in place (φ, φ', [v, 1], [S, z] and its transpose applied on load and store):
+//        z = 0: dq = φ'(q) ⊙ core(q = g', k = [v,1], v = φ(k), S_0 = [S_0,z_0]ᵀ)
+//        z = 1: dk = φ'(k) ⊙ core(q = [v,1], k = g', v = φ(q), S_0 = [∂S_T,∂z_T]ᵀ, reverse)
+//        z = 2: [dv, ·] = core(q = φ(k), k = φ(q), v = g', S_0 = [∂S_T,∂z_T], reverse)
+//               + the momentum's Σ_{t>s} η^{t−s} g_t; its final state is [∂S_0, ∂z_0].
+//      The passes have different widths (dk × (dv+1) or (dv+1) × dk); the grid covers the
+//      widest and blocks past a pass's last v tile return at once.
 
-// φ(q), φ(k) as f32 and v' = [v, 1] (f32, width dv+1), for the backward's core passes.
-template <typename T>
-__device__ void featurize(const T* q, const T* k, const T* v, float* qf, float* kf, float* va, long long rows,
-                          int dk, int dv, int fm) {
-    for (long long e = mk::global_thread(); e < rows * dk; e += mk::grid_threads()) {
-        qf[e] = phi(fm, mk::to_float(q[e]));
-        kf[e] = phi(fm, mk::to_float(k[e]));
-    }
-    const int dva = dv + 1;
-    for (long long e = mk::global_thread(); e < rows * dva; e += mk::grid_threads()) {
-        const long long r = e / dva;
-        const int j = (int)(e % dva);
-        va[e] = j < dv ? mk::to_float(v[r * dv + j]) : 1.f;
-    }
-}
+namespace {
 
-// g' = [f·g, −(g·o)/den] per row, f = scale/den (normalising) or scale; also g as f32.
-// One warp per row.
+struct BwdArgs {
+    const void* q;  // [rows, dk] (T)
+    const void* k;  // [rows, dk] (T)
+    const void* v;  // [rows, dv] (T)
+    const void* g;  // [rows, dv] (T): ∂L/∂o
+    const float* s0;  // [*, dk, dv] or null (zeros)
+    const float* z0;  // [*, dk] or null
+    const float* gs;  // [*, dk, dv] or null: ∂L/∂S_T
+    const float* gz;  // [*, dk] or null: ∂L/∂z_T
+    float* gp;        // [rows, dv + tiles]: g' (written by the prep, read by the passes)
+    void* grad_q;     // [rows, dk] (T)
+    void* grad_k;     // [rows, dk] (T)
+    void* grad_v;     // [rows, dv] (T)
+    float* ds0;       // [*, dk, dv]
+    float* dz0;       // [*, dk]
+    const Item* items;  // one per (sequence, head); state_in = state_out = its state
+    int n_items;
+    int dk, dv;
+    int tiles;  // v tiles of the prep: the number of ∂L/∂den partials per row of gp
+    int fm, causal, normalize;
+    float scale, eps;
+    float eta;  // momentum decay; < 0: none
+};
+static_assert(sizeof(BwdArgs) == 160, "BwdArgs layout");
+
+// The prep: the forward's loads; the output chunk becomes g'.
 template <typename T>
-__device__ void augmented_grad(const T* g, const float* o, const float* den, float* gp, float* g32,
-                               long long rows, int dv, int normalize, float scale) {
-    const int lane = threadIdx.x & 31;
-    const long long warps = mk::grid_threads() / 32;
-    for (long long r = mk::global_thread() / 32; r < rows; r += warps) {
-        const float f = normalize ? scale / den[r] : scale;
-        float dot = 0.f;
-        for (int j = lane; j < dv; j += 32) {
-            const float gx = mk::to_float(g[r * dv + j]);
-            dot += gx * o[r * dv + j];
-            gp[r * (dv + 1) + j] = f * gx;
-            g32[r * dv + j] = gx;
+struct PrepIo : ForwardIo<T, float> {
+    const BwdArgs& b;
+    __device__ PrepIo(const CoreArgs& p, const Item& it, const BwdArgs& b) : ForwardIo<T, float>{p, it}, b(b) {}
+    __device__ bool has_out() const { return true; }
+    __device__ bool has_state_out() const { return false; }
+    __device__ void store_chunk(const float* Os, const float* dens, long long step0, int n, int j0, int w) const {
+        const T* g = static_cast<const T*>(b.g);
+        const int ld = b.dv + b.tiles;
+        auto f = [&](int i) { return b.normalize ? b.scale / dens[i] : b.scale; };
+        for (int e = threadIdx.x; e < n * TILE; e += THREADS) {
+            const int i = e / TILE, j = e % TILE;
+            const long long row = this->it.row0 + step0 + i;
+            if (j < w) b.gp[row * ld + j0 + j] = f(i) * mk::to_float(g[row * b.dv + j0 + j]);
         }
-        dot = mk::warp_sum(dot);
-        if (lane == 0) gp[r * (dv + 1) + dv] = normalize ? -dot / den[r] : 0.f;
+        // One warp per row: this tile's share of −(g·o)/den (Os holds o = f·num).
+        const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+        for (int i = warp; i < n; i += THREADS / 32) {
+            const long long row = this->it.row0 + step0 + i;
+            float dot = 0.f;
+            for (int j = lane; j < w; j += 32) dot += mk::to_float(g[row * b.dv + j0 + j]) * Os[i * TILE_LD + j];
+            dot = mk::warp_sum(dot);
+            if (lane == 0) b.gp[row * ld + b.dv + blockIdx.y] = b.normalize ? -dot / dens[i] : 0.f;
+        }
     }
-}
+};
 
-// Initial states of the backward's passes, per state n:
-//   s0t[n] = [S_0, z_0]ᵀ           ((dv+1) × dk)
-//   dst[n] = [∂S_T, ∂z_T]          (dk × (dv+1))
-//   dstt[n] = dst[n]ᵀ              ((dv+1) × dk)
-__device__ void backward_states(const float* s0, const float* z0, const float* gs, const float* gz, float* s0t,
-                                float* dst, float* dstt, long long states, int dk, int dv) {
-    const int dva = dv + 1;
-    const long long per = (long long)dk * dva;
-    for (long long e = mk::global_thread(); e < states * per; e += mk::grid_threads()) {
-        const long long n = e / per;
-        const int c = (int)((e % per) / dva), j = (int)(e % dva);
-        const float s = j < dv ? (s0 ? s0[(n * dk + c) * dv + j] : 0.f) : (z0 ? z0[n * dk + c] : 0.f);
-        const float d = j < dv ? (gs ? gs[(n * dk + c) * dv + j] : 0.f) : (gz ? gz[n * dk + c] : 0.f);
-        s0t[(n * dva + j) * dk + c] = s;
-        dst[(n * dk + c) * dva + j] = d;
-        dstt[(n * dva + j) * dk + c] = d;
-    }
-}
-
-// dq = dφ(Q) ⊙ φ'(q), dk likewise, dv = the first dv columns of dV'; the final state of the dV'
-// pass, dS'_0 (dk × (dv+1)), split into ∂S_0 and ∂z_0.
+// The passes' operands, read in place.
 template <typename T>
-__device__ void finish_backward(const T* q, const T* k, const float* dqf, const float* dkf, const float* dva_,
-                                T* dq, T* dk_, T* dv_, const float* ds0a, float* ds0, float* dz0, long long rows,
-                                long long states, int dk, int dv, int fm) {
-    const int dva = dv + 1;
-    for (long long e = mk::global_thread(); e < rows * dk; e += mk::grid_threads()) {
-        dq[e] = mk::from_float<T>(dqf[e] * dphi(fm, mk::to_float(q[e])));
-        dk_[e] = mk::from_float<T>(dkf[e] * dphi(fm, mk::to_float(k[e])));
+struct PassIo {
+    const BwdArgs& b;
+    const Item& it;
+    int pass;
+    __device__ float raw(const void* x, long long row, int c) const {
+        return mk::to_float(static_cast<const T*>(x)[row * b.dk + c]);
     }
-    for (long long e = mk::global_thread(); e < rows * dv; e += mk::grid_threads())
-        dv_[e] = mk::from_float<T>(dva_[(e / dv) * dva + e % dv]);
-    for (long long e = mk::global_thread(); e < states * dk * dva; e += mk::grid_threads()) {
-        const long long n = e / ((long long)dk * dva);
-        const int c = (int)((e / dva) % dk), j = (int)(e % dva);
-        if (j < dv) ds0[(n * dk + c) * dv + j] = ds0a[e];
-        else dz0[n * dk + c] = ds0a[e];
+    __device__ float phi_q(long long row, int c) const { return phi(b.fm, raw(b.q, row, c)); }
+    __device__ float phi_k(long long row, int c) const { return phi(b.fm, raw(b.k, row, c)); }
+    // [v, 1]
+    __device__ float v1(long long row, int j) const {
+        return j < b.dv ? mk::to_float(static_cast<const T*>(b.v)[row * b.dv + j]) : 1.f;
     }
+    // g' = [∂L/∂num, ∂L/∂den]
+    __device__ float gp(long long row, int j) const {
+        const float* r = b.gp + row * (b.dv + b.tiles);
+        if (j < b.dv) return r[j];
+        float d = 0.f;
+        for (int y = 0; y < b.tiles; ++y) d += r[b.dv + y];
+        return d;
+    }
+    // Element (c, j) of [S, z] (dk × (dv+1)) of this item's state; zeros for null pointers.
+    __device__ float aug(const float* s, const float* z, int c, int j) const {
+        if (j < b.dv) return s != nullptr ? s[(it.state_in * b.dk + c) * b.dv + j] : 0.f;
+        return z != nullptr ? z[it.state_in * b.dk + c] : 0.f;
+    }
+    __device__ float q(long long row, int c) const { return pass == 0 ? gp(row, c) : pass == 1 ? v1(row, c) : phi_k(row, c); }
+    __device__ float k(long long row, int c) const { return pass == 0 ? v1(row, c) : pass == 1 ? gp(row, c) : phi_q(row, c); }
+    __device__ float v(long long row, int j) const { return pass == 0 ? phi_k(row, j) : pass == 1 ? phi_q(row, j) : gp(row, j); }
+    __device__ float mom(long long row, int j) const { return mk::to_float(static_cast<const T*>(b.g)[row * b.dv + j]); }
+    __device__ float s0(int c, int j) const {
+        if (pass == 0) return aug(b.s0, b.z0, j, c);
+        return pass == 1 ? aug(b.gs, b.gz, j, c) : aug(b.gs, b.gz, c, j);
+    }
+    __device__ float z0(int) const { return 0.f; }
+    __device__ bool has_out() const { return true; }
+    __device__ void store_chunk(const float* Os, const float*, long long step0, int n, int j0, int w) const {
+        for (int e = threadIdx.x; e < n * TILE; e += THREADS) {
+            const int i = e / TILE, j = e % TILE, col = j0 + j;
+            const long long row = row_of(it, step0 + i, pass != 0);
+            if (j >= w) continue;
+            const float x = Os[i * TILE_LD + j];
+            if (pass == 0)
+                static_cast<T*>(b.grad_q)[row * b.dk + col] = mk::from_float<T>(x * dphi(b.fm, raw(b.q, row, col)));
+            else if (pass == 1)
+                static_cast<T*>(b.grad_k)[row * b.dk + col] = mk::from_float<T>(x * dphi(b.fm, raw(b.k, row, col)));
+            else if (col < b.dv)
+                static_cast<T*>(b.grad_v)[row * b.dv + col] = mk::from_float<T>(x);
+        }
+    }
+    __device__ bool has_state_out() const { return pass == 2; }
+    __device__ void store_state(int c, int j, float x) const {
+        if (j < b.dv) b.ds0[(it.state_out * b.dk + c) * b.dv + j] = x;
+        else b.dz0[it.state_out * b.dk + c] = x;
+    }
+    __device__ void store_z(int, float) const {}
+};
+
+// The forward's shape and options for the prep.
+__device__ CoreArgs prep_shape(const BwdArgs& b) {
+    CoreArgs p = {};
+    p.q = b.q;
+    p.k = b.k;
+    p.v = b.v;
+    p.items = b.items;
+    p.n_items = b.n_items;
+    p.dk = b.dk;
+    p.dv = b.dv;
+    p.s_in = b.s0;
+    p.z_in = b.z0;
+    p.fm = b.fm;
+    p.causal = b.causal;
+    p.normalize = b.normalize;
+    p.accumulate = 1;
+    p.scale = b.scale;
+    p.eps = b.eps;
+    p.eta = -1.f;
+    return p;
 }
 
-#define MK_GLUE(SN, T)                                                                                        \
-    extern "C" __global__ void la_featurize_##SN(const T* q, const T* k, const T* v, float* qf, float* kf,  \
-                                                 float* va, long long rows, int dk, int dv, int fm) {       \
-        featurize<T>(q, k, v, qf, kf, va, rows, dk, dv, fm);                                                 \
-    }                                                                                                        \
-    extern "C" __global__ void la_augmented_grad_##SN(const T* g, const float* o, const float* den,         \
-                                                      float* gp, float* g32, long long rows, int dv,        \
-                                                      int normalize, float scale) {                         \
-        augmented_grad<T>(g, o, den, gp, g32, rows, dv, normalize, scale);                                  \
-    }                                                                                                        \
-    extern "C" __global__ void la_finish_backward_##SN(const T* q, const T* k, const float* dqf,            \
-                                                       const float* dkf, const float* dva, T* dq, T* dk,    \
-                                                       T* dv, const float* ds0a, float* ds0, float* dz0,    \
-                                                       long long rows, long long states, int dkd, int dvd,  \
-                                                       int fm) {                                            \
-        finish_backward<T>(q, k, dqf, dkf, dva, dq, dk, dv, ds0a, ds0, dz0, rows, states, dkd, dvd, fm);    \
+// The widths and options of backward pass `pass` (see the list above).
+__device__ CoreArgs pass_shape(const BwdArgs& b, int pass) {
+    CoreArgs p = {};
+    p.items = b.items;
+    p.n_items = b.n_items;
+    p.dk = pass == 2 ? b.dk : b.dv + 1;
+    p.dv = pass == 2 ? b.dv + 1 : b.dk;
+    p.causal = b.causal;
+    p.reverse = pass != 0;
+    p.accumulate = 1;
+    p.scale = 1.f;
+    p.eta = pass == 2 ? b.eta : -1.f;
+    p.mom_width = b.dv;
+    return p;
+}
+
+template <typename T, int C>
+__device__ void backward_prep(const BwdArgs& b, float* sm) {
+    const CoreArgs p = prep_shape(b);
+    const Item it = b.items[blockIdx.x];
+    core<C>(p, it, PrepIo<T>(p, it, b), sm);
+}
+
+template <typename T, int C>
+__device__ void backward_passes(const BwdArgs& b, float* sm) {
+    const int pass = blockIdx.z;
+    const CoreArgs p = pass_shape(b, pass);
+    if ((int)blockIdx.y * TILE >= p.dv) return;  // the whole block: this pass is narrower
+    const Item it = b.items[blockIdx.x];
+    core<C>(p, it, PassIo<T>{b, it, pass}, sm);
+}
+
+}  // namespace
+
+#define MK_BACKWARD(SN, T, C)                                                                             \
+    extern "C" __global__ void __launch_bounds__(THREADS, 1) la_backward_prep_##SN##_c##C(BwdArgs b) {   \
+        extern __shared__ float sm[];                                                                     \
+        backward_prep<T, C>(b, sm);                                                                       \
+    }                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(THREADS, 1) la_backward_passes_##SN##_c##C(BwdArgs b) { \
+        extern __shared__ float sm[];                                                                     \
+        backward_passes<T, C>(b, sm);                                                                     \
     }
 
-MK_GLUE(f32, float)
-MK_GLUE(f16, __half)
-MK_GLUE(bf16, __nv_bfloat16)
-
-extern "C" __global__ void la_backward_states(const float* s0, const float* z0, const float* gs, const float* gz,
-                                              float* s0t, float* dst, float* dstt, long long states, int dk,
-                                              int dv) {
-    backward_states(s0, z0, gs, gz, s0t, dst, dstt, states, dk, dv);
-}
+MK_BACKWARD(f32, float, 64)
+MK_BACKWARD(f32, float, 32)
+MK_BACKWARD(f16, __half, 64)
+MK_BACKWARD(f16, __half, 32)
+MK_BACKWARD(bf16, __nv_bfloat16, 64)
+MK_BACKWARD(bf16, __nv_bfloat16, 32)

@@ -453,6 +453,10 @@ fn bad_inputs_are_typed_errors() {
     for eta in [-0.1, 1.0, f32::NAN] {
         expect_err("eta", a.forward_with_momentum(&q, &q, &v, eta), invalid);
     }
+    // the GPU benchmark baseline is CUDA-only
+    expect_err("quadratic baseline on the CPU", a.forward_quadratic(&q, &q, &v), |e| {
+        matches!(e, Error::DeviceMismatch { .. })
+    });
     let non_causal = LinearAttention { causal: false, ..a };
     expect_err("momentum non-causal", non_causal.forward_with_momentum(&q, &q, &v, 0.5), invalid);
     expect_err(

@@ -15,13 +15,17 @@
 //!
 //! **Tensor cores.** Forward launches with f16/bf16 inputs, Dk ≤ 128 and no momentum run
 //! `la_core_mma_<dt>`, whose three chunk products are `mma.sync.m16n8k16` with f32
-//! accumulation; everything else (f32, Dk > 128, the momentum forward, and the backward's f32
-//! passes) runs the SIMT core `la_core_<in>_to_<out>_c<C>`.
+//! accumulation; everything else (f32, Dk > 128, the momentum forward) runs the SIMT core
+//! `la_core_<dt>_to_<dt>_c<C>`, and so does the backward (its operands are f32 gradients and
+//! widths of Dv + 1 up to 257; see the .cu file).
 //!
-//! **Backward** (8 launches, all O(T)): featurise φ(Q), φ(K), [V,1]; recompute the forward's
-//! outputs and denominators; form g' = [∂L/∂num, ∂L/∂den]; build the passes' initial states;
-//! then three core passes (dφ(Q) forward in time; dφ(K) and dV' backward in time, the last
-//! carrying dS' to dS'_0 and folding in the momentum's reverse sum); then apply φ' and cast.
+//! **Backward** (2 launches, both O(T), both the SIMT core with other I/O):
+//! `la_backward_prep_<dt>_c<C>` recomputes the forward chunk by chunk and writes
+//! g' = [∂L/∂num, ∂L/∂den] (the ∂L/∂den column as one partial per 64-column v tile, summed in
+//! a fixed order by the readers); `la_backward_passes_<dt>_c<C>` runs the three passes
+//! (dφ(Q) forward in time; dφ(K) and dV' backward in time, the last carrying dS' to dS'_0 and
+//! folding in the momentum's reverse sum) side by side as blockIdx.z = 0, 1, 2, reading q, k,
+//! v, ∂L/∂o and the states in place and writing dq, dk, dv, ∂S_0, ∂z_0 directly.
 
 use crate::cuda::{CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop};
 
@@ -33,7 +37,7 @@ use crate::{DType, Error, Result, Tensor};
 const MODULE: &str = "linear_attention";
 const THREADS: u32 = 256;
 const TILE: usize = 64;
-const ELEMENTWISE_THREADS: u32 = 256;
+const SCAN_THREADS: u32 = 256;
 
 /// Mirrors `Item` in the .cu file.
 #[repr(C)]
@@ -53,7 +57,6 @@ struct CoreArgs {
     k: u64,
     v: u64,
     out: u64,
-    den_out: u64,
     items: u64,
     n_items: i32,
     dk: i32,
@@ -91,11 +94,49 @@ struct RefBackwardArgs {
     dz0: u64,
 }
 
+/// Mirrors `BwdArgs` in the .cu file.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct BwdArgs {
+    q: u64,
+    k: u64,
+    v: u64,
+    g: u64,
+    s0: u64,
+    z0: u64,
+    gs: u64,
+    gz: u64,
+    gp: u64,
+    grad_q: u64,
+    grad_k: u64,
+    grad_v: u64,
+    ds0: u64,
+    dz0: u64,
+    items: u64,
+    n_items: i32,
+    dk: i32,
+    dv: i32,
+    tiles: i32,
+    fm: i32,
+    causal: i32,
+    normalize: i32,
+    scale: f32,
+    eps: f32,
+    eta: f32,
+}
+
 // SAFETY: plain-old-data structs of integers and floats whose layout matches the kernels'
 // parameter structs field by field.
 unsafe impl DeviceRepr for Item {}
 unsafe impl DeviceRepr for CoreArgs {}
 unsafe impl DeviceRepr for RefBackwardArgs {}
+unsafe impl DeviceRepr for BwdArgs {}
+
+// The .cu file static_asserts the same sizes for its side of each struct.
+const _: () = assert!(size_of::<Item>() == 32);
+const _: () = assert!(size_of::<CoreArgs>() == 136);
+const _: () = assert!(size_of::<RefBackwardArgs>() == 208);
+const _: () = assert!(size_of::<BwdArgs>() == 160);
 
 /// Raw device pointers for one launch, with the guards that order their use on our stream.
 struct Ptrs<'a> {
@@ -202,17 +243,29 @@ fn mma_smem_bytes(dk: usize) -> usize {
     floats_start + 4 * (dkp * tile_ld + dkp + c + TILE + c * tile_ld)
 }
 
-/// Whether a core launch runs on the tensor-core kernel: 16-bit inputs and outputs (the
-/// forward), Dk ≤ 128, no momentum term.
-fn uses_mma(in_dtype: DType, out_f32: bool, args: &CoreArgs) -> bool {
-    matches!(in_dtype, DType::F16 | DType::BF16) && !out_f32 && args.dk <= 128 && args.eta < 0.0
+/// Whether a forward core launch runs on the tensor-core kernel: 16-bit inputs, Dk ≤ 128, no
+/// momentum term.
+fn uses_mma(in_dtype: DType, args: &CoreArgs) -> bool {
+    matches!(in_dtype, DType::F16 | DType::BF16) && args.dk <= 128 && args.eta < 0.0
 }
 
-/// Launches the core over `items` with `args` (pointers filled in by the caller).
+/// The grid of a core launch: one block per (work item, 64-column v tile, pass).
+fn core_grid(n_items: usize, tiles: usize, passes: u32, smem: usize) -> Result<LaunchConfig> {
+    let grid_x = u32::try_from(n_items)
+        .ok()
+        .filter(|&x| x < (1u32 << 31))
+        .ok_or_else(|| Error::invalid("LinearAttention (cuda)", "B·H", format!("{n_items} work items")))?;
+    Ok(LaunchConfig {
+        grid_dim: (grid_x, tiles as u32, passes),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: smem as u32,
+    })
+}
+
+/// Launches the forward core over `items` with `args` (pointers filled in by the caller).
 fn launch_core(
     dev: &CudaDevice,
     in_dtype: DType,
-    out_f32: bool,
     args: &CoreArgs,
     n_items: usize,
     width_v: usize,
@@ -220,27 +273,17 @@ fn launch_core(
     let dk = args.dk as usize;
     let c = chunk_for(dk);
     let dt = in_dtype.as_str();
-    let out = if out_f32 { "f32" } else { dt };
-    let (name, smem) = if uses_mma(in_dtype, out_f32, args) {
+    let (name, smem) = if uses_mma(in_dtype, args) {
         (format!("la_core_mma_{dt}"), mma_smem_bytes(dk))
     } else {
-        (format!("la_core_{dt}_to_{out}_c{c}"), core_smem_bytes(c, dk))
+        (format!("la_core_{dt}_to_{dt}_c{c}"), core_smem_bytes(c, dk))
     };
     let f = dev.function(MODULE, &name)?;
     dev.allow_shared_bytes(&f, &name, smem)?;
-    let tiles = width_v.div_ceil(TILE);
     if n_items == 0 {
         return Ok(());
     }
-    let grid_x = u32::try_from(n_items)
-        .ok()
-        .filter(|&x| x < (1u32 << 31))
-        .ok_or_else(|| Error::invalid("LinearAttention (cuda)", "B·H", format!("{n_items} work items")))?;
-    let cfg = LaunchConfig {
-        grid_dim: (grid_x, tiles as u32, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: smem as u32,
-    };
+    let cfg = core_grid(n_items, width_v.div_ceil(TILE), 1, smem)?;
     let mut b = dev.stream().launch_builder(&f);
     b.arg(args);
     // SAFETY: every pointer in `args` addresses a live buffer sized for the items' rows and
@@ -361,7 +404,7 @@ fn fused_forward(
         args.mom_width = p.dv as i32;
         args.mom_ld = p.dv as i32;
     }
-    launch_core(dev, a.q.dtype(), false, &args, p.segments.len(), p.dv)
+    launch_core(dev, a.q.dtype(), &args, p.segments.len(), p.dv)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -413,7 +456,7 @@ fn split_forward(
         args.items = ptr.of(&items1);
         args.s_out = ptr.of_mut(&mut local_s);
         args.z_out = ptr.of_mut(&mut local_z);
-        launch_core(dev, a.q.dtype(), false, &args, n_items, dv)?;
+        launch_core(dev, a.q.dtype(), &args, n_items, dv)?;
     }
     {
         let f = dev.function(MODULE, "la_state_scan")?;
@@ -435,7 +478,7 @@ fn split_forward(
             b.arg(x);
         }
         b.arg(&segments).arg(&groups_i).arg(&dk_i).arg(&dv_i);
-        let cfg = grid_1d(p.segments.len() * (dk * dv + dk), ELEMENTWISE_THREADS);
+        let cfg = grid_1d(p.segments.len() * (dk * dv + dk), SCAN_THREADS);
         // SAFETY: the buffers hold n_items (= segments × groups) local and prefix states and the
         // final states; the kernel is a grid-stride loop over segments × state elements.
         unsafe { b.launch(cfg) }.map_err(driver("launching la_state_scan"))?;
@@ -456,7 +499,7 @@ fn split_forward(
         args.s_in = ptr.of(s_out);
         args.z_in = ptr.of(z_out);
     }
-    launch_core(dev, a.q.dtype(), false, &args, n_items, dv)
+    launch_core(dev, a.q.dtype(), &args, n_items, dv)
 }
 
 fn reference_forward(
@@ -497,6 +540,64 @@ fn reference_forward(
     // SAFETY: as for the core; one block per segment, every loop bounded by the item's rows.
     unsafe { b.launch(cfg) }.map_err(driver(format!("launching {name}")))?;
     Ok(())
+}
+
+/// The unfused quadratic baseline (see `LinearAttention::forward_quadratic`): scores, then
+/// output, two launches of 16×16-tiled kernels with a [B·H, T, T] f32 intermediate.
+pub(super) fn forward_quadratic(p: &Problem, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    const OP: &str = "LinearAttention::forward_quadratic";
+    let dev = q.cuda_device()?;
+    let dts = q.dtype().as_str();
+    let (heads, t) = (p.segments.len(), p.segments.first().map_or(0, |s| s.len));
+    let too_big =
+        |what: &str, n: usize| Error::invalid(OP, what, format!("{n} is more than the grid allows"));
+    let heads_z = u32::try_from(heads).ok().filter(|&h| h <= 65_535).ok_or_else(|| too_big("B·H", heads))?;
+    let t_i = i32::try_from(t).map_err(|_| too_big("T", t))?;
+    let row_tiles =
+        u32::try_from(t.div_ceil(16)).ok().filter(|&x| x <= 65_535).ok_or_else(|| too_big("T", t))?;
+    let scores_len =
+        heads.checked_mul(t * t).ok_or_else(|| too_big("B·H·T²", heads.saturating_mul(t * t)))?;
+    let mut scores = dev.alloc::<f32>(scores_len)?;
+    let mut out = Out::alloc(dev, q.dtype(), p.rows * p.dv)?;
+    let smem = 2 * 16 * 17 * 4;
+    let stream = dev.stream().clone();
+    {
+        let name = format!("la_quadratic_scores_{dts}");
+        let f = dev.function(MODULE, &name)?;
+        let mut ptr = Ptrs::new(&stream);
+        let (qp, kp, ap) = (ptr.tensor(q)?, ptr.tensor(k)?, ptr.of_mut(&mut scores));
+        let (dk, causal, fm) = (p.dk as i32, p.cfg.causal as i32, p.cfg.feature_map.code());
+        let mut b = stream.launch_builder(&f);
+        b.arg(&qp).arg(&kp).arg(&ap).arg(&t_i).arg(&dk).arg(&causal).arg(&fm);
+        let cfg = LaunchConfig {
+            grid_dim: (row_tiles, row_tiles, heads_z),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: smem,
+        };
+        // SAFETY: q, k are [heads·t, dk], scores holds heads·t·t floats; the grid covers the
+        // t × t tiles of every head and the kernel bounds-checks the last tiles.
+        unsafe { b.launch(cfg) }.map_err(driver(format!("launching {name}")))?;
+    }
+    {
+        let name = format!("la_quadratic_output_{dts}");
+        let f = dev.function(MODULE, &name)?;
+        let mut ptr = Ptrs::new(&stream);
+        let (ap, vp, op) = (ptr.of(&scores), ptr.tensor(v)?, out.ptr(&mut ptr));
+        let (dv, normalize, scale, eps) = (p.dv as i32, p.cfg.normalize as i32, p.cfg.scale, p.cfg.eps);
+        let mut b = stream.launch_builder(&f);
+        b.arg(&ap).arg(&vp).arg(&op).arg(&t_i).arg(&dv).arg(&normalize).arg(&scale).arg(&eps);
+        let cfg = LaunchConfig {
+            grid_dim: (p.dv.div_ceil(16) as u32, row_tiles, heads_z),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: smem,
+        };
+        // SAFETY: scores holds heads·t·t floats, v and the output [heads·t, dv]; the grid covers the
+        // t × dv tiles of every head and the kernel bounds-checks the last tiles.
+        unsafe { b.launch(cfg) }.map_err(driver(format!("launching {name}")))?;
+    }
+    let mut shape = q.shape().to_vec();
+    shape[3] = p.dv;
+    Ok(out.into_tensor(&shape, q.device()))
 }
 
 // ------------------------------------------------------------------------------------------
@@ -589,73 +690,8 @@ fn reference_backward(
     Ok(())
 }
 
-/// The scratch of the chunked backward, all f32.
-struct Scratch {
-    qf: CudaSlice<f32>,
-    kf: CudaSlice<f32>,
-    va: CudaSlice<f32>,
-    o: CudaSlice<f32>,
-    den: CudaSlice<f32>,
-    gp: CudaSlice<f32>,
-    g32: CudaSlice<f32>,
-    s0t: CudaSlice<f32>,
-    dst: CudaSlice<f32>,
-    dstt: CudaSlice<f32>,
-    dqf: CudaSlice<f32>,
-    dkf: CudaSlice<f32>,
-    dva: CudaSlice<f32>,
-    ds0a: CudaSlice<f32>,
-}
-
-impl Scratch {
-    fn new(dev: &CudaDevice, p: &Problem) -> Result<Scratch> {
-        let (rows, states, dk, dv, dva) = (p.rows, p.states(), p.dk, p.dv, p.dv + 1);
-        Ok(Scratch {
-            qf: dev.alloc(rows * dk)?,
-            kf: dev.alloc(rows * dk)?,
-            va: dev.alloc(rows * dva)?,
-            o: dev.alloc(rows * dv)?,
-            den: dev.alloc(rows)?,
-            gp: dev.alloc(rows * dva)?,
-            g32: dev.alloc(rows * dv)?,
-            s0t: dev.alloc(states * dk * dva)?,
-            dst: dev.alloc(states * dk * dva)?,
-            dstt: dev.alloc(states * dk * dva)?,
-            dqf: dev.alloc(rows * dk)?,
-            dkf: dev.alloc(rows * dk)?,
-            dva: dev.alloc(rows * dva)?,
-            ds0a: dev.alloc(states * dk * dva)?,
-        })
-    }
-}
-
-/// A kernel argument of the element-wise kernels.
-#[derive(Clone, Copy)]
-enum Arg {
-    Ptr(u64),
-    I64(i64),
-    I32(i32),
-    F32(f32),
-}
-
-fn elementwise(dev: &CudaDevice, name: &str, work: usize, args: &[Arg]) -> Result<()> {
-    let f = dev.function(MODULE, name)?;
-    let mut b = dev.stream().launch_builder(&f);
-    for a in args {
-        match a {
-            Arg::Ptr(x) => b.arg(x),
-            Arg::I64(x) => b.arg(x),
-            Arg::I32(x) => b.arg(x),
-            Arg::F32(x) => b.arg(x),
-        };
-    }
-    // SAFETY: grid-stride kernels bounded by the sizes in `args`, over buffers allocated for
-    // exactly those sizes by `Scratch::new` and the callers; the argument list follows the
-    // kernel's signature in the .cu file.
-    unsafe { b.launch(grid_1d(work, ELEMENTWISE_THREADS)) }.map_err(driver(format!("launching {name}")))?;
-    Ok(())
-}
-
+/// The backward in two launches (see the module docs and the .cu file): the prep writes g' to
+/// a `[rows, dv + tiles]` scratch, then the three passes run side by side.
 fn chunked_backward(
     dev: &CudaDevice,
     p: &Problem,
@@ -663,151 +699,64 @@ fn chunked_backward(
     b: &BackwardArgs<'_>,
     o: &mut Outs<'_>,
 ) -> Result<()> {
-    let dt = a.q.dtype();
-    let dts = dt.as_str();
-    let (rows, states, dk, dv, dva) = (p.rows, p.states(), p.dk, p.dv, p.dv + 1);
-    let (rows_i, states_i, dk_i, dv_i) = (rows as i64, states as i64, dk as i32, dv as i32);
-    let fm = p.cfg.feature_map.code();
-    let mut s = Scratch::new(dev, p)?;
-    let stream = dev.stream().clone();
-    let fwd_items = dev.htod(&segment_items(p, a.s0.is_some()))?;
-    // The backward passes always read their (possibly zero) initial states.
-    let bwd_items = dev.htod(&segment_items(p, true))?;
+    let dts = a.q.dtype().as_str();
+    let (rows, dk, dv) = (p.rows, p.dk, p.dv);
     let n_items = p.segments.len();
-
-    // 1. φ(Q), φ(K), [V, 1].
-    {
-        let mut ptr = Ptrs::new(&stream);
-        let args = [
-            Arg::Ptr(ptr.tensor(a.q)?),
-            Arg::Ptr(ptr.tensor(a.k)?),
-            Arg::Ptr(ptr.tensor(a.v)?),
-            Arg::Ptr(ptr.of_mut(&mut s.qf)),
-            Arg::Ptr(ptr.of_mut(&mut s.kf)),
-            Arg::Ptr(ptr.of_mut(&mut s.va)),
-            Arg::I64(rows_i),
-            Arg::I32(dk_i),
-            Arg::I32(dv_i),
-            Arg::I32(fm),
-        ];
-        elementwise(dev, &format!("la_featurize_{dts}"), rows * dva.max(dk), &args)?;
-    }
-    // 2. Recompute the forward: outputs (attention part only) and denominators.
-    {
-        let mut ptr = Ptrs::new(&stream);
-        let mut args = CoreArgs { n_items: n_items as i32, dk: dk_i, dv: dv_i, ..Default::default() };
-        fill_core_options(&mut args, p);
-        args.q = ptr.tensor(a.q)?;
-        args.k = ptr.tensor(a.k)?;
-        args.v = ptr.tensor(a.v)?;
-        args.out = ptr.of_mut(&mut s.o);
-        args.den_out = ptr.of_mut(&mut s.den);
-        args.items = ptr.of(&fwd_items);
-        args.s_in = ptr.opt_tensor(a.s0)?;
-        args.z_in = ptr.opt_tensor(a.z0)?;
-        launch_core(dev, dt, true, &args, n_items, dv)?;
-    }
-    // 3. g' and g as f32.
-    {
-        let mut ptr = Ptrs::new(&stream);
-        let args = [
-            Arg::Ptr(ptr.tensor(b.grad_output)?),
-            Arg::Ptr(ptr.of(&s.o)),
-            Arg::Ptr(ptr.of(&s.den)),
-            Arg::Ptr(ptr.of_mut(&mut s.gp)),
-            Arg::Ptr(ptr.of_mut(&mut s.g32)),
-            Arg::I64(rows_i),
-            Arg::I32(dv_i),
-            Arg::I32(p.cfg.normalize as i32),
-            Arg::F32(p.cfg.scale),
-        ];
-        elementwise(dev, &format!("la_augmented_grad_{dts}"), rows * 32, &args)?;
-    }
-    // 4. Initial states of the three passes.
-    {
-        let mut ptr = Ptrs::new(&stream);
-        let args = [
-            Arg::Ptr(ptr.opt_tensor(a.s0)?),
-            Arg::Ptr(ptr.opt_tensor(a.z0)?),
-            Arg::Ptr(ptr.opt_tensor(b.grad_state)?),
-            Arg::Ptr(ptr.opt_tensor(b.grad_normalizer)?),
-            Arg::Ptr(ptr.of_mut(&mut s.s0t)),
-            Arg::Ptr(ptr.of_mut(&mut s.dst)),
-            Arg::Ptr(ptr.of_mut(&mut s.dstt)),
-            Arg::I64(states_i),
-            Arg::I32(dk_i),
-            Arg::I32(dv_i),
-        ];
-        elementwise(dev, "la_backward_states", states * dk * dva, &args)?;
-    }
-    let pass = |q: u64, k: u64, v: u64, widths: (usize, usize), reverse: bool| {
-        let mut args = CoreArgs {
-            n_items: n_items as i32,
-            dk: widths.0 as i32,
-            dv: widths.1 as i32,
-            ..Default::default()
-        };
-        args.causal = p.cfg.causal as i32;
-        args.reverse = reverse as i32;
-        args.scale = 1.0;
-        args.accumulate = 1;
-        args.eta = -1.0;
-        (args.q, args.k, args.v) = (q, k, v);
-        args
-    };
-    // 5. dφ(Q) = core(g', [V,1], φ(K), [S_0,z_0]ᵀ).
-    {
-        let mut ptr = Ptrs::new(&stream);
-        let mut args = pass(ptr.of(&s.gp), ptr.of(&s.va), ptr.of(&s.kf), (dva, dk), false);
-        args.items = ptr.of(&bwd_items);
-        args.s_in = ptr.of(&s.s0t);
-        args.out = ptr.of_mut(&mut s.dqf);
-        launch_core(dev, DType::F32, true, &args, n_items, dk)?;
-    }
-    // 6. dφ(K) = core([V,1], g', φ(Q), dS'_Tᵀ), time reversed.
-    {
-        let mut ptr = Ptrs::new(&stream);
-        let mut args = pass(ptr.of(&s.va), ptr.of(&s.gp), ptr.of(&s.qf), (dva, dk), true);
-        args.items = ptr.of(&bwd_items);
-        args.s_in = ptr.of(&s.dstt);
-        args.out = ptr.of_mut(&mut s.dkf);
-        launch_core(dev, DType::F32, true, &args, n_items, dk)?;
-    }
-    // 7. dV' = core(φ(K), φ(Q), g', dS'_T), time reversed; final state dS'_0; momentum.
-    {
-        let mut ptr = Ptrs::new(&stream);
-        let mut args = pass(ptr.of(&s.kf), ptr.of(&s.qf), ptr.of(&s.gp), (dk, dva), true);
-        args.items = ptr.of(&bwd_items);
-        args.s_in = ptr.of(&s.dst);
-        args.s_out = ptr.of_mut(&mut s.ds0a);
-        args.out = ptr.of_mut(&mut s.dva);
-        if let Some(eta) = p.momentum {
-            args.eta = eta;
-            args.mom = ptr.of(&s.g32);
-            args.mom_width = dv_i;
-            args.mom_ld = dv_i;
-        }
-        launch_core(dev, DType::F32, true, &args, n_items, dva)?;
-    }
-    // 8. φ', casts, and the split of dS'_0.
+    let tiles = dv.div_ceil(TILE);
+    // Every pass reads its (possibly null, i.e. zero) initial state.
+    let items = dev.htod(&segment_items(p, true))?;
+    let mut gp = dev.alloc::<f32>(rows * (dv + tiles))?;
+    let stream = dev.stream().clone();
     let mut ptr = Ptrs::new(&stream);
-    let args = [
-        Arg::Ptr(ptr.tensor(a.q)?),
-        Arg::Ptr(ptr.tensor(a.k)?),
-        Arg::Ptr(ptr.of(&s.dqf)),
-        Arg::Ptr(ptr.of(&s.dkf)),
-        Arg::Ptr(ptr.of(&s.dva)),
-        Arg::Ptr(o.dq.ptr(&mut ptr)),
-        Arg::Ptr(o.dk.ptr(&mut ptr)),
-        Arg::Ptr(o.dv.ptr(&mut ptr)),
-        Arg::Ptr(ptr.of(&s.ds0a)),
-        Arg::Ptr(ptr.of_mut(o.ds0)),
-        Arg::Ptr(ptr.of_mut(o.dz0)),
-        Arg::I64(rows_i),
-        Arg::I64(states_i),
-        Arg::I32(dk_i),
-        Arg::I32(dv_i),
-        Arg::I32(fm),
-    ];
-    elementwise(dev, &format!("la_finish_backward_{dts}"), rows * dk.max(dv), &args)
+    let args = BwdArgs {
+        q: ptr.tensor(a.q)?,
+        k: ptr.tensor(a.k)?,
+        v: ptr.tensor(a.v)?,
+        g: ptr.tensor(b.grad_output)?,
+        s0: ptr.opt_tensor(a.s0)?,
+        z0: ptr.opt_tensor(a.z0)?,
+        gs: ptr.opt_tensor(b.grad_state)?,
+        gz: ptr.opt_tensor(b.grad_normalizer)?,
+        gp: ptr.of_mut(&mut gp),
+        grad_q: o.dq.ptr(&mut ptr),
+        grad_k: o.dk.ptr(&mut ptr),
+        grad_v: o.dv.ptr(&mut ptr),
+        ds0: ptr.of_mut(o.ds0),
+        dz0: ptr.of_mut(o.dz0),
+        items: ptr.of(&items),
+        n_items: n_items as i32,
+        dk: dk as i32,
+        dv: dv as i32,
+        tiles: tiles as i32,
+        fm: p.cfg.feature_map.code(),
+        causal: p.cfg.causal as i32,
+        normalize: p.cfg.normalize as i32,
+        scale: p.cfg.scale,
+        eps: p.cfg.eps,
+        eta: p.momentum.unwrap_or(-1.0),
+    };
+    // 1. The forward recomputed, g' written instead of o; its chunk follows Dk.
+    let c = chunk_for(dk);
+    let cfg = core_grid(n_items, tiles, 1, core_smem_bytes(c, dk))?;
+    launch_backward(dev, &format!("la_backward_prep_{dts}_c{c}"), &args, cfg)?;
+    // 2. The three passes, of widths (dv+1) × dk, (dv+1) × dk and dk × (dv+1): chunk and
+    //    shared memory follow the wider key width, the grid the most v tiles of any pass.
+    let wide = dk.max(dv + 1);
+    let c = chunk_for(wide);
+    let tiles = dk.div_ceil(TILE).max((dv + 1).div_ceil(TILE));
+    let cfg = core_grid(n_items, tiles, 3, core_smem_bytes(c, wide))?;
+    launch_backward(dev, &format!("la_backward_passes_{dts}_c{c}"), &args, cfg)
+}
+
+fn launch_backward(dev: &CudaDevice, name: &str, args: &BwdArgs, cfg: LaunchConfig) -> Result<()> {
+    let f = dev.function(MODULE, name)?;
+    dev.allow_shared_bytes(&f, name, cfg.shared_mem_bytes as usize)?;
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(args);
+    // SAFETY: the pointers in `args` address live buffers sized for all rows and states (the
+    // caller's tensors, the outputs, and gp of rows × (dv + tiles)); the struct mirrors BwdArgs;
+    // the grid covers items × v tiles (× passes) and the shared memory is the core's plan for
+    // the widest pass.
+    unsafe { b.launch(cfg) }.map_err(driver(format!("launching {name}")))?;
+    Ok(())
 }

@@ -23,9 +23,10 @@
 //!   state tile and z in shared memory for the whole sequence; f16/bf16 forwards with
 //!   Dk ≤ 128 use tensor cores (`mma.sync.m16n8k16`, f32 accumulation), the rest f32 FMA. The
 //!   forward is one launch, or a split form (chunk-group states, a scan, then all groups'
-//!   outputs in parallel) when the sequences × heads do not fill the GPU; the backward is
-//!   three more core passes around small element-wise kernels. O(T²) reference kernels sit
-//!   beside them for the tests.
+//!   outputs in parallel) when the sequences × heads do not fill the GPU; the backward is two
+//!   launches of the same core (the forward recomputed into ∂L/∂(numerator, denominator), then
+//!   the three gradient passes side by side). O(T²) reference kernels sit beside them for the
+//!   tests.
 //!
 //! This file holds the public API, the validation of every argument, and the dispatch. Both
 //! back ends see the same `Problem`: a list of `Segment`s, one per (sequence, head), each a
@@ -398,6 +399,25 @@ impl LinearAttention {
         let args = forward_args(OP, &problem, q, k, v, None)?;
         let grads = backward_args(&problem, q, grad_output, None)?;
         dispatch_backward(&problem, &args, &grads, &[q.shape()[0], q.shape()[1]], path)
+    }
+
+    /// The unfused O(T²) composition the benchmarks measure the chunked kernels against, on
+    /// the GPU: per head A = mask(φ(Q)φ(K)ᵀ) materialised as f32 [T,T] (one launch), then
+    /// scale · A·V, divided by rowsum(A) + eps when normalising (a second launch). The same
+    /// output as [`forward`](Self::forward) without an initial state, up to rounding. CUDA
+    /// tensors only; needs B·H·T² f32 of device memory.
+    #[doc(hidden)]
+    pub fn forward_quadratic(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        const OP: &str = "LinearAttention::forward_quadratic";
+        let problem = self.dense_problem(OP, q, k, v, None)?;
+        match q.storage() {
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => cuda::forward_quadratic(&problem, q, k, v),
+            Storage::Cpu(_) => {
+                let _ = problem; // only the CUDA kernels take it
+                Err(Error::DeviceMismatch { op: OP, expected: "a CUDA device".into(), got: "cpu".into() })
+            }
+        }
     }
 
     fn wrap_forward(&self, r: ForwardResult, lead: &[usize], dk: usize, dv: usize) -> LinearAttentionOutput {

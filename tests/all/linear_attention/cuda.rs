@@ -77,15 +77,20 @@ fn cuda_forward_every_option_and_path() {
 }
 
 /// Wide heads (Dk up to 256, the 32-row chunk; Dv over several 64-column tiles with a partial
-/// one), long sequences through the split form, and one step.
+/// one), the tensor-core core with several 16-wide k steps and a padded key width (Dk = 100)
+/// and a partial last v tile (Dv = 130), long sequences through the split form, and one step.
 #[test]
 fn cuda_forward_wide_heads_and_long_sequences() {
     let Some(gpu) = cuda_or_skip("cuda_forward_wide_heads_and_long_sequences") else { return };
-    for (b, h, t, dk, dv) in
-        [(1, 2, 100, 256, 200), (1, 1, 77, 130, 256), (1, 2, 1000, 64, 64), (2, 3, 1, 5, 7)]
-    {
+    for (b, h, t, dk, dv) in [
+        (1, 2, 100, 256, 200),
+        (1, 1, 77, 130, 256),
+        (1, 2, 200, 100, 130),
+        (1, 2, 1000, 64, 64),
+        (2, 3, 1, 5, 7),
+    ] {
         for causal in [true, false] {
-            for dtype in [DType::F32, DType::BF16] {
+            for dtype in DTYPES {
                 let cfg = layer(FeatureMap::EluPlusOne, causal, true);
                 let c = Case::new([b, h, t], dk, dv, b * h, true, true, dtype, &gpu, (t + dk) as u64);
                 let r = reference::forward(&cfg, None, &c.x, &dense_segments(b * h, t), dk, dv);
@@ -116,47 +121,48 @@ fn on_cpu(t: &Tensor) -> Tensor {
 }
 
 /// Backward on both CUDA paths against the CPU backward (checked against finite differences),
-/// for every feature map × causal × normalize, f32 and bf16, with initial and final-state grads.
+/// for every feature map × causal × normalize × dtype, with initial and final-state grads; then
+/// wide heads (Dk = 200: the 32-row chunk in every pass; Dv = 256: five tiles of [dv, 1]).
 #[test]
 fn cuda_backward_matches_cpu() {
     let Some(gpu) = cuda_or_skip("cuda_backward_matches_cpu") else { return };
-    let (b, h, t, dk, dv) = (1, 3, 150, 20, 70);
     let mut seed = 2000;
+    let mut cases = Vec::new();
     for fm in FEATURE_MAPS {
         for causal in [true, false] {
             for normalize in [false, true] {
-                for dtype in [DType::F32, DType::BF16] {
-                    seed += 1;
-                    let cfg = layer(fm, causal, normalize);
-                    let c = Case::new([b, h, t], dk, dv, b * h, true, normalize, dtype, &gpu, seed);
-                    let mut rng = Rng::new(seed);
-                    let (go, _) = tensor(&rng.normal_vec(b * h * t * dv), &[b, h, t, dv], dtype, &gpu);
-                    let (gs, _) = tensor(&rng.normal_vec(b * h * dk * dv), &[b, h, dk, dv], DType::F32, &gpu);
-                    let (gz, _) = tensor(&rng.normal_vec(b * h * dk), &[b, h, dk], DType::F32, &gpu);
-                    let gf = RecurrentState { state: &gs, normalizer: Some(&gz) };
-                    let (s0, z0) = (c.s0.as_ref().map(on_cpu), c.z0.as_ref().map(on_cpu));
-                    let init_cpu = s0.as_ref().map(|s| RecurrentState { state: s, normalizer: z0.as_ref() });
-                    let (gs_c, gz_c) = (on_cpu(&gs), on_cpu(&gz));
-                    let gf_cpu = RecurrentState { state: &gs_c, normalizer: Some(&gz_c) };
-                    let cpu = cfg
-                        .backward(
-                            &on_cpu(&c.q),
-                            &on_cpu(&c.k),
-                            &on_cpu(&c.v),
-                            init_cpu,
-                            &on_cpu(&go),
-                            Some(gf_cpu),
-                        )
-                        .expect("cpu backward");
-                    let tol = if dtype == DType::F32 { 1e-4 } else { 2e-2 };
-                    for path in [KernelPath::Reference, KernelPath::Fused] {
-                        let g = cfg
-                            .backward_on_path(&c.q, &c.k, &c.v, c.initial(), &go, Some(gf), path)
-                            .expect("cuda backward");
-                        same_grads(&format!("{cfg:?} {dtype} {path:?}"), &g, &cpu, tol);
-                    }
+                for dtype in DTYPES {
+                    cases.push(((1, 3, 150, 20, 70), layer(fm, causal, normalize), dtype));
                 }
             }
+        }
+    }
+    for causal in [true, false] {
+        for dtype in [DType::F32, DType::BF16] {
+            cases.push(((1, 1, 70, 200, 256), layer(FeatureMap::EluPlusOne, causal, true), dtype));
+        }
+    }
+    for ((b, h, t, dk, dv), cfg, dtype) in cases {
+        seed += 1;
+        let c = Case::new([b, h, t], dk, dv, b * h, true, cfg.normalize, dtype, &gpu, seed);
+        let mut rng = Rng::new(seed);
+        let (go, _) = tensor(&rng.normal_vec(b * h * t * dv), &[b, h, t, dv], dtype, &gpu);
+        let (gs, _) = tensor(&rng.normal_vec(b * h * dk * dv), &[b, h, dk, dv], DType::F32, &gpu);
+        let (gz, _) = tensor(&rng.normal_vec(b * h * dk), &[b, h, dk], DType::F32, &gpu);
+        let gf = RecurrentState { state: &gs, normalizer: Some(&gz) };
+        let (s0, z0) = (c.s0.as_ref().map(on_cpu), c.z0.as_ref().map(on_cpu));
+        let init_cpu = s0.as_ref().map(|s| RecurrentState { state: s, normalizer: z0.as_ref() });
+        let (gs_c, gz_c) = (on_cpu(&gs), on_cpu(&gz));
+        let gf_cpu = RecurrentState { state: &gs_c, normalizer: Some(&gz_c) };
+        let cpu = cfg
+            .backward(&on_cpu(&c.q), &on_cpu(&c.k), &on_cpu(&c.v), init_cpu, &on_cpu(&go), Some(gf_cpu))
+            .expect("cpu backward");
+        let tol = if dtype == DType::F32 { 1e-4 } else { 2e-2 };
+        for path in [KernelPath::Reference, KernelPath::Fused] {
+            let g = cfg
+                .backward_on_path(&c.q, &c.k, &c.v, c.initial(), &go, Some(gf), path)
+                .expect("cuda backward");
+            same_grads(&format!("{cfg:?} Dk{dk} Dv{dv} {dtype} {path:?}"), &g, &cpu, tol);
         }
     }
 }
@@ -210,5 +216,25 @@ fn cuda_varlen_matches_reference() {
             .backward_varlen(&on_cpu(&c.q), &on_cpu(&c.k), &on_cpu(&c.v), &cu, init_cpu, &on_cpu(&go), None)
             .expect("cpu backward");
         same_grads("cuda varlen", &g, &cpu, 1e-4);
+    }
+}
+
+/// The unfused quadratic baseline of the benchmarks (scores, then output) against float64, so
+/// that a benchmark ratio is never taken against a wrong result.
+#[test]
+fn cuda_quadratic_baseline_matches_reference() {
+    let Some(gpu) = cuda_or_skip("cuda_quadratic_baseline_matches_reference") else { return };
+    let (b, h, t, dk, dv) = (2, 2, 70, 20, 33);
+    for causal in [true, false] {
+        for normalize in [false, true] {
+            for dtype in DTYPES {
+                let cfg = layer(FeatureMap::EluPlusOne, causal, normalize);
+                let c = Case::new([b, h, t], dk, dv, b * h, false, normalize, dtype, &gpu, 4000);
+                let r = reference::forward(&cfg, None, &c.x, &dense_segments(b * h, t), dk, dv);
+                let o = cfg.forward_quadratic(&c.q, &c.k, &c.v).expect("quadratic baseline");
+                let what = format!("quadratic {cfg:?} {dtype}");
+                assert_close(&what, &f64s(&o), &r.o, tolerance(dtype).max(1e-5));
+            }
+        }
     }
 }
