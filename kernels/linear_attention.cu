@@ -336,7 +336,7 @@ __device__ void core(const CoreArgs& p, const Item& it, const Io& io, float* sm)
 // columns 32·(w/4).. (four 16×8 tiles). Fragments are gathered with 16/32-bit shared loads.
 
 #ifdef MK_HOST_EMULATION
-// scripts/compare/linear_attention_emulate.py runs this file on CPU threads; it supplies an
+// scripts/emulate/run.sh linear_attention runs this file on CPU threads; it supplies an
 // emulation of the warp-wide mma with the PTX ISA fragment layouts.
 __device__ __forceinline__ void mma16816(float* d, const uint32_t* a, const uint32_t* b, __half) {
     mk_emulated_mma(d, a, b, false);

@@ -1,0 +1,309 @@
+// scripts/emulate/run.sh linear_attention: runs the linear-attention kernels under the CPU emulation, with the launch sequences of
+// src/ops/linear_attention/cuda.rs, and compares the fast paths with the reference kernels.
+#include "prelude.h"
+#define MK_HOST_EMULATION 1
+#include "linear_attention.cu"
+#include <random>
+#include <string>
+
+static int g_failures = 0;
+static std::mt19937_64 g_rng(7);
+static float normal() { return std::normal_distribution<float>(0.f, 1.f)(g_rng); }
+
+template <typename T> T cvt(float x) { return mk::from_float<T>(x); }
+template <typename T> float back(T x) { return mk::to_float(x); }
+struct AnyPtr {
+    const void* p;
+    template <typename U> operator U*() const { return (U*)p; }
+};
+static AnyPtr P(const void* p) { return {p}; }
+
+template <typename T>
+static std::vector<float> floats(const std::vector<T>& v) {
+    std::vector<float> r(v.size());
+    for (size_t i = 0; i < v.size(); ++i) r[i] = back(v[i]);
+    return r;
+}
+
+static void compare(const std::string& what, const std::vector<float>& got, const std::vector<float>& want, double tol) {
+    double num = 0, den = 0;
+    bool nan = false;
+    for (size_t i = 0; i < want.size(); ++i) {
+        if (!std::isfinite(got[i])) nan = true;
+        num += ((double)got[i] - want[i]) * ((double)got[i] - want[i]);
+        den += (double)want[i] * want[i];
+    }
+    const double rel = std::sqrt(num / std::max(den, 1e-300));
+    const bool ok = !nan && rel <= tol;
+    if (!ok) ++g_failures;
+    std::printf("%-70s rel %.2e %s\n", what.c_str(), rel, ok ? "ok" : (nan ? "NaN FAIL" : "FAIL"));
+}
+
+enum Dt { F32, F16, BF16 };
+static const char* dt_name(Dt d) { return d == F32 ? "f32" : d == F16 ? "f16" : "bf16"; }
+
+// Mirrors launch_core in cuda.rs.
+static void run_core(Dt in, bool out_f32, const CoreArgs& a, int n_items, int width_v) {
+    const int c = a.dk <= 128 ? 64 : 32;
+    const bool mma = in != F32 && !out_f32 && a.dk <= 128 && a.eta < 0.f;
+    dim3 grid{(unsigned)n_items, (unsigned)((width_v + 63) / 64), 1};
+    std::function<void()> k;
+#define CORE(NAME) k = [a] { NAME(a); }
+    if (mma) { if (in == F16) CORE(la_core_mma_f16); else CORE(la_core_mma_bf16); }
+    else if (in == F32) { if (c == 64) CORE(la_core_f32_to_f32_c64); else CORE(la_core_f32_to_f32_c32); }
+    else if (in == F16) {
+        if (c == 64) CORE(la_core_f16_to_f16_c64); else CORE(la_core_f16_to_f16_c32);
+    } else {
+        if (c == 64) CORE(la_core_bf16_to_bf16_c64); else CORE(la_core_bf16_to_bf16_c32);
+    }
+#undef CORE
+    emu_launch(grid, k);
+}
+
+struct Opts { int fm, causal, normalize; float scale, eps, eta; };
+
+template <typename T>
+struct Problem {
+    Dt dt; int dk, dv; std::vector<Item> segs; long long rows;
+    std::vector<T> q, k, v, go;
+    std::vector<float> s0, z0, gs, gz;  // empty: absent
+    bool has_s0, has_gs;
+};
+
+static void fill_opts(CoreArgs& a, const Opts& o) {
+    a.fm = o.fm; a.causal = o.causal; a.normalize = o.normalize; a.scale = o.scale; a.eps = o.eps;
+    a.accumulate = 1; a.eta = -1.f;
+}
+
+template <typename T>
+static std::vector<Item> seg_items(const Problem<T>& p, bool has_initial) {
+    std::vector<Item> it = p.segs;
+    for (auto& i : it) i.state_in = has_initial ? i.state_out : -1;
+    return it;
+}
+
+struct FwdOut { std::vector<float> o, s, z; };
+
+template <typename T>
+static FwdOut forward(const Problem<T>& p, const Opts& o, int path /*0 ref, 1 fused, 2 split groups*/, int groups) {
+    const long long states = p.segs.size();
+    std::vector<T> out(p.rows * p.dv, cvt<T>(NAN));
+    std::vector<float> s_out(states * p.dk * p.dv, NAN), z_out(states * p.dk, NAN);
+    CoreArgs a{};
+    a.dk = p.dk; a.dv = p.dv;
+    fill_opts(a, o);
+    a.q = P(p.q.data()); a.k = P(p.k.data()); a.v = P(p.v.data());
+    a.s_in = p.has_s0 ? p.s0.data() : nullptr; a.z_in = p.has_s0 ? p.z0.data() : nullptr;
+    if (path != 2) {
+        auto items = seg_items(p, p.has_s0);
+        a.items = P(items.data()); a.n_items = items.size();
+        a.out = P(out.data()); a.s_out = P(s_out.data()); a.z_out = P(z_out.data());
+        if (o.eta >= 0) { a.eta = o.eta; a.mom = a.v; a.mom_width = p.dv; a.mom_ld = p.dv; }
+        if (path == 0) {
+            std::function<void()> k;
+            if (p.dt == F32) k = [a] { la_reference_forward_f32(a); };
+            else if (p.dt == F16) k = [a] { la_reference_forward_f16(a); };
+            else k = [a] { la_reference_forward_bf16(a); };
+            emu_launch({(unsigned)items.size(), 1, 1}, k);
+        } else {
+            run_core(p.dt, false, a, items.size(), p.dv);
+        }
+        return {floats(out), s_out, z_out};
+    }
+    // split_forward
+    const long long c = 64;
+    std::vector<Item> pass1, pass2;
+    for (auto& s : p.segs) {
+        const long long rpg = ((s.len + c - 1) / c + groups - 1) / groups * c;
+        for (int g = 0; g < groups; ++g) {
+            const long long start = std::min(g * rpg, s.len), end = std::min((g + 1) * rpg, s.len);
+            const long long item = pass1.size();
+            pass1.push_back({s.row0 + start, end - start, -1, item});
+            pass2.push_back({s.row0 + start, end - start, o.causal ? item : s.state_out, -1});
+        }
+    }
+    const long long n = pass1.size();
+    std::vector<long long> seg_state;
+    for (auto& s : p.segs) seg_state.push_back(s.state_out);
+    std::vector<float> local_s(n * p.dk * p.dv, NAN), local_z(n * p.dk, NAN), prefix_s(n * p.dk * p.dv, NAN),
+        prefix_z(n * p.dk, NAN);
+    CoreArgs a1 = a;
+    a1.items = P(pass1.data()); a1.n_items = n; a1.s_in = nullptr; a1.z_in = nullptr;
+    a1.s_out = P(local_s.data()); a1.z_out = P(local_z.data());
+    run_core(p.dt, false, a1, n, p.dv);
+    const float* s0 = p.has_s0 ? p.s0.data() : nullptr;
+    const float* z0 = p.has_s0 ? p.z0.data() : nullptr;
+    const int segments = p.segs.size(), dk = p.dk, dv = p.dv;
+    emu_launch({4, 1, 1}, [&] {
+        la_state_scan(local_s.data(), local_z.data(), s0, z0, seg_state.data(), prefix_s.data(), prefix_z.data(),
+                      s_out.data(), z_out.data(), segments, groups, dk, dv);
+    });
+    CoreArgs a2 = a;
+    a2.accumulate = 0;
+    a2.items = P(pass2.data()); a2.n_items = n; a2.out = P(out.data());
+    a2.s_in = o.causal ? prefix_s.data() : s_out.data();
+    a2.z_in = o.causal ? prefix_z.data() : z_out.data();
+    run_core(p.dt, false, a2, n, p.dv);
+    return {floats(out), s_out, z_out};
+}
+
+struct BwdOut { std::vector<float> dq, dk, dv, ds0, dz0; };
+
+template <typename T> struct Glue;  // the reference backward per dtype
+#define GLUE(T, SN) \
+    template <> struct Glue<T> { \
+        static void reference(const RefBackwardArgs& r) { la_reference_backward_##SN(r); } \
+    };
+GLUE(float, f32)
+GLUE(__half, f16)
+GLUE(__nv_bfloat16, bf16)
+
+template <typename T>
+static BwdOut backward(const Problem<T>& p, const Opts& o, bool reference) {
+    const long long rows = p.rows, states = p.segs.size();
+    const int dk = p.dk, dv = p.dv, dva = dv + 1;
+    std::vector<T> dq(rows * dk, cvt<T>(NAN)), dkk(rows * dk, cvt<T>(NAN)), dvv(rows * dv, cvt<T>(NAN));
+    std::vector<float> ds0(states * dk * dv, NAN), dz0(states * dk, NAN);
+    const float* s0 = p.has_s0 ? p.s0.data() : nullptr;
+    const float* z0 = p.has_s0 ? p.z0.data() : nullptr;
+    const float* gs = p.has_gs ? p.gs.data() : nullptr;
+    const float* gz = p.has_gs ? p.gz.data() : nullptr;
+    auto fwd_items = seg_items(p, p.has_s0);
+    auto bwd_items = seg_items(p, true);
+    const int n_items = p.segs.size();
+    if (reference) {
+        std::vector<float> gp(rows * dva, NAN);
+        RefBackwardArgs r{};
+        r.f.n_items = n_items; r.f.dk = dk; r.f.dv = dv;
+        fill_opts(r.f, o);
+        r.f.q = P(p.q.data()); r.f.k = P(p.k.data()); r.f.v = P(p.v.data());
+        r.f.items = P(fwd_items.data()); r.f.s_in = P(s0); r.f.z_in = P(z0);
+        if (o.eta >= 0) r.f.eta = o.eta;
+        r.grad_out = P(p.go.data()); r.gs = gs; r.gz = gz; r.gp = gp.data();
+        r.dq = dq.data(); r.dk = dkk.data(); r.dv = dvv.data(); r.ds0 = ds0.data(); r.dz0 = dz0.data();
+        emu_launch({(unsigned)n_items, 1, 1}, [r] { Glue<T>::reference(r); });
+        return {floats(dq), floats(dkk), floats(dvv), ds0, dz0};
+    }
+    // Mirrors chunked_backward in cuda.rs: the prep, then the three passes in one launch.
+    const int tiles = (dv + 63) / 64;
+    std::vector<float> gp(rows * (dv + tiles), NAN);
+    BwdArgs a{};
+    a.q = p.q.data(); a.k = p.k.data(); a.v = p.v.data(); a.g = p.go.data();
+    a.s0 = s0; a.z0 = z0; a.gs = gs; a.gz = gz; a.gp = gp.data();
+    a.grad_q = dq.data(); a.grad_k = dkk.data(); a.grad_v = dvv.data(); a.ds0 = ds0.data(); a.dz0 = dz0.data();
+    a.items = bwd_items.data(); a.n_items = n_items; a.dk = dk; a.dv = dv; a.tiles = tiles;
+    a.fm = o.fm; a.causal = o.causal; a.normalize = o.normalize; a.scale = o.scale; a.eps = o.eps;
+    a.eta = o.eta >= 0 ? o.eta : -1.f;
+    const bool c64 = dk <= 128, w64 = std::max(dk, dva) <= 128;
+    std::function<void()> prep, passes;
+#define BWD(SN) \
+    prep = c64 ? std::function<void()>([a] { la_backward_prep_##SN##_c64(a); }) : std::function<void()>([a] { la_backward_prep_##SN##_c32(a); }); \
+    passes = w64 ? std::function<void()>([a] { la_backward_passes_##SN##_c64(a); }) : std::function<void()>([a] { la_backward_passes_##SN##_c32(a); });
+    if (p.dt == F32) { BWD(f32) } else if (p.dt == F16) { BWD(f16) } else { BWD(bf16) }
+#undef BWD
+    emu_launch({(unsigned)n_items, (unsigned)tiles, 1}, prep);
+    const int ytiles = std::max((dk + 63) / 64, (dva + 63) / 64);
+    emu_launch({(unsigned)n_items, (unsigned)ytiles, 3}, passes);
+    return {floats(dq), floats(dkk), floats(dvv), ds0, dz0};
+}
+
+template <typename T>
+static Problem<T> make(Dt dt, const std::vector<long long>& lens, int heads_dummy, int dk, int dv, bool s0, bool gs, bool positive) {
+    (void)heads_dummy;
+    Problem<T> p;
+    p.dt = dt; p.dk = dk; p.dv = dv; p.rows = 0;
+    for (size_t i = 0; i < lens.size(); ++i) { p.segs.push_back({p.rows, lens[i], -1, (long long)i}); p.rows += lens[i]; }
+    auto gen = [&](size_t n, bool pos) { std::vector<T> v(n); for (auto& x : v) x = cvt<T>(pos ? 1.f + 0.5f * normal() : normal()); return v; };
+    p.q = gen(p.rows * dk, positive); p.k = gen(p.rows * dk, positive); p.v = gen(p.rows * dv, false); p.go = gen(p.rows * dv, false);
+    const size_t states = lens.size();
+    p.has_s0 = s0; p.has_gs = gs;
+    auto fv = [&](size_t n, float lo) { std::vector<float> v(n); for (auto& x : v) x = lo > 0 ? 0.5f + std::uniform_real_distribution<float>(0, 1)(g_rng) : normal(); return v; };
+    p.s0 = fv(states * dk * dv, 0); p.z0 = fv(states * dk, 1); p.gs = fv(states * dk * dv, 0); p.gz = fv(states * dk, 0);
+    return p;
+}
+
+template <typename T>
+static void run_case(Dt dt, const std::vector<long long>& lens, int dk, int dv, Opts o, bool s0, bool do_bwd) {
+    auto p = make<T>(dt, lens, 1, dk, dv, s0, true, o.normalize);
+    char tag[200];
+    std::snprintf(tag, sizeof tag, "%s segs=%zu T0=%lld dk=%d dv=%d fm=%d c=%d n=%d eta=%.1f s0=%d", dt_name(dt), lens.size(), lens[0], dk, dv, o.fm, o.causal, o.normalize, o.eta, s0);
+    const double tol = dt == F32 ? 1e-5 : 1e-2;
+    auto ref = forward(p, o, 0, 1);
+    auto fused = forward(p, o, 1, 1);
+    compare(std::string(tag) + " fwd fused o", fused.o, ref.o, tol);
+    compare(std::string(tag) + " fwd fused S", fused.s, ref.s, tol);
+    compare(std::string(tag) + " fwd fused z", fused.z, ref.z, tol);
+    if (o.eta < 0) {
+        auto split = forward(p, o, 2, 3);
+        compare(std::string(tag) + " fwd split o", split.o, ref.o, tol);
+        compare(std::string(tag) + " fwd split S", split.s, ref.s, tol);
+        compare(std::string(tag) + " fwd split z", split.z, ref.z, tol);
+    }
+    if (!do_bwd) return;
+    if (o.eta >= 0) { p.has_s0 = false; p.has_gs = false; }
+    auto rb = backward(p, o, true);
+    auto fb = backward(p, o, false);
+    const double btol = dt == F32 ? 1e-4 : 2e-2;
+    compare(std::string(tag) + " bwd dq", fb.dq, rb.dq, btol);
+    compare(std::string(tag) + " bwd dk", fb.dk, rb.dk, btol);
+    compare(std::string(tag) + " bwd dv", fb.dv, rb.dv, btol);
+    compare(std::string(tag) + " bwd dS0", fb.ds0, rb.ds0, btol);
+    compare(std::string(tag) + " bwd dz0", fb.dz0, rb.dz0, btol);
+}
+
+// The unfused quadratic baseline (bench only) against the reference forward: H heads of T
+// steps, no initial state.
+template <typename T>
+static void run_quadratic(Dt dt, int heads, long long t, int dk, int dv, Opts o) {
+    auto p = make<T>(dt, std::vector<long long>(heads, t), 1, dk, dv, false, false, o.normalize);
+    auto ref = forward(p, o, 0, 1);
+    std::vector<float> a(heads * t * t, NAN);
+    std::vector<T> out(p.rows * dv, cvt<T>(NAN));
+    const T *q = p.q.data(), *k = p.k.data(), *v = p.v.data();
+    T* op = out.data();
+    float* ap = a.data();
+    const int ti = t;
+    const unsigned rt = (t + 15) / 16;
+    emu_launch({rt, rt, (unsigned)heads}, [&] {
+        if constexpr (std::is_same_v<T, float>) la_quadratic_scores_f32(q, k, ap, ti, dk, o.causal, o.fm);
+        else if constexpr (std::is_same_v<T, __half>) la_quadratic_scores_f16(q, k, ap, ti, dk, o.causal, o.fm);
+        else la_quadratic_scores_bf16(q, k, ap, ti, dk, o.causal, o.fm);
+    });
+    emu_launch({(unsigned)(dv + 15) / 16, rt, (unsigned)heads}, [&] {
+        if constexpr (std::is_same_v<T, float>) la_quadratic_output_f32(ap, v, op, ti, dv, o.normalize, o.scale, o.eps);
+        else if constexpr (std::is_same_v<T, __half>) la_quadratic_output_f16(ap, v, op, ti, dv, o.normalize, o.scale, o.eps);
+        else la_quadratic_output_bf16(ap, v, op, ti, dv, o.normalize, o.scale, o.eps);
+    });
+    char tag[200];
+    std::snprintf(tag, sizeof tag, "%s quadratic H=%d T=%lld dk=%d dv=%d fm=%d c=%d n=%d", dt_name(dt), heads, t, dk, dv, o.fm, o.causal, o.normalize);
+    compare(tag, floats(out), ref.o, dt == F32 ? 1e-5 : 1e-2);
+}
+
+int main(int argc, char** argv) {
+    const bool quick = argc > 1 && std::string(argv[1]) == "quick";
+    for (int fm = 0; fm < 3; ++fm)
+        for (int causal = 0; causal < 2; ++causal)
+            for (int norm = 0; norm < 2; ++norm) {
+                Opts o{fm, causal, norm, 0.7f, 1e-3f, -1.f};
+                run_case<float>(F32, {70, 1, 130}, 6, 9, o, true, true);
+                if (quick) continue;
+                run_case<__nv_bfloat16>(BF16, {70, 65}, 20, 70, o, norm, true);
+                run_case<__half>(F16, {70}, 6, 9, o, !norm, false);
+            }
+    for (int causal = 0; causal < 2; ++causal)
+        for (int norm = 0; norm < 2; ++norm) {
+            Opts o{1, causal, norm, 0.7f, 1e-3f, -1.f};
+            run_quadratic<float>(F32, 2, 37, 20, 19, o);
+            if (!quick) run_quadratic<__nv_bfloat16>(BF16, 1, 40, 5, 33, o);
+        }
+    if (!quick) {
+        Opts o{1, 1, 1, 0.7f, 1e-3f, -1.f};
+        run_case<float>(F32, {40}, 256, 130, o, true, true);
+        run_case<__half>(F16, {100}, 100, 70, o, true, false);
+        Opts m{1, 1, 1, 0.7f, 1e-3f, 0.8f};
+        run_case<float>(F32, {70, 3}, 5, 7, m, false, true);
+        run_case<__nv_bfloat16>(BF16, {70}, 5, 7, m, false, true);
+    }
+    std::printf("%d failure(s)\n", g_failures);
+    return g_failures ? 1 : 0;
+}

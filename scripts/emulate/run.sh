@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Runs one family's CUDA kernels on the CPU, without a GPU: compiles kernels/<family>.cu as C++
+# (g++ >= 12, C++20) against the emulation of the CUDA execution model in prelude.h (one block at
+# a time, one std::thread per CUDA thread, __syncthreads as a real barrier, warp shuffles and
+# mma.sync m16n8k16 with the PTX ISA fragment layouts, shared memory and outputs poisoned with
+# NaN), then runs scripts/emulate/<family>.cpp, which replays the launch sequences of
+# src/ops/<family>/cuda.rs and compares every fast kernel with the family's reference kernel.
+#
+#   scripts/emulate/run.sh linear_attention [quick]     exit status 1 on a mismatch
+#
+# What it proves: index math, tails, the barrier structure, fragment layouts, numerics. What it
+# cannot: timing, and races that only real warps running out of lockstep exhibit. It is not a
+# GPU run, and docs/gpu-validation.md never counts it as one.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+root="$(cd "$here/../.." && pwd)"
+family="${1:?usage: scripts/emulate/run.sh <family> [args]}"
+shift
+driver="$here/$family.cpp"
+[ -f "$driver" ] || { echo "no emulation driver $driver" >&2; exit 2; }
+build="$(mktemp -d "${TMPDIR:-/tmp}/mk_emulate_${family}_XXXXXX")"
+trap 'rm -rf "$build"' EXIT
+"${CXX:-g++}" -std=c++20 -O2 -pthread -I "$here/shim" -I "$here" -I "$root/kernels" "$driver" -o "$build/driver"
+"$build/driver" "$@"
