@@ -649,8 +649,9 @@ __device__ void backward_simt(const T* __restrict__ q, const T* __restrict__ k, 
 
 // ------------------------------------------------------------------ tensor-core backward ------
 // f16/bf16 at D = 64 and 128 (at D = 256 a warp's dK and dV accumulators for 16 keys would be
-// 256 registers per thread; backward_mma_wide below splits the columns instead). Block = one key tile of 64 rows, warp w owns keys 16w..16w+15 and
-// holds their dK and dV accumulators; query tiles of 32 rows stream through shared memory.
+// 256 registers per thread; backward_mma_wide below splits the columns instead). Block = one
+// key tile of 64 rows, warp w owns keys 16w..16w+15 and holds their dK and dV accumulators;
+// query tiles of 32 rows stream through shared memory.
 // Per query tile, in the transposed orientation of FlashAttention-2's backward:
 //   Sᵀ = K Qᵀ,  Pᵀ = exp2(Sᵀ·scale_log2 − lse2),  dV += Pᵀ dO,
 //   dPᵀ = V dOᵀ,  dSᵀ = Pᵀ ∘ (dPᵀ − delta),  dK += dSᵀ Q,
