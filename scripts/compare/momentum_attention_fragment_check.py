@@ -4,9 +4,9 @@
 Emulates `ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16` and `mma.sync.aligned.m16n8k16`
 with the fragment layouts of the PTX ISA, then runs the kernel's exact shared-memory address
 formulas on small integer tiles and compares against plain matrix products:
-  - forward_mma: S = Q Kᵀ (A from Q rows, B from K rows) and O = P V (A from the S
-    accumulators, B from V by .trans) — the same patterns as the backward's Sᵀ = K Qᵀ,
-    dPᵀ = V dOᵀ, dV += Pᵀ dO and dK += dSᵀ Q;
+  - forward_mma at its two tile shapes (64 queries × 64 keys at D = 64/128, × 32 keys at
+    D = 256): S = Q Kᵀ (A from Q rows, B from K rows) and O = P V (A from the S accumulators,
+    B from V by .trans);
   - backward_mma: dQ = dS K with dSᵀ stored [key][query] (A by .trans) and K by .trans;
   - backward_mma (D = 64, 64 keys × 32 queries) and backward_mma_wide (D = 256, 32 × 32), each
     emulated whole, warp by warp: Sᵀ = K Qᵀ and dPᵀ = V dOᵀ from the accumulators, Pᵀ and dSᵀ
@@ -51,53 +51,60 @@ def mma(c, a, b0, b1):
 
 def rnd(n): return [random.randint(-3, 3) for _ in range(n)]
 
-D, BR, BC, PAD = 32, 64, 32, 8   # small D keeps it fast; formulas are D-generic
-LD = D + PAD
-Q = [rnd(D) for _ in range(BR)]; K = [rnd(D) for _ in range(BC)]; V = [rnd(D) for _ in range(BC)]
-q_s = [0]*(BR*LD); k_s = [0]*(BC*LD); v_s = [0]*(BC*LD)
-for r in range(BR):
-    for c in range(D): q_s[r*LD+c] = Q[r][c]
-for r in range(BC):
-    for c in range(D): k_s[r*LD+c] = K[r][c]; v_s[r*LD+c] = V[r][c]
+PAD = 8
 
-ok = True
-for warp in range(4):
-    NT_S = BC//8
-    s = [[[0.0]*4 for _ in range(32)] for _ in range(NT_S)]
-    for kk in range(0, D, 16):
-        a = ldmatrix_x4(q_s, [(warp*16 + l%16)*LD + kk + (l//16)*8 for l in range(32)])
-        for n in range(0, NT_S, 2):
-            b = ldmatrix_x4(k_s, [(n*8 + (l//16)*8 + l%8)*LD + kk + ((l//8)%2)*8 for l in range(32)])
-            mma(s[n], a, [b[l][0] for l in range(32)], [b[l][1] for l in range(32)])
-            mma(s[n+1], a, [b[l][2] for l in range(32)], [b[l][3] for l in range(32)])
-    # check S = Q K^T
-    for n in range(NT_S):
-        for l in range(32):
-            g, c4 = l//4, l%4
-            for e in range(4):
-                row = warp*16 + g + 8*(e//2); col = n*8 + 2*c4 + e%2
-                want = sum(Q[row][d]*K[col][d] for d in range(D))
-                if s[n][l][e] != want: ok = False
-    # P V with P = S (packed as A from the C fragments)
-    NT_O = D//8
-    o = [[[0.0]*4 for _ in range(32)] for _ in range(NT_O)]
-    for m in range(BC//16):
-        a = [[(s[2*m][l][0], s[2*m][l][1]), (s[2*m][l][2], s[2*m][l][3]),
-              (s[2*m+1][l][0], s[2*m+1][l][1]), (s[2*m+1][l][2], s[2*m+1][l][3])] for l in range(32)]
-        for n in range(0, NT_O, 2):
-            b = ldmatrix_x4(v_s, [(m*16 + ((l//8)%2)*8 + l%8)*LD + n*8 + (l//16)*8 for l in range(32)], trans=True)
-            mma(o[n], a, [b[l][0] for l in range(32)], [b[l][1] for l in range(32)])
-            mma(o[n+1], a, [b[l][2] for l in range(32)], [b[l][3] for l in range(32)])
-    for n in range(NT_O):
-        for l in range(32):
-            g, c4 = l//4, l%4
-            for e in range(4):
-                row = warp*16 + g + 8*(e//2); col = n*8 + 2*c4 + e%2
-                S_row = [sum(Q[row][d]*K[j][d] for d in range(D)) for j in range(BC)]
-                want = sum(S_row[j]*V[j][col] for j in range(BC))
-                if o[n][l][e] != want: ok = False
-print("forward S and PV fragments:", "OK" if ok else "MISMATCH")
-forward_ok = ok
+
+def check_forward(D, BR, BC):
+    """forward_mma's S = Q Kᵀ and O += P V for one 64-row query tile (P = S here)."""
+    LD = D + PAD
+    Q = [rnd(D) for _ in range(BR)]; K = [rnd(D) for _ in range(BC)]; V = [rnd(D) for _ in range(BC)]
+    q_s = [0]*(BR*LD); k_s = [0]*(BC*LD); v_s = [0]*(BC*LD)
+    for r in range(BR):
+        for c in range(D): q_s[r*LD+c] = Q[r][c]
+    for r in range(BC):
+        for c in range(D): k_s[r*LD+c] = K[r][c]; v_s[r*LD+c] = V[r][c]
+    S = [[sum(Q[i][d]*K[j][d] for d in range(D)) for j in range(BC)] for i in range(BR)]
+    O = [[sum(S[i][j]*V[j][c] for j in range(BC)) for c in range(D)] for i in range(BR)]
+    ok = True
+    for warp in range(4):
+        NT_S = BC//8
+        s = [[[0.0]*4 for _ in range(32)] for _ in range(NT_S)]
+        for kk in range(0, D, 16):
+            a = ldmatrix_x4(q_s, [(warp*16 + l%16)*LD + kk + (l//16)*8 for l in range(32)])
+            for n in range(0, NT_S, 2):
+                b = ldmatrix_x4(k_s, [(n*8 + (l//16)*8 + l%8)*LD + kk + ((l//8)%2)*8 for l in range(32)])
+                mma(s[n], a, [b[l][0] for l in range(32)], [b[l][1] for l in range(32)])
+                mma(s[n+1], a, [b[l][2] for l in range(32)], [b[l][3] for l in range(32)])
+        # check S = Q K^T
+        for n in range(NT_S):
+            for l in range(32):
+                g, c4 = l//4, l%4
+                for e in range(4):
+                    row = warp*16 + g + 8*(e//2); col = n*8 + 2*c4 + e%2
+                    if s[n][l][e] != S[row][col]: ok = False
+        # P V with P = S (packed as A from the C fragments)
+        NT_O = D//8
+        o = [[[0.0]*4 for _ in range(32)] for _ in range(NT_O)]
+        for m in range(BC//16):
+            a = [[(s[2*m][l][0], s[2*m][l][1]), (s[2*m][l][2], s[2*m][l][3]),
+                  (s[2*m+1][l][0], s[2*m+1][l][1]), (s[2*m+1][l][2], s[2*m+1][l][3])] for l in range(32)]
+            for n in range(0, NT_O, 2):
+                b = ldmatrix_x4(v_s, [(m*16 + ((l//8)%2)*8 + l%8)*LD + n*8 + (l//16)*8 for l in range(32)], trans=True)
+                mma(o[n], a, [b[l][0] for l in range(32)], [b[l][1] for l in range(32)])
+                mma(o[n+1], a, [b[l][2] for l in range(32)], [b[l][3] for l in range(32)])
+        for n in range(NT_O):
+            for l in range(32):
+                g, c4 = l//4, l%4
+                for e in range(4):
+                    row = warp*16 + g + 8*(e//2); col = n*8 + 2*c4 + e%2
+                    if o[n][l][e] != O[row][col]: ok = False
+    print(f"forward S and PV fragments (D={D}, {BR} queries x {BC} keys):", "OK" if ok else "MISMATCH")
+    return ok
+
+
+# FwdTile: 64 query rows; 64 keys per tile at D = 64 and 128, 32 at D = 256.
+forward_ok = all([check_forward(64, 64, 64), check_forward(256, 64, 32)])
+D = 32
 
 # Backward dQ = dS K with dS^T stored as ds_s[key][query] (LDS = BRb + PAD), BC keys = 64.
 BRb, BCb, Db = 32, 64, 32
