@@ -19,7 +19,7 @@ const THREADS: u32 = 128;
 const LOG2_E: f32 = std::f32::consts::LOG2_E;
 
 /// Rows per query tile (forward) or key tile (backward) and dynamic shared memory of a kernel;
-/// mirrors `FwdTile`, `SimtTile`, `BwdTile` and `BwdMmaTile` in the .cu file.
+/// mirrors `FwdTile`, `SimtTile`, `BwdTile`, `BwdMmaTile` and `BwdMmaWideTile` in the .cu file.
 #[derive(Clone, Copy, Debug)]
 struct Geometry {
     rows_per_block: usize,
