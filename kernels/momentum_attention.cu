@@ -895,8 +895,8 @@ __device__ void backward_mma(const T* __restrict__ q, const T* __restrict__ k, c
 //      (64 + 64 f32 accumulators per thread), A fragments from the staged Pᵀ and dSᵀ;
 //   3. dQ = dS K: warp w takes queries 16·(w % 2) and columns 128·(w / 2), in two passes of 64.
 // Shared memory: K, V, Q, dO tiles (4 · 32 · 264 halves = 67,584 B) + Pᵀ, dSᵀ (2 · 32 · 40 halves
-// = 5,120 B) + lse2, delta (256 B) = 72,960 B, opted in above 48 KiB; 2 blocks fit an SM on
-// sm_80 (164 KiB) and 3 on sm_90 (227 KiB).
+// = 5,120 B) + lse2, delta (256 B) = 72,960 B, opted in above 48 KiB: room for 2 blocks per SM
+// on sm_80 (164 KiB) and 3 on sm_90 (227 KiB); ~224 registers per thread cap both at 2 (8 warps).
 
 template <int D>
 struct BwdMmaWideTile {
