@@ -16,12 +16,12 @@
 //                               the attention without momentum when `attn_out` is not null (both
 //                               saved for the backward pass).
 //   mattn_bwd_delta_<DN>        delta_t = Σ_d dO·O_attn (the softmax backward's row term).
-//   mattn_bwd_mma_<f16|bf16>_d<64|128>  FlashAttention-2 backward on tensor cores (see below).
-//   mattn_bwd_<DN>_d<D>         FlashAttention-2 backward, one block per key/value tile: recompute
+//   mattn_bwd_mma_<f16|bf16>_d<D>  FlashAttention-2 backward on tensor cores (see below; D = 256
+//                               has its own tiling, `backward_mma_wide`).
+//   mattn_bwd_f32_d<D>          FlashAttention-2 backward, one block per key/value tile: recompute
 //                               P from lse2, dV += Pᵀ dO, dS = P ∘ (dO Vᵀ − delta), dK += dSᵀ Q,
 //                               dQ += dS K by f32 atomics; the momentum gradient
-//                               dv_s += Σ_{t>s} η^{t−s} do_t fused the same way (SIMT fp32 FMA;
-//                               runs for f32, and for f16/bf16 at D = 256).
+//                               dv_s += Σ_{t>s} η^{t−s} do_t fused the same way (SIMT fp32 FMA).
 //   mattn_dq_finish_<DN>        dq (storage dtype) from the f32 accumulator.
 //   mattn_momentum_scan_<DN>    the unfused baseline's separate momentum pass (in place).
 //   mattn_fwd_reference_<DN>    one block per query row, the obvious algorithm and an explicit
@@ -209,6 +209,26 @@ __device__ __forceinline__ bool in_momentum_window(int k0, int rows, int t0, flo
     return eta > 0.f && k0 + rows <= t0 && k0 + rows + horizon > t0;
 }
 
+// Backward: carry += Σ η^{t − k_end} dO_t over the rows t of the staged dO tile [q0, q0 + BR)
+// (any element type, row stride ld) that lie at or after k_end (the end of the block's key
+// tile) and inside the horizon: the momentum gradient that enters the key tile from below,
+// G = Σ_{t ≥ k_end} η^{t − k_end} dO_t. Called by every thread; columns as momentum_advance.
+template <int D, int BR, typename S>
+__device__ __forceinline__ void momentum_grad_carry(float (&carry)[MAX_COLS_PER_THREAD], const S* g_s, int ld,
+                                                    int q0, int k_end, int t_len, float eta, int horizon) {
+    if (!(eta > 0.f && q0 + BR > k_end && q0 < k_end + horizon)) return;
+    const int first = max(q0, k_end);
+    const int last = min(q0 + BR, t_len);
+    float w = exp2f((float)(first - k_end) * log2f(eta));
+    for (int tt = first; tt < last; ++tt, w *= eta) {
+#pragma unroll
+        for (int j = 0; j < MAX_COLS_PER_THREAD; ++j) {
+            const int col = threadIdx.x + j * THREADS;
+            if (col < D) carry[j] = fmaf(w, mk::to_float(g_s[(tt - q0) * ld + col]), carry[j]);
+        }
+    }
+}
+
 // ------------------------------------------------------------------ tensor-core forward -------
 
 template <int D>
@@ -238,6 +258,7 @@ __device__ void forward_mma(const T* __restrict__ q, const T* __restrict__ k, co
                             float eta, int horizon) {
     using Tile = FwdTile<D>;
     constexpr int BR = Tile::BR, BC = Tile::BC, LD = Tile::LD;
+    static_assert(BR * (D + 4) * sizeof(float) <= Tile::SMEM_ELEMS * sizeof(T), "the f32 epilogue tile fits");
     constexpr int NT_S = BC / 8;  // n8 tiles of S per warp
     constexpr int NT_O = D / 8;   // n8 tiles of O per warp
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -414,6 +435,7 @@ __device__ void forward_simt(const T* __restrict__ q, const T* __restrict__ k, c
                              float eta, int horizon) {
     using Tile = SimtTile<D>;
     constexpr int BR = Tile::BR, BC = Tile::BC, LD = Tile::LD, COLS = D / 4;
+    static_assert(THREADS == 4 * BR && BC % 4 == 0 && Tile::SMEM_FLOATS > 0, "four threads per query row");
     extern __shared__ __align__(16) unsigned char smem_raw[];
     float* q_s = reinterpret_cast<float*>(smem_raw);
     float* k_s = q_s + BR * LD;
@@ -516,6 +538,7 @@ __device__ void backward_simt(const T* __restrict__ q, const T* __restrict__ k, 
                               T* __restrict__ dv, int t_len, float scale, float eta, int horizon) {
     using Tile = BwdTile<D>;
     constexpr int BR = Tile::BR, BC = Tile::BC, LD = Tile::LD, COLS = D / 4;
+    static_assert(THREADS == 4 * BC && Tile::SMEM_FLOATS > 0, "four threads per key row");
     constexpr float LOG2E = 1.4426950408889634f;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     float* k_s = reinterpret_cast<float*>(smem_raw);
@@ -591,19 +614,7 @@ __device__ void backward_simt(const T* __restrict__ q, const T* __restrict__ k, 
                 atomicAdd(dq_acc + (size_t)t * D + col, scale * acc);
             }
         }
-        // Momentum: add this dO tile's rows at or after k_end, weighted η^{t − k_end}.
-        if (eta > 0.f && q0 + BR > k_end && q0 < k_end + horizon) {
-            const int first = max(q0, k_end);
-            const int last = min(q0 + BR, t_len);
-            float w = exp2f((float)(first - k_end) * log2f(eta));
-            for (int tt = first; tt < last; ++tt, w *= eta) {
-#pragma unroll
-                for (int j = 0; j < MAX_COLS_PER_THREAD; ++j) {
-                    const int col = threadIdx.x + j * THREADS;
-                    if (col < D) carry[j] = fmaf(w, g_s[(tt - q0) * LD + col], carry[j]);
-                }
-            }
-        }
+        momentum_grad_carry<D, BR>(carry, g_s, LD, q0, k_end, t_len, eta, horizon);
     }
 
     // Epilogue: stage dK (scaled) and dV as f32, run the momentum recurrence down the tile's
@@ -637,15 +648,63 @@ __device__ void backward_simt(const T* __restrict__ q, const T* __restrict__ k, 
 }
 
 // ------------------------------------------------------------------ tensor-core backward ------
-// f16/bf16 at D = 64 and 128 (at D = 256 the accumulators do not fit in registers; the SIMT
-// kernel above runs there). Block = one key tile of 64 rows, warp w owns keys 16w..16w+15 and
-// holds their dK and dV accumulators; query tiles of 32 rows stream through shared memory.
+// f16/bf16 at D = 64 and 128 (at D = 256 a warp's dK and dV accumulators for 16 keys would be
+// 256 registers per thread; backward_mma_wide below splits the columns instead). Block = one
+// key tile of 64 rows, warp w owns keys 16w..16w+15 and holds their dK and dV accumulators;
+// query tiles of 32 rows stream through shared memory.
 // Per query tile, in the transposed orientation of FlashAttention-2's backward:
 //   Sᵀ = K Qᵀ,  Pᵀ = exp2(Sᵀ·scale_log2 − lse2),  dV += Pᵀ dO,
 //   dPᵀ = V dOᵀ,  dSᵀ = Pᵀ ∘ (dPᵀ − delta),  dK += dSᵀ Q,
 // then dSᵀ goes to shared memory and the block computes dQ = dS K for the query tile (each warp
 // 16 queries × D/2 columns) and adds it to the f32 accumulator with atomics. Pᵀ and dSᵀ reach
 // the next mma as A fragments straight from the accumulators.
+
+// Writes a warp's m16n8 accumulator tiles acc[n] (rows row0 + g and row0 + g + 8, columns
+// col0 + 8n + 2·c4 and + 1), times `mul`, into an f32 staging tile of row stride ldo.
+template <int NT>
+__device__ __forceinline__ void stage_fragments(float* stage, int ldo, const float (&acc)[NT][4], int row0, int col0,
+                                                float mul) {
+    const int lane = threadIdx.x % 32, g = lane / 4, c4 = lane % 4;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int r = row0 + g + 8 * h;
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+            *reinterpret_cast<float2*>(stage + r * ldo + col0 + n * 8 + 2 * c4) =
+                make_float2(mul * acc[n][2 * h], mul * acc[n][2 * h + 1]);
+    }
+}
+
+// Epilogue of the tensor-core backward kernels, every thread of the block: stages the block's
+// dV accumulators (each warp its rows from row0, columns from col0) as f32 [BC][D + 4] in
+// `stage` (the kernel's shared memory, free now), runs the momentum recurrence down the key
+// tile's rows (c_{s−1} = η (c_s + do_s), entering with η·G), stores dV; then dK, scaled.
+template <typename T, int D, int BC, int NT>
+__device__ __forceinline__ void backward_mma_epilogue(float* stage, const float (&dk_acc)[NT][4],
+                                                      const float (&dv_acc)[NT][4], int row0, int col0,
+                                                      const float (&carry)[MAX_COLS_PER_THREAD],
+                                                      const T* __restrict__ dout, T* __restrict__ dk,
+                                                      T* __restrict__ dv, int k0, int t_len, float scale, float eta) {
+    constexpr int LDO = D + 4;
+    const int rows = min(BC, t_len - k0);
+    __syncthreads();  // every warp is done with the tiles that `stage` overlays
+    stage_fragments(stage, LDO, dv_acc, row0, col0, 1.f);
+    __syncthreads();
+    if (eta > 0.f) {
+#pragma unroll
+        for (int j = 0; j < MAX_COLS_PER_THREAD; ++j) {
+            const int col = threadIdx.x + j * THREADS;
+            // Enters as c at row k0 + rows − 1: η·G (zero past the sequence end).
+            if (col < D) momentum_column<false, D>(eta * carry[j], eta, stage, LDO, dout + (size_t)k0 * D, rows, col);
+        }
+        __syncthreads();
+    }
+    store_staged_rows<T, D>(stage, LDO, dv + (size_t)k0 * D, rows);
+    __syncthreads();
+    stage_fragments(stage, LDO, dk_acc, row0, col0, scale);
+    __syncthreads();
+    store_staged_rows<T, D>(stage, LDO, dk + (size_t)k0 * D, rows);
+}
 
 template <int D>
 struct BwdMmaTile {
@@ -662,6 +721,7 @@ __device__ void backward_mma(const T* __restrict__ q, const T* __restrict__ k, c
                              T* __restrict__ dv, int t_len, float scale, float eta, int horizon) {
     using Tile = BwdMmaTile<D>;
     constexpr int BC = Tile::BC, BR = Tile::BR, LD = Tile::LD, LDS = Tile::LDS;
+    static_assert(BC * (D + 4) * sizeof(float) <= Tile::SMEM_BYTES, "the f32 epilogue tile fits");
     constexpr int NT_S = BR / 8;  // n8 tiles of Sᵀ (queries) per warp
     constexpr int NT_D = D / 8;   // n8 tiles of dK, dV per warp
     constexpr float LOG2E = 1.4426950408889634f;
@@ -785,19 +845,7 @@ __device__ void backward_mma(const T* __restrict__ q, const T* __restrict__ k, c
                     pack2<T>(dp[n][2 * h], dp[n][2 * h + 1]);
             }
         }
-        // Momentum: add this dO tile's rows at or after k_end, weighted η^{t − k_end}.
-        if (eta > 0.f && q0 + BR > k_end && q0 < k_end + horizon) {
-            const int first = max(q0, k_end);
-            const int last = min(q0 + BR, t_len);
-            float w = exp2f((float)(first - k_end) * log2f(eta));
-            for (int tt = first; tt < last; ++tt, w *= eta) {
-#pragma unroll
-                for (int j = 0; j < MAX_COLS_PER_THREAD; ++j) {
-                    const int col = threadIdx.x + j * THREADS;
-                    if (col < D) carry[j] = fmaf(w, mk::to_float(g_s[(tt - q0) * LD + col]), carry[j]);
-                }
-            }
-        }
+        momentum_grad_carry<D, BR>(carry, g_s, LD, q0, k_end, t_len, eta, horizon);
         __syncthreads();  // dSᵀ complete
         // dQ = dS K: warp w takes queries 16·(w % 2) .. +15 and columns (w / 2)·D/2 .. +D/2.
         {
@@ -833,54 +881,195 @@ __device__ void backward_mma(const T* __restrict__ q, const T* __restrict__ k, c
         }
     }
 
-    // Epilogue, reusing the tiles as f32 staging [BC][D + 4]: dV (plus momentum), then dK.
-    __syncthreads();
-    float* stage = reinterpret_cast<float*>(smem_raw);
-    constexpr int LDO = D + 4;
-    const int rows = min(BC, t_len - k0);
+    // Epilogue, reusing the tiles as f32 staging: dV (plus momentum), then dK.
+    backward_mma_epilogue<T, D, BC>(reinterpret_cast<float*>(smem_raw), dk_acc, dv_acc, warp * 16, 0, carry, dout,
+                                    dk, dv, k0, t_len, scale, eta);
+}
+
+// ------------------------------------------------------------------ tensor-core backward, D = 256
+// One warp cannot hold 16 keys × 256 columns of both dK and dV (256 f32 accumulators per
+// thread), so at D = 256 the block takes 32 keys and splits the work four ways per phase:
+//   1. Sᵀ = K Qᵀ and dPᵀ = V dOᵀ: warp w computes keys 16·(w % 2) × queries 16·(w / 2) of the
+//      32 × 32 tile; Pᵀ and dSᵀ go to shared memory (FlashAttention-2's layout for large heads);
+//   2. dV += Pᵀ dO, dK += dSᵀ Q: warp w owns keys 16·(w % 2) and columns 128·(w / 2) .. +127
+//      (64 + 64 f32 accumulators per thread), A fragments from the staged Pᵀ and dSᵀ;
+//   3. dQ = dS K: warp w takes queries 16·(w % 2) and columns 128·(w / 2), in two passes of 64.
+// Shared memory: K, V, Q, dO tiles (4 · 32 · 264 halves = 67,584 B) + Pᵀ, dSᵀ (2 · 32 · 40 halves
+// = 5,120 B) + lse2, delta (256 B) = 72,960 B, opted in above 48 KiB: room for 2 blocks per SM
+// on sm_80 (164 KiB) and 3 on sm_90 (227 KiB); ~224 registers per thread cap both at 2 (8 warps).
+
+template <int D>
+struct BwdMmaWideTile {
+    static constexpr int BC = 32, BR = 32;
+    static constexpr int LD = D + PAD;
+    static constexpr int LDP = BR + PAD;  // Pᵀ and dSᵀ rows (keys) of BR queries
+    static constexpr int SMEM_BYTES = (2 * BC + 2 * BR) * LD * 2 + 2 * BC * LDP * 2 + 2 * BR * 4;
+};
+
+template <typename T, int D>
+__device__ void backward_mma_wide(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                                  const T* __restrict__ dout, const float* __restrict__ lse2,
+                                  const float* __restrict__ delta, float* __restrict__ dq_acc, T* __restrict__ dk,
+                                  T* __restrict__ dv, int t_len, float scale, float eta, int horizon) {
+    using Tile = BwdMmaWideTile<D>;
+    constexpr int BC = Tile::BC, BR = Tile::BR, LD = Tile::LD, LDP = Tile::LDP;
+    constexpr int HALF = D / 2;      // columns of dK, dV and dQ per warp
+    constexpr int NT_H = HALF / 8;   // their n8 tiles
+    constexpr int NT_DQ = NT_H / 2;  // n8 tiles of one dQ pass
+    constexpr float LOG2E = 1.4426950408889634f;
+    static_assert(BC == 32 && BR == 32, "the warp split below assumes a 32 × 32 tile");
+    static_assert(BC * (D + 4) * sizeof(float) <= Tile::SMEM_BYTES, "the f32 epilogue tile fits");
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T* k_s = reinterpret_cast<T*>(smem_raw);
+    T* v_s = k_s + BC * LD;
+    T* q_s = v_s + BC * LD;
+    T* g_s = q_s + BR * LD;
+    T* p_s = g_s + BR * LD;    // Pᵀ: [BC keys][LDP]
+    T* ds_s = p_s + BC * LDP;  // dSᵀ: [BC keys][LDP]
+    float* lse_s = reinterpret_cast<float*>(ds_s + BC * LDP);
+    float* delta_s = lse_s + BR;
+
+    const int n_k_tiles = (t_len + BC - 1) / BC;
+    const int k0 = (n_k_tiles - 1 - blockIdx.y) * BC;
+    const size_t head = (size_t)blockIdx.x * t_len * D;
+    q += head, k += head, v += head, dout += head, dq_acc += head, dk += head, dv += head;
+    lse2 += (size_t)blockIdx.x * t_len, delta += (size_t)blockIdx.x * t_len;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int g = lane / 4, c4 = lane % 4;
+    const float scale_log2 = scale * LOG2E;
+    const int kr = (warp % 2) * 16;    // the warp's keys in the tile (phases 1 and 2)
+    const int qc = (warp / 2) * 16;    // its queries in the query tile (phase 1)
+    const int qr = (warp % 2) * 16;    // its queries in the query tile (phase 3)
+    const int cb = (warp / 2) * HALF;  // its columns of dK, dV, dQ (phases 2 and 3)
+
+    load_tile_async<T, D, LD>(k_s, k, k0, BC, t_len);
+    load_tile_async<T, D, LD>(v_s, v, k0, BC, t_len);
+    cp_async_commit();
+
+    float dk_acc[NT_H][4], dv_acc[NT_H][4];
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const int r = warp * 16 + g + 8 * h;
+    for (int n = 0; n < NT_H; ++n)
 #pragma unroll
-        for (int n = 0; n < NT_D; ++n)
-            *reinterpret_cast<float2*>(stage + r * LDO + n * 8 + 2 * c4) = make_float2(dv_acc[n][2 * h], dv_acc[n][2 * h + 1]);
-    }
-    __syncthreads();
-    if (eta > 0.f) {
+        for (int e = 0; e < 4; ++e) dk_acc[n][e] = dv_acc[n][e] = 0.f;
+    float carry[MAX_COLS_PER_THREAD] = {0.f, 0.f};
+    const int k_end = k0 + BC;
+
+    for (int q0 = k0; q0 < t_len; q0 += BR) {
+        __syncthreads();  // the previous query tile's Q, dO, Pᵀ and dSᵀ are consumed
+        load_tile_async<T, D, LD>(q_s, q, q0, BR, t_len);
+        load_tile_async<T, D, LD>(g_s, dout, q0, BR, t_len);
+        cp_async_commit();
+        if (threadIdx.x < BR) {
+            const int t = q0 + threadIdx.x;
+            lse_s[threadIdx.x] = t < t_len ? lse2[t] : 0.f;
+            delta_s[threadIdx.x] = t < t_len ? delta[t] : 0.f;
+        }
+        cp_async_wait_all();
+        __syncthreads();
+
+        // 1. Sᵀ and dPᵀ for keys kr..kr+15 × queries qc..qc+15 (skipped when every key of the
+        //    warp comes after every query: all masked).
+        float s[2][4], dp[2][4];
 #pragma unroll
-        for (int j = 0; j < MAX_COLS_PER_THREAD; ++j) {
-            const int col = threadIdx.x + j * THREADS;
-            if (col < D) {
-                // Enters as c at row k0 + rows − 1: η·G (zero past the sequence end).
-                momentum_column<false, D>(eta * carry[j], eta, stage, LDO, dout + (size_t)k0 * D, rows, col);
+        for (int n = 0; n < 2; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.f;
+        if (k0 + kr <= q0 + qc + 15) {
+#pragma unroll 4
+            for (int kk = 0; kk < D; kk += 16) {
+                uint32_t a_k[4], a_v[4], b[4];
+                ldmatrix_x4(a_k, k_s + (kr + lane % 16) * LD + kk + (lane / 16) * 8);
+                ldmatrix_x4(a_v, v_s + (kr + lane % 16) * LD + kk + (lane / 16) * 8);
+                const int row = (qc + (lane / 16) * 8 + lane % 8) * LD + kk + ((lane / 8) % 2) * 8;
+                ldmatrix_x4(b, q_s + row);
+                mma_16816<T>(s[0], a_k, b[0], b[1]);
+                mma_16816<T>(s[1], a_k, b[2], b[3]);
+                ldmatrix_x4(b, g_s + row);
+                mma_16816<T>(dp[0], a_v, b[0], b[1]);
+                mma_16816<T>(dp[1], a_v, b[2], b[3]);
             }
         }
-        __syncthreads();
-    }
-    for (int i = threadIdx.x; i < rows * (D / 4); i += THREADS) {
-        const int r = i / (D / 4), c = (i % (D / 4)) * 4;
-        mk::Vec<T, 4> packed;
+        // Pᵀ and dSᵀ, to shared memory in the storage dtype.
 #pragma unroll
-        for (int e = 0; e < 4; ++e) packed.v[e] = mk::from_float<T>(stage[r * LDO + c + e]);
-        mk::store_vec<T, 4>(dv + (size_t)(k0 + r) * D + c, packed);
-    }
-    __syncthreads();
+        for (int n = 0; n < 2; ++n) {
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const int r = warp * 16 + g + 8 * h;
+            for (int h = 0; h < 2; ++h) {
+                const int key_row = kr + g + 8 * h, key = k0 + key_row;
+                float p[2], ds[2];
 #pragma unroll
-        for (int n = 0; n < NT_D; ++n)
-            *reinterpret_cast<float2*>(stage + r * LDO + n * 8 + 2 * c4) =
-                make_float2(scale * dk_acc[n][2 * h], scale * dk_acc[n][2 * h + 1]);
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < rows * (D / 4); i += THREADS) {
-        const int r = i / (D / 4), c = (i % (D / 4)) * 4;
-        mk::Vec<T, 4> packed;
+                for (int e = 0; e < 2; ++e) {
+                    const int col = qc + n * 8 + 2 * c4 + e;
+                    const int t = q0 + col;
+                    const bool live = key <= t && t < t_len && key < t_len;
+                    p[e] = live ? exp2f(s[n][2 * h + e] * scale_log2 - lse_s[col]) : 0.f;
+                    ds[e] = p[e] * (dp[n][2 * h + e] - delta_s[col]);
+                }
+                const int at = key_row * LDP + qc + n * 8 + 2 * c4;
+                *reinterpret_cast<uint32_t*>(p_s + at) = pack2<T>(p[0], p[1]);
+                *reinterpret_cast<uint32_t*>(ds_s + at) = pack2<T>(ds[0], ds[1]);
+            }
+        }
+        momentum_grad_carry<D, BR>(carry, g_s, LD, q0, k_end, t_len, eta, horizon);
+        __syncthreads();  // Pᵀ and dSᵀ complete
+
+        // 2. dV += Pᵀ dO and dK += dSᵀ Q for keys kr..kr+15, columns cb..cb+HALF−1.
 #pragma unroll
-        for (int e = 0; e < 4; ++e) packed.v[e] = mk::from_float<T>(stage[r * LDO + c + e]);
-        mk::store_vec<T, 4>(dk + (size_t)(k0 + r) * D + c, packed);
+        for (int m = 0; m < BR / 16; ++m) {
+            uint32_t a_p[4], a_ds[4];
+            ldmatrix_x4(a_p, p_s + (kr + lane % 16) * LDP + m * 16 + (lane / 16) * 8);
+            ldmatrix_x4(a_ds, ds_s + (kr + lane % 16) * LDP + m * 16 + (lane / 16) * 8);
+#pragma unroll
+            for (int n = 0; n < NT_H; n += 2) {
+                const int row = (m * 16 + ((lane / 8) % 2) * 8 + lane % 8) * LD + cb + n * 8 + (lane / 16) * 8;
+                uint32_t b[4];
+                ldmatrix_x4_trans(b, g_s + row);
+                mma_16816<T>(dv_acc[n], a_p, b[0], b[1]);
+                mma_16816<T>(dv_acc[n + 1], a_p, b[2], b[3]);
+                ldmatrix_x4_trans(b, q_s + row);
+                mma_16816<T>(dk_acc[n], a_ds, b[0], b[1]);
+                mma_16816<T>(dk_acc[n + 1], a_ds, b[2], b[3]);
+            }
+        }
+
+        // 3. dQ = dS K for queries qr..qr+15, columns cb..cb+HALF−1, NT_DQ n8 tiles per pass.
+        uint32_t a_dq[BC / 16][4];
+#pragma unroll
+        for (int m = 0; m < BC / 16; ++m)
+            ldmatrix_x4_trans(a_dq[m], ds_s + (m * 16 + (lane / 16) * 8 + lane % 8) * LDP + qr + ((lane / 8) % 2) * 8);
+#pragma unroll
+        for (int pass = 0; pass < 2; ++pass) {
+            const int c0 = cb + pass * (NT_DQ * 8);
+            float dq[NT_DQ][4];
+#pragma unroll
+            for (int n = 0; n < NT_DQ; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
+#pragma unroll
+            for (int m = 0; m < BC / 16; ++m) {
+#pragma unroll
+                for (int n = 0; n < NT_DQ; n += 2) {
+                    uint32_t b[4];
+                    ldmatrix_x4_trans(b, k_s + (m * 16 + ((lane / 8) % 2) * 8 + lane % 8) * LD + c0 + n * 8 + (lane / 16) * 8);
+                    mma_16816<T>(dq[n], a_dq[m], b[0], b[1]);
+                    mma_16816<T>(dq[n + 1], a_dq[m], b[2], b[3]);
+                }
+            }
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int t = q0 + qr + g + 8 * h;
+                if (t < t_len) {
+#pragma unroll
+                    for (int n = 0; n < NT_DQ; ++n) {
+                        float* dst = dq_acc + (size_t)t * D + c0 + n * 8 + 2 * c4;
+                        atomicAdd(dst, scale * dq[n][2 * h]);
+                        atomicAdd(dst + 1, scale * dq[n][2 * h + 1]);
+                    }
+                }
+            }
+        }
     }
+
+    // Epilogue, reusing the tiles as f32 staging [BC][D + 4] (33,280 B): dV (plus momentum), then dK.
+    backward_mma_epilogue<T, D, BC>(reinterpret_cast<float*>(smem_raw), dk_acc, dv_acc, kr, cb, carry, dout, dk, dv,
+                                    k0, t_len, scale, eta);
 }
 
 // delta_t = Σ_d dO_t · O_t, one warp per row.
@@ -972,13 +1161,19 @@ __device__ void momentum_scan(const T* __restrict__ v, T* __restrict__ out, uint
         backward_mma<T, D>(q, k, v, dout, lse2, delta, dq_acc, dk, dv, t_len, scale, eta, horizon);     \
     }
 
+#define MK_BWD_MMA_WIDE(NAME, T, D)                                                                     \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                              \
+        NAME(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,                 \
+             const T* __restrict__ dout, const float* __restrict__ lse2, const float* __restrict__ delta, \
+             float* __restrict__ dq_acc, T* __restrict__ dk, T* __restrict__ dv, int t_len, float scale, \
+             float eta, int horizon) {                                                                 \
+        backward_mma_wide<T, D>(q, k, v, dout, lse2, delta, dq_acc, dk, dv, t_len, scale, eta, horizon); \
+    }
+
 #define MK_DTYPE(DN, T, FWD_IMPL)                                                                        \
     MK_FWD(mattn_fwd_##DN##_d64, T, 64, FWD_IMPL)                                                       \
     MK_FWD(mattn_fwd_##DN##_d128, T, 128, FWD_IMPL)                                                     \
     MK_FWD(mattn_fwd_##DN##_d256, T, 256, FWD_IMPL)                                                     \
-    MK_BWD(mattn_bwd_##DN##_d64, T, 64)                                                                 \
-    MK_BWD(mattn_bwd_##DN##_d128, T, 128)                                                               \
-    MK_BWD(mattn_bwd_##DN##_d256, T, 256)                                                               \
     extern "C" __global__ void mattn_bwd_delta_##DN(const T* __restrict__ dout, const T* __restrict__ o, \
                                                     float* __restrict__ delta, uint64_t rows, int d) {  \
         backward_delta<T>(dout, o, delta, rows, d);                                                     \
@@ -1004,4 +1199,9 @@ MK_BWD_MMA(mattn_bwd_mma_f16_d64, __half, 64)
 MK_BWD_MMA(mattn_bwd_mma_f16_d128, __half, 128)
 MK_BWD_MMA(mattn_bwd_mma_bf16_d64, __nv_bfloat16, 64)
 MK_BWD_MMA(mattn_bwd_mma_bf16_d128, __nv_bfloat16, 128)
+MK_BWD_MMA_WIDE(mattn_bwd_mma_f16_d256, __half, 256)
+MK_BWD_MMA_WIDE(mattn_bwd_mma_bf16_d256, __nv_bfloat16, 256)
 MK_DTYPE(f32, float, forward_simt)
+MK_BWD(mattn_bwd_f32_d64, float, 64)
+MK_BWD(mattn_bwd_f32_d128, float, 128)
+MK_BWD(mattn_bwd_f32_d256, float, 256)

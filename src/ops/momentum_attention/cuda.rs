@@ -3,8 +3,8 @@
 //! Forward: one launch of `mattn_fwd_<dtype>_d<D>` (tensor cores for f16/bf16, SIMT for f32),
 //! grid = (B·H, query tiles). Backward: the forward again with η = 0 (attention output and base-2
 //! log-sum-exp), `mattn_bwd_delta_<dtype>`, the backward kernel (`mattn_bwd_mma_<dtype>_d<D>` on
-//! tensor cores for f16/bf16 at D ≤ 128, else the SIMT `mattn_bwd_<dtype>_d<D>`; one block per
-//! key tile, dQ by f32 atomics into a zeroed buffer), and `mattn_dq_finish_<dtype>`. Every temporary is
+//! tensor cores for f16/bf16, the SIMT `mattn_bwd_f32_d<D>` for f32; one block per key tile, dQ
+//! by f32 atomics into a zeroed buffer), and `mattn_dq_finish_<dtype>`. Every temporary is
 //! linear in T.
 
 use half::{bf16, f16};
@@ -19,7 +19,7 @@ const THREADS: u32 = 128;
 const LOG2_E: f32 = std::f32::consts::LOG2_E;
 
 /// Rows per query tile (forward) or key tile (backward) and dynamic shared memory of a kernel;
-/// mirrors `FwdTile`, `SimtTile`, `BwdTile` and `BwdMmaTile` in the .cu file.
+/// mirrors `FwdTile`, `SimtTile`, `BwdTile`, `BwdMmaTile` and `BwdMmaWideTile` in the .cu file.
 #[derive(Clone, Copy, Debug)]
 struct Geometry {
     rows_per_block: usize,
@@ -36,17 +36,29 @@ fn forward_geometry(dtype: DType, d: usize) -> Geometry {
     }
 }
 
-/// The backward kernel for a dtype and head dim, and its geometry: tensor cores for f16/bf16 at
-/// D ≤ 128 (64 keys per block), else SIMT (32 keys per block).
+/// The backward kernel for a dtype and head dim, and its geometry: tensor cores for f16/bf16
+/// (64 keys per block at D ≤ 128, `BwdMmaTile`; 32 keys per block at D = 256, `BwdMmaWideTile`),
+/// SIMT for f32 (32 keys per block, `BwdTile`).
 fn backward_kernel(dtype: DType, d: usize) -> (String, Geometry) {
-    if dtype != DType::F32 && d <= 128 {
-        let (ld, lds) = (d + 8, 32 + 8);
-        let smem_bytes = (2 * 64 + 2 * 32) * ld * 2 + 64 * lds * 2 + 2 * 32 * 4;
-        (format!("mattn_bwd_mma_{}_d{d}", dtype.as_str()), Geometry { rows_per_block: 64, smem_bytes })
-    } else {
-        let ld = d + 1;
-        let smem_bytes = (4 * 32 * ld + 2 * 32 * 33 + 2 * 32) * 4;
-        (format!("mattn_bwd_{}_d{d}", dtype.as_str()), Geometry { rows_per_block: 32, smem_bytes })
+    const PAD: usize = 8;
+    let ld = d + PAD;
+    let mma_name = || format!("mattn_bwd_mma_{}_d{d}", dtype.as_str());
+    match (dtype, d) {
+        (DType::F32, _) => {
+            let ld = d + 1;
+            let smem_bytes = (4 * 32 * ld + 2 * 32 * 33 + 2 * 32) * 4;
+            (format!("mattn_bwd_f32_d{d}"), Geometry { rows_per_block: 32, smem_bytes })
+        }
+        (_, 256) => {
+            // K, V, Q, dO tiles of 32 rows; Pᵀ and dSᵀ [32][32 + PAD]; lse2 and delta.
+            let smem_bytes = 4 * 32 * ld * 2 + 2 * 32 * (32 + PAD) * 2 + 2 * 32 * 4;
+            (mma_name(), Geometry { rows_per_block: 32, smem_bytes })
+        }
+        _ => {
+            // K, V tiles of 64 rows, Q, dO of 32; dSᵀ [64][32 + PAD]; lse2 and delta.
+            let smem_bytes = (2 * 64 + 2 * 32) * ld * 2 + 64 * (32 + PAD) * 2 + 2 * 32 * 4;
+            (mma_name(), Geometry { rows_per_block: 64, smem_bytes })
+        }
     }
 }
 
@@ -364,4 +376,39 @@ fn backward_typed<T: Element>(
         unsafe { args.launch(grid_1d(n, 256)) }.map_err(driver(format!("launching {name}")))?;
     }
     Ok((dq, dk, dv))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// sm_80's opt-in limit (163 KiB); sm_90 allows 227 KiB.
+    const SM80_MAX_SHARED: usize = 163 * 1024;
+
+    #[test]
+    fn every_kernel_fits_sm80_shared_memory_and_its_epilogue_staging() {
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            for d in super::super::SUPPORTED_HEAD_DIMS {
+                let fwd = forward_geometry(dtype, d);
+                let (name, bwd) = backward_kernel(dtype, d);
+                for (what, g) in [("forward", fwd), (name.as_str(), bwd)] {
+                    assert!(g.smem_bytes <= SM80_MAX_SHARED, "{what} {dtype} d={d}: {} bytes", g.smem_bytes);
+                    // Each epilogue stages its tile's rows as f32 [rows][D + 4] (the SIMT kernels
+                    // [rows][D + 1]) in the same shared memory.
+                    assert!(g.rows_per_block * (d + 4) * 4 <= g.smem_bytes || dtype == DType::F32);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn backward_kernel_choice_and_shared_bytes_mirror_the_cu_file() {
+        // BwdMmaTile: (2·64 + 2·32)·(D + 8)·2 + 64·40·2 + 256.
+        assert_eq!(backward_kernel(DType::F16, 64).0, "mattn_bwd_mma_f16_d64");
+        assert_eq!(backward_kernel(DType::BF16, 128).1.smem_bytes, 192 * 136 * 2 + 5120 + 256);
+        // BwdMmaWideTile at D = 256: 4·32·264·2 + 2·32·40·2 + 256 = 72,960 bytes, 32 keys per block.
+        let (name, g) = backward_kernel(DType::BF16, 256);
+        assert_eq!((name.as_str(), g.rows_per_block, g.smem_bytes), ("mattn_bwd_mma_bf16_d256", 32, 72_960));
+        assert_eq!(backward_kernel(DType::F32, 256).0, "mattn_bwd_f32_d256");
+    }
 }

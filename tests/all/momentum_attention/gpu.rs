@@ -59,26 +59,64 @@ fn cuda_forward_long_sequence_skips_old_momentum_tiles() {
 }
 
 #[test]
-fn cuda_backward_matches_f64_reference() {
-    let Some(gpu) = cuda_or_skip("cuda_backward_matches_f64_reference") else { return };
+fn cuda_backward_matches_f64_reference_and_cpu() {
+    let Some(gpu) = cuda_or_skip("cuda_backward_matches_f64_reference_and_cpu") else { return };
     let mut seed = 7000;
     for dtype in DTYPES {
         for d in HEAD_DIMS {
+            // T = 1; T past one key tile (64 rows at D ≤ 128, 32 at D = 256 and for f32) with a
+            // ragged last tile; several tiles with 2 rows in the last.
             for t in [1, 67, 130] {
                 let x = Inputs::new(Dims { bh: 2, t, d }, dtype, &gpu, seed);
+                let cpu = Inputs::new(Dims { bh: 2, t, d }, dtype, &Device::cpu(), seed);
                 let (grad, g64) = randn(&[1, 2, t, d], dtype, &gpu, seed + 3).unwrap();
+                let (cpu_grad, _) = randn(&[1, 2, t, d], dtype, &Device::cpu(), seed + 3).unwrap();
                 seed += 4;
                 for eta in ETAS {
-                    let grads = MomentumAttention::new(eta).backward(&x.q, &x.k, &x.v, &grad).unwrap();
+                    let attn = MomentumAttention::new(eta);
+                    let grads = attn.backward(&x.q, &x.k, &x.v, &grad).unwrap();
+                    let on_cpu = attn.backward(&cpu.q, &cpu.k, &cpu.v, &cpu_grad).unwrap();
                     let (dq, dk, dv) =
                         reference::backward(&x.q64, &x.k64, &x.v64, &g64, x.dims, eta as f64, x.scale());
-                    for (name, got, want) in
-                        [("dq", &grads.dq, dq), ("dk", &grads.dk, dk), ("dv", &grads.dv, dv)]
-                    {
+                    for (name, got, cpu_got, want) in [
+                        ("dq", &grads.dq, &on_cpu.dq, dq),
+                        ("dk", &grads.dk, &on_cpu.dk, dk),
+                        ("dv", &grads.dv, &on_cpu.dv, dv),
+                    ] {
                         assert!(got.device().is_cuda());
                         let what = format!("cuda {name} {dtype} d={d} t={t} eta={eta}");
-                        assert_close(&what, &to_f64(got).unwrap(), &want, grad_tolerance(dtype));
+                        let got = to_f64(got).unwrap();
+                        assert_close(&format!("{what} vs f64"), &got, &want, grad_tolerance(dtype));
+                        let cpu_got = to_f64(cpu_got).unwrap();
+                        assert_close(&format!("{what} vs cpu"), &got, &cpu_got, 2.0 * grad_tolerance(dtype));
                     }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn cuda_backward_long_sequence_skips_old_momentum_tiles() {
+    let Some(gpu) = cuda_or_skip("cuda_backward_long_sequence_skips_old_momentum_tiles") else { return };
+    // T = 700 is past η = 0.5's horizon (24 lags) and η = 0.9's (158): each key tile carries
+    // the momentum gradient of only the query tiles inside the horizon. D = 64 and 256 run the
+    // two tensor-core backward kernels (f16/bf16) and the SIMT one (f32).
+    let mut seed = 7700;
+    for dtype in DTYPES {
+        for d in [64, 256] {
+            let dims = Dims { bh: 1, t: 700, d };
+            let x = Inputs::new(dims, dtype, &gpu, seed);
+            let (grad, g64) = randn(&[1, 1, 700, d], dtype, &gpu, seed + 3).unwrap();
+            seed += 4;
+            for eta in [0.5f32, 0.9] {
+                let grads = MomentumAttention::new(eta).backward(&x.q, &x.k, &x.v, &grad).unwrap();
+                let (dq, dk, dv) =
+                    reference::backward(&x.q64, &x.k64, &x.v64, &g64, dims, eta as f64, x.scale());
+                for (name, got, want) in [("dq", &grads.dq, dq), ("dk", &grads.dk, dk), ("dv", &grads.dv, dv)]
+                {
+                    let what = format!("cuda long {name} {dtype} d={d} eta={eta}");
+                    assert_close(&what, &to_f64(got).unwrap(), &want, grad_tolerance(dtype));
                 }
             }
         }
