@@ -8,13 +8,15 @@
 // into a running (value, index) minimum per row. Ties go to the lowest index: every comparison
 // is lexicographic on (value, index).
 //   - assign_l2_mma_{f16,bf16}: tensor cores (mma.sync m16n8k16, f32 accumulate), 8 warps,
-//     128×128×32 tiles, double-buffered shared memory with register prefetch.
+//     128×128×32 tiles, two shared-memory stages filled by cp.async (the next stage's copy
+//     overlaps this stage's mma), fragments loaded with ldmatrix; two blocks per SM.
 //   - assign_simt_{l2,l1}_{f32,f16,bf16}: exact f32 FFMA (no TF32), 256 threads, 128×128×8 tiles,
 //     8×8 outputs per thread; the only path for mean-L1, which has no GEMM form.
 //   - assign_reference_*: one thread per row, the distance written out directly.
 // Update: counting sort (tile histogram → per-tile prefix → cluster offsets → stable scatter with
-// __match_any_sync ranks), then one block per cluster summing its rows in sorted order and
-// combining its 8 warps' partial sums in a fixed order: bitwise reproducible, no float atomics.
+// __match_any_sync ranks), then segmented sums over fixed chunks of each cluster's sorted rows
+// (a large cluster spreads over many blocks) and a second pass adding each cluster's chunk sums
+// in order: bitwise reproducible, no float atomics.
 // update_reference_* is the O(N·K·D) direct version for tests.
 #include "common.cuh"
 
@@ -169,7 +171,10 @@ __device__ void assign(const T* __restrict__ x, const T* __restrict__ c, const f
 
 // ------------------------------------------------------------------ tensor-core assign ----
 namespace tc {
-constexpr int BM = 128, BN = 128, BK = 32, THREADS = 256, LDS = BK + 8;  // +8 halfs: no bank conflicts
+// 8 warps as 2 (rows) × 4 (centroids), each owning a 64 × 32 tile of scores: 4 × 4 mma tiles.
+// Shared rows are padded to LDS = 40 halfs (80 bytes): the 8 row addresses of every ldmatrix
+// phase and every 16-byte cp.async store then fall on distinct bank quads.
+constexpr int BM = 128, BN = 128, BK = 32, THREADS = 256, LDS = BK + 8;
 
 template <typename T> struct Mma;
 template <> struct Mma<__half> {
@@ -191,18 +196,53 @@ template <> struct Mma<__nv_bfloat16> {
     }
 };
 
-// 8 consecutive halfs of row r from dim k, zero outside the matrix.
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Four 8×8 b16 matrices from shared memory; lane l gives the address of row l % 8 of matrix l / 8
+// and receives, of each matrix i, the pair (row l / 4, columns 2(l % 4), 2(l % 4) + 1) in r[i].
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_u32(p))
+                 : "memory");
+}
+
+// 16 bytes global → shared without passing through registers; src_bytes = 0 writes zeros.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(src_bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+// 8 consecutive halfs of row r from dim k, zero outside the matrix (the path for D % 8 ≠ 0,
+// where rows are not 16-byte aligned).
 template <typename T>
-__device__ __forceinline__ uint4 load8(const T* __restrict__ m, int rows, int d, int r, int k, bool vec_ok) {
+__device__ __forceinline__ uint4 load8(const T* __restrict__ m, int rows, int d, int r, int k) {
     uint4 out = make_uint4(0, 0, 0, 0);
     if (r >= rows) return out;
     const T* p = m + (size_t)r * d + k;
-    if (vec_ok && k + 8 <= d) return *reinterpret_cast<const uint4*>(p);
     T tmp[8];
 #pragma unroll
     for (int e = 0; e < 8; ++e) tmp[e] = (k + e < d) ? p[e] : mk::from_float<T>(0.f);
     memcpy(&out, tmp, 16);
     return out;
+}
+
+// One 16-byte chunk (row r, dims k..k+7) of a tile into shared memory: cp.async when rows are
+// 16-byte aligned (D % 8 == 0; a chunk is then wholly inside or wholly outside the matrix),
+// else through registers.
+template <typename T>
+__device__ __forceinline__ void load_chunk(T* dst, const T* __restrict__ m, int rows, int d, int r, int k,
+                                           bool async_ok) {
+    if (async_ok) {
+        const bool inside = r < rows && k < d;
+        cp_async16(dst, inside ? m + (size_t)r * d + k : m, inside ? 16 : 0);
+    } else {
+        *reinterpret_cast<uint4*>(dst) = load8(m, rows, d, r, k);
+    }
 }
 
 __device__ __forceinline__ float sq_sum8(uint4 v, __half) {
@@ -220,6 +260,12 @@ __device__ __forceinline__ float sq_sum8(uint4 v, __nv_bfloat16) {
     return s;
 }
 
+// Steps run over (centroid tile ct, k-slice): step = ct · k_steps + slice. Two shared buffers:
+// the copy of step + 1 is issued right after the barrier that opens step, so it overlaps the
+// mma of step; that barrier is also what makes refilling buf ^ 1 safe (every warp has finished
+// reading it in step − 1). One barrier per step.
+// The index math of the loader, the ldmatrix addresses, the mma fragments and the epilogue is
+// checked against a plain matmul + argmin by scripts/compare/kmeans_fragment_check.py.
 template <typename T>
 __device__ void assign_l2(const T* __restrict__ x, const T* __restrict__ c, const float* __restrict__ c_norms, int n,
                           int k, int d, uint32_t* __restrict__ labels, float* __restrict__ dist,
@@ -231,14 +277,19 @@ __device__ void assign_l2(const T* __restrict__ x, const T* __restrict__ c, cons
     __shared__ uint32_t red_i[4][BM];
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int warp_m = warp >> 2, warp_n = warp & 3;  // 2 × 4 warps, each 64 rows × 32 columns
+    const int warp_m = warp >> 2, warp_n = warp & 3;
     const int g = lane >> 2, tig = lane & 3;
     const int row0 = blockIdx.x * BM;
-    const bool vec_ok = (d & 7) == 0;
+    const bool async_ok = (d & 7) == 0;
     const int k_steps = (d + BK - 1) / BK, c_tiles = (k + BN - 1) / BN, steps = k_steps * c_tiles;
     // Loader role: 16-byte chunks q = tid and tid + 256 → row q/4, dims (q%4)*8 of the slice.
     const int ld_row[2] = {tid >> 2, (tid + THREADS) >> 2};
     const int ld_col = (tid & 3) * 8;
+    // ldmatrix roles. A (x rows, m16 × k16): lanes 0-15 give rows 0-15 at k 0, lanes 16-31 the
+    // same rows at k 8 → a[0..3] in mma order. B (centroid rows, two n8 tiles × k16): lane l
+    // gives row (l / 16)·8 + l % 8 at k ((l / 8) % 2)·8 → {b0, b1} of tile 2p, then of 2p + 1.
+    const int a_row = warp_m * 64 + (lane & 15), a_col = (lane >> 4) * 8;
+    const int b_row = warp_n * 32 + (lane >> 4) * 8 + (lane & 7), b_col = ((lane >> 3) & 1) * 8;
 
     float acc[4][4][4];
     float best_v[8];
@@ -248,25 +299,14 @@ __device__ void assign_l2(const T* __restrict__ x, const T* __restrict__ c, cons
     float xn_part[2] = {0.f, 0.f};
     bool bad = false;
 
-    uint4 pa[2], pb[2];
-    auto fetch = [&](int step) {
+    auto issue = [&](int step, int buf) {
         const int ct = step / k_steps, k0 = (step % k_steps) * BK;
 #pragma unroll
         for (int s = 0; s < 2; ++s) {
-            pa[s] = load8(x, n, d, row0 + ld_row[s], k0 + ld_col, vec_ok);
-            pb[s] = load8(c, k, d, ct * BN + ld_row[s], k0 + ld_col, vec_ok);
+            load_chunk(&As[buf][ld_row[s]][ld_col], x, n, d, row0 + ld_row[s], k0 + ld_col, async_ok);
+            load_chunk(&Bs[buf][ld_row[s]][ld_col], c, k, d, ct * BN + ld_row[s], k0 + ld_col, async_ok);
         }
-        if (ct == 0) {
-#pragma unroll
-            for (int s = 0; s < 2; ++s) xn_part[s] += sq_sum8(pa[s], T());
-        }
-    };
-    auto stash = [&](int buf) {
-#pragma unroll
-        for (int s = 0; s < 2; ++s) {
-            *reinterpret_cast<uint4*>(&As[buf][ld_row[s]][ld_col]) = pa[s];
-            *reinterpret_cast<uint4*>(&Bs[buf][ld_row[s]][ld_col]) = pb[s];
-        }
+        cp_async_commit();
     };
     auto zero_acc = [&]() {
 #pragma unroll
@@ -278,45 +318,47 @@ __device__ void assign_l2(const T* __restrict__ x, const T* __restrict__ c, cons
     };
 
     zero_acc();
-    fetch(0);
-    stash(0);
-    __syncthreads();
+    issue(0, 0);
     for (int step = 0; step < steps; ++step) {
         const int buf = step & 1;
-        const bool more = step + 1 < steps;
-        if (more) fetch(step + 1);
+        cp_async_wait_all();
+        __syncthreads();  // step's tile is in shared memory; nobody still reads buf ^ 1
+        if (step + 1 < steps) issue(step + 1, buf ^ 1);
+        if (step < k_steps) {
+            // First centroid tile: ‖x‖² from the chunks this thread loaded (zeros outside x).
+#pragma unroll
+            for (int s = 0; s < 2; ++s)
+                xn_part[s] += sq_sum8(*reinterpret_cast<const uint4*>(&As[buf][ld_row[s]][ld_col]), T());
+        }
 #pragma unroll
         for (int ks = 0; ks < BK; ks += 16) {
             uint32_t a[4][4], b[4][2];
 #pragma unroll
-            for (int mt = 0; mt < 4; ++mt) {
-                const int r = warp_m * 64 + mt * 16 + g;
-                a[mt][0] = *reinterpret_cast<const uint32_t*>(&As[buf][r][ks + tig * 2]);
-                a[mt][1] = *reinterpret_cast<const uint32_t*>(&As[buf][r + 8][ks + tig * 2]);
-                a[mt][2] = *reinterpret_cast<const uint32_t*>(&As[buf][r][ks + 8 + tig * 2]);
-                a[mt][3] = *reinterpret_cast<const uint32_t*>(&As[buf][r + 8][ks + 8 + tig * 2]);
-            }
+            for (int mt = 0; mt < 4; ++mt) ldmatrix_x4(a[mt], &As[buf][a_row + mt * 16][ks + a_col]);
 #pragma unroll
-            for (int nt = 0; nt < 4; ++nt) {
-                const int col = warp_n * 32 + nt * 8 + g;
-                b[nt][0] = *reinterpret_cast<const uint32_t*>(&Bs[buf][col][ks + tig * 2]);
-                b[nt][1] = *reinterpret_cast<const uint32_t*>(&Bs[buf][col][ks + 8 + tig * 2]);
+            for (int p = 0; p < 2; ++p) {
+                uint32_t r[4];
+                ldmatrix_x4(r, &Bs[buf][b_row + p * 16][ks + b_col]);
+                b[2 * p][0] = r[0];
+                b[2 * p][1] = r[1];
+                b[2 * p + 1][0] = r[2];
+                b[2 * p + 1][1] = r[3];
             }
 #pragma unroll
             for (int mt = 0; mt < 4; ++mt)
 #pragma unroll
                 for (int nt = 0; nt < 4; ++nt) Mma<T>::run(acc[mt][nt], a[mt], b[nt][0], b[nt][1]);
         }
-        if (more) stash(buf ^ 1);
         if (step % k_steps == k_steps - 1) {
             // Epilogue of centroid tile ct: fold its scores into the running minimum.
+            // acc[mt][nt][h·2 + e] is row warp_m·64 + mt·16 + h·8 + g, column nt·8 + tig·2 + e.
             const int c0 = (step / k_steps) * BN;
 #pragma unroll
             for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
                     const int col = c0 + warp_n * 32 + nt * 8 + tig * 2 + e;
-                    if (col >= k) continue;
+                    if (col >= k) continue;  // padded centroids never compete
                     const float cn = c_norms[col];
 #pragma unroll
                     for (int mt = 0; mt < 4; ++mt)
@@ -333,7 +375,6 @@ __device__ void assign_l2(const T* __restrict__ x, const T* __restrict__ c, cons
                 }
             zero_acc();
         }
-        __syncthreads();
     }
     // ‖x‖²: the four loader threads of a row are four consecutive lanes.
 #pragma unroll
@@ -398,8 +439,8 @@ __device__ void assign_reference(const T* __restrict__ x, const T* __restrict__ 
 __device__ void tile_histogram(const uint32_t* __restrict__ labels, int n, int k, int tile_rows,
                                uint32_t* __restrict__ tile_counts, uint32_t* __restrict__ status) {
     const int tile = blockIdx.x;
-    const int begin = tile * tile_rows;
-    const int end = min(n, begin + tile_rows);
+    const int begin = tile * tile_rows;  // < n: the host launches ⌈n / tile_rows⌉ tiles
+    const int end = (int)min((long long)n, (long long)begin + tile_rows);
     bool bad = false;
     for (int i = begin + threadIdx.x; i < end; i += blockDim.x) {
         const uint32_t c = labels[i];
@@ -414,24 +455,33 @@ __device__ void tile_histogram(const uint32_t* __restrict__ labels, int n, int k
 __device__ void scan_tiles(uint32_t* __restrict__ tile_counts, int tiles, int k, uint32_t* __restrict__ counts) {
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= k) return;
+    // Eight loads in flight per batch: the loop is latency-bound (one thread per cluster), and
+    // the in-place store would otherwise keep the compiler from hoisting the next load.
+    constexpr int BATCH = 8;
     uint32_t running = 0;
-    for (int t = 0; t < tiles; ++t) {
-        const uint32_t v = tile_counts[(size_t)t * k + c];
-        tile_counts[(size_t)t * k + c] = running;
-        running += v;
+    for (int t0 = 0; t0 < tiles; t0 += BATCH) {
+        uint32_t v[BATCH];
+#pragma unroll
+        for (int q = 0; q < BATCH; ++q) v[q] = t0 + q < tiles ? tile_counts[(size_t)(t0 + q) * k + c] : 0u;
+#pragma unroll
+        for (int q = 0; q < BATCH; ++q) {
+            if (t0 + q < tiles) tile_counts[(size_t)(t0 + q) * k + c] = running;
+            running += v[q];
+        }
     }
     counts[c] = running;
 }
 
-// offsets[0..k] = exclusive prefix sum of counts (one block of 1024 threads, each owning a
-// contiguous run of clusters).
-__device__ void scan_offsets(const uint32_t* __restrict__ counts, int k, uint32_t* __restrict__ offsets) {
+// out[0..k] = exclusive prefix sum of value(0..k-1), out[k] the total. One block of 1024
+// threads, each owning a contiguous run of clusters; `value` is read twice per cluster.
+template <typename F>
+__device__ void block_exclusive_scan(F value, int k, uint32_t* __restrict__ out) {
     __shared__ uint32_t warp_totals[32];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int per = (k + blockDim.x - 1) / blockDim.x;
     const int begin = min(k, tid * per), end = min(k, begin + per);
     uint32_t local = 0;
-    for (int c = begin; c < end; ++c) local += counts[c];
+    for (int c = begin; c < end; ++c) local += value(c);
     // Inclusive scan of `local` across the block.
     uint32_t incl = local;
 #pragma unroll
@@ -454,10 +504,10 @@ __device__ void scan_offsets(const uint32_t* __restrict__ counts, int k, uint32_
     __syncthreads();
     uint32_t running = incl - local + (warp > 0 ? warp_totals[warp - 1] : 0);
     for (int c = begin; c < end; ++c) {
-        offsets[c] = running;
-        running += counts[c];
+        out[c] = running;
+        running += value(c);
     }
-    if (tid == blockDim.x - 1) offsets[k] = running;
+    if (tid == blockDim.x - 1) out[k] = running;
 }
 
 // One warp per tile, 32 rows at a time in row order: rows of equal label in the same step get
@@ -518,50 +568,90 @@ __device__ __forceinline__ void load4_or_zero(const T* __restrict__ p, int dim, 
     }
 }
 
-// Block (cluster, 128-dim slice): warp w sums the cluster's rows w, w+8, ... (4 loads in flight),
-// then the 8 partial sums are added in warp order. Fixed order everywhere: reproducible bits.
+// The update in two deterministic stages, so that a cluster holding most of the rows is spread
+// over many blocks instead of serialising on one:
+//   1. chunk_start = exclusive prefix over clusters of ⌈count / chunk_rows⌉ (scan_chunks);
+//   2. segment_partials: block (chunk b, 128-dim slice) finds its cluster c (chunk_start[c] ≤ b <
+//      chunk_start[c + 1]) and sums that cluster's sorted rows chunk_rows·(b − chunk_start[c]) ..
+//      + chunk_rows into partial[b]: warp w takes rows w, w + 8, … (4 loads in flight), then the
+//      8 warp sums are added in warp order;
+//   3. segment_finish: one thread per (cluster, dim) adds the cluster's partials in chunk order
+//      and divides by the count (empty clusters: 0).
+// The partition into chunks depends only on the counts, and every sum runs in a fixed order:
+// the result is bitwise reproducible, with no float atomics.
+__device__ __forceinline__ int cluster_of_chunk(const uint32_t* __restrict__ chunk_start, int k, uint32_t b) {
+    // The largest c with chunk_start[c] ≤ b (empty clusters before it share its start).
+    int lo = 0, hi = k - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (chunk_start[mid] <= b) lo = mid;
+        else hi = mid - 1;
+    }
+    return lo;
+}
+
 template <typename T>
-__device__ void segment_means(const T* __restrict__ x, const uint32_t* __restrict__ order,
-                              const uint32_t* __restrict__ offsets, int k, int d, float* __restrict__ centroids,
-                              uint32_t* __restrict__ status) {
+__device__ void segment_partials(const T* __restrict__ x, const uint32_t* __restrict__ order,
+                                 const uint32_t* __restrict__ offsets, const uint32_t* __restrict__ chunk_start,
+                                 int k, int d, int chunk_rows, float* __restrict__ partial) {
     __shared__ float part[SEG_WARPS][SEG_DIMS];
-    const int cluster = blockIdx.x;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int dim = blockIdx.y * SEG_DIMS + lane * 4;
     const bool vec_ok = (d & 3) == 0;
-    const uint32_t begin = offsets[cluster], end = offsets[cluster + 1];
-    float acc[4] = {0.f, 0.f, 0.f, 0.f};
-    if (dim < d) {
-        uint32_t j = begin + warp;
-        for (; j + 3 * SEG_WARPS < end; j += 4 * SEG_WARPS) {
-            float v[4][4];
+    const uint32_t chunks = chunk_start[k];
+    // Block-uniform loop: the barriers inside are reached by every thread.
+    for (uint32_t b = blockIdx.x; b < chunks; b += gridDim.x) {
+        const int c = cluster_of_chunk(chunk_start, k, b);
+        const uint32_t begin = offsets[c] + (b - chunk_start[c]) * (uint32_t)chunk_rows;
+        const uint32_t end = min(offsets[c + 1], begin + (uint32_t)chunk_rows);
+        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+        if (dim < d) {
+            uint32_t j = begin + warp;
+            for (; j + 3 * SEG_WARPS < end; j += 4 * SEG_WARPS) {
+                float v[4][4];
 #pragma unroll
-            for (int u = 0; u < 4; ++u) load4_or_zero(x + (size_t)order[j + u * SEG_WARPS] * d, dim, d, vec_ok, v[u]);
+                for (int u = 0; u < 4; ++u)
+                    load4_or_zero(x + (size_t)order[j + u * SEG_WARPS] * d, dim, d, vec_ok, v[u]);
 #pragma unroll
-            for (int u = 0; u < 4; ++u)
+                for (int u = 0; u < 4; ++u)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) acc[e] += v[u][e];
+                    for (int e = 0; e < 4; ++e) acc[e] += v[u][e];
+            }
+            for (; j < end; j += SEG_WARPS) {
+                float v[4];
+                load4_or_zero(x + (size_t)order[j] * d, dim, d, vec_ok, v);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc[e] += v[e];
+            }
         }
-        for (; j < end; j += SEG_WARPS) {
-            float v[4];
-            load4_or_zero(x + (size_t)order[j] * d, dim, d, vec_ok, v);
 #pragma unroll
-            for (int e = 0; e < 4; ++e) acc[e] += v[e];
+        for (int e = 0; e < 4; ++e) part[warp][lane * 4 + e] = acc[e];
+        __syncthreads();
+        const int t = threadIdx.x;
+        if (t < SEG_DIMS && blockIdx.y * SEG_DIMS + t < d) {
+            float s = 0.f;
+#pragma unroll
+            for (int w = 0; w < SEG_WARPS; ++w) s += part[w][t];
+            partial[(size_t)b * d + blockIdx.y * SEG_DIMS + t] = s;
         }
+        __syncthreads();  // `part` is rewritten by the next chunk
     }
-#pragma unroll
-    for (int e = 0; e < 4; ++e) part[warp][lane * 4 + e] = acc[e];
-    __syncthreads();
-    const int t = threadIdx.x;
-    if (t < SEG_DIMS && blockIdx.y * SEG_DIMS + t < d) {
+}
+
+__device__ void segment_finish(const float* __restrict__ partial, const uint32_t* __restrict__ offsets,
+                               const uint32_t* __restrict__ chunk_start, int k, int d,
+                               float* __restrict__ centroids, uint32_t* __restrict__ status) {
+    bool bad = false;
+    for (uint64_t t = mk::global_thread(); t < (uint64_t)k * d; t += mk::grid_threads()) {
+        const int c = (int)(t / d), e = (int)(t % d);
         float s = 0.f;
-#pragma unroll
-        for (int w = 0; w < SEG_WARPS; ++w) s += part[w][t];
-        const uint32_t count = end - begin;
+        for (uint32_t b = chunk_start[c]; b < chunk_start[c + 1]; ++b) s += partial[(size_t)b * d + e];
+        const uint32_t count = offsets[c + 1] - offsets[c];
         const float mean = count > 0 ? s / (float)count : 0.f;
-        if (!finite(mean)) atomicOr(status, STATUS_NON_FINITE);
-        centroids[(size_t)cluster * d + blockIdx.y * SEG_DIMS + t] = mean;
+        bad |= !finite(mean);
+        centroids[t] = mean;
     }
+    if (bad) atomicOr(status, STATUS_NON_FINITE);
 }
 
 // One thread per (cluster, dim): scans every row. O(N·K·D); for tests only.
@@ -700,9 +790,9 @@ __device__ void shift_inertia(const float* __restrict__ old_c, const float* __re
         assign_reference<T>(x, c, n, k, d, l1, labels, dist);                                                   \
     }                                                                                                           \
     extern "C" __global__ void __launch_bounds__(SEG_THREADS)                                                   \
-        segment_means_##SN(const T* x, const uint32_t* order, const uint32_t* offsets, int k, int d,            \
-                           float* centroids, uint32_t* status) {                                                \
-        segment_means<T>(x, order, offsets, k, d, centroids, status);                                           \
+        segment_partials_##SN(const T* x, const uint32_t* order, const uint32_t* offsets,                       \
+                              const uint32_t* chunk_start, int k, int d, int chunk_rows, float* partial) {      \
+        segment_partials<T>(x, order, offsets, chunk_start, k, d, chunk_rows, partial);                         \
     }                                                                                                           \
     extern "C" __global__ void update_reference_##SN(const T* x, const uint32_t* labels, int n, int k, int d,   \
                                                      float* centroids, uint32_t* counts) {                      \
@@ -721,7 +811,7 @@ MK_TYPED(f16, __half)
 MK_TYPED(bf16, __nv_bfloat16)
 
 #define MK_TC(SN, T)                                                                                            \
-    extern "C" __global__ void __launch_bounds__(tc::THREADS)                                                   \
+    extern "C" __global__ void __launch_bounds__(tc::THREADS, 2)                                                \
         assign_l2_mma_##SN(const T* x, const T* c, const float* cn, int n, int k, int d, uint32_t* labels,      \
                            float* dist, uint32_t* status) {                                                     \
         tc::assign_l2<T>(x, c, cn, n, k, d, labels, dist, status);                                              \
@@ -741,7 +831,18 @@ extern "C" __global__ void scan_tiles_u32(uint32_t* tile_counts, int tiles, int 
     scan_tiles(tile_counts, tiles, k, counts);
 }
 extern "C" __global__ void __launch_bounds__(1024) scan_offsets_u32(const uint32_t* counts, int k, uint32_t* offsets) {
-    scan_offsets(counts, k, offsets);
+    block_exclusive_scan([=](int c) { return counts[c]; }, k, offsets);
+}
+extern "C" __global__ void __launch_bounds__(1024)
+    scan_chunks_u32(const uint32_t* offsets, int k, int chunk_rows, uint32_t* chunk_start) {
+    block_exclusive_scan(
+        [=](int c) { return (offsets[c + 1] - offsets[c] + (uint32_t)chunk_rows - 1) / (uint32_t)chunk_rows; },
+        k, chunk_start);
+}
+extern "C" __global__ void segment_finish_f32(const float* partial, const uint32_t* offsets,
+                                              const uint32_t* chunk_start, int k, int d, float* centroids,
+                                              uint32_t* status) {
+    segment_finish(partial, offsets, chunk_start, k, d, centroids, status);
 }
 extern "C" __global__ void stable_scatter_u32(const uint32_t* labels, int n, int k, int tile_rows,
                                               const uint32_t* offsets, uint32_t* tile_cursor, uint32_t* order) {

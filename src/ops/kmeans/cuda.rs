@@ -19,8 +19,12 @@ const ASSIGN_THREADS: u32 = 256;
 /// Sort tiles: rows per warp of the stable scatter; cursors = tiles × k are kept under 2²⁴.
 const SORT_TILE_ROWS: usize = 2048;
 const MAX_CURSORS: usize = 1 << 24;
+const MAX_TILE_ROWS: usize = 1 << 30;
 const SEG_DIMS: usize = 128;
 const SEG_THREADS: u32 = 256;
+/// Sorted rows per block of the segmented sums, and the cap of that grid (it strides beyond).
+const SEG_CHUNK_ROWS: usize = 1024;
+const MAX_SEG_BLOCKS: usize = 1 << 20;
 
 pub(super) const STATUS_OUT_OF_RANGE: u32 = 2;
 
@@ -170,7 +174,9 @@ fn counting_sort_raw(
     k: usize,
     status: &mut CudaSlice<u32>,
 ) -> Result<(CudaSlice<u32>, CudaSlice<u32>, CudaSlice<u32>)> {
-    let tile_rows = SORT_TILE_ROWS.max(n.div_ceil((MAX_CURSORS / k).max(1)).next_multiple_of(32));
+    // Capped at 2³⁰ so that it (and tile · tile_rows < n) stays an i32 for N near 2³¹.
+    let tile_rows =
+        SORT_TILE_ROWS.max(n.div_ceil((MAX_CURSORS / k).max(1)).next_multiple_of(32)).min(MAX_TILE_ROWS);
     let tiles = n.div_ceil(tile_rows).max(1);
     let mut cursors = dev.alloc_zeros::<u32>(tiles * k)?;
     let mut counts = dev.alloc::<u32>(k)?;
@@ -207,7 +213,11 @@ fn counting_sort_raw(
     Ok((order, offsets, counts))
 }
 
-/// Per-cluster means of `x`'s rows, read in sorted order.
+/// Per-cluster means of `x`'s rows, read in sorted order, in two deterministic stages: sums over
+/// fixed chunks of `SEG_CHUNK_ROWS` sorted rows of each cluster (so one huge cluster spreads over
+/// many blocks), then each cluster's chunk sums added in chunk order. No host synchronisation:
+/// the chunk count is only known on the device, so the first grid covers the bound
+/// ⌈n / chunk⌉ + min(n, k) and surplus blocks exit at once.
 fn segment_means_raw(
     dev: &CudaDevice,
     x: &Tensor,
@@ -217,24 +227,43 @@ fn segment_means_raw(
     status: &mut CudaSlice<u32>,
 ) -> Result<CudaSlice<f32>> {
     const OP: &str = "kmeans::update";
-    let d = x.shape()[1];
+    let (n, d) = (x.shape()[0], x.shape()[1]);
     if d.div_ceil(SEG_DIMS) > 65_535 {
         return Err(Error::shape(OP, "x", "[N, D] with D ≤ 8388480 on CUDA", x.shape()));
     }
-    let mut centroids = dev.alloc::<f32>(k * d)?;
     let o = order.cuda_slice::<u32>(OP)?;
     let off = offsets.cuda_slice::<u32>(OP)?;
-    let (ki, di) = (k as i32, d as i32);
-    let name = format!("segment_means_{}", suffix(x.dtype()));
+    let (ki, di, chunk_i) = (k as i32, d as i32, SEG_CHUNK_ROWS as i32);
+    let max_chunks = n.div_ceil(SEG_CHUNK_ROWS) + n.min(k);
+    let mut chunk_start = dev.alloc::<u32>(k + 1)?;
+    let mut partial = dev.alloc::<f32>(max_chunks * d)?;
+    let mut centroids = dev.alloc::<f32>(k * d)?;
+    let s = dev.stream();
+
+    let f = dev.function(MODULE, "scan_chunks_u32")?;
+    let mut b = s.launch_builder(&f);
+    b.arg(off).arg(&ki).arg(&chunk_i).arg(&mut chunk_start);
+    // SAFETY: offsets holds k + 1 values, chunk_start k + 1; a single block of 1024 threads.
+    unsafe { b.launch(cfg((1, 1), 1024)) }.map_err(driver("launching scan_chunks_u32"))?;
+
+    let name = format!("segment_partials_{}", suffix(x.dtype()));
     let f = dev.function(MODULE, &name)?;
+    let blocks = max_chunks.min(MAX_SEG_BLOCKS) as u32;
     with_slice!(x, OP, |xs| {
-        let mut b = dev.stream().launch_builder(&f);
-        b.arg(xs).arg(o).arg(off).arg(&ki).arg(&di).arg(&mut centroids).arg(&mut *status);
-        // SAFETY: grid (k, ⌈d/128⌉) within limits (checked above); order holds n row ids < n,
-        // offsets k + 1 bounds into it; centroids k·d floats.
-        unsafe { b.launch(cfg((k as u32, d.div_ceil(SEG_DIMS) as u32), SEG_THREADS)) }
+        let mut b = s.launch_builder(&f);
+        b.arg(xs).arg(o).arg(off).arg(&chunk_start).arg(&ki).arg(&di).arg(&chunk_i).arg(&mut partial);
+        // SAFETY: grid (chunks, ⌈d/128⌉) within limits (checked above; chunks grid-strided);
+        // order holds n row ids < n and offsets k + 1 bounds into it; the chunk count is at most
+        // max_chunks, the rows of partial.
+        unsafe { b.launch(cfg((blocks, d.div_ceil(SEG_DIMS) as u32), SEG_THREADS)) }
             .map_err(driver(format!("launching {name}")))?;
     });
+
+    let f = dev.function(MODULE, "segment_finish_f32")?;
+    let mut b = s.launch_builder(&f);
+    b.arg(&partial).arg(off).arg(&chunk_start).arg(&ki).arg(&di).arg(&mut centroids).arg(&mut *status);
+    // SAFETY: grid-stride over k·d outputs; reads the partial rows chunk_start[c]..[c+1] < max_chunks.
+    unsafe { b.launch(crate::cuda::grid_1d(k * d, 256)) }.map_err(driver("launching segment_finish_f32"))?;
     Ok(centroids)
 }
 

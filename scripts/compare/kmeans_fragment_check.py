@@ -1,0 +1,285 @@
+#!/usr/bin/env python3
+"""Checks the index math of kernels/kmeans.cu's tensor-core assignment (tc::assign_l2) without a GPU.
+
+Runs the kernel's exact formulas, block by block and lane by lane, on small integer inputs:
+  - the loader: 16-byte chunks q = tid, tid + 256 → shared row q / 4, dims (q % 4)·8 of the
+    k-slice, zeros outside x / the centroids (cp.async with src-size 0, or the register path);
+  - the fragments: ldmatrix.x4 (non-transposed) at the kernel's per-lane addresses
+    (a_row/a_col, b_row/b_col), fed to mma.m16n8k16 with the PTX ISA's A/B/C layouts;
+  - the epilogue: column/row of every accumulator, ‖c‖² − 2x·c, padded centroids skipped,
+    the running (value, index) minimum per slot, the xor-shuffle fold over the quad, the
+    red_v/red_i rows, the fold over the 4 column warps, and ‖x‖² from the loaders' chunks.
+The result (label, distance) must equal a brute-force argmin of ‖x − c‖² with ties to the lowest
+index, exactly (integers make every sum exact). Cases cover N and K off the 128 tiles, several
+centroid tiles, D off the 32-wide k-slice, D % 8 ≠ 0, and many exact ties (duplicated centroids
+in different warps and tiles).
+Pure Python, no dependencies; prints OK or MISMATCH per case (exit status 1 on a mismatch).
+Also checks the chunk partition of the two-stage segmented means (scan_chunks /
+cluster_of_chunk / segment_partials' row range): every sorted row of every cluster is summed by
+exactly one chunk of that cluster, chunks stay within the host's grid bound, in chunk order.
+A check of index math under the documented layouts, not a substitute for the GPU tests.
+"""
+import random
+import sys
+
+BM, BN, BK, THREADS, LDS = 128, 128, 32, 256, 40
+INF = float("inf")
+NONE = 0xFFFFFFFF
+
+
+def ldmatrix_x4(smem, addrs):
+    """Lane l gets, of matrix i, (row l // 4, columns 2(l % 4), +1); addrs[l] = row start of
+    row l % 8 of matrix l // 8 (flat element index)."""
+    regs = [[None] * 4 for _ in range(32)]
+    for i in range(4):
+        rows = [[smem[addrs[8 * i + j] + col] for col in range(8)] for j in range(8)]
+        for l in range(32):
+            regs[l][i] = (rows[l // 4][2 * (l % 4)], rows[l // 4][2 * (l % 4) + 1])
+    return regs
+
+
+def mma(c, a, b0, b1):
+    """c[lane] += A·B with the m16n8k16 fragment layouts (A row-major, B column-major)."""
+    A = [[0] * 16 for _ in range(16)]
+    B = [[0] * 8 for _ in range(16)]
+    for l in range(32):
+        g, t = l // 4, l % 4
+        for e in range(2):
+            A[g][2 * t + e] = a[l][0][e]
+            A[g + 8][2 * t + e] = a[l][1][e]
+            A[g][2 * t + 8 + e] = a[l][2][e]
+            A[g + 8][2 * t + 8 + e] = a[l][3][e]
+            B[2 * t + e][g] = b0[l][e]
+            B[2 * t + 8 + e][g] = b1[l][e]
+    C = [[sum(A[i][q] * B[q][j] for q in range(16)) for j in range(8)] for i in range(16)]
+    for l in range(32):
+        g, t = l // 4, l % 4
+        c[l][0] += C[g][2 * t]
+        c[l][1] += C[g][2 * t + 1]
+        c[l][2] += C[g + 8][2 * t]
+        c[l][3] += C[g + 8][2 * t + 1]
+
+
+def better_min(v, i, bv, bi):
+    return v < bv or (v == bv and i < bi)
+
+
+def load_chunk(smem, base, m, rows, d, r, kk):
+    """8 elements of row r from dim kk into smem[base..base+8], zeros outside the matrix."""
+    for e in range(8):
+        smem[base + e] = m[r][kk + e] if (r < rows and kk + e < d) else 0
+
+
+def run_block(x, c, n, k, d, block, labels, dist):
+    k_steps = (d + BK - 1) // BK
+    c_tiles = (k + BN - 1) // BN
+    steps = k_steps * c_tiles
+    row0 = block * BM
+    As = [None] * (2 * BM * LDS)
+    Bs = [None] * (2 * BN * LDS)
+    c_norm = [sum(v * v for v in row) for row in c]
+
+    def ld_row(tid, s):
+        return (tid >> 2) if s == 0 else ((tid + THREADS) >> 2)
+
+    def ld_col(tid):
+        return (tid & 3) * 8
+
+    def issue(step, buf):
+        ct, k0 = step // k_steps, (step % k_steps) * BK
+        for tid in range(THREADS):
+            for s in range(2):
+                r, col = ld_row(tid, s), ld_col(tid)
+                load_chunk(As, (buf * BM + r) * LDS + col, x, n, d, row0 + r, k0 + col)
+                load_chunk(Bs, (buf * BN + r) * LDS + col, c, k, d, ct * BN + r, k0 + col)
+
+    # Per thread state.
+    best_v = [[INF] * 8 for _ in range(THREADS)]
+    best_i = [[NONE] * 8 for _ in range(THREADS)]
+    xn_part = [[0, 0] for _ in range(THREADS)]
+    acc = [[[[0] * 4 for _ in range(32)] for _ in range(16)] for _ in range(8)]  # [warp][mt*4+nt][lane]
+
+    issue(0, 0)
+    for step in range(steps):
+        buf = step & 1
+        # (cp.async wait + barrier)
+        if step + 1 < steps:
+            issue(step + 1, buf ^ 1)
+            # The copy into buf ^ 1 must not touch buf: check the two halves are disjoint by
+            # construction (buffers are separate index ranges).
+        if step < k_steps:
+            for tid in range(THREADS):
+                for s in range(2):
+                    base = (buf * BM + ld_row(tid, s)) * LDS + ld_col(tid)
+                    xn_part[tid][s] += sum(v * v for v in As[base:base + 8])
+        for warp in range(8):
+            warp_m, warp_n = warp >> 2, warp & 3
+            for ks in (0, 16):
+                a = []
+                for mt in range(4):
+                    addrs = []
+                    for lane in range(32):
+                        a_row = warp_m * 64 + (lane & 15)
+                        a_col = (lane >> 4) * 8
+                        addrs.append((buf * BM + a_row + mt * 16) * LDS + ks + a_col)
+                    a.append(ldmatrix_x4(As, addrs))
+                b = [None] * 4
+                for p in range(2):
+                    addrs = []
+                    for lane in range(32):
+                        b_row = warp_n * 32 + (lane >> 4) * 8 + (lane & 7)
+                        b_col = ((lane >> 3) & 1) * 8
+                        addrs.append((buf * BN + b_row + p * 16) * LDS + ks + b_col)
+                    r = ldmatrix_x4(Bs, addrs)
+                    b[2 * p] = ([r[l][0] for l in range(32)], [r[l][1] for l in range(32)])
+                    b[2 * p + 1] = ([r[l][2] for l in range(32)], [r[l][3] for l in range(32)])
+                for mt in range(4):
+                    for nt in range(4):
+                        mma(acc[warp][mt * 4 + nt], a[mt], b[nt][0], b[nt][1])
+        if step % k_steps == k_steps - 1:
+            c0 = (step // k_steps) * BN
+            for warp in range(8):
+                warp_n = warp & 3
+                for lane in range(32):
+                    tid = warp * 32 + lane
+                    tig = lane & 3
+                    for nt in range(4):
+                        for e in range(2):
+                            col = c0 + warp_n * 32 + nt * 8 + tig * 2 + e
+                            if col >= k:
+                                continue
+                            cn = c_norm[col]
+                            for mt in range(4):
+                                for h in range(2):
+                                    v = cn - 2 * acc[warp][mt * 4 + nt][lane][h * 2 + e]
+                                    slot = mt * 2 + h
+                                    if better_min(v, col, best_v[tid][slot], best_i[tid][slot]):
+                                        best_v[tid][slot], best_i[tid][slot] = v, col
+                acc[warp] = [[[0] * 4 for _ in range(32)] for _ in range(16)]
+
+    # ‖x‖² over the quads of loader threads (xor 1, then xor 2).
+    x_norm = [None] * BM
+    for warp in range(8):
+        lanes = [warp * 32 + l for l in range(32)]
+        for s in range(2):
+            v = {t: xn_part[t][s] for t in lanes}
+            v = {t: v[t] + v[warp * 32 + ((t - warp * 32) ^ 1)] for t in lanes}
+            v = {t: v[t] + v[warp * 32 + ((t - warp * 32) ^ 2)] for t in lanes}
+            for t in lanes:
+                if (t & 3) == 0:
+                    x_norm[ld_row(t, s)] = v[t]
+    # Fold over the quad (shfl_argmin, lanes = 4), then red_v/red_i.
+    red_v = [[None] * BM for _ in range(4)]
+    red_i = [[None] * BM for _ in range(4)]
+    for warp in range(8):
+        warp_m, warp_n = warp >> 2, warp & 3
+        for slot in range(8):
+            bv = {l: best_v[warp * 32 + l][slot] for l in range(32)}
+            bi = {l: best_i[warp * 32 + l][slot] for l in range(32)}
+            off = 1
+            while off < 4:
+                nv, ni = dict(bv), dict(bi)
+                for l in range(32):
+                    ov, oi = bv[l ^ off], bi[l ^ off]
+                    if better_min(ov, oi, bv[l], bi[l]):
+                        nv[l], ni[l] = ov, oi
+                bv, bi = nv, ni
+                off <<= 1
+            for l in range(32):
+                g, tig = l >> 2, l & 3
+                if tig == 0:
+                    r = warp_m * 64 + (slot >> 1) * 16 + (slot & 1) * 8 + g
+                    red_v[warp_n][r], red_i[warp_n][r] = bv[l], bi[l]
+    for tid in range(BM):
+        if row0 + tid >= n:
+            continue
+        v, i = red_v[0][tid], red_i[0][tid]
+        for w in range(1, 4):
+            if better_min(red_v[w][tid], red_i[w][tid], v, i):
+                v, i = red_v[w][tid], red_i[w][tid]
+        labels[row0 + tid] = i
+        dist[row0 + tid] = max(x_norm[tid] + v, 0)
+
+
+def check(name, n, k, d, seed, dup):
+    rng = random.Random(seed)
+    x = [[rng.randint(-2, 2) for _ in range(d)] for _ in range(n)]
+    c = [[rng.randint(-2, 2) for _ in range(d)] for _ in range(k)]
+    for j in dup:  # duplicates of centroid dup[0] in other warps / tiles
+        c[j] = list(c[dup[0]])
+    for i in range(0, n, 7):  # some rows sit exactly on the duplicated centroid
+        x[i] = list(c[dup[0]])
+    labels, dist = [None] * n, [None] * n
+    for block in range((n + BM - 1) // BM):
+        run_block(x, c, n, k, d, block, labels, dist)
+    ok = True
+    for i in range(n):
+        all_d = [sum((x[i][e] - c[j][e]) ** 2 for e in range(d)) for j in range(k)]
+        want = min(range(k), key=lambda j: (all_d[j], j))
+        if labels[i] != want or dist[i] != all_d[want]:
+            ok = False
+            print(f"  row {i}: got ({labels[i]}, {dist[i]}), want ({want}, {all_d[want]})")
+            break
+    print(f"{name}: {'OK' if ok else 'MISMATCH'}")
+    return ok
+
+
+def check_segments(name, counts, chunk_rows):
+    """Emulates scan_chunks_u32, cluster_of_chunk and segment_partials' [begin, end)."""
+    k, n = len(counts), sum(counts)
+    offsets = [0]
+    for cnt in counts:
+        offsets.append(offsets[-1] + cnt)
+    chunk_start = [0]
+    for c in range(k):
+        chunk_start.append(chunk_start[-1] + (offsets[c + 1] - offsets[c] + chunk_rows - 1) // chunk_rows)
+    chunks = chunk_start[k]
+    max_chunks = -(-n // chunk_rows) + min(n, k)  # the host's grid bound
+    ok = chunks <= max_chunks
+    covered = [[] for _ in range(n)]
+    for b in range(chunks):
+        lo, hi = 0, k - 1
+        while lo < hi:
+            mid = (lo + hi + 1) >> 1
+            if chunk_start[mid] <= b:
+                lo = mid
+            else:
+                hi = mid - 1
+        c = lo
+        ok &= chunk_start[c] <= b < chunk_start[c + 1]
+        begin = offsets[c] + (b - chunk_start[c]) * chunk_rows
+        end = min(offsets[c + 1], begin + chunk_rows)
+        ok &= begin < end
+        for j in range(begin, end):
+            covered[j].append((c, b))
+    for c in range(k):
+        for j in range(offsets[c], offsets[c + 1]):
+            ok &= len(covered[j]) == 1 and covered[j][0][0] == c
+        bs = [covered[j][0][1] for j in range(offsets[c], offsets[c + 1])]
+        ok &= bs == sorted(bs)  # rows in chunk order: the finish pass adds chunks in row order
+    print(f"{name}: {'OK' if ok else 'MISMATCH'}")
+    return ok
+
+
+def main():
+    cases = [
+        ("N=130 K=200 D=40 (2 blocks, 2 centroid tiles, k-slice tail)", 130, 200, 40, 1, [5, 40, 77, 150, 199]),
+        ("N=9 K=1 D=8", 9, 1, 8, 2, [0]),
+        ("N=20 K=20 D=13 (D % 8 != 0: register path)", 20, 20, 13, 3, [3, 11, 19]),
+        ("N=3 K=129 D=1", 3, 129, 1, 4, [64, 128]),
+    ]
+    results = [check(*case) for case in cases]
+    rng = random.Random(7)
+    seg_cases = [
+        ("segments: one huge cluster, empties around it", [0, 0, 5000, 0, 3, 0], 1024),
+        ("segments: K = 1", [2049], 1024),
+        ("segments: exact multiples", [1024, 2048, 0, 1], 1024),
+        ("segments: random skew", [rng.choice([0, 1, 7, 300, 4000]) for _ in range(50)], 256),
+        ("segments: all empty but last", [0] * 9 + [1], 1024),
+    ]
+    results += [check_segments(*case) for case in seg_cases]
+    sys.exit(0 if all(results) else 1)
+
+
+if __name__ == "__main__":
+    main()
