@@ -583,7 +583,7 @@ __device__ __forceinline__ int cluster_of_chunk(const uint32_t* __restrict__ chu
     // The largest c with chunk_start[c] ≤ b (empty clusters before it share its start).
     int lo = 0, hi = k - 1;
     while (lo < hi) {
-        const int mid = (lo + hi + 1) >> 1;
+        const int mid = lo + ((hi - lo + 1) >> 1);  // no overflow for k near 2³¹
         if (chunk_start[mid] <= b) lo = mid;
         else hi = mid - 1;
     }
@@ -658,9 +658,9 @@ __device__ void segment_finish(const float* __restrict__ partial, const uint32_t
 template <typename T>
 __device__ void update_reference(const T* __restrict__ x, const uint32_t* __restrict__ labels, int n, int k, int d,
                                  float* __restrict__ centroids, uint32_t* __restrict__ counts) {
-    const int t = blockIdx.x * blockDim.x + threadIdx.x;
-    if (t >= k * d) return;
-    const int c = t / d, e = t % d;
+    const size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= (size_t)k * d) return;
+    const int c = (int)(t / d), e = (int)(t % d);
     float s = 0.f;
     uint32_t cnt = 0;
     for (int i = 0; i < n; ++i)

@@ -240,7 +240,7 @@ def check_segments(name, counts, chunk_rows):
     for b in range(chunks):
         lo, hi = 0, k - 1
         while lo < hi:
-            mid = (lo + hi + 1) >> 1
+            mid = lo + ((hi - lo + 1) >> 1)
             if chunk_start[mid] <= b:
                 lo = mid
             else:

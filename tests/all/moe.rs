@@ -387,7 +387,7 @@ fn cuda_lstsq_rank_deficient_and_grouped() {
     .unwrap();
     assert!((w[0] - w[2]).abs() < 1e-5, "min-norm splits duplicated columns: {w:?}");
     testing::assert_close("rank-deficient: device vs CPU", &w, &wc, 1e-4);
-    assert!(residual_orthogonality(&x64, &y64, &w, m, 3, 1) < 1e-5);
+    assert!(residual_orthogonality(&x64, &y64, &w, m, 3, 1) < 1e-4);
 
     // Expert 2 of 4 gets no rows: W = 0 with ridge 0, and the others match the CPU.
     let (n_tok, n, r, k) = (500, 5, 3, 4);
