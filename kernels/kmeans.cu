@@ -11,7 +11,8 @@
 //     128×128×32 tiles, two shared-memory stages filled by cp.async (the next stage's copy
 //     overlaps this stage's mma), fragments loaded with ldmatrix; two blocks per SM.
 //   - assign_simt_{l2,l1}_{f32,f16,bf16}: exact f32 FFMA (no TF32), 256 threads, 128×128×8 tiles,
-//     8×8 outputs per thread; the only path for mean-L1, which has no GEMM form.
+//     8×8 outputs per thread, two shared buffers with a register prefetch; the only path for
+//     mean-L1, which has no GEMM form.
 //   - assign_reference_*: one thread per row, the distance written out directly.
 // Update: counting sort (tile histogram → per-tile prefix → cluster offsets → stable scatter with
 // __match_any_sync ranks), then segmented sums over fixed chunks of each cluster's sorted rows
@@ -79,16 +80,20 @@ __device__ __forceinline__ void load4(const T* __restrict__ m, int rows, int d, 
 }
 
 // L1 = false: accumulates x·c and scores ‖c‖² − 2x·c. L1 = true: accumulates Σ|x − c|, scores /d.
+// Steps run over (centroid tile, k-slice) like the tensor-core kernel's. Two shared buffers and a
+// register prefetch: the global loads of step + 1 are issued before step's FMAs and stored to the
+// other buffer after them; the barrier that closes step − 1 makes that store safe.
 template <typename T, bool L1>
 __device__ void assign(const T* __restrict__ x, const T* __restrict__ c, const float* __restrict__ c_norms, int n,
                        int k, int d, uint32_t* __restrict__ labels, float* __restrict__ dist,
                        uint32_t* __restrict__ status) {
-    __shared__ __align__(16) float As[BK][BM + PAD];
-    __shared__ __align__(16) float Bs[BK][BN + PAD];
+    __shared__ __align__(16) float As[2][BK][BM + PAD];
+    __shared__ __align__(16) float Bs[2][BK][BN + PAD];
     __shared__ float x_norm[BM];
     const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
     const int row0 = blockIdx.x * BM;
     const bool vec_ok = (d & 3) == 0;
+    const int k_steps = (d + BK - 1) / BK, c_tiles = (k + BN - 1) / BN, steps = k_steps * c_tiles;
     // Loader role: row tid/2 of the tile, dims (tid&1)*4 .. +3 of the k-slice.
     const int load_row = tid >> 1, load_k = (tid & 1) * 4;
 
@@ -98,55 +103,75 @@ __device__ void assign(const T* __restrict__ x, const T* __restrict__ c, const f
     for (int i = 0; i < 8; ++i) { best_v[i] = INFINITY; best_i[i] = 0xffffffffu; }
     float xn_part = 0.f;
     bool bad = false;
+    float acc[8][8];
+    float pa[4], pb[4];
 
-    for (int c0 = 0; c0 < k; c0 += BN) {
-        float acc[8][8];
+    auto fetch = [&](int step) {
+        const int ct = step / k_steps, k0 = (step % k_steps) * BK;
+        load4(x, n, d, row0 + load_row, k0 + load_k, vec_ok, pa);
+        load4(c, k, d, ct * BN + load_row, k0 + load_k, vec_ok, pb);
+        if (!L1 && ct == 0) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) xn_part = fmaf(pa[e], pa[e], xn_part);
+        }
+    };
+    auto stash = [&](int buf) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            As[buf][load_k + e][load_row] = pa[e];
+            Bs[buf][load_k + e][load_row] = pb[e];
+        }
+    };
+    auto zero_acc = [&]() {
 #pragma unroll
         for (int i = 0; i < 8; ++i)
 #pragma unroll
             for (int j = 0; j < 8; ++j) acc[i][j] = 0.f;
-        for (int k0 = 0; k0 < d; k0 += BK) {
-            float a[4], b[4];
-            load4(x, n, d, row0 + load_row, k0 + load_k, vec_ok, a);
-            load4(c, k, d, c0 + load_row, k0 + load_k, vec_ok, b);
-            if (!L1 && c0 == 0) {
+    };
+
+    zero_acc();
+    fetch(0);
+    stash(0);
+    __syncthreads();
+    for (int step = 0; step < steps; ++step) {
+        const int buf = step & 1;
+        const bool more = step + 1 < steps;
+        if (more) fetch(step + 1);
 #pragma unroll
-                for (int e = 0; e < 4; ++e) xn_part = fmaf(a[e], a[e], xn_part);
-            }
+        for (int kk = 0; kk < BK; ++kk) {
+            const float4 a0 = *reinterpret_cast<const float4*>(&As[buf][kk][ty * 4]);
+            const float4 a1 = *reinterpret_cast<const float4*>(&As[buf][kk][64 + ty * 4]);
+            const float4 b0 = *reinterpret_cast<const float4*>(&Bs[buf][kk][tx * 4]);
+            const float4 b1 = *reinterpret_cast<const float4*>(&Bs[buf][kk][64 + tx * 4]);
+            const float av[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+            const float bv[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
 #pragma unroll
-            for (int e = 0; e < 4; ++e) { As[load_k + e][load_row] = a[e]; Bs[load_k + e][load_row] = b[e]; }
-            __syncthreads();
+            for (int i = 0; i < 8; ++i)
 #pragma unroll
-            for (int kk = 0; kk < BK; ++kk) {
-                const float4 a0 = *reinterpret_cast<const float4*>(&As[kk][ty * 4]);
-                const float4 a1 = *reinterpret_cast<const float4*>(&As[kk][64 + ty * 4]);
-                const float4 b0 = *reinterpret_cast<const float4*>(&Bs[kk][tx * 4]);
-                const float4 b1 = *reinterpret_cast<const float4*>(&Bs[kk][64 + tx * 4]);
-                const float av[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
-                const float bv[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
-#pragma unroll
-                for (int i = 0; i < 8; ++i)
-#pragma unroll
-                    for (int j = 0; j < 8; ++j) {
-                        if (L1) acc[i][j] += fabsf(av[i] - bv[j]);
-                        else acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
-                    }
-            }
-            __syncthreads();
+                for (int j = 0; j < 8; ++j) {
+                    if (L1) acc[i][j] += fabsf(av[i] - bv[j]);
+                    else acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+                }
         }
-        // Epilogue of this centroid tile: columns visited in increasing index order.
+        if (more) stash(buf ^ 1);
+        if (step % k_steps == k_steps - 1) {
+            // Epilogue of this centroid tile (rows ty·4 + i and 64 + ty·4 + i − 4, columns alike).
+            const int c0 = (step / k_steps) * BN;
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            const int col = c0 + (j < 4 ? tx * 4 + j : 64 + tx * 4 + (j - 4));
-            if (col >= k) continue;
-            const float cn = L1 ? 0.f : c_norms[col];
+            for (int j = 0; j < 8; ++j) {
+                const int col = c0 + (j < 4 ? tx * 4 + j : 64 + tx * 4 + (j - 4));
+                if (col >= k) continue;  // padded centroids never compete
+                const float cn = L1 ? 0.f : c_norms[col];
 #pragma unroll
-            for (int i = 0; i < 8; ++i) {
-                const float v = L1 ? acc[i][j] / (float)d : fmaf(-2.f, acc[i][j], cn);
-                bad |= !finite(v);
-                if (better_min(v, (uint32_t)col, best_v[i], best_i[i])) { best_v[i] = v; best_i[i] = col; }
+                for (int i = 0; i < 8; ++i) {
+                    const float v = L1 ? acc[i][j] / (float)d : fmaf(-2.f, acc[i][j], cn);
+                    bad |= !finite(v);
+                    if (better_min(v, (uint32_t)col, best_v[i], best_i[i])) { best_v[i] = v; best_i[i] = col; }
+                }
             }
+            zero_acc();
         }
+        __syncthreads();
     }
     if (!L1) {
         const float xn = xn_part + __shfl_xor_sync(mk::FULL_MASK, xn_part, 1);
@@ -775,7 +800,7 @@ __device__ void shift_inertia(const float* __restrict__ old_c, const float* __re
     extern "C" __global__ void row_sq_norms_##SN(const T* x, int rows, int d, float* out) {                    \
         row_sq_norms<T>(x, rows, d, out);                                                                       \
     }                                                                                                           \
-    extern "C" __global__ void __launch_bounds__(simt::THREADS)                                                 \
+    extern "C" __global__ void __launch_bounds__(simt::THREADS, 2)                                              \
         assign_simt_l2_##SN(const T* x, const T* c, const float* cn, int n, int k, int d, uint32_t* labels,     \
                             float* dist, uint32_t* status) {                                                    \
         simt::assign<T, false>(x, c, cn, n, k, d, labels, dist, status);                                        \
