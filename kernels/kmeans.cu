@@ -7,9 +7,11 @@
 // ‖c‖² − 2x·c (‖x‖² is added once at the end: it does not change the argmin), and folds the tile
 // into a running (value, index) minimum per row. Ties go to the lowest index: every comparison
 // is lexicographic on (value, index).
-//   - assign_l2_mma_{f16,bf16}: tensor cores (mma.sync m16n8k16, f32 accumulate), 8 warps,
-//     128×128×32 tiles, two shared-memory stages filled by cp.async (the next stage's copy
-//     overlaps this stage's mma), fragments loaded with ldmatrix; two blocks per SM.
+//   - assign_l2_mma_{xres_,}{f16,bf16}: tensor cores (mma.sync m16n8k16, f32 accumulate),
+//     8 warps, 128×128×32 tiles, two shared-memory stages filled by cp.async (the next stage's
+//     copy overlaps this stage's mma), fragments loaded with ldmatrix; two blocks per SM. For
+//     D ≤ 128 (xres) x's tile stays in shared memory across all centroid tiles and only the
+//     centroids stream; beyond, both stream.
 //   - assign_simt_{l2,l1}_{f32,f16,bf16}: exact f32 FFMA (no TF32), 256 threads, 128×128×8 tiles,
 //     8×8 outputs per thread, two shared buffers with a register prefetch; the only path for
 //     mean-L1, which has no GEMM form.
@@ -285,21 +287,37 @@ __device__ __forceinline__ float sq_sum8(uint4 v, __nv_bfloat16) {
     return s;
 }
 
-// Steps run over (centroid tile ct, k-slice): step = ct · k_steps + slice. Two shared buffers:
-// the copy of step + 1 is issued right after the barrier that opens step, so it overlaps the
-// mma of step; that barrier is also what makes refilling buf ^ 1 safe (every warp has finished
-// reading it in step − 1). One barrier per step.
+// Dynamic shared memory of assign_l2 (bytes, each piece a multiple of 16): x's tile (all of it
+// when RESIDENT, else two k-slices), two k-slices of centroids, ‖x‖², and the cross-warp fold.
+constexpr int DMAX_RESIDENT = 128, LDS_RESIDENT = DMAX_RESIDENT + 8;  // 272-byte rows: no bank conflicts
+template <bool RESIDENT>
+constexpr int a_tile_bytes() {
+    return RESIDENT ? BM * LDS_RESIDENT * 2 : 2 * BM * LDS * 2;
+}
+constexpr int B_TILE_BYTES = 2 * BN * LDS * 2, EPILOGUE_BYTES = BM * 4 + 2 * 4 * BM * 4;
+template <bool RESIDENT>
+constexpr int smem_bytes() {
+    return a_tile_bytes<RESIDENT>() + B_TILE_BYTES + EPILOGUE_BYTES;
+}
+
+// Steps run over (centroid tile ct, k-slice): step = ct · k_steps + slice. Two shared buffers
+// for the centroids (and for x unless RESIDENT): the copy of step + 1 is issued right after the
+// barrier that opens step, so it overlaps the mma of step; that barrier is also what makes
+// refilling buf ^ 1 safe (every warp has finished reading it in step − 1). One barrier per step.
+// RESIDENT (D ≤ 128): x's 128 × D tile is loaded once, with step 0, and stays in shared memory
+// for every centroid tile, halving the L2 traffic (only centroids stream).
 // The index math of the loader, the ldmatrix addresses, the mma fragments and the epilogue is
 // checked against a plain matmul + argmin by scripts/compare/kmeans_fragment_check.py.
-template <typename T>
+template <typename T, bool RESIDENT>
 __device__ void assign_l2(const T* __restrict__ x, const T* __restrict__ c, const float* __restrict__ c_norms, int n,
                           int k, int d, uint32_t* __restrict__ labels, float* __restrict__ dist,
                           uint32_t* __restrict__ status) {
-    __shared__ __align__(16) T As[2][BM][LDS];
-    __shared__ __align__(16) T Bs[2][BN][LDS];
-    __shared__ float x_norm[BM];
-    __shared__ float red_v[4][BM];
-    __shared__ uint32_t red_i[4][BM];
+    extern __shared__ __align__(16) unsigned char smem[];
+    T* const As = reinterpret_cast<T*>(smem);  // RESIDENT: [BM][LDS_RESIDENT], else [2][BM][LDS]
+    T* const Bs = reinterpret_cast<T*>(smem + a_tile_bytes<RESIDENT>());  // [2][BN][LDS]
+    float* const x_norm = reinterpret_cast<float*>(smem + a_tile_bytes<RESIDENT>() + B_TILE_BYTES);  // [BM]
+    float* const red_v = x_norm + BM;                                       // [4][BM]
+    uint32_t* const red_i = reinterpret_cast<uint32_t*>(red_v + 4 * BM);    // [4][BM]
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int warp_m = warp >> 2, warp_n = warp & 3;
@@ -307,7 +325,7 @@ __device__ void assign_l2(const T* __restrict__ x, const T* __restrict__ c, cons
     const int row0 = blockIdx.x * BM;
     const bool async_ok = (d & 7) == 0;
     const int k_steps = (d + BK - 1) / BK, c_tiles = (k + BN - 1) / BN, steps = k_steps * c_tiles;
-    // Loader role: 16-byte chunks q = tid and tid + 256 → row q/4, dims (q%4)*8 of the slice.
+    // Loader role per k-slice: 16-byte chunks q = tid and tid + 256 → row q/4, dims (q%4)*8.
     const int ld_row[2] = {tid >> 2, (tid + THREADS) >> 2};
     const int ld_col = (tid & 3) * 8;
     // ldmatrix roles. A (x rows, m16 × k16): lanes 0-15 give rows 0-15 at k 0, lanes 16-31 the
@@ -324,13 +342,19 @@ __device__ void assign_l2(const T* __restrict__ x, const T* __restrict__ c, cons
     float xn_part[2] = {0.f, 0.f};
     bool bad = false;
 
+    // Copies of step's slices into buffer buf (x's only when it is not resident), as one group.
     auto issue = [&](int step, int buf) {
         const int ct = step / k_steps, k0 = (step % k_steps) * BK;
+        if (!RESIDENT) {
 #pragma unroll
-        for (int s = 0; s < 2; ++s) {
-            load_chunk(&As[buf][ld_row[s]][ld_col], x, n, d, row0 + ld_row[s], k0 + ld_col, async_ok);
-            load_chunk(&Bs[buf][ld_row[s]][ld_col], c, k, d, ct * BN + ld_row[s], k0 + ld_col, async_ok);
+            for (int s = 0; s < 2; ++s)
+                load_chunk(As + (buf * BM + ld_row[s]) * LDS + ld_col, x, n, d, row0 + ld_row[s], k0 + ld_col,
+                           async_ok);
         }
+#pragma unroll
+        for (int s = 0; s < 2; ++s)
+            load_chunk(Bs + (buf * BN + ld_row[s]) * LDS + ld_col, c, k, d, ct * BN + ld_row[s], k0 + ld_col,
+                       async_ok);
         cp_async_commit();
     };
     auto zero_acc = [&]() {
@@ -343,27 +367,39 @@ __device__ void assign_l2(const T* __restrict__ x, const T* __restrict__ c, cons
     };
 
     zero_acc();
+    if (RESIDENT) {
+        // x's whole 128 × 128 tile (zeros past D and past N), in step 0's group: chunk
+        // q = tid + 256·s → row q / 16, dims (q % 16)·8.
+#pragma unroll
+        for (int s = 0; s < 8; ++s) {
+            const int q = tid + s * THREADS, r = q >> 4, col = (q & 15) * 8;
+            load_chunk(As + r * LDS_RESIDENT + col, x, n, d, row0 + r, col, async_ok);
+        }
+    }
     issue(0, 0);
     for (int step = 0; step < steps; ++step) {
         const int buf = step & 1;
+        // x's tile for this step: element (row, kk of the k-slice) is A[row · a_ld + kk].
+        const T* const A = RESIDENT ? As + (step % k_steps) * BK : As + buf * BM * LDS;
+        constexpr int a_ld = RESIDENT ? LDS_RESIDENT : LDS;
         cp_async_wait_all();
-        __syncthreads();  // step's tile is in shared memory; nobody still reads buf ^ 1
+        __syncthreads();  // step's tiles are in shared memory; nobody still reads buf ^ 1
         if (step + 1 < steps) issue(step + 1, buf ^ 1);
-        if (step < k_steps) {
+        if (!RESIDENT && step < k_steps) {
             // First centroid tile: ‖x‖² from the chunks this thread loaded (zeros outside x).
 #pragma unroll
             for (int s = 0; s < 2; ++s)
-                xn_part[s] += sq_sum8(*reinterpret_cast<const uint4*>(&As[buf][ld_row[s]][ld_col]), T());
+                xn_part[s] += sq_sum8(*reinterpret_cast<const uint4*>(A + ld_row[s] * a_ld + ld_col), T());
         }
 #pragma unroll
         for (int ks = 0; ks < BK; ks += 16) {
             uint32_t a[4][4], b[4][2];
 #pragma unroll
-            for (int mt = 0; mt < 4; ++mt) ldmatrix_x4(a[mt], &As[buf][a_row + mt * 16][ks + a_col]);
+            for (int mt = 0; mt < 4; ++mt) ldmatrix_x4(a[mt], A + (a_row + mt * 16) * a_ld + ks + a_col);
 #pragma unroll
             for (int p = 0; p < 2; ++p) {
                 uint32_t r[4];
-                ldmatrix_x4(r, &Bs[buf][b_row + p * 16][ks + b_col]);
+                ldmatrix_x4(r, Bs + (buf * BN + b_row + p * 16) * LDS + ks + b_col);
                 b[2 * p][0] = r[0];
                 b[2 * p][1] = r[1];
                 b[2 * p + 1][0] = r[2];
@@ -401,13 +437,26 @@ __device__ void assign_l2(const T* __restrict__ x, const T* __restrict__ c, cons
             zero_acc();
         }
     }
-    // ‖x‖²: the four loader threads of a row are four consecutive lanes.
+    if (RESIDENT) {
+        // ‖x‖² of row tid from the resident tile (zeros past D; it landed before step 0's
+        // barrier and is never overwritten).
+        if (tid < BM) {
+            float v = 0.f;
+            for (int e = 0; e < k_steps * BK; ++e) {
+                const float f = mk::to_float(As[tid * LDS_RESIDENT + e]);
+                v = fmaf(f, f, v);
+            }
+            x_norm[tid] = v;
+        }
+    } else {
+        // ‖x‖²: the four loader threads of a row are four consecutive lanes.
 #pragma unroll
-    for (int s = 0; s < 2; ++s) {
-        float v = xn_part[s];
-        v += __shfl_xor_sync(mk::FULL_MASK, v, 1);
-        v += __shfl_xor_sync(mk::FULL_MASK, v, 2);
-        if ((tid & 3) == 0) x_norm[ld_row[s]] = v;
+        for (int s = 0; s < 2; ++s) {
+            float v = xn_part[s];
+            v += __shfl_xor_sync(mk::FULL_MASK, v, 1);
+            v += __shfl_xor_sync(mk::FULL_MASK, v, 2);
+            if ((tid & 3) == 0) x_norm[ld_row[s]] = v;
+        }
     }
     // Across the quad (same rows, different columns), then across the 4 column warps.
 #pragma unroll
@@ -415,17 +464,20 @@ __device__ void assign_l2(const T* __restrict__ x, const T* __restrict__ c, cons
         shfl_argmin(best_v[slot], best_i[slot], 4);
         if (tig == 0) {
             const int r = warp_m * 64 + (slot >> 1) * 16 + (slot & 1) * 8 + g;
-            red_v[warp_n][r] = best_v[slot];
-            red_i[warp_n][r] = best_i[slot];
+            red_v[warp_n * BM + r] = best_v[slot];
+            red_i[warp_n * BM + r] = best_i[slot];
         }
     }
     __syncthreads();
     if (tid < BM && row0 + tid < n) {
-        float v = red_v[0][tid];
-        uint32_t i = red_i[0][tid];
+        float v = red_v[tid];
+        uint32_t i = red_i[tid];
 #pragma unroll
         for (int w = 1; w < 4; ++w)
-            if (better_min(red_v[w][tid], red_i[w][tid], v, i)) { v = red_v[w][tid]; i = red_i[w][tid]; }
+            if (better_min(red_v[w * BM + tid], red_i[w * BM + tid], v, i)) {
+                v = red_v[w * BM + tid];
+                i = red_i[w * BM + tid];
+            }
         const float out = fmaxf(x_norm[tid] + v, 0.f);
         bad |= !finite(out);
         labels[row0 + tid] = i;
@@ -835,11 +887,19 @@ MK_TYPED(f32, float)
 MK_TYPED(f16, __half)
 MK_TYPED(bf16, __nv_bfloat16)
 
+// Dynamic shared memory: tc::smem_bytes<false>() = 45568 and tc::smem_bytes<true>() = 59904 bytes
+// (the launcher passes these and opts the resident kernel in above 48 KiB).
+static_assert(tc::smem_bytes<false>() == 45568 && tc::smem_bytes<true>() == 59904, "kmeans/cuda.rs sizes");
 #define MK_TC(SN, T)                                                                                            \
     extern "C" __global__ void __launch_bounds__(tc::THREADS, 2)                                                \
         assign_l2_mma_##SN(const T* x, const T* c, const float* cn, int n, int k, int d, uint32_t* labels,      \
                            float* dist, uint32_t* status) {                                                     \
-        tc::assign_l2<T>(x, c, cn, n, k, d, labels, dist, status);                                              \
+        tc::assign_l2<T, false>(x, c, cn, n, k, d, labels, dist, status);                                       \
+    }                                                                                                           \
+    extern "C" __global__ void __launch_bounds__(tc::THREADS, 2)                                                \
+        assign_l2_mma_xres_##SN(const T* x, const T* c, const float* cn, int n, int k, int d, uint32_t* labels, \
+                                float* dist, uint32_t* status) {                                                \
+        tc::assign_l2<T, true>(x, c, cn, n, k, d, labels, dist, status);                                        \
     }
 MK_TC(f16, __half)
 MK_TC(bf16, __nv_bfloat16)

@@ -4,6 +4,8 @@
 Runs the kernel's exact formulas, block by block and lane by lane, on small integer inputs:
   - the loader: 16-byte chunks q = tid, tid + 256 → shared row q / 4, dims (q % 4)·8 of the
     k-slice, zeros outside x / the centroids (cp.async with src-size 0, or the register path);
+    with x resident (D ≤ 128, assign_l2_mma_xres_*), x's whole tile once: q = tid + 256·s,
+    s < 8 → row q / 16, dims (q % 16)·8, rows of 136 halfs, read at the step's k-slice offset;
   - the fragments: ldmatrix.x4 (non-transposed) at the kernel's per-lane addresses
     (a_row/a_col, b_row/b_col), fed to mma.m16n8k16 with the PTX ISA's A/B/C layouts;
   - the epilogue: column/row of every accumulator, ‖c‖² − 2x·c, padded centroids skipped,
@@ -23,6 +25,7 @@ import random
 import sys
 
 BM, BN, BK, THREADS, LDS = 128, 128, 32, 256, 40
+DMAX_RESIDENT, LDS_RESIDENT = 128, 136
 INF = float("inf")
 NONE = 0xFFFFFFFF
 
@@ -70,12 +73,12 @@ def load_chunk(smem, base, m, rows, d, r, kk):
         smem[base + e] = m[r][kk + e] if (r < rows and kk + e < d) else 0
 
 
-def run_block(x, c, n, k, d, block, labels, dist):
+def run_block(x, c, n, k, d, block, labels, dist, resident):
     k_steps = (d + BK - 1) // BK
     c_tiles = (k + BN - 1) // BN
     steps = k_steps * c_tiles
     row0 = block * BM
-    As = [None] * (2 * BM * LDS)
+    As = [None] * (BM * LDS_RESIDENT if resident else 2 * BM * LDS)
     Bs = [None] * (2 * BN * LDS)
     c_norm = [sum(v * v for v in row) for row in c]
 
@@ -90,7 +93,8 @@ def run_block(x, c, n, k, d, block, labels, dist):
         for tid in range(THREADS):
             for s in range(2):
                 r, col = ld_row(tid, s), ld_col(tid)
-                load_chunk(As, (buf * BM + r) * LDS + col, x, n, d, row0 + r, k0 + col)
+                if not resident:
+                    load_chunk(As, (buf * BM + r) * LDS + col, x, n, d, row0 + r, k0 + col)
                 load_chunk(Bs, (buf * BN + r) * LDS + col, c, k, d, ct * BN + r, k0 + col)
 
     # Per thread state.
@@ -99,18 +103,26 @@ def run_block(x, c, n, k, d, block, labels, dist):
     xn_part = [[0, 0] for _ in range(THREADS)]
     acc = [[[[0] * 4 for _ in range(32)] for _ in range(16)] for _ in range(8)]  # [warp][mt*4+nt][lane]
 
+    if resident:  # x's whole tile, once: chunk q = tid + 256 s → row q // 16, dims (q % 16)·8
+        for tid in range(THREADS):
+            for s in range(8):
+                q = tid + s * THREADS
+                r, col = q >> 4, (q & 15) * 8
+                load_chunk(As, r * LDS_RESIDENT + col, x, n, d, row0 + r, col)
     issue(0, 0)
     for step in range(steps):
         buf = step & 1
+        a_base = (step % k_steps) * BK if resident else buf * BM * LDS
+        a_ld = LDS_RESIDENT if resident else LDS
         # (cp.async wait + barrier)
         if step + 1 < steps:
             issue(step + 1, buf ^ 1)
             # The copy into buf ^ 1 must not touch buf: check the two halves are disjoint by
             # construction (buffers are separate index ranges).
-        if step < k_steps:
+        if not resident and step < k_steps:
             for tid in range(THREADS):
                 for s in range(2):
-                    base = (buf * BM + ld_row(tid, s)) * LDS + ld_col(tid)
+                    base = a_base + ld_row(tid, s) * a_ld + ld_col(tid)
                     xn_part[tid][s] += sum(v * v for v in As[base:base + 8])
         for warp in range(8):
             warp_m, warp_n = warp >> 2, warp & 3
@@ -121,7 +133,7 @@ def run_block(x, c, n, k, d, block, labels, dist):
                     for lane in range(32):
                         a_row = warp_m * 64 + (lane & 15)
                         a_col = (lane >> 4) * 8
-                        addrs.append((buf * BM + a_row + mt * 16) * LDS + ks + a_col)
+                        addrs.append(a_base + (a_row + mt * 16) * a_ld + ks + a_col)
                     a.append(ldmatrix_x4(As, addrs))
                 b = [None] * 4
                 for p in range(2):
@@ -157,9 +169,12 @@ def run_block(x, c, n, k, d, block, labels, dist):
                                         best_v[tid][slot], best_i[tid][slot] = v, col
                 acc[warp] = [[[0] * 4 for _ in range(32)] for _ in range(16)]
 
-    # ‖x‖² over the quads of loader threads (xor 1, then xor 2).
     x_norm = [None] * BM
-    for warp in range(8):
+    if resident:  # row tid from the resident tile, dims below k_steps·BK
+        for tid in range(BM):
+            x_norm[tid] = sum(v * v for v in As[tid * LDS_RESIDENT:tid * LDS_RESIDENT + k_steps * BK])
+    # ‖x‖² over the quads of loader threads (xor 1, then xor 2).
+    for warp in range(8 if not resident else 0):
         lanes = [warp * 32 + l for l in range(32)]
         for s in range(2):
             v = {t: xn_part[t][s] for t in lanes}
@@ -201,7 +216,8 @@ def run_block(x, c, n, k, d, block, labels, dist):
         dist[row0 + tid] = max(x_norm[tid] + v, 0)
 
 
-def check(name, n, k, d, seed, dup):
+def check(name, n, k, d, seed, dup, resident):
+    assert not resident or d <= DMAX_RESIDENT
     rng = random.Random(seed)
     x = [[rng.randint(-2, 2) for _ in range(d)] for _ in range(n)]
     c = [[rng.randint(-2, 2) for _ in range(d)] for _ in range(k)]
@@ -211,7 +227,7 @@ def check(name, n, k, d, seed, dup):
         x[i] = list(c[dup[0]])
     labels, dist = [None] * n, [None] * n
     for block in range((n + BM - 1) // BM):
-        run_block(x, c, n, k, d, block, labels, dist)
+        run_block(x, c, n, k, d, block, labels, dist, resident)
     ok = True
     for i in range(n):
         all_d = [sum((x[i][e] - c[j][e]) ** 2 for e in range(d)) for j in range(k)]
@@ -220,7 +236,7 @@ def check(name, n, k, d, seed, dup):
             ok = False
             print(f"  row {i}: got ({labels[i]}, {dist[i]}), want ({want}, {all_d[want]})")
             break
-    print(f"{name}: {'OK' if ok else 'MISMATCH'}")
+    print(f"{name} [{'resident x' if resident else 'streamed x'}]: {'OK' if ok else 'MISMATCH'}")
     return ok
 
 
@@ -268,7 +284,13 @@ def main():
         ("N=20 K=20 D=13 (D % 8 != 0: register path)", 20, 20, 13, 3, [3, 11, 19]),
         ("N=3 K=129 D=1", 3, 129, 1, 4, [64, 128]),
     ]
-    results = [check(*case) for case in cases]
+    results = [check(*case, resident) for case in cases for resident in (True, False)]
+    streamed_only = [
+        ("N=20 K=20 D=136 (D > 128: x streamed)", 20, 20, 136, 5, [1, 19]),
+        ("N=7 K=9 D=130 (D > 128, D % 8 != 0)", 7, 9, 130, 6, [0, 8]),
+    ]
+    results += [check(*case, False) for case in streamed_only]
+    results.append(check("N=5 K=3 D=128", 5, 3, 128, 7, [0, 2], True))
     rng = random.Random(7)
     seg_cases = [
         ("segments: one huge cluster, empties around it", [0, 0, 5000, 0, 3, 0], 1024),

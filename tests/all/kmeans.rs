@@ -342,7 +342,8 @@ fn cuda_assign_fast_vs_reference_vs_cpu() {
     for metric in [Metric::SquaredL2, Metric::MeanL1] {
         for dtype in [DType::F32, DType::F16, DType::BF16] {
             // D = 1, 3, 7, 12 (scalar / 4-wide / no 8-wide loads), K = 1, K = N, K and N off the
-            // 128 tiles, several centroid tiles.
+            // 128 tiles, several centroid tiles; D ≤ 128 keeps x resident in the tensor-core
+            // kernel, D = 130 and 136 stream it (without and with 16-byte copies).
             for &(n, d, k) in &[
                 (1, 1, 1),
                 (300, 7, 5),
@@ -352,6 +353,9 @@ fn cuda_assign_fast_vs_reference_vs_cpu() {
                 (77, 3, 77),
                 (260, 12, 1),
                 (131, 24, 300),
+                (257, 128, 129),
+                (200, 136, 150),
+                (150, 130, 40),
             ] {
                 let xv = data(n, d, k.min(n), true, (n + d + k) as u64);
                 let (x, x64) = testing::from_f64(&xv, &[n, d], dtype, &gpu).unwrap();
@@ -457,25 +461,27 @@ fn cuda_assign_ties_go_to_the_lowest_index() {
             assert_eq!(dist.to_vec::<f32>().unwrap()[1], 0.0);
 
             // Rows equal to a centroid that appears five times; every other centroid is farther.
-            let (n, d, k) = (300, 20, 300);
-            let mut cv = Rng::new(5).normal_vec(k * d);
-            let dup: Vec<f64> = cv[10 * d..11 * d].to_vec();
-            for j in [40, 77, 200, 250] {
-                cv[j * d..(j + 1) * d].copy_from_slice(&dup);
-            }
-            let xv: Vec<f64> = (0..n).flat_map(|_| dup.clone()).collect();
-            let c = testing::from_f64(&cv, &[k, d], dtype, &gpu).unwrap().0;
-            let x = testing::from_f64(&xv, &[n, d], dtype, &gpu).unwrap().0;
-            let (l, _) = kmeans::assign(&x, &c, metric).unwrap();
-            assert_eq!(l.to_vec::<u32>().unwrap(), vec![10; n], "{dtype:?} {metric:?}: duplicates");
+            for d in [20, 144] {
+                let (n, k) = (300, 300);
+                let mut cv = Rng::new(5).normal_vec(k * d);
+                let dup: Vec<f64> = cv[10 * d..11 * d].to_vec();
+                for j in [40, 77, 200, 250] {
+                    cv[j * d..(j + 1) * d].copy_from_slice(&dup);
+                }
+                let xv: Vec<f64> = (0..n).flat_map(|_| dup.clone()).collect();
+                let c = testing::from_f64(&cv, &[k, d], dtype, &gpu).unwrap().0;
+                let x = testing::from_f64(&xv, &[n, d], dtype, &gpu).unwrap().0;
+                let (l, _) = kmeans::assign(&x, &c, metric).unwrap();
+                assert_eq!(l.to_vec::<u32>().unwrap(), vec![10; n], "{dtype:?} {metric:?}: duplicates");
 
-            // All centroids equal: every row ties everywhere and takes centroid 0.
-            let c = testing::from_f64(&vec![0.25; k * d], &[k, d], dtype, &gpu).unwrap().0;
-            let (x, _) = testing::randn(&[n, d], dtype, &gpu, 3).unwrap();
-            let (l, _) = kmeans::assign(&x, &c, metric).unwrap();
-            assert_eq!(l.to_vec::<u32>().unwrap(), vec![0; n], "{dtype:?} {metric:?}: all equal");
-            let (lr, _) = kmeans::reference::assign(&x, &c, metric).unwrap();
-            assert_eq!(lr.to_vec::<u32>().unwrap(), vec![0; n], "{dtype:?} {metric:?}: reference");
+                // All centroids equal: every row ties everywhere and takes centroid 0.
+                let c = testing::from_f64(&vec![0.25; k * d], &[k, d], dtype, &gpu).unwrap().0;
+                let (x, _) = testing::randn(&[n, d], dtype, &gpu, 3).unwrap();
+                let (l, _) = kmeans::assign(&x, &c, metric).unwrap();
+                assert_eq!(l.to_vec::<u32>().unwrap(), vec![0; n], "{dtype:?} {metric:?}: all equal");
+                let (lr, _) = kmeans::reference::assign(&x, &c, metric).unwrap();
+                assert_eq!(lr.to_vec::<u32>().unwrap(), vec![0; n], "{dtype:?} {metric:?}: reference");
+            }
         }
     }
 }

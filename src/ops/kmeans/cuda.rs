@@ -16,6 +16,11 @@ const MODULE: &str = "kmeans";
 /// Rows per block of the assignment kernels (both tile BM = 128).
 const ASSIGN_ROWS: usize = 128;
 const ASSIGN_THREADS: u32 = 256;
+/// The tensor-core assignment keeps x's tile resident in shared memory for D up to this, and
+/// streams it with the centroids beyond. Dynamic shared memory of each (`tc::smem_bytes`).
+const MMA_RESIDENT_MAX_D: usize = 128;
+const MMA_SMEM_RESIDENT: usize = 59_904;
+const MMA_SMEM_STREAMING: usize = 45_568;
 /// Sort tiles: rows per warp of the stable scatter; cursors = tiles × k are kept under 2²⁴.
 const SORT_TILE_ROWS: usize = 2048;
 const MAX_CURSORS: usize = 1 << 24;
@@ -103,10 +108,16 @@ fn assign_raw(
     let mut c_norms = dev.alloc::<f32>(k)?;
     let sfx = suffix(x.dtype());
     let (ni, ki, di) = (n as i32, k as i32, d as i32);
-    let (kernel, norms_needed) = match (metric, x.dtype()) {
-        (Metric::SquaredL2, DType::F16 | DType::BF16) => (format!("assign_l2_mma_{sfx}"), true),
-        (Metric::SquaredL2, _) => (format!("assign_simt_l2_{sfx}"), true),
-        (Metric::MeanL1, _) => (format!("assign_simt_l1_{sfx}"), false),
+    // (kernel, ‖c‖² needed, dynamic shared memory bytes)
+    let (kernel, norms_needed, smem) = match (metric, x.dtype()) {
+        (Metric::SquaredL2, DType::F16 | DType::BF16) if d <= MMA_RESIDENT_MAX_D => {
+            (format!("assign_l2_mma_xres_{sfx}"), true, MMA_SMEM_RESIDENT)
+        }
+        (Metric::SquaredL2, DType::F16 | DType::BF16) => {
+            (format!("assign_l2_mma_{sfx}"), true, MMA_SMEM_STREAMING)
+        }
+        (Metric::SquaredL2, _) => (format!("assign_simt_l2_{sfx}"), true, 0),
+        (Metric::MeanL1, _) => (format!("assign_simt_l1_{sfx}"), false, 0),
     };
     let xs_c = &c;
     with_slice!(x, OP, |xs| {
@@ -120,14 +131,17 @@ fn assign_raw(
                 unsafe { b.launch(cfg((blocks, 1), 256)) }.map_err(driver("launching row_sq_norms"))?;
             }
             let f = dev.function(MODULE, &kernel)?;
+            dev.allow_shared_bytes(&f, &kernel, smem)?;
             let blocks = n.div_ceil(ASSIGN_ROWS) as u32;
+            let launch = LaunchConfig { shared_mem_bytes: smem as u32, ..cfg((blocks, 1), ASSIGN_THREADS) };
             let mut b = dev.stream().launch_builder(&f);
             b.arg(xs).arg(cs).arg(&c_norms).arg(&ni).arg(&ki).arg(&di);
             b.arg(&mut labels).arg(&mut dist).arg(&mut *status);
             // SAFETY: x holds n·d and c k·d elements of the kernel's type, c_norms k floats,
-            // labels/dist n elements each; every access in the kernel is bounds-checked.
-            unsafe { b.launch(cfg((blocks, 1), ASSIGN_THREADS)) }
-                .map_err(driver(format!("launching {kernel}")))?;
+            // labels/dist n elements each; every access in the kernel is bounds-checked; the
+            // tensor-core kernels get the dynamic shared memory they carve (sizes asserted in
+            // kernels/kmeans.cu), opted in above 48 KiB.
+            unsafe { b.launch(launch) }.map_err(driver(format!("launching {kernel}")))?;
         })
     });
     Ok((labels, dist))
