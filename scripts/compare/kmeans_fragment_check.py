@@ -16,7 +16,9 @@ index, exactly (integers make every sum exact). Cases cover N and K off the 128 
 centroid tiles, D off the 32-wide k-slice, D % 8 ≠ 0, and many exact ties (duplicated centroids
 in different warps and tiles).
 Pure Python, no dependencies; prints OK or MISMATCH per case (exit status 1 on a mismatch).
-Also checks the chunk partition of the two-stage segmented means (scan_chunks /
+Also runs the SIMT kernel's formulas (simt::assign: loader row tid/2 and dims (tid&1)·4, the
+transposed As/Bs tiles, rows ty·4 + i / 64 + ty·4 + i − 4 and columns alike, the epilogue and the
+16-lane fold) for squared L2 and mean L1, and checks the chunk partition of the two-stage segmented means (scan_chunks /
 cluster_of_chunk / segment_partials' row range): every sorted row of every cluster is summed by
 exactly one chunk of that cluster, chunks stay within the host's grid bound, in chunk order.
 A check of index math under the documented layouts, not a substitute for the GPU tests.
@@ -240,6 +242,115 @@ def check(name, n, k, d, seed, dup, resident):
     return ok
 
 
+SIMT_BM, SIMT_BN, SIMT_BK, SIMT_PAD = 128, 128, 8, 4
+
+
+def simt_block(x, c, n, k, d, block, labels, dist, l1):
+    """simt::assign for one block, thread by thread (shared tiles as [buf][kk][row])."""
+    k_steps = (d + SIMT_BK - 1) // SIMT_BK
+    steps = k_steps * ((k + SIMT_BN - 1) // SIMT_BN)
+    row0 = block * SIMT_BM
+    c_norm = [sum(v * v for v in row) for row in c]
+    W = SIMT_BM + SIMT_PAD
+    As = [[[None] * W for _ in range(SIMT_BK)] for _ in range(2)]
+    Bs = [[[None] * W for _ in range(SIMT_BK)] for _ in range(2)]
+
+    def load4(m, rows, r, kk):
+        return [m[r][kk + e] if (r < rows and kk + e < d) else 0 for e in range(4)]
+
+    best_v = [[INF] * 8 for _ in range(256)]
+    best_i = [[NONE] * 8 for _ in range(256)]
+    xn_part = [0] * 256
+    acc = [[[0] * 8 for _ in range(8)] for _ in range(256)]
+
+    def fetch_stash(step, buf):
+        ct, k0 = step // k_steps, (step % k_steps) * SIMT_BK
+        for tid in range(256):
+            load_row, load_k = tid >> 1, (tid & 1) * 4
+            pa = load4(x, n, row0 + load_row, k0 + load_k)
+            pb = load4(c, k, ct * SIMT_BN + load_row, k0 + load_k)
+            if not l1 and ct == 0:
+                xn_part[tid] += sum(v * v for v in pa)
+            for e in range(4):
+                As[buf][load_k + e][load_row] = pa[e]
+                Bs[buf][load_k + e][load_row] = pb[e]
+
+    fetch_stash(0, 0)
+    for step in range(steps):
+        buf = step & 1
+        for tid in range(256):
+            tx, ty = tid & 15, tid >> 4
+            for kk in range(SIMT_BK):
+                av = As[buf][kk][ty * 4:ty * 4 + 4] + As[buf][kk][64 + ty * 4:64 + ty * 4 + 4]
+                bv = Bs[buf][kk][tx * 4:tx * 4 + 4] + Bs[buf][kk][64 + tx * 4:64 + tx * 4 + 4]
+                for i in range(8):
+                    for j in range(8):
+                        acc[tid][i][j] += abs(av[i] - bv[j]) if l1 else av[i] * bv[j]
+        if step + 1 < steps:
+            fetch_stash(step + 1, buf ^ 1)
+        if step % k_steps == k_steps - 1:
+            c0 = (step // k_steps) * SIMT_BN
+            for tid in range(256):
+                tx = tid & 15
+                for j in range(8):
+                    col = c0 + (tx * 4 + j if j < 4 else 64 + tx * 4 + (j - 4))
+                    if col >= k:
+                        continue
+                    for i in range(8):
+                        v = acc[tid][i][j] / d if l1 else c_norm[col] - 2 * acc[tid][i][j]
+                        if better_min(v, col, best_v[tid][i], best_i[tid][i]):
+                            best_v[tid][i], best_i[tid][i] = v, col
+                acc[tid] = [[0] * 8 for _ in range(8)]
+    x_norm = [None] * SIMT_BM
+    if not l1:
+        for tid in range(256):
+            if (tid & 1) == 0:
+                x_norm[tid >> 1] = xn_part[tid] + xn_part[tid ^ 1]
+    for warp in range(8):
+        for i in range(8):
+            bv = {l: best_v[warp * 32 + l][i] for l in range(32)}
+            bi = {l: best_i[warp * 32 + l][i] for l in range(32)}
+            off = 1
+            while off < 16:
+                nv, ni = dict(bv), dict(bi)
+                for l in range(32):
+                    if better_min(bv[l ^ off], bi[l ^ off], bv[l], bi[l]):
+                        nv[l], ni[l] = bv[l ^ off], bi[l ^ off]
+                bv, bi = nv, ni
+                off <<= 1
+            for l in range(32):
+                tid = warp * 32 + l
+                tx, ty = tid & 15, tid >> 4
+                r = ty * 4 + i if i < 4 else 64 + ty * 4 + (i - 4)
+                if tx == 0 and row0 + r < n:
+                    labels[row0 + r] = bi[l]
+                    dist[row0 + r] = bv[l] if l1 else max(x_norm[r] + bv[l], 0)
+
+
+def check_simt(name, n, k, d, seed, l1):
+    rng = random.Random(seed)
+    x = [[rng.randint(-2, 2) for _ in range(d)] for _ in range(n)]
+    c = [[rng.randint(-2, 2) for _ in range(d)] for _ in range(k)]
+    for j in range(1, k, 3):
+        c[j] = list(c[0])  # many exact ties
+    labels, dist = [None] * n, [None] * n
+    for block in range((n + SIMT_BM - 1) // SIMT_BM):
+        simt_block(x, c, n, k, d, block, labels, dist, l1)
+    ok = True
+    for i in range(n):
+        if l1:
+            all_d = [sum(abs(x[i][e] - c[j][e]) for e in range(d)) / d for j in range(k)]
+        else:
+            all_d = [sum((x[i][e] - c[j][e]) ** 2 for e in range(d)) for j in range(k)]
+        want = min(range(k), key=lambda j: (all_d[j], j))
+        if labels[i] != want or dist[i] != all_d[want]:
+            ok = False
+            print(f"  row {i}: got ({labels[i]}, {dist[i]}), want ({want}, {all_d[want]})")
+            break
+    print(f"{name} [simt {'mean-L1' if l1 else 'squared L2'}]: {'OK' if ok else 'MISMATCH'}")
+    return ok
+
+
 def check_segments(name, counts, chunk_rows):
     """Emulates scan_chunks_u32, cluster_of_chunk and segment_partials' [begin, end)."""
     k, n = len(counts), sum(counts)
@@ -291,6 +402,8 @@ def main():
     ]
     results += [check(*case, False) for case in streamed_only]
     results.append(check("N=5 K=3 D=128", 5, 3, 128, 7, [0, 2], True))
+    simt_cases = [("N=130 K=140 D=13 (2 blocks, 2 tiles, k tail)", 130, 140, 13, 8), ("N=5 K=1 D=1", 5, 1, 1, 9)]
+    results += [check_simt(*case, l1) for case in simt_cases for l1 in (False, True)]
     rng = random.Random(7)
     seg_cases = [
         ("segments: one huge cluster, empties around it", [0, 0, 5000, 0, 3, 0], 1024),
