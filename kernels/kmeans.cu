@@ -527,26 +527,49 @@ __device__ void tile_histogram(const uint32_t* __restrict__ labels, int n, int k
     if (bad) atomicOr(status, STATUS_OUT_OF_RANGE);
 }
 
-// Per cluster (one thread each): exclusive prefix of its count over the tiles, in place; the
-// total goes to counts[c].
+// Per cluster: exclusive prefix of its count over the tiles, in place; the total goes to
+// counts[c]. A block takes 32 clusters (one per lane: each tile row is one coalesced 128-byte
+// read) and splits the tiles into SCAN_SEGMENTS contiguous segments, one per warp: pass 1 sums
+// each segment, the segment offsets come from shared memory, pass 2 rewrites the counts as
+// running prefixes. Eight loads in flight per batch (the loops are latency-bound).
+constexpr int SCAN_SEGMENTS = 8, SCAN_BATCH = 8;
 __device__ void scan_tiles(uint32_t* __restrict__ tile_counts, int tiles, int k, uint32_t* __restrict__ counts) {
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= k) return;
-    // Eight loads in flight per batch: the loop is latency-bound (one thread per cluster), and
-    // the in-place store would otherwise keep the compiler from hoisting the next load.
-    constexpr int BATCH = 8;
-    uint32_t running = 0;
-    for (int t0 = 0; t0 < tiles; t0 += BATCH) {
-        uint32_t v[BATCH];
+    __shared__ uint32_t seg_sum[SCAN_SEGMENTS][32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int c = blockIdx.x * 32 + lane;
+    const int per = (tiles + SCAN_SEGMENTS - 1) / SCAN_SEGMENTS;
+    const int t_begin = min(tiles, warp * per), t_end = min(tiles, t_begin + per);
+    auto at = [&](int t) -> uint32_t* { return tile_counts + (size_t)t * k + c; };
+    uint32_t local = 0;
+    if (c < k) {
+        for (int t0 = t_begin; t0 < t_end; t0 += SCAN_BATCH) {
+            uint32_t v[SCAN_BATCH];
 #pragma unroll
-        for (int q = 0; q < BATCH; ++q) v[q] = t0 + q < tiles ? tile_counts[(size_t)(t0 + q) * k + c] : 0u;
+            for (int q = 0; q < SCAN_BATCH; ++q) v[q] = t0 + q < t_end ? *at(t0 + q) : 0u;
 #pragma unroll
-        for (int q = 0; q < BATCH; ++q) {
-            if (t0 + q < tiles) tile_counts[(size_t)(t0 + q) * k + c] = running;
+            for (int q = 0; q < SCAN_BATCH; ++q) local += v[q];
+        }
+    }
+    seg_sum[warp][lane] = local;
+    __syncthreads();
+    uint32_t running = 0, total = 0;
+#pragma unroll
+    for (int w = 0; w < SCAN_SEGMENTS; ++w) {
+        if (w < warp) running += seg_sum[w][lane];
+        total += seg_sum[w][lane];
+    }
+    if (c >= k) return;  // after the only barrier
+    for (int t0 = t_begin; t0 < t_end; t0 += SCAN_BATCH) {
+        uint32_t v[SCAN_BATCH];
+#pragma unroll
+        for (int q = 0; q < SCAN_BATCH; ++q) v[q] = t0 + q < t_end ? *at(t0 + q) : 0u;
+#pragma unroll
+        for (int q = 0; q < SCAN_BATCH; ++q) {
+            if (t0 + q < t_end) *at(t0 + q) = running;
             running += v[q];
         }
     }
-    counts[c] = running;
+    if (warp == 0) counts[c] = total;
 }
 
 // out[0..k] = exclusive prefix sum of value(0..k-1), out[k] the total. One block of 1024
@@ -912,7 +935,8 @@ extern "C" __global__ void counting_sort_reference_u32(const uint32_t* labels, i
                                                        uint32_t* order) {
     counting_sort_reference(labels, n, k, offsets, order);
 }
-extern "C" __global__ void scan_tiles_u32(uint32_t* tile_counts, int tiles, int k, uint32_t* counts) {
+extern "C" __global__ void __launch_bounds__(SCAN_SEGMENTS * 32)
+    scan_tiles_u32(uint32_t* tile_counts, int tiles, int k, uint32_t* counts) {
     scan_tiles(tile_counts, tiles, k, counts);
 }
 extern "C" __global__ void __launch_bounds__(1024) scan_offsets_u32(const uint32_t* counts, int k, uint32_t* offsets) {

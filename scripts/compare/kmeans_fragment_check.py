@@ -18,7 +18,9 @@ in different warps and tiles).
 Pure Python, no dependencies; prints OK or MISMATCH per case (exit status 1 on a mismatch).
 Also runs the SIMT kernel's formulas (simt::assign: loader row tid/2 and dims (tid&1)·4, the
 transposed As/Bs tiles, rows ty·4 + i / 64 + ty·4 + i − 4 and columns alike, the epilogue and the
-16-lane fold) for squared L2 and mean L1, and checks the chunk partition of the two-stage segmented means (scan_chunks /
+16-lane fold) for squared L2 and mean L1, the counting sort (tile histogram, the segmented
+scan over tiles, the block scan of offsets, the stable scatter with match_any ranks) against a
+stable sort, and the chunk partition of the two-stage segmented means (scan_chunks /
 cluster_of_chunk / segment_partials' row range): every sorted row of every cluster is summed by
 exactly one chunk of that cluster, chunks stay within the host's grid bound, in chunk order.
 A check of index math under the documented layouts, not a substitute for the GPU tests.
@@ -351,6 +353,60 @@ def check_simt(name, n, k, d, seed, l1):
     return ok
 
 
+def check_sort(name, labels, k, tile_rows):
+    """tile_histogram → scan_tiles (8 segments per 32 clusters) → scan_offsets → stable_scatter."""
+    n = len(labels)
+    tiles = max(1, -(-n // tile_rows))
+    cur = [0] * (tiles * k)
+    for tile in range(tiles):
+        for i in range(tile * tile_rows, min(n, tile * tile_rows + tile_rows)):
+            cur[tile * k + labels[i]] += 1
+    counts = [None] * k
+    per = -(-tiles // 8)
+    for block in range(-(-k // 32)):
+        seg_sum = [[0] * 32 for _ in range(8)]
+        bounds = [(min(tiles, w * per), min(tiles, min(tiles, w * per) + per)) for w in range(8)]
+        for w in range(8):
+            for lane in range(32):
+                c = block * 32 + lane
+                if c < k:
+                    seg_sum[w][lane] = sum(cur[t * k + c] for t in range(*bounds[w]))
+        for w in range(8):
+            for lane in range(32):
+                c = block * 32 + lane
+                if c >= k:
+                    continue
+                running = sum(seg_sum[v][lane] for v in range(w))
+                for t in range(*bounds[w]):
+                    v = cur[t * k + c]
+                    cur[t * k + c] = running
+                    running += v
+                if w == 0:
+                    counts[c] = sum(seg_sum[v][lane] for v in range(8))
+    offsets = [0] * (k + 1)
+    for c in range(k):
+        offsets[c + 1] = offsets[c] + counts[c]
+    order = [None] * n
+    for tile in range(tiles):
+        begin, end = tile * tile_rows, min(n, tile * tile_rows + tile_rows)
+        for base in range(begin, end, 32):
+            lab = [labels[base + l] if base + l < end else 0xFFFFFFFF for l in range(32)]
+            pos = {}
+            for l in range(32):
+                if lab[l] < k:
+                    rank = sum(1 for m in range(l) if lab[m] == lab[l])
+                    pos[l] = offsets[lab[l]] + cur[tile * k + lab[l]] + rank
+            for l in range(32):
+                if l in pos:
+                    order[pos[l]] = base + l
+            for c in set(v for v in lab if v < k):
+                cur[tile * k + c] += lab.count(c)
+    want = sorted(range(n), key=lambda i: (labels[i], i))
+    ok = order == want and offsets[k] == n
+    print(f"{name}: {'OK' if ok else 'MISMATCH'}")
+    return ok
+
+
 def check_segments(name, counts, chunk_rows):
     """Emulates scan_chunks_u32, cluster_of_chunk and segment_partials' [begin, end)."""
     k, n = len(counts), sum(counts)
@@ -405,6 +461,13 @@ def main():
     simt_cases = [("N=130 K=140 D=13 (2 blocks, 2 tiles, k tail)", 130, 140, 13, 8), ("N=5 K=1 D=1", 5, 1, 1, 9)]
     results += [check_simt(*case, l1) for case in simt_cases for l1 in (False, True)]
     rng = random.Random(7)
+    sort_cases = [
+        ("sort: 20 tiles, 70 clusters (3 scan blocks)", [rng.randrange(70) for _ in range(5000)], 70, 256),
+        ("sort: skewed, 3 tiles", [1 if rng.random() < 0.9 else rng.randrange(40) for _ in range(700)], 40, 256),
+        ("sort: one tile, K = 1", [0] * 77, 1, 2048),
+        ("sort: 9 tiles < 8 segments * 2", [rng.randrange(33) for _ in range(2100)], 33, 256),
+    ]
+    results += [check_sort(*case) for case in sort_cases]
     seg_cases = [
         ("segments: one huge cluster, empties around it", [0, 0, 5000, 0, 3, 0], 1024),
         ("segments: K = 1", [2049], 1024),

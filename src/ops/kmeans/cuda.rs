@@ -208,8 +208,8 @@ fn counting_sort_raw(
     let f = dev.function(MODULE, "scan_tiles_u32")?;
     let mut b = s.launch_builder(&f);
     b.arg(&mut cursors).arg(&ti).arg(&ki).arg(&mut counts);
-    // SAFETY: cursors holds tiles·k values and counts k; one thread per cluster.
-    unsafe { b.launch(cfg((k.div_ceil(256) as u32, 1), 256)) }.map_err(driver("launching scan_tiles_u32"))?;
+    // SAFETY: cursors holds tiles·k values and counts k; 32 clusters per 256-thread block.
+    unsafe { b.launch(cfg((k.div_ceil(32) as u32, 1), 256)) }.map_err(driver("launching scan_tiles_u32"))?;
 
     let f = dev.function(MODULE, "scan_offsets_u32")?;
     let mut b = s.launch_builder(&f);
