@@ -493,7 +493,7 @@ fn cuda_assign_ties_go_to_the_lowest_index() {
 fn cuda_update_skewed_clusters_and_tails() {
     let Some(gpu) = testing::cuda_or_skip("cuda_update_skewed_clusters_and_tails") else { return };
     testing::set_poisoning(true);
-    for &(n, d, k) in &[(60_000, 260, 9), (20_001, 3, 40), (5, 129, 8), (70_000, 1, 2)] {
+    for &(n, d, k) in &[(60_000, 260, 9), (20_001, 3, 40), (5, 129, 8), (70_000, 1, 2), (40_000, 8, 100)] {
         for dtype in [DType::F32, DType::BF16] {
             let (x, x64) = testing::randn(&[n, d], dtype, &gpu, (n + d) as u64).unwrap();
             let mut rng = Rng::new(k as u64);
@@ -519,6 +519,12 @@ fn cuda_update_skewed_clusters_and_tails() {
                 |t: &Tensor| t.to_vec::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
             let (c2, _) = kmeans::update(&x, &lt, k).unwrap();
             assert_eq!(bits(&c), bits(&c2), "({n},{d},{k}) {dtype:?}: same bits twice");
+            // The counting sort with many sort tiles (N / 2048) and clusters over several scan
+            // blocks of 32, against the CPU's.
+            let (order, offsets) = kmeans::sort_by_cluster(&lt, k).unwrap();
+            let (oc, offc) = kmeans::sort_by_cluster(&lt.to_device(&cpu()).unwrap(), k).unwrap();
+            assert_eq!(order.to_vec::<u32>().unwrap(), oc.to_vec::<u32>().unwrap());
+            assert_eq!(offsets.to_vec::<u32>().unwrap(), offc.to_vec::<u32>().unwrap());
         }
     }
 }
