@@ -72,6 +72,13 @@ fn report(dev: &Device, dtype: DType, (n, d, k): (usize, usize, usize), reps: us
     let (labels, _) = kmeans::assign(&x, &c, Metric::SquaredL2).expect("assign");
     let update_ms = best_ms(dev, reps, || kmeans::update(&x, &labels, k).map(|_| ())).expect("update");
     let lloyd_ms = best_ms(dev, reps, || lloyd_iteration(&x, &c, k)).expect("lloyd");
+    // The load-balance case of the chunked update: every row in one cluster.
+    let skewed_ms = if dev.is_cpu() {
+        None
+    } else {
+        let zeros = Tensor::zeros(&[n], DType::U32, dev).expect("labels");
+        Some(best_ms(dev, reps, || kmeans::update(&x, &zeros, k).map(|_| ())).expect("update"))
+    };
     let mut baselines = Vec::new();
     if naive && dev.is_cpu() {
         let (xs, cs) = (x.to_vec::<f32>().expect("x"), c.to_vec::<f32>().expect("c"));
@@ -109,6 +116,19 @@ fn report(dev: &Device, dtype: DType, (n, d, k): (usize, usize, usize), reps: us
         baselines: vec![],
     }
     .report();
+    if let Some(ms) = skewed_ms {
+        Measurement {
+            kernel: "kmeans/update (all rows in one cluster)".into(),
+            shape: shape.clone(),
+            device: device.clone(),
+            ms,
+            flops: (n * d) as f64,
+            bytes: x_bytes + (n * 4 + k * d * 4) as f64,
+            ceiling: Some(("copy GB/s (measured)".into(), copy)),
+            baselines: vec![],
+        }
+        .report();
+    }
     Measurement {
         kernel: "kmeans/lloyd_iteration".into(),
         shape,

@@ -7,14 +7,19 @@
 // ‖c‖² − 2x·c (‖x‖² is added once at the end: it does not change the argmin), and folds the tile
 // into a running (value, index) minimum per row. Ties go to the lowest index: every comparison
 // is lexicographic on (value, index).
-//   - assign_l2_mma_{f16,bf16}: tensor cores (mma.sync m16n8k16, f32 accumulate), 8 warps,
-//     128×128×32 tiles, double-buffered shared memory with register prefetch.
+//   - assign_l2_mma_{xres_,}{f16,bf16}: tensor cores (mma.sync m16n8k16, f32 accumulate),
+//     8 warps, 128×128×32 tiles, two shared-memory stages filled by cp.async (the next stage's
+//     copy overlaps this stage's mma), fragments loaded with ldmatrix; two blocks per SM. For
+//     D ≤ 128 (xres) x's tile stays in shared memory across all centroid tiles and only the
+//     centroids stream; beyond, both stream.
 //   - assign_simt_{l2,l1}_{f32,f16,bf16}: exact f32 FFMA (no TF32), 256 threads, 128×128×8 tiles,
-//     8×8 outputs per thread; the only path for mean-L1, which has no GEMM form.
+//     8×8 outputs per thread, two shared buffers with a register prefetch; the only path for
+//     mean-L1, which has no GEMM form.
 //   - assign_reference_*: one thread per row, the distance written out directly.
 // Update: counting sort (tile histogram → per-tile prefix → cluster offsets → stable scatter with
-// __match_any_sync ranks), then one block per cluster summing its rows in sorted order and
-// combining its 8 warps' partial sums in a fixed order: bitwise reproducible, no float atomics.
+// __match_any_sync ranks), then segmented sums over fixed chunks of each cluster's sorted rows
+// (a large cluster spreads over many blocks) and a second pass adding each cluster's chunk sums
+// in order: bitwise reproducible, no float atomics.
 // update_reference_* is the O(N·K·D) direct version for tests.
 #include "common.cuh"
 
@@ -77,16 +82,20 @@ __device__ __forceinline__ void load4(const T* __restrict__ m, int rows, int d, 
 }
 
 // L1 = false: accumulates x·c and scores ‖c‖² − 2x·c. L1 = true: accumulates Σ|x − c|, scores /d.
+// Steps run over (centroid tile, k-slice) like the tensor-core kernel's. Two shared buffers and a
+// register prefetch: the global loads of step + 1 are issued before step's FMAs and stored to the
+// other buffer after them; the barrier that closes step − 1 makes that store safe.
 template <typename T, bool L1>
 __device__ void assign(const T* __restrict__ x, const T* __restrict__ c, const float* __restrict__ c_norms, int n,
                        int k, int d, uint32_t* __restrict__ labels, float* __restrict__ dist,
                        uint32_t* __restrict__ status) {
-    __shared__ __align__(16) float As[BK][BM + PAD];
-    __shared__ __align__(16) float Bs[BK][BN + PAD];
+    __shared__ __align__(16) float As[2][BK][BM + PAD];
+    __shared__ __align__(16) float Bs[2][BK][BN + PAD];
     __shared__ float x_norm[BM];
     const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
     const int row0 = blockIdx.x * BM;
     const bool vec_ok = (d & 3) == 0;
+    const int k_steps = (d + BK - 1) / BK, c_tiles = (k + BN - 1) / BN, steps = k_steps * c_tiles;
     // Loader role: row tid/2 of the tile, dims (tid&1)*4 .. +3 of the k-slice.
     const int load_row = tid >> 1, load_k = (tid & 1) * 4;
 
@@ -96,55 +105,75 @@ __device__ void assign(const T* __restrict__ x, const T* __restrict__ c, const f
     for (int i = 0; i < 8; ++i) { best_v[i] = INFINITY; best_i[i] = 0xffffffffu; }
     float xn_part = 0.f;
     bool bad = false;
+    float acc[8][8];
+    float pa[4], pb[4];
 
-    for (int c0 = 0; c0 < k; c0 += BN) {
-        float acc[8][8];
+    auto fetch = [&](int step) {
+        const int ct = step / k_steps, k0 = (step % k_steps) * BK;
+        load4(x, n, d, row0 + load_row, k0 + load_k, vec_ok, pa);
+        load4(c, k, d, ct * BN + load_row, k0 + load_k, vec_ok, pb);
+        if (!L1 && ct == 0) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) xn_part = fmaf(pa[e], pa[e], xn_part);
+        }
+    };
+    auto stash = [&](int buf) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            As[buf][load_k + e][load_row] = pa[e];
+            Bs[buf][load_k + e][load_row] = pb[e];
+        }
+    };
+    auto zero_acc = [&]() {
 #pragma unroll
         for (int i = 0; i < 8; ++i)
 #pragma unroll
             for (int j = 0; j < 8; ++j) acc[i][j] = 0.f;
-        for (int k0 = 0; k0 < d; k0 += BK) {
-            float a[4], b[4];
-            load4(x, n, d, row0 + load_row, k0 + load_k, vec_ok, a);
-            load4(c, k, d, c0 + load_row, k0 + load_k, vec_ok, b);
-            if (!L1 && c0 == 0) {
+    };
+
+    zero_acc();
+    fetch(0);
+    stash(0);
+    __syncthreads();
+    for (int step = 0; step < steps; ++step) {
+        const int buf = step & 1;
+        const bool more = step + 1 < steps;
+        if (more) fetch(step + 1);
 #pragma unroll
-                for (int e = 0; e < 4; ++e) xn_part = fmaf(a[e], a[e], xn_part);
-            }
+        for (int kk = 0; kk < BK; ++kk) {
+            const float4 a0 = *reinterpret_cast<const float4*>(&As[buf][kk][ty * 4]);
+            const float4 a1 = *reinterpret_cast<const float4*>(&As[buf][kk][64 + ty * 4]);
+            const float4 b0 = *reinterpret_cast<const float4*>(&Bs[buf][kk][tx * 4]);
+            const float4 b1 = *reinterpret_cast<const float4*>(&Bs[buf][kk][64 + tx * 4]);
+            const float av[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+            const float bv[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
 #pragma unroll
-            for (int e = 0; e < 4; ++e) { As[load_k + e][load_row] = a[e]; Bs[load_k + e][load_row] = b[e]; }
-            __syncthreads();
+            for (int i = 0; i < 8; ++i)
 #pragma unroll
-            for (int kk = 0; kk < BK; ++kk) {
-                const float4 a0 = *reinterpret_cast<const float4*>(&As[kk][ty * 4]);
-                const float4 a1 = *reinterpret_cast<const float4*>(&As[kk][64 + ty * 4]);
-                const float4 b0 = *reinterpret_cast<const float4*>(&Bs[kk][tx * 4]);
-                const float4 b1 = *reinterpret_cast<const float4*>(&Bs[kk][64 + tx * 4]);
-                const float av[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
-                const float bv[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
-#pragma unroll
-                for (int i = 0; i < 8; ++i)
-#pragma unroll
-                    for (int j = 0; j < 8; ++j) {
-                        if (L1) acc[i][j] += fabsf(av[i] - bv[j]);
-                        else acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
-                    }
-            }
-            __syncthreads();
+                for (int j = 0; j < 8; ++j) {
+                    if (L1) acc[i][j] += fabsf(av[i] - bv[j]);
+                    else acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+                }
         }
-        // Epilogue of this centroid tile: columns visited in increasing index order.
+        if (more) stash(buf ^ 1);
+        if (step % k_steps == k_steps - 1) {
+            // Epilogue of this centroid tile (rows ty·4 + i and 64 + ty·4 + i − 4, columns alike).
+            const int c0 = (step / k_steps) * BN;
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            const int col = c0 + (j < 4 ? tx * 4 + j : 64 + tx * 4 + (j - 4));
-            if (col >= k) continue;
-            const float cn = L1 ? 0.f : c_norms[col];
+            for (int j = 0; j < 8; ++j) {
+                const int col = c0 + (j < 4 ? tx * 4 + j : 64 + tx * 4 + (j - 4));
+                if (col >= k) continue;  // padded centroids never compete
+                const float cn = L1 ? 0.f : c_norms[col];
 #pragma unroll
-            for (int i = 0; i < 8; ++i) {
-                const float v = L1 ? acc[i][j] / (float)d : fmaf(-2.f, acc[i][j], cn);
-                bad |= !finite(v);
-                if (better_min(v, (uint32_t)col, best_v[i], best_i[i])) { best_v[i] = v; best_i[i] = col; }
+                for (int i = 0; i < 8; ++i) {
+                    const float v = L1 ? acc[i][j] / (float)d : fmaf(-2.f, acc[i][j], cn);
+                    bad |= !finite(v);
+                    if (better_min(v, (uint32_t)col, best_v[i], best_i[i])) { best_v[i] = v; best_i[i] = col; }
+                }
             }
+            zero_acc();
         }
+        __syncthreads();
     }
     if (!L1) {
         const float xn = xn_part + __shfl_xor_sync(mk::FULL_MASK, xn_part, 1);
@@ -169,7 +198,10 @@ __device__ void assign(const T* __restrict__ x, const T* __restrict__ c, const f
 
 // ------------------------------------------------------------------ tensor-core assign ----
 namespace tc {
-constexpr int BM = 128, BN = 128, BK = 32, THREADS = 256, LDS = BK + 8;  // +8 halfs: no bank conflicts
+// 8 warps as 2 (rows) × 4 (centroids), each owning a 64 × 32 tile of scores: 4 × 4 mma tiles.
+// Shared rows are padded to LDS = 40 halfs (80 bytes): the 8 row addresses of every ldmatrix
+// phase and every 16-byte cp.async store then fall on distinct bank quads.
+constexpr int BM = 128, BN = 128, BK = 32, THREADS = 256, LDS = BK + 8;
 
 template <typename T> struct Mma;
 template <> struct Mma<__half> {
@@ -191,18 +223,53 @@ template <> struct Mma<__nv_bfloat16> {
     }
 };
 
-// 8 consecutive halfs of row r from dim k, zero outside the matrix.
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Four 8×8 b16 matrices from shared memory; lane l gives the address of row l % 8 of matrix l / 8
+// and receives, of each matrix i, the pair (row l / 4, columns 2(l % 4), 2(l % 4) + 1) in r[i].
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_u32(p))
+                 : "memory");
+}
+
+// 16 bytes global → shared without passing through registers; src_bytes = 0 writes zeros.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(src_bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+// 8 consecutive halfs of row r from dim k, zero outside the matrix (the path for D % 8 ≠ 0,
+// where rows are not 16-byte aligned).
 template <typename T>
-__device__ __forceinline__ uint4 load8(const T* __restrict__ m, int rows, int d, int r, int k, bool vec_ok) {
+__device__ __forceinline__ uint4 load8(const T* __restrict__ m, int rows, int d, int r, int k) {
     uint4 out = make_uint4(0, 0, 0, 0);
     if (r >= rows) return out;
     const T* p = m + (size_t)r * d + k;
-    if (vec_ok && k + 8 <= d) return *reinterpret_cast<const uint4*>(p);
     T tmp[8];
 #pragma unroll
     for (int e = 0; e < 8; ++e) tmp[e] = (k + e < d) ? p[e] : mk::from_float<T>(0.f);
     memcpy(&out, tmp, 16);
     return out;
+}
+
+// One 16-byte chunk (row r, dims k..k+7) of a tile into shared memory: cp.async when rows are
+// 16-byte aligned (D % 8 == 0; a chunk is then wholly inside or wholly outside the matrix),
+// else through registers.
+template <typename T>
+__device__ __forceinline__ void load_chunk(T* dst, const T* __restrict__ m, int rows, int d, int r, int k,
+                                           bool async_ok) {
+    if (async_ok) {
+        const bool inside = r < rows && k < d;
+        cp_async16(dst, inside ? m + (size_t)r * d + k : m, inside ? 16 : 0);
+    } else {
+        *reinterpret_cast<uint4*>(dst) = load8(m, rows, d, r, k);
+    }
 }
 
 __device__ __forceinline__ float sq_sum8(uint4 v, __half) {
@@ -220,25 +287,52 @@ __device__ __forceinline__ float sq_sum8(uint4 v, __nv_bfloat16) {
     return s;
 }
 
-template <typename T>
+// Dynamic shared memory of assign_l2 (bytes, each piece a multiple of 16): x's tile (all of it
+// when RESIDENT, else two k-slices), two k-slices of centroids, ‖x‖², and the cross-warp fold.
+constexpr int DMAX_RESIDENT = 128, LDS_RESIDENT = DMAX_RESIDENT + 8;  // 272-byte rows: no bank conflicts
+template <bool RESIDENT>
+constexpr int a_tile_bytes() {
+    return RESIDENT ? BM * LDS_RESIDENT * 2 : 2 * BM * LDS * 2;
+}
+constexpr int B_TILE_BYTES = 2 * BN * LDS * 2, EPILOGUE_BYTES = BM * 4 + 2 * 4 * BM * 4;
+template <bool RESIDENT>
+constexpr int smem_bytes() {
+    return a_tile_bytes<RESIDENT>() + B_TILE_BYTES + EPILOGUE_BYTES;
+}
+
+// Steps run over (centroid tile ct, k-slice): step = ct · k_steps + slice. Two shared buffers
+// for the centroids (and for x unless RESIDENT): the copy of step + 1 is issued right after the
+// barrier that opens step, so it overlaps the mma of step; that barrier is also what makes
+// refilling buf ^ 1 safe (every warp has finished reading it in step − 1). One barrier per step.
+// RESIDENT (D ≤ 128): x's 128 × D tile is loaded once, with step 0, and stays in shared memory
+// for every centroid tile, halving the L2 traffic (only centroids stream).
+// The index math of the loader, the ldmatrix addresses, the mma fragments and the epilogue is
+// checked against a plain matmul + argmin by scripts/compare/kmeans_fragment_check.py.
+template <typename T, bool RESIDENT>
 __device__ void assign_l2(const T* __restrict__ x, const T* __restrict__ c, const float* __restrict__ c_norms, int n,
                           int k, int d, uint32_t* __restrict__ labels, float* __restrict__ dist,
                           uint32_t* __restrict__ status) {
-    __shared__ __align__(16) T As[2][BM][LDS];
-    __shared__ __align__(16) T Bs[2][BN][LDS];
-    __shared__ float x_norm[BM];
-    __shared__ float red_v[4][BM];
-    __shared__ uint32_t red_i[4][BM];
+    extern __shared__ __align__(16) unsigned char smem[];
+    T* const As = reinterpret_cast<T*>(smem);  // RESIDENT: [BM][LDS_RESIDENT], else [2][BM][LDS]
+    T* const Bs = reinterpret_cast<T*>(smem + a_tile_bytes<RESIDENT>());  // [2][BN][LDS]
+    float* const x_norm = reinterpret_cast<float*>(smem + a_tile_bytes<RESIDENT>() + B_TILE_BYTES);  // [BM]
+    float* const red_v = x_norm + BM;                                       // [4][BM]
+    uint32_t* const red_i = reinterpret_cast<uint32_t*>(red_v + 4 * BM);    // [4][BM]
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int warp_m = warp >> 2, warp_n = warp & 3;  // 2 × 4 warps, each 64 rows × 32 columns
+    const int warp_m = warp >> 2, warp_n = warp & 3;
     const int g = lane >> 2, tig = lane & 3;
     const int row0 = blockIdx.x * BM;
-    const bool vec_ok = (d & 7) == 0;
+    const bool async_ok = (d & 7) == 0;
     const int k_steps = (d + BK - 1) / BK, c_tiles = (k + BN - 1) / BN, steps = k_steps * c_tiles;
-    // Loader role: 16-byte chunks q = tid and tid + 256 → row q/4, dims (q%4)*8 of the slice.
+    // Loader role per k-slice: 16-byte chunks q = tid and tid + 256 → row q/4, dims (q%4)*8.
     const int ld_row[2] = {tid >> 2, (tid + THREADS) >> 2};
     const int ld_col = (tid & 3) * 8;
+    // ldmatrix roles. A (x rows, m16 × k16): lanes 0-15 give rows 0-15 at k 0, lanes 16-31 the
+    // same rows at k 8 → a[0..3] in mma order. B (centroid rows, two n8 tiles × k16): lane l
+    // gives row (l / 16)·8 + l % 8 at k ((l / 8) % 2)·8 → {b0, b1} of tile 2p, then of 2p + 1.
+    const int a_row = warp_m * 64 + (lane & 15), a_col = (lane >> 4) * 8;
+    const int b_row = warp_n * 32 + (lane >> 4) * 8 + (lane & 7), b_col = ((lane >> 3) & 1) * 8;
 
     float acc[4][4][4];
     float best_v[8];
@@ -248,25 +342,20 @@ __device__ void assign_l2(const T* __restrict__ x, const T* __restrict__ c, cons
     float xn_part[2] = {0.f, 0.f};
     bool bad = false;
 
-    uint4 pa[2], pb[2];
-    auto fetch = [&](int step) {
+    // Copies of step's slices into buffer buf (x's only when it is not resident), as one group.
+    auto issue = [&](int step, int buf) {
         const int ct = step / k_steps, k0 = (step % k_steps) * BK;
+        if (!RESIDENT) {
 #pragma unroll
-        for (int s = 0; s < 2; ++s) {
-            pa[s] = load8(x, n, d, row0 + ld_row[s], k0 + ld_col, vec_ok);
-            pb[s] = load8(c, k, d, ct * BN + ld_row[s], k0 + ld_col, vec_ok);
+            for (int s = 0; s < 2; ++s)
+                load_chunk(As + (buf * BM + ld_row[s]) * LDS + ld_col, x, n, d, row0 + ld_row[s], k0 + ld_col,
+                           async_ok);
         }
-        if (ct == 0) {
 #pragma unroll
-            for (int s = 0; s < 2; ++s) xn_part[s] += sq_sum8(pa[s], T());
-        }
-    };
-    auto stash = [&](int buf) {
-#pragma unroll
-        for (int s = 0; s < 2; ++s) {
-            *reinterpret_cast<uint4*>(&As[buf][ld_row[s]][ld_col]) = pa[s];
-            *reinterpret_cast<uint4*>(&Bs[buf][ld_row[s]][ld_col]) = pb[s];
-        }
+        for (int s = 0; s < 2; ++s)
+            load_chunk(Bs + (buf * BN + ld_row[s]) * LDS + ld_col, c, k, d, ct * BN + ld_row[s], k0 + ld_col,
+                       async_ok);
+        cp_async_commit();
     };
     auto zero_acc = [&]() {
 #pragma unroll
@@ -278,45 +367,59 @@ __device__ void assign_l2(const T* __restrict__ x, const T* __restrict__ c, cons
     };
 
     zero_acc();
-    fetch(0);
-    stash(0);
-    __syncthreads();
+    if (RESIDENT) {
+        // x's whole 128 × 128 tile (zeros past D and past N), in step 0's group: chunk
+        // q = tid + 256·s → row q / 16, dims (q % 16)·8.
+#pragma unroll
+        for (int s = 0; s < 8; ++s) {
+            const int q = tid + s * THREADS, r = q >> 4, col = (q & 15) * 8;
+            load_chunk(As + r * LDS_RESIDENT + col, x, n, d, row0 + r, col, async_ok);
+        }
+    }
+    issue(0, 0);
     for (int step = 0; step < steps; ++step) {
         const int buf = step & 1;
-        const bool more = step + 1 < steps;
-        if (more) fetch(step + 1);
+        // x's tile for this step: element (row, kk of the k-slice) is A[row · a_ld + kk].
+        const T* const A = RESIDENT ? As + (step % k_steps) * BK : As + buf * BM * LDS;
+        constexpr int a_ld = RESIDENT ? LDS_RESIDENT : LDS;
+        cp_async_wait_all();
+        __syncthreads();  // step's tiles are in shared memory; nobody still reads buf ^ 1
+        if (step + 1 < steps) issue(step + 1, buf ^ 1);
+        if (!RESIDENT && step < k_steps) {
+            // First centroid tile: ‖x‖² from the chunks this thread loaded (zeros outside x).
+#pragma unroll
+            for (int s = 0; s < 2; ++s)
+                xn_part[s] += sq_sum8(*reinterpret_cast<const uint4*>(A + ld_row[s] * a_ld + ld_col), T());
+        }
 #pragma unroll
         for (int ks = 0; ks < BK; ks += 16) {
             uint32_t a[4][4], b[4][2];
 #pragma unroll
-            for (int mt = 0; mt < 4; ++mt) {
-                const int r = warp_m * 64 + mt * 16 + g;
-                a[mt][0] = *reinterpret_cast<const uint32_t*>(&As[buf][r][ks + tig * 2]);
-                a[mt][1] = *reinterpret_cast<const uint32_t*>(&As[buf][r + 8][ks + tig * 2]);
-                a[mt][2] = *reinterpret_cast<const uint32_t*>(&As[buf][r][ks + 8 + tig * 2]);
-                a[mt][3] = *reinterpret_cast<const uint32_t*>(&As[buf][r + 8][ks + 8 + tig * 2]);
-            }
+            for (int mt = 0; mt < 4; ++mt) ldmatrix_x4(a[mt], A + (a_row + mt * 16) * a_ld + ks + a_col);
 #pragma unroll
-            for (int nt = 0; nt < 4; ++nt) {
-                const int col = warp_n * 32 + nt * 8 + g;
-                b[nt][0] = *reinterpret_cast<const uint32_t*>(&Bs[buf][col][ks + tig * 2]);
-                b[nt][1] = *reinterpret_cast<const uint32_t*>(&Bs[buf][col][ks + 8 + tig * 2]);
+            for (int p = 0; p < 2; ++p) {
+                uint32_t r[4];
+                ldmatrix_x4(r, Bs + (buf * BN + b_row + p * 16) * LDS + ks + b_col);
+                b[2 * p][0] = r[0];
+                b[2 * p][1] = r[1];
+                b[2 * p + 1][0] = r[2];
+                b[2 * p + 1][1] = r[3];
             }
 #pragma unroll
             for (int mt = 0; mt < 4; ++mt)
 #pragma unroll
                 for (int nt = 0; nt < 4; ++nt) Mma<T>::run(acc[mt][nt], a[mt], b[nt][0], b[nt][1]);
         }
-        if (more) stash(buf ^ 1);
         if (step % k_steps == k_steps - 1) {
             // Epilogue of centroid tile ct: fold its scores into the running minimum.
+            // acc[mt][nt][h·2 + e] is row warp_m·64 + mt·16 + h·8 + g, column nt·8 + tig·2 + e.
             const int c0 = (step / k_steps) * BN;
 #pragma unroll
             for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
                     const int col = c0 + warp_n * 32 + nt * 8 + tig * 2 + e;
-                    if (col >= k) continue;
+                    if (col >= k) continue;  // padded centroids never compete
                     const float cn = c_norms[col];
 #pragma unroll
                     for (int mt = 0; mt < 4; ++mt)
@@ -333,15 +436,27 @@ __device__ void assign_l2(const T* __restrict__ x, const T* __restrict__ c, cons
                 }
             zero_acc();
         }
-        __syncthreads();
     }
-    // ‖x‖²: the four loader threads of a row are four consecutive lanes.
+    if (RESIDENT) {
+        // ‖x‖² of row tid from the resident tile (zeros past D; it landed before step 0's
+        // barrier and is never overwritten).
+        if (tid < BM) {
+            float v = 0.f;
+            for (int e = 0; e < k_steps * BK; ++e) {
+                const float f = mk::to_float(As[tid * LDS_RESIDENT + e]);
+                v = fmaf(f, f, v);
+            }
+            x_norm[tid] = v;
+        }
+    } else {
+        // ‖x‖²: the four loader threads of a row are four consecutive lanes.
 #pragma unroll
-    for (int s = 0; s < 2; ++s) {
-        float v = xn_part[s];
-        v += __shfl_xor_sync(mk::FULL_MASK, v, 1);
-        v += __shfl_xor_sync(mk::FULL_MASK, v, 2);
-        if ((tid & 3) == 0) x_norm[ld_row[s]] = v;
+        for (int s = 0; s < 2; ++s) {
+            float v = xn_part[s];
+            v += __shfl_xor_sync(mk::FULL_MASK, v, 1);
+            v += __shfl_xor_sync(mk::FULL_MASK, v, 2);
+            if ((tid & 3) == 0) x_norm[ld_row[s]] = v;
+        }
     }
     // Across the quad (same rows, different columns), then across the 4 column warps.
 #pragma unroll
@@ -349,17 +464,20 @@ __device__ void assign_l2(const T* __restrict__ x, const T* __restrict__ c, cons
         shfl_argmin(best_v[slot], best_i[slot], 4);
         if (tig == 0) {
             const int r = warp_m * 64 + (slot >> 1) * 16 + (slot & 1) * 8 + g;
-            red_v[warp_n][r] = best_v[slot];
-            red_i[warp_n][r] = best_i[slot];
+            red_v[warp_n * BM + r] = best_v[slot];
+            red_i[warp_n * BM + r] = best_i[slot];
         }
     }
     __syncthreads();
     if (tid < BM && row0 + tid < n) {
-        float v = red_v[0][tid];
-        uint32_t i = red_i[0][tid];
+        float v = red_v[tid];
+        uint32_t i = red_i[tid];
 #pragma unroll
         for (int w = 1; w < 4; ++w)
-            if (better_min(red_v[w][tid], red_i[w][tid], v, i)) { v = red_v[w][tid]; i = red_i[w][tid]; }
+            if (better_min(red_v[w * BM + tid], red_i[w * BM + tid], v, i)) {
+                v = red_v[w * BM + tid];
+                i = red_i[w * BM + tid];
+            }
         const float out = fmaxf(x_norm[tid] + v, 0.f);
         bad |= !finite(out);
         labels[row0 + tid] = i;
@@ -398,8 +516,8 @@ __device__ void assign_reference(const T* __restrict__ x, const T* __restrict__ 
 __device__ void tile_histogram(const uint32_t* __restrict__ labels, int n, int k, int tile_rows,
                                uint32_t* __restrict__ tile_counts, uint32_t* __restrict__ status) {
     const int tile = blockIdx.x;
-    const int begin = tile * tile_rows;
-    const int end = min(n, begin + tile_rows);
+    const int begin = tile * tile_rows;  // < n: the host launches ⌈n / tile_rows⌉ tiles
+    const int end = (int)min((long long)n, (long long)begin + tile_rows);
     bool bad = false;
     for (int i = begin + threadIdx.x; i < end; i += blockDim.x) {
         const uint32_t c = labels[i];
@@ -409,29 +527,61 @@ __device__ void tile_histogram(const uint32_t* __restrict__ labels, int n, int k
     if (bad) atomicOr(status, STATUS_OUT_OF_RANGE);
 }
 
-// Per cluster (one thread each): exclusive prefix of its count over the tiles, in place; the
-// total goes to counts[c].
+// Per cluster: exclusive prefix of its count over the tiles, in place; the total goes to
+// counts[c]. A block takes 32 clusters (one per lane: each tile row is one coalesced 128-byte
+// read) and splits the tiles into SCAN_SEGMENTS contiguous segments, one per warp: pass 1 sums
+// each segment, the segment offsets come from shared memory, pass 2 rewrites the counts as
+// running prefixes. Eight loads in flight per batch (the loops are latency-bound).
+constexpr int SCAN_SEGMENTS = 8, SCAN_BATCH = 8;
 __device__ void scan_tiles(uint32_t* __restrict__ tile_counts, int tiles, int k, uint32_t* __restrict__ counts) {
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= k) return;
-    uint32_t running = 0;
-    for (int t = 0; t < tiles; ++t) {
-        const uint32_t v = tile_counts[(size_t)t * k + c];
-        tile_counts[(size_t)t * k + c] = running;
-        running += v;
+    __shared__ uint32_t seg_sum[SCAN_SEGMENTS][32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int c = blockIdx.x * 32 + lane;
+    const int per = (tiles + SCAN_SEGMENTS - 1) / SCAN_SEGMENTS;
+    const int t_begin = min(tiles, warp * per), t_end = min(tiles, t_begin + per);
+    auto at = [&](int t) -> uint32_t* { return tile_counts + (size_t)t * k + c; };
+    uint32_t local = 0;
+    if (c < k) {
+        for (int t0 = t_begin; t0 < t_end; t0 += SCAN_BATCH) {
+            uint32_t v[SCAN_BATCH];
+#pragma unroll
+            for (int q = 0; q < SCAN_BATCH; ++q) v[q] = t0 + q < t_end ? *at(t0 + q) : 0u;
+#pragma unroll
+            for (int q = 0; q < SCAN_BATCH; ++q) local += v[q];
+        }
     }
-    counts[c] = running;
+    seg_sum[warp][lane] = local;
+    __syncthreads();
+    uint32_t running = 0, total = 0;
+#pragma unroll
+    for (int w = 0; w < SCAN_SEGMENTS; ++w) {
+        if (w < warp) running += seg_sum[w][lane];
+        total += seg_sum[w][lane];
+    }
+    if (c >= k) return;  // after the only barrier
+    for (int t0 = t_begin; t0 < t_end; t0 += SCAN_BATCH) {
+        uint32_t v[SCAN_BATCH];
+#pragma unroll
+        for (int q = 0; q < SCAN_BATCH; ++q) v[q] = t0 + q < t_end ? *at(t0 + q) : 0u;
+#pragma unroll
+        for (int q = 0; q < SCAN_BATCH; ++q) {
+            if (t0 + q < t_end) *at(t0 + q) = running;
+            running += v[q];
+        }
+    }
+    if (warp == 0) counts[c] = total;
 }
 
-// offsets[0..k] = exclusive prefix sum of counts (one block of 1024 threads, each owning a
-// contiguous run of clusters).
-__device__ void scan_offsets(const uint32_t* __restrict__ counts, int k, uint32_t* __restrict__ offsets) {
+// out[0..k] = exclusive prefix sum of value(0..k-1), out[k] the total. One block of 1024
+// threads, each owning a contiguous run of clusters; `value` is read twice per cluster.
+template <typename F>
+__device__ void block_exclusive_scan(F value, int k, uint32_t* __restrict__ out) {
     __shared__ uint32_t warp_totals[32];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int per = (k + blockDim.x - 1) / blockDim.x;
     const int begin = min(k, tid * per), end = min(k, begin + per);
     uint32_t local = 0;
-    for (int c = begin; c < end; ++c) local += counts[c];
+    for (int c = begin; c < end; ++c) local += value(c);
     // Inclusive scan of `local` across the block.
     uint32_t incl = local;
 #pragma unroll
@@ -454,10 +604,10 @@ __device__ void scan_offsets(const uint32_t* __restrict__ counts, int k, uint32_
     __syncthreads();
     uint32_t running = incl - local + (warp > 0 ? warp_totals[warp - 1] : 0);
     for (int c = begin; c < end; ++c) {
-        offsets[c] = running;
-        running += counts[c];
+        out[c] = running;
+        running += value(c);
     }
-    if (tid == blockDim.x - 1) offsets[k] = running;
+    if (tid == blockDim.x - 1) out[k] = running;
 }
 
 // One warp per tile, 32 rows at a time in row order: rows of equal label in the same step get
@@ -518,59 +668,99 @@ __device__ __forceinline__ void load4_or_zero(const T* __restrict__ p, int dim, 
     }
 }
 
-// Block (cluster, 128-dim slice): warp w sums the cluster's rows w, w+8, ... (4 loads in flight),
-// then the 8 partial sums are added in warp order. Fixed order everywhere: reproducible bits.
+// The update in two deterministic stages, so that a cluster holding most of the rows is spread
+// over many blocks instead of serialising on one:
+//   1. chunk_start = exclusive prefix over clusters of ⌈count / chunk_rows⌉ (scan_chunks);
+//   2. segment_partials: block (chunk b, 128-dim slice) finds its cluster c (chunk_start[c] ≤ b <
+//      chunk_start[c + 1]) and sums that cluster's sorted rows chunk_rows·(b − chunk_start[c]) ..
+//      + chunk_rows into partial[b]: warp w takes rows w, w + 8, … (4 loads in flight), then the
+//      8 warp sums are added in warp order;
+//   3. segment_finish: one thread per (cluster, dim) adds the cluster's partials in chunk order
+//      and divides by the count (empty clusters: 0).
+// The partition into chunks depends only on the counts, and every sum runs in a fixed order:
+// the result is bitwise reproducible, with no float atomics.
+__device__ __forceinline__ int cluster_of_chunk(const uint32_t* __restrict__ chunk_start, int k, uint32_t b) {
+    // The largest c with chunk_start[c] ≤ b (empty clusters before it share its start).
+    int lo = 0, hi = k - 1;
+    while (lo < hi) {
+        const int mid = lo + ((hi - lo + 1) >> 1);  // no overflow for k near 2³¹
+        if (chunk_start[mid] <= b) lo = mid;
+        else hi = mid - 1;
+    }
+    return lo;
+}
+
 template <typename T>
-__device__ void segment_means(const T* __restrict__ x, const uint32_t* __restrict__ order,
-                              const uint32_t* __restrict__ offsets, int k, int d, float* __restrict__ centroids,
-                              uint32_t* __restrict__ status) {
+__device__ void segment_partials(const T* __restrict__ x, const uint32_t* __restrict__ order,
+                                 const uint32_t* __restrict__ offsets, const uint32_t* __restrict__ chunk_start,
+                                 int k, int d, int chunk_rows, float* __restrict__ partial) {
     __shared__ float part[SEG_WARPS][SEG_DIMS];
-    const int cluster = blockIdx.x;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int dim = blockIdx.y * SEG_DIMS + lane * 4;
     const bool vec_ok = (d & 3) == 0;
-    const uint32_t begin = offsets[cluster], end = offsets[cluster + 1];
-    float acc[4] = {0.f, 0.f, 0.f, 0.f};
-    if (dim < d) {
-        uint32_t j = begin + warp;
-        for (; j + 3 * SEG_WARPS < end; j += 4 * SEG_WARPS) {
-            float v[4][4];
+    const uint32_t chunks = chunk_start[k];
+    // Block-uniform loop: the barriers inside are reached by every thread.
+    for (uint32_t b = blockIdx.x; b < chunks; b += gridDim.x) {
+        const int c = cluster_of_chunk(chunk_start, k, b);
+        const uint32_t begin = offsets[c] + (b - chunk_start[c]) * (uint32_t)chunk_rows;
+        const uint32_t end = min(offsets[c + 1], begin + (uint32_t)chunk_rows);
+        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+        if (dim < d) {
+            uint32_t j = begin + warp;
+            for (; j + 3 * SEG_WARPS < end; j += 4 * SEG_WARPS) {
+                float v[4][4];
 #pragma unroll
-            for (int u = 0; u < 4; ++u) load4_or_zero(x + (size_t)order[j + u * SEG_WARPS] * d, dim, d, vec_ok, v[u]);
+                for (int u = 0; u < 4; ++u)
+                    load4_or_zero(x + (size_t)order[j + u * SEG_WARPS] * d, dim, d, vec_ok, v[u]);
 #pragma unroll
-            for (int u = 0; u < 4; ++u)
+                for (int u = 0; u < 4; ++u)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) acc[e] += v[u][e];
+                    for (int e = 0; e < 4; ++e) acc[e] += v[u][e];
+            }
+            for (; j < end; j += SEG_WARPS) {
+                float v[4];
+                load4_or_zero(x + (size_t)order[j] * d, dim, d, vec_ok, v);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc[e] += v[e];
+            }
         }
-        for (; j < end; j += SEG_WARPS) {
-            float v[4];
-            load4_or_zero(x + (size_t)order[j] * d, dim, d, vec_ok, v);
 #pragma unroll
-            for (int e = 0; e < 4; ++e) acc[e] += v[e];
+        for (int e = 0; e < 4; ++e) part[warp][lane * 4 + e] = acc[e];
+        __syncthreads();
+        const int t = threadIdx.x;
+        if (t < SEG_DIMS && blockIdx.y * SEG_DIMS + t < d) {
+            float s = 0.f;
+#pragma unroll
+            for (int w = 0; w < SEG_WARPS; ++w) s += part[w][t];
+            partial[(size_t)b * d + blockIdx.y * SEG_DIMS + t] = s;
         }
+        __syncthreads();  // `part` is rewritten by the next chunk
     }
-#pragma unroll
-    for (int e = 0; e < 4; ++e) part[warp][lane * 4 + e] = acc[e];
-    __syncthreads();
-    const int t = threadIdx.x;
-    if (t < SEG_DIMS && blockIdx.y * SEG_DIMS + t < d) {
+}
+
+__device__ void segment_finish(const float* __restrict__ partial, const uint32_t* __restrict__ offsets,
+                               const uint32_t* __restrict__ chunk_start, int k, int d,
+                               float* __restrict__ centroids, uint32_t* __restrict__ status) {
+    bool bad = false;
+    for (uint64_t t = mk::global_thread(); t < (uint64_t)k * d; t += mk::grid_threads()) {
+        const int c = (int)(t / d), e = (int)(t % d);
         float s = 0.f;
-#pragma unroll
-        for (int w = 0; w < SEG_WARPS; ++w) s += part[w][t];
-        const uint32_t count = end - begin;
+        for (uint32_t b = chunk_start[c]; b < chunk_start[c + 1]; ++b) s += partial[(size_t)b * d + e];
+        const uint32_t count = offsets[c + 1] - offsets[c];
         const float mean = count > 0 ? s / (float)count : 0.f;
-        if (!finite(mean)) atomicOr(status, STATUS_NON_FINITE);
-        centroids[(size_t)cluster * d + blockIdx.y * SEG_DIMS + t] = mean;
+        bad |= !finite(mean);
+        centroids[t] = mean;
     }
+    if (bad) atomicOr(status, STATUS_NON_FINITE);
 }
 
 // One thread per (cluster, dim): scans every row. O(N·K·D); for tests only.
 template <typename T>
 __device__ void update_reference(const T* __restrict__ x, const uint32_t* __restrict__ labels, int n, int k, int d,
                                  float* __restrict__ centroids, uint32_t* __restrict__ counts) {
-    const int t = blockIdx.x * blockDim.x + threadIdx.x;
-    if (t >= k * d) return;
-    const int c = t / d, e = t % d;
+    const size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= (size_t)k * d) return;
+    const int c = (int)(t / d), e = (int)(t % d);
     float s = 0.f;
     uint32_t cnt = 0;
     for (int i = 0; i < n; ++i)
@@ -685,7 +875,7 @@ __device__ void shift_inertia(const float* __restrict__ old_c, const float* __re
     extern "C" __global__ void row_sq_norms_##SN(const T* x, int rows, int d, float* out) {                    \
         row_sq_norms<T>(x, rows, d, out);                                                                       \
     }                                                                                                           \
-    extern "C" __global__ void __launch_bounds__(simt::THREADS)                                                 \
+    extern "C" __global__ void __launch_bounds__(simt::THREADS, 2)                                              \
         assign_simt_l2_##SN(const T* x, const T* c, const float* cn, int n, int k, int d, uint32_t* labels,     \
                             float* dist, uint32_t* status) {                                                    \
         simt::assign<T, false>(x, c, cn, n, k, d, labels, dist, status);                                        \
@@ -700,9 +890,9 @@ __device__ void shift_inertia(const float* __restrict__ old_c, const float* __re
         assign_reference<T>(x, c, n, k, d, l1, labels, dist);                                                   \
     }                                                                                                           \
     extern "C" __global__ void __launch_bounds__(SEG_THREADS)                                                   \
-        segment_means_##SN(const T* x, const uint32_t* order, const uint32_t* offsets, int k, int d,            \
-                           float* centroids, uint32_t* status) {                                                \
-        segment_means<T>(x, order, offsets, k, d, centroids, status);                                           \
+        segment_partials_##SN(const T* x, const uint32_t* order, const uint32_t* offsets,                       \
+                              const uint32_t* chunk_start, int k, int d, int chunk_rows, float* partial) {      \
+        segment_partials<T>(x, order, offsets, chunk_start, k, d, chunk_rows, partial);                         \
     }                                                                                                           \
     extern "C" __global__ void update_reference_##SN(const T* x, const uint32_t* labels, int n, int k, int d,   \
                                                      float* centroids, uint32_t* counts) {                      \
@@ -720,11 +910,19 @@ MK_TYPED(f32, float)
 MK_TYPED(f16, __half)
 MK_TYPED(bf16, __nv_bfloat16)
 
+// Dynamic shared memory: tc::smem_bytes<false>() = 45568 and tc::smem_bytes<true>() = 59904 bytes
+// (the launcher passes these and opts the resident kernel in above 48 KiB).
+static_assert(tc::smem_bytes<false>() == 45568 && tc::smem_bytes<true>() == 59904, "kmeans/cuda.rs sizes");
 #define MK_TC(SN, T)                                                                                            \
-    extern "C" __global__ void __launch_bounds__(tc::THREADS)                                                   \
+    extern "C" __global__ void __launch_bounds__(tc::THREADS, 2)                                                \
         assign_l2_mma_##SN(const T* x, const T* c, const float* cn, int n, int k, int d, uint32_t* labels,      \
                            float* dist, uint32_t* status) {                                                     \
-        tc::assign_l2<T>(x, c, cn, n, k, d, labels, dist, status);                                              \
+        tc::assign_l2<T, false>(x, c, cn, n, k, d, labels, dist, status);                                       \
+    }                                                                                                           \
+    extern "C" __global__ void __launch_bounds__(tc::THREADS, 2)                                                \
+        assign_l2_mma_xres_##SN(const T* x, const T* c, const float* cn, int n, int k, int d, uint32_t* labels, \
+                                float* dist, uint32_t* status) {                                                \
+        tc::assign_l2<T, true>(x, c, cn, n, k, d, labels, dist, status);                                        \
     }
 MK_TC(f16, __half)
 MK_TC(bf16, __nv_bfloat16)
@@ -737,11 +935,23 @@ extern "C" __global__ void counting_sort_reference_u32(const uint32_t* labels, i
                                                        uint32_t* order) {
     counting_sort_reference(labels, n, k, offsets, order);
 }
-extern "C" __global__ void scan_tiles_u32(uint32_t* tile_counts, int tiles, int k, uint32_t* counts) {
+extern "C" __global__ void __launch_bounds__(SCAN_SEGMENTS * 32)
+    scan_tiles_u32(uint32_t* tile_counts, int tiles, int k, uint32_t* counts) {
     scan_tiles(tile_counts, tiles, k, counts);
 }
 extern "C" __global__ void __launch_bounds__(1024) scan_offsets_u32(const uint32_t* counts, int k, uint32_t* offsets) {
-    scan_offsets(counts, k, offsets);
+    block_exclusive_scan([=](int c) { return counts[c]; }, k, offsets);
+}
+extern "C" __global__ void __launch_bounds__(1024)
+    scan_chunks_u32(const uint32_t* offsets, int k, int chunk_rows, uint32_t* chunk_start) {
+    block_exclusive_scan(
+        [=](int c) { return (offsets[c + 1] - offsets[c] + (uint32_t)chunk_rows - 1) / (uint32_t)chunk_rows; },
+        k, chunk_start);
+}
+extern "C" __global__ void segment_finish_f32(const float* partial, const uint32_t* offsets,
+                                              const uint32_t* chunk_start, int k, int d, float* centroids,
+                                              uint32_t* status) {
+    segment_finish(partial, offsets, chunk_start, k, d, centroids, status);
 }
 extern "C" __global__ void stable_scatter_u32(const uint32_t* labels, int n, int k, int tile_rows,
                                               const uint32_t* offsets, uint32_t* tile_cursor, uint32_t* order) {

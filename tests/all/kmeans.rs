@@ -334,13 +334,29 @@ fn errors_are_typed() {
 #[test]
 fn cuda_assign_fast_vs_reference_vs_cpu() {
     let Some(gpu) = testing::cuda_or_skip("cuda_assign_fast_vs_reference_vs_cpu") else { return };
+    testing::set_poisoning(true);
     for dtype in [DType::F32, DType::F16, DType::BF16] {
         let peak = metakernels::bench_support::device_matrix_tflops(&gpu, dtype).unwrap() * 1e3;
         assert!(peak.is_finite() && peak > 0.0, "{dtype:?} peak {peak}");
     }
     for metric in [Metric::SquaredL2, Metric::MeanL1] {
         for dtype in [DType::F32, DType::F16, DType::BF16] {
-            for &(n, d, k) in &[(1, 1, 1), (300, 7, 5), (1000, 64, 257), (129, 40, 130), (64, 8, 64)] {
+            // D = 1, 3, 7, 12 (scalar / 4-wide / no 8-wide loads), K = 1, K = N, K and N off the
+            // 128 tiles, several centroid tiles; D ≤ 128 keeps x resident in the tensor-core
+            // kernel, D = 130 and 136 stream it (without and with 16-byte copies).
+            for &(n, d, k) in &[
+                (1, 1, 1),
+                (300, 7, 5),
+                (1000, 64, 257),
+                (129, 40, 130),
+                (64, 8, 64),
+                (77, 3, 77),
+                (260, 12, 1),
+                (131, 24, 300),
+                (257, 128, 129),
+                (200, 136, 150),
+                (150, 130, 40),
+            ] {
                 let xv = data(n, d, k.min(n), true, (n + d + k) as u64);
                 let (x, x64) = testing::from_f64(&xv, &[n, d], dtype, &gpu).unwrap();
                 let cv = Rng::new(7).normal_vec(k * d);
@@ -375,6 +391,7 @@ fn cuda_assign_fast_vs_reference_vs_cpu() {
 #[test]
 fn cuda_update_and_fit_match_cpu() {
     let Some(gpu) = testing::cuda_or_skip("cuda_update_and_fit_match_cpu") else { return };
+    testing::set_poisoning(true);
     for dtype in [DType::F32, DType::F16, DType::BF16] {
         let (n, d, k) = (5000, 100, 37);
         let (x, x64) = testing::randn(&[n, d], dtype, &gpu, 77).unwrap();
@@ -426,4 +443,135 @@ fn cuda_update_and_fit_match_cpu() {
     }
     let labels = Tensor::from_slice(&vec![9u32; 3000], &[3000], &gpu).unwrap();
     assert!(matches!(kmeans::update(&x, &labels, 8), Err(Error::InvalidArgument { .. })));
+}
+
+/// Exact ties on the device: the same cases as on the CPU, plus duplicated centroids spread over
+/// warps and centroid tiles (indices 10, 40, 77, 200, 250 of 300) and all-equal centroids.
+#[test]
+fn cuda_assign_ties_go_to_the_lowest_index() {
+    let Some(gpu) = testing::cuda_or_skip("cuda_assign_ties_go_to_the_lowest_index") else { return };
+    testing::set_poisoning(true);
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        for metric in [Metric::SquaredL2, Metric::MeanL1] {
+            let x = testing::from_f64(&[0.0, 0.0, 2.0, 2.0], &[2, 2], dtype, &gpu).unwrap().0;
+            let c = [3.0, 3.0, 1.0, 0.0, 0.0, 1.0, -1.0, 0.0, 2.0, 2.0];
+            let c = testing::from_f64(&c, &[5, 2], dtype, &gpu).unwrap().0;
+            let (l, dist) = kmeans::assign(&x, &c, metric).unwrap();
+            assert_eq!(l.to_vec::<u32>().unwrap(), vec![1, 4], "{dtype:?} {metric:?}");
+            assert_eq!(dist.to_vec::<f32>().unwrap()[1], 0.0);
+
+            // Rows equal to a centroid that appears five times; every other centroid is farther.
+            for d in [20, 144] {
+                let (n, k) = (300, 300);
+                let mut cv = Rng::new(5).normal_vec(k * d);
+                let dup: Vec<f64> = cv[10 * d..11 * d].to_vec();
+                for j in [40, 77, 200, 250] {
+                    cv[j * d..(j + 1) * d].copy_from_slice(&dup);
+                }
+                let xv: Vec<f64> = (0..n).flat_map(|_| dup.clone()).collect();
+                let c = testing::from_f64(&cv, &[k, d], dtype, &gpu).unwrap().0;
+                let x = testing::from_f64(&xv, &[n, d], dtype, &gpu).unwrap().0;
+                let (l, _) = kmeans::assign(&x, &c, metric).unwrap();
+                assert_eq!(l.to_vec::<u32>().unwrap(), vec![10; n], "{dtype:?} {metric:?}: duplicates");
+
+                // All centroids equal: every row ties everywhere and takes centroid 0.
+                let c = testing::from_f64(&vec![0.25; k * d], &[k, d], dtype, &gpu).unwrap().0;
+                let (x, _) = testing::randn(&[n, d], dtype, &gpu, 3).unwrap();
+                let (l, _) = kmeans::assign(&x, &c, metric).unwrap();
+                assert_eq!(l.to_vec::<u32>().unwrap(), vec![0; n], "{dtype:?} {metric:?}: all equal");
+                let (lr, _) = kmeans::reference::assign(&x, &c, metric).unwrap();
+                assert_eq!(lr.to_vec::<u32>().unwrap(), vec![0; n], "{dtype:?} {metric:?}: reference");
+            }
+        }
+    }
+}
+
+/// The update on the device with skewed clusters (one holding ~90% of the rows, some empty),
+/// dims off the 128-dim slices and off the 4-wide loads: fast vs reference kernel vs float64, and
+/// the same bits twice.
+#[test]
+fn cuda_update_skewed_clusters_and_tails() {
+    let Some(gpu) = testing::cuda_or_skip("cuda_update_skewed_clusters_and_tails") else { return };
+    testing::set_poisoning(true);
+    for &(n, d, k) in &[(60_000, 260, 9), (20_001, 3, 40), (5, 129, 8), (70_000, 1, 2), (40_000, 8, 100)] {
+        for dtype in [DType::F32, DType::BF16] {
+            let (x, x64) = testing::randn(&[n, d], dtype, &gpu, (n + d) as u64).unwrap();
+            let mut rng = Rng::new(k as u64);
+            // ~90% to cluster 1; clusters ≥ k - 2 stay empty (when k > 3).
+            let labels: Vec<u32> = (0..n)
+                .map(|_| {
+                    if rng.below(10) < 9 {
+                        1
+                    } else {
+                        rng.below((k as u64).saturating_sub(2).max(2)) as u32
+                    }
+                })
+                .collect();
+            let lt = Tensor::from_slice(&labels, &[n], &gpu).unwrap();
+            let (c, counts) = kmeans::update(&x, &lt, k).unwrap();
+            let (cr, countsr) = kmeans::reference::update(&x, &lt, k).unwrap();
+            let (c_ref, counts_ref) = update_reference(&x64, &labels, d, k);
+            assert_eq!(counts.to_vec::<u32>().unwrap(), counts_ref, "({n},{d},{k}) {dtype:?}");
+            assert_eq!(countsr.to_vec::<u32>().unwrap(), counts_ref);
+            testing::assert_close("skewed update", &testing::to_f64(&c).unwrap(), &c_ref, 1e-4);
+            testing::assert_close("skewed update ref", &testing::to_f64(&cr).unwrap(), &c_ref, 1e-4);
+            let bits =
+                |t: &Tensor| t.to_vec::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            let (c2, _) = kmeans::update(&x, &lt, k).unwrap();
+            assert_eq!(bits(&c), bits(&c2), "({n},{d},{k}) {dtype:?}: same bits twice");
+            // The counting sort with many sort tiles (N / 2048) and clusters over several scan
+            // blocks of 32, against the CPU's.
+            let (order, offsets) = kmeans::sort_by_cluster(&lt, k).unwrap();
+            let (oc, offc) = kmeans::sort_by_cluster(&lt.to_device(&cpu()).unwrap(), k).unwrap();
+            assert_eq!(order.to_vec::<u32>().unwrap(), oc.to_vec::<u32>().unwrap());
+            assert_eq!(offsets.to_vec::<u32>().unwrap(), offc.to_vec::<u32>().unwrap());
+        }
+    }
+}
+
+/// Lloyd on the device: the reseeding case of the CPU test (exact values), mean-L1 and bf16 fits
+/// against the CPU from the same start, max_iter = 0, and non-finite input.
+#[test]
+fn cuda_fit_reseeds_and_matches_cpu() {
+    let Some(gpu) = testing::cuda_or_skip("cuda_fit_reseeds_and_matches_cpu") else { return };
+    testing::set_poisoning(true);
+    let x = Tensor::from_slice(&[0.0f32, 1.0, 2.0, 10.0], &[4, 1], &gpu).unwrap();
+    let c = Tensor::from_slice(&[0.5f32, 100.0], &[2, 1], &cpu()).unwrap();
+    let fit = KMeans::new(2).max_iter(1).tol(0.0).init(Init::Given(c)).fit(&x).unwrap();
+    assert_eq!(fit.centroids.to_vec::<f32>().unwrap(), vec![3.25, 10.0]);
+    assert_eq!(fit.assignment.to_vec::<u32>().unwrap(), vec![0, 0, 0, 1]);
+    let c = Tensor::from_slice(&[0.5f32, 100.0, 200.0], &[3, 1], &cpu()).unwrap();
+    let fit = KMeans::new(3).max_iter(1).tol(0.0).init(Init::Given(c)).fit(&x).unwrap();
+    assert_eq!(fit.centroids.to_vec::<f32>().unwrap(), vec![3.25, 10.0, 2.0]);
+
+    for (metric, dtype) in
+        [(Metric::MeanL1, DType::F32), (Metric::SquaredL2, DType::BF16), (Metric::MeanL1, DType::F16)]
+    {
+        let (n, d, k) = (2000, 10, 6);
+        let xv = data(n, d, k, true, 8);
+        let (xg, _) = testing::from_f64(&xv, &[n, d], dtype, &gpu).unwrap();
+        let xc = xg.to_device(&cpu()).unwrap();
+        let start = xc.to_dtype(DType::F32).unwrap().to_vec::<f32>().unwrap()[..k * d].to_vec();
+        let init = Init::Given(Tensor::from_slice(&start, &[k, d], &cpu()).unwrap());
+        let fg = KMeans::new(k).metric(metric).init(init.clone()).fit(&xg).unwrap();
+        let fc = KMeans::new(k).metric(metric).init(init).fit(&xc).unwrap();
+        assert_eq!(fg.assignment.to_vec::<u32>().unwrap(), fc.assignment.to_vec::<u32>().unwrap());
+        assert_eq!(fg.iterations, fc.iterations, "{metric:?} {dtype:?}");
+        assert!((fg.inertia - fc.inertia).abs() <= 1e-3 * fc.inertia, "{metric:?} {dtype:?}");
+        testing::assert_close(
+            "device fit centroids",
+            &testing::to_f64(&fg.centroids).unwrap(),
+            &testing::to_f64(&fc.centroids).unwrap(),
+            1e-4,
+        );
+        let f0 = KMeans::new(k).metric(metric).max_iter(0).fit(&xg).unwrap();
+        assert_eq!(f0.iterations, 0);
+        assert!(!f0.converged && f0.inertia.is_finite());
+    }
+    let bad = Tensor::from_slice(&[1.0f32, f32::NAN, 3.0, 4.0], &[2, 2], &gpu).unwrap();
+    let c = Tensor::from_slice(&[1.0f32, 2.0], &[1, 2], &gpu).unwrap();
+    for metric in [Metric::SquaredL2, Metric::MeanL1] {
+        assert!(matches!(kmeans::assign(&bad, &c, metric), Err(Error::NonFinite { .. })));
+        assert!(matches!(KMeans::new(1).metric(metric).fit(&bad), Err(Error::NonFinite { .. })));
+    }
 }

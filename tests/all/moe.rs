@@ -307,6 +307,7 @@ fn errors_are_typed() {
 #[test]
 fn cuda_moe_matches_cpu() {
     let Some(gpu) = testing::cuda_or_skip("cuda_moe_matches_cpu") else { return };
+    testing::set_poisoning(true);
     let host = Device::cpu();
     for dtype in [DType::F32, DType::F16, DType::BF16] {
         for &(n, d, k) in &[(1, 1, 1), (1000, 33, 7), (4099, 64, 16), (513, 6, 3)] {
@@ -352,4 +353,60 @@ fn cuda_moe_matches_cpu() {
     let fast = testing::to_f64(&moe::lstsq(&x, &y, 0.0).unwrap()).unwrap();
     let reference = testing::to_f64(&moe::reference::lstsq(&x, &y, 0.0).unwrap()).unwrap();
     testing::assert_close("lstsq fast vs reference kernel", &fast, &reference, 1e-4);
+}
+
+/// Least squares on the device beyond the well-conditioned case: the 1024 systems of
+/// 64×16 (fast vs reference kernel vs float64), a rank-deficient system (flagged on chip, solved
+/// by the host's minimum-norm path), and grouped_lstsq with an expert that gets no rows.
+#[test]
+fn cuda_lstsq_rank_deficient_and_grouped() {
+    let Some(gpu) = testing::cuda_or_skip("cuda_lstsq_rank_deficient_and_grouped") else { return };
+    testing::set_poisoning(true);
+    lstsq_case(&gpu, 1024, 64, 16, 8, 0.0, 1e-3);
+    let (x, _) = testing::randn(&[1024, 64, 16], DType::F32, &gpu, 5).unwrap();
+    let (y, _) = testing::randn(&[1024, 64, 8], DType::F32, &gpu, 6).unwrap();
+    let fast = testing::to_f64(&moe::lstsq(&x, &y, 0.01).unwrap()).unwrap();
+    let reference = testing::to_f64(&moe::reference::lstsq(&x, &y, 0.01).unwrap()).unwrap();
+    testing::assert_close("1024 systems: fast vs reference kernel", &fast, &reference, 1e-4);
+
+    // Column 2 duplicates column 0 (as in the CPU test).
+    let m = 30;
+    let mut rng = Rng::new(8);
+    let mut xv = Vec::new();
+    for _ in 0..m {
+        let (a, b) = (rng.normal(), rng.normal());
+        xv.extend([a, b, a]);
+    }
+    let yv: Vec<f64> = (0..m).map(|i| 2.0 * xv[i * 3] - xv[i * 3 + 1] + 0.01 * rng.normal()).collect();
+    let (xt, x64) = testing::from_f64(&xv, &[m, 3], DType::F32, &gpu).unwrap();
+    let (yt, y64) = testing::from_f64(&yv, &[m, 1], DType::F32, &gpu).unwrap();
+    let w = testing::to_f64(&moe::lstsq(&xt, &yt, 0.0).unwrap()).unwrap();
+    let wc = testing::to_f64(
+        &moe::lstsq(&xt.to_device(&cpu()).unwrap(), &yt.to_device(&cpu()).unwrap(), 0.0).unwrap(),
+    )
+    .unwrap();
+    assert!((w[0] - w[2]).abs() < 1e-5, "min-norm splits duplicated columns: {w:?}");
+    testing::assert_close("rank-deficient: device vs CPU", &w, &wc, 1e-4);
+    assert!(residual_orthogonality(&x64, &y64, &w, m, 3, 1) < 1e-4);
+
+    // Expert 2 of 4 gets no rows: W = 0 with ridge 0, and the others match the CPU.
+    let (n_tok, n, r, k) = (500, 5, 3, 4);
+    let expert: Vec<u32> = (0..n_tok).map(|i| [0u32, 1, 3][i % 3]).collect();
+    let logits: Vec<f32> =
+        expert.iter().flat_map(|&e| (0..k).map(move |j| if j as u32 == e { 1.0 } else { 0.0 })).collect();
+    let logits = Tensor::from_slice(&logits, &[n_tok, k], &cpu()).unwrap();
+    let (x, _) = testing::randn(&[n_tok, n], DType::F32, &cpu(), 41).unwrap();
+    let (y, _) = testing::randn(&[n_tok, r], DType::F32, &cpu(), 42).unwrap();
+    let rc = moe::route_top1_logits(&logits).unwrap();
+    let want = testing::to_f64(
+        &moe::grouped_lstsq(&moe::dispatch(&x, &rc).unwrap(), &moe::dispatch(&y, &rc).unwrap(), &rc, 0.0)
+            .unwrap(),
+    )
+    .unwrap();
+    let rg = moe::route_top1_logits(&logits.to_device(&gpu).unwrap()).unwrap();
+    let gx = moe::dispatch(&x.to_device(&gpu).unwrap(), &rg).unwrap();
+    let gy = moe::dispatch(&y.to_device(&gpu).unwrap(), &rg).unwrap();
+    let got = testing::to_f64(&moe::grouped_lstsq(&gx, &gy, &rg, 0.0).unwrap()).unwrap();
+    assert!(got[2 * n * r..3 * n * r].iter().all(|&v| v == 0.0), "empty expert: W = 0");
+    testing::assert_close("grouped lstsq: device vs CPU", &got, &want, 1e-4);
 }

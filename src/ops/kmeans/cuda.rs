@@ -16,11 +16,20 @@ const MODULE: &str = "kmeans";
 /// Rows per block of the assignment kernels (both tile BM = 128).
 const ASSIGN_ROWS: usize = 128;
 const ASSIGN_THREADS: u32 = 256;
+/// The tensor-core assignment keeps x's tile resident in shared memory for D up to this, and
+/// streams it with the centroids beyond. Dynamic shared memory of each (`tc::smem_bytes`).
+const MMA_RESIDENT_MAX_D: usize = 128;
+const MMA_SMEM_RESIDENT: usize = 59_904;
+const MMA_SMEM_STREAMING: usize = 45_568;
 /// Sort tiles: rows per warp of the stable scatter; cursors = tiles × k are kept under 2²⁴.
 const SORT_TILE_ROWS: usize = 2048;
 const MAX_CURSORS: usize = 1 << 24;
+const MAX_TILE_ROWS: usize = 1 << 30;
 const SEG_DIMS: usize = 128;
 const SEG_THREADS: u32 = 256;
+/// Sorted rows per block of the segmented sums, and the cap of that grid (it strides beyond).
+const SEG_CHUNK_ROWS: usize = 1024;
+const MAX_SEG_BLOCKS: usize = 1 << 20;
 
 pub(super) const STATUS_OUT_OF_RANGE: u32 = 2;
 
@@ -99,10 +108,16 @@ fn assign_raw(
     let mut c_norms = dev.alloc::<f32>(k)?;
     let sfx = suffix(x.dtype());
     let (ni, ki, di) = (n as i32, k as i32, d as i32);
-    let (kernel, norms_needed) = match (metric, x.dtype()) {
-        (Metric::SquaredL2, DType::F16 | DType::BF16) => (format!("assign_l2_mma_{sfx}"), true),
-        (Metric::SquaredL2, _) => (format!("assign_simt_l2_{sfx}"), true),
-        (Metric::MeanL1, _) => (format!("assign_simt_l1_{sfx}"), false),
+    // (kernel, ‖c‖² needed, dynamic shared memory bytes)
+    let (kernel, norms_needed, smem) = match (metric, x.dtype()) {
+        (Metric::SquaredL2, DType::F16 | DType::BF16) if d <= MMA_RESIDENT_MAX_D => {
+            (format!("assign_l2_mma_xres_{sfx}"), true, MMA_SMEM_RESIDENT)
+        }
+        (Metric::SquaredL2, DType::F16 | DType::BF16) => {
+            (format!("assign_l2_mma_{sfx}"), true, MMA_SMEM_STREAMING)
+        }
+        (Metric::SquaredL2, _) => (format!("assign_simt_l2_{sfx}"), true, 0),
+        (Metric::MeanL1, _) => (format!("assign_simt_l1_{sfx}"), false, 0),
     };
     let xs_c = &c;
     with_slice!(x, OP, |xs| {
@@ -116,14 +131,17 @@ fn assign_raw(
                 unsafe { b.launch(cfg((blocks, 1), 256)) }.map_err(driver("launching row_sq_norms"))?;
             }
             let f = dev.function(MODULE, &kernel)?;
+            dev.allow_shared_bytes(&f, &kernel, smem)?;
             let blocks = n.div_ceil(ASSIGN_ROWS) as u32;
+            let launch = LaunchConfig { shared_mem_bytes: smem as u32, ..cfg((blocks, 1), ASSIGN_THREADS) };
             let mut b = dev.stream().launch_builder(&f);
             b.arg(xs).arg(cs).arg(&c_norms).arg(&ni).arg(&ki).arg(&di);
             b.arg(&mut labels).arg(&mut dist).arg(&mut *status);
             // SAFETY: x holds n·d and c k·d elements of the kernel's type, c_norms k floats,
-            // labels/dist n elements each; every access in the kernel is bounds-checked.
-            unsafe { b.launch(cfg((blocks, 1), ASSIGN_THREADS)) }
-                .map_err(driver(format!("launching {kernel}")))?;
+            // labels/dist n elements each; every access in the kernel is bounds-checked; the
+            // tensor-core kernels get the dynamic shared memory they carve (sizes asserted in
+            // kernels/kmeans.cu), opted in above 48 KiB.
+            unsafe { b.launch(launch) }.map_err(driver(format!("launching {kernel}")))?;
         })
     });
     Ok((labels, dist))
@@ -170,7 +188,9 @@ fn counting_sort_raw(
     k: usize,
     status: &mut CudaSlice<u32>,
 ) -> Result<(CudaSlice<u32>, CudaSlice<u32>, CudaSlice<u32>)> {
-    let tile_rows = SORT_TILE_ROWS.max(n.div_ceil((MAX_CURSORS / k).max(1)).next_multiple_of(32));
+    // Capped at 2³⁰ so that it (and tile · tile_rows < n) stays an i32 for N near 2³¹.
+    let tile_rows =
+        SORT_TILE_ROWS.max(n.div_ceil((MAX_CURSORS / k).max(1)).next_multiple_of(32)).min(MAX_TILE_ROWS);
     let tiles = n.div_ceil(tile_rows).max(1);
     let mut cursors = dev.alloc_zeros::<u32>(tiles * k)?;
     let mut counts = dev.alloc::<u32>(k)?;
@@ -188,8 +208,8 @@ fn counting_sort_raw(
     let f = dev.function(MODULE, "scan_tiles_u32")?;
     let mut b = s.launch_builder(&f);
     b.arg(&mut cursors).arg(&ti).arg(&ki).arg(&mut counts);
-    // SAFETY: cursors holds tiles·k values and counts k; one thread per cluster.
-    unsafe { b.launch(cfg((k.div_ceil(256) as u32, 1), 256)) }.map_err(driver("launching scan_tiles_u32"))?;
+    // SAFETY: cursors holds tiles·k values and counts k; 32 clusters per 256-thread block.
+    unsafe { b.launch(cfg((k.div_ceil(32) as u32, 1), 256)) }.map_err(driver("launching scan_tiles_u32"))?;
 
     let f = dev.function(MODULE, "scan_offsets_u32")?;
     let mut b = s.launch_builder(&f);
@@ -207,7 +227,11 @@ fn counting_sort_raw(
     Ok((order, offsets, counts))
 }
 
-/// Per-cluster means of `x`'s rows, read in sorted order.
+/// Per-cluster means of `x`'s rows, read in sorted order, in two deterministic stages: sums over
+/// fixed chunks of `SEG_CHUNK_ROWS` sorted rows of each cluster (so one huge cluster spreads over
+/// many blocks), then each cluster's chunk sums added in chunk order. No host synchronisation:
+/// the chunk count is only known on the device, so the first grid covers the bound
+/// ⌈n / chunk⌉ + min(n, k) and surplus blocks exit at once.
 fn segment_means_raw(
     dev: &CudaDevice,
     x: &Tensor,
@@ -217,24 +241,43 @@ fn segment_means_raw(
     status: &mut CudaSlice<u32>,
 ) -> Result<CudaSlice<f32>> {
     const OP: &str = "kmeans::update";
-    let d = x.shape()[1];
+    let (n, d) = (x.shape()[0], x.shape()[1]);
     if d.div_ceil(SEG_DIMS) > 65_535 {
         return Err(Error::shape(OP, "x", "[N, D] with D ≤ 8388480 on CUDA", x.shape()));
     }
-    let mut centroids = dev.alloc::<f32>(k * d)?;
     let o = order.cuda_slice::<u32>(OP)?;
     let off = offsets.cuda_slice::<u32>(OP)?;
-    let (ki, di) = (k as i32, d as i32);
-    let name = format!("segment_means_{}", suffix(x.dtype()));
+    let (ki, di, chunk_i) = (k as i32, d as i32, SEG_CHUNK_ROWS as i32);
+    let max_chunks = n.div_ceil(SEG_CHUNK_ROWS) + n.min(k);
+    let mut chunk_start = dev.alloc::<u32>(k + 1)?;
+    let mut partial = dev.alloc::<f32>(max_chunks * d)?;
+    let mut centroids = dev.alloc::<f32>(k * d)?;
+    let s = dev.stream();
+
+    let f = dev.function(MODULE, "scan_chunks_u32")?;
+    let mut b = s.launch_builder(&f);
+    b.arg(off).arg(&ki).arg(&chunk_i).arg(&mut chunk_start);
+    // SAFETY: offsets holds k + 1 values, chunk_start k + 1; a single block of 1024 threads.
+    unsafe { b.launch(cfg((1, 1), 1024)) }.map_err(driver("launching scan_chunks_u32"))?;
+
+    let name = format!("segment_partials_{}", suffix(x.dtype()));
     let f = dev.function(MODULE, &name)?;
+    let blocks = max_chunks.min(MAX_SEG_BLOCKS) as u32;
     with_slice!(x, OP, |xs| {
-        let mut b = dev.stream().launch_builder(&f);
-        b.arg(xs).arg(o).arg(off).arg(&ki).arg(&di).arg(&mut centroids).arg(&mut *status);
-        // SAFETY: grid (k, ⌈d/128⌉) within limits (checked above); order holds n row ids < n,
-        // offsets k + 1 bounds into it; centroids k·d floats.
-        unsafe { b.launch(cfg((k as u32, d.div_ceil(SEG_DIMS) as u32), SEG_THREADS)) }
+        let mut b = s.launch_builder(&f);
+        b.arg(xs).arg(o).arg(off).arg(&chunk_start).arg(&ki).arg(&di).arg(&chunk_i).arg(&mut partial);
+        // SAFETY: grid (chunks, ⌈d/128⌉) within limits (checked above; chunks grid-strided);
+        // order holds n row ids < n and offsets k + 1 bounds into it; the chunk count is at most
+        // max_chunks, the rows of partial.
+        unsafe { b.launch(cfg((blocks, d.div_ceil(SEG_DIMS) as u32), SEG_THREADS)) }
             .map_err(driver(format!("launching {name}")))?;
     });
+
+    let f = dev.function(MODULE, "segment_finish_f32")?;
+    let mut b = s.launch_builder(&f);
+    b.arg(&partial).arg(off).arg(&chunk_start).arg(&ki).arg(&di).arg(&mut centroids).arg(&mut *status);
+    // SAFETY: grid-stride over k·d outputs; reads the partial rows chunk_start[c]..[c+1] < max_chunks.
+    unsafe { b.launch(crate::cuda::grid_1d(k * d, 256)) }.map_err(driver("launching segment_finish_f32"))?;
     Ok(centroids)
 }
 

@@ -72,6 +72,7 @@ pub(super) fn combine(grouped: &Tensor, routing: &Routing, weights: Option<&Tens
     };
     let dev = grouped.cuda_device()?.clone();
     let (n, d) = (grouped.shape()[0], grouped.shape()[1]);
+    check_row_bytes(d * grouped.dtype().size_in_bytes(), grouped, OP)?;
     let idx = routing.order.cuda_slice::<u32>(OP)?;
     let ws = w.cuda_slice::<f32>(OP)?;
     let name = format!("scatter_scaled_{}", grouped.dtype().as_str());
@@ -99,6 +100,14 @@ pub(super) fn combine(grouped: &Tensor, routing: &Routing, weights: Option<&Tens
     Ok(Tensor::from_cuda_buffer(buffer, &[n, d], grouped.dtype(), grouped.device()))
 }
 
+/// The row kernels take a row's length (in elements or bytes) as an i32.
+fn check_row_bytes(row_bytes: usize, t: &Tensor, op: &'static str) -> Result<()> {
+    if row_bytes > i32::MAX as usize {
+        return Err(Error::shape(op, "rows", "[N, D] with rows under 2³¹ bytes on CUDA", t.shape()));
+    }
+    Ok(())
+}
+
 /// Gather (`scatter = false`: dst[j] = src[order[j]]) or scatter (dst[order[j]] = src[j]) of
 /// whole rows, moved as the widest vectors that divide a row's bytes.
 fn move_rows(src: &Tensor, routing: &Routing, scatter: bool) -> Result<Tensor> {
@@ -107,6 +116,7 @@ fn move_rows(src: &Tensor, routing: &Routing, scatter: bool) -> Result<Tensor> {
     let (n, d) = (src.shape()[0], src.shape()[1]);
     let idx = routing.order.cuda_slice::<u32>(OP)?;
     let row_bytes = d * src.dtype().size_in_bytes();
+    check_row_bytes(row_bytes, src, OP)?;
     let scatter_i = i32::from(scatter);
     let ni = n as i32;
     macro_rules! go {
@@ -217,6 +227,9 @@ pub(super) fn lstsq_segments(
             op,
         )?;
         return w.to_device(device);
+    }
+    if segments.last().is_some_and(|s| s.1 > u32::MAX as usize) {
+        return Err(Error::shape(op, "x", "[..., M, n] with under 2³² rows in all on CUDA", x.shape()));
     }
     let dev = x.cuda_device()?.clone();
     let x32 = x.to_dtype(DType::F32)?;
@@ -350,6 +363,7 @@ pub(super) fn move_rows_reference(src: &Tensor, routing: &Routing, scatter: bool
     let dev = src.cuda_device()?.clone();
     let (n, d) = (src.shape()[0], src.shape()[1]);
     let row_bytes = d * src.dtype().size_in_bytes();
+    check_row_bytes(row_bytes, src, OP)?;
     let idx = routing.order.cuda_slice::<u32>(OP)?;
     let f = dev.function(MODULE, "move_bytes_reference")?;
     let (ni, rbi, si) = (n as i32, row_bytes as i32, i32::from(scatter));
