@@ -182,7 +182,9 @@ criterion_group!(benches, cpu_group, cuda_group);
 
 fn main() {
     // Report lines first (the numbers the bars are about), then criterion's groups.
-    report(&Device::cpu(), DType::F32, CPU_SHAPE, 15, true);
+    if metakernels::bench_support::cpu_reports_enabled() {
+        report(&Device::cpu(), DType::F32, CPU_SHAPE, 15, true);
+    }
     if let (Ok(dev), true) = (Device::cuda(0), metakernels::kernels_built()) {
         for dtype in [DType::F32, DType::F16, DType::BF16] {
             report(&dev, dtype, GPU_SHAPE, 10, false);

@@ -285,7 +285,9 @@ fn bench_cuda(c: &mut Criterion) {
 criterion_group!(benches, bench_cpu, bench_cuda);
 
 fn main() {
-    cpu_report();
+    if metakernels::bench_support::cpu_reports_enabled() {
+        cpu_report();
+    }
     match Device::cuda(0) {
         Ok(gpu) if metakernels::kernels_built() => cuda_report(&gpu),
         _ => println!("[metakernels] no usable CUDA device: GPU report skipped"),

@@ -131,8 +131,10 @@ fn cuda_group(c: &mut Criterion) {
 criterion_group!(benches, cpu_group, cuda_group);
 
 fn main() {
-    report_dispatch(&Device::cpu(), 65_536, 1024, DType::F32);
-    report_lstsq(&Device::cpu());
+    if metakernels::bench_support::cpu_reports_enabled() {
+        report_dispatch(&Device::cpu(), 65_536, 1024, DType::F32);
+        report_lstsq(&Device::cpu());
+    }
     if let (Ok(dev), true) = (Device::cuda(0), metakernels::kernels_built()) {
         for dtype in [DType::F32, DType::BF16] {
             report_dispatch(&dev, 1 << 20, 1024, dtype);

@@ -173,13 +173,15 @@ fn report_forward_backward(
 }
 
 fn report() {
-    let cpu = Device::cpu();
-    // The GEMM rate is measured right before each group (not once per process), so that the
-    // ratio holds on a machine shared with other work.
-    let _ = cpu_ceilings();
-    let ceiling = || Some(("f32 GEMM GFLOP/s".to_string(), cpu_sgemm_gflops()));
-    report_forward(&cpu, Shape { b: 1, h: 16, t: 4096, d: 64 }, DType::F32, ceiling(), 5);
-    report_forward_backward(&cpu, Shape { b: 1, h: 16, t: 1024, d: 64 }, DType::F32, ceiling(), 5);
+    if metakernels::bench_support::cpu_reports_enabled() {
+        let cpu = Device::cpu();
+        // The GEMM rate is measured right before each group (not once per process), so that the
+        // ratio holds on a machine shared with other work.
+        let _ = cpu_ceilings();
+        let ceiling = || Some(("f32 GEMM GFLOP/s".to_string(), cpu_sgemm_gflops()));
+        report_forward(&cpu, Shape { b: 1, h: 16, t: 4096, d: 64 }, DType::F32, ceiling(), 5);
+        report_forward_backward(&cpu, Shape { b: 1, h: 16, t: 1024, d: 64 }, DType::F32, ceiling(), 5);
+    }
 
     if let Some(gpu) = cuda() {
         // The bf16 tensor-core rate measured now (mma.sync chains, kernels/ceiling.cu); the

@@ -39,7 +39,9 @@ fn cpu_casts(c: &mut Criterion) {
         });
     }
     group.finish();
-    report_casts(&dev, numel, 3);
+    if bench_support::cpu_reports_enabled() {
+        report_casts(&dev, numel, 3);
+    }
 }
 
 fn cuda_copies_and_casts(c: &mut Criterion) {

@@ -19,6 +19,13 @@ pub struct Ceilings {
     pub copy_gbps: f64,
 }
 
+/// Whether the benchmarks should measure and report their CPU shapes: false when
+/// `METAKERNELS_BENCH_SKIP_CPU=1`, which the GPU bundle's run.sh sets so that scarce device
+/// time goes to the CUDA reports.
+pub fn cpu_reports_enabled() -> bool {
+    !std::env::var("METAKERNELS_BENCH_SKIP_CPU").is_ok_and(|v| v == "1")
+}
+
 /// The CPU's ceilings, measured once per process (about half a second).
 pub fn cpu_ceilings() -> Ceilings {
     static CPU: OnceLock<Ceilings> = OnceLock::new();
