@@ -550,8 +550,6 @@ struct MetaWorkspace<T> {
     iterates: Vec<T>,
     adapted: Vec<T>,
     hv: Vec<T>,
-    /// The current task's meta-gradient.
-    g: Vec<T>,
 }
 
 /// One task's data views.
@@ -682,69 +680,55 @@ pub(super) fn meta_gradient<T: Real>(
             format!("cannot allocate the {iterate_len} stored iterate and tape values of a task"),
         ));
     }
-    // Tasks run in fixed groups (independent of the thread count); each group sums its tasks'
-    // meta-gradients in order, and the group sums are added in order: the result is
-    // deterministic, and no [T, P] buffer is allocated per call unless θ_k is asked for.
-    let groups = tasks.div_ceil(TASK_GROUP);
-    let results: Vec<GroupResult<T>> = (0..groups)
+    // One result per task, summed in task order at the end: the meta-gradient does not depend
+    // on the thread count. Tasks all cost the same, so each thread takes one contiguous run of
+    // them and builds its workspace once. (Rayon halves ranges while both halves keep at least
+    // `with_min_len` items, so the floor here gives each of the threads one run.)
+    let per_thread = (tasks / rayon::current_num_threads().max(1)).max(1);
+    let (ns, nq) = (dims.support, dims.query);
+    let results: Vec<TaskResult<T>> = (0..tasks)
         .into_par_iter()
+        .with_min_len(per_thread)
         .map_init(
             || MetaWorkspace {
                 tapes: (0..=maml.inner_steps).map(|_| Workspace::new(layout, rows)).collect(),
-                r: RWorkspace::new(layout, dims.support),
+                r: RWorkspace::new(layout, ns),
                 iterates: vec![T::ZERO; maml.inner_steps * pn],
                 adapted: vec![T::ZERO; pn],
                 hv: vec![T::ZERO; pn],
-                g: vec![T::ZERO; pn],
             },
-            |ws, group| {
-                let members = group * TASK_GROUP..((group + 1) * TASK_GROUP).min(tasks);
-                let mut out = GroupResult {
-                    grad_sum: vec![T::ZERO; pn],
-                    losses: Vec::with_capacity(members.len()),
-                    adapted: Vec::with_capacity(if maml.return_adapted { members.len() * pn } else { 0 }),
+            |ws, t| {
+                let data = TaskData {
+                    xs: &xs[t * ns * d_in..(t + 1) * ns * d_in],
+                    ys: task_targets(ys, t, ns, stride),
+                    xq: &xq[t * nq * d_in..(t + 1) * nq * d_in],
+                    yq: task_targets(yq, t, nq, stride),
                 };
-                let (ns, nq) = (dims.support, dims.query);
-                for t in members {
-                    let data = TaskData {
-                        xs: &xs[t * ns * d_in..(t + 1) * ns * d_in],
-                        ys: task_targets(ys, t, ns, stride),
-                        xq: &xq[t * nq * d_in..(t + 1) * nq * d_in],
-                        yq: task_targets(yq, t, nq, stride),
-                    };
-                    let mut g = std::mem::take(&mut ws.g);
-                    out.losses.push(maml_task_dispatch(layout, maml, dims, theta, &data, ws, &mut g));
-                    super::real::axpy(T::ONE, &g, &mut out.grad_sum);
-                    ws.g = g;
-                    if maml.return_adapted {
-                        out.adapted.extend_from_slice(&ws.adapted);
-                    }
-                }
-                out
+                let mut grad = vec![T::ZERO; pn];
+                let loss = maml_task_dispatch(layout, maml, dims, theta, &data, ws, &mut grad);
+                let adapted = if maml.return_adapted { ws.adapted.clone() } else { Vec::new() };
+                TaskResult { grad, loss, adapted }
             },
         )
         .collect();
     Ok(finish_meta(maml, tasks, pn, results))
 }
 
-/// Tasks per group of the CPU meta-gradient (see `meta_gradient`).
-const TASK_GROUP: usize = 1;
-
-/// What one group of tasks produces.
-struct GroupResult<T> {
-    grad_sum: Vec<T>,
-    losses: Vec<T>,
+/// What one task produces: its meta-gradient, query loss, and θ_k when asked for.
+struct TaskResult<T> {
+    grad: Vec<T>,
+    loss: T,
     adapted: Vec<T>,
 }
 
-/// The mean over tasks (group sums added in group order) and the output tensors.
-fn finish_meta<T: Real>(maml: &Maml, tasks: usize, pn: usize, results: Vec<GroupResult<T>>) -> MetaGradient {
+/// The mean over tasks (summed in task order) and the output tensors.
+fn finish_meta<T: Real>(maml: &Maml, tasks: usize, pn: usize, results: Vec<TaskResult<T>>) -> MetaGradient {
     let mut sum = vec![T::ZERO; pn];
     let mut losses = Vec::with_capacity(tasks);
     let mut adapted = Vec::with_capacity(if maml.return_adapted { tasks * pn } else { 0 });
     for r in results {
-        super::real::axpy(T::ONE, &r.grad_sum, &mut sum);
-        losses.extend(r.losses);
+        super::real::axpy(T::ONE, &r.grad, &mut sum);
+        losses.push(r.loss);
         adapted.extend(r.adapted);
     }
     let inv = T::of(1.0 / tasks as f64);

@@ -334,8 +334,8 @@ unsafe fn transpose_f32_avx(b: &[f32], rows: usize, cols: usize, bt: &mut [f32])
             // j0..j0+8 ≤ cols and columns i0..i0+8 ≤ rows of bt: every access is in bounds
             // of the slices cut to rows·cols above (unaligned loads and stores).
             let r: [__m256; TILE] = std::array::from_fn(|i| _mm256_loadu_ps(src.add((i0 + i) * cols + j0)));
-            // Pairs of rows interleaved, then groups of four: s_c holds column c in its low
-            // half (rows 0–3 or 4–7) and column c + 4 in its high half.
+            // Pairs of rows interleaved, then groups of four: low[c] holds column c of rows
+            // 0–3 in its low 128 bits and column c + 4 in its high ones, high[c] rows 4–7.
             let t0 = _mm256_unpacklo_ps(r[0], r[1]);
             let t1 = _mm256_unpackhi_ps(r[0], r[1]);
             let t2 = _mm256_unpacklo_ps(r[2], r[3]);
@@ -446,6 +446,9 @@ fn gemm_body<T: Real, const FMA: bool, const WIDE: usize>(
     b: &[T],
     c: &mut [T],
 ) {
+    if m == 1 && single_column::<T, FMA>(n, k, a, b, c) {
+        return;
+    }
     let mut j0 = 0;
     while j0 < m {
         let rest = m - j0;
@@ -466,6 +469,54 @@ fn gemm_body<T: Real, const FMA: bool, const WIDE: usize>(
             j0 += 1;
         }
     }
+}
+
+/// c[n×1] += A[n×k] · b[k×1] (the output layer of a regression net, or a weight gradient
+/// against a single input feature), vectorised along whichever side of A is contiguous: as n
+/// dot products, or as k column updates. Returns false (nothing done) when neither is.
+#[inline(always)]
+fn single_column<T: Real, const FMA: bool>(
+    n: usize,
+    k: usize,
+    a: Strided<'_, T>,
+    b: &[T],
+    c: &mut [T],
+) -> bool {
+    let (b, c) = (&b[..k], &mut c[..n]);
+    if a.cs == 1 {
+        for (i, out) in c.iter_mut().enumerate() {
+            *out += dot::<T, FMA>(&a.data[i * a.rs..i * a.rs + k], b);
+        }
+        true
+    } else if a.rs == 1 {
+        for (p, &scale) in b.iter().enumerate() {
+            let column = &a.data[p * a.cs..p * a.cs + n];
+            for (out, &v) in c.iter_mut().zip(column) {
+                *out = if FMA { scale.mul_add(v, *out) } else { *out + scale * v };
+            }
+        }
+        true
+    } else {
+        false
+    }
+}
+
+/// Σ x_i y_i over 16 independent lanes (so that it vectorises), then across them.
+#[inline(always)]
+fn dot<T: Real, const FMA: bool>(x: &[T], y: &[T]) -> T {
+    const LANES: usize = 16;
+    let mut acc = [T::ZERO; LANES];
+    let (xs, ys) = (x.chunks_exact(LANES), y.chunks_exact(LANES));
+    let mut total = T::ZERO;
+    for (&xi, &yi) in xs.remainder().iter().zip(ys.remainder()) {
+        total += xi * yi;
+    }
+    for (xc, yc) in xs.zip(ys) {
+        for ((s, &xi), &yi) in acc.iter_mut().zip(xc).zip(yc) {
+            *s = if FMA { xi.mul_add(yi, *s) } else { *s + xi * yi };
+        }
+    }
+    acc.iter().fold(total, |sum, &v| sum + v)
 }
 
 #[inline(always)]
