@@ -50,6 +50,7 @@ pub(crate) struct Workspace<T> {
 }
 
 /// The buffers of the R-operator passes (directional derivatives along the HVP direction v).
+#[derive(Default)]
 pub(crate) struct RWorkspace<T> {
     /// R{z_l} of every layer, R{h_l} of the hidden layers.
     rz: Vec<Vec<T>>,
@@ -550,12 +551,71 @@ pub(super) fn hvp<T: Real>(
 /// A task's meta-gradient workspace: the k inner iterates θ_0 … θ_{k−1} with the tapes of their
 /// support passes (tape k is the query pass's), the R-pass buffers, the adapted θ_k, and the
 /// reverse-pass vectors.
+#[derive(Default)]
 struct MetaWorkspace<T> {
+    /// What the buffers were sized for: layer widths, sample rows, support rows, steps k.
+    shape: (Vec<usize>, usize, usize, usize),
     tapes: Vec<Workspace<T>>,
     r: RWorkspace<T>,
     iterates: Vec<T>,
     adapted: Vec<T>,
     hv: Vec<T>,
+}
+
+impl<T: Real> MetaWorkspace<T> {
+    fn new(layout: &Layout, rows: usize, support: usize, steps: usize) -> Self {
+        let pn = layout.num_params;
+        MetaWorkspace {
+            shape: (layout.sizes.clone(), rows, support, steps),
+            tapes: (0..=steps).map(|_| Workspace::new(layout, rows)).collect(),
+            r: RWorkspace::new(layout, support),
+            iterates: vec![T::ZERO; steps * pn],
+            adapted: vec![T::ZERO; pn],
+            hv: vec![T::ZERO; pn],
+        }
+    }
+}
+
+thread_local! {
+    /// The meta-gradient workspace this thread used last, kept for the next call of the same
+    /// shape: a training loop then allocates no workspace and touches no fresh pages per call.
+    static CACHED_WORKSPACE: std::cell::RefCell<Option<Box<dyn std::any::Any>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Workspaces of at most this many bytes are kept between calls (larger ones are freed).
+const CACHE_MAX_BYTES: usize = 4 << 20;
+
+/// A meta-gradient workspace on loan from this thread's cache (or new); returned to the cache
+/// of the thread that drops it.
+struct CachedWorkspace<T: Real> {
+    ws: MetaWorkspace<T>,
+    bytes: usize,
+}
+
+impl<T: Real> CachedWorkspace<T> {
+    fn take(layout: &Layout, rows: usize, support: usize, steps: usize, bytes: usize) -> Self {
+        let shape = (layout.sizes.clone(), rows, support, steps);
+        let cached = CACHED_WORKSPACE
+            .with(|c| c.borrow_mut().take())
+            .and_then(|b| b.downcast::<MetaWorkspace<T>>().ok())
+            .filter(|ws| ws.shape == shape);
+        let ws = match cached {
+            Some(ws) => *ws,
+            None => MetaWorkspace::new(layout, rows, support, steps),
+        };
+        CachedWorkspace { ws, bytes }
+    }
+}
+
+impl<T: Real> Drop for CachedWorkspace<T> {
+    fn drop(&mut self) {
+        if self.bytes <= CACHE_MAX_BYTES {
+            let ws = std::mem::take(&mut self.ws);
+            // A thread being torn down has no cache left: the workspace is just freed then.
+            let _ = CACHED_WORKSPACE.try_with(|c| *c.borrow_mut() = Some(Box::new(ws)));
+        }
+    }
 }
 
 /// One task's data views.
@@ -679,6 +739,7 @@ pub(super) fn meta_gradient<T: Real>(
     // Per task: k iterates of P values and k + 1 tapes (saturating: absurd k must fail here).
     let tape_len = Workspace::<T>::len(layout, rows);
     let iterate_len = pn.saturating_add(tape_len).saturating_mul(maml.inner_steps).saturating_add(tape_len);
+    let workspace_bytes = iterate_len.saturating_mul(size_of::<T>());
     if Vec::<T>::new().try_reserve_exact(iterate_len).is_err() {
         return Err(crate::Error::invalid(
             OP,
@@ -696,14 +757,9 @@ pub(super) fn meta_gradient<T: Real>(
         .into_par_iter()
         .with_min_len(per_thread)
         .map_init(
-            || MetaWorkspace {
-                tapes: (0..=maml.inner_steps).map(|_| Workspace::new(layout, rows)).collect(),
-                r: RWorkspace::new(layout, ns),
-                iterates: vec![T::ZERO; maml.inner_steps * pn],
-                adapted: vec![T::ZERO; pn],
-                hv: vec![T::ZERO; pn],
-            },
-            |ws, t| {
+            || CachedWorkspace::<T>::take(layout, rows, ns, maml.inner_steps, workspace_bytes),
+            |cached, t| {
+                let ws = &mut cached.ws;
                 let data = TaskData {
                     xs: &xs[t * ns * d_in..(t + 1) * ns * d_in],
                     ys: task_targets(ys, t, ns, stride),
