@@ -162,7 +162,7 @@ class Cfg:
         self.params = sum(sizes[l + 1] * (sizes[l] + 1) for l in range(self.layers))
         self.rows = rows
         self.act_elems = rows * sum(sizes[1:])
-        self.wide = rows * max(max(sizes[1:]), sizes[0])
+        self.wide = rows * max(sizes[1:])
         self.ws_elems = 4 * self.act_elems + 4 * self.wide + 32 + vectors * self.params
 
 
@@ -589,7 +589,8 @@ def main():
     cases += [
         ("meta", [1, 6, 6, 1], 0, 0, 2, 1, 2, 3, True),   # sinusoid-like, one support sample
         ("meta", [2, 4, 3], 1, 0, 1, 3, 3, 1, False),     # first order, k = 1
-        ("meta", [4, 3], 3, 1, 2, 2, 5, 2, True),         # one layer
+        ("meta", [4, 3], 3, 1, 2, 2, 5, 2, True),         # one layer, input wider than output
+        ("meta", [9, 4, 3], 2, 1, 2, 3, 2, 2, True),      # input wider than every layer
         ("meta", [2, 70, 2], 1, 0, 1, 2, 2, 1, True),     # more outputs than threads per block
         ("ops", [3, 5, 4, 3], 2, 1, 2, 3, True),
         ("ops", [3, 5, 4, 2], 3, 0, 2, 1, False),

@@ -128,6 +128,11 @@ fn cuda_meta_gradient_on_edge_shapes() {
     for dtype in [DType::F32, DType::F64] {
         check_meta(&dev, &multi, dtype, 3, Order::Second, 4, 1);
     }
+    // An input wider than every layer: the fused workspace's δ buffers are sized by the layer
+    // outputs only.
+    let narrow =
+        Mlp { sizes: vec![100, 8, 3], activation: Activation::Gelu, loss: Loss::SoftmaxCrossEntropy };
+    check_meta(&dev, &narrow, DType::F64, 2, Order::Second, 3, 4);
     // One task of one layer (no hidden layer: no activation, no δ chain).
     let linear = Mlp { sizes: vec![5, 3], activation: Activation::Softplus, loss: Loss::SoftmaxCrossEntropy };
     check_meta(&dev, &linear, DType::F64, 2, Order::Second, 1, 2);
