@@ -53,6 +53,9 @@ fn sinusoid_batch(tasks: usize, k: usize, dev: &Device) -> TaskBatch {
 enum Pass {
     Gradient,
     Hvp,
+    /// An HVP of the meta-gradient's reverse loop, which reads the plain forward pass and δ
+    /// chain from the tape of the inner step at the same parameters.
+    HvpOnTape,
 }
 
 fn pass_flops(sizes: &[usize], n: usize, pass: Pass) -> f64 {
@@ -68,6 +71,8 @@ fn pass_flops(sizes: &[usize], n: usize, pass: Pass) -> f64 {
                 // forward (1), R-forward (1 or 2), dL/dh below (1), R weight gradient (1 or 2),
                 // R dL/dh below (2); the HVP skips the plain weight gradient
                 Pass::Hvp => m * (3.0 + 5.0 * below),
+                // R-forward (1 or 2), R weight gradient (1 or 2), R dL/dh below (2)
+                Pass::HvpOnTape => m * (2.0 + 4.0 * below),
             }
         })
         .sum()
@@ -75,7 +80,7 @@ fn pass_flops(sizes: &[usize], n: usize, pass: Pass) -> f64 {
 
 fn meta_flops(sizes: &[usize], tasks: usize, k: usize, n: usize, order: Order) -> f64 {
     let grad = pass_flops(sizes, n, Pass::Gradient);
-    let hvp = if order == Order::Second { pass_flops(sizes, n, Pass::Hvp) } else { 0.0 };
+    let hvp = if order == Order::Second { pass_flops(sizes, n, Pass::HvpOnTape) } else { 0.0 };
     tasks as f64 * ((k + 1) as f64 * grad + k as f64 * hvp)
 }
 

@@ -41,7 +41,7 @@ struct NetConfig {
     int params;     // P
     int rows;       // the largest sample count of the call (workspace row capacity)
     int act_elems;  // rows * sum of all layer widths (one activation buffer)
-    int wide;       // rows * max(widest layer, input width) (one delta buffer)
+    int wide;       // rows * widest layer output (one delta buffer; never holds input width)
     int ws_elems;   // workspace elements per task
 };
 

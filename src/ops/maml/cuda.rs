@@ -64,7 +64,9 @@ fn net_config(layout: &Layout, rows: usize, vectors: usize) -> Option<NetConfig>
     let int = |v: Option<usize>| v.filter(|&v| v <= i32::MAX as usize);
     let widths: usize = layout.sizes[1..].iter().sum();
     let act_elems = int(rows.checked_mul(widths))?;
-    let wide = int(rows.checked_mul(layout.max_width().max(layout.input())))?;
+    // δ buffers hold [rows, width] of a layer output (the loss head's, and ∂L/∂h of hidden
+    // layers in the backward pass), never of the input: the widest layer output bounds them.
+    let wide = int(rows.checked_mul(layout.max_width()))?;
     let engine = 4usize.checked_mul(act_elems).and_then(|a| a.checked_add(4 * wide)?.checked_add(32));
     let ws = engine.and_then(|e| e.checked_add(vectors.checked_mul(layout.num_params)?));
     Some(NetConfig {

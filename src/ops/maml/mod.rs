@@ -11,14 +11,16 @@
 //!
 //! where every H_j g is an exact Hessian-vector product computed by the R-operator
 //! (forward-over-reverse: one augmented forward pass, one augmented backward pass), never a
-//! finite difference and never a materialised Hessian. The only memory per task is the k inner
-//! iterates θ_0 … θ_{k−1} and one set of activations: nothing grows with an autograd graph.
+//! finite difference and never a materialised Hessian. The memory per task is the k inner
+//! iterates θ_0 … θ_{k−1} and activations: one set on the GPU, and on the CPU one set per inner
+//! step (the plain passes of step j, which the reverse HVP at θ_j reuses instead of recomputing:
+//! k + 1 tapes of a few values per sample and unit). Nothing grows with an autograd graph.
 //!
 //! - [`Mlp`]: the network ([`Activation`], [`Loss`]), its flat parameter layout, `init`,
 //!   `forward`, `loss_and_grad` and `hvp`, for T tasks at once.
 //! - [`Maml`]: `meta_gradient` over a [`TaskBatch`], returning a [`MetaGradient`].
 //!
-//! The CPU path runs tasks in parallel with rayon over preallocated per-task workspaces; the
+//! The CPU path runs tasks in parallel with rayon, each thread over one preallocated workspace; the
 //! CUDA path runs a whole meta-batch (all inner steps, the query gradient and the k reverse HVP
 //! steps of every task) in one kernel launch, a thread block per task, its workspace in shared
 //! memory. Sizes whose per-task workspace does not fit in a block's shared memory take a tiled

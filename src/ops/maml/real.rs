@@ -32,10 +32,12 @@ pub(crate) trait Real:
     fn mul_add(self, a: Self, b: Self) -> Self;
     /// C = alpha·A·B + beta·C through the crate's cache-blocked GEMM.
     fn gemm(alpha: Self, a: Mat<'_, Self>, b: Mat<'_, Self>, beta: Self, c: &mut [Self], ldc: usize) -> bool;
+    /// bt[cols×rows] = b[rows×cols]ᵀ.
+    fn transpose(b: &[Self], rows: usize, cols: usize, bt: &mut [Self]);
 }
 
 macro_rules! real {
-    ($t:ty, $gemm:ident) => {
+    ($t:ty, $gemm:ident, $transpose:ident) => {
         impl Real for $t {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
@@ -81,11 +83,15 @@ macro_rules! real {
             ) -> bool {
                 $gemm(alpha, a, b, beta, c, ldc)
             }
+            #[inline(always)]
+            fn transpose(b: &[Self], rows: usize, cols: usize, bt: &mut [Self]) {
+                $transpose(b, rows, cols, bt)
+            }
         }
     };
 }
-real!(f32, sgemm);
-real!(f64, dgemm);
+real!(f32, sgemm, transpose_f32);
+real!(f64, dgemm, transpose_tiles);
 
 // ------------------------------------------------------------------------------------------
 // Activations: value, first and second derivative.
@@ -98,10 +104,6 @@ pub(crate) trait Act {
     /// σ'(z) alone (cheaper where σ'' is not needed).
     fn d1<T: Real>(z: T) -> T {
         Self::derivs(z).0
-    }
-    /// (σ(z), σ'(z)) together.
-    fn value_and_d1<T: Real>(z: T) -> (T, T) {
-        (Self::value(z), Self::d1(z))
     }
     /// (σ'(z), σ''(z)) given h = σ(z) as well (tanh needs no transcendental then).
     fn derivs_at<T: Real>(z: T, _h: T) -> (T, T) {
@@ -141,11 +143,6 @@ impl Act for Tanh {
     #[inline(always)]
     fn derivs<T: Real>(z: T) -> (T, T) {
         Self::derivs_at(z, z.tanh())
-    }
-    #[inline(always)]
-    fn value_and_d1<T: Real>(z: T) -> (T, T) {
-        let t = z.tanh();
-        (t, T::ONE - t * t)
     }
     #[inline(always)]
     fn derivs_at<T: Real>(_z: T, t: T) -> (T, T) {
@@ -257,14 +254,117 @@ pub(crate) fn mm_nt<T: Real>(a: &[T], b: &[T], c: &mut [T], n: usize, m: usize, 
     debug_assert!(ok, "mm_nt shapes");
 }
 
-/// bt[cols×rows] = b[rows×cols]ᵀ, written row by row.
+/// bt[cols×rows] = b[rows×cols]ᵀ. The small-product path transposes every weight matrix (and
+/// the HVP direction's) once per pass, so this runs about as often as the products themselves.
 #[inline(always)]
 pub(crate) fn transpose<T: Real>(b: &[T], rows: usize, cols: usize, bt: &mut [T]) {
-    for (j, bt_row) in bt.chunks_exact_mut(rows).take(cols).enumerate() {
-        for (i, out) in bt_row.iter_mut().enumerate() {
-            *out = b[i * cols + j];
+    T::transpose(b, rows, cols, bt);
+}
+
+/// Side of the square tiles of [`transpose_tiles`].
+const TILE: usize = 8;
+
+/// The portable transpose: 8×8 tiles, each read as 8 row segments and written as 8 column
+/// segments, then the edges element by element.
+#[inline(always)]
+fn transpose_tiles<T: Real>(b: &[T], rows: usize, cols: usize, bt: &mut [T]) {
+    let (b, bt) = (&b[..rows * cols], &mut bt[..rows * cols]);
+    let (full_rows, full_cols) = (rows / TILE * TILE, cols / TILE * TILE);
+    for i0 in (0..full_rows).step_by(TILE) {
+        for j0 in (0..full_cols).step_by(TILE) {
+            let mut tile = [[T::ZERO; TILE]; TILE];
+            for (i, row) in tile.iter_mut().enumerate() {
+                let start = (i0 + i) * cols + j0;
+                row.copy_from_slice(&b[start..start + TILE]);
+            }
+            for j in 0..TILE {
+                let start = (j0 + j) * rows + i0;
+                for (out, row) in bt[start..start + TILE].iter_mut().zip(&tile) {
+                    *out = row[j];
+                }
+            }
         }
     }
+    transpose_edges(b, rows, cols, bt, full_rows, full_cols);
+}
+
+/// The elements outside the [full_rows × full_cols] corner that the tiles covered.
+#[inline(always)]
+fn transpose_edges<T: Real>(
+    b: &[T],
+    rows: usize,
+    cols: usize,
+    bt: &mut [T],
+    full_rows: usize,
+    full_cols: usize,
+) {
+    for i in 0..rows {
+        let first_col = if i < full_rows { full_cols } else { 0 };
+        for j in first_col..cols {
+            bt[j * rows + i] = b[i * cols + j];
+        }
+    }
+}
+
+/// f32: 8×8 tiles through AVX shuffles where the CPU has AVX, else [`transpose_tiles`].
+#[inline(always)]
+fn transpose_f32(b: &[f32], rows: usize, cols: usize, bt: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if rows >= TILE && cols >= TILE && std::is_x86_feature_detected!("avx") {
+            // SAFETY: the CPU supports AVX (checked just above).
+            unsafe { transpose_f32_avx(b, rows, cols, bt) };
+            return;
+        }
+    }
+    transpose_tiles(b, rows, cols, bt);
+}
+
+/// The classic 8×8 register transpose (unpack, shuffle, 128-bit permute) per full tile.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn transpose_f32_avx(b: &[f32], rows: usize, cols: usize, bt: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let (b, bt) = (&b[..rows * cols], &mut bt[..rows * cols]);
+    let (full_rows, full_cols) = (rows / TILE * TILE, cols / TILE * TILE);
+    let (src, dst) = (b.as_ptr(), bt.as_mut_ptr());
+    for i0 in (0..full_rows).step_by(TILE) {
+        for j0 in (0..full_cols).step_by(TILE) {
+            // SAFETY: rows i0..i0+8 ≤ rows and columns j0..j0+8 ≤ cols of b, and rows
+            // j0..j0+8 ≤ cols and columns i0..i0+8 ≤ rows of bt: every access is in bounds
+            // of the slices cut to rows·cols above (unaligned loads and stores).
+            let r: [__m256; TILE] = std::array::from_fn(|i| _mm256_loadu_ps(src.add((i0 + i) * cols + j0)));
+            // Pairs of rows interleaved, then groups of four: low[c] holds column c of rows
+            // 0–3 in its low 128 bits and column c + 4 in its high ones, high[c] rows 4–7.
+            let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+            let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+            let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+            let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+            let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+            let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+            let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+            let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+            let low = [
+                _mm256_shuffle_ps::<0x44>(t0, t2),
+                _mm256_shuffle_ps::<0xEE>(t0, t2),
+                _mm256_shuffle_ps::<0x44>(t1, t3),
+                _mm256_shuffle_ps::<0xEE>(t1, t3),
+            ];
+            let high = [
+                _mm256_shuffle_ps::<0x44>(t4, t6),
+                _mm256_shuffle_ps::<0xEE>(t4, t6),
+                _mm256_shuffle_ps::<0x44>(t5, t7),
+                _mm256_shuffle_ps::<0xEE>(t5, t7),
+            ];
+            for c in 0..4 {
+                let column = _mm256_permute2f128_ps::<0x20>(low[c], high[c]);
+                _mm256_storeu_ps(dst.add((j0 + c) * rows + i0), column);
+                let column = _mm256_permute2f128_ps::<0x31>(low[c], high[c]);
+                _mm256_storeu_ps(dst.add((j0 + c + 4) * rows + i0), column);
+            }
+        }
+    }
+    transpose_edges(b, rows, cols, bt, full_rows, full_cols);
 }
 
 /// c[m×k] += a[n×m]ᵀ · b[n×k].
@@ -346,6 +446,9 @@ fn gemm_body<T: Real, const FMA: bool, const WIDE: usize>(
     b: &[T],
     c: &mut [T],
 ) {
+    if m == 1 && single_column::<T, FMA>(n, k, a, b, c) {
+        return;
+    }
     let mut j0 = 0;
     while j0 < m {
         let rest = m - j0;
@@ -366,6 +469,54 @@ fn gemm_body<T: Real, const FMA: bool, const WIDE: usize>(
             j0 += 1;
         }
     }
+}
+
+/// c[n×1] += A[n×k] · b[k×1] (the output layer of a regression net, or a weight gradient
+/// against a single input feature), vectorised along whichever side of A is contiguous: as n
+/// dot products, or as k column updates. Returns false (nothing done) when neither is.
+#[inline(always)]
+fn single_column<T: Real, const FMA: bool>(
+    n: usize,
+    k: usize,
+    a: Strided<'_, T>,
+    b: &[T],
+    c: &mut [T],
+) -> bool {
+    let (b, c) = (&b[..k], &mut c[..n]);
+    if a.cs == 1 {
+        for (i, out) in c.iter_mut().enumerate() {
+            *out += dot::<T, FMA>(&a.data[i * a.rs..i * a.rs + k], b);
+        }
+        true
+    } else if a.rs == 1 {
+        for (p, &scale) in b.iter().enumerate() {
+            let column = &a.data[p * a.cs..p * a.cs + n];
+            for (out, &v) in c.iter_mut().zip(column) {
+                *out = if FMA { scale.mul_add(v, *out) } else { *out + scale * v };
+            }
+        }
+        true
+    } else {
+        false
+    }
+}
+
+/// Σ x_i y_i over 16 independent lanes (so that it vectorises), then across them.
+#[inline(always)]
+fn dot<T: Real, const FMA: bool>(x: &[T], y: &[T]) -> T {
+    const LANES: usize = 16;
+    let mut acc = [T::ZERO; LANES];
+    let (xs, ys) = (x.chunks_exact(LANES), y.chunks_exact(LANES));
+    let mut total = T::ZERO;
+    for (&xi, &yi) in xs.remainder().iter().zip(ys.remainder()) {
+        total += xi * yi;
+    }
+    for (xc, yc) in xs.zip(ys) {
+        for ((s, &xi), &yi) in acc.iter_mut().zip(xc).zip(yc) {
+            *s = if FMA { xi.mul_add(yi, *s) } else { *s + xi * yi };
+        }
+    }
+    acc.iter().fold(total, |sum, &v| sum + v)
 }
 
 #[inline(always)]
@@ -439,5 +590,31 @@ fn tile<T: Real, const FMA: bool, const R: usize, const W: usize>(
 pub(crate) fn axpy<T: Real>(s: T, x: &[T], y: &mut [T]) {
     for (yi, &xi) in y.iter_mut().zip(x) {
         *yi += s * xi;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check<T: Real + std::fmt::Debug>(of: fn(usize) -> T) {
+        for rows in [1, 3, 7, 8, 9, 16, 17, 40] {
+            for cols in [1, 2, 8, 10, 24, 40, 41] {
+                let b: Vec<T> = (0..rows * cols).map(of).collect();
+                let mut bt = vec![of(usize::MAX >> 40); rows * cols];
+                transpose(&b, rows, cols, &mut bt);
+                for i in 0..rows {
+                    for j in 0..cols {
+                        assert_eq!(bt[j * rows + i], b[i * cols + j], "{rows}×{cols} at ({i}, {j})");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn transpose_is_exact_on_tiles_and_edges() {
+        check::<f32>(|i| i as f32);
+        check::<f64>(|i| i as f64);
     }
 }

@@ -119,6 +119,77 @@ fn cuda_meta_gradient_matches_reference_kernel_and_cpu() {
 }
 
 #[test]
+fn cuda_meta_gradient_on_edge_shapes() {
+    let Some(dev) = cuda_or_skip("cuda_meta_gradient_on_edge_shapes") else { return };
+    set_poisoning(true);
+    // One support sample (query 4), several outputs under MSE, a smooth activation: the fused
+    // kernel's per-sample loops and loss head at their smallest, every path.
+    let multi = Mlp { sizes: vec![3, 20, 11, 4], activation: Activation::Tanh, loss: Loss::Mse };
+    for dtype in [DType::F32, DType::F64] {
+        check_meta(&dev, &multi, dtype, 3, Order::Second, 4, 1);
+    }
+    // An input wider than every layer: the fused workspace's δ buffers are sized by the layer
+    // outputs only.
+    let narrow =
+        Mlp { sizes: vec![100, 8, 3], activation: Activation::Gelu, loss: Loss::SoftmaxCrossEntropy };
+    check_meta(&dev, &narrow, DType::F64, 2, Order::Second, 3, 4);
+    // One task of one layer (no hidden layer: no activation, no δ chain).
+    let linear = Mlp { sizes: vec![5, 3], activation: Activation::Softplus, loss: Loss::SoftmaxCrossEntropy };
+    check_meta(&dev, &linear, DType::F64, 2, Order::Second, 1, 2);
+    // More tasks than the 65 535 blocks of gridDim.z and of the 1-D grids: the tiled product
+    // and the element-wise kernels must stride over the rest (the fused kernel puts tasks on
+    // gridDim.x).
+    let tiny = Mlp { sizes: vec![1, 3, 1], activation: Activation::Relu, loss: Loss::Mse };
+    check_meta(&dev, &tiny, DType::F32, 2, Order::Second, 70_000, 2);
+}
+
+#[test]
+fn cuda_broadcast_rows_and_single_samples_match_cpu() {
+    let Some(dev) = cuda_or_skip("cuda_broadcast_rows_and_single_samples_match_cpu") else { return };
+    set_poisoning(true);
+    // Parameters and direction as one [P] row each (task stride 0 in every kernel), one sample
+    // or two per task, on the fused and the forced tiled path.
+    for (sizes, act, loss, tasks, n) in [
+        (vec![2, 3, 1], Activation::Relu, Loss::Mse, 1, 1),
+        (vec![4, 9, 7, 3], Activation::Gelu, Loss::SoftmaxCrossEntropy, 3, 2),
+    ] {
+        let net = Mlp { sizes, activation: act, loss };
+        let p = net.num_params();
+        for dtype in [DType::F32, DType::F64] {
+            let b = batch_on(&net, tasks, n, 1, dtype, &dev, 13);
+            let mut rng = Rng::new(17);
+            let params = from_f64(&rng.normal_vec(p), &[p], dtype, &dev).unwrap().0;
+            let v = from_f64(&rng.normal_vec(p), &[p], dtype, &dev).unwrap().0;
+            let (x, y) = (&b.support_x, &b.support_y);
+            let c = cpu64;
+            let tol = if dtype == DType::F64 { 1e-10 } else { 1e-4 };
+            for tiled in [false, true] {
+                let _path = path_lock();
+                force_tiled(tiled);
+                let out = net.forward(&params, x).unwrap();
+                let (l, g) = net.loss_and_grad(&params, x, y).unwrap();
+                let hv = net.hvp(&params, x, y, &v).unwrap();
+                force_tiled(false);
+                let what = format!("{:?} {dtype} broadcast rows, n = {n}, forced tiled={tiled}", net.sizes);
+                let close = |field: &str, gpu: &Tensor, cpu: &Tensor| {
+                    assert_close(
+                        &format!("{field} {what}"),
+                        &to_f64(gpu).unwrap(),
+                        &to_f64(cpu).unwrap(),
+                        tol,
+                    )
+                };
+                close("forward", &out, &net.forward(&c(&params), &c(x)).unwrap());
+                let (cl, cg) = net.loss_and_grad(&c(&params), &c(x), &c(y)).unwrap();
+                close("loss", &l, &cl);
+                close("grad", &g, &cg);
+                close("hvp", &hv, &net.hvp(&c(&params), &c(x), &c(y), &c(&v)).unwrap());
+            }
+        }
+    }
+}
+
+#[test]
 fn cuda_forward_grad_hvp_match_cpu() {
     let Some(dev) = cuda_or_skip("cuda_forward_grad_hvp_match_cpu") else { return };
     set_poisoning(true);
