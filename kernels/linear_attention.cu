@@ -419,6 +419,39 @@ struct SmemMma {
     }
 };
 
+// f16 holds at most 65504, and the state S is a sum over every row so far: on long sequences
+// (or values with a large mean) its entries pass that, and S rounded to f16 would be inf. So the
+// f16 kernel rounds S·2^-e instead, with the power of two chosen from S's largest entry, and
+// scales φ(Q)·S back by 2^e in f32: exact scaling, no precision lost, and e = 0 (bit-identical
+// results) while every entry is below 2^14. bf16 has f32's range and never scales. The scores of
+// one chunk, φ(q)·φ(k), are stored in T too: each must stay within T's range.
+template <typename T> constexpr bool NARROW_RANGE = false;
+template <> constexpr bool NARROW_RANGE<__half> = true;
+
+// Returns 2^e for the state tile Sf (`rows` × TILE; 1 for bf16). Block-wide: every thread calls it.
+// Uses `scratch` (at least THREADS / 32 floats, free at this point) for the reduction.
+template <typename T>
+__device__ float state_scale_up(const float* Sf, int rows, float* scratch, int tid, int lane, int warp) {
+    if constexpr (!NARROW_RANGE<T>) {
+        return 1.f;
+    } else {
+        float m = 0.f;
+        for (int e = tid; e < rows * TILE; e += THREADS) m = fmaxf(m, fabsf(Sf[(e / TILE) * TILE_LD + e % TILE]));
+        m = mk::warp_max(m);
+        if (lane == 0) scratch[warp] = m;
+        __syncthreads();
+        m = 0.f;
+        for (int i = 0; i < THREADS / 32; ++i) m = fmaxf(m, scratch[i]);
+        __syncthreads();  // scratch is written again by the caller
+        int e = 0;
+        if (m >= 16384.f && m <= 3.0e38f) {  // not for inf or NaN: those propagate as they are
+            frexpf(m, &e);                   // m < 2^e
+            e -= 14;                         // so that m·2^-e < 2^14
+        }
+        return ldexpf(1.f, e);
+    }
+}
+
 template <typename T>
 __device__ void core_mma(const CoreArgs& p, unsigned char* smem) {
     constexpr int C = MMA_C;
@@ -519,9 +552,11 @@ __device__ void core_mma(const CoreArgs& p, unsigned char* smem) {
             load_rows(Kh, k, ch, n);
             load_v(ch, n);
         }
+        const float s_up = state_scale_up<T>(Sf, dkp, dens, tid, lane, warp);
+        const float s_down = 1.f / s_up;  // exact: a power of two
         for (int e = tid; e < dkp * TILE; e += THREADS) {
             const int c = e / TILE, j = e % TILE;
-            Sh[c * ldt + j] = mk::from_float<T>(Sf[c * TILE_LD + j]);
+            Sh[c * ldt + j] = mk::from_float<T>(Sf[c * TILE_LD + j] * s_down);
         }
         __syncthreads();
         if (p.causal) {
@@ -558,6 +593,10 @@ __device__ void core_mma(const CoreArgs& p, unsigned char* smem) {
                 mma16816(o[nt], a, b, T());
             }
         }
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) o[nt][e] *= s_up;
         if (p.causal) {
 #pragma unroll
             for (int k0 = 0; k0 < C; k0 += 16) {

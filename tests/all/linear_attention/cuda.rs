@@ -107,6 +107,32 @@ fn cuda_forward_wide_heads_and_long_sequences() {
     }
 }
 
+/// f16 holds at most 65504: values with a large mean over a long sequence drive the state past
+/// that, and the tensor-core kernel (which rounds S to f16 for its products) must still match
+/// the CPU, which keeps S in f32. Normalised, so the output itself is small.
+#[test]
+fn cuda_f16_state_past_the_f16_range() {
+    let Some(gpu) = cuda_or_skip("cuda_f16_state_past_the_f16_range") else { return };
+    let (b, h, t, dk, dv) = (1, 2, 1500, 16, 64);
+    let mut rng = Rng::new(77);
+    let qk: Vec<f64> = (0..b * h * t * dk).map(|_| rng.normal()).collect();
+    let v: Vec<f64> = (0..b * h * t * dv).map(|_| 40.0 + rng.normal()).collect();
+    let (q, _) = tensor(&qk, &[b, h, t, dk], DType::F16, &gpu);
+    let (k, _) = tensor(&qk.iter().rev().copied().collect::<Vec<_>>(), &[b, h, t, dk], DType::F16, &gpu);
+    let (v, _) = tensor(&v, &[b, h, t, dv], DType::F16, &gpu);
+    for causal in [true, false] {
+        let cfg = layer(FeatureMap::EluPlusOne, causal, true);
+        let want = cfg.forward(&on_cpu(&q), &on_cpu(&k), &on_cpu(&v), None).expect("cpu forward");
+        let largest = f64s(&want.final_state).iter().fold(0f64, |m, x| m.max(x.abs()));
+        assert!(largest > 65504.0, "the case must leave f16's range (largest |S| {largest})");
+        for path in [KernelPath::Fused, KernelPath::Split] {
+            let out = cfg.forward_on_path(&q, &k, &v, None, path).expect("forward");
+            let what = format!("f16 causal={causal} {path:?} (largest |S| {largest:.0})");
+            assert_close(&what, &f64s(&out.output), &f64s(&want.output), 1e-2);
+        }
+    }
+}
+
 fn same_grads(what: &str, a: &LinearAttentionGrads, b: &LinearAttentionGrads, tol: f64) {
     assert_close(&format!("{what} dq"), &f64s(&a.dq), &f64s(&b.dq), tol);
     assert_close(&format!("{what} dk"), &f64s(&a.dk), &f64s(&b.dk), tol);
