@@ -593,20 +593,28 @@ __device__ void core_mma(const CoreArgs& p, unsigned char* smem) {
     const long long chunks = (it.len + C - 1) / C;
 
     // φ of rows of q or k into dst; `vec`: rows_vectorize(src, dk), so dk (and dkp) are whole
-    // pieces and the pieces past dk are the zero padding.
+    // pieces and the pieces past dk are the zero padding. A thread has at most MAXP pieces
+    // (dkp ≤ 128): all its loads are issued before the first store, so they are in flight
+    // together rather than one latency each.
     auto load_rows = [&](T* dst, const T* src, bool vec, long long ch, int n) {
         if (vec) {
-            const int per = dkp / NV;
-            for (int e = tid; e < C * per; e += THREADS) {
-                const int i = e / per, c = (e % per) * NV;
-                float x[NV];
-                if (i < n && c < dk) load_piece(src + row_of(it, ch * C + i, p.reverse) * dk + c, p.fm, x);
-                else
+            constexpr int MAXP = C * (128 / NV) / THREADS;
+            const int per = dkp / NV, step = p.reverse ? -dk : dk;  // row i: base + i·step
+            const T* base = src + row_of(it, ch * C, p.reverse) * dk;
+            mk::Vec<T, NV> r[MAXP];
 #pragma unroll
-                    for (int u = 0; u < NV; ++u) x[u] = 0.f;
+            for (int u = 0; u < MAXP; ++u) {
+                const int e = tid + u * THREADS, i = e / per, c = (e % per) * NV;
+                if (e < C * per && i < n && c < dk) r[u] = ld16(base + i * step + c);
+            }
+#pragma unroll
+            for (int u = 0; u < MAXP; ++u) {
+                const int e = tid + u * THREADS, i = e / per, c = (e % per) * NV;
+                if (e >= C * per) continue;
+                const bool live = i < n && c < dk;
                 mk::Vec<T, NV> h;
 #pragma unroll
-                for (int u = 0; u < NV; ++u) h.v[u] = mk::from_float<T>(x[u]);
+                for (int x = 0; x < NV; ++x) h.v[x] = mk::from_float<T>(live ? phi(p.fm, mk::to_float(r[u].v[x])) : 0.f);
                 st16(dst + i * ldq + c, h);
             }
             return;
@@ -622,15 +630,23 @@ __device__ void core_mma(const CoreArgs& p, unsigned char* smem) {
     const bool vec_v = rows_vectorize<T>(v, dv), vec_o = rows_vectorize<T>(p.out, dv);
     auto load_v = [&](long long ch, int n) {
         if (vec_v) {
-            constexpr int per = TILE / NV;
-            for (int e = tid; e < C * per; e += THREADS) {
-                const int i = e / per, j = (e % per) * NV;
-                mk::Vec<T, NV> h;
-                if (i < n && j < w) h = ld16(v + row_of(it, ch * C + i, p.reverse) * dv + j0 + j);
+            constexpr int per = TILE / NV, MAXP = C * per / THREADS;  // loads first, as above
+            static_assert(C * per % THREADS == 0, "whole rounds of pieces");
+            const int step = p.reverse ? -dv : dv;
+            const T* base = v + row_of(it, ch * C, p.reverse) * dv + j0;
+            mk::Vec<T, NV> r[MAXP];
+#pragma unroll
+            for (int u = 0; u < MAXP; ++u) {
+                const int e = tid + u * THREADS, i = e / per, j = (e % per) * NV;
+                if (i < n && j < w) r[u] = ld16(base + i * step + j);
                 else
 #pragma unroll
-                    for (int u = 0; u < NV; ++u) h.v[u] = mk::from_float<T>(0.f);
-                st16(Vh + i * ldt + j, h);
+                    for (int x = 0; x < NV; ++x) r[u].v[x] = mk::from_float<T>(0.f);
+            }
+#pragma unroll
+            for (int u = 0; u < MAXP; ++u) {
+                const int e = tid + u * THREADS, i = e / per, j = (e % per) * NV;
+                st16(Vh + i * ldt + j, r[u]);
             }
             return;
         }
