@@ -318,6 +318,12 @@ int main(int argc, char** argv) {
             run_quadratic<float>(F32, 2, 37, 20, 19, o);
             if (!quick) run_quadratic<__nv_bfloat16>(BF16, 1, 40, 5, 33, o);
         }
+    {
+        // Quick too (CI): both 16-byte paths once, pieces and a misaligned base.
+        Opts o{1, 1, 1, 0.7f, 1e-3f, -1.f};
+        run_case<__nv_bfloat16>(BF16, {37, 70}, 32, 72, o, true, false);
+        run_case<float>(F32, {37, 70}, 8, 12, o, true, true, 1);
+    }
     if (!quick) {
         Opts o{1, 1, 1, 0.7f, 1e-3f, -1.f};
         run_case<float>(F32, {40}, 256, 130, o, true, true);
