@@ -101,6 +101,70 @@ __device__ __forceinline__ long long row_of(const Item& it, long long t, int rev
     return it.row0 + (reverse ? it.len - 1 - t : t);
 }
 
+// ---------------------------------------------------------------- 16-byte global traffic ----
+// Rows of q, k, v and o move between global and shared memory as 16-byte pieces (8 halves or
+// 4 floats): consecutive threads take consecutive pieces of a row, so a warp reads 512
+// contiguous bytes per instruction where it read 64 or 128 before.
+//
+// Alignment rule, decided per launch and per tensor (the same answer in every block and thread,
+// so the branch never diverges): a [rows, width] tensor moves as pieces iff `width` is a
+// multiple of the piece (8 for f16/bf16, 4 for f32) and its base address is 16-byte aligned.
+// Then every row starts on a 16-byte boundary whatever its index (row·width·size is a multiple
+// of 16), so varlen segment starts, split groups and reversed items at any row are aligned too;
+// pieces start at columns that are multiples of the piece, and a 64-column v tile (j0 = 64·y)
+// and the padded key width are whole pieces, so a piece is either wholly inside the row's
+// valid columns or wholly outside (zero-filled). Any other width or base takes the scalar path
+// (one element per thread), with the same values and the same order of arithmetic.
+template <typename T>
+__device__ __forceinline__ bool rows_vectorize(const void* base, int width) {
+    return width % (16 / (int)sizeof(T)) == 0 && (reinterpret_cast<uintptr_t>(base) & 15) == 0;
+}
+
+// One 16-byte piece at p. A misaligned piece faults on a GPU; the CPU emulation
+// (scripts/emulate) checks every address so that a wrong alignment decision fails there too.
+template <typename T, int N = 16 / sizeof(T)>
+__device__ __forceinline__ mk::Vec<T, N> ld16(const T* p) {
+#ifdef MK_HOST_EMULATION
+    mk_emulated_check_aligned(p, 16);
+#endif
+    return mk::load_vec<T, N>(p);
+}
+template <typename T, int N = 16 / sizeof(T)>
+__device__ __forceinline__ void st16(T* p, const mk::Vec<T, N>& x) {
+#ifdef MK_HOST_EMULATION
+    mk_emulated_check_aligned(p, 16);
+#endif
+    mk::store_vec<T, N>(p, x);
+}
+
+// Stages rows 0..n of a chunk into dst (row stride ld, floats): `cols` columns per row, those
+// past `valid` and rows past n zero; piece(i, c, x) fetches V columns c.. of row i as floats.
+// Only for vectorised operands (cols and valid multiples of V).
+template <int V, typename Piece>
+__device__ __forceinline__ void stage_pieces(float* dst, int ld, int rows, int cols, int valid, int n, Piece&& piece) {
+    const int per = cols / V;
+#pragma unroll 1
+    for (int e = threadIdx.x; e < rows * per; e += THREADS) {
+        const int i = e / per, c = (e % per) * V;
+        float x[V];
+        if (i < n && c < valid) piece(i, c, x);
+        else
+#pragma unroll
+            for (int u = 0; u < V; ++u) x[u] = 0.f;
+#pragma unroll
+        for (int u = 0; u < V; ++u) dst[i * ld + c + u] = x[u];
+    }
+}
+
+// One 16-byte piece of global memory as floats, φ applied (IDENTITY: as is).
+template <typename T>
+__device__ __forceinline__ void load_piece(const T* src, int fm, float* x) {
+    constexpr int V = 16 / sizeof(T);
+    const mk::Vec<T, V> r = ld16(src);
+#pragma unroll
+    for (int u = 0; u < V; ++u) x[u] = phi(fm, mk::to_float(r.v[u]));
+}
+
 // Where the forward's core reads its operands and writes its results: the tensors of CoreArgs,
 // φ applied to q and k on load. The backward passes plug other I/O into the same core (below):
 // the core itself only computes, on (dk, dv, options) from CoreArgs.
@@ -115,6 +179,20 @@ struct ForwardIo {
         return phi(p.fm, mk::to_float(static_cast<const TIn*>(p.k)[row * p.dk + c]));
     }
     __device__ float v(long long row, int j) const { return mk::to_float(static_cast<const TIn*>(p.v)[row * p.dv + j]); }
+    // 16-byte pieces (see "16-byte global traffic"): VEC elements from column c on.
+    static constexpr int VEC = 16 / sizeof(TIn);
+    __device__ bool vec_q() const { return rows_vectorize<TIn>(p.q, p.dk); }
+    __device__ bool vec_k() const { return rows_vectorize<TIn>(p.k, p.dk); }
+    __device__ bool vec_v() const { return rows_vectorize<TIn>(p.v, p.dv); }
+    __device__ void q_vec(long long row, int c, float* x) const {
+        load_piece(static_cast<const TIn*>(p.q) + row * p.dk + c, p.fm, x);
+    }
+    __device__ void k_vec(long long row, int c, float* x) const {
+        load_piece(static_cast<const TIn*>(p.k) + row * p.dk + c, p.fm, x);
+    }
+    __device__ void v_vec(long long row, int j, float* x) const {
+        load_piece(static_cast<const TIn*>(p.v) + row * p.dv + j, IDENTITY, x);
+    }
     __device__ float mom(long long row, int j) const {
         return mk::to_float(static_cast<const TIn*>(p.mom)[row * p.mom_ld + j]);
     }
@@ -128,6 +206,18 @@ struct ForwardIo {
     // Rows step0 .. step0+n of the output tile Os (columns j0 .. j0+w); dens: φ(q)·z + eps.
     __device__ void store_chunk(const float* Os, const float*, long long step0, int n, int j0, int w) const {
         TOut* out = static_cast<TOut*>(p.out);
+        if (rows_vectorize<TOut>(out, p.dv)) {
+            constexpr int V = 16 / sizeof(TOut), per = TILE / V;
+            for (int e = threadIdx.x; e < n * per; e += THREADS) {
+                const int i = e / per, j = (e % per) * V;
+                if (j >= w) continue;
+                mk::Vec<TOut, V> x;
+#pragma unroll
+                for (int u = 0; u < V; ++u) x.v[u] = mk::from_float<TOut>(Os[i * TILE_LD + j + u]);
+                st16(out + row_of(it, step0 + i, p.reverse) * p.dv + j0 + j, x);
+            }
+            return;
+        }
         for (int e = threadIdx.x; e < n * TILE; e += THREADS) {
             const int i = e / TILE, j = e % TILE;
             if (j < w) out[row_of(it, step0 + i, p.reverse) * p.dv + j0 + j] = mk::from_float<TOut>(Os[i * TILE_LD + j]);
@@ -168,18 +258,44 @@ __device__ void core(const CoreArgs& p, const Item& it, const Io& io, float* sm)
 
     const long long chunks = (it.len + C - 1) / C;
 
-    // Loads φ(K) and the V tile of chunk `ch` (rows past the end are zero).
+    // Loads φ(K) and the V tile of chunk `ch` (rows past the end are zero); 16-byte pieces
+    // where the I/O offers them and the alignment rule allows (see stage_pieces).
     auto load_kv = [&](long long ch, int n) {
-        for (int e = tid; e < C * dk; e += THREADS) {
-            const int i = e / dk, c = e % dk;
-            Ks[i * L.ld_qk + c] = i < n ? io.k(row_of(it, ch * C + i, p.reverse), c) : 0.f;
+        bool k_done = false, v_done = false;
+        if constexpr (Io::VEC > 0) {
+            if (io.vec_k()) {
+                stage_pieces<Io::VEC>(Ks, L.ld_qk, C, dk, dk, n, [&](int i, int c, float* x) {
+                    io.k_vec(row_of(it, ch * C + i, p.reverse), c, x);
+                });
+                k_done = true;
+            }
+            if (io.vec_v()) {
+                stage_pieces<Io::VEC>(Vs, TILE_LD, C, TILE, w, n, [&](int i, int j, float* x) {
+                    io.v_vec(row_of(it, ch * C + i, p.reverse), j0 + j, x);
+                });
+                v_done = true;
+            }
         }
-        for (int e = tid; e < C * TILE; e += THREADS) {
-            const int i = e / TILE, j = e % TILE;
-            Vs[i * TILE_LD + j] = (i < n && j < w) ? io.v(row_of(it, ch * C + i, p.reverse), j0 + j) : 0.f;
-        }
+        if (!k_done)
+            for (int e = tid; e < C * dk; e += THREADS) {
+                const int i = e / dk, c = e % dk;
+                Ks[i * L.ld_qk + c] = i < n ? io.k(row_of(it, ch * C + i, p.reverse), c) : 0.f;
+            }
+        if (!v_done)
+            for (int e = tid; e < C * TILE; e += THREADS) {
+                const int i = e / TILE, j = e % TILE;
+                Vs[i * TILE_LD + j] = (i < n && j < w) ? io.v(row_of(it, ch * C + i, p.reverse), j0 + j) : 0.f;
+            }
     };
     auto load_q = [&](long long ch, int n) {
+        if constexpr (Io::VEC > 0) {
+            if (io.vec_q()) {
+                stage_pieces<Io::VEC>(Qs, L.ld_qk, C, dk, dk, n, [&](int i, int c, float* x) {
+                    io.q_vec(row_of(it, ch * C + i, p.reverse), c, x);
+                });
+                return;
+            }
+        }
         for (int e = tid; e < C * dk; e += THREADS) {
             const int i = e / dk, c = e % dk;
             Qs[i * L.ld_qk + c] = i < n ? io.q(row_of(it, ch * C + i, p.reverse), c) : 0.f;
@@ -483,17 +599,59 @@ __device__ void core_mma(const CoreArgs& p, unsigned char* smem) {
     const T* k = static_cast<const T*>(p.k);
     const T* v = static_cast<const T*>(p.v);
 
-    for (int e = tid; e < dkp * TILE; e += THREADS) {
-        const int c = e / TILE, j = e % TILE;
-        float x = 0.f;
-        if (c < dk && j < w && it.state_in >= 0 && p.s_in != nullptr) x = p.s_in[(it.state_in * dk + c) * dv + j0 + j];
-        Sf[c * TILE_LD + j] = x;
+    // Global traffic in 16-byte pieces where the alignment rule allows (see "16-byte global
+    // traffic"): NV halves of q, k, v, o per piece, 4 floats of the states. The shared rows are
+    // 16-byte aligned (ldq, ldt multiples of 8 halves), so a piece is one shared store too.
+    constexpr int NV = 16 / sizeof(T);
+    const bool vec_s = dv % 4 == 0 && (reinterpret_cast<uintptr_t>(p.s_in) & 15) == 0;
+    const bool has_s_in = it.state_in >= 0 && p.s_in != nullptr;
+    if (vec_s) {
+        for (int e = tid; e < dkp * (TILE / 4); e += THREADS) {
+            const int c = e / (TILE / 4), j = (e % (TILE / 4)) * 4;
+            mk::Vec<float, 4> x = {{0.f, 0.f, 0.f, 0.f}};
+            if (c < dk && j < w && has_s_in) x = ld16(p.s_in + (it.state_in * dk + c) * dv + j0 + j);
+#pragma unroll
+            for (int u = 0; u < 4; ++u) Sf[c * TILE_LD + j + u] = x.v[u];
+        }
+    } else {
+        for (int e = tid; e < dkp * TILE; e += THREADS) {
+            const int c = e / TILE, j = e % TILE;
+            float x = 0.f;
+            if (c < dk && j < w && has_s_in) x = p.s_in[(it.state_in * dk + c) * dv + j0 + j];
+            Sf[c * TILE_LD + j] = x;
+        }
     }
     for (int c = tid; c < dkp; c += THREADS)
         zs[c] = (c < dk && it.state_in >= 0 && p.z_in != nullptr) ? p.z_in[it.state_in * dk + c] : 0.f;
     const long long chunks = (it.len + C - 1) / C;
 
-    auto load_rows = [&](T* dst, const T* src, long long ch, int n) {
+    // φ of rows of q or k into dst; `vec`: rows_vectorize(src, dk), so dk (and dkp) are whole
+    // pieces and the pieces past dk are the zero padding. A thread has at most MAXP pieces
+    // (dkp ≤ 128): all its loads are issued before the first store, so they are in flight
+    // together rather than one latency each.
+    auto load_rows = [&](T* dst, const T* src, bool vec, long long ch, int n) {
+        if (vec) {
+            constexpr int MAXP = C * (128 / NV) / THREADS;
+            const int per = dkp / NV, step = p.reverse ? -dk : dk;  // row i: base + i·step
+            const T* base = src + row_of(it, ch * C, p.reverse) * dk;
+            mk::Vec<T, NV> r[MAXP];
+#pragma unroll
+            for (int u = 0; u < MAXP; ++u) {
+                const int e = tid + u * THREADS, i = e / per, c = (e % per) * NV;
+                if (e < C * per && i < n && c < dk) r[u] = ld16(base + i * step + c);
+            }
+#pragma unroll
+            for (int u = 0; u < MAXP; ++u) {
+                const int e = tid + u * THREADS, i = e / per, c = (e % per) * NV;
+                if (e >= C * per) continue;
+                const bool live = i < n && c < dk;
+                mk::Vec<T, NV> h;
+#pragma unroll
+                for (int x = 0; x < NV; ++x) h.v[x] = mk::from_float<T>(live ? phi(p.fm, mk::to_float(r[u].v[x])) : 0.f);
+                st16(dst + i * ldq + c, h);
+            }
+            return;
+        }
         for (int e = tid; e < C * dkp; e += THREADS) {
             const int i = e / dkp, c = e % dkp;
             float x = 0.f;
@@ -501,7 +659,30 @@ __device__ void core_mma(const CoreArgs& p, unsigned char* smem) {
             dst[i * ldq + c] = mk::from_float<T>(x);
         }
     };
+    const bool vec_q = rows_vectorize<T>(q, dk), vec_k = rows_vectorize<T>(k, dk);
+    const bool vec_v = rows_vectorize<T>(v, dv), vec_o = rows_vectorize<T>(p.out, dv);
     auto load_v = [&](long long ch, int n) {
+        if (vec_v) {
+            constexpr int per = TILE / NV, MAXP = C * per / THREADS;  // loads first, as above
+            static_assert(C * per % THREADS == 0, "whole rounds of pieces");
+            const int step = p.reverse ? -dv : dv;
+            const T* base = v + row_of(it, ch * C, p.reverse) * dv + j0;
+            mk::Vec<T, NV> r[MAXP];
+#pragma unroll
+            for (int u = 0; u < MAXP; ++u) {
+                const int e = tid + u * THREADS, i = e / per, j = (e % per) * NV;
+                if (i < n && j < w) r[u] = ld16(base + i * step + j);
+                else
+#pragma unroll
+                    for (int x = 0; x < NV; ++x) r[u].v[x] = mk::from_float<T>(0.f);
+            }
+#pragma unroll
+            for (int u = 0; u < MAXP; ++u) {
+                const int e = tid + u * THREADS, i = e / per, j = (e % per) * NV;
+                st16(Vh + i * ldt + j, r[u]);
+            }
+            return;
+        }
         for (int e = tid; e < C * TILE; e += THREADS) {
             const int i = e / TILE, j = e % TILE;
             Vh[i * ldt + j] = (i < n && j < w) ? v[row_of(it, ch * C + i, p.reverse) * dv + j0 + j] : mk::from_float<T>(0.f);
@@ -537,7 +718,7 @@ __device__ void core_mma(const CoreArgs& p, unsigned char* smem) {
         for (long long ch = 0; ch < chunks; ++ch) {
             const int n = (int)min((long long)C, it.len - ch * C);
             __syncthreads();
-            load_rows(Kh, k, ch, n);
+            load_rows(Kh, k, vec_k, ch, n);
             load_v(ch, n);
             __syncthreads();
             update_state();
@@ -547,9 +728,9 @@ __device__ void core_mma(const CoreArgs& p, unsigned char* smem) {
     for (long long ch = 0; ch < chunks && p.out != nullptr; ++ch) {
         const int n = (int)min((long long)C, it.len - ch * C);
         __syncthreads();
-        load_rows(Qh, q, ch, n);
+        load_rows(Qh, q, vec_q, ch, n);
         if (p.causal) {
-            load_rows(Kh, k, ch, n);
+            load_rows(Kh, k, vec_k, ch, n);
             load_v(ch, n);
         }
         const float s_up = state_scale_up<T>(Sf, dkp, dens, tid, lane, warp);
@@ -628,9 +809,21 @@ __device__ void core_mma(const CoreArgs& p, unsigned char* smem) {
             }
         __syncthreads();
         T* out = static_cast<T*>(p.out);
-        for (int e = tid; e < n * TILE; e += THREADS) {
-            const int i = e / TILE, j = e % TILE;
-            if (j < w) out[row_of(it, ch * C + i, p.reverse) * dv + j0 + j] = mk::from_float<T>(Os[i * TILE_LD + j]);
+        if (vec_o) {
+            constexpr int per = TILE / NV;
+            for (int e = tid; e < n * per; e += THREADS) {
+                const int i = e / per, j = (e % per) * NV;
+                if (j >= w) continue;
+                mk::Vec<T, NV> h;
+#pragma unroll
+                for (int u = 0; u < NV; ++u) h.v[u] = mk::from_float<T>(Os[i * TILE_LD + j + u]);
+                st16(out + row_of(it, ch * C + i, p.reverse) * dv + j0 + j, h);
+            }
+        } else {
+            for (int e = tid; e < n * TILE; e += THREADS) {
+                const int i = e / TILE, j = e % TILE;
+                if (j < w) out[row_of(it, ch * C + i, p.reverse) * dv + j0 + j] = mk::from_float<T>(Os[i * TILE_LD + j]);
+            }
         }
         if (p.causal) update_state();
     }
@@ -638,7 +831,7 @@ __device__ void core_mma(const CoreArgs& p, unsigned char* smem) {
         for (long long ch = 0; ch < chunks; ++ch) {
             const int n = (int)min((long long)C, it.len - ch * C);
             __syncthreads();
-            load_rows(Kh, k, ch, n);
+            load_rows(Kh, k, vec_k, ch, n);
             load_v(ch, n);
             __syncthreads();
             update_state();
@@ -646,9 +839,20 @@ __device__ void core_mma(const CoreArgs& p, unsigned char* smem) {
     }
     __syncthreads();
     if (it.state_out >= 0 && p.s_out != nullptr) {
-        for (int e = tid; e < dk * w; e += THREADS) {
-            const int c = e / w, j = e % w;
-            p.s_out[(it.state_out * dk + c) * dv + j0 + j] = Sf[c * TILE_LD + j];
+        if (dv % 4 == 0 && (reinterpret_cast<uintptr_t>(p.s_out) & 15) == 0) {
+            const int per = w / 4;
+            for (int e = tid; e < dk * per; e += THREADS) {
+                const int c = e / per, j = (e % per) * 4;
+                mk::Vec<float, 4> x;
+#pragma unroll
+                for (int u = 0; u < 4; ++u) x.v[u] = Sf[c * TILE_LD + j + u];
+                st16(p.s_out + (it.state_out * dk + c) * dv + j0 + j, x);
+            }
+        } else {
+            for (int e = tid; e < dk * w; e += THREADS) {
+                const int c = e / w, j = e % w;
+                p.s_out[(it.state_out * dk + c) * dv + j0 + j] = Sf[c * TILE_LD + j];
+            }
         }
         if (blockIdx.y == 0 && p.z_out != nullptr)
             for (int c = tid; c < dk; c += THREADS) p.z_out[it.state_out * dk + c] = zs[c];
@@ -1065,6 +1269,7 @@ struct PassIo {
         return pass == 1 ? aug(b.gs, b.gz, j, c) : aug(b.gs, b.gz, c, j);
     }
     __device__ float z0(int) const { return 0.f; }
+    static constexpr int VEC = 0;  // operands built on load ([v,1], g'): element by element
     __device__ bool has_out() const { return true; }
     __device__ void store_chunk(const float* Os, const float*, long long step0, int n, int j0, int w) const {
         for (int e = threadIdx.x; e < n * TILE; e += THREADS) {

@@ -2,6 +2,13 @@
 // src/ops/linear_attention/cuda.rs, and compares the fast paths with the reference kernels.
 #include "prelude.h"
 #define MK_HOST_EMULATION 1
+// The kernels' 16-byte accesses call this: a misaligned one would fault on a GPU.
+static void mk_emulated_check_aligned(const void* p, size_t bytes) {
+    if (reinterpret_cast<uintptr_t>(p) % bytes != 0) {
+        std::fprintf(stderr, "misaligned %zu-byte access at %p\n", bytes, p);
+        std::abort();
+    }
+}
 #include "linear_attention.cu"
 #include <random>
 #include <string>
@@ -68,6 +75,9 @@ struct Problem {
     std::vector<T> q, k, v, go;
     std::vector<float> s0, z0, gs, gz;  // empty: absent
     bool has_s0, has_gs;
+    // Elements before every tensor's first element (NaN): off = 1 puts each base address off
+    // 16-byte alignment, so the kernels must take their scalar paths.
+    int off = 0;
 };
 
 static void fill_opts(CoreArgs& a, const Opts& o) {
@@ -87,17 +97,22 @@ struct FwdOut { std::vector<float> o, s, z; };
 template <typename T>
 static FwdOut forward(const Problem<T>& p, const Opts& o, int path /*0 ref, 1 fused, 2 split groups*/, int groups) {
     const long long states = p.segs.size();
-    std::vector<T> out(p.rows * p.dv, cvt<T>(NAN));
-    std::vector<float> s_out(states * p.dk * p.dv, NAN), z_out(states * p.dk, NAN);
+    const int off = p.off;
+    std::vector<T> out(off + p.rows * p.dv, cvt<T>(NAN));
+    std::vector<float> s_out(off + states * p.dk * p.dv, NAN), z_out(off + states * p.dk, NAN);
+    auto result = [&] {
+        auto o = floats(out);
+        return FwdOut{{o.begin() + off, o.end()}, {s_out.begin() + off, s_out.end()}, {z_out.begin() + off, z_out.end()}};
+    };
     CoreArgs a{};
     a.dk = p.dk; a.dv = p.dv;
     fill_opts(a, o);
-    a.q = P(p.q.data()); a.k = P(p.k.data()); a.v = P(p.v.data());
-    a.s_in = p.has_s0 ? p.s0.data() : nullptr; a.z_in = p.has_s0 ? p.z0.data() : nullptr;
+    a.q = P(p.q.data() + p.off); a.k = P(p.k.data() + p.off); a.v = P(p.v.data() + p.off);
+    a.s_in = p.has_s0 ? (p.s0.data() + p.off) : nullptr; a.z_in = p.has_s0 ? (p.z0.data() + p.off) : nullptr;
     if (path != 2) {
         auto items = seg_items(p, p.has_s0);
         a.items = P(items.data()); a.n_items = items.size();
-        a.out = P(out.data()); a.s_out = P(s_out.data()); a.z_out = P(z_out.data());
+        a.out = P(out.data() + off); a.s_out = P(s_out.data() + off); a.z_out = P(z_out.data() + off);
         if (o.eta >= 0) { a.eta = o.eta; a.mom = a.v; a.mom_width = p.dv; a.mom_ld = p.dv; }
         if (path == 0) {
             std::function<void()> k;
@@ -108,7 +123,7 @@ static FwdOut forward(const Problem<T>& p, const Opts& o, int path /*0 ref, 1 fu
         } else {
             run_core(p.dt, false, a, items.size(), p.dv);
         }
-        return {floats(out), s_out, z_out};
+        return result();
     }
     // split_forward
     const long long c = 64;
@@ -131,20 +146,20 @@ static FwdOut forward(const Problem<T>& p, const Opts& o, int path /*0 ref, 1 fu
     a1.items = P(pass1.data()); a1.n_items = n; a1.s_in = nullptr; a1.z_in = nullptr;
     a1.s_out = P(local_s.data()); a1.z_out = P(local_z.data());
     run_core(p.dt, false, a1, n, p.dv);
-    const float* s0 = p.has_s0 ? p.s0.data() : nullptr;
-    const float* z0 = p.has_s0 ? p.z0.data() : nullptr;
+    const float* s0 = p.has_s0 ? (p.s0.data() + p.off) : nullptr;
+    const float* z0 = p.has_s0 ? (p.z0.data() + p.off) : nullptr;
     const int segments = p.segs.size(), dk = p.dk, dv = p.dv;
     emu_launch({4, 1, 1}, [&] {
         la_state_scan(local_s.data(), local_z.data(), s0, z0, seg_state.data(), prefix_s.data(), prefix_z.data(),
-                      s_out.data(), z_out.data(), segments, groups, dk, dv);
+                      s_out.data() + off, z_out.data() + off, segments, groups, dk, dv);
     });
     CoreArgs a2 = a;
     a2.accumulate = 0;
-    a2.items = P(pass2.data()); a2.n_items = n; a2.out = P(out.data());
-    a2.s_in = o.causal ? prefix_s.data() : s_out.data();
-    a2.z_in = o.causal ? prefix_z.data() : z_out.data();
+    a2.items = P(pass2.data()); a2.n_items = n; a2.out = P(out.data() + off);
+    a2.s_in = o.causal ? prefix_s.data() : s_out.data() + off;
+    a2.z_in = o.causal ? prefix_z.data() : z_out.data() + off;
     run_core(p.dt, false, a2, n, p.dv);
-    return {floats(out), s_out, z_out};
+    return result();
 }
 
 struct BwdOut { std::vector<float> dq, dk, dv, ds0, dz0; };
@@ -164,10 +179,10 @@ static BwdOut backward(const Problem<T>& p, const Opts& o, bool reference) {
     const int dk = p.dk, dv = p.dv, dva = dv + 1;
     std::vector<T> dq(rows * dk, cvt<T>(NAN)), dkk(rows * dk, cvt<T>(NAN)), dvv(rows * dv, cvt<T>(NAN));
     std::vector<float> ds0(states * dk * dv, NAN), dz0(states * dk, NAN);
-    const float* s0 = p.has_s0 ? p.s0.data() : nullptr;
-    const float* z0 = p.has_s0 ? p.z0.data() : nullptr;
-    const float* gs = p.has_gs ? p.gs.data() : nullptr;
-    const float* gz = p.has_gs ? p.gz.data() : nullptr;
+    const float* s0 = p.has_s0 ? (p.s0.data() + p.off) : nullptr;
+    const float* z0 = p.has_s0 ? (p.z0.data() + p.off) : nullptr;
+    const float* gs = p.has_gs ? (p.gs.data() + p.off) : nullptr;
+    const float* gz = p.has_gs ? (p.gz.data() + p.off) : nullptr;
     auto fwd_items = seg_items(p, p.has_s0);
     auto bwd_items = seg_items(p, true);
     const int n_items = p.segs.size();
@@ -176,10 +191,10 @@ static BwdOut backward(const Problem<T>& p, const Opts& o, bool reference) {
         RefBackwardArgs r{};
         r.f.n_items = n_items; r.f.dk = dk; r.f.dv = dv;
         fill_opts(r.f, o);
-        r.f.q = P(p.q.data()); r.f.k = P(p.k.data()); r.f.v = P(p.v.data());
+        r.f.q = P(p.q.data() + p.off); r.f.k = P(p.k.data() + p.off); r.f.v = P(p.v.data() + p.off);
         r.f.items = P(fwd_items.data()); r.f.s_in = P(s0); r.f.z_in = P(z0);
         if (o.eta >= 0) r.f.eta = o.eta;
-        r.grad_out = P(p.go.data()); r.gs = gs; r.gz = gz; r.gp = gp.data();
+        r.grad_out = P(p.go.data() + p.off); r.gs = gs; r.gz = gz; r.gp = gp.data();
         r.dq = dq.data(); r.dk = dkk.data(); r.dv = dvv.data(); r.ds0 = ds0.data(); r.dz0 = dz0.data();
         emu_launch({(unsigned)n_items, 1, 1}, [r] { Glue<T>::reference(r); });
         return {floats(dq), floats(dkk), floats(dvv), ds0, dz0};
@@ -188,7 +203,7 @@ static BwdOut backward(const Problem<T>& p, const Opts& o, bool reference) {
     const int tiles = (dv + 63) / 64;
     std::vector<float> gp(rows * (dv + tiles), NAN);
     BwdArgs a{};
-    a.q = p.q.data(); a.k = p.k.data(); a.v = p.v.data(); a.g = p.go.data();
+    a.q = p.q.data() + p.off; a.k = p.k.data() + p.off; a.v = p.v.data() + p.off; a.g = p.go.data() + p.off;
     a.s0 = s0; a.z0 = z0; a.gs = gs; a.gz = gz; a.gp = gp.data();
     a.grad_q = dq.data(); a.grad_k = dkk.data(); a.grad_v = dvv.data(); a.ds0 = ds0.data(); a.dz0 = dz0.data();
     a.items = bwd_items.data(); a.n_items = n_items; a.dk = dk; a.dv = dv; a.tiles = tiles;
@@ -208,25 +223,32 @@ static BwdOut backward(const Problem<T>& p, const Opts& o, bool reference) {
 }
 
 template <typename T>
-static Problem<T> make(Dt dt, const std::vector<long long>& lens, int heads_dummy, int dk, int dv, bool s0, bool gs, bool positive) {
-    (void)heads_dummy;
+static Problem<T> make(Dt dt, const std::vector<long long>& lens, int off, int dk, int dv, bool s0, bool gs, bool positive) {
     Problem<T> p;
-    p.dt = dt; p.dk = dk; p.dv = dv; p.rows = 0;
+    p.dt = dt; p.dk = dk; p.dv = dv; p.rows = 0; p.off = off;
     for (size_t i = 0; i < lens.size(); ++i) { p.segs.push_back({p.rows, lens[i], -1, (long long)i}); p.rows += lens[i]; }
-    auto gen = [&](size_t n, bool pos) { std::vector<T> v(n); for (auto& x : v) x = cvt<T>(pos ? 1.f + 0.5f * normal() : normal()); return v; };
+    auto gen = [&](size_t n, bool pos) {
+        std::vector<T> v(off + n, cvt<T>(NAN));
+        for (size_t i = off; i < v.size(); ++i) v[i] = cvt<T>(pos ? 1.f + 0.5f * normal() : normal());
+        return v;
+    };
     p.q = gen(p.rows * dk, positive); p.k = gen(p.rows * dk, positive); p.v = gen(p.rows * dv, false); p.go = gen(p.rows * dv, false);
     const size_t states = lens.size();
     p.has_s0 = s0; p.has_gs = gs;
-    auto fv = [&](size_t n, float lo) { std::vector<float> v(n); for (auto& x : v) x = lo > 0 ? 0.5f + std::uniform_real_distribution<float>(0, 1)(g_rng) : normal(); return v; };
+    auto fv = [&](size_t n, float lo) {
+        std::vector<float> v(off + n, NAN);
+        for (size_t i = off; i < v.size(); ++i) v[i] = lo > 0 ? 0.5f + std::uniform_real_distribution<float>(0, 1)(g_rng) : normal();
+        return v;
+    };
     p.s0 = fv(states * dk * dv, 0); p.z0 = fv(states * dk, 1); p.gs = fv(states * dk * dv, 0); p.gz = fv(states * dk, 0);
     return p;
 }
 
 template <typename T>
-static void run_case(Dt dt, const std::vector<long long>& lens, int dk, int dv, Opts o, bool s0, bool do_bwd) {
-    auto p = make<T>(dt, lens, 1, dk, dv, s0, true, o.normalize);
+static void run_case(Dt dt, const std::vector<long long>& lens, int dk, int dv, Opts o, bool s0, bool do_bwd, int off = 0) {
+    auto p = make<T>(dt, lens, off, dk, dv, s0, true, o.normalize);
     char tag[200];
-    std::snprintf(tag, sizeof tag, "%s segs=%zu T0=%lld dk=%d dv=%d fm=%d c=%d n=%d eta=%.1f s0=%d", dt_name(dt), lens.size(), lens[0], dk, dv, o.fm, o.causal, o.normalize, o.eta, s0);
+    std::snprintf(tag, sizeof tag, "%s segs=%zu T0=%lld dk=%d dv=%d fm=%d c=%d n=%d eta=%.1f s0=%d off=%d", dt_name(dt), lens.size(), lens[0], dk, dv, o.fm, o.causal, o.normalize, o.eta, s0, off);
     const double tol = dt == F32 ? 1e-5 : 1e-2;
     auto ref = forward(p, o, 0, 1);
     auto fused = forward(p, o, 1, 1);
@@ -255,11 +277,11 @@ static void run_case(Dt dt, const std::vector<long long>& lens, int dk, int dv, 
 // steps, no initial state.
 template <typename T>
 static void run_quadratic(Dt dt, int heads, long long t, int dk, int dv, Opts o) {
-    auto p = make<T>(dt, std::vector<long long>(heads, t), 1, dk, dv, false, false, o.normalize);
+    auto p = make<T>(dt, std::vector<long long>(heads, t), 0, dk, dv, false, false, o.normalize);
     auto ref = forward(p, o, 0, 1);
     std::vector<float> a(heads * t * t, NAN);
     std::vector<T> out(p.rows * dv, cvt<T>(NAN));
-    const T *q = p.q.data(), *k = p.k.data(), *v = p.v.data();
+    const T *q = (p.q.data() + p.off), *k = (p.k.data() + p.off), *v = p.v.data() + p.off;
     T* op = out.data();
     float* ap = a.data();
     const int ti = t;
@@ -312,6 +334,12 @@ int main(int argc, char** argv) {
             run_quadratic<float>(F32, 2, 37, 20, 19, o);
             if (!quick) run_quadratic<__nv_bfloat16>(BF16, 1, 40, 5, 33, o);
         }
+    {
+        // Quick too (CI): both 16-byte paths once, pieces and a misaligned base.
+        Opts o{1, 1, 1, 0.7f, 1e-3f, -1.f};
+        run_case<__nv_bfloat16>(BF16, {37, 70}, 32, 72, o, true, false);
+        run_case<float>(F32, {37, 70}, 8, 12, o, true, true, 1);
+    }
     if (!quick) {
         Opts o{1, 1, 1, 0.7f, 1e-3f, -1.f};
         run_case<float>(F32, {40}, 256, 130, o, true, true);
@@ -319,6 +347,24 @@ int main(int argc, char** argv) {
         Opts m{1, 1, 1, 0.7f, 1e-3f, 0.8f};
         run_case<float>(F32, {70, 3}, 5, 7, m, false, true);
         run_case<__nv_bfloat16>(BF16, {70}, 5, 7, m, false, true);
+        // 16-byte pieces (see "16-byte global traffic" in the .cu file): widths that are whole
+        // pieces and ones that are not, per tensor; varlen segments starting at odd rows (37,
+        // 107); a partial last v tile of whole pieces (dv = 72); base addresses off 16-byte
+        // alignment (off = 1), which must fall back to the scalar paths.
+        for (int causal = 0; causal < 2; ++causal)
+            for (int norm = 0; norm < 2; ++norm) {
+                Opts v{causal + 2 * norm, causal, norm, 0.7f, 1e-3f, -1.f};
+                run_case<__nv_bfloat16>(BF16, {37, 70, 65}, 32, 72, v, causal, true);  // mma, all pieces
+                run_case<__half>(F16, {37, 70}, 32, 72, v, !causal, false, 1);         // mma, misaligned
+                run_case<float>(F32, {37, 70}, 8, 12, v, norm, true);                  // SIMT f32, pieces
+            }
+        run_case<__nv_bfloat16>(BF16, {37, 70}, 20, 72, o, true, false);   // q, k scalar; v, o pieces
+        run_case<__half>(F16, {37, 70}, 32, 70, o, true, false);           // q, k pieces; v, o scalar
+        run_case<float>(F32, {37, 70}, 8, 12, o, true, true, 1);           // SIMT f32, misaligned
+        run_case<__half>(F16, {37, 30}, 136, 24, o, true, true);           // SIMT 16-bit (Dk > 128), pieces
+        run_case<__nv_bfloat16>(BF16, {37, 30}, 136, 24, o, false, false, 1);
+        run_case<__nv_bfloat16>(BF16, {130}, 128, 128, o, true, false);     // the benchmark's widths
+        run_case<__nv_bfloat16>(BF16, {37, 30}, 8, 16, m, false, true);    // momentum, SIMT pieces
     }
     for (int causal = 0; causal < 2; ++causal) run_f16_state_range(causal);
     std::printf("%d failure(s)\n", g_failures);
