@@ -8,15 +8,15 @@
 //   forward            mattn_fwd_{f16,bf16,f32}_d{64,128,256}: o vs f64 (the plain forward);
 //                      with attn_out and lse2 (forward_with_state): o, the attention without
 //                      momentum and the base-2 log-sum-exp vs f64
-//   reference kernel   mattn_fwd_reference_* vs f64 (T ≤ 77: it is slow to emulate)
+//   reference kernel   mattn_fwd_reference_* vs f64 (T ≤ 77: one block per row is slow to emulate)
 //   unfused baseline   the forward at η = 0, then mattn_momentum_scan_* vs f64
 //   backward           recomputing forward (η = 0), mattn_bwd_delta_*, mattn_bwd_mma_{f16,bf16}_d*
 //                      or mattn_bwd_f32_d*, mattn_dq_finish_*: dq, dk, dv vs f64; and the same
 //                      from the saved state of forward_with_state (η > 0)
 //
-// over every dtype, D ∈ {64, 128, 256}, η ∈ {0, 0.5, 0.9}, T ∈ {1, 77, 300} (300 is past
+// over every dtype, D ∈ {64, 128, 256}, η ∈ {0, 0.5, 0.9, 0.99}, T ∈ {1, 77, 300} (300 is past
 // η = 0.5's momentum horizon of 24 lags and η = 0.9's of 158, so value tiles are skipped) with
-// B·H = 2 heads. `quick` runs a subset that launches every kernel at least once (~15 s).
+// B·H = 2 heads, plus T = 700 as in the GPU tests' long-sequence cases. `quick` runs a subset that launches every kernel at least once (~15 s).
 //
 // What it proves: index math, tails and masks, the barrier structure (up to the interleavings
 // the OS threads happen to run), the cp.async / ldmatrix / mma fragment layouts, reads of
@@ -344,7 +344,7 @@ static void run_case(int bh, int t, int d, const std::vector<float>& etas, What 
         const Params p = params(d, eta);
         const Ref64 want = reference64(x, eta);
         char tag[120];
-        std::snprintf(tag, sizeof tag, "%s d=%d t=%d bh=%d eta=%.1f", K::name, d, t, bh, eta);
+        std::snprintf(tag, sizeof tag, "%s d=%d t=%d bh=%d eta=%g", K::name, d, t, bh, eta);
         const std::string s = tag;
         compare(s + " fwd o", floats(forward(x, p, false).out), want.out, K::tol);
         Forward<T> state;
@@ -371,15 +371,19 @@ static void run_case(int bh, int t, int d, const std::vector<float>& etas, What 
     }
 }
 
-// The full matrix of one dtype: D ∈ {64, 128, 256} × T ∈ {1, 77, 300} × η ∈ {0, 0.5, 0.9}.
+// The full matrix of one dtype: D ∈ {64, 128, 256} × T ∈ {1, 77, 300} × η ∈ {0, 0.5, 0.9, 0.99}
+// (the GPU tests' ETAS), then the GPU tests' long sequences: T = 700 (far past the horizons of
+// η = 0.5 and 0.9: 24 and 158 lags), forward at D = 128, backward at D = 64 and 256.
 template <typename T>
 static void run_dtype_full() {
-    const std::vector<float> etas = {0.f, 0.5f, 0.9f};
+    const std::vector<float> etas = {0.f, 0.5f, 0.9f, 0.99f};
     for (int d : {64, 128, 256}) {
         run_case<T>(2, 1, d, etas, {true, true, true, true});
         run_case<T>(2, 77, d, etas, {true, true, true, true});
         run_case<T>(2, 300, d, etas, {false, true, true, true});
     }
+    run_case<T>(2, 700, 128, {0.5f, 0.9f, 0.99f}, {false, false, false, false});
+    for (int d : {64, 256}) run_case<T>(2, 700, d, {0.5f, 0.9f}, {false, false, false, true});
 }
 
 // Every entry point once: each (dtype, D) at the ragged T = 77 and η = 0.5 with every check;
