@@ -16,13 +16,20 @@
 //
 // over every dtype, D ∈ {64, 128, 256}, η ∈ {0, 0.5, 0.9, 0.99}, T ∈ {1, 77, 300} (300 is past
 // η = 0.5's momentum horizon of 24 lags and η = 0.9's of 158, so value tiles are skipped) with
-// B·H = 2 heads, plus T = 700 as in the GPU tests' long-sequence cases. `quick` runs a subset that launches every kernel at least once (~15 s).
+// B·H = 2 heads, plus T = 700 as in the GPU tests' long-sequence cases (~3 min). `quick` runs
+// a subset that launches every kernel at least once (~15 s).
 //
-// What it proves: index math, tails and masks, the barrier structure (up to the interleavings
-// the OS threads happen to run), the cp.async / ldmatrix / mma fragment layouts, reads of
-// unwritten shared memory or outputs (poisoned with NaN), numerics. What it cannot: timing,
-// races that only real warps running out of lockstep show, bank conflicts, register spills,
-// anything about the real hardware's exp2f / rounding beyond IEEE. It is not a GPU run.
+// What it proves: index math, tails and masks, the barrier structure (threads resumed in a
+// random order at every barrier; EMU_SEED=<n> picks another), the cp.async / ldmatrix / mma
+// fragment layouts, shared addresses inside the launched dynamic shared memory, reads of
+// unwritten shared memory or outputs (poisoned with NaN), numerics. Deliberately broken copies
+// of the kernel file (an ldmatrix address, a dropped __syncthreads, __syncwarp or cp.async wait,
+// a tile overrun) all fail it. What it cannot: timing; races inside one barrier interval that
+// only real warps running out of lockstep show (code between two barriers runs one thread at
+// a time); cp.async lands at the issuing thread's wait (the latest point the PTX allows), so a
+// read before the wait is caught but a copy issued into a buffer other warps still read shows
+// only if the order happens to expose it; bank conflicts, registers, spills; the hardware's
+// exp2f and mma accumulation order. It is not a GPU run.
 #include "prelude.h"
 #define MK_HOST_EMULATION 1
 namespace {

@@ -328,7 +328,12 @@ inline void emu_fiber_start(EmuFiber& f) {
     f.done = false, f.waiting = nullptr;
 }
 
-std::mt19937 g_schedule_rng(12345);
+// The order in which fibers are resumed; EMU_SEED=<n> in the environment explores other orders.
+inline unsigned emu_seed() {
+    const char* s = std::getenv("EMU_SEED");
+    return s != nullptr ? (unsigned)std::strtoul(s, nullptr, 10) : 12345u;
+}
+std::mt19937 g_schedule_rng(emu_seed());
 
 // Runs `kernel` over `grid` blocks of `block.x` threads (a multiple of 32), one block after
 // another, with `smem_bytes` of dynamic shared memory.
