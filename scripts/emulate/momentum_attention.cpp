@@ -19,17 +19,17 @@
 // B·H = 2 heads, plus T = 700 as in the GPU tests' long-sequence cases (~3 min). `quick` runs
 // a subset that launches every kernel at least once (~15 s).
 //
-// What it proves: index math, tails and masks, the barrier structure (threads resumed in a
-// random order at every barrier; EMU_SEED=<n> picks another), the cp.async / ldmatrix / mma
-// fragment layouts, shared addresses inside the launched dynamic shared memory, reads of
-// unwritten shared memory or outputs (poisoned with NaN), numerics. Deliberately broken copies
-// of the kernel file (an ldmatrix address, a dropped __syncthreads, __syncwarp or cp.async wait,
-// a tile overrun) all fail it. What it cannot: timing; races inside one barrier interval that
-// only real warps running out of lockstep show (code between two barriers runs one thread at
-// a time); cp.async lands at the issuing thread's wait (the latest point the PTX allows), so a
-// read before the wait is caught but a copy issued into a buffer other warps still read shows
-// only if the order happens to expose it; bank conflicts, registers, spills; the hardware's
-// exp2f and mma accumulation order. It is not a GPU run.
+// What it proves: index math, tails and masks, the barrier structure (between two
+// __syncthreads the warps run one after another in a random order; EMU_SEED=<n> picks another),
+// the cp.async / ldmatrix / mma fragment layouts, shared addresses inside the launched dynamic
+// shared memory, reads of unwritten shared memory or outputs (poisoned with NaN), numerics.
+// Deliberately broken copies of the kernel file (an ldmatrix address or .trans, a dropped
+// __syncthreads, __syncwarp or cp.async wait, a write-after-read race on a cp.async tile, a
+// tile overrun) all fail it. What it cannot: timing; interleavings finer than "one warp's whole
+// barrier interval, then another's" (lanes of a warp meet at every warp-wide operation, not at
+// every instruction); cp.async lands at the issuing thread's wait by default and at issue with
+// EMU_CP_ASYNC=eager; bank conflicts, registers, spills; the hardware's exp2f and mma
+// accumulation order. It is not a GPU run.
 #include "prelude.h"
 #define MK_HOST_EMULATION 1
 namespace {

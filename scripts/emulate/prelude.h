@@ -3,8 +3,9 @@
 // kernel round trip per barrier), __syncthreads as a block barrier, warp-wide operations
 // (shuffles, ldmatrix, mma.sync) through per-warp scratch and warp barriers, cp.async as a copy
 // deferred to the thread's wait, dynamic shared memory as one poisoned buffer with a canary past
-// the launched size. At every barrier the waiting fibers are resumed in a fresh random order, so
-// that the code between two barriers runs in many interleavings of threads.
+// the launched size. Between two __syncthreads the warps run one after another in a fresh
+// random order (the lanes of a warp in a random order too), so that a missing barrier between
+// warps shows as poison or stale data.
 //
 // A kernel file that wraps its inline asm in `#ifdef MK_HOST_EMULATION` calls the mk_emulated_*
 // functions below instead. Things that are checked on every call and abort with a message:
@@ -206,15 +207,28 @@ alignas(16) unsigned char smem_b[262144];
 // cp.async.cg.shared.global [dst], [src], 16, src_bytes: src_bytes bytes are copied, the rest of
 // the 16 zero-filled. The emulation performs the copy as late as the PTX allows, at the
 // issuing thread's wait: a read of the tile before cp.async.wait + __syncthreads sees poison
-// (or the previous tile) instead of the data.
+// (or the previous tile) instead of the data. With EMU_CP_ASYNC=eager in the environment it
+// copies at issue instead (the earliest point): a copy into a buffer that other threads still
+// read then overwrites it under them.
 struct EmuCopy { unsigned char* dst; const unsigned char* src; int bytes; };
 std::vector<EmuCopy> g_uncommitted[EMU_MAX_THREADS];            // per thread
 std::deque<std::vector<EmuCopy>> g_groups[EMU_MAX_THREADS];      // per thread, oldest first
+inline bool emu_cp_async_eager() {
+    static const char* mode = std::getenv("EMU_CP_ASYNC");
+    static const bool eager = mode != nullptr && std::strcmp(mode, "eager") == 0;
+    return eager;
+}
+inline void emu_copy(const EmuCopy& c) {
+    std::memcpy(c.dst, c.src, c.bytes);
+    std::memset(c.dst + c.bytes, 0, 16 - c.bytes);
+}
 inline void mk_emulated_cp_async_16(void* dst, const void* src, int src_bytes) {
     emu_check_shared(dst, 16, "cp.async destination");
     if ((uintptr_t)src % 16 != 0) emu_fail("cp.async source not 16-byte aligned");
     if (src_bytes < 0 || src_bytes > 16) emu_fail("cp.async src-size outside [0, 16]");
-    g_uncommitted[threadIdx.x].push_back({static_cast<unsigned char*>(dst), static_cast<const unsigned char*>(src), src_bytes});
+    const EmuCopy c{static_cast<unsigned char*>(dst), static_cast<const unsigned char*>(src), src_bytes};
+    if (emu_cp_async_eager()) emu_copy(c);
+    else g_uncommitted[threadIdx.x].push_back(c);
 }
 inline void mk_emulated_cp_async_commit() {
     g_groups[threadIdx.x].push_back(std::move(g_uncommitted[threadIdx.x]));
@@ -224,10 +238,7 @@ inline void mk_emulated_cp_async_commit() {
 inline void mk_emulated_cp_async_wait_group(size_t n) {
     auto& groups = g_groups[threadIdx.x];
     while (groups.size() > n) {
-        for (const EmuCopy& c : groups.front()) {
-            std::memcpy(c.dst, c.src, c.bytes);
-            std::memset(c.dst + c.bytes, 0, 16 - c.bytes);
-        }
+        for (const EmuCopy& c : groups.front()) emu_copy(c);
         groups.pop_front();
     }
 }
@@ -347,7 +358,9 @@ inline void emu_launch(dim3 grid, dim3 block, size_t smem_bytes, const std::func
     g_dyn_smem_bytes = smem_bytes;
     g_kernel = &kernel;
     const int warps = threads / 32;
-    std::vector<int> order(threads);
+    std::vector<int> warp_order(warps), lane_order(32);
+    for (int w = 0; w < warps; ++w) warp_order[w] = w;
+    for (int l = 0; l < 32; ++l) lane_order[l] = l;
     for (unsigned z = 0; z < grid.z; ++z)
         for (unsigned y = 0; y < grid.y; ++y)
             for (unsigned x = 0; x < grid.x; ++x) {
@@ -359,22 +372,33 @@ inline void emu_launch(dim3 grid, dim3 block, size_t smem_bytes, const std::func
                 std::memset(sm, 0xff, sizeof sm);
                 std::memset(smem_h, 0xff, sizeof smem_h);
                 std::memset(smem_b, 0xff, sizeof smem_b);
-                for (int t = 0; t < threads; ++t) emu_fiber_start(g_fibers[t]), order[t] = t;
-                // Rounds: resume every fiber that is not blocked, in a random order, each until
-                // it blocks at a barrier or exits.
+                for (int t = 0; t < threads; ++t) emu_fiber_start(g_fibers[t]);
+                // Rounds: the warps in a random order, each run alone (its lanes resumed in a
+                // random order, each until it blocks at a barrier or exits) until every one of its
+                // threads waits at __syncthreads or has exited. So between two __syncthreads one
+                // warp runs entirely before another: a warp that reads what another writes
+                // without a barrier between them sees poison or stale data, and a warp that
+                // overwrites (or cp.async-loads into) what another still reads corrupts it.
                 for (int live = threads; live > 0;) {
-                    std::shuffle(order.begin(), order.end(), g_schedule_rng);
+                    std::shuffle(warp_order.begin(), warp_order.end(), g_schedule_rng);
                     bool progress = false;
-                    for (int t : order) {
-                        EmuFiber& f = g_fibers[t];
-                        if (f.done || (f.waiting != nullptr && f.waiting->generation == f.wait_gen)) continue;
-                        f.waiting = nullptr;
-                        threadIdx = {(unsigned)t, 0, 0};
-                        blockIdx = block_idx;
-                        g_current = t;
-                        emu_switch(&g_scheduler_sp, f.sp);
-                        progress = true;
-                        if (f.done) --live;
+                    for (int w : warp_order) {
+                        for (bool ran = true; ran;) {
+                            ran = false;
+                            std::shuffle(lane_order.begin(), lane_order.end(), g_schedule_rng);
+                            for (int l : lane_order) {
+                                const int t = 32 * w + l;
+                                EmuFiber& f = g_fibers[t];
+                                if (f.done || (f.waiting != nullptr && f.waiting->generation == f.wait_gen)) continue;
+                                f.waiting = nullptr;
+                                threadIdx = {(unsigned)t, 0, 0};
+                                blockIdx = block_idx;
+                                g_current = t;
+                                emu_switch(&g_scheduler_sp, f.sp);
+                                ran = progress = true;
+                                if (f.done) --live;
+                            }
+                        }
                     }
                     if (!progress) {
                         blockIdx = block_idx;
