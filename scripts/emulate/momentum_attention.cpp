@@ -16,8 +16,9 @@
 //
 // over every dtype, D ∈ {64, 128, 256}, η ∈ {0, 0.5, 0.9, 0.99}, T ∈ {1, 77, 300} (300 is past
 // η = 0.5's momentum horizon of 24 lags and η = 0.9's of 158, so value tiles are skipped) with
-// B·H = 2 heads, plus T = 700 as in the GPU tests' long-sequence cases (~3 min). `quick` runs
-// a subset that launches every kernel at least once (~15 s).
+// B·H = 2 heads, plus T = 700 as in the GPU tests' long-sequence cases, then the quick subset
+// with cp.async landing at issue (~3 min). `quick` runs a subset that launches every kernel at
+// least once (~15 s).
 //
 // What it proves: index math, tails and masks, the barrier structure (between two
 // __syncthreads the warps run one after another in a random order; EMU_SEED=<n> picks another),
@@ -413,6 +414,12 @@ int main(int argc, char** argv) {
         run_dtype_full<float>();
         run_dtype_full<__half>();
         run_dtype_full<__nv_bfloat16>();
+        // The quick subset again with cp.async landing at issue instead of at the wait.
+        g_cp_async_eager = true;
+        std::printf("-- again with cp.async copies landing at issue (EMU_CP_ASYNC=eager)\n");
+        run_dtype_quick<float>(128);
+        run_dtype_quick<__half>(256);
+        run_dtype_quick<__nv_bfloat16>(64);
     }
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     std::printf("%d comparison(s), %d failure(s); worst error / tolerance %.3f (%s); %.0f s\n", g_comparisons,

@@ -213,11 +213,11 @@ alignas(16) unsigned char smem_b[262144];
 struct EmuCopy { unsigned char* dst; const unsigned char* src; int bytes; };
 std::vector<EmuCopy> g_uncommitted[EMU_MAX_THREADS];            // per thread
 std::deque<std::vector<EmuCopy>> g_groups[EMU_MAX_THREADS];      // per thread, oldest first
-inline bool emu_cp_async_eager() {
-    static const char* mode = std::getenv("EMU_CP_ASYNC");
-    static const bool eager = mode != nullptr && std::strcmp(mode, "eager") == 0;
-    return eager;
+inline bool emu_env_is(const char* name, const char* value) {
+    const char* v = std::getenv(name);
+    return v != nullptr && std::strcmp(v, value) == 0;
 }
+bool g_cp_async_eager = emu_env_is("EMU_CP_ASYNC", "eager");  // a driver may also set it
 inline void emu_copy(const EmuCopy& c) {
     std::memcpy(c.dst, c.src, c.bytes);
     std::memset(c.dst + c.bytes, 0, 16 - c.bytes);
@@ -227,7 +227,7 @@ inline void mk_emulated_cp_async_16(void* dst, const void* src, int src_bytes) {
     if ((uintptr_t)src % 16 != 0) emu_fail("cp.async source not 16-byte aligned");
     if (src_bytes < 0 || src_bytes > 16) emu_fail("cp.async src-size outside [0, 16]");
     const EmuCopy c{static_cast<unsigned char*>(dst), static_cast<const unsigned char*>(src), src_bytes};
-    if (emu_cp_async_eager()) emu_copy(c);
+    if (g_cp_async_eager) emu_copy(c);
     else g_uncommitted[threadIdx.x].push_back(c);
 }
 inline void mk_emulated_cp_async_commit() {

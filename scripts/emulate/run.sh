@@ -11,7 +11,8 @@
 #   scripts/emulate/run.sh linear_attention [quick]     exit status 1 on a mismatch
 #   scripts/emulate/run.sh momentum_attention [quick]   (3 on an emulation error: deadlock,
 #                                                        out-of-range shared address, ...)
-#   EMU_SEED=7 scripts/emulate/run.sh ...               another order of threads at barriers
+#   EMU_SEED=7 scripts/emulate/run.sh ...               another order of warps between barriers
+#   EMU_CP_ASYNC=eager scripts/emulate/run.sh ...       cp.async lands at issue, not at the wait
 #
 # What it proves: index math, tails, the barrier structure, fragment layouts, numerics. What it
 # cannot: timing, and races that only real warps running out of lockstep exhibit. It is not a
