@@ -42,7 +42,7 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 }
 
 #ifdef MK_HOST_EMULATION
-// scripts/emulate/run.sh momentum_attention runs this file on CPU threads; its prelude emulates
+// scripts/emulate/run.sh momentum_attention runs this file on the CPU; its prelude emulates
 // cp.async, ldmatrix and the warp-wide mma with the PTX ISA semantics and fragment layouts.
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, int src_bytes) {
     mk_emulated_cp_async_16(dst, src, src_bytes);
