@@ -41,6 +41,24 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
     return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
+#ifdef MK_HOST_EMULATION
+// scripts/emulate/run.sh momentum_attention runs this file on the CPU; its prelude emulates
+// cp.async, ldmatrix and the warp-wide mma with the PTX ISA semantics and fragment layouts.
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, int src_bytes) {
+    mk_emulated_cp_async_16(dst, src, src_bytes);
+}
+__device__ __forceinline__ void cp_async_commit() { mk_emulated_cp_async_commit(); }
+__device__ __forceinline__ void cp_async_wait_all() { mk_emulated_cp_async_wait_all(); }
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) { mk_emulated_ldmatrix_x4(r, p, false); }
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+    mk_emulated_ldmatrix_x4(r, p, true);
+}
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    const uint32_t b[2] = {b0, b1};
+    mk_emulated_mma(d, a, b, std::is_same_v<T, __nv_bfloat16>);
+}
+#else
 // 16-byte global → shared copy; src_bytes = 0 fills the 16 bytes with zeros (tails).
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, int src_bytes) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
@@ -82,6 +100,8 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const ui
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+
+#endif
 
 // Two floats as one register of two 16-bit values (the first in the low half).
 template <typename T>
@@ -1096,7 +1116,11 @@ __device__ void dq_finish(const float* __restrict__ acc, T* __restrict__ dq, uin
 template <typename T>
 __device__ void forward_reference(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                                   T* __restrict__ out, int t_len, int d, float scale, float eta) {
+#ifdef MK_HOST_EMULATION
+    static float scratch[32];  // the emulation runs one block at a time
+#else
     __shared__ float scratch[32];
+#endif
     const int t = blockIdx.x, col = threadIdx.x;
     const size_t head = (size_t)blockIdx.y * t_len * d;
     q += head, k += head, v += head, out += head;

@@ -1,20 +1,36 @@
-// CPU emulation of the CUDA execution model, used by scripts/emulate/run.sh (written for kernels/linear_attention.cu): one block
-// at a time, one std::thread per CUDA thread, __syncthreads as a block barrier, warp shuffles
-// and mma.sync through per-warp scratch and warp barriers.
+// CPU emulation of the CUDA execution model, used by scripts/emulate/run.sh: one block at a
+// time, each CUDA thread a fiber (its own stack, switched in user space on one OS thread: no
+// kernel round trip per barrier), __syncthreads as a block barrier, warp-wide operations
+// (shuffles, ldmatrix, mma.sync) through per-warp scratch and warp barriers, cp.async as a copy
+// deferred to the thread's wait, dynamic shared memory as one poisoned buffer with a canary past
+// the launched size. Between two __syncthreads the warps run one after another in a fresh
+// random order (the lanes of a warp in a random order too), so that a missing barrier between
+// warps shows as poison or stale data.
+//
+// A kernel file that wraps its inline asm in `#ifdef MK_HOST_EMULATION` calls the mk_emulated_*
+// functions below instead. Things that are checked on every call and abort with a message:
+// ldmatrix and cp.async addresses inside the launched dynamic shared memory and 16-byte
+// aligned, shuffle masks full, a barrier that not every live thread reaches (deadlock), writes
+// past the launched dynamic shared memory.
 #pragma once
 #include <algorithm>
-#include <barrier>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <functional>
-#include <thread>
+#include <random>
+#include <sys/mman.h>
+#include <type_traits>
 #include <vector>
 using std::max;
 using std::min;
-struct dim3 { unsigned x = 0, y = 0, z = 0; };
-thread_local dim3 threadIdx, blockIdx;
+struct dim3 { unsigned x = 1, y = 1, z = 1; };
+dim3 threadIdx, blockIdx;  // of the running fiber
 dim3 blockDim, gridDim;
 #define __device__
 #define __global__
@@ -22,30 +38,246 @@ dim3 blockDim, gridDim;
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __restrict__ __restrict
+// Block-scope `extern __shared__ T name[];` then names the buffer EMU_DYNAMIC_SHARED defines.
+// (A static `__shared__ T x[N];` would become per-thread here: kernel files guard those.)
 #define __shared__
 #define __align__(n) __attribute__((aligned(n)))
 inline float __expf(float x) { return std::exp(x); }
 
-constexpr int EMU_THREADS = 256;
-std::barrier<>* g_block_barrier;
-std::barrier<>* g_warp_barrier[EMU_THREADS / 32];
-inline void __syncthreads() { g_block_barrier->arrive_and_wait(); }
-inline void warp_sync() { g_warp_barrier[threadIdx.x / 32]->arrive_and_wait(); }
+struct alignas(8) float2 { float x, y; };
+inline float2 make_float2(float x, float y) { return {x, y}; }
 
-double g_shfl[EMU_THREADS / 32][32];
-template <typename T>
-T __shfl_xor_sync(unsigned, T x, int offset) {
-    const int w = threadIdx.x / 32, l = threadIdx.x % 32;
-    g_shfl[w][l] = (double)x;
+[[noreturn]] inline void emu_fail(const char* what) {
+    std::fprintf(stderr, "EMULATION ERROR (block %u,%u,%u thread %u): %s\n", blockIdx.x, blockIdx.y, blockIdx.z,
+                 threadIdx.x, what);
+    std::fflush(stderr);
+    std::_Exit(3);
+}
+
+// ------------------------------------------------------------------ fibers and barriers -------
+constexpr int EMU_MAX_THREADS = 1024;
+constexpr int EMU_MAX_WARPS = EMU_MAX_THREADS / 32;
+constexpr int EMU_THREADS = 256;  // the block size of emu_launch(grid, kernel)
+
+// Context switch (x86-64 SysV): saves the callee-saved registers, MXCSR and the x87 control word
+// on the current stack, stores the stack pointer in *from, continues on stack `to`.
+extern "C" void emu_switch(void** from, void* to);
+asm(R"(
+    .text
+    .globl emu_switch
+    .type emu_switch, @function
+emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size emu_switch, .-emu_switch
+)");
+
+struct EmuBarrier {
+    int expected = 0, arrived = 0;
+    uint64_t generation = 0;
+    void release() { arrived = 0, ++generation; }
+};
+struct EmuFiber {
+    void* sp = nullptr;  // saved stack pointer while switched out
+    unsigned char* stack = nullptr;
+    bool done = false;
+    const EmuBarrier* waiting = nullptr;  // blocked until its generation moves past wait_gen
+    uint64_t wait_gen = 0;
+};
+constexpr size_t EMU_STACK_BYTES = 256 * 1024, EMU_GUARD_BYTES = 4096;
+EmuFiber g_fibers[EMU_MAX_THREADS];
+int g_current = -1;  // the running fiber
+void* g_scheduler_sp = nullptr;
+EmuBarrier g_block_barrier, g_warp_barrier[EMU_MAX_WARPS];
+
+// Blocks the running fiber at `b` until every live thread it counts has arrived.
+inline void emu_arrive_and_wait(EmuBarrier& b) {
+    if (++b.arrived == b.expected) return b.release();
+    EmuFiber& f = g_fibers[g_current];
+    f.waiting = &b, f.wait_gen = b.generation;
+    emu_switch(&f.sp, g_scheduler_sp);  // resumed by the scheduler once `b` has released
+}
+// An exited thread no longer takes part in barriers (as on the GPU).
+inline void emu_arrive_and_drop(EmuBarrier& b) {
+    if (--b.expected == b.arrived && b.arrived > 0) b.release();
+}
+inline void __syncthreads() { emu_arrive_and_wait(g_block_barrier); }
+inline void warp_sync() { emu_arrive_and_wait(g_warp_barrier[threadIdx.x / 32]); }
+constexpr unsigned EMU_FULL_MASK = 0xffffffffu;
+inline void __syncwarp(unsigned mask = EMU_FULL_MASK) {
+    if (mask != EMU_FULL_MASK) emu_fail("__syncwarp with a partial mask is not emulated");
     warp_sync();
-    T r = (T)g_shfl[w][l ^ offset];
+}
+
+// ------------------------------------------------------------------ shuffles ------------------
+// Every lane publishes its value, the warp meets, each lane reads its source lane, the warp
+// meets again (so that the next shuffle cannot overwrite a value still being read).
+uint64_t g_shfl[EMU_MAX_WARPS][32];
+template <typename T, typename Src>
+T emu_shuffle(unsigned mask, T x, Src source_lane) {
+    static_assert(sizeof(T) <= 8, "shuffles move at most 8 bytes");
+    if (mask != EMU_FULL_MASK) emu_fail("shuffle with a partial mask is not emulated");
+    const int w = threadIdx.x / 32, l = threadIdx.x % 32;
+    uint64_t bits = 0;
+    std::memcpy(&bits, &x, sizeof(T));
+    g_shfl[w][l] = bits;
+    warp_sync();
+    bits = g_shfl[w][source_lane(l)];
+    T r;
+    std::memcpy(&r, &bits, sizeof(T));
     warp_sync();
     return r;
 }
+// Lanes whose source falls outside their segment of `width` lanes keep their own value.
+template <typename T>
+T __shfl_sync(unsigned mask, T x, int src, int width = 32) {
+    return emu_shuffle(mask, x, [=](int l) { return (l & ~(width - 1)) | (src & (width - 1)); });
+}
+template <typename T>
+T __shfl_xor_sync(unsigned mask, T x, int lane_mask, int width = 32) {
+    return emu_shuffle(mask, x, [=](int l) {
+        const int j = l ^ lane_mask;
+        return (j & ~(width - 1)) == (l & ~(width - 1)) ? j : l;
+    });
+}
+template <typename T>
+T __shfl_down_sync(unsigned mask, T x, unsigned delta, int width = 32) {
+    return emu_shuffle(mask, x, [=](int l) { return (l % width) + (int)delta < width ? l + (int)delta : l; });
+}
+template <typename T>
+T __shfl_up_sync(unsigned mask, T x, unsigned delta, int width = 32) {
+    return emu_shuffle(mask, x, [=](int l) { return (l % width) >= (int)delta ? l - (int)delta : l; });
+}
 
+// ------------------------------------------------------------------ atomics -------------------
+template <typename T>
+T atomicAdd(T* p, T v) {
+    return std::atomic_ref<T>(*p).fetch_add(v, std::memory_order_relaxed);
+}
+
+// ------------------------------------------------------------------ shared memory -------------
+// Dynamic shared memory: one buffer, poisoned (0xff: NaN in f32, f16 and bf16) before every
+// block; a kernel file's `extern __shared__ T name[];` resolves to it through
+// EMU_DYNAMIC_SHARED(T, name), declared by the driver in the namespace of those declarations.
+constexpr size_t EMU_SMEM_MAX = 227 * 1024;  // sm_90's opt-in limit
+extern "C" {
+alignas(128) unsigned char emu_dyn_smem[EMU_SMEM_MAX];
+}
+#define EMU_DYNAMIC_SHARED(T, name) extern T name[] __attribute__((alias("emu_dyn_smem")))
+size_t g_dyn_smem_bytes = 0;  // of the current launch
+inline size_t __cvta_generic_to_shared(const void* p) { return (size_t)p; }
+inline void emu_check_shared(const void* p, size_t bytes, const char* what) {
+    const auto* c = static_cast<const unsigned char*>(p);
+    if (c < emu_dyn_smem || c + bytes > emu_dyn_smem + g_dyn_smem_bytes) {
+        char msg[200];
+        std::snprintf(msg, sizeof msg, "%s: address at byte %lld of dynamic shared memory, outside the %zu launched",
+                      what, (long long)(c - emu_dyn_smem), g_dyn_smem_bytes);
+        emu_fail(msg);
+    }
+    if ((uintptr_t)p % 16 != 0) emu_fail("shared address not 16-byte aligned");
+}
+
+// Shared memory of the linear-attention kernels (they name their dynamic arrays sm, smem_h, smem_b).
+extern "C" {
+alignas(16) float sm[65536];
+alignas(16) unsigned char smem_h[262144];
+alignas(16) unsigned char smem_b[262144];
+}
+
+// ------------------------------------------------------------------ cp.async ------------------
+// cp.async.cg.shared.global [dst], [src], 16, src_bytes: src_bytes bytes are copied, the rest of
+// the 16 zero-filled. The emulation performs the copy as late as the PTX allows, at the
+// issuing thread's wait: a read of the tile before cp.async.wait + __syncthreads sees poison
+// (or the previous tile) instead of the data. With EMU_CP_ASYNC=eager in the environment it
+// copies at issue instead (the earliest point): a copy into a buffer that other threads still
+// read then overwrites it under them.
+struct EmuCopy { unsigned char* dst; const unsigned char* src; int bytes; };
+std::vector<EmuCopy> g_uncommitted[EMU_MAX_THREADS];            // per thread
+std::deque<std::vector<EmuCopy>> g_groups[EMU_MAX_THREADS];      // per thread, oldest first
+inline bool emu_env_is(const char* name, const char* value) {
+    const char* v = std::getenv(name);
+    return v != nullptr && std::strcmp(v, value) == 0;
+}
+bool g_cp_async_eager = emu_env_is("EMU_CP_ASYNC", "eager");  // a driver may also set it
+inline void emu_copy(const EmuCopy& c) {
+    std::memcpy(c.dst, c.src, c.bytes);
+    std::memset(c.dst + c.bytes, 0, 16 - c.bytes);
+}
+inline void mk_emulated_cp_async_16(void* dst, const void* src, int src_bytes) {
+    emu_check_shared(dst, 16, "cp.async destination");
+    if ((uintptr_t)src % 16 != 0) emu_fail("cp.async source not 16-byte aligned");
+    if (src_bytes < 0 || src_bytes > 16) emu_fail("cp.async src-size outside [0, 16]");
+    const EmuCopy c{static_cast<unsigned char*>(dst), static_cast<const unsigned char*>(src), src_bytes};
+    if (g_cp_async_eager) emu_copy(c);
+    else g_uncommitted[threadIdx.x].push_back(c);
+}
+inline void mk_emulated_cp_async_commit() {
+    g_groups[threadIdx.x].push_back(std::move(g_uncommitted[threadIdx.x]));
+    g_uncommitted[threadIdx.x].clear();
+}
+// cp.async.wait_group n: every group but the newest n is complete.
+inline void mk_emulated_cp_async_wait_group(size_t n) {
+    auto& groups = g_groups[threadIdx.x];
+    while (groups.size() > n) {
+        for (const EmuCopy& c : groups.front()) emu_copy(c);
+        groups.pop_front();
+    }
+}
+// cp.async.wait_all = commit_group + wait_group 0.
+inline void mk_emulated_cp_async_wait_all() {
+    mk_emulated_cp_async_commit();
+    mk_emulated_cp_async_wait_group(0);
+}
+
+// ------------------------------------------------------------------ ldmatrix ------------------
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lane i gives the address of row i % 8 of
+// matrix i / 8 (16 contiguous bytes). Register j of lane l holds, from matrix j, row l / 4,
+// columns 2(l % 4) and 2(l % 4) + 1 (the low half first); with .trans, column l / 4 of rows
+// 2(l % 4) and 2(l % 4) + 1.
+const unsigned char* g_ldm[EMU_MAX_WARPS][32];
+inline void mk_emulated_ldmatrix_x4(uint32_t (&r)[4], const void* p, bool trans) {
+    emu_check_shared(p, 16, "ldmatrix row");
+    const int w = threadIdx.x / 32, l = threadIdx.x % 32;
+    g_ldm[w][l] = static_cast<const unsigned char*>(p);
+    warp_sync();
+    for (int j = 0; j < 4; ++j) {
+        const unsigned char* const* rows = g_ldm[w] + 8 * j;
+        uint16_t lo, hi;
+        if (!trans) {
+            std::memcpy(&lo, rows[l / 4] + 4 * (l % 4), 2);
+            std::memcpy(&hi, rows[l / 4] + 4 * (l % 4) + 2, 2);
+        } else {
+            std::memcpy(&lo, rows[2 * (l % 4)] + 2 * (l / 4), 2);
+            std::memcpy(&hi, rows[2 * (l % 4) + 1] + 2 * (l / 4), 2);
+        }
+        r[j] = (uint32_t)lo | ((uint32_t)hi << 16);
+    }
+    warp_sync();
+}
+
+// ------------------------------------------------------------------ mma -----------------------
 // mma.sync.m16n8k16.row.col f32 += {f16|bf16}: gather every lane's fragments, rebuild A and B
 // with the PTX ISA layouts, each lane computes its four accumulators.
-uint32_t g_mma_a[EMU_THREADS / 32][32][4], g_mma_b[EMU_THREADS / 32][32][2];
+uint32_t g_mma_a[EMU_MAX_WARPS][32][4], g_mma_b[EMU_MAX_WARPS][32][2];
 inline float emu_half_bits(uint16_t bits, bool bf16) {
     if (bf16) { uint32_t u = (uint32_t)bits << 16; float f; std::memcpy(&f, &u, 4); return f; }
     _Float16 h; std::memcpy(&h, &bits, 2); return (float)h;
@@ -75,36 +307,116 @@ inline void mk_emulated_mma(float* d, const uint32_t* a, const uint32_t* b, bool
     for (int e = 0; e < 4; ++e) d[e] = out[e];
 }
 
-extern "C" {
-alignas(16) float sm[65536];
-alignas(16) unsigned char smem_h[262144];
-alignas(16) unsigned char smem_b[262144];
+// ------------------------------------------------------------------ launch --------------------
+const std::function<void()>* g_kernel;
+
+[[noreturn]] inline void emu_fiber_entry() {
+    (*g_kernel)();
+    mk_emulated_cp_async_wait_all();  // copies never waited for still land
+    emu_arrive_and_drop(g_warp_barrier[threadIdx.x / 32]);
+    emu_arrive_and_drop(g_block_barrier);
+    g_fibers[g_current].done = true;
+    emu_switch(&g_fibers[g_current].sp, g_scheduler_sp);
+    __builtin_unreachable();
 }
 
-// Runs `kernel` over `grid` blocks of 256 threads, one block after another.
-inline void emu_launch(dim3 grid, const std::function<void()>& kernel) {
+// A fresh stack whose first switch enters emu_fiber_entry (mapped once per thread index, with
+// an inaccessible guard page below it).
+inline void emu_fiber_start(EmuFiber& f) {
+    if (f.stack == nullptr) {
+        void* m = mmap(nullptr, EMU_STACK_BYTES + EMU_GUARD_BYTES, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (m == MAP_FAILED) emu_fail("mmap of a fiber stack");
+        mprotect(m, EMU_GUARD_BYTES, PROT_NONE);
+        f.stack = static_cast<unsigned char*>(m) + EMU_GUARD_BYTES;
+    }
+    auto* top = reinterpret_cast<uint64_t*>(f.stack + EMU_STACK_BYTES);  // 16-byte aligned
+    *--top = 0;                                                          // the entry's return address
+    *--top = reinterpret_cast<uint64_t>(&emu_fiber_entry);               // emu_switch returns here
+    for (int i = 0; i < 6; ++i) *--top = 0;                              // rbp rbx r12 r13 r14 r15
+    *--top = 0x1f80ull | (0x037full << 32);                              // default MXCSR, x87 control word
+    f.sp = top;
+    f.done = false, f.waiting = nullptr;
+}
+
+// The order in which fibers are resumed; EMU_SEED=<n> in the environment explores other orders.
+inline unsigned emu_seed() {
+    const char* s = std::getenv("EMU_SEED");
+    return s != nullptr ? (unsigned)std::strtoul(s, nullptr, 10) : 12345u;
+}
+std::mt19937 g_schedule_rng(emu_seed());
+
+// Runs `kernel` over `grid` blocks of `block.x` threads (a multiple of 32), one block after
+// another, with `smem_bytes` of dynamic shared memory.
+inline void emu_launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& kernel) {
+    const int threads = (int)block.x;
+    if (block.y != 1 || block.z != 1 || threads < 32 || threads > EMU_MAX_THREADS || threads % 32 != 0)
+        emu_fail("emu_launch: blocks must be 1-D with a multiple of 32 threads, at most 1024");
+    if (smem_bytes > EMU_SMEM_MAX) emu_fail("emu_launch: more dynamic shared memory than sm_90 allows");
     gridDim = grid;
-    blockDim = {EMU_THREADS, 1, 1};
-    for (unsigned z = 0; z < std::max(grid.z, 1u); ++z)
-        for (unsigned y = 0; y < std::max(grid.y, 1u); ++y)
-            for (unsigned x = 0; x < std::max(grid.x, 1u); ++x) {
-                std::barrier<> block(EMU_THREADS);
-                std::vector<std::barrier<>*> warps;
-                g_block_barrier = &block;
-                for (int w = 0; w < EMU_THREADS / 32; ++w) g_warp_barrier[w] = new std::barrier<>(32);
+    blockDim = block;
+    g_dyn_smem_bytes = smem_bytes;
+    g_kernel = &kernel;
+    const int warps = threads / 32;
+    std::vector<int> warp_order(warps), lane_order(32);
+    for (int w = 0; w < warps; ++w) warp_order[w] = w;
+    for (int l = 0; l < 32; ++l) lane_order[l] = l;
+    for (unsigned z = 0; z < grid.z; ++z)
+        for (unsigned y = 0; y < grid.y; ++y)
+            for (unsigned x = 0; x < grid.x; ++x) {
+                const dim3 block_idx{x, y, z};
+                g_block_barrier = {threads};
+                for (int w = 0; w < warps; ++w) g_warp_barrier[w] = {32};
                 // Poison shared memory: a read of something no thread wrote shows up as NaN.
+                std::memset(emu_dyn_smem, 0xff, sizeof emu_dyn_smem);
                 std::memset(sm, 0xff, sizeof sm);
                 std::memset(smem_h, 0xff, sizeof smem_h);
                 std::memset(smem_b, 0xff, sizeof smem_b);
-                std::vector<std::thread> threads;
-                threads.reserve(EMU_THREADS);
-                for (int t = 0; t < EMU_THREADS; ++t)
-                    threads.emplace_back([&, t] {
-                        threadIdx = {(unsigned)t, 0, 0};
-                        blockIdx = {x, y, z};
-                        kernel();
-                    });
-                for (auto& th : threads) th.join();
-                for (int w = 0; w < EMU_THREADS / 32; ++w) delete g_warp_barrier[w];
+                for (int t = 0; t < threads; ++t) emu_fiber_start(g_fibers[t]);
+                // Rounds: the warps in a random order, each run alone (its lanes resumed in a
+                // random order, each until it blocks at a barrier or exits) until every one of its
+                // threads waits at __syncthreads or has exited. So between two __syncthreads one
+                // warp runs entirely before another: a warp that reads what another writes
+                // without a barrier between them sees poison or stale data, and a warp that
+                // overwrites (or cp.async-loads into) what another still reads corrupts it.
+                for (int live = threads; live > 0;) {
+                    std::shuffle(warp_order.begin(), warp_order.end(), g_schedule_rng);
+                    bool progress = false;
+                    for (int w : warp_order) {
+                        for (bool ran = true; ran;) {
+                            ran = false;
+                            std::shuffle(lane_order.begin(), lane_order.end(), g_schedule_rng);
+                            for (int l : lane_order) {
+                                const int t = 32 * w + l;
+                                EmuFiber& f = g_fibers[t];
+                                if (f.done || (f.waiting != nullptr && f.waiting->generation == f.wait_gen)) continue;
+                                f.waiting = nullptr;
+                                threadIdx = {(unsigned)t, 0, 0};
+                                blockIdx = block_idx;
+                                g_current = t;
+                                emu_switch(&g_scheduler_sp, f.sp);
+                                ran = progress = true;
+                                if (f.done) --live;
+                            }
+                        }
+                    }
+                    if (!progress) {
+                        blockIdx = block_idx;
+                        threadIdx = {0, 0, 0};
+                        emu_fail("deadlock: a __syncthreads or warp-wide operation that not every live thread reaches");
+                    }
+                }
+                g_current = -1;
+                // Canary: nothing past the launched dynamic shared memory may have been written.
+                for (size_t i = smem_bytes; i < EMU_SMEM_MAX; ++i)
+                    if (emu_dyn_smem[i] != 0xff) {
+                        blockIdx = block_idx;
+                        emu_fail("a write past the launched dynamic shared memory");
+                    }
             }
+}
+
+// The linear-attention drivers' launch: 256 threads, the kernels' fixed shared arrays.
+inline void emu_launch(dim3 grid, const std::function<void()>& kernel) {
+    emu_launch(grid, {EMU_THREADS, 1, 1}, 0, kernel);
 }

@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # Runs one family's CUDA kernels on the CPU, without a GPU: compiles kernels/<family>.cu as C++
-# (g++ >= 12, C++20) against the emulation of the CUDA execution model in prelude.h (one block at
-# a time, one std::thread per CUDA thread, __syncthreads as a real barrier, warp shuffles and
-# mma.sync m16n8k16 with the PTX ISA fragment layouts, shared memory and outputs poisoned with
-# NaN), then runs scripts/emulate/<family>.cpp, which replays the launch sequences of
-# src/ops/<family>/cuda.rs and compares every fast kernel with the family's reference kernel.
+# (g++ >= 12, C++20, x86-64) against the emulation of the CUDA execution model in prelude.h (one
+# block at a time, each CUDA thread a user-space fiber resumed in a random order at every barrier,
+# __syncthreads as a real barrier, warp shuffles, ldmatrix and mma.sync m16n8k16 with the PTX ISA
+# fragment layouts, cp.async as a copy that lands at the issuing thread's wait, dynamic shared
+# memory and outputs poisoned with NaN), then runs scripts/emulate/<family>.cpp, which replays
+# the launch sequences of src/ops/<family>/cuda.rs and compares every fast kernel with the
+# family's reference kernel or a float64 reference.
 #
 #   scripts/emulate/run.sh linear_attention [quick]     exit status 1 on a mismatch
+#   scripts/emulate/run.sh momentum_attention [quick]   (3 on an emulation error: deadlock,
+#                                                        out-of-range shared address, ...)
+#   EMU_SEED=7 scripts/emulate/run.sh ...               another order of warps between barriers
+#   EMU_CP_ASYNC=eager scripts/emulate/run.sh ...       cp.async lands at issue, not at the wait
 #
 # What it proves: index math, tails, the barrier structure, fragment layouts, numerics. What it
 # cannot: timing, and races that only real warps running out of lockstep exhibit. It is not a

@@ -13,3 +13,5 @@ inline __nv_bfloat16 __float2bfloat16_rn(float x) {
     return h;
 }
 inline __nv_bfloat16 __double2bfloat16(double x) { return __float2bfloat16_rn((float)x); }
+struct alignas(4) __nv_bfloat162 { __nv_bfloat16 x, y; };
+inline __nv_bfloat162 __floats2bfloat162_rn(float lo, float hi) { return {__float2bfloat16_rn(lo), __float2bfloat16_rn(hi)}; }
