@@ -726,6 +726,25 @@ __device__ __forceinline__ void backward_mma_epilogue(float* stage, const float 
     store_staged_rows<T, D>(stage, LDO, dk + (size_t)k0 * D, rows);
 }
 
+// The query side of one step of the tensor-core backwards: Q and dO rows q0.. (cp.async, zero
+// past T) and their log-sum-exp and delta, visible to the whole block on return.
+template <typename T, int D, int LD, int BR>
+__device__ __forceinline__ void stage_query_tile(T* q_s, T* g_s, float* lse_s, float* delta_s,
+                                                 const T* __restrict__ q, const T* __restrict__ dout,
+                                                 const float* __restrict__ lse2, const float* __restrict__ delta,
+                                                 int q0, int t_len) {
+    load_tile_async<T, D, LD>(q_s, q, q0, BR, t_len);
+    load_tile_async<T, D, LD>(g_s, dout, q0, BR, t_len);
+    cp_async_commit();
+    if (threadIdx.x < BR) {
+        const int t = q0 + threadIdx.x;
+        lse_s[threadIdx.x] = t < t_len ? lse2[t] : 0.f;
+        delta_s[threadIdx.x] = t < t_len ? delta[t] : 0.f;
+    }
+    cp_async_wait_all();
+    __syncthreads();
+}
+
 template <int D>
 struct BwdMmaTile {
     static constexpr int BC = 64, BR = 32;
@@ -778,16 +797,7 @@ __device__ void backward_mma(const T* __restrict__ q, const T* __restrict__ k, c
 
     for (int q0 = k0; q0 < t_len; q0 += BR) {
         __syncthreads();  // the previous query tile's Q, dO and dSᵀ are consumed
-        load_tile_async<T, D, LD>(q_s, q, q0, BR, t_len);
-        load_tile_async<T, D, LD>(g_s, dout, q0, BR, t_len);
-        cp_async_commit();
-        if (threadIdx.x < BR) {
-            const int t = q0 + threadIdx.x;
-            lse_s[threadIdx.x] = t < t_len ? lse2[t] : 0.f;
-            delta_s[threadIdx.x] = t < t_len ? delta[t] : 0.f;
-        }
-        cp_async_wait_all();
-        __syncthreads();
+        stage_query_tile<T, D, LD, BR>(q_s, g_s, lse_s, delta_s, q, dout, lse2, delta, q0, t_len);
         // Warps whose keys all come after this query tile see only masked entries.
         const bool warp_active = warp_key0 <= q0 + BR - 1;
 
@@ -976,16 +986,7 @@ __device__ void backward_mma_wide(const T* __restrict__ q, const T* __restrict__
 
     for (int q0 = k0; q0 < t_len; q0 += BR) {
         __syncthreads();  // the previous query tile's Q, dO, Pᵀ and dSᵀ are consumed
-        load_tile_async<T, D, LD>(q_s, q, q0, BR, t_len);
-        load_tile_async<T, D, LD>(g_s, dout, q0, BR, t_len);
-        cp_async_commit();
-        if (threadIdx.x < BR) {
-            const int t = q0 + threadIdx.x;
-            lse_s[threadIdx.x] = t < t_len ? lse2[t] : 0.f;
-            delta_s[threadIdx.x] = t < t_len ? delta[t] : 0.f;
-        }
-        cp_async_wait_all();
-        __syncthreads();
+        stage_query_tile<T, D, LD, BR>(q_s, g_s, lse_s, delta_s, q, dout, lse2, delta, q0, t_len);
 
         // 1. Sᵀ and dPᵀ for keys kr..kr+15 × queries qc..qc+15 (skipped when every key of the
         //    warp comes after every query: all masked).
