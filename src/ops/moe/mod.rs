@@ -94,7 +94,7 @@ impl Routing {
     /// A routing from its parts, checked on the host (this copies them there): `expert [N]`,
     /// `order [N]`, `offsets [K+1]`, all u32 on one device, consistent with one another.
     ///
-    /// Errors when a shape or dtype is wrong, an expert id is `≥ K`, `offsets` is not
+    /// Errors when a shape or dtype is wrong, N ≥ 2³¹, an expert id is `≥ K`, `offsets` is not
     /// non-decreasing from 0 to N (offsets that do not match N), or `order` is not the stable
     /// grouping of `expert`.
     pub fn from_parts(expert: &Tensor, order: &Tensor, offsets: &Tensor) -> Result<Routing> {
@@ -107,6 +107,10 @@ impl Routing {
             expert.device().expect_same(t.device(), OP)?;
         }
         let n = expert.shape()[0];
+        if n >= i32::MAX as usize {
+            // The same bound as routings made by sort_by_cluster; the kernels index tokens as i32.
+            return Err(Error::shape(OP, "expert", "[N] with N < 2^31", expert.shape()));
+        }
         if order.shape()[0] != n {
             return Err(Error::shape(OP, "order", format!("[{n}] (N of expert)"), order.shape()));
         }
