@@ -1117,11 +1117,7 @@ __device__ void dq_finish(const float* __restrict__ acc, T* __restrict__ dq, uin
 template <typename T>
 __device__ void forward_reference(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                                   T* __restrict__ out, int t_len, int d, float scale, float eta) {
-#ifdef MK_HOST_EMULATION
-    static float scratch[32];  // the emulation runs one block at a time
-#else
     __shared__ float scratch[32];
-#endif
     const int t = blockIdx.x, col = threadIdx.x;
     const size_t head = (size_t)blockIdx.y * t_len * d;
     q += head, k += head, v += head, out += head;

@@ -24,6 +24,7 @@
 #include <deque>
 #include <functional>
 #include <random>
+#include <link.h>
 #include <sys/mman.h>
 #include <type_traits>
 #include <vector>
@@ -38,9 +39,11 @@ dim3 blockDim, gridDim;
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __restrict__ __restrict
-// Block-scope `extern __shared__ T name[];` then names the buffer EMU_DYNAMIC_SHARED defines.
-// (A static `__shared__ T x[N];` would become per-thread here: kernel files guard those.)
-#define __shared__
+// `__shared__` storage is thread_local: a block-scope `__shared__ T x[N];` then has static
+// storage on the one OS thread that runs every fiber, so all threads of the (one running) block
+// share it, and emu_launch poisons it before every block (see emu_poison_shared). A block-scope
+// `extern __shared__ T name[];` names the buffer EMU_DYNAMIC_SHARED defines.
+#define __shared__ thread_local
 #define __align__(n) __attribute__((aligned(n)))
 inline float __expf(float x) { return std::exp(x); }
 
@@ -180,9 +183,9 @@ T atomicAdd(T* p, T v) {
 // EMU_DYNAMIC_SHARED(T, name), declared by the driver in the namespace of those declarations.
 constexpr size_t EMU_SMEM_MAX = 227 * 1024;  // sm_90's opt-in limit
 extern "C" {
-alignas(128) unsigned char emu_dyn_smem[EMU_SMEM_MAX];
+alignas(128) thread_local unsigned char emu_dyn_smem[EMU_SMEM_MAX];
 }
-#define EMU_DYNAMIC_SHARED(T, name) extern T name[] __attribute__((alias("emu_dyn_smem")))
+#define EMU_DYNAMIC_SHARED(T, name) extern thread_local T name[] __attribute__((alias("emu_dyn_smem")))
 size_t g_dyn_smem_bytes = 0;  // of the current launch
 inline size_t __cvta_generic_to_shared(const void* p) { return (size_t)p; }
 inline void emu_check_shared(const void* p, size_t bytes, const char* what) {
@@ -198,9 +201,39 @@ inline void emu_check_shared(const void* p, size_t bytes, const char* what) {
 
 // Shared memory of the linear-attention kernels (they name their dynamic arrays sm, smem_h, smem_b).
 extern "C" {
-alignas(16) float sm[65536];
-alignas(16) unsigned char smem_h[262144];
-alignas(16) unsigned char smem_b[262144];
+alignas(16) thread_local float sm[65536];
+alignas(16) thread_local unsigned char smem_h[262144];
+alignas(16) thread_local unsigned char smem_b[262144];
+}
+
+// Every `__shared__` variable, static or dynamic, is a thread_local of the executable, and the
+// emulation keeps nothing else there: so poisoning the executable's whole static TLS block
+// (x86-64 TLS variant II: the block of size round_up(memsz, align) ends at the thread pointer)
+// poisons all shared memory. The range is checked once against emu_dyn_smem's address.
+struct EmuTlsBlock { unsigned char* begin = nullptr; size_t bytes = 0; };
+inline EmuTlsBlock emu_tls_block() {
+    struct { size_t memsz = 0, align = 1; } tls;
+    dl_iterate_phdr(
+        [](dl_phdr_info* info, size_t, void* found) {
+            for (int i = 0; i < info->dlpi_phnum; ++i)
+                if (info->dlpi_phdr[i].p_type == PT_TLS && info->dlpi_tls_modid == 1) {
+                    auto* out = static_cast<decltype(tls)*>(found);
+                    out->memsz = info->dlpi_phdr[i].p_memsz, out->align = info->dlpi_phdr[i].p_align;
+                    return 1;
+                }
+            return 0;
+        },
+        &tls);
+    const size_t bytes = (tls.memsz + tls.align - 1) / tls.align * tls.align;
+    auto* tp = static_cast<unsigned char*>(__builtin_thread_pointer());
+    EmuTlsBlock block{tp - bytes, bytes};
+    if (emu_dyn_smem < block.begin || emu_dyn_smem + EMU_SMEM_MAX > tp)
+        emu_fail("emulation: the executable's TLS block is not where x86-64 variant II puts it");
+    return block;
+}
+inline void emu_poison_shared() {
+    static const EmuTlsBlock block = emu_tls_block();
+    std::memset(block.begin, 0xff, block.bytes);
 }
 
 // ------------------------------------------------------------------ cp.async ------------------
@@ -368,10 +401,7 @@ inline void emu_launch(dim3 grid, dim3 block, size_t smem_bytes, const std::func
                 g_block_barrier = {threads};
                 for (int w = 0; w < warps; ++w) g_warp_barrier[w] = {32};
                 // Poison shared memory: a read of something no thread wrote shows up as NaN.
-                std::memset(emu_dyn_smem, 0xff, sizeof emu_dyn_smem);
-                std::memset(sm, 0xff, sizeof sm);
-                std::memset(smem_h, 0xff, sizeof smem_h);
-                std::memset(smem_b, 0xff, sizeof smem_b);
+                emu_poison_shared();
                 for (int t = 0; t < threads; ++t) emu_fiber_start(g_fibers[t]);
                 // Rounds: the warps in a random order, each run alone (its lanes resumed in a
                 // random order, each until it blocks at a barrier or exits) until every one of its

@@ -24,7 +24,9 @@ family="${1:?usage: scripts/emulate/run.sh <family> [args]}"
 shift
 driver="$here/$family.cpp"
 [ -f "$driver" ] || { echo "no emulation driver $driver" >&2; exit 2; }
+# -fno-extern-tls-init: shared memory is thread_local in the emulation (prelude.h), and the
+# kernels' `extern __shared__` arrays are aliases of one buffer with no dynamic initialiser.
 build="$(mktemp -d "${TMPDIR:-/tmp}/mk_emulate_${family}_XXXXXX")"
 trap 'rm -rf "$build"' EXIT
-"${CXX:-g++}" -std=c++20 -O2 -pthread -I "$here/shim" -I "$here" -I "$root/kernels" "$driver" -o "$build/driver"
+"${CXX:-g++}" -std=c++20 -O2 -pthread -fno-extern-tls-init -I "$here/shim" -I "$here" -I "$root/kernels" "$driver" -o "$build/driver"
 "$build/driver" "$@"
