@@ -21,6 +21,18 @@
 # METAKERNELS_SKIP_BENCH=1, METAKERNELS_SKIP_SANITIZER=1.
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
+# The binaries travel as one bin.tar.xz (gpu-bundle.sh): unpack them into a fresh temporary
+# folder (the bundle's own may be read-only).
+unpacked="$(mktemp -d "${TMPDIR:-/tmp}/metakernels-bin-XXXXXX")"
+trap 'rm -rf "$unpacked"' EXIT
+if [ -f "$here/bin.tar.xz" ]; then
+  tar -C "$unpacked" -xJf "$here/bin.tar.xz" 2>/dev/null ||
+    python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$here/bin.tar.xz" "$unpacked" ||
+    { echo "error: could not unpack $here/bin.tar.xz (neither tar -J nor python3 worked)" >&2; exit 2; }
+  bin="$unpacked/bin"
+else
+  bin="$here/bin"  # an unpacked bundle
+fi
 out="${1:-${OUT:-$PWD/gpu-results}}"
 mkdir -p "$out/tests"
 start=$(date +%s)
@@ -66,7 +78,7 @@ cat "$here/BUILD_INFO" 2>/dev/null
 write_summary started
 
 echo "== CPU tests"
-"$here/bin/test-all" --skip cuda --skip gpu --test-threads=4 > "$out/cpu-tests.log" 2>&1
+"$bin/test-all" --skip cuda --skip gpu --test-threads=4 > "$out/cpu-tests.log" 2>&1
 cpu_rc=$?
 cpu_tests="$(grep -Eo 'test result: .*' "$out/cpu-tests.log" | tail -n1) (exit $cpu_rc)"
 echo "$cpu_tests"
@@ -74,11 +86,11 @@ write_summary cpu-tests
 
 echo "== CUDA tests, one process each (limit ${test_seconds}s)"
 any_failed=$cpu_rc
-gpu_tests=$("$here/bin/test-all" --list 2>/dev/null | sed -n 's/: test$//p' | grep -Ei 'cuda|gpu')
+gpu_tests=$("$bin/test-all" --list 2>/dev/null | sed -n 's/: test$//p' | grep -Ei 'cuda|gpu')
 for name in $gpu_tests; do
   t0=$(date +%s)
   log="$out/tests/${name//::/__}.log"  # no colons in file names that travel back
-  timeout "$test_seconds" "$here/bin/test-all" --exact "$name" --test-threads=1 > "$log" 2>&1
+  timeout "$test_seconds" "$bin/test-all" --exact "$name" --test-threads=1 > "$log" 2>&1
   rc=$?
   case $rc in
     0) status=pass ;;
@@ -98,7 +110,7 @@ done
 
 if [ "${METAKERNELS_SKIP_BENCH:-0}" != 1 ]; then
   echo "== benchmarks (short pass of the CUDA groups)"
-  for bench in "$here"/bin/bench-*; do
+  for bench in "$bin"/bench-*; do
     name=$(basename "$bench")
     limit=$(left)
     [ "$limit" -gt "$bench_seconds" ] && limit=$bench_seconds
@@ -120,7 +132,7 @@ elif [ "$(left)" -lt 30 ]; then
   sanitizer_status="skipped: the run's time budget is spent"
 else
   echo "== compute-sanitizer memcheck over the CUDA tests (limit $(left)s)"
-  timeout "$(left)" "$sanitizer" --tool memcheck --error-exitcode 99 "$here/bin/test-all" cuda gpu \
+  timeout "$(left)" "$sanitizer" --tool memcheck --error-exitcode 99 "$bin/test-all" cuda gpu \
     --test-threads=1 > "$out/sanitizer.log" 2>&1
   rc=$?
   case $rc in
