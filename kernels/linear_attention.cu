@@ -625,33 +625,39 @@ __device__ void core_mma(const CoreArgs& p, unsigned char* smem) {
         zs[c] = (c < dk && it.state_in >= 0 && p.z_in != nullptr) ? p.z_in[it.state_in * dk + c] : 0.f;
     const long long chunks = (it.len + C - 1) / C;
 
-    // φ of rows of q or k into dst; `vec`: rows_vectorize(src, dk), so dk (and dkp) are whole
-    // pieces and the pieces past dk are the zero padding. A thread has at most MAXP pieces
-    // (dkp ≤ 128): all its loads are issued before the first store, so they are in flight
-    // together rather than one latency each.
-    auto load_rows = [&](T* dst, const T* src, bool vec, long long ch, int n) {
-        if (vec) {
-            constexpr int MAXP = C * (128 / NV) / THREADS;
-            const int per = dkp / NV, step = p.reverse ? -dk : dk;  // row i: base + i·step
-            const T* base = src + row_of(it, ch * C, p.reverse) * dk;
-            mk::Vec<T, NV> r[MAXP];
+    // Staging of q, k (φ applied) and v chunks into shared memory. Where a tensor's rows are
+    // whole 16-byte pieces (rows_vectorize), a chunk travels as pieces held in registers: its
+    // loads are issued one chunk AHEAD (`fetch`), so they are in flight while the block
+    // computes the current chunk, and `store` later writes them to shared memory. A thread
+    // holds at most ROW_PIECES pieces of a q or k chunk (dkp ≤ 128) and V_PIECES of a v tile.
+    // Otherwise a chunk is loaded element by element when it is needed (`load_now`).
+    constexpr int ROW_PIECES = C * (128 / NV) / THREADS, V_PIECES = C * (TILE / NV) / THREADS;
+    static_assert(C * (TILE / NV) % THREADS == 0, "whole rounds of v pieces");
+    struct Rows { mk::Vec<T, NV> r[ROW_PIECES]; };
+    struct VTile { mk::Vec<T, NV> r[V_PIECES]; };
+    auto fetch_rows = [&](Rows& pf, const T* src, long long ch, int n) {
+        const int per = dkp / NV, step = p.reverse ? -dk : dk;  // row i: base + i·step
+        const T* base = src + row_of(it, ch * C, p.reverse) * dk;
 #pragma unroll
-            for (int u = 0; u < MAXP; ++u) {
-                const int e = tid + u * THREADS, i = e / per, c = (e % per) * NV;
-                if (e < C * per && i < n && c < dk) r[u] = ld16(base + i * step + c);
-            }
-#pragma unroll
-            for (int u = 0; u < MAXP; ++u) {
-                const int e = tid + u * THREADS, i = e / per, c = (e % per) * NV;
-                if (e >= C * per) continue;
-                const bool live = i < n && c < dk;
-                mk::Vec<T, NV> h;
-#pragma unroll
-                for (int x = 0; x < NV; ++x) h.v[x] = mk::from_float<T>(live ? phi(p.fm, mk::to_float(r[u].v[x])) : 0.f);
-                st16(dst + i * ldq + c, h);
-            }
-            return;
+        for (int u = 0; u < ROW_PIECES; ++u) {
+            const int e = tid + u * THREADS, i = e / per, c = (e % per) * NV;
+            if (e < C * per && i < n && c < dk) pf.r[u] = ld16(base + i * step + c);
         }
+    };
+    auto store_rows = [&](T* dst, const Rows& pf, int n) {
+        const int per = dkp / NV;
+#pragma unroll
+        for (int u = 0; u < ROW_PIECES; ++u) {
+            const int e = tid + u * THREADS, i = e / per, c = (e % per) * NV;
+            if (e >= C * per) continue;
+            const bool live = i < n && c < dk;  // the rest is the zero padding
+            mk::Vec<T, NV> h;
+#pragma unroll
+            for (int x = 0; x < NV; ++x) h.v[x] = mk::from_float<T>(live ? phi(p.fm, mk::to_float(pf.r[u].v[x])) : 0.f);
+            st16(dst + i * ldq + c, h);
+        }
+    };
+    auto load_rows_now = [&](T* dst, const T* src, long long ch, int n) {
         for (int e = tid; e < C * dkp; e += THREADS) {
             const int i = e / dkp, c = e % dkp;
             float x = 0.f;
@@ -659,33 +665,69 @@ __device__ void core_mma(const CoreArgs& p, unsigned char* smem) {
             dst[i * ldq + c] = mk::from_float<T>(x);
         }
     };
-    const bool vec_q = rows_vectorize<T>(q, dk), vec_k = rows_vectorize<T>(k, dk);
-    const bool vec_v = rows_vectorize<T>(v, dv), vec_o = rows_vectorize<T>(p.out, dv);
-    auto load_v = [&](long long ch, int n) {
-        if (vec_v) {
-            constexpr int per = TILE / NV, MAXP = C * per / THREADS;  // loads first, as above
-            static_assert(C * per % THREADS == 0, "whole rounds of pieces");
-            const int step = p.reverse ? -dv : dv;
-            const T* base = v + row_of(it, ch * C, p.reverse) * dv + j0;
-            mk::Vec<T, NV> r[MAXP];
+    auto fetch_v = [&](VTile& pf, long long ch, int n) {
+        constexpr int per = TILE / NV;
+        const int step = p.reverse ? -dv : dv;
+        const T* base = v + row_of(it, ch * C, p.reverse) * dv + j0;
 #pragma unroll
-            for (int u = 0; u < MAXP; ++u) {
-                const int e = tid + u * THREADS, i = e / per, j = (e % per) * NV;
-                if (i < n && j < w) r[u] = ld16(base + i * step + j);
-                else
+        for (int u = 0; u < V_PIECES; ++u) {
+            const int e = tid + u * THREADS, i = e / per, j = (e % per) * NV;
+            if (i < n && j < w) pf.r[u] = ld16(base + i * step + j);
+            else
 #pragma unroll
-                    for (int x = 0; x < NV; ++x) r[u].v[x] = mk::from_float<T>(0.f);
-            }
-#pragma unroll
-            for (int u = 0; u < MAXP; ++u) {
-                const int e = tid + u * THREADS, i = e / per, j = (e % per) * NV;
-                st16(Vh + i * ldt + j, r[u]);
-            }
-            return;
+                for (int x = 0; x < NV; ++x) pf.r[u].v[x] = mk::from_float<T>(0.f);
         }
+    };
+    auto store_v = [&](const VTile& pf) {
+        constexpr int per = TILE / NV;
+#pragma unroll
+        for (int u = 0; u < V_PIECES; ++u) {
+            const int e = tid + u * THREADS, i = e / per, j = (e % per) * NV;
+            st16(Vh + i * ldt + j, pf.r[u]);
+        }
+    };
+    auto load_v_now = [&](long long ch, int n) {
         for (int e = tid; e < C * TILE; e += THREADS) {
             const int i = e / TILE, j = e % TILE;
             Vh[i * ldt + j] = (i < n && j < w) ? v[row_of(it, ch * C + i, p.reverse) * dv + j0 + j] : mk::from_float<T>(0.f);
+        }
+    };
+    const bool vec_q = rows_vectorize<T>(q, dk), vec_k = rows_vectorize<T>(k, dk);
+    const bool vec_v = rows_vectorize<T>(v, dv), vec_o = rows_vectorize<T>(p.out, dv);
+    auto rows_in = [&](long long ch) { return (int)min((long long)C, it.len - ch * C); };
+    Rows pf_q, pf_k;
+    VTile pf_v;
+    // A pass over the chunks reads q (`with_q`) and/or k and v (`with_kv`): `first` fetches
+    // chunk 0 ahead, `stage(ch)` writes chunk ch to shared memory and fetches chunk ch + 1.
+    // The caller puts a barrier before stage (the previous chunk's readers are done) and after.
+    auto first = [&](bool with_q, bool with_kv) {
+        if (chunks == 0) return;
+        if (with_q && vec_q) fetch_rows(pf_q, q, 0, rows_in(0));
+        if (with_kv && vec_k) fetch_rows(pf_k, k, 0, rows_in(0));
+        if (with_kv && vec_v) fetch_v(pf_v, 0, rows_in(0));
+    };
+    auto stage = [&](bool with_q, bool with_kv, long long ch) {
+        const int n = rows_in(ch);
+        const bool ahead = ch + 1 < chunks;
+        const int n_next = ahead ? rows_in(ch + 1) : 0;
+        if (with_q) {
+            if (!vec_q) load_rows_now(Qh, q, ch, n);
+            else {
+                store_rows(Qh, pf_q, n);
+                if (ahead) fetch_rows(pf_q, q, ch + 1, n_next);
+            }
+        }
+        if (with_kv) {
+            if (!vec_k) load_rows_now(Kh, k, ch, n);
+            else {
+                store_rows(Kh, pf_k, n);
+                if (ahead) fetch_rows(pf_k, k, ch + 1, n_next);
+            }
+            if (!vec_v) load_v_now(ch, n);
+            else {
+                store_v(pf_v);
+                if (ahead) fetch_v(pf_v, ch + 1, n_next);
+            }
         }
     };
     // S += φ(K)ᵀV on tensor cores (S: dkp × 64, k = the C chunk rows); z += Σ φ(K).
@@ -715,24 +757,20 @@ __device__ void core_mma(const CoreArgs& p, unsigned char* smem) {
     };
 
     if (!p.causal && p.accumulate) {
+        first(false, true);
         for (long long ch = 0; ch < chunks; ++ch) {
-            const int n = (int)min((long long)C, it.len - ch * C);
             __syncthreads();
-            load_rows(Kh, k, vec_k, ch, n);
-            load_v(ch, n);
+            stage(false, true, ch);
             __syncthreads();
             update_state();
         }
     }
     if (tid < TILE) ms[tid] = 0.f;
+    if (p.out != nullptr) first(true, p.causal);
     for (long long ch = 0; ch < chunks && p.out != nullptr; ++ch) {
-        const int n = (int)min((long long)C, it.len - ch * C);
+        const int n = rows_in(ch);
         __syncthreads();
-        load_rows(Qh, q, vec_q, ch, n);
-        if (p.causal) {
-            load_rows(Kh, k, vec_k, ch, n);
-            load_v(ch, n);
-        }
+        stage(true, p.causal, ch);
         const float s_up = state_scale_up<T>(Sf, dkp, dens, tid, lane, warp);
         const float s_down = 1.f / s_up;  // exact: a power of two
         for (int e = tid; e < dkp * TILE; e += THREADS) {
@@ -828,11 +866,10 @@ __device__ void core_mma(const CoreArgs& p, unsigned char* smem) {
         if (p.causal) update_state();
     }
     if (p.out == nullptr && p.causal) {
+        first(false, true);
         for (long long ch = 0; ch < chunks; ++ch) {
-            const int n = (int)min((long long)C, it.len - ch * C);
             __syncthreads();
-            load_rows(Kh, k, vec_k, ch, n);
-            load_v(ch, n);
+            stage(false, true, ch);
             __syncthreads();
             update_state();
         }
