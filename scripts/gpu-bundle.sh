@@ -53,6 +53,9 @@ tar -C "$bundle" -cf - bin | xz -T1 -9 --lzma2=dict=64MiB > "$bundle/bin.tar.xz"
 rm -rf "$bin"
 
 cp scripts/gpu-run.sh "$bundle/run.sh"
+# The PyTorch baselines of the issues' GPU bars, run by run.sh where PyTorch is installed.
+mkdir -p "$bundle/compare"
+cp scripts/compare/momentum_attention_sdpa.py scripts/compare/maml_torch.py "$bundle/compare/"
 chmod +x "$bundle/run.sh"
 {
   echo "commit=$(git rev-parse HEAD 2>/dev/null || echo unknown)"

@@ -10,14 +10,18 @@
 #    METAKERNELS_REQUIRE_CUDA=1 (a test that would skip fails) and a time limit: a kernel that
 #    faults leaves a sticky error in its CUDA context, and one that hangs would stall the rest, so
 #    one bad kernel must not hide the results of the others;
-# 4. a short pass of every benchmark's CUDA groups;
-# 5. compute-sanitizer memcheck over the CUDA tests, where it is installed, with what time is left.
+# 4. the side-by-side baselines the issues' GPU bars name, where python3 has PyTorch: SDPA's
+#    flash backend on the momentum-attention shapes, torch.func's MAML meta-gradient (the
+#    scripts travel in the bundle's compare/ folder);
+# 5. a short pass of every benchmark's CUDA groups;
+# 6. compute-sanitizer memcheck over the CUDA tests, where it is installed, with what time is left.
 # Device time is scarce, so the whole run keeps to a budget (METAKERNELS_RUN_SECONDS, default
 # 480) and OUTDIR/summary.json is rewritten after every stage: a run cut short still reports.
 # Exit status: nonzero if any test failed.
 #
 # Environment: METAKERNELS_RUN_SECONDS (total budget, default 480), METAKERNELS_TEST_SECONDS
 # (per CUDA test, default 90), METAKERNELS_BENCH_SECONDS (per bench binary, default 45),
+# METAKERNELS_COMPARE_SECONDS (per comparison script, default 75), METAKERNELS_SKIP_COMPARE=1,
 # METAKERNELS_SKIP_BENCH=1, METAKERNELS_SKIP_SANITIZER=1.
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -39,12 +43,15 @@ start=$(date +%s)
 budget="${METAKERNELS_RUN_SECONDS:-480}"
 test_seconds="${METAKERNELS_TEST_SECONDS:-90}"
 bench_seconds="${METAKERNELS_BENCH_SECONDS:-45}"
+compare_seconds="${METAKERNELS_COMPARE_SECONDS:-75}"
 export METAKERNELS_REQUIRE_CUDA=1
 export METAKERNELS_BENCH_JSON="$out/bench.jsonl"
 export METAKERNELS_BENCH_SKIP_CPU=1  # the benches' CPU report lines would spend device time
 : > "$METAKERNELS_BENCH_JSON"
 : > "$out/gpu-tests.jsonl"
+: > "$out/compare.jsonl"
 cpu_tests="not run"
+compare_status="not run"
 sanitizer_status="not run"
 
 left() { echo $((budget - ($(date +%s) - start))); }
@@ -63,6 +70,10 @@ write_summary() {
     echo "  \"gpu_tests\": {\"passed\": $passed, \"failed\": $failed, \"timed_out\": $timed_out},"
     echo "  \"gpu_test_results\": ["
     sed '$!s/$/,/' "$out/gpu-tests.jsonl" | sed 's/^/    /'
+    echo "  ],"
+    echo "  \"compare\": \"$compare_status\","
+    echo "  \"compare_results\": ["
+    sed '$!s/$/,/' "$out/compare.jsonl" | sed 's/^/    /'
     echo "  ],"
     echo "  \"sanitizer\": \"$sanitizer_status\","
     echo "  \"bench\": ["
@@ -107,6 +118,32 @@ for log in "$out"/tests/*.log; do
   # The panic message says what differed; the whole log travels back in OUTDIR/tests.
   grep -q 'test result: ok' "$log" || { echo "-- $(basename "$log")"; grep -m2 -A2 panicked "$log"; }
 done
+
+# One comparison script: its output goes to OUTDIR/compare-NAME.log, and its lines that are JSON
+# objects into OUTDIR/compare.jsonl.
+run_compare() {
+  local name=$1 limit
+  shift
+  limit=$(left)
+  [ "$limit" -gt "$compare_seconds" ] && limit=$compare_seconds
+  [ "$limit" -lt 15 ] && { echo "-- $name skipped: the run's time budget is spent"; return; }
+  echo "-- $name $* (limit ${limit}s)"
+  PYTHONUNBUFFERED=1 timeout "$limit" python3 "$here/compare/$name.py" "$@" > "$out/compare-$name.log" 2>&1
+  echo "   exit $?"
+  grep '^{' "$out/compare-$name.log" >> "$out/compare.jsonl"
+  grep -v '^{' "$out/compare-$name.log" | tail -n 5
+}
+if [ "${METAKERNELS_SKIP_COMPARE:-0}" = 1 ]; then
+  compare_status="skipped"
+elif ! python3 -c 'import torch; assert torch.cuda.is_available()' > /dev/null 2>&1; then
+  compare_status="no python3 with PyTorch and CUDA here"
+else
+  echo "== side-by-side baselines (PyTorch)"
+  run_compare momentum_attention_sdpa --device cuda --dtype bf16 --reps 5
+  run_compare maml_torch --device cuda --reps 30
+  compare_status="ran: compare.jsonl and compare-*.log"
+  write_summary compare
+fi
 
 if [ "${METAKERNELS_SKIP_BENCH:-0}" != 1 ]; then
   echo "== benchmarks (short pass of the CUDA groups)"
