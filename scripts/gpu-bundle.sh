@@ -11,6 +11,7 @@ cd "$(dirname "$0")/.."
 bundle="${1:-target/gpu-bundle}"
 limit_mib=64
 
+command -v xz > /dev/null || { echo "error: xz is needed to pack the bundle (Debian: apt-get install xz-utils)" >&2; exit 1; }
 nvcc=$(bash scripts/install-cuda-toolchain.sh | tail -n 1)
 export NVCC="$nvcc"
 export METAKERNELS_REQUIRE_KERNELS=1
