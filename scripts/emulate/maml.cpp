@@ -297,11 +297,6 @@ static std::vector<double> normal_vec(size_t n, double scale = 1.0) {
     for (double& x : v) x = scale * d(g_rng);
     return v;
 }
-static std::vector<unsigned> labels_vec(size_t n, int classes) {
-    std::vector<unsigned> v(n);
-    for (unsigned& x : v) x = (unsigned)(g_rng() % (uint64_t)classes);
-    return v;
-}
 // Mlp::init's scheme: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for W and b.
 static std::vector<double> init_params(const Net& net) {
     std::vector<double> v;
@@ -310,21 +305,6 @@ static std::vector<double> init_params(const Net& net) {
         std::uniform_real_distribution<double> u(-bound, bound);
         for (int i = 0; i < net.fan_out(l) * (net.fan_in(l) + 1); ++i) v.push_back(u(g_rng));
     }
-    return v;
-}
-// The values as T, and back exactly as f64 (the reference's inputs).
-template <typename T>
-static std::vector<T> as(std::vector<double>& v) {
-    std::vector<T> r(v.size());
-    for (size_t i = 0; i < v.size(); ++i) r[i] = (T)v[i], v[i] = (double)r[i];
-    return r;
-}
-
-// A device buffer: cuda::alloc (at least one element) with poisoning: NaN (0xff bytes).
-template <typename T>
-static std::vector<T> alloc(size_t n) {
-    std::vector<T> v(std::max<size_t>(n, 1));
-    std::memset(v.data(), 0xff, v.size() * sizeof(T));
     return v;
 }
 
@@ -358,6 +338,72 @@ static std::vector<std::string> g_launched;
 static void launched(const char* kernel, const char* dtype) {
     const std::string s = std::string(kernel) + "_" + dtype;
     if (std::find(g_launched.begin(), g_launched.end(), s) == g_launched.end()) g_launched.push_back(s);
+}
+
+// ------------------------------------------------------------------ device buffers ------------
+// A device buffer: its elements, then GUARD elements of 0xff bytes that no kernel may write
+// (checked after every launch) and whose NaN any read past the end brings into the results.
+constexpr size_t GUARD = 64;
+struct Guard { const void* data; size_t offset, bytes; };
+static std::vector<Guard> g_guards;  // of every live buffer
+static void unguard(const void* data) {
+    if (data == nullptr) return;
+    for (size_t i = 0; i < g_guards.size(); ++i)
+        if (g_guards[i].data == data) { g_guards.erase(g_guards.begin() + (ptrdiff_t)i); return; }
+}
+template <typename T>
+struct Dev : std::vector<T> {
+    Dev() = default;
+    Dev(size_t n, size_t guard_elems) : std::vector<T>(n + guard_elems) {
+        std::memset(this->data() + n, 0xff, guard_elems * sizeof(T));
+        unguard(this->data());  // an entry of a buffer freed without ~Dev (moved into a plain vector)
+        g_guards.push_back({this->data(), n * sizeof(T), guard_elems * sizeof(T)});
+    }
+    Dev(const Dev&) = delete;
+    Dev(Dev&&) noexcept = default;
+    Dev& operator=(Dev&& o) noexcept {
+        unguard(this->data());
+        std::vector<T>::operator=(std::move(o));
+        return *this;
+    }
+    ~Dev() { unguard(this->data()); }
+};
+static void check_guards(const char* kernel) {
+    for (const Guard& g : g_guards) {
+        const auto* c = static_cast<const unsigned char*>(g.data) + g.offset;
+        for (size_t i = 0; i < g.bytes; ++i)
+            if (c[i] != 0xff) {
+                std::fprintf(stderr, "EMULATION ERROR: %s wrote past the end of a %zu-byte buffer\n", kernel, g.offset);
+                std::_Exit(3);
+            }
+    }
+}
+// Every launch of the driver: emu_launch, then the buffers' guards.
+#define LAUNCH(grid, smem, kernel_name, ...)                     \
+    do {                                                          \
+        emu_launch(grid, block(), smem, [=] { __VA_ARGS__; });    \
+        launched(kernel_name, K<T>::name);                        \
+        check_guards(kernel_name);                                \
+    } while (0)
+
+// cuda::alloc (at least one element) with poisoning: NaN (0xff bytes).
+template <typename T>
+static Dev<T> alloc(size_t n) {
+    Dev<T> v(std::max<size_t>(n, 1), GUARD);
+    std::memset(v.data(), 0xff, (v.size() - GUARD) * sizeof(T));
+    return v;
+}
+// The values as a T buffer, and back exactly as f64 (the reference's inputs).
+template <typename T>
+static Dev<T> as(std::vector<double>& v) {
+    Dev<T> r(v.size(), GUARD);
+    for (size_t i = 0; i < v.size(); ++i) r[i] = (T)v[i], v[i] = (double)r[i];
+    return r;
+}
+static Dev<unsigned> labels_vec(size_t n, int classes) {
+    Dev<unsigned> v(n, GUARD);
+    for (size_t i = 0; i < n; ++i) v[i] = (unsigned)(g_rng() % (uint64_t)classes);
+    return v;
 }
 
 // ------------------------------------------------------------------ cuda.rs, mirrored ---------
@@ -420,8 +466,8 @@ struct Engine {
     const Net& net;
     Product product;
     size_t tasks, rows, wide;
-    std::vector<std::vector<T>> z, h, rz, rh;
-    std::vector<T> d, d_next, rd, rd_next, row_loss;
+    std::vector<Dev<T>> z, h, rz, rh;
+    Dev<T> d, d_next, rd, rd_next, row_loss;
     int tasks_i, act;
 
     Engine(const Net& n, Product p, size_t t, size_t r, bool with_r)
@@ -446,11 +492,9 @@ struct Engine {
             const dim3 grid{(unsigned)std::clamp<size_t>((n + TILE - 1) / TILE, 1, g_grid_x_max),
                             (unsigned)std::clamp<size_t>((m + TILE - 1) / TILE, 1, g_grid_yz),
                             (unsigned)std::clamp<size_t>(tasks, 1, g_grid_yz)};
-            emu_launch(grid, block(), 0, [=] { K<T>::gemm_tiled(a, b, c, s); });
-            launched("maml_gemm_tiled", K<T>::name);
+            LAUNCH(grid, 0, "maml_gemm_tiled", K<T>::gemm_tiled(a, b, c, s));
         } else {
-            emu_launch(grid_1d(tasks * m * n), block(), 0, [=] { K<T>::gemm_naive(a, b, c, s); });
-            launched("maml_gemm_naive", K<T>::name);
+            LAUNCH(grid_1d(tasks * m * n), 0, "maml_gemm_naive", K<T>::gemm_naive(a, b, c, s));
         }
     }
 
@@ -475,9 +519,8 @@ struct Engine {
             T* zl = z[l].data();
             T* hl = hidden ? h[l].data() : nullptr;
             const T* pb = p.buf;
-            emu_launch(grid_1d(tasks * n * fo), block(), 0,
-                       [=] { K<T>::bias_act(zl, hl, pb, b_off, p_stride, n_i, fo_i, z_stride, tasks_i_, act_); });
-            launched("maml_bias_act", K<T>::name);
+            LAUNCH(grid_1d(tasks * n * fo), 0, "maml_bias_act",
+                   K<T>::bias_act(zl, hl, pb, b_off, p_stride, n_i, fo_i, z_stride, tasks_i_, act_));
             if (!v) continue;
             const Operand vw = weight_op(l, *v);
             gemm(input, in_op, v->buf, vw, rz[l].data(), out_op, n, fo, fi, false);
@@ -486,10 +529,8 @@ struct Engine {
             T* rzl = rz[l].data();
             T* rhl = hidden ? rh[l].data() : nullptr;
             const T* vb = v->buf;
-            emu_launch(grid_1d(tasks * n * fo), block(), 0, [=] {
-                K<T>::r_bias_act(rzl, rhl, zl, vb, b_off, v_stride, n_i, fo_i, z_stride, tasks_i_, act_);
-            });
-            launched("maml_r_bias_act", K<T>::name);
+            LAUNCH(grid_1d(tasks * n * fo), 0, "maml_r_bias_act",
+                   K<T>::r_bias_act(rzl, rhl, zl, vb, b_off, v_stride, n_i, fo_i, z_stride, tasks_i_, act_));
         }
     }
 
@@ -503,13 +544,10 @@ struct Engine {
         T* dd = d.data();
         T* rdd = r ? rd.data() : nullptr;
         T* rl = row_loss.data();
-        emu_launch(grid_1d(tasks * n), block(), 0, [=] {
-            K<T>::loss_rows(zl, rzl, z_stride, y, labels, n_i, width_i, tasks_i_, loss, dd, rdd, d_stride, rl, rows_i);
-        });
-        launched("maml_loss_rows", K<T>::name);
+        LAUNCH(grid_1d(tasks * n), 0, "maml_loss_rows",
+               K<T>::loss_rows(zl, rzl, z_stride, y, labels, n_i, width_i, tasks_i_, loss, dd, rdd, d_stride, rl, rows_i));
         if (losses) {
-            emu_launch(grid_1d(tasks), block(), 0, [=] { K<T>::task_loss(rl, rows_i, n_i, losses, tasks_i_); });
-            launched("maml_task_loss", K<T>::name);
+            LAUNCH(grid_1d(tasks), 0, "maml_task_loss", K<T>::task_loss(rl, rows_i, n_i, losses, tasks_i_));
         }
     }
 
@@ -549,9 +587,8 @@ struct Engine {
         const long long d_stride = (long long)(rows * wide), off_ = (long long)off, out_stride = net.P;
         const int width_i = (int)width, tasks_i_ = tasks_i;
         const T* src = r ? rd.data() : d.data();
-        emu_launch(grid_1d(tasks * width), block(), 0,
-                   [=] { K<T>::col_sum(src, d_stride, n_i, width_i, out, off_, out_stride, tasks_i_); });
-        launched("maml_col_sum", K<T>::name);
+        LAUNCH(grid_1d(tasks * width), 0, "maml_col_sum",
+               K<T>::col_sum(src, d_stride, n_i, width_i, out, off_, out_stride, tasks_i_));
     }
 
     void act_back(int below, int n_i, size_t width, bool r) {
@@ -561,10 +598,8 @@ struct Engine {
         T* rdn = r ? rd_next.data() : nullptr;
         const T* zb = z[below].data();
         const T* rzb = r ? rz[below].data() : nullptr;
-        emu_launch(grid_1d(tasks * (size_t)n_i * width), block(), 0, [=] {
-            K<T>::act_back(dn, rdn, d_stride, zb, rzb, z_stride, n_i, width_i, tasks_i_, act_);
-        });
-        launched("maml_act_back", K<T>::name);
+        LAUNCH(grid_1d(tasks * (size_t)n_i * width), 0, "maml_act_back",
+               K<T>::act_back(dn, rdn, d_stride, zb, rzb, z_stride, n_i, width_i, tasks_i_, act_));
     }
 };
 
@@ -576,14 +611,14 @@ template <typename T>
 struct OpIn {
     size_t tasks, samples;
     bool broadcast;                     // params one [P] row
-    std::vector<T> params, x, y, v;     // v empty unless HVP; y empty for CE
-    std::vector<unsigned> labels;
+    Dev<T> params, x, y, v;             // y empty for CE
+    Dev<unsigned> labels;
     bool v_rows;                        // v [T,P] (else [P])
 };
 
 template <typename T>
 struct OpOut {
-    std::vector<T> out, losses;
+    Dev<T> out, losses;
     bool fused;
 };
 
@@ -610,10 +645,8 @@ static OpOut<T> run_op(Mode mode, const Net& net, const OpIn<T>& in) {
         const T *p = in.params.data(), *x = in.x.data();
         T* out = r.out.data();
         T* losses = mode == GRAD ? r.losses.data() : nullptr;
-        emu_launch({(unsigned)tasks, 1, 1}, block(), shared, [=] {
-            K<T>::op(cfg, mode_i, n_i, sz, off, p, p_stride, v, v_stride, x, yv, lab, out, losses);
-        });
-        launched("mlp_op", K<T>::name);
+        const dim3 grid{(unsigned)tasks, 1, 1};
+        LAUNCH(grid, shared, "mlp_op", K<T>::op(cfg, mode_i, n_i, sz, off, p, p_stride, v, v_stride, x, yv, lab, out, losses));
         return r;
     }
     // run_op_tiled
@@ -642,13 +675,13 @@ static OpOut<T> run_op(Mode mode, const Net& net, const OpIn<T>& in) {
 template <typename T>
 struct Batch {
     size_t tasks, ns, nq;
-    std::vector<T> xs, ys, xq, yq;
-    std::vector<unsigned> ls, lq;
+    Dev<T> xs, ys, xq, yq;
+    Dev<unsigned> ls, lq;
 };
 
 template <typename T>
 struct MetaOut {
-    std::vector<T> grad, losses, adapted, iterates;  // iterates: the fused kernel's only
+    Dev<T> grad, losses, adapted, iterates;  // iterates: the fused kernel's only
     double loss = 0;
     bool fused = false;
 };
@@ -656,21 +689,19 @@ struct MetaOut {
 enum class Path { Auto, Reference };
 
 template <typename T>
-static std::vector<T> mean_rows(const std::vector<T>& rows, size_t tasks, size_t pn) {
-    std::vector<T> mean = alloc<T>(pn);
+static Dev<T> mean_rows(const Dev<T>& rows, size_t tasks, size_t pn) {
+    Dev<T> mean = alloc<T>(pn);
     const T* src = rows.data();
     T* dst = mean.data();
     const int tasks_i = (int)tasks, pn_i = (int)pn;
-    emu_launch(grid_1d(pn), block(), 0, [=] { K<T>::mean_rows(src, dst, tasks_i, pn_i); });
-    launched("maml_mean_rows", K<T>::name);
-    mean.resize(pn);
+    LAUNCH(grid_1d(pn), 0, "maml_mean_rows", K<T>::mean_rows(src, dst, tasks_i, pn_i));
     return mean;
 }
 
 // cuda.rs meta_typed: fused when it fits (Auto), else layered::meta_gradient with the tiled
 // product (Auto) or the naive one (Reference); then mean_rows and the host mean of the losses.
 template <typename T>
-static MetaOut<T> meta_gradient(const Net& net, int k, double lr, bool second, const std::vector<T>& theta,
+static MetaOut<T> meta_gradient(const Net& net, int k, double lr, bool second, const Dev<T>& theta,
                                 const Batch<T>& b, Path path) {
     MetaOut<T> r;
     const size_t tasks = b.tasks, pn = net.P;
@@ -681,7 +712,7 @@ static MetaOut<T> meta_gradient(const Net& net, int k, double lr, bool second, c
     std::optional<std::pair<NetConfig, size_t>> plan;
     if (path == Path::Auto) plan = fused_plan<T>(net, std::max(b.ns, b.nq), 3);
     r.fused = plan.has_value();
-    std::vector<T> grads;
+    Dev<T> grads;
     if (plan) {
         const MetaConfig cfg{plan->first, (int)b.ns, (int)b.nq, k, second, lr};
         const size_t shared = plan->second;
@@ -693,16 +724,15 @@ static MetaOut<T> meta_gradient(const Net& net, int k, double lr, bool second, c
         const int *sz = sizes.data(), *off = offsets.data();
         const T *p = theta.data(), *xs = b.xs.data(), *xq = b.xq.data();
         T *it = r.iterates.data(), *ad = r.adapted.data(), *gr = grads.data(), *lo = r.losses.data();
-        emu_launch({(unsigned)tasks, 1, 1}, block(), shared,
-                   [=] { K<T>::meta(cfg, sz, off, p, xs, ys, ls, xq, yq, lq, it, ad, gr, lo); });
-        launched("maml_meta", K<T>::name);
+        const dim3 grid{(unsigned)tasks, 1, 1};
+        LAUNCH(grid, shared, "maml_meta", K<T>::meta(cfg, sz, off, p, xs, ys, ls, xq, yq, lq, it, ad, gr, lo));
     } else {
         // layered::meta_gradient
         Engine<T> e(net, path == Path::Reference ? Product::Naive : Product::Tiled, tasks, std::max(b.ns, b.nq),
                     second);
-        std::vector<std::vector<T>> thetas;
+        std::vector<Dev<T>> thetas;
         for (int j = 0; j < k; ++j) thetas.push_back(alloc<T>(tasks * pn));
-        std::vector<T> g = alloc<T>(tasks * pn), hv = alloc<T>(tasks * pn);
+        Dev<T> g = alloc<T>(tasks * pn), hv = alloc<T>(tasks * pn);
         r.losses = alloc<T>(tasks);
         const PView<T> theta0{theta.data(), 0};
         const int pn_i = (int)pn, tasks_i = (int)tasks;
@@ -715,9 +745,7 @@ static MetaOut<T> meta_gradient(const Net& net, int k, double lr, bool second, c
             T* dst = thetas[j].data();
             const T* src = th.buf;
             const T* hvp = hv.data();
-            emu_launch(grid_1d(tasks * pn), block(), 0,
-                       [=] { K<T>::sgd_step(dst, src, src_stride, hvp, lr, pn_i, tasks_i); });
-            launched("maml_sgd_step", K<T>::name);
+            LAUNCH(grid_1d(tasks * pn), 0, "maml_sgd_step", K<T>::sgd_step(dst, src, src_stride, hvp, lr, pn_i, tasks_i));
         }
         const PView<T> adapted{thetas.back().data(), pn};
         e.forward(adapted, nullptr, b.xq.data(), b.nq);
@@ -733,8 +761,7 @@ static MetaOut<T> meta_gradient(const Net& net, int k, double lr, bool second, c
                 const long long total = (long long)(tasks * pn);
                 T* gp = g.data();
                 const T* hvp = hv.data();
-                emu_launch(grid_1d(tasks * pn), block(), 0, [=] { K<T>::descend(gp, hvp, lr, total); });
-                launched("maml_descend", K<T>::name);
+                LAUNCH(grid_1d(tasks * pn), 0, "maml_descend", K<T>::descend(gp, hvp, lr, total));
             }
         grads = std::move(g);
         r.adapted = std::move(thetas.back());
@@ -762,7 +789,7 @@ static void op_case(const Net& net, size_t tasks, size_t n, bool broadcast, bool
                         y64 = net.loss == 0 ? normal_vec(tasks * n * net.out()) : std::vector<double>{},
                         v64 = normal_vec(v_rows ? tasks * pn : pn);
     OpIn<T> in{tasks, n, broadcast, as<T>(p64), as<T>(x64), as<T>(y64), as<T>(v64),
-               net.loss == 1 ? labels_vec(tasks * n, net.out()) : std::vector<unsigned>{}, v_rows};
+               net.loss == 1 ? labels_vec(tasks * n, net.out()) : Dev<unsigned>{}, v_rows};
     // f64 reference per task.
     std::vector<double> out64(tasks * n * net.out()), loss64(tasks), grad64(tasks * pn, 0.0), hv64(tasks * pn, 0.0);
     for (size_t t = 0; t < tasks; ++t) {
@@ -806,9 +833,9 @@ static void meta_case(const Net& net, size_t tasks, size_t ns, size_t nq, int k,
                         ys64 = net.loss == 0 ? normal_vec(tasks * ns * no) : std::vector<double>{},
                         yq64 = net.loss == 0 ? normal_vec(tasks * nq * no) : std::vector<double>{};
     Batch<T> b{tasks, ns, nq, as<T>(xs64), as<T>(ys64), as<T>(xq64), as<T>(yq64),
-               net.loss == 1 ? labels_vec(tasks * ns, no) : std::vector<unsigned>{},
-               net.loss == 1 ? labels_vec(tasks * nq, no) : std::vector<unsigned>{}};
-    const std::vector<T> theta = as<T>(th64);
+               net.loss == 1 ? labels_vec(tasks * ns, no) : Dev<unsigned>{},
+               net.loss == 1 ? labels_vec(tasks * nq, no) : Dev<unsigned>{}};
+    const Dev<T> theta = as<T>(th64);
     const MetaRef want = ref_meta(net, k, lr, second, th64, (int)tasks, (int)ns, (int)nq, xs64, ys64, b.ls, xq64, yq64, b.lq);
     char buf[160];
     std::snprintf(buf, sizeof buf, "T=%zu ns=%zu nq=%zu k=%d %s", tasks, ns, nq, k, second ? "second" : "first");
@@ -863,7 +890,7 @@ static void reference_self_check() {
             const Net net({3, 6, 5, 4}, act, loss);
             const int n = 5, P = net.P;
             std::vector<double> p = normal_vec(P, 0.7), x = normal_vec(n * 3), y = normal_vec(n * 4), v = normal_vec(P);
-            const std::vector<unsigned> lab = labels_vec(n, 4);
+            const Dev<unsigned> lab = labels_vec(n, 4);
             std::vector<double> g(P, 0.0), hv(P, 0.0);
             ref_task(net, p.data(), v.data(), x.data(), y.data(), lab.data(), n, g.data(), hv.data(), nullptr);
             auto at = [&](double eps, std::vector<double>* grad) {
