@@ -19,29 +19,44 @@
 //                      iterates, the meta-loss vs f64, and fused vs naive reference
 //
 // over every activation x loss, f32 and f64; the sinusoid 1-40-40-1 shape (25 tasks, K = 10,
-// 13 query points as in the GPU test); the GPU tests' shapes (one support sample, an input wider
-// than every layer, one layer, 64-256-256-10, 16-300-300-4 and 70-130-65-11 which only fit the
-// tiled path); sample counts just inside and just outside the fused-size rule, for the op
-// (no parameter vectors) and the meta-gradient (three), where the automatic path must switch;
-// the 1-D grids and the tiled product's grid with their caps lowered to 2 blocks (the GPU test's
-// 70 000 tasks exceed them on the device; emulating that many blocks would take hours), so
-// that every grid-stride loop takes more than one turn; and determinism: the fused and tiled
-// meta-gradients again under another EMU schedule seed, bit for bit. Every output and
-// workspace buffer starts as NaN (cuda::alloc with poisoning, as in the tests), so an element
-// never written fails. `quick` launches every kernel of both dtypes at least once (~10 s).
+// 13 query points as in the GPU test, k = 1 and 5 second order, 3 first order); the GPU tests'
+// other shapes (one support sample, an input wider than every layer, one layer, one class,
+// 64-256-256-10 which fits the fused op in f32 but not in f64, 16-300-300-4 and 70-130-65-11
+// which only fit the tiled path); sample counts just inside and just outside the fused-size
+// rule, for the ops (no parameter vectors; 120 / 121 samples of the sinusoid net in f32, 59 / 60
+// in f64) and the meta-gradient (three vectors; 109 / 110 and 49 / 50), where the automatic
+// path must switch; [T,P] and broadcast [P] parameters and directions in all four
+// combinations; a NaN in one task's input (no status path exists: it must stay in that task);
+// the 1-D grids and the tiled product's grid with their caps lowered to 2 blocks (the GPU
+// test's 70 000 tasks exceed the product's 65 535 gridDim.z; emulating that many blocks would
+// take hours), so every grid-stride loop takes several turns; and determinism: the fused and tiled
+// meta-gradients again under another schedule seed, bit for bit. Every output and workspace
+// buffer starts as NaN (cuda::alloc with poisoning, as in the tests), so an element never
+// written fails, and ends in a poisoned guard checked after every launch, so a write past the
+// end fails (exit 3). The f64 reference is first checked against central differences of
+// itself. `quick` launches every kernel of both dtypes at least once (about 1 s after a 5 s
+// compile); the full run takes about 30 s.
 //
-// Not reached: none of the 26 kernels. Label out of range and non-finite inputs have no status
-// path in these kernels: mod.rs refuses labels >= classes before any launch (the kernels would
-// read outside the row), and NaN/inf inputs simply propagate; so there is nothing to compare.
+// Not reached: none of the 26 kernels (the driver checks that each ran). Label out of range
+// has no status path in the kernels: mod.rs refuses labels >= classes before any launch (a
+// kernel given one would read past the logits row), so there is nothing to emulate.
 //
-// Deliberately broken copies of kernels/maml.cu that fail it (see the report of the session
-// that wrote it): the __syncthreads at the end of a backward layer dropped; a tiled-product
-// tail guard off by one (gm <= s.m); the fused workspace one delta buffer short (carve's
-// rdelta_b aliased into rdelta); the R{delta} of the softmax loss head without the p.rz term;
-// sigma'' of GELU with a dropped factor; the reverse loop reading theta_{j+1} instead of
-// theta_j. What it cannot: timing, bank conflicts, registers, spills; interleavings finer than
-// "one warp's whole barrier interval, then another's"; the device's expf/tanhf (glibc's here)
-// and FMA contraction. It is not a GPU run.
+// Deliberately broken copies of kernels/maml.cu, each caught by `quick` (exit 1, or 3 for a
+// write past a buffer): the __syncthreads ending a fused forward layer, a fused backward layer,
+// or the copy of theta_j in the reverse loop dropped; the tiled product's second
+// __syncthreads dropped (write-after-read on the tiles); its k-tail guard (gk <= s.k) and store
+// guard (gn <= s.n) off by one; carve's rdelta_b aliased onto rdelta; the softmax loss head's
+// R{delta} without the p.R{z} term; GELU's sigma'' with a factor dropped; R{delta_below} using
+// z for R{z}; the R-forward without the bias direction; the MSE scale 2/n for 2/(n out); the
+// reverse loop reading theta_0 for theta_1; the inner loop never writing the adapted
+// parameters; mlp_op ignoring the parameter task stride; sgd_step ignoring its source stride;
+// col_sum dropping the last row; descend striding by blockDim instead of the grid; the tiled
+// product not striding over tasks. A control mutation that only rotates the fused forward's
+// summation start (same sum, other order) passes, full mode included.
+//
+// What it cannot: timing, bank conflicts, registers, spills; interleavings finer than "one
+// warp's whole barrier interval, then another's"; the device's expf/tanhf/log1pf (glibc's
+// here) and nvcc's FMA contraction. It is not a GPU run.
 #include "prelude.h"
 
 // ------------------------------------------------------------------ emulation additions -------
