@@ -79,7 +79,6 @@ EMU_DYNAMIC_SHARED(unsigned char, smem_bytes);  // the kernels' `extern __shared
 static int g_failures = 0, g_comparisons = 0;
 static double g_worst = 0;  // the largest error / tolerance seen
 static std::string g_worst_what;
-static bool g_verbose = true;
 static bool g_self_check = false;  // the f64 reference's own checks: not counted in the worst kernel error
 
 template <typename T>
@@ -99,15 +98,14 @@ static void compare(const std::string& what, const std::vector<T>& got, const st
     ++g_comparisons;
     if (!ok) ++g_failures;
     if (!nan && !g_self_check && rel / tol > g_worst) g_worst = rel / tol, g_worst_what = what;
-    if (g_verbose || !ok)
-        std::printf("%-78s rel %.2e (tol %.0e) %s\n", what.c_str(), rel, tol, ok ? "ok" : (nan ? "NaN FAIL" : "FAIL"));
+    std::printf("%-78s rel %.2e (tol %.0e) %s\n", what.c_str(), rel, tol, ok ? "ok" : (nan ? "NaN FAIL" : "FAIL"));
     std::fflush(stdout);
 }
 
 static void check(const std::string& what, bool ok) {
     ++g_comparisons;
     if (!ok) ++g_failures;
-    if (g_verbose || !ok) std::printf("%-78s %s\n", what.c_str(), ok ? "ok" : "FAIL");
+    std::printf("%-78s %s\n", what.c_str(), ok ? "ok" : "FAIL");
     std::fflush(stdout);
 }
 
