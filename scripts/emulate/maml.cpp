@@ -59,12 +59,6 @@
 // here) and nvcc's FMA contraction. It is not a GPU run.
 #include "prelude.h"
 
-// ------------------------------------------------------------------ emulation additions -------
-// (for maml.cu; generic ones to move into prelude.h)
-// CUDA's math headers overload fabs for float; without this, fabs(float) is glibc's double
-// fabs and act_value's softplus term would be computed in double in the f32 kernels.
-using std::fabs;
-
 #define MK_HOST_EMULATION 1
 namespace {
 EMU_DYNAMIC_SHARED(unsigned char, smem_bytes);  // the kernels' `extern __shared__ ... smem_bytes[]`

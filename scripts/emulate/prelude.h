@@ -46,6 +46,10 @@ dim3 blockDim, gridDim;
 #define __shared__ thread_local
 #define __align__(n) __attribute__((aligned(n)))
 inline float __expf(float x) { return std::exp(x); }
+// CUDA's math headers overload these for float in the global namespace (fabs(float) is a float
+// there); without the using-declarations a kernel's fabs(x) on a float would be glibc's double.
+using std::abs, std::ceil, std::exp, std::fabs, std::floor, std::fmax, std::fmin, std::log, std::log1p,
+    std::pow, std::sqrt, std::tanh;
 
 struct alignas(8) float2 { float x, y; };
 inline float2 make_float2(float x, float y) { return {x, y}; }
