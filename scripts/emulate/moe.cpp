@@ -481,6 +481,16 @@ static void lstsq_edges() {
         y.push_back((float)(2 * a - b + 0.01 * normal()));
     }
     lstsq_case("duplicated column", x, y, batches(1, m), 3, 1, 0.0, 1e-3, {FLAG_RANK_DEFICIENT});
+    // Column 2 = column 0 + 1e-5 noise, 16 systems: the last pivot is rounding noise of either
+    // sign, far below the relative threshold n·1e-6·max diag, so every system is flagged.
+    std::vector<double> xn, yn;
+    for (int i = 0; i < 16 * m; ++i) {
+        const double a = (float)normal(), b = (float)normal();
+        xn.insert(xn.end(), {a, b, (double)(float)(a + 1e-5 * normal())});
+        yn.push_back((float)normal());
+    }
+    lstsq_case("nearly duplicated column", xn, yn, batches(16, m), 3, 1, 0.0, 1e-3,
+               std::vector<uint32_t>(16, FLAG_RANK_DEFICIENT));
     // Non-finite x: flag 2 (NonFinite in cuda.rs).
     std::vector<double> xb = x;
     xb[7] = NAN;
