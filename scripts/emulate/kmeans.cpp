@@ -296,7 +296,7 @@ static Sorted counting_sort_reference(const std::vector<uint32_t>& labels, int n
 template <typename T>
 static std::vector<float> segment_means_raw(const std::vector<T>& x, const std::vector<uint32_t>& order,
                                             const std::vector<uint32_t>& offsets, int n, int d, int k,
-                                            uint32_t* status) {
+                                            uint32_t* status, size_t max_blocks = MAX_SEG_BLOCKS) {
     const size_t max_chunks = (n + SEG_CHUNK_ROWS - 1) / SEG_CHUNK_ROWS + std::min(n, k);
     std::vector<uint32_t> chunk_start(k + 1, POISON_U32);
     std::vector<float> partial(max_chunks * d, NAN), centroids((size_t)k * d, NAN);
@@ -307,7 +307,7 @@ static std::vector<float> segment_means_raw(const std::vector<T>& x, const std::
     const int chunk = (int)SEG_CHUNK_ROWS;
     launch("scan_chunks_u32", {1, 1, 1}, 1024, 0, [=] { scan_chunks_u32(off, k, chunk, cs); });
     launch(std::string("segment_partials_") + Kernels<T>::name,
-           {(unsigned)std::min(max_chunks, MAX_SEG_BLOCKS), div_ceil(d, SEG_DIMS_RS), 1}, 256, 0,
+           {(unsigned)std::min(max_chunks, max_blocks), div_ceil(d, SEG_DIMS_RS), 1}, 256, 0,
            [=] { Kernels<T>::partials(xs, o, off, cs, k, d, chunk, p); });
     launch("segment_finish_f32", grid_1d((size_t)k * d, 256), 256, 0,
            [=] { segment_finish_f32(p, off, cs, k, d, c, status); });
@@ -317,11 +317,14 @@ static std::vector<float> segment_means_raw(const std::vector<T>& x, const std::
 struct UpdateOut { std::vector<float> centroids; std::vector<uint32_t> counts, order, offsets; uint32_t status; };
 
 // update: the sort with its own status word, the means with another; the public status.
+// max_blocks < MAX_SEG_BLOCKS: segment_partials' grid capped lower than cuda.rs does, so that its
+// grid-stride loop (chunks > 2²⁰ on the GPU, N > 2³⁰) runs at emulation sizes.
 template <typename T>
-static UpdateOut update(const std::vector<T>& x, const std::vector<uint32_t>& labels, int n, int d, int k) {
+static UpdateOut update(const std::vector<T>& x, const std::vector<uint32_t>& labels, int n, int d, int k,
+                        size_t max_blocks = MAX_SEG_BLOCKS) {
     uint32_t sort_status = 0, status = 0;
     Sorted s = counting_sort_raw(labels, n, k, &sort_status);
-    std::vector<float> c = segment_means_raw(x, s.order, s.offsets, n, d, k, &status);
+    std::vector<float> c = segment_means_raw(x, s.order, s.offsets, n, d, k, &status, max_blocks);
     const uint32_t st = status | sort_status;
     return {std::move(c), std::move(s.counts), std::move(s.order), std::move(s.offsets),
             (st & STATUS_OUT_OF_RANGE) ? STATUS_OUT_OF_RANGE : st};
@@ -639,6 +642,8 @@ static void update_case(int n, int d, int k, bool skewed, double tol, bool refer
     g_schedule_rng.seed(emu_seed() + 1000 + n);
     const UpdateOut u2 = update(x, l, n, d, k);
     exact(s + " same bits under another schedule", u2.centroids, u.centroids);
+    const UpdateOut u3 = update(x, l, n, d, k, 3);
+    exact(s + " same bits with segment_partials grid-strided over 3 blocks", u3.centroids, u.centroids);
     if (reference) {
         const auto [cr, cnt] = update_reference(x, l, n, d, k);
         exact(s + " update_reference counts", cnt, counts_ref);
@@ -668,6 +673,21 @@ static void fit_case(int n, int d, int k, Metric m, int max_iter, double tol) {
 
 // The exact reseeding cases of cuda_fit_reseeds_and_matches_cpu.
 static void reseed_cases() {
+    // K = N: every row its own cluster. With rows 0 and 1 equal, they tie on centroid 0, cluster 1
+    // empties and takes the first row in (distance descending, row ascending) order, all
+    // distances being 0: row 0.
+    {
+        const std::vector<float> x = {0, 0, 1, 1, 5, 5, 7, 7};  // [4, 2]
+        Fit f = lloyd(x, 4, 2, 4, Metric::L2, x, 1, 0.0);
+        exact("fit K = N centroids", f.centroids, x);
+        exact("fit K = N labels", f.labels, {0, 1, 2, 3});
+        const std::vector<float> y = {0, 0, 0, 0, 5, 5, 7, 7};  // rows 0 and 1 equal
+        f = lloyd(y, 4, 2, 4, Metric::L1, y, 3, 0.0);
+        const Fit64 w = lloyd64<float>(std::vector<double>(y.begin(), y.end()), 4, 2, 4, Metric::L1, y, 3, 0.0);
+        exact("fit K = N equal rows labels vs f64 mirror", f.labels, w.labels);
+        exact("fit K = N equal rows centroids vs f64 mirror", f.centroids,
+              std::vector<float>(w.centroids.begin(), w.centroids.end()));
+    }
     const std::vector<float> x = {0, 1, 2, 10};
     Fit f = lloyd(x, 4, 1, 2, Metric::L2, {0.5f, 100.f}, 1, 0.0);
     exact("fit reseed k=2 centroids", f.centroids, {3.25f, 10.f});
@@ -782,6 +802,10 @@ int main(int argc, char** argv) {
         }
         for (int k : {1, 2, 40, 100, 300}) sort_case(20001, k, true, k <= 40);
         sort_case(1, 1, false, true);
+        sort_case(20001, 3000, false, false);
+        sort_case(20001, 5000, true, false);
+        update_case<__half>(3000, 5, 2500, false, 1e-5, true);
+        update_case<float>(20001, 3, 3000, true, 1e-4, false);
         sort_case(5000, 37, false, true);
         for (auto [n, d, k] : std::vector<std::array<int, 3>>{{5000, 100, 37}, {1, 1, 1}, {77, 3, 77}}) {
             update_case<float>(n, d, k, false, 1e-5, true);
