@@ -28,21 +28,34 @@
 //   status        non-finite x: every assign kernel, the update and the Lloyd loop set bit 1;
 //                 labels ≥ k: the sort sets bit 2 and scatters nothing out of range
 //
-// `quick` runs a subset that launches every kernel at least once (~20 s); the full mode (a few
-// minutes) adds the whole matrix and repeats the tensor-core cases with cp.async landing at issue.
-// Outputs are poisoned (NaN / 0xffffffff) before every launch and every element is checked.
+// `quick` runs a subset that launches every kernel at least once (~2 s after an ~8 s compile);
+// the full mode (~10 s) adds the whole matrix and repeats the tensor-core cases with cp.async
+// landing at issue. Outputs are poisoned (NaN / 0xffffffff) before every launch and every element
+// is checked. Beyond cuda.rs's own launches, three direct ones: assign_simt_l2_{f16,bf16} (the
+// (SquaredL2, f16/bf16) rule always picks the tensor cores), the sort with tile_rows = 96 (the
+// host's rule gives ≥ 2048; > 2048 needs N·K > 2³⁵), segment_partials with its grid capped at 3
+// blocks (cuda.rs caps it at 2²⁰: the grid-stride loop runs only for N > 2³⁰). The routing of
+// kernels/moe.cu (Routing::from_experts) is this file's counting sort.
 //
 // What it proves: index math, tails and masks, the barrier structure (between two __syncthreads
 // the warps run one after another in a random order; EMU_SEED=<n> picks another), the cp.async /
 // ldmatrix / mma fragment layouts, shared addresses inside the launched dynamic shared memory,
 // reads of unwritten shared memory (poisoned with NaN), the counting sort's ranks, numerics.
-// Deliberately broken copies of kernels/kmeans.cu that it catches: a dropped __syncthreads
-// before the mma epilogue fold, an ldmatrix B column off by 8, the resident x tile read at the
-// wrong k-slice, a dropped cp.async wait, segment_partials' tail loop bound off by one,
-// scan_tiles' running prefix skipping a segment, the stable scatter's rank mask including the
-// lane itself (see the report of the commit that added this file). What it cannot: timing;
-// interleavings finer than "one warp's whole barrier interval, then another's"; global memory
-// bounds (only shared addresses are checked); bank conflicts, registers, spills; the hardware's
+// Deliberately broken copies of kernels/kmeans.cu, each caught (quick mode already): in the
+// tensor-core kernel a dropped __syncthreads before the cross-warp fold, the ldmatrix B column
+// off by 8, the A fragment row off by one, the resident x tile read at k-slice 0, a dropped
+// cp.async wait, the resident tile loading 7 of its 8 row groups, padded centroids competing
+// (only the 2 × 2 ties case sees it); in the SIMT kernel a dropped end-of-step barrier and the
+// tail loads' bound off by one; in the update segment_partials' tail loop off by one, a dropped
+// barrier after the partial write, a dropped trailing barrier (seen by the grid-strided case
+// only), segment_finish's chunk range off by one; in the sort scan_tiles' prefix including its
+// own segment, the scatter's rank mask including the lane, block_exclusive_scan's second barrier
+// dropped; reseed_empty searching the same cluster again; shift_inertia summing n − 1 rows; the
+// tie rule reversed. Not caught, and equivalent: the scatter's cursor advanced by the first peer
+// instead of the last (exactly one lane adds the same count either way).
+// What it cannot: timing; interleavings finer than "one warp's whole barrier interval, then
+// another's"; global memory bounds (only shared addresses are checked: the three sort mutants
+// above wrote out of bounds and died of a segfault or heap corruption after the first mismatch); bank conflicts, registers, spills; the hardware's
 // mma accumulation order. It is not a GPU run.
 // CUDA code reads registers and shared memory through other types (sq_sum8's uint4 as __half2,
 // the float4 loads of the SIMT tiles); nvcc allows it, g++ -O2's strict aliasing does not (the

@@ -25,19 +25,25 @@
 //               segments of routed tokens with an empty expert, n + r = 256 (the staging tile's
 //               width) and n·(n + r) > 8192 (several chunks of the Gram kernel; host Cholesky).
 //
-// `quick` runs a subset that launches every kernel at least once (~10 s). Outputs are poisoned
-// (NaN / 0xff bytes) before every launch and every element is checked.
+// `quick` runs a subset that launches every kernel at least once (~1 s after an ~4 s compile;
+// full ~6 s). Outputs are poisoned (NaN / 0xff bytes) before every launch and every element is
+// checked.
 //
 // What it proves: index math, tails, the barrier structure (between two __syncthreads the warps
 // run one after another in a random order; EMU_SEED=<n> picks another), warp shuffles and votes,
 // reads of unwritten shared memory (poisoned with NaN), numerics. Deliberately broken copies of
-// kernels/moe.cu that it catches are listed in the report of the commit that added this file
-// (a dropped barrier in normal_equations or cholesky_solve, the staging loop's row bound, the
-// vector width of move_rows, the argmax's tie rule, the trailing update's column range). What it
-// cannot: timing; interleavings finer than "one warp's whole barrier interval, then another's";
-// global memory bounds (only shared addresses are checked); the host's f64 min-norm fallback for
-// flagged systems and the n + r > 256 host path (no kernel runs there); the hardware's __expf.
-// It is not a GPU run.
+// kernels/moe.cu, each caught (quick mode already): in normal_equations a dropped barrier before
+// or after the staging, the staging's row bound off by one, y's column offset; in cholesky_solve
+// a dropped barrier after the pivot or after the column scaling, the trailing update's column
+// range, the ridge skipped, an absolute instead of relative pivot threshold (seen by the nearly
+// rank-deficient case only), the non-finite flag dropped; in top1_logits the fold's tie rule, a
+// fold missing lane distance 16, the __any_sync of `bad` dropped; move_rows' vector loop bound;
+// scatter_scaled weighting by the grouped row instead of the token. Not caught, and equivalent:
+// normal_equations' chunk stride shortened, scatter_scaled's 4-wide stride halved (overlapping
+// work that writes the same values). What it cannot: timing; interleavings finer than "one
+// warp's whole barrier interval, then another's"; global memory bounds (only shared addresses are
+// checked); the host's f64 min-norm fallback for flagged systems and the n + r > 256 host path
+// (no kernel runs there); the hardware's __expf. It is not a GPU run.
 #pragma GCC optimize("no-strict-aliasing")  // CUDA-style type punning (see kmeans.cpp)
 #include "prelude.h"
 #define MK_HOST_EMULATION 1
