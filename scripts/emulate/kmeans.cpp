@@ -51,11 +51,14 @@
 // only), segment_finish's chunk range off by one; in the sort scan_tiles' prefix including its
 // own segment, the scatter's rank mask including the lane, block_exclusive_scan's second barrier
 // dropped; reseed_empty searching the same cluster again; shift_inertia summing n − 1 rows; the
-// tie rule reversed. Not caught, and equivalent: the scatter's cursor advanced by the first peer
+// tie rule reversed; assign_reference reading the next row (a fault past the end of x). Not
+// caught, and equivalent: the scatter's cursor advanced by the first peer
 // instead of the last (exactly one lane adds the same count either way).
-// What it cannot: timing; interleavings finer than "one warp's whole barrier interval, then
-// another's"; global memory bounds (only shared addresses are checked: the three sort mutants
-// above wrote out of bounds and died of a segfault or heap corruption after the first mismatch); bank conflicts, registers, spills; the hardware's
+// Every host buffer ends at a guard page (see "guarded host buffers"): an access past the end of
+// one faults and is reported with its block and thread (the SIMT tail mutant and three of the
+// sort mutants above die that way). What it cannot: timing; interleavings finer than "one warp's
+// whole barrier interval, then another's"; accesses before the start of a buffer or within the
+// 16-byte rounding of its end; bank conflicts, registers, spills; the hardware's
 // mma accumulation order. It is not a GPU run.
 // CUDA code reads registers and shared memory through other types (sq_sum8's uint4 as __half2,
 // the float4 loads of the SIMT tiles); nvcc allows it, g++ -O2's strict aliasing does not (the
@@ -115,7 +118,53 @@ EMU_DYNAMIC_SHARED(unsigned char, smem);  // tc::assign_l2's `extern __shared__ 
 #include <cstdarg>
 #include <map>
 #include <random>
+#include <csignal>
 #include <string>
+
+// ------------------------------------------------------------------ guarded host buffers -------
+// Every buffer of this driver (the kernels' "global memory") ends at a page boundary, rounded up
+// to 16 bytes, with an inaccessible page after it: a kernel reading or writing past the end of a
+// buffer faults, and the handler below reports the block and thread (a candidate for prelude.h).
+template <typename T>
+struct Guarded {
+    using value_type = T;
+    static constexpr size_t PAGE = 4096;
+    Guarded() = default;
+    template <typename U> Guarded(const Guarded<U>&) {}
+    static size_t bytes(size_t n) { return (n * sizeof(T) + 15) / 16 * 16; }
+    static size_t span(size_t n) { return (bytes(n) + PAGE - 1) / PAGE * PAGE + PAGE; }
+    T* allocate(size_t n) {
+        void* m = mmap(nullptr, span(n), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (m == MAP_FAILED) throw std::bad_alloc();
+        unsigned char* guard = static_cast<unsigned char*>(m) + span(n) - PAGE;
+        mprotect(guard, PAGE, PROT_NONE);
+        return reinterpret_cast<T*>(guard - bytes(n));
+    }
+    void deallocate(T* p, size_t n) {
+        munmap(reinterpret_cast<unsigned char*>(p) + bytes(n) + PAGE - span(n), span(n));
+    }
+    template <typename U> bool operator==(const Guarded<U>&) const { return true; }
+};
+template <typename T> using vec = std::vector<T, Guarded<T>>;
+
+static void emu_on_fault(int, siginfo_t* info, void*) {
+    char msg[160];
+    std::snprintf(msg, sizeof msg, "memory fault at %p: a guard page (an access past the end of a buffer, or a fiber stack overflow)%s",
+                  info->si_addr, g_current < 0 ? ", outside any kernel" : "");
+    emu_fail(msg);
+}
+static const bool g_fault_handler = [] {
+    static std::vector<unsigned char> alt(1 << 16);
+    stack_t ss{};
+    ss.ss_sp = alt.data(), ss.ss_size = alt.size();
+    sigaltstack(&ss, nullptr);
+    struct sigaction sa{};
+    sa.sa_sigaction = emu_on_fault;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    sigaction(SIGSEGV, &sa, nullptr);
+    sigaction(SIGBUS, &sa, nullptr);
+    return true;
+}();
 
 // ------------------------------------------------------------------ comparisons ---------------
 
@@ -132,7 +181,7 @@ static void record(const std::string& what, double ratio, bool ok, const char* d
 }
 
 // Relative error vs the reference's norm (testing::rel_error / assert_close), absolute when zero.
-static void compare(const std::string& what, const std::vector<float>& got, const std::vector<double>& want,
+static void compare(const std::string& what, const vec<float>& got, const vec<double>& want,
                     double tol) {
     double num = 0, den = 0;
     bool nan = got.size() != want.size();
@@ -148,7 +197,7 @@ static void compare(const std::string& what, const std::vector<float>& got, cons
 }
 
 template <typename U>
-static void exact(const std::string& what, const std::vector<U>& got, const std::vector<U>& want) {
+static void exact(const std::string& what, const vec<U>& got, const vec<U>& want) {
     size_t bad = got.size() == want.size() ? 0 : 1, first = 0;
     for (size_t i = 0; i < std::min(got.size(), want.size()); ++i)
         if (std::memcmp(&got[i], &want[i], sizeof(U)) != 0 && bad++ == 0) first = i;
@@ -226,15 +275,15 @@ static void launch(const std::string& name, dim3 grid, unsigned block, size_t sm
     emu_launch(grid, {block, 1, 1}, smem, k);
 }
 
-struct AssignOut { std::vector<uint32_t> labels; std::vector<float> dist; };
+struct AssignOut { vec<uint32_t> labels; vec<float> dist; };
 
 // assign_raw: ‖c‖² (when needed), then the kernel the (metric, dtype, D) rule picks.
 template <typename T>
-static AssignOut assign_raw(const std::vector<T>& x, const std::vector<T>& c, int n, int k, int d, Metric m,
+static AssignOut assign_raw(const vec<T>& x, const vec<T>& c, int n, int k, int d, Metric m,
                             uint32_t* status, std::string* kernel_name = nullptr, bool force_simt = false) {
     using K = Kernels<T>;
-    AssignOut o{std::vector<uint32_t>(n, POISON_U32), std::vector<float>(n, NAN)};
-    std::vector<float> c_norms(k, NAN);  // dev.alloc: uninitialised
+    AssignOut o{vec<uint32_t>(n, POISON_U32), vec<float>(n, NAN)};
+    vec<float> c_norms(k, NAN);  // dev.alloc: uninitialised
     const bool half = !std::is_same_v<T, float>;
     std::string kernel;
     size_t smem = 0;
@@ -259,8 +308,8 @@ static AssignOut assign_raw(const std::vector<T>& x, const std::vector<T>& c, in
 }
 
 template <typename T>
-static AssignOut assign_reference(const std::vector<T>& x, const std::vector<T>& c, int n, int k, int d, Metric m) {
-    AssignOut o{std::vector<uint32_t>(n, POISON_U32), std::vector<float>(n, NAN)};
+static AssignOut assign_reference(const vec<T>& x, const vec<T>& c, int n, int k, int d, Metric m) {
+    AssignOut o{vec<uint32_t>(n, POISON_U32), vec<float>(n, NAN)};
     const T *xs = x.data(), *cs = c.data();
     uint32_t* l = o.labels.data();
     float* dist = o.dist.data();
@@ -270,10 +319,10 @@ static AssignOut assign_reference(const std::vector<T>& x, const std::vector<T>&
     return o;
 }
 
-struct Sorted { std::vector<uint32_t> order, offsets, counts; };
+struct Sorted { vec<uint32_t> order, offsets, counts; };
 
 // counting_sort_raw (tile_rows = 0: the host's rule; else that many rows per sort tile).
-static Sorted counting_sort_raw(const std::vector<uint32_t>& labels, int n, int k, uint32_t* status,
+static Sorted counting_sort_raw(const vec<uint32_t>& labels, int n, int k, uint32_t* status,
                                 size_t tile_rows = 0) {
     if (tile_rows == 0) {
         const size_t per = std::max<size_t>(MAX_CURSORS / k, 1);
@@ -281,9 +330,9 @@ static Sorted counting_sort_raw(const std::vector<uint32_t>& labels, int n, int 
         tile_rows = std::min(std::max(SORT_TILE_ROWS, t), MAX_TILE_ROWS);
     }
     const size_t tiles = std::max<size_t>((n + tile_rows - 1) / tile_rows, 1);
-    std::vector<uint32_t> cursors(tiles * k, 0);  // alloc_zeros
-    Sorted s{std::vector<uint32_t>(n, POISON_U32), std::vector<uint32_t>(k + 1, POISON_U32),
-             std::vector<uint32_t>(k, POISON_U32)};
+    vec<uint32_t> cursors(tiles * k, 0);  // alloc_zeros
+    Sorted s{vec<uint32_t>(n, POISON_U32), vec<uint32_t>(k + 1, POISON_U32),
+             vec<uint32_t>(k, POISON_U32)};
     const uint32_t* l = labels.data();
     uint32_t *cur = cursors.data(), *counts = s.counts.data(), *off = s.offsets.data(), *order = s.order.data();
     const int ti = (int)tiles, tri = (int)tile_rows;
@@ -297,8 +346,8 @@ static Sorted counting_sort_raw(const std::vector<uint32_t>& labels, int n, int 
 
 // counting_sort_reference: one thread (launched as one warp: the emulation's blocks are whole
 // warps; the kernel returns at once on every thread but 0).
-static Sorted counting_sort_reference(const std::vector<uint32_t>& labels, int n, int k) {
-    Sorted s{std::vector<uint32_t>(n, POISON_U32), std::vector<uint32_t>(k + 1, POISON_U32), {}};
+static Sorted counting_sort_reference(const vec<uint32_t>& labels, int n, int k) {
+    Sorted s{vec<uint32_t>(n, POISON_U32), vec<uint32_t>(k + 1, POISON_U32), {}};
     const uint32_t* l = labels.data();
     uint32_t *off = s.offsets.data(), *order = s.order.data();
     launch("counting_sort_reference_u32", {1, 1, 1}, 32, 0, [=] { counting_sort_reference_u32(l, n, k, off, order); });
@@ -307,12 +356,12 @@ static Sorted counting_sort_reference(const std::vector<uint32_t>& labels, int n
 
 // segment_means_raw.
 template <typename T>
-static std::vector<float> segment_means_raw(const std::vector<T>& x, const std::vector<uint32_t>& order,
-                                            const std::vector<uint32_t>& offsets, int n, int d, int k,
+static vec<float> segment_means_raw(const vec<T>& x, const vec<uint32_t>& order,
+                                            const vec<uint32_t>& offsets, int n, int d, int k,
                                             uint32_t* status, size_t max_blocks = MAX_SEG_BLOCKS) {
     const size_t max_chunks = (n + SEG_CHUNK_ROWS - 1) / SEG_CHUNK_ROWS + std::min(n, k);
-    std::vector<uint32_t> chunk_start(k + 1, POISON_U32);
-    std::vector<float> partial(max_chunks * d, NAN), centroids((size_t)k * d, NAN);
+    vec<uint32_t> chunk_start(k + 1, POISON_U32);
+    vec<float> partial(max_chunks * d, NAN), centroids((size_t)k * d, NAN);
     const uint32_t *o = order.data(), *off = offsets.data();
     uint32_t* cs = chunk_start.data();
     float *p = partial.data(), *c = centroids.data();
@@ -327,28 +376,28 @@ static std::vector<float> segment_means_raw(const std::vector<T>& x, const std::
     return centroids;
 }
 
-struct UpdateOut { std::vector<float> centroids; std::vector<uint32_t> counts, order, offsets; uint32_t status; };
+struct UpdateOut { vec<float> centroids; vec<uint32_t> counts, order, offsets; uint32_t status; };
 
 // update: the sort with its own status word, the means with another; the public status.
 // max_blocks < MAX_SEG_BLOCKS: segment_partials' grid capped lower than cuda.rs does, so that its
 // grid-stride loop (chunks > 2²⁰ on the GPU, N > 2³⁰) runs at emulation sizes.
 template <typename T>
-static UpdateOut update(const std::vector<T>& x, const std::vector<uint32_t>& labels, int n, int d, int k,
+static UpdateOut update(const vec<T>& x, const vec<uint32_t>& labels, int n, int d, int k,
                         size_t max_blocks = MAX_SEG_BLOCKS) {
     uint32_t sort_status = 0, status = 0;
     Sorted s = counting_sort_raw(labels, n, k, &sort_status);
-    std::vector<float> c = segment_means_raw(x, s.order, s.offsets, n, d, k, &status, max_blocks);
+    vec<float> c = segment_means_raw(x, s.order, s.offsets, n, d, k, &status, max_blocks);
     const uint32_t st = status | sort_status;
     return {std::move(c), std::move(s.counts), std::move(s.order), std::move(s.offsets),
             (st & STATUS_OUT_OF_RANGE) ? STATUS_OUT_OF_RANGE : st};
 }
 
 template <typename T>
-static std::pair<std::vector<float>, std::vector<uint32_t>> update_reference(const std::vector<T>& x,
-                                                                            const std::vector<uint32_t>& labels,
+static std::pair<vec<float>, vec<uint32_t>> update_reference(const vec<T>& x,
+                                                                            const vec<uint32_t>& labels,
                                                                             int n, int d, int k) {
-    std::vector<float> c((size_t)k * d, NAN);
-    std::vector<uint32_t> counts(k, POISON_U32);
+    vec<float> c((size_t)k * d, NAN);
+    vec<uint32_t> counts(k, POISON_U32);
     const T* xs = x.data();
     const uint32_t* l = labels.data();
     float* cp = c.data();
@@ -359,9 +408,9 @@ static std::pair<std::vector<float>, std::vector<uint32_t>> update_reference(con
 }
 
 struct Fit {
-    std::vector<float> centroids;
-    std::vector<uint32_t> labels;
-    std::vector<double> history;
+    vec<float> centroids;
+    vec<uint32_t> labels;
+    vec<double> history;
     double inertia = 0;
     int iterations = 0;
     bool converged = false, non_finite = false;
@@ -369,30 +418,30 @@ struct Fit {
 
 // lloyd: one status word for the whole loop; the only host read per iteration is `stats`.
 template <typename T>
-static Fit lloyd(const std::vector<T>& x, int n, int d, int k, Metric m, const std::vector<float>& c0, int max_iter,
+static Fit lloyd(const vec<T>& x, int n, int d, int k, Metric m, const vec<float>& c0, int max_iter,
                  double tol) {
     Fit f;
     const int l1 = m == Metric::L1;
-    std::vector<float> c = c0;
+    vec<float> c = c0;
     uint32_t status = 0;
-    std::vector<double> stats(3, NAN);
-    auto shift_inertia = [&](const std::vector<float>& old_c, const std::vector<float>& new_c,
-                             const std::vector<float>& dist) {
+    vec<double> stats(3, NAN);
+    auto shift_inertia = [&](const vec<float>& old_c, const vec<float>& new_c,
+                             const vec<float>& dist) {
         const float *o = old_c.data(), *nc = new_c.data(), *ds = dist.data();
         const uint32_t* st = &status;
         double* out = stats.data();
         launch("shift_inertia_f32", {1, 1, 1}, 1024, 0, [=] { shift_inertia_f32(o, nc, k, d, l1, ds, n, st, out); });
     };
     // assign_raw rounds the f32 centroids to x's dtype first (Tensor::to_dtype).
-    auto rounded = [&](const std::vector<float>& v) {
-        std::vector<T> r(v.size());
+    auto rounded = [&](const vec<float>& v) {
+        vec<T> r(v.size());
         for (size_t i = 0; i < v.size(); ++i) r[i] = cvt<T>(v[i]);
         return r;
     };
     for (int it = 1; it <= max_iter; ++it) {
         AssignOut a = assign_raw(x, rounded(c), n, k, d, m, &status);
         Sorted s = counting_sort_raw(a.labels, n, k, &status);
-        std::vector<float> next = segment_means_raw(x, s.order, s.offsets, n, d, k, &status);
+        vec<float> next = segment_means_raw(x, s.order, s.offsets, n, d, k, &status);
         {
             const T* xs = x.data();
             const uint32_t* cnt = s.counts.data();
@@ -424,25 +473,25 @@ static double normal() { return std::normal_distribution<double>(0, 1)(g_rng); }
 static double uniform() { return std::uniform_real_distribution<double>(-1, 1)(g_rng); }
 
 // tests/all/kmeans.rs data(): points around k centres (5·N(0,1)) spread by 0.3, or uniform.
-static std::vector<double> data(int n, int d, int k, bool clustered) {
-    std::vector<double> v((size_t)n * d);
+static vec<double> data(int n, int d, int k, bool clustered) {
+    vec<double> v((size_t)n * d);
     if (!clustered) { for (double& e : v) e = uniform(); return v; }
-    std::vector<double> centres((size_t)k * d);
+    vec<double> centres((size_t)k * d);
     for (double& e : centres) e = 5 * normal();
     for (int i = 0; i < n; ++i)
         for (int j = 0; j < d; ++j) v[(size_t)i * d + j] = centres[(size_t)(i % k) * d + j] + 0.3 * normal();
     return v;
 }
-static std::vector<double> randn(size_t len) {
-    std::vector<double> v(len);
+static vec<double> randn(size_t len) {
+    vec<double> v(len);
     for (double& e : v) e = normal();
     return v;
 }
 
 // Rounds to T; the f64 copy holds the rounded values exactly.
 template <typename T>
-static std::vector<T> to_t(std::vector<double>& v) {
-    std::vector<T> r(v.size());
+static vec<T> to_t(vec<double>& v) {
+    vec<T> r(v.size());
     for (size_t i = 0; i < v.size(); ++i) r[i] = cvt<T>((float)v[i]), v[i] = back(r[i]);
     return r;
 }
@@ -455,7 +504,7 @@ static double dist64(Metric m, const double* a, const double* b, int d) {
 
 // check_assign of tests/all/kmeans.rs: the label is within slack·scale of the best centroid and
 // the distance matches it (every label in range and every distance written).
-static void check_assign(const std::string& what, const std::vector<double>& x, const std::vector<double>& c, int n,
+static void check_assign(const std::string& what, const vec<double>& x, const vec<double>& c, int n,
                          int d, int k, Metric m, const AssignOut& o, double slack) {
     double c_sq = 0;
     for (double v : c) c_sq += v * v;
@@ -482,19 +531,19 @@ static void check_assign(const std::string& what, const std::vector<double>& x, 
     record(what, worst, bad == 0, detail);
 }
 
-static std::pair<std::vector<uint32_t>, std::vector<uint32_t>> host_sort(const std::vector<uint32_t>& l, int k) {
-    std::vector<uint32_t> off(k + 1, 0), order(l.size());
+static std::pair<vec<uint32_t>, vec<uint32_t>> host_sort(const vec<uint32_t>& l, int k) {
+    vec<uint32_t> off(k + 1, 0), order(l.size());
     for (uint32_t c : l) off[c + 1]++;
     for (int c = 0; c < k; ++c) off[c + 1] += off[c];
-    std::vector<uint32_t> next(off.begin(), off.end() - 1);
+    vec<uint32_t> next(off.begin(), off.end() - 1);
     for (size_t i = 0; i < l.size(); ++i) order[next[l[i]]++] = (uint32_t)i;
     return {order, off};
 }
 
-static std::pair<std::vector<double>, std::vector<uint32_t>> update64(const std::vector<double>& x,
-                                                                     const std::vector<uint32_t>& l, int d, int k) {
-    std::vector<double> c((size_t)k * d, 0);
-    std::vector<uint32_t> counts(k, 0);
+static std::pair<vec<double>, vec<uint32_t>> update64(const vec<double>& x,
+                                                                     const vec<uint32_t>& l, int d, int k) {
+    vec<double> c((size_t)k * d, 0);
+    vec<uint32_t> counts(k, 0);
     for (size_t i = 0; i < l.size(); ++i) {
         counts[l[i]]++;
         for (int e = 0; e < d; ++e) c[(size_t)l[i] * d + e] += x[i * d + e];
@@ -506,12 +555,12 @@ static std::pair<std::vector<double>, std::vector<uint32_t>> update64(const std:
 
 // Lloyd in float64 with the device loop's rules: ties to the lowest index, empty clusters take
 // the rows in (distance descending, row ascending) order, convergence on the max centroid shift.
-struct Fit64 { std::vector<double> centroids, history; std::vector<uint32_t> labels; double inertia; int iterations; bool converged; };
+struct Fit64 { vec<double> centroids, history; vec<uint32_t> labels; double inertia; int iterations; bool converged; };
 template <typename T>
-static Fit64 lloyd64(const std::vector<double>& x, int n, int d, int k, Metric m, const std::vector<float>& c0,
+static Fit64 lloyd64(const vec<double>& x, int n, int d, int k, Metric m, const vec<float>& c0,
                      int max_iter, double tol) {
-    Fit64 f{std::vector<double>(c0.begin(), c0.end()), {}, std::vector<uint32_t>(n), 0, 0, false};
-    std::vector<double> dist(n), cr;
+    Fit64 f{vec<double>(c0.begin(), c0.end()), {}, vec<uint32_t>(n), 0, 0, false};
+    vec<double> dist(n), cr;
     auto assign = [&] {  // against the centroids rounded to T (and back), as the device does
         cr.resize(f.centroids.size());
         for (size_t i = 0; i < cr.size(); ++i) cr[i] = back(cvt<T>((float)f.centroids[i]));
@@ -530,7 +579,7 @@ static Fit64 lloyd64(const std::vector<double>& x, int n, int d, int k, Metric m
     for (int it = 1; it <= max_iter; ++it) {
         const double total = assign();
         auto [next, counts] = update64(x, f.labels, d, k);
-        std::vector<int> rows(n);
+        vec<int> rows(n);
         for (int i = 0; i < n; ++i) rows[i] = i;
         std::stable_sort(rows.begin(), rows.end(), [&](int a, int b) { return dist[a] > dist[b]; });
         size_t pick = 0;
@@ -566,8 +615,8 @@ static std::string tag(const char* fmt, ...) {
 template <typename T>
 static void assign_case(int n, int d, int k, Metric m, bool reference = true, bool force_simt = false) {
     using K = Kernels<T>;
-    std::vector<double> x64 = data(n, d, std::min(k, n), true), c64 = randn((size_t)k * d);
-    const std::vector<T> x = to_t<T>(x64), c = to_t<T>(c64);
+    vec<double> x64 = data(n, d, std::min(k, n), true), c64 = randn((size_t)k * d);
+    const vec<T> x = to_t<T>(x64), c = to_t<T>(c64);
     uint32_t status = 0;
     std::string kernel;
     const AssignOut fast = assign_raw(x, c, n, k, d, m, &status, &kernel, force_simt);
@@ -585,10 +634,10 @@ static void assign_case(int n, int d, int k, Metric m, bool reference = true, bo
 
 // cuda_assign_ties_go_to_the_lowest_index.
 template <typename T>
-static void ties_case(Metric m, const std::vector<int>& dims) {
+static void ties_case(Metric m, const vec<int>& dims) {
     const std::string s = tag("ties %s %s", Kernels<T>::name, metric_name(m));
     {
-        std::vector<double> x64 = {0, 0, 2, 2}, c64 = {3, 3, 1, 0, 0, 1, -1, 0, 2, 2};
+        vec<double> x64 = {0, 0, 2, 2}, c64 = {3, 3, 1, 0, 0, 1, -1, 0, 2, 2};
         uint32_t status = 0;
         const AssignOut o = assign_raw(to_t<T>(x64), to_t<T>(c64), 2, 5, 2, m, &status);
         exact(s + " 2x2 labels", o.labels, {1, 4});
@@ -596,24 +645,24 @@ static void ties_case(Metric m, const std::vector<int>& dims) {
     }
     for (int d : dims) {
         const int n = 300, k = 300;
-        std::vector<double> cv = randn((size_t)k * d);
+        vec<double> cv = randn((size_t)k * d);
         for (int j : {40, 77, 200, 250}) std::copy_n(&cv[10 * d], d, &cv[(size_t)j * d]);
-        std::vector<double> xv((size_t)n * d);
+        vec<double> xv((size_t)n * d);
         for (int i = 0; i < n; ++i) std::copy_n(&cv[10 * d], d, &xv[(size_t)i * d]);
         uint32_t status = 0;
         exact(s + tag(" d=%d duplicates", d), assign_raw(to_t<T>(xv), to_t<T>(cv), n, k, d, m, &status).labels,
-              std::vector<uint32_t>(n, 10));
-        std::vector<double> ce((size_t)k * d, 0.25), xr = randn((size_t)n * d);
-        const std::vector<T> cet = to_t<T>(ce), xrt = to_t<T>(xr);
-        exact(s + tag(" d=%d all equal", d), assign_raw(xrt, cet, n, k, d, m, &status).labels, std::vector<uint32_t>(n, 0));
+              vec<uint32_t>(n, 10));
+        vec<double> ce((size_t)k * d, 0.25), xr = randn((size_t)n * d);
+        const vec<T> cet = to_t<T>(ce), xrt = to_t<T>(xr);
+        exact(s + tag(" d=%d all equal", d), assign_raw(xrt, cet, n, k, d, m, &status).labels, vec<uint32_t>(n, 0));
         exact(s + tag(" d=%d all equal (reference kernel)", d), assign_reference(xrt, cet, n, k, d, m).labels,
-              std::vector<uint32_t>(n, 0));
+              vec<uint32_t>(n, 0));
     }
 }
 
 // The sort alone (host rule and small tiles) and its reference kernel, vs a host stable sort.
 static void sort_case(int n, int k, bool skewed, bool reference) {
-    std::vector<uint32_t> l(n);
+    vec<uint32_t> l(n);
     std::uniform_int_distribution<uint32_t> any(0, k - 1), ten(0, 9);
     for (auto& v : l) v = skewed && ten(g_rng) < 9 ? std::min(1, k - 1) : any(g_rng);
     const auto [order, off] = host_sort(l, k);
@@ -624,7 +673,7 @@ static void sort_case(int n, int k, bool skewed, bool reference) {
         const std::string t = s + (tile_rows ? " tile_rows=96" : "");
         exact(t + " order", got.order, order);
         exact(t + " offsets", got.offsets, off);
-        std::vector<uint32_t> counts(k);
+        vec<uint32_t> counts(k);
         for (int c = 0; c < k; ++c) counts[c] = off[c + 1] - off[c];
         exact(t + " counts", got.counts, counts);
         check(t + " status 0", status == 0);
@@ -640,9 +689,9 @@ static void sort_case(int n, int k, bool skewed, bool reference) {
 // kernel vs float64, counts exact, the same bits under another schedule.
 template <typename T>
 static void update_case(int n, int d, int k, bool skewed, double tol, bool reference) {
-    std::vector<double> x64 = randn((size_t)n * d);
-    const std::vector<T> x = to_t<T>(x64);
-    std::vector<uint32_t> l(n);
+    vec<double> x64 = randn((size_t)n * d);
+    const vec<T> x = to_t<T>(x64);
+    vec<uint32_t> l(n);
     std::uniform_int_distribution<uint32_t> any(0, k - 1), ten(0, 9),
         some(0, (uint32_t)std::max(k - 2, 2) - 1);
     for (auto& v : l) v = skewed ? (ten(g_rng) < 9 ? 1 : some(g_rng)) : any(g_rng);
@@ -667,9 +716,9 @@ static void update_case(int n, int d, int k, bool skewed, double tol, bool refer
 // A Lloyd fit from the first k rows (Init::Given) vs the float64 mirror.
 template <typename T>
 static void fit_case(int n, int d, int k, Metric m, int max_iter, double tol) {
-    std::vector<double> x64 = data(n, d, k, true);
-    const std::vector<T> x = to_t<T>(x64);
-    std::vector<float> c0(x64.begin(), x64.begin() + (size_t)k * d);
+    vec<double> x64 = data(n, d, k, true);
+    const vec<T> x = to_t<T>(x64);
+    vec<float> c0(x64.begin(), x64.begin() + (size_t)k * d);
     const std::string s = tag("fit %s %s n=%d d=%d k=%d max_iter=%d", Kernels<T>::name, metric_name(m), n, d, k, max_iter);
     const Fit f = lloyd(x, n, d, k, m, c0, max_iter, tol);
     const Fit64 w = lloyd64<T>(x64, n, d, k, m, c0, max_iter, tol);
@@ -680,7 +729,7 @@ static void fit_case(int n, int d, int k, Metric m, int max_iter, double tol) {
           tag("%d/%d vs %d/%d", f.iterations, f.converged, w.iterations, w.converged).c_str());
     compare(s + " inertia", {(float)f.inertia}, {w.inertia}, 1e-3);
     if (f.history.size() == w.history.size())
-        compare(s + " inertia history", std::vector<float>(f.history.begin(), f.history.end()), w.history, 1e-3);
+        compare(s + " inertia history", vec<float>(f.history.begin(), f.history.end()), w.history, 1e-3);
     compare(s + " centroids", f.centroids, w.centroids, 1e-4);
 }
 
@@ -690,18 +739,18 @@ static void reseed_cases() {
     // empties and takes the first row in (distance descending, row ascending) order, all
     // distances being 0: row 0.
     {
-        const std::vector<float> x = {0, 0, 1, 1, 5, 5, 7, 7};  // [4, 2]
+        const vec<float> x = {0, 0, 1, 1, 5, 5, 7, 7};  // [4, 2]
         Fit f = lloyd(x, 4, 2, 4, Metric::L2, x, 1, 0.0);
         exact("fit K = N centroids", f.centroids, x);
         exact("fit K = N labels", f.labels, {0, 1, 2, 3});
-        const std::vector<float> y = {0, 0, 0, 0, 5, 5, 7, 7};  // rows 0 and 1 equal
+        const vec<float> y = {0, 0, 0, 0, 5, 5, 7, 7};  // rows 0 and 1 equal
         f = lloyd(y, 4, 2, 4, Metric::L1, y, 3, 0.0);
-        const Fit64 w = lloyd64<float>(std::vector<double>(y.begin(), y.end()), 4, 2, 4, Metric::L1, y, 3, 0.0);
+        const Fit64 w = lloyd64<float>(vec<double>(y.begin(), y.end()), 4, 2, 4, Metric::L1, y, 3, 0.0);
         exact("fit K = N equal rows labels vs f64 mirror", f.labels, w.labels);
         exact("fit K = N equal rows centroids vs f64 mirror", f.centroids,
-              std::vector<float>(w.centroids.begin(), w.centroids.end()));
+              vec<float>(w.centroids.begin(), w.centroids.end()));
     }
-    const std::vector<float> x = {0, 1, 2, 10};
+    const vec<float> x = {0, 1, 2, 10};
     Fit f = lloyd(x, 4, 1, 2, Metric::L2, {0.5f, 100.f}, 1, 0.0);
     exact("fit reseed k=2 centroids", f.centroids, {3.25f, 10.f});
     exact("fit reseed k=2 labels", f.labels, {0, 0, 0, 1});
@@ -711,12 +760,12 @@ static void reseed_cases() {
 
 template <typename T>
 static void gather_case(int n, int d, int m) {
-    std::vector<double> x64 = randn((size_t)n * d);
-    const std::vector<T> x = to_t<T>(x64);
-    std::vector<uint32_t> ids(m);
+    vec<double> x64 = randn((size_t)n * d);
+    const vec<T> x = to_t<T>(x64);
+    vec<uint32_t> ids(m);
     std::uniform_int_distribution<uint32_t> any(0, n - 1);
     for (auto& v : ids) v = any(g_rng);
-    std::vector<float> out((size_t)m * d, NAN), want((size_t)m * d);
+    vec<float> out((size_t)m * d, NAN), want((size_t)m * d);
     for (int r = 0; r < m; ++r)
         for (int e = 0; e < d; ++e) want[(size_t)r * d + e] = (float)x64[(size_t)ids[r] * d + e];
     const T* xs = x.data();
@@ -732,24 +781,24 @@ template <typename T>
 static void status_cases() {
     const char* sn = Kernels<T>::name;
     for (int d : {2, 136}) {
-        std::vector<double> x64 = randn((size_t)130 * d), c64 = randn((size_t)3 * d);
+        vec<double> x64 = randn((size_t)130 * d), c64 = randn((size_t)3 * d);
         x64[(size_t)129 * d + 1] = NAN;  // in the second row block
-        const std::vector<T> x = to_t<T>(x64), c = to_t<T>(c64);
+        const vec<T> x = to_t<T>(x64), c = to_t<T>(c64);
         for (Metric m : {Metric::L2, Metric::L1}) {
             uint32_t status = 0;
             std::string kernel;
             assign_raw(x, c, 130, 3, d, m, &status, &kernel);
             check(tag("non-finite x d=%d: %s status", d, kernel.c_str()), status == STATUS_NON_FINITE);
         }
-        std::vector<uint32_t> l(130);
+        vec<uint32_t> l(130);
         for (int i = 0; i < 130; ++i) l[i] = i % 3;
         check(tag("non-finite x d=%d: update %s status", d, sn), update(x, l, 130, d, 3).status == STATUS_NON_FINITE);
-        std::vector<float> c0(c64.begin(), c64.end());
+        vec<float> c0(c64.begin(), c64.end());
         check(tag("non-finite x d=%d: lloyd %s flags it", d, sn),
               lloyd(x, 130, d, 3, Metric::L2, c0, 5, 1e-4).non_finite);
     }
-    std::vector<double> x64 = randn(3000 * 4);
-    std::vector<uint32_t> l(3000, 9);
+    vec<double> x64 = randn(3000 * 4);
+    vec<uint32_t> l(3000, 9);
     for (int i = 0; i < 3000; i += 7) l[i] = i % 8;
     const UpdateOut u = update(to_t<T>(x64), l, 3000, 4, 8);
     check(tag("labels >= k: update %s status", sn), u.status == STATUS_OUT_OF_RANGE);

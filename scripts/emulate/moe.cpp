@@ -38,11 +38,14 @@
 // range, the ridge skipped, an absolute instead of relative pivot threshold (seen by the nearly
 // rank-deficient case only), the non-finite flag dropped; in top1_logits the fold's tie rule, a
 // fold missing lane distance 16, the __any_sync of `bad` dropped; move_rows' vector loop bound;
-// scatter_scaled weighting by the grouped row instead of the token. Not caught, and equivalent:
+// scatter_scaled weighting by the grouped row instead of the token; move_rows moving one vector
+// past the row and top1_logits_reference reading one logit past it (faults at the end of the
+// buffers, like the staging row bound above). Not caught, and equivalent:
 // normal_equations' chunk stride shortened, scatter_scaled's 4-wide stride halved (overlapping
-// work that writes the same values). What it cannot: timing; interleavings finer than "one
-// warp's whole barrier interval, then another's"; global memory bounds (only shared addresses are
-// checked); the host's f64 min-norm fallback for flagged systems and the n + r > 256 host path
+// work that writes the same values). Every host buffer ends at a guard page (see "guarded host
+// buffers"): an access past the end of one faults and is reported with its block and thread.
+// What it cannot: timing; interleavings finer than "one warp's whole barrier interval, then
+// another's"; accesses before the start of a buffer or within the 16-byte rounding of its end; the host's f64 min-norm fallback for flagged systems and the n + r > 256 host path
 // (no kernel runs there); the hardware's __expf. It is not a GPU run.
 #pragma GCC optimize("no-strict-aliasing")  // CUDA-style type punning (see kmeans.cpp)
 #include "prelude.h"
@@ -73,7 +76,53 @@ inline int __any_sync(unsigned mask, int pred) {
 #include <cstdarg>
 #include <map>
 #include <random>
+#include <csignal>
 #include <string>
+
+// ------------------------------------------------------------------ guarded host buffers -------
+// Every buffer of this driver (the kernels' "global memory") ends at a page boundary, rounded up
+// to 16 bytes, with an inaccessible page after it: a kernel reading or writing past the end of a
+// buffer faults, and the handler below reports the block and thread (a candidate for prelude.h).
+template <typename T>
+struct Guarded {
+    using value_type = T;
+    static constexpr size_t PAGE = 4096;
+    Guarded() = default;
+    template <typename U> Guarded(const Guarded<U>&) {}
+    static size_t bytes(size_t n) { return (n * sizeof(T) + 15) / 16 * 16; }
+    static size_t span(size_t n) { return (bytes(n) + PAGE - 1) / PAGE * PAGE + PAGE; }
+    T* allocate(size_t n) {
+        void* m = mmap(nullptr, span(n), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (m == MAP_FAILED) throw std::bad_alloc();
+        unsigned char* guard = static_cast<unsigned char*>(m) + span(n) - PAGE;
+        mprotect(guard, PAGE, PROT_NONE);
+        return reinterpret_cast<T*>(guard - bytes(n));
+    }
+    void deallocate(T* p, size_t n) {
+        munmap(reinterpret_cast<unsigned char*>(p) + bytes(n) + PAGE - span(n), span(n));
+    }
+    template <typename U> bool operator==(const Guarded<U>&) const { return true; }
+};
+template <typename T> using vec = std::vector<T, Guarded<T>>;
+
+static void emu_on_fault(int, siginfo_t* info, void*) {
+    char msg[160];
+    std::snprintf(msg, sizeof msg, "memory fault at %p: a guard page (an access past the end of a buffer, or a fiber stack overflow)%s",
+                  info->si_addr, g_current < 0 ? ", outside any kernel" : "");
+    emu_fail(msg);
+}
+static const bool g_fault_handler = [] {
+    static std::vector<unsigned char> alt(1 << 16);
+    stack_t ss{};
+    ss.ss_sp = alt.data(), ss.ss_size = alt.size();
+    sigaltstack(&ss, nullptr);
+    struct sigaction sa{};
+    sa.sa_sigaction = emu_on_fault;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    sigaction(SIGSEGV, &sa, nullptr);
+    sigaction(SIGBUS, &sa, nullptr);
+    return true;
+}();
 
 // ------------------------------------------------------------------ comparisons ---------------
 
@@ -90,7 +139,7 @@ static void record(const std::string& what, double ratio, bool ok, const char* d
 }
 
 // Relative error vs the reference's norm (testing::rel_error / assert_close), absolute when zero.
-static void compare(const std::string& what, const std::vector<float>& got, const std::vector<double>& want,
+static void compare(const std::string& what, const vec<float>& got, const vec<double>& want,
                     double tol) {
     double num = 0, den = 0;
     bool nan = got.size() != want.size();
@@ -106,7 +155,7 @@ static void compare(const std::string& what, const std::vector<float>& got, cons
 }
 
 template <typename U>
-static void exact(const std::string& what, const std::vector<U>& got, const std::vector<U>& want) {
+static void exact(const std::string& what, const vec<U>& got, const vec<U>& want) {
     size_t bad = got.size() == want.size() ? 0 : 1, first = 0;
     for (size_t i = 0; i < std::min(got.size(), want.size()); ++i)
         if (std::memcmp(&got[i], &want[i], sizeof(U)) != 0 && bad++ == 0) first = i;
@@ -167,11 +216,11 @@ static void launch(const std::string& name, dim3 grid, unsigned block, const std
     emu_launch(grid, {block, 1, 1}, 0, k);
 }
 
-struct Top1 { std::vector<uint32_t> expert; std::vector<float> probs; uint32_t status = 0; };
+struct Top1 { vec<uint32_t> expert; vec<float> probs; uint32_t status = 0; };
 
 template <typename T>
-static Top1 top1_logits(const std::vector<T>& logits, int n, int k) {
-    Top1 o{std::vector<uint32_t>(n, 0xffffffffu), std::vector<float>(n, NAN), 0};
+static Top1 top1_logits(const vec<T>& logits, int n, int k) {
+    Top1 o{vec<uint32_t>(n, 0xffffffffu), vec<float>(n, NAN), 0};
     const T* l = logits.data();
     uint32_t *e = o.expert.data(), *s = &o.status;
     float* p = o.probs.data();
@@ -181,8 +230,8 @@ static Top1 top1_logits(const std::vector<T>& logits, int n, int k) {
 }
 
 template <typename T>
-static Top1 top1_logits_reference(const std::vector<T>& logits, int n, int k) {
-    Top1 o{std::vector<uint32_t>(n, 0xffffffffu), std::vector<float>(n, NAN), 0};
+static Top1 top1_logits_reference(const vec<T>& logits, int n, int k) {
+    Top1 o{vec<uint32_t>(n, 0xffffffffu), vec<float>(n, NAN), 0};
     const T* l = logits.data();
     uint32_t* e = o.expert.data();
     float* p = o.probs.data();
@@ -193,9 +242,9 @@ static Top1 top1_logits_reference(const std::vector<T>& logits, int n, int k) {
 
 // move_rows: gather (dst[j] = src[order[j]]) or scatter (dst[order[j]] = src[j]).
 template <typename T>
-static std::vector<T> move_rows(const std::vector<T>& src, const std::vector<uint32_t>& order, int n, int d,
+static vec<T> move_rows(const vec<T>& src, const vec<uint32_t>& order, int n, int d,
                                 bool scatter, std::string* kernel_name = nullptr) {
-    std::vector<T> out((size_t)n * d);
+    vec<T> out((size_t)n * d);
     std::memset(out.data(), 0xff, out.size() * sizeof(T));  // dev.alloc: poisoned
     if (n > 0 && d > 0) {
         const size_t row_bytes = (size_t)d * sizeof(T);
@@ -219,9 +268,9 @@ static std::vector<T> move_rows(const std::vector<T>& src, const std::vector<uin
 }
 
 template <typename T>
-static std::vector<T> move_rows_reference(const std::vector<T>& src, const std::vector<uint32_t>& order, int n,
+static vec<T> move_rows_reference(const vec<T>& src, const vec<uint32_t>& order, int n,
                                           int d, bool scatter) {
-    std::vector<T> out((size_t)n * d);
+    vec<T> out((size_t)n * d);
     std::memset(out.data(), 0xff, out.size() * sizeof(T));
     const int row_bytes = d * (int)sizeof(T), sc = scatter;
     const size_t total = (size_t)n * row_bytes;
@@ -234,9 +283,9 @@ static std::vector<T> move_rows_reference(const std::vector<T>& src, const std::
 }
 
 template <typename T>
-static std::vector<T> combine_weighted(const std::vector<T>& grouped, const std::vector<uint32_t>& order,
-                                       const std::vector<float>& w, int n, int d) {
-    std::vector<T> out((size_t)n * d);
+static vec<T> combine_weighted(const vec<T>& grouped, const vec<uint32_t>& order,
+                                       const vec<float>& w, int n, int d) {
+    vec<T> out((size_t)n * d);
     std::memset(out.data(), 0xff, out.size() * sizeof(T));
     const T* s = grouped.data();
     const uint32_t* idx = order.data();
@@ -248,11 +297,11 @@ static std::vector<T> combine_weighted(const std::vector<T>& grouped, const std:
 }
 
 // gram: G = [XᵀX | XᵀY] per segment, [S, n, n + r] f32 (fast kernel or the reference).
-static std::vector<float> gram(const std::vector<float>& x, const std::vector<float>& y, const std::vector<uint32_t>& seg,
+static vec<float> gram(const vec<float>& x, const vec<float>& y, const vec<uint32_t>& seg,
                                int n, int r, bool reference) {
     const int systems = (int)seg.size() - 1;
     const size_t total = (size_t)systems * n * (n + r);
-    std::vector<float> g(total, NAN);
+    vec<float> g(total, NAN);
     const float *xs = x.data(), *ys = y.data();
     const uint32_t* sg = seg.data();
     float* gp = g.data();
@@ -264,12 +313,12 @@ static std::vector<float> gram(const std::vector<float>& x, const std::vector<fl
     return g;
 }
 
-struct Solved { std::vector<float> w; std::vector<uint32_t> flags; bool on_chip; };
+struct Solved { vec<float> w; vec<uint32_t> flags; bool on_chip; };
 
 // solve_on_device: the on-chip Cholesky when the rule allows; flagged systems (and all systems
 // off chip) go to the host's f64 solver in cuda.rs, which this driver does not replay.
-static Solved solve_on_device(const std::vector<float>& g, int systems, int n, int r, double ridge) {
-    Solved s{std::vector<float>((size_t)systems * n * r, NAN), std::vector<uint32_t>(systems, 4u), false};
+static Solved solve_on_device(const vec<float>& g, int systems, int n, int r, double ridge) {
+    Solved s{vec<float>((size_t)systems * n * r, NAN), vec<uint32_t>(systems, 4u), false};
     s.on_chip = (size_t)n <= CHOLESKY_MAX_N && (size_t)n * (n + r) <= CHOLESKY_MAX_FLOATS;
     if (s.on_chip) {
         std::fill(s.flags.begin(), s.flags.end(), 0xffffffffu);
@@ -288,27 +337,27 @@ static std::mt19937_64 g_rng(2027);
 static double normal() { return std::normal_distribution<double>(0, 1)(g_rng); }
 
 template <typename T>
-static std::vector<T> randn_t(size_t len, std::vector<double>& v64, double scale = 1) {
-    std::vector<T> r(len);
+static vec<T> randn_t(size_t len, vec<double>& v64, double scale = 1) {
+    vec<T> r(len);
     v64.resize(len);
     for (size_t i = 0; i < len; ++i) r[i] = cvt<T>((float)(scale * normal())), v64[i] = back(r[i]);
     return r;
 }
 
-static std::pair<std::vector<uint32_t>, std::vector<uint32_t>> host_sort(const std::vector<uint32_t>& e, int k) {
-    std::vector<uint32_t> off(k + 1, 0), order(e.size());
+static std::pair<vec<uint32_t>, vec<uint32_t>> host_sort(const vec<uint32_t>& e, int k) {
+    vec<uint32_t> off(k + 1, 0), order(e.size());
     for (uint32_t c : e) off[c + 1]++;
     for (int c = 0; c < k; ++c) off[c + 1] += off[c];
-    std::vector<uint32_t> next(off.begin(), off.end() - 1);
+    vec<uint32_t> next(off.begin(), off.end() - 1);
     for (size_t i = 0; i < e.size(); ++i) order[next[e[i]]++] = (uint32_t)i;
     return {order, off};
 }
 
 // G in f64 for the rows [seg[s], seg[s+1]) of x (· × n) and y (· × r).
-static std::vector<double> gram64(const std::vector<double>& x, const std::vector<double>& y,
-                                  const std::vector<uint32_t>& seg, int n, int r) {
+static vec<double> gram64(const vec<double>& x, const vec<double>& y,
+                                  const vec<uint32_t>& seg, int n, int r) {
     const int w = n + r, systems = (int)seg.size() - 1;
-    std::vector<double> g((size_t)systems * n * w, 0);
+    vec<double> g((size_t)systems * n * w, 0);
     for (int s = 0; s < systems; ++s)
         for (uint32_t row = seg[s]; row < seg[s + 1]; ++row)
             for (int i = 0; i < n; ++i)
@@ -319,9 +368,9 @@ static std::vector<double> gram64(const std::vector<double>& x, const std::vecto
 }
 
 // (A + ridge I) W = B by Cholesky in f64, from a [n, n + r] block of G.
-static std::vector<double> solve64(const double* g, int n, int r, double ridge) {
+static vec<double> solve64(const double* g, int n, int r, double ridge) {
     const int w = n + r;
-    std::vector<double> l((size_t)n * n, 0), out((size_t)n * r);
+    vec<double> l((size_t)n * n, 0), out((size_t)n * r);
     for (int j = 0; j < n; ++j) {
         double p = g[(size_t)j * w + j] + ridge;
         for (int c = 0; c < j; ++c) p -= l[(size_t)j * n + c] * l[(size_t)j * n + c];
@@ -333,7 +382,7 @@ static std::vector<double> solve64(const double* g, int n, int r, double ridge) 
         }
     }
     for (int col = 0; col < r; ++col) {
-        std::vector<double> z(n);
+        vec<double> z(n);
         for (int i = 0; i < n; ++i) {
             double v = g[(size_t)i * w + n + col];
             for (int p = 0; p < i; ++p) v -= l[(size_t)i * n + p] * z[p];
@@ -355,10 +404,10 @@ template <typename T>
 static void routing_case(int n, int d, int k) {
     using K = Kernels<T>;
     const std::string s = tag("%s n=%d d=%d k=%d", K::name, n, d, k);
-    std::vector<double> l64, x64;
-    const std::vector<T> logits = randn_t<T>((size_t)n * k, l64, 2.0);
-    std::vector<uint32_t> want_e(n);
-    std::vector<double> want_p(n);
+    vec<double> l64, x64;
+    const vec<T> logits = randn_t<T>((size_t)n * k, l64, 2.0);
+    vec<uint32_t> want_e(n);
+    vec<double> want_p(n);
     for (int i = 0; i < n; ++i) {
         const double* row = &l64[(size_t)i * k];
         int arg = 0;
@@ -376,27 +425,27 @@ static void routing_case(int n, int d, int k) {
     compare(s + " top1_logits_reference probability", tr.probs, want_p, 1e-5);
 
     const auto [order, offsets] = host_sort(want_e, k);  // Routing::from_experts (kmeans' sort)
-    const std::vector<T> x = randn_t<T>((size_t)n * d, x64);
-    std::vector<T> want((size_t)n * d);
+    const vec<T> x = randn_t<T>((size_t)n * d, x64);
+    vec<T> want((size_t)n * d);
     for (int j = 0; j < n; ++j) std::copy_n(&x[(size_t)order[j] * d], d, &want[(size_t)j * d]);
     std::string kernel;
-    const std::vector<T> grouped = move_rows(x, order, n, d, false, &kernel);
+    const vec<T> grouped = move_rows(x, order, n, d, false, &kernel);
     exact(s + " dispatch " + kernel, grouped, want);
     exact(s + " dispatch move_bytes_reference", move_rows_reference(x, order, n, d, false), want);
     exact(s + " combine " + kernel + " = x", move_rows(grouped, order, n, d, true), x);
     exact(s + " combine move_bytes_reference = x", move_rows_reference(grouped, order, n, d, true), x);
     // Weighted combine with the gate probabilities: out[order[j]] = w[order[j]] · grouped[j].
-    std::vector<T> want_w((size_t)n * d);
-    std::vector<double> want_w64((size_t)n * d);
+    vec<T> want_w((size_t)n * d);
+    vec<double> want_w64((size_t)n * d);
     for (int j = 0; j < n; ++j)
         for (int e = 0; e < d; ++e) {
             const size_t o = (size_t)order[j] * d + e;
             want_w[o] = cvt<T>(t.probs[order[j]] * back(grouped[(size_t)j * d + e]));
             want_w64[o] = want_p[order[j]] * x64[o];
         }
-    const std::vector<T> weighted = combine_weighted(grouped, order, t.probs, n, d);
+    const vec<T> weighted = combine_weighted(grouped, order, t.probs, n, d);
     exact(s + tag(" combine scatter_scaled (%s) vs host f32", d % 4 == 0 ? "4-wide" : "scalar"), weighted, want_w);
-    std::vector<float> wf(weighted.size());
+    vec<float> wf(weighted.size());
     for (size_t i = 0; i < wf.size(); ++i) wf[i] = back(weighted[i]);
     compare(s + " combine scatter_scaled vs f64", wf, want_w64, K::tol);
 }
@@ -406,32 +455,32 @@ template <typename T>
 static void routing_edges() {
     const std::string s = Kernels<T>::name;
     const int n = 5, k = 40;
-    std::vector<T> l((size_t)n * k, cvt<T>(0.5f));
+    vec<T> l((size_t)n * k, cvt<T>(0.5f));
     // Row 0 all equal → 0; row 1 max at 3 and 35 → 3; row 2 max at 33 (another lane) and 39 → 33;
     // row 3 max only at 39; row 4 -1 everywhere but 31 and 32 → 31.
     l[1 * k + 3] = l[1 * k + 35] = cvt<T>(2.f);
     l[2 * k + 33] = l[2 * k + 39] = cvt<T>(2.f);
     l[3 * k + 39] = cvt<T>(1.f);
     for (int j = 0; j < k; ++j) l[4 * k + j] = cvt<T>(j == 31 || j == 32 ? 3.f : -1.f);
-    const std::vector<uint32_t> want = {0, 3, 33, 39, 31};
+    const vec<uint32_t> want = {0, 3, 33, 39, 31};
     exact(s + " top1_logits ties to the lowest index", top1_logits(l, n, k).expert, want);
     exact(s + " top1_logits_reference ties to the lowest index", top1_logits_reference(l, n, k).expert, want);
     for (float bad : {NAN, INFINITY, -INFINITY}) {
-        std::vector<T> lb = l;
+        vec<T> lb = l;
         lb[3 * k + 17] = cvt<T>(bad);
         check(s + tag(" top1_logits status on a %g logit", bad), top1_logits(lb, n, k).status == STATUS_NON_FINITE);
     }
 }
 
 // lstsq over segments: G fast vs reference vs f64, on-chip solve vs f64, flags.
-static void lstsq_case(const std::string& what, const std::vector<double>& x64, const std::vector<double>& y64,
-                       const std::vector<uint32_t>& seg, int n, int r, double ridge, double tol,
-                       const std::vector<uint32_t>& want_flags, bool reference = true) {
-    const std::vector<float> x(x64.begin(), x64.end()), y(y64.begin(), y64.end());
+static void lstsq_case(const std::string& what, const vec<double>& x64, const vec<double>& y64,
+                       const vec<uint32_t>& seg, int n, int r, double ridge, double tol,
+                       const vec<uint32_t>& want_flags, bool reference = true) {
+    const vec<float> x(x64.begin(), x64.end()), y(y64.begin(), y64.end());
     const int systems = (int)seg.size() - 1;
     const std::string s = tag("lstsq %s S=%d n=%d r=%d ridge=%g", what.c_str(), systems, n, r, ridge);
-    const std::vector<double> g64 = gram64(x64, y64, seg, n, r);
-    const std::vector<float> g = gram(x, y, seg, n, r, false);
+    const vec<double> g64 = gram64(x64, y64, seg, n, r);
+    const vec<float> g = gram(x, y, seg, n, r, false);
     compare(s + " normal_equations_f32", g, g64, 1e-5);
     if (reference) compare(s + " normal_equations_reference_f32", gram(x, y, seg, n, r, true), g64, 1e-5);
     const Solved sol = solve_on_device(g, systems, n, r, ridge);
@@ -440,47 +489,47 @@ static void lstsq_case(const std::string& what, const std::vector<double>& x64, 
         return;
     }
     exact(s + " cholesky_solve_f32 flags", sol.flags, want_flags);
-    std::vector<float> got;
-    std::vector<double> want;
+    vec<float> got;
+    vec<double> want;
     for (int b = 0; b < systems; ++b) {
         if (sol.flags[b] != 0) continue;  // the host's f64 path in cuda.rs
-        const std::vector<double> w = solve64(&g64[(size_t)b * n * (n + r)], n, r, ridge);
+        const vec<double> w = solve64(&g64[(size_t)b * n * (n + r)], n, r, ridge);
         want.insert(want.end(), w.begin(), w.end());
         got.insert(got.end(), sol.w.begin() + (size_t)b * n * r, sol.w.begin() + (size_t)(b + 1) * n * r);
     }
     if (!want.empty()) compare(s + " cholesky_solve_f32 W vs f64", got, want, tol);
 }
 
-static std::vector<double> randn64(size_t len) {
-    std::vector<double> v(len);
+static vec<double> randn64(size_t len) {
+    vec<double> v(len);
     for (double& e : v) e = (double)(float)normal();
     return v;
 }
-static std::vector<uint32_t> batches(int batch, int m) {
-    std::vector<uint32_t> seg(batch + 1);
+static vec<uint32_t> batches(int batch, int m) {
+    vec<uint32_t> seg(batch + 1);
     for (int b = 0; b <= batch; ++b) seg[b] = (uint32_t)(b * m);
     return seg;
 }
 
 // moe::lstsq: batch systems of m × n with r right-hand sides, plus fast vs reference kernel.
 static void batched(int batch, int m, int n, int r, double ridge, double tol, bool reference_solve) {
-    const std::vector<double> x = randn64((size_t)batch * m * n), y = randn64((size_t)batch * m * r);
-    const std::vector<uint32_t> seg = batches(batch, m);
-    lstsq_case("batched", x, y, seg, n, r, ridge, tol, std::vector<uint32_t>(batch, 0));
+    const vec<double> x = randn64((size_t)batch * m * n), y = randn64((size_t)batch * m * r);
+    const vec<uint32_t> seg = batches(batch, m);
+    lstsq_case("batched", x, y, seg, n, r, ridge, tol, vec<uint32_t>(batch, 0));
     if (!reference_solve) return;
     // lstsq_reference: the reference Gram, then the same solve; fast vs reference (1e-4).
-    const std::vector<float> xf(x.begin(), x.end()), yf(y.begin(), y.end());
+    const vec<float> xf(x.begin(), x.end()), yf(y.begin(), y.end());
     const Solved a = solve_on_device(gram(xf, yf, seg, n, r, false), batch, n, r, ridge);
     const Solved b = solve_on_device(gram(xf, yf, seg, n, r, true), batch, n, r, ridge);
     if (!a.on_chip) return;  // the host solves both (its f64 Cholesky is not replayed here)
     compare(tag("lstsq batched S=%d n=%d r=%d ridge=%g fast vs reference kernel", batch, n, r, ridge), a.w,
-            std::vector<double>(b.w.begin(), b.w.end()), 1e-4);
+            vec<double>(b.w.begin(), b.w.end()), 1e-4);
 }
 
 static void lstsq_edges() {
     // Column 2 duplicates column 0: rank deficient (flag 1 → the host's min-norm path).
     const int m = 30;
-    std::vector<double> x, y;
+    vec<double> x, y;
     for (int i = 0; i < m; ++i) {
         const double a = (float)normal(), b = (float)normal();
         x.insert(x.end(), {a, b, a});
@@ -489,29 +538,29 @@ static void lstsq_edges() {
     lstsq_case("duplicated column", x, y, batches(1, m), 3, 1, 0.0, 1e-3, {FLAG_RANK_DEFICIENT});
     // Column 2 = column 0 + 1e-5 noise, 16 systems: the last pivot is rounding noise of either
     // sign, far below the relative threshold n·1e-6·max diag, so every system is flagged.
-    std::vector<double> xn, yn;
+    vec<double> xn, yn;
     for (int i = 0; i < 16 * m; ++i) {
         const double a = (float)normal(), b = (float)normal();
         xn.insert(xn.end(), {a, b, (double)(float)(a + 1e-5 * normal())});
         yn.push_back((float)normal());
     }
     lstsq_case("nearly duplicated column", xn, yn, batches(16, m), 3, 1, 0.0, 1e-3,
-               std::vector<uint32_t>(16, FLAG_RANK_DEFICIENT));
+               vec<uint32_t>(16, FLAG_RANK_DEFICIENT));
     // Non-finite x: flag 2 (NonFinite in cuda.rs).
-    std::vector<double> xb = x;
+    vec<double> xb = x;
     xb[7] = NAN;
-    const std::vector<float> xf(xb.begin(), xb.end()), yf(y.begin(), y.end());
+    const vec<float> xf(xb.begin(), xb.end()), yf(y.begin(), y.end());
     const Solved nf = solve_on_device(gram(xf, yf, batches(1, m), 3, 1, false), 1, 3, 1, 0.0);
     check("lstsq non-finite x: cholesky_solve_f32 flag 2", (nf.flags[0] & FLAG_NON_FINITE) != 0,
           tag("flags %u", nf.flags[0]).c_str());
     // grouped_lstsq: tokens routed to experts {0, 1, 3} of 4, segments from the routing's offsets
     // (expert 2 empty: flag 1 with ridge 0, W = 0 with a ridge).
     const int n_tok = 500, n = 5, r = 3, k = 4;
-    std::vector<uint32_t> expert(n_tok);
+    vec<uint32_t> expert(n_tok);
     for (int i = 0; i < n_tok; ++i) expert[i] = std::array<uint32_t, 3>{0, 1, 3}[i % 3];
     const auto [order, offsets] = host_sort(expert, k);
-    const std::vector<double> xt = randn64((size_t)n_tok * n), yt = randn64((size_t)n_tok * r);
-    std::vector<double> gx((size_t)n_tok * n), gy((size_t)n_tok * r);  // dispatch
+    const vec<double> xt = randn64((size_t)n_tok * n), yt = randn64((size_t)n_tok * r);
+    vec<double> gx((size_t)n_tok * n), gy((size_t)n_tok * r);  // dispatch
     for (int j = 0; j < n_tok; ++j) {
         std::copy_n(&xt[(size_t)order[j] * n], n, &gx[(size_t)j * n]);
         std::copy_n(&yt[(size_t)order[j] * r], r, &gy[(size_t)j * r]);
