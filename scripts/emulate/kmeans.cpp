@@ -29,12 +29,13 @@
 //                 labels ≥ k: the sort sets bit 2 and scatters nothing out of range
 //
 // `quick` runs a subset that launches every kernel at least once (~2 s after an ~8 s compile);
-// the full mode (~10 s) adds the whole matrix and repeats the tensor-core cases with cp.async
+// the full mode (~15 s) adds the whole matrix and repeats the tensor-core cases with cp.async
 // landing at issue. Outputs are poisoned (NaN / 0xffffffff) before every launch and every element
 // is checked. Beyond cuda.rs's own launches, three direct ones: assign_simt_l2_{f16,bf16} (the
 // (SquaredL2, f16/bf16) rule always picks the tensor cores), the sort with tile_rows = 96 (the
 // host's rule gives ≥ 2048; > 2048 needs N·K > 2³⁵), segment_partials with its grid capped at 3
-// blocks (cuda.rs caps it at 2²⁰: the grid-stride loop runs only for N > 2³⁰). The routing of
+// blocks (cuda.rs caps it at 2²⁰: the grid-stride loop runs only for N > 2³⁰); full mode also
+// gathers 600000 rows (gather_rows' grid capped at 65535 blocks, warps grid-striding). The routing of
 // kernels/moe.cu (Routing::from_experts) is this file's counting sort.
 //
 // What it proves: index math, tails and masks, the barrier structure (between two __syncthreads
@@ -888,6 +889,7 @@ int main(int argc, char** argv) {
         gather_case<float>(100, 7, 9);
         gather_case<__half>(1000, 40, 300);
         gather_case<__nv_bfloat16>(10, 1, 10);
+        gather_case<float>(1000, 1, 600000);  // > 65535 · 8 rows: the grid cap, warps grid-stride
         status_cases<float>();
         status_cases<__half>();
         status_cases<__nv_bfloat16>();

@@ -7,7 +7,8 @@
 //               expert exact vs a host argmax of the same rounded logits (ties to the lowest
 //               index), the gate probability 1 / Σ exp(l − max) vs float64 (1e-5); exact ties;
 //               non-finite logits set the status word. N, K as cuda_moe_matches_cpu: (1, 1),
-//               (1000, 7), (4099, 16), (513, 3), plus K = 33 and 100 (lanes striding over K).
+//               (1000, 7), (4099, 16), (513, 3), plus K = 33 and 100 (lanes striding over K),
+//               and (full mode) N = 600000 (row_grid's 65535-block cap: warps grid-stride).
 //               The routing's counting sort is kernels/kmeans.cu's (scripts/emulate/kmeans.cpp).
 //   dispatch    move_rows_v{16,4,2} (the widest vector dividing a row's bytes, as cuda.rs picks
 //   /combine    it) as gather and as scatter, move_bytes_reference, scatter_scaled_* (weighted
@@ -26,7 +27,7 @@
 //               width) and n·(n + r) > 8192 (several chunks of the Gram kernel; host Cholesky).
 //
 // `quick` runs a subset that launches every kernel at least once (~1 s after an ~4 s compile;
-// full ~6 s). Outputs are poisoned (NaN / 0xff bytes) before every launch and every element is
+// full ~50 s). Outputs are poisoned (NaN / 0xff bytes) before every launch and every element is
 // checked.
 //
 // What it proves: index math, tails, the barrier structure (between two __syncthreads the warps
@@ -580,6 +581,8 @@ static void routing_all(bool quick) {
         for (auto [n, d, k] : std::vector<std::array<int, 3>>{{1, 1, 1}, {1000, 33, 7}, {4099, 64, 16}, {513, 6, 3},
                                                              {300, 1, 33}, {77, 8, 100}, {200, 12, 2}})
             routing_case<T>(n, d, k);
+        // N > 65535 · 8: row_grid caps the grid at 65535 blocks and the warps grid-stride (~40 s).
+        if (std::is_same_v<T, __half>) routing_case<T>(600000, 1, 2);
     }
     routing_edges<T>();
 }
