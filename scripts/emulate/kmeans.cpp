@@ -23,7 +23,8 @@
 //   fit           the device Lloyd loop (assign, sort, update, reseed_empty_*, shift_inertia_f32,
 //                 the final assign) vs a float64 Lloyd mirror from the same start (labels exact,
 //                 iterations equal, inertia 1e-3, centroids 1e-4), the exact reseeding cases of
-//                 cuda_fit_reseeds_and_matches_cpu, max_iter = 0
+//                 cuda_fit_reseeds_and_matches_cpu, K = N with a reseeded cluster, max_iter = 0;
+//                 the same bits again under another schedule seed (fit_is_deterministic)
 //   seeding       gather_rows_* vs the rows converted on the host: exact
 //   status        non-finite x: every assign kernel, the update and the Lloyd loop set bit 1;
 //                 labels ≥ k: the sort sets bit 2 and scatters nothing out of range
@@ -732,6 +733,12 @@ static void fit_case(int n, int d, int k, Metric m, int max_iter, double tol) {
     if (f.history.size() == w.history.size())
         compare(s + " inertia history", vec<float>(f.history.begin(), f.history.end()), w.history, 1e-3);
     compare(s + " centroids", f.centroids, w.centroids, 1e-4);
+    // fit_is_deterministic: the same bits under another schedule of the warps.
+    g_schedule_rng.seed(emu_seed() + 77 + n);
+    const Fit f2 = lloyd(x, n, d, k, m, c0, max_iter, tol);
+    exact(s + " same centroid bits under another schedule", f2.centroids, f.centroids);
+    exact(s + " same labels under another schedule", f2.labels, f.labels);
+    exact(s + " same inertia bits under another schedule", vec<double>{f2.inertia}, vec<double>{f.inertia});
 }
 
 // The exact reseeding cases of cuda_fit_reseeds_and_matches_cpu.
