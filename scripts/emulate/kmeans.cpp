@@ -5,7 +5,8 @@
 // tests/all/kmeans.rs) at the tolerances of the Rust GPU tests:
 //
 //   assign        row_sq_norms_* then assign_l2_mma_xres_{f16,bf16} (D ≤ 128),
-//                 assign_l2_mma_{f16,bf16} (D > 128), assign_simt_l2_{f32,f16,bf16} (f32),
+//                 assign_l2_mma_{f16,bf16} (D > 128), assign_simt_l2_f32 (f32; _f16/_bf16 by
+//                 direct launch, see below),
 //                 assign_simt_l1_* (mean L1), each vs float64 brute force the way check_assign
 //                 does it (the chosen centroid within slack·scale of the best, the distance too;
 //                 slack 1e-5 f32, 1e-3 f16/bf16), and assign_reference_* likewise, plus their
