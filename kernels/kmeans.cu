@@ -204,6 +204,22 @@ namespace tc {
 constexpr int BM = 128, BN = 128, BK = 32, THREADS = 256, LDS = BK + 8;
 
 template <typename T> struct Mma;
+#ifdef MK_HOST_EMULATION
+// scripts/emulate/run.sh kmeans runs this file on the CPU; its prelude emulates mma.sync,
+// ldmatrix and cp.async (commit / wait_group) with the PTX ISA semantics and fragment layouts.
+template <typename T> struct Mma {
+    static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+        const uint32_t b[2] = {b0, b1};
+        mk_emulated_mma(c, a, b, std::is_same_v<T, __nv_bfloat16>);
+    }
+};
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) { mk_emulated_ldmatrix_x4(r, p, false); }
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+    mk_emulated_cp_async_16(dst, src, src_bytes);
+}
+__device__ __forceinline__ void cp_async_commit() { mk_emulated_cp_async_commit(); }
+__device__ __forceinline__ void cp_async_wait_all() { mk_emulated_cp_async_wait_group(0); }
+#else
 template <> struct Mma<__half> {
     static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
         asm volatile(
@@ -243,6 +259,7 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_b
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+#endif
 
 // 8 consecutive halfs of row r from dim k, zero outside the matrix (the path for D % 8 ≠ 0,
 // where rows are not 16-byte aligned).
