@@ -146,13 +146,13 @@ inline void __syncwarp(unsigned mask = EMU_FULL_MASK) {
 
 // ------------------------------------------------------------------ global memory -------------
 // Device buffers (emu::DeviceVec<T>): each its own mapping, placed against an inaccessible guard
-// page (like Electric Fence), so that a kernel's read or write past the end faults at the
+// region (like Electric Fence), so that a kernel's read or write past the end faults at the
 // offending instruction and the fault handler below names the thread, the buffer and the
 // distance. EMU_GUARD selects the side:
 //   after (default)  the END touches the guard page. The base stays 16-byte aligned (the kernels'
 //                    16-byte vector loads check it), so when the byte size is not a multiple of
 //                    16 the 1..15 slack bytes between the end and the guard page are poisoned
-//                    (0xff) and checked after every block: a write there fails (exit 3) after
+//                    (a NaN pattern) and checked after every block: a write there fails (exit 3) after
 //                    the fact; a READ of those < 16 bytes goes unnoticed (it reads NaN bytes).
 //   before           the START is page-aligned, right after the guard page: negative indices
 //                    (the reverse-time passes) fault. The rest of the last page after the end is
@@ -171,7 +171,10 @@ inline EmuGuardSide emu_guard_side() {
 }
 const EmuGuardSide g_guard_side = emu_guard_side();
 constexpr size_t EMU_PAGE = 4096;
-constexpr unsigned char EMU_GLOBAL_POISON = 0xff;
+// The guard: 256 KiB of inaccessible address space (reserved, never backed), so that an index
+// far past the end faults too instead of landing in a neighbouring mapping.
+constexpr size_t EMU_GLOBAL_GUARD_BYTES = 64 * EMU_PAGE;
+constexpr unsigned char EMU_GLOBAL_POISON = 0xff;  // DeviceVec::poison: NaN in every float type
 
 // The registry of live device buffers (the fault handler and the after-block check read it).
 struct EmuAllocation {
@@ -188,30 +191,52 @@ EmuAllocation g_freed[EMU_FREED_KEPT];  // the latest freed buffers, to name a u
 int g_freed_next = 0;
 bool g_in_cp_async_copy = false;  // a deferred cp.async copy is running (emu_copy)
 
-inline bool emu_poisoned(const unsigned char* p, size_t n) {
-    static const std::vector<unsigned char> poison(EMU_PAGE, EMU_GLOBAL_POISON);
-    for (size_t done = 0; done < n; done += EMU_PAGE)
-        if (std::memcmp(p + done, poison.data(), std::min(EMU_PAGE, n - done)) != 0) return false;
-    return true;
+// The bytes around a buffer (inside its pages) hold a pattern that depends on the address (its
+// offset in the page): every aligned 2, 4 or 8 bytes of it are a NaN in f16, bf16, f32 and f64
+// (low byte 0xf0..0xff, high byte 0x7f or 0xff), but not the 0xff.. of poisoned data nor a NaN
+// that arithmetic makes, so a stray write of a NaN read from poison (or from another gap) is
+// still seen as a write.
+inline const unsigned char* emu_gap_pattern() {  // two pages: pattern + (address % page) onwards
+    static const std::vector<unsigned char> table = [] {
+        std::vector<unsigned char> t(2 * EMU_PAGE);
+        for (size_t i = 0; i < t.size(); ++i) {
+            const uint32_t h = ((uint32_t)(i % EMU_PAGE / 2) * 2654435761u) >> 27;  // 5 bits
+            unsigned char lo = 0xf0 | (h & 15), hi = (h & 16) ? 0xff : 0x7f;
+            if (lo == 0xff && hi == 0xff) lo = 0xf5;
+            t[i] = i % 2 == 0 ? lo : hi;
+        }
+        return t;
+    }();
+    return table.data();
+}
+inline void emu_fill_gap(unsigned char* p, size_t n) {  // n <= one page
+    std::memcpy(p, emu_gap_pattern() + (uintptr_t)p % EMU_PAGE, n);
+}
+inline size_t emu_gap_mismatch(const unsigned char* p, size_t n) {  // the first written byte, or n
+    const unsigned char* want = emu_gap_pattern() + (uintptr_t)p % EMU_PAGE;
+    if (std::memcmp(p, want, n) == 0) return n;
+    size_t i = 0;
+    while (p[i] == want[i]) ++i;
+    return i;
 }
 inline EmuAllocation emu_global_alloc(size_t bytes) {
     const size_t rounded = (bytes + 15) / 16 * 16;
     const size_t data_bytes = std::max<size_t>((rounded + EMU_PAGE - 1) / EMU_PAGE * EMU_PAGE, EMU_PAGE);
-    const size_t map_bytes = data_bytes + EMU_PAGE;
+    const size_t map_bytes = data_bytes + EMU_GLOBAL_GUARD_BYTES;
     void* m = mmap(nullptr, map_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (m == MAP_FAILED) emu_fail_at("host code", "mmap of a device buffer");
     EmuAllocation a{static_cast<unsigned char*>(m), map_bytes, nullptr, data_bytes, nullptr, bytes};
     if (g_guard_side == EmuGuardSide::After) {
         a.data = a.map;
         a.base = a.data + data_bytes - rounded;
-        if (mprotect(a.map + data_bytes, EMU_PAGE, PROT_NONE) != 0) emu_fail_at("host code", "mprotect of a guard page");
+        if (mprotect(a.map + data_bytes, EMU_GLOBAL_GUARD_BYTES, PROT_NONE) != 0) emu_fail_at("host code", "mprotect of a guard page");
     } else {
-        a.data = a.map + EMU_PAGE;
+        a.data = a.map + EMU_GLOBAL_GUARD_BYTES;
         a.base = a.data;
-        if (mprotect(a.map, EMU_PAGE, PROT_NONE) != 0) emu_fail_at("host code", "mprotect of a guard page");
+        if (mprotect(a.map, EMU_GLOBAL_GUARD_BYTES, PROT_NONE) != 0) emu_fail_at("host code", "mprotect of a guard page");
     }
-    std::memset(a.data, EMU_GLOBAL_POISON, a.base - a.data);
-    std::memset(a.base + bytes, EMU_GLOBAL_POISON, a.data + a.data_bytes - (a.base + bytes));
+    emu_fill_gap(a.data, a.base - a.data);
+    emu_fill_gap(a.base + bytes, a.data + a.data_bytes - (a.base + bytes));
     g_allocations.push_back(a);
     return a;
 }
@@ -233,18 +258,21 @@ inline void emu_check_global_gaps() {
     for (const EmuAllocation& a : g_allocations) {
         const unsigned char* end = a.base + a.bytes;
         const size_t tail = a.data + a.data_bytes - end, head = a.base - a.data;
-        const bool tail_ok = emu_poisoned(end, tail), head_ok = emu_poisoned(a.data, head);
+        const size_t tail_at = emu_gap_mismatch(end, tail);
+        // The head: the written byte nearest the start.
+        size_t head_at = head;
+        if (emu_gap_mismatch(a.data, head) != head) {
+            const unsigned char* want = emu_gap_pattern() + (uintptr_t)a.data % EMU_PAGE;
+            for (head_at = 0; a.base[-1 - (ptrdiff_t)head_at] == want[head - 1 - head_at]; ++head_at) {}
+        }
+        const bool tail_ok = tail_at == tail, head_ok = head_at == head;
         if (tail_ok && head_ok) continue;
-        size_t off = 0;
-        if (!tail_ok)
-            while (end[off] == EMU_GLOBAL_POISON) ++off;
-        else
-            while (a.base[-1 - (ptrdiff_t)off] == EMU_GLOBAL_POISON) ++off;
+        const size_t off = tail_ok ? head_at + 1 : tail_at;
         char msg[300];
         std::snprintf(msg, sizeof msg,
                       "out-of-bounds global write, found after the block ran (no thread named): %zu bytes %s of a "
                       "%zu-byte device buffer at %p, in the poisoned bytes short of its guard page",
-                      tail_ok ? off + 1 : off, tail_ok ? "before the start" : "past the end", a.bytes, (void*)a.base);
+                      off, tail_ok ? "before the start" : "past the end", a.bytes, (void*)a.base);
         char where[80];
         std::snprintf(where, sizeof where, "block %u,%u,%u, found after it ran", blockIdx.x, blockIdx.y, blockIdx.z);
         emu_fail_at(where, msg);
@@ -258,19 +286,31 @@ inline void emu_describe_fault(const unsigned char* addr, char* out, size_t n) {
     for (const EmuAllocation& a : g_allocations)
         if (addr >= a.map && addr < a.map + a.map_bytes) {
             const unsigned char* end = a.base + a.bytes;
+            int len = 0;
             if (addr >= end)
-                std::snprintf(out, n,
-                              "out-of-bounds global access at %p: %zu bytes past the end of a %zu-byte device buffer "
-                              "(byte %zu from its start)",
-                              (void*)addr, (size_t)(addr - end), a.bytes, (size_t)(addr - a.base));
+                len = std::snprintf(out, n,
+                                    "out-of-bounds global access at %p: %zu bytes past the end of a %zu-byte device "
+                                    "buffer (byte %zu from its start)",
+                                    (void*)addr, (size_t)(addr - end), a.bytes, (size_t)(addr - a.base));
             else if (addr < a.base)
-                std::snprintf(out, n,
-                              "out-of-bounds global access at %p: %zu bytes before the start of a %zu-byte device "
-                              "buffer (a negative index)",
-                              (void*)addr, (size_t)(a.base - addr), a.bytes);
+                len = std::snprintf(out, n,
+                                    "out-of-bounds global access at %p: %zu bytes before the start of a %zu-byte "
+                                    "device buffer (a negative index)",
+                                    (void*)addr, (size_t)(a.base - addr), a.bytes);
             else
-                std::snprintf(out, n, "fault at %p inside a %zu-byte device buffer (%zu bytes from its start)",
-                              (void*)addr, a.bytes, (size_t)(addr - a.base));
+                len = std::snprintf(out, n, "fault at %p inside a %zu-byte device buffer (%zu bytes from its start)",
+                                    (void*)addr, a.bytes, (size_t)(addr - a.base));
+            // A buffer mapped right next to this guard region, nearer to the address or within 64
+            // KiB of it: the access may have overshot that one instead.
+            for (const EmuAllocation& o : g_allocations) {
+                if (len < 0 || (size_t)len >= n) break;
+                if (addr >= end && o.map == a.map + a.map_bytes && std::min<size_t>(addr - end, 65536) > (size_t)(o.base - addr))
+                    std::snprintf(out + len, n - len, "; or %zu bytes before the start of the %zu-byte device buffer "
+                                  "mapped right above it", (size_t)(o.base - addr), o.bytes);
+                else if (addr < a.base && o.map + o.map_bytes == a.map && std::min<size_t>(a.base - addr, 65536) > (size_t)(addr - (o.base + o.bytes)))
+                    std::snprintf(out + len, n - len, "; or %zu bytes past the end of the %zu-byte device buffer "
+                                  "mapped right below it", (size_t)(addr - (o.base + o.bytes)), o.bytes);
+            }
             return;
         }
     for (int t = 0; t < EMU_MAX_THREADS; ++t) {
@@ -294,7 +334,7 @@ inline void emu_describe_fault(const unsigned char* addr, char* out, size_t n) {
                   "bug)", (void*)addr);
 }
 inline void emu_fault_handler(int sig, siginfo_t* info, void*) {
-    char what[400], msg[600];
+    char what[600], msg[800];
     emu_describe_fault(static_cast<const unsigned char*>(info->si_addr), what, sizeof what);
     const char* copy = g_in_cp_async_copy ? " [in a cp.async copy, performed at the issuing thread's wait]" : "";
     const char* name = sig == SIGBUS ? "SIGBUS" : "SIGSEGV";
