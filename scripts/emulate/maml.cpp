@@ -32,9 +32,9 @@
 // take hours), so every grid-stride loop takes several turns; and determinism: the fused and tiled
 // meta-gradients again under another schedule seed, bit for bit. Every output and workspace
 // buffer starts as NaN (cuda::alloc with poisoning, as in the tests), so an element never
-// written fails, and is a guarded emu::DeviceVec (prelude.h): its end touches an inaccessible
-// page, so a read or write past the end faults where it happens and names the thread and the
-// buffer (exit 3; EMU_GUARD=before: the same before the start). The f64 reference is first checked against central differences of
+// written fails; every buffer is a guarded emu::DeviceVec (prelude.h), so a read or write past
+// the end faults where it happens, naming the thread and the buffer (exit 3; EMU_GUARD=before:
+// the same before the start). The f64 reference is first checked against central differences of
 // itself. `quick` launches every kernel of both dtypes at least once (about 1 s after a 5 s
 // compile); the full run takes about 30 s.
 //

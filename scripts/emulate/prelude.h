@@ -12,6 +12,34 @@
 // ldmatrix and cp.async addresses inside the launched dynamic shared memory and 16-byte
 // aligned, shuffle masks full, a barrier that not every live thread reaches (deadlock), writes
 // past the launched dynamic shared memory.
+//
+// Global memory: the drivers allocate every device buffer as an emu::DeviceVec<T> (see "global
+// memory" below), its end against an inaccessible guard region (EMU_GUARD=before: its start),
+// so an out-of-bounds read or write faults at the instruction; the SIGSEGV handler prints
+//   EMULATION ERROR (block x,y,z thread t): out-of-bounds global access at <addr>: N bytes past
+//   the end of a K-byte device buffer (byte M from its start)
+// (or "N bytes before the start", "stack overflow: thread t's fiber stack ...", "use after
+// free", "(host code, outside any kernel)") and exits with status 3. Writes into the < 16
+// slack bytes that 16-byte alignment leaves before the guard (and, in `before` mode, the rest
+// of the last page) are found after the block, without the thread. Deliberately broken copies
+// of the kernels (scripts/ and kernels/ copied to /tmp, run.sh <family> quick), all exit 3:
+//   linear_attention.cu, tensor-core core's prefetch of the next chunk reading a full chunk
+//     (`n_next = ahead ? C : 0` in stage): before, the extra rows were read past q's end and
+//     discarded (silent pass); now "(block 1,0,0 thread 162): out-of-bounds global access at
+//     ...: 2208 bytes past the end of a 6848-byte device buffer" (EMU_GUARD=before: the same
+//     read, named as past the end of the buffer mapped right below)
+//   linear_attention.cu, row_of off by one in reverse (`it.len - 2 - t`: the reverse backward
+//     passes touch row row0 - 1, a negative index on the first segment): EMU_GUARD=before
+//     "(block 0,0,1 thread 50): ... 40 bytes before the start of a 8040-byte device buffer (a
+//     negative index)"; after: the write at row -1 found in the poisoned bytes before dk's
+//     start ("2 bytes before the start of a 4824-byte device buffer", block 0,0,1)
+//   momentum_attention.cu, dq_finish storing dq[i + 1]: "(block 38,0,0 thread 127): ... 0 bytes
+//     past the end of a 39424-byte device buffer"
+//   momentum_attention.cu, the mma forward's lse2 store guard `t0 + r <= t_len`: the write of
+//     lse2[t_len] lands in the 8 slack bytes of the 616-byte lse2, found after block 1,0,0
+//   maml.cu, the tiled product's store guard `gn <= s.n`: found after block 0,0,2 (slack of a
+//     420-byte buffer); its k-tail guard `gk <= s.k` (a read): "(block 0,0,2 thread 68): ... 16
+//     bytes past the end of a 300-byte device buffer"
 #pragma once
 #include <algorithm>
 #include <atomic>
@@ -226,15 +254,13 @@ inline EmuAllocation emu_global_alloc(size_t bytes) {
     void* m = mmap(nullptr, map_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (m == MAP_FAILED) emu_fail_at("host code", "mmap of a device buffer");
     EmuAllocation a{static_cast<unsigned char*>(m), map_bytes, nullptr, data_bytes, nullptr, bytes};
+    unsigned char* guard;
     if (g_guard_side == EmuGuardSide::After) {
-        a.data = a.map;
-        a.base = a.data + data_bytes - rounded;
-        if (mprotect(a.map + data_bytes, EMU_GLOBAL_GUARD_BYTES, PROT_NONE) != 0) emu_fail_at("host code", "mprotect of a guard page");
+        a.data = a.map, a.base = a.data + data_bytes - rounded, guard = a.map + data_bytes;
     } else {
-        a.data = a.map + EMU_GLOBAL_GUARD_BYTES;
-        a.base = a.data;
-        if (mprotect(a.map, EMU_GLOBAL_GUARD_BYTES, PROT_NONE) != 0) emu_fail_at("host code", "mprotect of a guard page");
+        a.data = a.map + EMU_GLOBAL_GUARD_BYTES, a.base = a.data, guard = a.map;
     }
+    if (mprotect(guard, EMU_GLOBAL_GUARD_BYTES, PROT_NONE) != 0) emu_fail_at("host code", "mprotect of a guard region");
     emu_fill_gap(a.data, a.base - a.data);
     emu_fill_gap(a.base + bytes, a.data + a.data_bytes - (a.base + bytes));
     g_allocations.push_back(a);
@@ -304,10 +330,12 @@ inline void emu_describe_fault(const unsigned char* addr, char* out, size_t n) {
             // KiB of it: the access may have overshot that one instead.
             for (const EmuAllocation& o : g_allocations) {
                 if (len < 0 || (size_t)len >= n) break;
-                if (addr >= end && o.map == a.map + a.map_bytes && std::min<size_t>(addr - end, 65536) > (size_t)(o.base - addr))
+                const size_t past_a = addr - end, before_a = a.base - addr;
+                if (addr >= end && o.map == a.map + a.map_bytes && std::min<size_t>(past_a, 65536) > (size_t)(o.base - addr))
                     std::snprintf(out + len, n - len, "; or %zu bytes before the start of the %zu-byte device buffer "
                                   "mapped right above it", (size_t)(o.base - addr), o.bytes);
-                else if (addr < a.base && o.map + o.map_bytes == a.map && std::min<size_t>(a.base - addr, 65536) > (size_t)(addr - (o.base + o.bytes)))
+                else if (addr < a.base && o.map + o.map_bytes == a.map &&
+                         std::min<size_t>(before_a, 65536) > (size_t)(addr - (o.base + o.bytes)))
                     std::snprintf(out + len, n - len, "; or %zu bytes past the end of the %zu-byte device buffer "
                                   "mapped right below it", (size_t)(addr - (o.base + o.bytes)), o.bytes);
             }
@@ -325,7 +353,8 @@ inline void emu_describe_fault(const unsigned char* addr, char* out, size_t n) {
     for (int i = 1; i <= EMU_FREED_KEPT; ++i) {
         const EmuAllocation& a = g_freed[(g_freed_next - i + EMU_FREED_KEPT) % EMU_FREED_KEPT];
         if (a.map != nullptr && addr >= a.map && addr < a.map + a.map_bytes) {
-            std::snprintf(out, n, "fault at %p: %lld bytes from the start of a freed %zu-byte device buffer (use after free)",
+            std::snprintf(out, n,
+                          "fault at %p: %lld bytes from the start of a freed %zu-byte device buffer (use after free)",
                           (void*)addr, (long long)(addr - a.base), a.bytes);
             return;
         }
@@ -355,7 +384,8 @@ inline bool emu_install_fault_handler() {
     sa.sa_sigaction = emu_fault_handler;
     sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_RESETHAND;  // a fault in the handler: the default action
     sigemptyset(&sa.sa_mask);
-    return sigaltstack(&ss, nullptr) == 0 && sigaction(SIGSEGV, &sa, nullptr) == 0 && sigaction(SIGBUS, &sa, nullptr) == 0;
+    return sigaltstack(&ss, nullptr) == 0 && sigaction(SIGSEGV, &sa, nullptr) == 0 &&
+           sigaction(SIGBUS, &sa, nullptr) == 0;
 }
 const bool g_fault_handler_installed = emu_install_fault_handler();
 
