@@ -24,10 +24,11 @@
 // of the last page) are found after the block, without the thread. Deliberately broken copies
 // of the kernels (scripts/ and kernels/ copied to /tmp, run.sh <family> quick), all exit 3:
 //   linear_attention.cu, tensor-core core's prefetch of the next chunk reading a full chunk
-//     (`n_next = ahead ? C : 0` in stage): before, the extra rows were read past q's end and
-//     discarded (silent pass); now "(block 1,0,0 thread 162): out-of-bounds global access at
-//     ...: 2208 bytes past the end of a 6848-byte device buffer" (EMU_GUARD=before: the same
-//     read, named as past the end of the buffer mapped right below)
+//     (`n_next = ahead ? C : 0` in stage): with std::vector buffers only indirectly (what the
+//     heap held past the inputs reached two outputs as NaN, exit 1); now "(block 1,0,0 thread
+//     162): out-of-bounds global access at ...: 2208 bytes past the end of a 6848-byte device
+//     buffer" (EMU_GUARD=before: the same read, named as past the end of the buffer mapped right
+//     below)
 //   linear_attention.cu, row_of off by one in reverse (`it.len - 2 - t`: the reverse backward
 //     passes touch row row0 - 1, a negative index on the first segment): EMU_GUARD=before
 //     "(block 0,0,1 thread 50): ... 40 bytes before the start of a 8040-byte device buffer (a
@@ -35,6 +36,10 @@
 //     start ("2 bytes before the start of a 4824-byte device buffer", block 0,0,1)
 //   momentum_attention.cu, dq_finish storing dq[i + 1]: "(block 38,0,0 thread 127): ... 0 bytes
 //     past the end of a 39424-byte device buffer"
+//   momentum_attention.cu, load_tile_async copying 16 bytes of row base + r even past t_len
+//     (instead of zero-filling): "(block 1,0,0 thread 60): ... 1344 bytes past the end of a
+//     19712-byte device buffer (byte 21056 from its start) [in a cp.async copy, performed at the
+//     issuing thread's wait]"
 //   momentum_attention.cu, the mma forward's lse2 store guard `t0 + r <= t_len`: the write of
 //     lse2[t_len] lands in the 8 slack bytes of the 616-byte lse2, found after block 1,0,0
 //   maml.cu, the tiled product's store guard `gn <= s.n`: found after block 0,0,2 (slack of a
@@ -177,15 +182,17 @@ inline void __syncwarp(unsigned mask = EMU_FULL_MASK) {
 // region (like Electric Fence), so that a kernel's read or write past the end faults at the
 // offending instruction and the fault handler below names the thread, the buffer and the
 // distance. EMU_GUARD selects the side:
-//   after (default)  the END touches the guard page. The base stays 16-byte aligned (the kernels'
+//   after (default)  the END touches the guard. The base stays 16-byte aligned (the kernels'
 //                    16-byte vector loads check it), so when the byte size is not a multiple of
-//                    16 the 1..15 slack bytes between the end and the guard page are poisoned
-//                    (a NaN pattern) and checked after every block: a write there fails (exit 3) after
-//                    the fact; a READ of those < 16 bytes goes unnoticed (it reads NaN bytes).
-//   before           the START is page-aligned, right after the guard page: negative indices
-//                    (the reverse-time passes) fault. The rest of the last page after the end is
+//                    16 the 1..15 slack bytes between the end and the guard are poisoned (a NaN
+//                    pattern) and checked after every block: a write there fails (exit 3) after
+//                    the fact, without the thread; a READ of those < 16 bytes goes unnoticed (it
+//                    reads NaN, which may or may not reach a result).
+//   before           the START is page-aligned, right after the guard: negative indices (the
+//                    reverse-time passes) fault. The rest of the last page after the end is
 //                    poisoned and checked after every block like the slack above (reads there
-//                    go unnoticed except through the NaN they bring).
+//                    go unnoticed except through the NaN they bring); an access past that page
+//                    faults only if the next mapping up happens to be another buffer's guard.
 // Run a family with both to cover both sides. The bytes of a buffer's pages that precede its
 // start in `after` mode are poisoned and checked the same way. Host code indexes a DeviceVec
 // with a bounds check (operator[]); kernels get data().
@@ -206,7 +213,7 @@ constexpr unsigned char EMU_GLOBAL_POISON = 0xff;  // DeviceVec::poison: NaN in 
 
 // The registry of live device buffers (the fault handler and the after-block check read it).
 struct EmuAllocation {
-    unsigned char* map;    // the whole mapping: guard page and data pages
+    unsigned char* map;    // the whole mapping: guard region and data pages
     size_t map_bytes;
     unsigned char* data;   // the accessible pages
     size_t data_bytes;
@@ -279,7 +286,7 @@ inline void emu_global_free(unsigned char* base) {
     emu_fail_at("host code", "emulation: freeing a device buffer that is not registered");
 }
 // After every block: the poisoned bytes around every live buffer (inside its accessible pages)
-// are intact, else a write went past the end (or before the start) without reaching a guard page.
+// are intact, else a write went past the end (or before the start) without reaching the guard.
 inline void emu_check_global_gaps() {
     for (const EmuAllocation& a : g_allocations) {
         const unsigned char* end = a.base + a.bytes;
@@ -297,7 +304,7 @@ inline void emu_check_global_gaps() {
         char msg[300];
         std::snprintf(msg, sizeof msg,
                       "out-of-bounds global write, found after the block ran (no thread named): %zu bytes %s of a "
-                      "%zu-byte device buffer at %p, in the poisoned bytes short of its guard page",
+                      "%zu-byte device buffer at %p, in the poisoned bytes short of its guard",
                       off, tail_ok ? "before the start" : "past the end", a.bytes, (void*)a.base);
         char where[80];
         std::snprintf(where, sizeof where, "block %u,%u,%u, found after it ran", blockIdx.x, blockIdx.y, blockIdx.z);
