@@ -303,7 +303,7 @@ inline void emu_check_global_gaps() {
         const size_t off = tail_ok ? head_at + 1 : tail_at;
         char msg[300];
         std::snprintf(msg, sizeof msg,
-                      "out-of-bounds global write, found after the block ran (no thread named): %zu bytes %s of a "
+                      "out-of-bounds global write (which thread is not known): %zu bytes %s of a "
                       "%zu-byte device buffer at %p, in the poisoned bytes short of its guard",
                       off, tail_ok ? "before the start" : "past the end", a.bytes, (void*)a.base);
         char where[80];
