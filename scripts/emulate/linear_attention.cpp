@@ -25,8 +25,12 @@ struct AnyPtr {
 };
 static AnyPtr P(const void* p) { return {p}; }
 
-template <typename T>
-static std::vector<float> floats(const std::vector<T>& v) {
+// Every buffer a kernel reads or writes is an emu::DeviceVec (prelude.h): an access past its end
+// (or, with EMU_GUARD=before, before its start) faults and names the thread and the buffer.
+template <typename T> using Dev = emu::DeviceVec<T>;
+
+template <typename V>
+static std::vector<float> floats(const V& v) {
     std::vector<float> r(v.size());
     for (size_t i = 0; i < v.size(); ++i) r[i] = back(v[i]);
     return r;
@@ -72,8 +76,8 @@ struct Opts { int fm, causal, normalize; float scale, eps, eta; };
 template <typename T>
 struct Problem {
     Dt dt; int dk, dv; std::vector<Item> segs; long long rows;
-    std::vector<T> q, k, v, go;
-    std::vector<float> s0, z0, gs, gz;  // empty: absent
+    Dev<T> q, k, v, go;
+    Dev<float> s0, z0, gs, gz;  // empty: absent
     bool has_s0, has_gs;
     // Elements before every tensor's first element (NaN): off = 1 puts each base address off
     // 16-byte alignment, so the kernels must take their scalar paths.
@@ -98,8 +102,8 @@ template <typename T>
 static FwdOut forward(const Problem<T>& p, const Opts& o, int path /*0 ref, 1 fused, 2 split groups*/, int groups) {
     const long long states = p.segs.size();
     const int off = p.off;
-    std::vector<T> out(off + p.rows * p.dv, cvt<T>(NAN));
-    std::vector<float> s_out(off + states * p.dk * p.dv, NAN), z_out(off + states * p.dk, NAN);
+    Dev<T> out(off + p.rows * p.dv, cvt<T>(NAN));
+    Dev<float> s_out(off + states * p.dk * p.dv, NAN), z_out(off + states * p.dk, NAN);
     auto result = [&] {
         auto o = floats(out);
         return FwdOut{{o.begin() + off, o.end()}, {s_out.begin() + off, s_out.end()}, {z_out.begin() + off, z_out.end()}};
@@ -110,7 +114,7 @@ static FwdOut forward(const Problem<T>& p, const Opts& o, int path /*0 ref, 1 fu
     a.q = P(p.q.data() + p.off); a.k = P(p.k.data() + p.off); a.v = P(p.v.data() + p.off);
     a.s_in = p.has_s0 ? (p.s0.data() + p.off) : nullptr; a.z_in = p.has_s0 ? (p.z0.data() + p.off) : nullptr;
     if (path != 2) {
-        auto items = seg_items(p, p.has_s0);
+        const Dev<Item> items = seg_items(p, p.has_s0);
         a.items = P(items.data()); a.n_items = items.size();
         a.out = P(out.data() + off); a.s_out = P(s_out.data() + off); a.z_out = P(z_out.data() + off);
         if (o.eta >= 0) { a.eta = o.eta; a.mom = a.v; a.mom_width = p.dv; a.mom_ld = p.dv; }
@@ -138,12 +142,14 @@ static FwdOut forward(const Problem<T>& p, const Opts& o, int path /*0 ref, 1 fu
         }
     }
     const long long n = pass1.size();
-    std::vector<long long> seg_state;
-    for (auto& s : p.segs) seg_state.push_back(s.state_out);
-    std::vector<float> local_s(n * p.dk * p.dv, NAN), local_z(n * p.dk, NAN), prefix_s(n * p.dk * p.dv, NAN),
+    std::vector<long long> seg_state_host;
+    for (auto& s : p.segs) seg_state_host.push_back(s.state_out);
+    const Dev<long long> seg_state = seg_state_host;
+    const Dev<Item> items1 = pass1, items2 = pass2;
+    Dev<float> local_s(n * p.dk * p.dv, NAN), local_z(n * p.dk, NAN), prefix_s(n * p.dk * p.dv, NAN),
         prefix_z(n * p.dk, NAN);
     CoreArgs a1 = a;
-    a1.items = P(pass1.data()); a1.n_items = n; a1.s_in = nullptr; a1.z_in = nullptr;
+    a1.items = P(items1.data()); a1.n_items = n; a1.s_in = nullptr; a1.z_in = nullptr;
     a1.s_out = P(local_s.data()); a1.z_out = P(local_z.data());
     run_core(p.dt, false, a1, n, p.dv);
     const float* s0 = p.has_s0 ? (p.s0.data() + p.off) : nullptr;
@@ -155,7 +161,7 @@ static FwdOut forward(const Problem<T>& p, const Opts& o, int path /*0 ref, 1 fu
     });
     CoreArgs a2 = a;
     a2.accumulate = 0;
-    a2.items = P(pass2.data()); a2.n_items = n; a2.out = P(out.data() + off);
+    a2.items = P(items2.data()); a2.n_items = n; a2.out = P(out.data() + off);
     a2.s_in = o.causal ? prefix_s.data() : s_out.data() + off;
     a2.z_in = o.causal ? prefix_z.data() : z_out.data() + off;
     run_core(p.dt, false, a2, n, p.dv);
@@ -177,17 +183,17 @@ template <typename T>
 static BwdOut backward(const Problem<T>& p, const Opts& o, bool reference) {
     const long long rows = p.rows, states = p.segs.size();
     const int dk = p.dk, dv = p.dv, dva = dv + 1;
-    std::vector<T> dq(rows * dk, cvt<T>(NAN)), dkk(rows * dk, cvt<T>(NAN)), dvv(rows * dv, cvt<T>(NAN));
-    std::vector<float> ds0(states * dk * dv, NAN), dz0(states * dk, NAN);
+    Dev<T> dq(rows * dk, cvt<T>(NAN)), dkk(rows * dk, cvt<T>(NAN)), dvv(rows * dv, cvt<T>(NAN));
+    Dev<float> ds0(states * dk * dv, NAN), dz0(states * dk, NAN);
     const float* s0 = p.has_s0 ? (p.s0.data() + p.off) : nullptr;
     const float* z0 = p.has_s0 ? (p.z0.data() + p.off) : nullptr;
     const float* gs = p.has_gs ? (p.gs.data() + p.off) : nullptr;
     const float* gz = p.has_gs ? (p.gz.data() + p.off) : nullptr;
-    auto fwd_items = seg_items(p, p.has_s0);
-    auto bwd_items = seg_items(p, true);
+    const Dev<Item> fwd_items = seg_items(p, p.has_s0);
+    const Dev<Item> bwd_items = seg_items(p, true);
     const int n_items = p.segs.size();
     if (reference) {
-        std::vector<float> gp(rows * dva, NAN);
+        Dev<float> gp(rows * dva, NAN);
         RefBackwardArgs r{};
         r.f.n_items = n_items; r.f.dk = dk; r.f.dv = dv;
         fill_opts(r.f, o);
@@ -201,7 +207,7 @@ static BwdOut backward(const Problem<T>& p, const Opts& o, bool reference) {
     }
     // Mirrors chunked_backward in cuda.rs: the prep, then the three passes in one launch.
     const int tiles = (dv + 63) / 64;
-    std::vector<float> gp(rows * (dv + tiles), NAN);
+    Dev<float> gp(rows * (dv + tiles), NAN);
     BwdArgs a{};
     a.q = p.q.data() + p.off; a.k = p.k.data() + p.off; a.v = p.v.data() + p.off; a.g = p.go.data() + p.off;
     a.s0 = s0; a.z0 = z0; a.gs = gs; a.gz = gz; a.gp = gp.data();
@@ -228,7 +234,7 @@ static Problem<T> make(Dt dt, const std::vector<long long>& lens, int off, int d
     p.dt = dt; p.dk = dk; p.dv = dv; p.rows = 0; p.off = off;
     for (size_t i = 0; i < lens.size(); ++i) { p.segs.push_back({p.rows, lens[i], -1, (long long)i}); p.rows += lens[i]; }
     auto gen = [&](size_t n, bool pos) {
-        std::vector<T> v(off + n, cvt<T>(NAN));
+        Dev<T> v(off + n, cvt<T>(NAN));
         for (size_t i = off; i < v.size(); ++i) v[i] = cvt<T>(pos ? 1.f + 0.5f * normal() : normal());
         return v;
     };
@@ -236,7 +242,7 @@ static Problem<T> make(Dt dt, const std::vector<long long>& lens, int off, int d
     const size_t states = lens.size();
     p.has_s0 = s0; p.has_gs = gs;
     auto fv = [&](size_t n, float lo) {
-        std::vector<float> v(off + n, NAN);
+        Dev<float> v(off + n, NAN);
         for (size_t i = off; i < v.size(); ++i) v[i] = lo > 0 ? 0.5f + std::uniform_real_distribution<float>(0, 1)(g_rng) : normal();
         return v;
     };
@@ -279,8 +285,8 @@ template <typename T>
 static void run_quadratic(Dt dt, int heads, long long t, int dk, int dv, Opts o) {
     auto p = make<T>(dt, std::vector<long long>(heads, t), 0, dk, dv, false, false, o.normalize);
     auto ref = forward(p, o, 0, 1);
-    std::vector<float> a(heads * t * t, NAN);
-    std::vector<T> out(p.rows * dv, cvt<T>(NAN));
+    Dev<float> a(heads * t * t, NAN);
+    Dev<T> out(p.rows * dv, cvt<T>(NAN));
     const T *q = (p.q.data() + p.off), *k = (p.k.data() + p.off), *v = p.v.data() + p.off;
     T* op = out.data();
     float* ap = a.data();

@@ -32,8 +32,9 @@
 // take hours), so every grid-stride loop takes several turns; and determinism: the fused and tiled
 // meta-gradients again under another schedule seed, bit for bit. Every output and workspace
 // buffer starts as NaN (cuda::alloc with poisoning, as in the tests), so an element never
-// written fails, and ends in a poisoned guard checked after every launch, so a write past the
-// end fails (exit 3). The f64 reference is first checked against central differences of
+// written fails; every buffer is a guarded emu::DeviceVec (prelude.h), so a read or write past
+// the end faults where it happens, naming the thread and the buffer (exit 3; EMU_GUARD=before:
+// the same before the start). The f64 reference is first checked against central differences of
 // itself. `quick` launches every kernel of both dtypes at least once (about 1 s after a 5 s
 // compile); the full run takes about 30 s.
 //
@@ -75,8 +76,8 @@ static double g_worst = 0;  // the largest error / tolerance seen
 static std::string g_worst_what;
 static bool g_self_check = false;  // the f64 reference's own checks: not counted in the worst kernel error
 
-template <typename T>
-static void compare(const std::string& what, const std::vector<T>& got, const std::vector<double>& want,
+template <typename V>  // std::vector or Dev
+static void compare(const std::string& what, const V& got, const std::vector<double>& want,
                     double tol) {
     double num = 0, den = 0;
     bool nan = got.size() < want.size();
@@ -103,8 +104,8 @@ static void check(const std::string& what, bool ok) {
     std::fflush(stdout);
 }
 
-template <typename T>
-static std::vector<double> doubles(const std::vector<T>& v, size_t n) {
+template <typename V>
+static std::vector<double> doubles(const V& v, size_t n) {
     return std::vector<double>(v.begin(), v.begin() + (ptrdiff_t)n);
 }
 
@@ -348,67 +349,35 @@ static void launched(const char* kernel, const char* dtype) {
 }
 
 // ------------------------------------------------------------------ device buffers ------------
-// A device buffer: its elements, then GUARD elements of 0xff bytes that no kernel may write
-// (checked after every launch) and whose NaN any read past the end brings into the results.
-constexpr size_t GUARD = 64;
-struct Guard { const void* data; size_t offset, bytes; };
-static std::vector<Guard> g_guards;  // of every live buffer
-static void unguard(const void* data) {
-    if (data == nullptr) return;
-    for (size_t i = 0; i < g_guards.size(); ++i)
-        if (g_guards[i].data == data) { g_guards.erase(g_guards.begin() + (ptrdiff_t)i); return; }
-}
-template <typename T>
-struct Dev : std::vector<T> {
-    Dev() = default;
-    Dev(size_t n, size_t guard_elems) : std::vector<T>(n + guard_elems) {
-        std::memset(this->data() + n, 0xff, guard_elems * sizeof(T));
-        unguard(this->data());  // an entry of a buffer freed without ~Dev (moved into a plain vector)
-        g_guards.push_back({this->data(), n * sizeof(T), guard_elems * sizeof(T)});
-    }
-    Dev(const Dev&) = delete;
-    Dev(Dev&&) noexcept = default;
-    Dev& operator=(Dev&& o) noexcept {
-        unguard(this->data());
-        std::vector<T>::operator=(std::move(o));
-        return *this;
-    }
-    ~Dev() { unguard(this->data()); }
-};
-static void check_guards(const char* kernel) {
-    for (const Guard& g : g_guards) {
-        const auto* c = static_cast<const unsigned char*>(g.data) + g.offset;
-        for (size_t i = 0; i < g.bytes; ++i)
-            if (c[i] != 0xff) {
-                std::fprintf(stderr, "EMULATION ERROR: %s wrote past the end of a %zu-byte buffer\n", kernel, g.offset);
-                std::_Exit(3);
-            }
-    }
-}
-// Every launch of the driver: emu_launch, then the buffers' guards.
+// Every buffer a kernel reads or writes is an emu::DeviceVec (prelude.h): its end touches an
+// inaccessible page, so a read or write past it faults at the instruction and names the thread
+// and the buffer (EMU_GUARD=before: the same before its start); the few slack bytes short of the
+// page are poisoned and checked after every block.
+template <typename T> using Dev = emu::DeviceVec<T>;
+// Every launch of the driver: emu_launch (which checks the buffers' slack after every block),
+// and the record that the kernel ran.
 #define LAUNCH(grid, smem, kernel_name, ...)                     \
     do {                                                          \
         emu_launch(grid, block(), smem, [=] { __VA_ARGS__; });    \
         launched(kernel_name, K<T>::name);                        \
-        check_guards(kernel_name);                                \
     } while (0)
 
 // cuda::alloc (at least one element) with poisoning: NaN (0xff bytes).
 template <typename T>
 static Dev<T> alloc(size_t n) {
-    Dev<T> v(std::max<size_t>(n, 1), GUARD);
-    std::memset(v.data(), 0xff, (v.size() - GUARD) * sizeof(T));
+    Dev<T> v(std::max<size_t>(n, 1));
+    v.poison();
     return v;
 }
 // The values as a T buffer, and back exactly as f64 (the reference's inputs).
 template <typename T>
 static Dev<T> as(std::vector<double>& v) {
-    Dev<T> r(v.size(), GUARD);
+    Dev<T> r(v.size());
     for (size_t i = 0; i < v.size(); ++i) r[i] = (T)v[i], v[i] = (double)r[i];
     return r;
 }
 static Dev<unsigned> labels_vec(size_t n, int classes) {
-    Dev<unsigned> v(n, GUARD);
+    Dev<unsigned> v(n);
     for (size_t i = 0; i < n; ++i) v[i] = (unsigned)(g_rng() % (uint64_t)classes);
     return v;
 }
@@ -824,7 +793,7 @@ static void op_case(const Net& net, size_t tasks, size_t n, bool broadcast, bool
 }
 
 template <typename T>
-static void bits_equal(const std::string& what, const std::vector<T>& a, const std::vector<T>& b) {
+static void bits_equal(const std::string& what, const Dev<T>& a, const Dev<T>& b) {
     check(what, a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0);
 }
 

@@ -70,8 +70,12 @@ static void compare(const std::string& what, const std::vector<float>& got, cons
 
 template <typename T> float back(T x) { return mk::to_float(x); }
 template <typename T> T cvt(float x) { return mk::from_float<T>(x); }
-template <typename T>
-static std::vector<float> floats(const std::vector<T>& v) {
+// Every buffer a kernel reads or writes is an emu::DeviceVec (prelude.h): an access past its end
+// (or, with EMU_GUARD=before, before its start) faults and names the thread and the buffer.
+template <typename T> using Dev = emu::DeviceVec<T>;
+
+template <typename V>
+static std::vector<float> floats(const V& v) {
     std::vector<float> r(v.size());
     for (size_t i = 0; i < v.size(); ++i) r[i] = back(v[i]);
     return r;
@@ -162,7 +166,7 @@ static Params params(int d, float eta) { return {1.0f / std::sqrt((float)d), eta
 template <typename T>
 struct Inputs {
     int bh, t, d;
-    std::vector<T> q, k, v, g;             // g = dL/do
+    Dev<T> q, k, v, g;                     // g = dL/do
     std::vector<double> q64, k64, v64, g64;  // the same values, exactly
     size_t numel() const { return (size_t)bh * t * d; }
 };
@@ -171,9 +175,9 @@ static std::mt19937_64 g_rng(2024);
 template <typename T>
 static Inputs<T> make_inputs(int bh, int t, int d) {
     Inputs<T> x{bh, t, d};
-    auto gen = [&](std::vector<T>& v, std::vector<double>& v64) {
+    auto gen = [&](Dev<T>& v, std::vector<double>& v64) {
         std::normal_distribution<float> normal(0.f, 1.f);
-        v.resize(x.numel());
+        v = Dev<T>(x.numel());
         v64.resize(x.numel());
         for (size_t i = 0; i < v.size(); ++i) v[i] = cvt<T>(normal(g_rng)), v64[i] = back(v[i]);
     };
@@ -183,8 +187,8 @@ static Inputs<T> make_inputs(int bh, int t, int d) {
 
 template <typename T>
 struct Forward {
-    std::vector<T> out, attn;  // attn: empty unless saved
-    std::vector<float> lse2;
+    Dev<T> out, attn;  // attn: empty unless saved
+    Dev<float> lse2;
 };
 
 // forward_typed: one launch of mattn_fwd_<dtype>_d<D>, outputs poisoned.
@@ -212,8 +216,8 @@ static Forward<T> forward(const Inputs<T>& x, const Params& p, bool save_attenti
 
 // forward_reference: one block of D threads per (row, head).
 template <typename T>
-static std::vector<T> forward_reference_kernel(const Inputs<T>& x, const Params& p) {
-    std::vector<T> out(x.numel(), cvt<T>(NAN));
+static Dev<T> forward_reference_kernel(const Inputs<T>& x, const Params& p) {
+    Dev<T> out(x.numel(), cvt<T>(NAN));
     const T *q = x.q.data(), *k = x.k.data(), *v = x.v.data();
     T* o = out.data();
     const int t_len = x.t, d = x.d;
@@ -225,8 +229,8 @@ static std::vector<T> forward_reference_kernel(const Inputs<T>& x, const Params&
 
 // forward_unfused: the forward at η = 0, then the momentum scan in place.
 template <typename T>
-static std::vector<T> forward_unfused(const Inputs<T>& x, const Params& p) {
-    std::vector<T> out = forward(x, p.with_eta0(), false).out;
+static Dev<T> forward_unfused(const Inputs<T>& x, const Params& p) {
+    Dev<T> out = std::move(forward(x, p.with_eta0(), false).out);
     const T* v = x.v.data();
     T* o = out.data();
     const uint64_t t_len = x.t, d = x.d, cols = (uint64_t)x.bh * x.d;
@@ -236,7 +240,7 @@ static std::vector<T> forward_unfused(const Inputs<T>& x, const Params& p) {
 }
 
 template <typename T>
-struct Grads { std::vector<T> dq, dk, dv; };
+struct Grads { Dev<T> dq, dk, dv; };
 
 // backward_typed: (attn, lse2) saved by forward_with_state, or recomputed by the forward at
 // η = 0; delta; the backward kernel into a zeroed f32 dq accumulator; dq_finish.
@@ -244,13 +248,13 @@ template <typename T>
 static Grads<T> backward(const Inputs<T>& x, const Params& p, const Forward<T>* saved) {
     Forward<T> recomputed;
     if (saved == nullptr) recomputed = forward(x, p.with_eta0(), false);
-    const std::vector<T>& attn = saved ? saved->attn : recomputed.out;
-    const std::vector<float>& lse2v = saved ? saved->lse2 : recomputed.lse2;
+    const Dev<T>& attn = saved ? saved->attn : recomputed.out;
+    const Dev<float>& lse2v = saved ? saved->lse2 : recomputed.lse2;
     const size_t n = x.numel(), rows = (size_t)x.bh * x.t;
     const T *q = x.q.data(), *k = x.k.data(), *v = x.v.data(), *g = x.g.data(), *o = attn.data();
     const float* lse2 = lse2v.data();
 
-    std::vector<float> delta(rows, NAN);
+    Dev<float> delta(rows, NAN);
     {
         float* dl = delta.data();
         const uint64_t rows_arg = rows;
@@ -258,8 +262,8 @@ static Grads<T> backward(const Inputs<T>& x, const Params& p, const Forward<T>* 
         emu_launch({(unsigned)((rows + 7) / 8), 1, 1}, {256, 1, 1}, 0,
                    [=] { Kernels<T>::delta(g, o, dl, rows_arg, d); });
     }
-    std::vector<float> dq_acc(n, 0.f);  // alloc_zeros
-    Grads<T> r{std::vector<T>(n, cvt<T>(NAN)), std::vector<T>(n, cvt<T>(NAN)), std::vector<T>(n, cvt<T>(NAN))};
+    Dev<float> dq_acc(n, 0.f);  // alloc_zeros
+    Grads<T> r{Dev<T>(n, cvt<T>(NAN)), Dev<T>(n, cvt<T>(NAN)), Dev<T>(n, cvt<T>(NAN))};
     {
         const Geometry geo = backward_geometry<T>(x.d);
         const unsigned tiles = (x.t + geo.rows_per_block - 1) / geo.rows_per_block;

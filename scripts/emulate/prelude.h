@@ -12,6 +12,39 @@
 // ldmatrix and cp.async addresses inside the launched dynamic shared memory and 16-byte
 // aligned, shuffle masks full, a barrier that not every live thread reaches (deadlock), writes
 // past the launched dynamic shared memory.
+//
+// Global memory: the drivers allocate every device buffer as an emu::DeviceVec<T> (see "global
+// memory" below), its end against an inaccessible guard region (EMU_GUARD=before: its start),
+// so an out-of-bounds read or write faults at the instruction; the SIGSEGV handler prints
+//   EMULATION ERROR (block x,y,z thread t): out-of-bounds global access at <addr>: N bytes past
+//   the end of a K-byte device buffer (byte M from its start)
+// (or "N bytes before the start", "stack overflow: thread t's fiber stack ...", "use after
+// free", "(host code, outside any kernel)") and exits with status 3. Writes into the < 16
+// slack bytes that 16-byte alignment leaves before the guard (and, in `before` mode, the rest
+// of the last page) are found after the block, without the thread. Deliberately broken copies
+// of the kernels (scripts/ and kernels/ copied to /tmp, run.sh <family> quick), all exit 3:
+//   linear_attention.cu, tensor-core core's prefetch of the next chunk reading a full chunk
+//     (`n_next = ahead ? C : 0` in stage): with std::vector buffers only indirectly (what the
+//     heap held past the inputs reached two outputs as NaN, exit 1); now "(block 1,0,0 thread
+//     162): out-of-bounds global access at ...: 2208 bytes past the end of a 6848-byte device
+//     buffer" (EMU_GUARD=before: the same read, named as past the end of the buffer mapped right
+//     below)
+//   linear_attention.cu, row_of off by one in reverse (`it.len - 2 - t`: the reverse backward
+//     passes touch row row0 - 1, a negative index on the first segment): EMU_GUARD=before
+//     "(block 0,0,1 thread 50): ... 40 bytes before the start of a 8040-byte device buffer (a
+//     negative index)"; after: the write at row -1 found in the poisoned bytes before dk's
+//     start ("2 bytes before the start of a 4824-byte device buffer", block 0,0,1)
+//   momentum_attention.cu, dq_finish storing dq[i + 1]: "(block 38,0,0 thread 127): ... 0 bytes
+//     past the end of a 39424-byte device buffer"
+//   momentum_attention.cu, load_tile_async copying 16 bytes of row base + r even past t_len
+//     (instead of zero-filling): "(block 1,0,0 thread 60): ... 1344 bytes past the end of a
+//     19712-byte device buffer (byte 21056 from its start) [in a cp.async copy, performed at the
+//     issuing thread's wait]"
+//   momentum_attention.cu, the mma forward's lse2 store guard `t0 + r <= t_len`: the write of
+//     lse2[t_len] lands in the 8 slack bytes of the 616-byte lse2, found after block 1,0,0
+//   maml.cu, the tiled product's store guard `gn <= s.n`: found after block 0,0,2 (slack of a
+//     420-byte buffer); its k-tail guard `gk <= s.k` (a read): "(block 0,0,2 thread 68): ... 16
+//     bytes past the end of a 300-byte device buffer"
 #pragma once
 #include <algorithm>
 #include <atomic>
@@ -20,13 +53,16 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <csignal>
 #include <cstring>
 #include <deque>
 #include <functional>
+#include <initializer_list>
 #include <random>
 #include <link.h>
 #include <sys/mman.h>
 #include <type_traits>
+#include <unistd.h>
 #include <vector>
 using std::max;
 using std::min;
@@ -57,6 +93,12 @@ inline float2 make_float2(float x, float y) { return {x, y}; }
 [[noreturn]] inline void emu_fail(const char* what) {
     std::fprintf(stderr, "EMULATION ERROR (block %u,%u,%u thread %u): %s\n", blockIdx.x, blockIdx.y, blockIdx.z,
                  threadIdx.x, what);
+    std::fflush(stderr);
+    std::_Exit(3);
+}
+[[noreturn]] inline void emu_fail_at(const char* where, const char* what) {
+    std::fflush(stdout);
+    std::fprintf(stderr, "EMULATION ERROR (%s): %s\n", where, what);
     std::fflush(stderr);
     std::_Exit(3);
 }
@@ -134,6 +176,292 @@ inline void __syncwarp(unsigned mask = EMU_FULL_MASK) {
     if (mask != EMU_FULL_MASK) emu_fail("__syncwarp with a partial mask is not emulated");
     warp_sync();
 }
+
+// ------------------------------------------------------------------ global memory -------------
+// Device buffers (emu::DeviceVec<T>): each its own mapping, placed against an inaccessible guard
+// region (like Electric Fence), so that a kernel's read or write past the end faults at the
+// offending instruction and the fault handler below names the thread, the buffer and the
+// distance. EMU_GUARD selects the side:
+//   after (default)  the END touches the guard. The base stays 16-byte aligned (the kernels'
+//                    16-byte vector loads check it), so when the byte size is not a multiple of
+//                    16 the 1..15 slack bytes between the end and the guard are poisoned (a NaN
+//                    pattern) and checked after every block: a write there fails (exit 3) after
+//                    the fact, without the thread; a READ of those < 16 bytes goes unnoticed (it
+//                    reads NaN, which may or may not reach a result).
+//   before           the START is page-aligned, right after the guard: negative indices (the
+//                    reverse-time passes) fault. The rest of the last page after the end is
+//                    poisoned and checked after every block like the slack above (reads there
+//                    go unnoticed except through the NaN they bring); an access past that page
+//                    faults only if the next mapping up happens to be another buffer's guard.
+// Run a family with both to cover both sides. The bytes of a buffer's pages that precede its
+// start in `after` mode are poisoned and checked the same way. Host code indexes a DeviceVec
+// with a bounds check (operator[]); kernels get data().
+enum class EmuGuardSide { After, Before };
+inline EmuGuardSide emu_guard_side() {
+    const char* s = std::getenv("EMU_GUARD");
+    if (s == nullptr || *s == 0 || std::strcmp(s, "after") == 0) return EmuGuardSide::After;
+    if (std::strcmp(s, "before") == 0) return EmuGuardSide::Before;
+    std::fprintf(stderr, "EMU_GUARD=%s: expected after or before\n", s);
+    std::_Exit(2);
+}
+const EmuGuardSide g_guard_side = emu_guard_side();
+constexpr size_t EMU_PAGE = 4096;
+// The guard: 256 KiB of inaccessible address space (reserved, never backed), so that an index
+// far past the end faults too instead of landing in a neighbouring mapping.
+constexpr size_t EMU_GLOBAL_GUARD_BYTES = 64 * EMU_PAGE;
+constexpr unsigned char EMU_GLOBAL_POISON = 0xff;  // DeviceVec::poison: NaN in every float type
+
+// The registry of live device buffers (the fault handler and the after-block check read it).
+struct EmuAllocation {
+    unsigned char* map;    // the whole mapping: guard region and data pages
+    size_t map_bytes;
+    unsigned char* data;   // the accessible pages
+    size_t data_bytes;
+    unsigned char* base;   // the buffer
+    size_t bytes;
+};
+std::vector<EmuAllocation> g_allocations;
+constexpr int EMU_FREED_KEPT = 64;
+EmuAllocation g_freed[EMU_FREED_KEPT];  // the latest freed buffers, to name a use after free
+int g_freed_next = 0;
+bool g_in_cp_async_copy = false;  // a deferred cp.async copy is running (emu_copy)
+
+// The bytes around a buffer (inside its pages) hold a pattern that depends on the address (its
+// offset in the page): every aligned 2, 4 or 8 bytes of it are a NaN in f16, bf16, f32 and f64
+// (low byte 0xf0..0xff, high byte 0x7f or 0xff), but not the 0xff.. of poisoned data nor a NaN
+// that arithmetic makes, so a stray write of a NaN read from poison (or from another gap) is
+// still seen as a write.
+inline const unsigned char* emu_gap_pattern() {  // two pages: pattern + (address % page) onwards
+    static const std::vector<unsigned char> table = [] {
+        std::vector<unsigned char> t(2 * EMU_PAGE);
+        for (size_t i = 0; i < t.size(); ++i) {
+            const uint32_t h = ((uint32_t)(i % EMU_PAGE / 2) * 2654435761u) >> 27;  // 5 bits
+            unsigned char lo = 0xf0 | (h & 15), hi = (h & 16) ? 0xff : 0x7f;
+            if (lo == 0xff && hi == 0xff) lo = 0xf5;
+            t[i] = i % 2 == 0 ? lo : hi;
+        }
+        return t;
+    }();
+    return table.data();
+}
+inline void emu_fill_gap(unsigned char* p, size_t n) {  // n <= one page
+    std::memcpy(p, emu_gap_pattern() + (uintptr_t)p % EMU_PAGE, n);
+}
+inline size_t emu_gap_mismatch(const unsigned char* p, size_t n) {  // the first written byte, or n
+    const unsigned char* want = emu_gap_pattern() + (uintptr_t)p % EMU_PAGE;
+    if (std::memcmp(p, want, n) == 0) return n;
+    size_t i = 0;
+    while (p[i] == want[i]) ++i;
+    return i;
+}
+inline EmuAllocation emu_global_alloc(size_t bytes) {
+    const size_t rounded = (bytes + 15) / 16 * 16;
+    const size_t data_bytes = std::max<size_t>((rounded + EMU_PAGE - 1) / EMU_PAGE * EMU_PAGE, EMU_PAGE);
+    const size_t map_bytes = data_bytes + EMU_GLOBAL_GUARD_BYTES;
+    void* m = mmap(nullptr, map_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (m == MAP_FAILED) emu_fail_at("host code", "mmap of a device buffer");
+    EmuAllocation a{static_cast<unsigned char*>(m), map_bytes, nullptr, data_bytes, nullptr, bytes};
+    unsigned char* guard;
+    if (g_guard_side == EmuGuardSide::After) {
+        a.data = a.map, a.base = a.data + data_bytes - rounded, guard = a.map + data_bytes;
+    } else {
+        a.data = a.map + EMU_GLOBAL_GUARD_BYTES, a.base = a.data, guard = a.map;
+    }
+    if (mprotect(guard, EMU_GLOBAL_GUARD_BYTES, PROT_NONE) != 0) emu_fail_at("host code", "mprotect of a guard region");
+    emu_fill_gap(a.data, a.base - a.data);
+    emu_fill_gap(a.base + bytes, a.data + a.data_bytes - (a.base + bytes));
+    g_allocations.push_back(a);
+    return a;
+}
+inline void emu_global_free(unsigned char* base) {
+    for (size_t i = 0; i < g_allocations.size(); ++i)
+        if (g_allocations[i].base == base) {
+            const EmuAllocation a = g_allocations[i];
+            g_allocations[i] = g_allocations.back();
+            g_allocations.pop_back();
+            munmap(a.map, a.map_bytes);
+            g_freed[g_freed_next] = a, g_freed_next = (g_freed_next + 1) % EMU_FREED_KEPT;
+            return;
+        }
+    emu_fail_at("host code", "emulation: freeing a device buffer that is not registered");
+}
+// After every block: the poisoned bytes around every live buffer (inside its accessible pages)
+// are intact, else a write went past the end (or before the start) without reaching the guard.
+inline void emu_check_global_gaps() {
+    for (const EmuAllocation& a : g_allocations) {
+        const unsigned char* end = a.base + a.bytes;
+        const size_t tail = a.data + a.data_bytes - end, head = a.base - a.data;
+        const size_t tail_at = emu_gap_mismatch(end, tail);
+        // The head: the written byte nearest the start.
+        size_t head_at = head;
+        if (emu_gap_mismatch(a.data, head) != head) {
+            const unsigned char* want = emu_gap_pattern() + (uintptr_t)a.data % EMU_PAGE;
+            for (head_at = 0; a.base[-1 - (ptrdiff_t)head_at] == want[head - 1 - head_at]; ++head_at) {}
+        }
+        const bool tail_ok = tail_at == tail, head_ok = head_at == head;
+        if (tail_ok && head_ok) continue;
+        const size_t off = tail_ok ? head_at + 1 : tail_at;
+        char msg[300];
+        std::snprintf(msg, sizeof msg,
+                      "out-of-bounds global write (which thread is not known): %zu bytes %s of a "
+                      "%zu-byte device buffer at %p, in the poisoned bytes short of its guard",
+                      off, tail_ok ? "before the start" : "past the end", a.bytes, (void*)a.base);
+        char where[80];
+        std::snprintf(where, sizeof where, "block %u,%u,%u, found after it ran", blockIdx.x, blockIdx.y, blockIdx.z);
+        emu_fail_at(where, msg);
+    }
+}
+
+// SIGSEGV / SIGBUS: which thread, which buffer, how far; exit status 3 like every emulation
+// error. The handler runs on an alternate signal stack (the faulting code usually runs on a
+// fiber's stack, which may be the very thing that overflowed).
+inline void emu_describe_fault(const unsigned char* addr, char* out, size_t n) {
+    for (const EmuAllocation& a : g_allocations)
+        if (addr >= a.map && addr < a.map + a.map_bytes) {
+            const unsigned char* end = a.base + a.bytes;
+            int len = 0;
+            if (addr >= end)
+                len = std::snprintf(out, n,
+                                    "out-of-bounds global access at %p: %zu bytes past the end of a %zu-byte device "
+                                    "buffer (byte %zu from its start)",
+                                    (void*)addr, (size_t)(addr - end), a.bytes, (size_t)(addr - a.base));
+            else if (addr < a.base)
+                len = std::snprintf(out, n,
+                                    "out-of-bounds global access at %p: %zu bytes before the start of a %zu-byte "
+                                    "device buffer (a negative index)",
+                                    (void*)addr, (size_t)(a.base - addr), a.bytes);
+            else
+                len = std::snprintf(out, n, "fault at %p inside a %zu-byte device buffer (%zu bytes from its start)",
+                                    (void*)addr, a.bytes, (size_t)(addr - a.base));
+            // A buffer mapped right next to this guard region, nearer to the address or within 64
+            // KiB of it: the access may have overshot that one instead.
+            for (const EmuAllocation& o : g_allocations) {
+                if (len < 0 || (size_t)len >= n) break;
+                const size_t past_a = addr - end, before_a = a.base - addr;
+                if (addr >= end && o.map == a.map + a.map_bytes && std::min<size_t>(past_a, 65536) > (size_t)(o.base - addr))
+                    std::snprintf(out + len, n - len, "; or %zu bytes before the start of the %zu-byte device buffer "
+                                  "mapped right above it", (size_t)(o.base - addr), o.bytes);
+                else if (addr < a.base && o.map + o.map_bytes == a.map &&
+                         std::min<size_t>(before_a, 65536) > (size_t)(addr - (o.base + o.bytes)))
+                    std::snprintf(out + len, n - len, "; or %zu bytes past the end of the %zu-byte device buffer "
+                                  "mapped right below it", (size_t)(addr - (o.base + o.bytes)), o.bytes);
+            }
+            return;
+        }
+    for (int t = 0; t < EMU_MAX_THREADS; ++t) {
+        const unsigned char* s = g_fibers[t].stack;
+        if (s != nullptr && addr >= s - EMU_GUARD_BYTES && addr < s) {
+            std::snprintf(out, n, "stack overflow: thread %d's fiber stack (%zu KiB) is exhausted (fault at %p)", t,
+                          EMU_STACK_BYTES / 1024, (void*)addr);
+            return;
+        }
+    }
+    // The newest freed buffer first.
+    for (int i = 1; i <= EMU_FREED_KEPT; ++i) {
+        const EmuAllocation& a = g_freed[(g_freed_next - i + EMU_FREED_KEPT) % EMU_FREED_KEPT];
+        if (a.map != nullptr && addr >= a.map && addr < a.map + a.map_bytes) {
+            std::snprintf(out, n,
+                          "fault at %p: %lld bytes from the start of a freed %zu-byte device buffer (use after free)",
+                          (void*)addr, (long long)(addr - a.base), a.bytes);
+            return;
+        }
+    }
+    std::snprintf(out, n, "fault at %p, outside every device buffer and fiber stack (a wild or null pointer, or a host "
+                  "bug)", (void*)addr);
+}
+inline void emu_fault_handler(int sig, siginfo_t* info, void*) {
+    char what[600], msg[800];
+    emu_describe_fault(static_cast<const unsigned char*>(info->si_addr), what, sizeof what);
+    const char* copy = g_in_cp_async_copy ? " [in a cp.async copy, performed at the issuing thread's wait]" : "";
+    const char* name = sig == SIGBUS ? "SIGBUS" : "SIGSEGV";
+    if (g_current >= 0)
+        std::snprintf(msg, sizeof msg, "EMULATION ERROR (block %u,%u,%u thread %u): %s%s (%s)\n", blockIdx.x,
+                      blockIdx.y, blockIdx.z, threadIdx.x, what, copy, name);
+    else
+        std::snprintf(msg, sizeof msg, "EMULATION ERROR (host code, outside any kernel): %s (%s)\n", what, name);
+    std::fflush(stdout);
+    (void)!write(2, msg, std::strlen(msg));
+    _exit(3);
+}
+inline bool emu_install_fault_handler() {
+    static std::vector<unsigned char> alt(1 << 16);
+    stack_t ss{};
+    ss.ss_sp = alt.data(), ss.ss_size = alt.size();
+    struct sigaction sa{};
+    sa.sa_sigaction = emu_fault_handler;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_RESETHAND;  // a fault in the handler: the default action
+    sigemptyset(&sa.sa_mask);
+    return sigaltstack(&ss, nullptr) == 0 && sigaction(SIGSEGV, &sa, nullptr) == 0 &&
+           sigaction(SIGBUS, &sa, nullptr) == 0;
+}
+const bool g_fault_handler_installed = emu_install_fault_handler();
+
+namespace emu {
+// A device buffer of n elements of T (see above): data() for kernels, operator[] (bounds
+// checked), begin()/end(), size() for host code; copies from and to std::vector. Like
+// cudaMalloc, a zero-element buffer has no storage (data() is null).
+template <typename T>
+class DeviceVec {
+    static_assert(std::is_trivially_copyable_v<T>, "device buffers hold trivially copyable elements");
+    T* p_ = nullptr;
+    size_t n_ = 0;
+    void allocate(size_t n) {
+        n_ = n;
+        p_ = n ? reinterpret_cast<T*>(emu_global_alloc(n * sizeof(T)).base) : nullptr;
+    }
+    void release() {
+        if (p_) emu_global_free(reinterpret_cast<unsigned char*>(p_));
+        p_ = nullptr, n_ = 0;
+    }
+
+public:
+    using value_type = T;
+    using iterator = T*;
+    using const_iterator = const T*;
+    DeviceVec() = default;
+    explicit DeviceVec(size_t n) : DeviceVec(n, T{}) {}  // value-initialised, as std::vector
+    DeviceVec(size_t n, const T& value) { allocate(n), fill(value); }
+    DeviceVec(const std::vector<T>& v) { allocate(v.size()), std::copy(v.begin(), v.end(), p_); }  // host to device
+    template <typename It, typename = decltype(*std::declval<It>())>
+    DeviceVec(It first, It last) : DeviceVec(std::vector<T>(first, last)) {}
+    DeviceVec(std::initializer_list<T> l) : DeviceVec(std::vector<T>(l)) {}
+    DeviceVec(const DeviceVec& o) { allocate(o.n_), std::copy(o.begin(), o.end(), p_); }
+    DeviceVec(DeviceVec&& o) noexcept : p_(o.p_), n_(o.n_) { o.p_ = nullptr, o.n_ = 0; }
+    DeviceVec& operator=(const DeviceVec& o) { return *this = DeviceVec(o); }
+    DeviceVec& operator=(DeviceVec&& o) noexcept {
+        if (this != &o) release(), p_ = o.p_, n_ = o.n_, o.p_ = nullptr, o.n_ = 0;
+        return *this;
+    }
+    ~DeviceVec() { release(); }
+    T* data() { return p_; }
+    const T* data() const { return p_; }
+    size_t size() const { return n_; }
+    bool empty() const { return n_ == 0; }
+    T* begin() { return p_; }
+    T* end() { return p_ + n_; }
+    const T* begin() const { return p_; }
+    const T* end() const { return p_ + n_; }
+    T& operator[](size_t i) { return p_[checked(i)]; }
+    const T& operator[](size_t i) const { return p_[checked(i)]; }
+    size_t checked(size_t i) const {
+        if (i >= n_) {
+            char msg[160];
+            std::snprintf(msg, sizeof msg, "host code indexes element %zu of a %zu-element device buffer", i, n_);
+            emu_fail_at("host code", msg);
+        }
+        return i;
+    }
+    void fill(const T& value) { std::fill(begin(), end(), value); }
+    void poison() { std::memset((void*)p_, EMU_GLOBAL_POISON, n_ * sizeof(T)); }  // NaN in every float type
+    void assign(size_t n, const T& value) { *this = DeviceVec(n, value); }
+    void copy_from(const std::vector<T>& v) {
+        if (v.size() != n_) emu_fail_at("host code", "DeviceVec::copy_from: size mismatch");
+        std::copy(v.begin(), v.end(), p_);
+    }
+    std::vector<T> to_vector() const { return std::vector<T>(begin(), end()); }
+    operator std::vector<T>() const { return to_vector(); }  // device to host
+};
+}  // namespace emu
 
 // ------------------------------------------------------------------ shuffles ------------------
 // Every lane publishes its value, the warp meets, each lane reads its source lane, the warp
@@ -256,7 +584,9 @@ inline bool emu_env_is(const char* name, const char* value) {
 }
 bool g_cp_async_eager = emu_env_is("EMU_CP_ASYNC", "eager");  // a driver may also set it
 inline void emu_copy(const EmuCopy& c) {
+    g_in_cp_async_copy = true;  // a fault in the read names the deferred copy
     std::memcpy(c.dst, c.src, c.bytes);
+    g_in_cp_async_copy = false;
     std::memset(c.dst + c.bytes, 0, 16 - c.bytes);
 }
 inline void mk_emulated_cp_async_16(void* dst, const void* src, int src_bytes) {
@@ -441,6 +771,7 @@ inline void emu_launch(dim3 grid, dim3 block, size_t smem_bytes, const std::func
                     }
                 }
                 g_current = -1;
+                emu_check_global_gaps();
                 // Canary: nothing past the launched dynamic shared memory may have been written.
                 for (size_t i = smem_bytes; i < EMU_SMEM_MAX; ++i)
                     if (emu_dyn_smem[i] != 0xff) {

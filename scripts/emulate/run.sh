@@ -4,15 +4,19 @@
 # block at a time, each CUDA thread a user-space fiber resumed in a random order at every barrier,
 # __syncthreads as a real barrier, warp shuffles, ldmatrix and mma.sync m16n8k16 with the PTX ISA
 # fragment layouts, cp.async as a copy that lands at the issuing thread's wait, dynamic shared
-# memory and outputs poisoned with NaN), then runs scripts/emulate/<family>.cpp, which replays
-# the launch sequences of src/ops/<family>/cuda.rs and compares every fast kernel with the
-# family's reference kernel or a float64 reference.
+# memory and outputs poisoned with NaN, every global buffer against an inaccessible guard region
+# so that an out-of-bounds access faults and is named), then runs scripts/emulate/<family>.cpp,
+# which replays the launch sequences of src/ops/<family>/cuda.rs and compares every fast kernel
+# with the family's reference kernel or a float64 reference.
 #
 #   scripts/emulate/run.sh linear_attention [quick]     exit status 1 on a mismatch
 #   scripts/emulate/run.sh momentum_attention [quick]   (3 on an emulation error: deadlock,
-#                                                        out-of-range shared address, ...)
+#                                                        out-of-range shared address,
+#                                                        out-of-bounds global access, ...)
 #   EMU_SEED=7 scripts/emulate/run.sh ...               another order of warps between barriers
 #   EMU_CP_ASYNC=eager scripts/emulate/run.sh ...       cp.async lands at issue, not at the wait
+#   EMU_GUARD=before scripts/emulate/run.sh ...         the guard before each global buffer's start
+#                                                        (negative indices), not after its end
 #
 # What it proves: index math, tails, the barrier structure, fragment layouts, numerics. What it
 # cannot: timing, and races that only real warps running out of lockstep exhibit. It is not a
