@@ -63,54 +63,8 @@
 // whole barrier interval, then another's"; accesses before the start of a buffer or within the
 // 16-byte rounding of its end; bank conflicts, registers, spills; the hardware's
 // mma accumulation order. It is not a GPU run.
-// CUDA code reads registers and shared memory through other types (sq_sum8's uint4 as __half2,
-// the float4 loads of the SIMT tiles); nvcc allows it, g++ -O2's strict aliasing does not (the
-// streaming tensor-core kernel's ‖x‖² came out as garbage without this).
-#pragma GCC optimize("no-strict-aliasing")
 #include "prelude.h"
 #define MK_HOST_EMULATION 1
-
-// ------------------------------------------------------------------ missing intrinsics ---------
-// Emulations of CUDA built-ins kernels/kmeans.cu uses that the prelude lacks (generic: candidates
-// for prelude.h).
-struct alignas(16) float4 { float x, y, z, w; };
-struct alignas(16) uint4 { uint32_t x, y, z, w; };
-inline uint4 make_uint4(uint32_t x, uint32_t y, uint32_t z, uint32_t w) { return {x, y, z, w}; }
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-inline float2 __half22float2(__half2 h) { return {__half2float(h.x), __half2float(h.y)}; }
-inline float2 __bfloat1622float2(__nv_bfloat162 h) { return {__bfloat162float(h.x), __bfloat162float(h.y)}; }
-template <typename T>
-T atomicOr(T* p, T v) {
-    return std::atomic_ref<T>(*p).fetch_or(v, std::memory_order_relaxed);
-}
-using std::isfinite;  // the CUDA math function, in the global namespace
-inline int __popc(uint32_t x) { return __builtin_popcount(x); }
-inline int __clz(uint32_t x) { return x == 0 ? 32 : __builtin_clz(x); }
-// Warp votes and matches: every lane publishes, the warp meets, each lane reads all 32, the warp
-// meets again (so that the next call cannot overwrite a value still being read).
-uint64_t g_vote[EMU_MAX_WARPS][32];
-inline uint32_t __match_any_sync(unsigned mask, uint32_t v) {
-    if (mask != EMU_FULL_MASK) emu_fail("__match_any_sync with a partial mask is not emulated");
-    const int w = threadIdx.x / 32, l = threadIdx.x % 32;
-    g_vote[w][l] = v;
-    warp_sync();
-    uint32_t peers = 0;
-    for (int j = 0; j < 32; ++j) peers |= (g_vote[w][j] == v ? 1u : 0u) << j;
-    warp_sync();
-    return peers;
-}
-inline int __any_sync(unsigned mask, int pred) {
-    if (mask != EMU_FULL_MASK) emu_fail("__any_sync with a partial mask is not emulated");
-    const int w = threadIdx.x / 32, l = threadIdx.x % 32;
-    g_vote[w][l] = pred != 0;
-    warp_sync();
-    int any = 0;
-    for (int j = 0; j < 32; ++j) any |= (int)g_vote[w][j];
-    warp_sync();
-    return any;
-}
-// ------------------------------------------------------------------ end of missing intrinsics --
 
 namespace {
 namespace tc {

@@ -48,30 +48,8 @@
 // What it cannot: timing; interleavings finer than "one warp's whole barrier interval, then
 // another's"; accesses before the start of a buffer or within the 16-byte rounding of its end; the host's f64 min-norm fallback for flagged systems and the n + r > 256 host path
 // (no kernel runs there); the hardware's __expf. It is not a GPU run.
-#pragma GCC optimize("no-strict-aliasing")  // CUDA-style type punning (see kmeans.cpp)
 #include "prelude.h"
 #define MK_HOST_EMULATION 1
-
-// ------------------------------------------------------------------ missing intrinsics ---------
-// The same emulations as in scripts/emulate/kmeans.cpp (generic: candidates for prelude.h).
-struct alignas(16) uint4 { uint32_t x, y, z, w; };
-template <typename T>
-T atomicOr(T* p, T v) {
-    return std::atomic_ref<T>(*p).fetch_or(v, std::memory_order_relaxed);
-}
-using std::isfinite;  // the CUDA math function, in the global namespace
-uint64_t g_vote[EMU_MAX_WARPS][32];
-inline int __any_sync(unsigned mask, int pred) {
-    if (mask != EMU_FULL_MASK) emu_fail("__any_sync with a partial mask is not emulated");
-    const int w = threadIdx.x / 32, l = threadIdx.x % 32;
-    g_vote[w][l] = pred != 0;
-    warp_sync();
-    int any = 0;
-    for (int j = 0; j < 32; ++j) any |= (int)g_vote[w][j];
-    warp_sync();
-    return any;
-}
-// ------------------------------------------------------------------ end of missing intrinsics --
 
 #include "moe.cu"
 #include <cstdarg>

@@ -30,7 +30,10 @@ driver="$here/$family.cpp"
 [ -f "$driver" ] || { echo "no emulation driver $driver" >&2; exit 2; }
 # -fno-extern-tls-init: shared memory is thread_local in the emulation (prelude.h), and the
 # kernels' `extern __shared__` arrays are aliases of one buffer with no dynamic initialiser.
+# -fno-strict-aliasing: CUDA code type-puns through vector types and registers (kmeans reads a
+# uint4 as four __half2, the float4 tile loads), which nvcc allows; g++ -O2's strict aliasing
+# miscompiled it (the streaming tensor-core kernel's ‖x‖² came out as garbage).
 build="$(mktemp -d "${TMPDIR:-/tmp}/mk_emulate_${family}_XXXXXX")"
 trap 'rm -rf "$build"' EXIT
-"${CXX:-g++}" -std=c++20 -O2 -pthread -fno-extern-tls-init -I "$here/shim" -I "$here" -I "$root/kernels" "$driver" -o "$build/driver"
+"${CXX:-g++}" -std=c++20 -O2 -fno-strict-aliasing -pthread -fno-extern-tls-init -I "$here/shim" -I "$here" -I "$root/kernels" "$driver" -o "$build/driver"
 "$build/driver" "$@"
