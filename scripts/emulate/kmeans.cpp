@@ -301,13 +301,12 @@ static Sorted counting_sort_raw(const vec<uint32_t>& labels, int n, int k, uint3
     return s;
 }
 
-// counting_sort_reference: one thread (launched as one warp: the emulation's blocks are whole
-// warps; the kernel returns at once on every thread but 0).
+// counting_sort_reference: one block of one thread, as cuda.rs launches it.
 static Sorted counting_sort_reference(const vec<uint32_t>& labels, int n, int k) {
     Sorted s{vec<uint32_t>(n, POISON_U32), vec<uint32_t>(k + 1, POISON_U32), {}};
     const uint32_t* l = labels.data();
     uint32_t *off = s.offsets.data(), *order = s.order.data();
-    launch("counting_sort_reference_u32", {1, 1, 1}, 32, 0, [=] { counting_sort_reference_u32(l, n, k, off, order); });
+    launch("counting_sort_reference_u32", {1, 1, 1}, 1, 0, [=] { counting_sort_reference_u32(l, n, k, off, order); });
     return s;
 }
 

@@ -784,18 +784,19 @@ inline unsigned emu_seed() {
 }
 std::mt19937 g_schedule_rng(emu_seed());
 
-// Runs `kernel` over `grid` blocks of `block.x` threads (a multiple of 32), one block after
-// another, with `smem_bytes` of dynamic shared memory.
+// Runs `kernel` over `grid` blocks of `block.x` threads (1..1024; the last warp may be partial:
+// its warp barrier expects only its live lanes), one block after another, with `smem_bytes` of
+// dynamic shared memory.
 inline void emu_launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& kernel) {
     const int threads = (int)block.x;
-    if (block.y != 1 || block.z != 1 || threads < 32 || threads > EMU_MAX_THREADS || threads % 32 != 0)
-        emu_fail("emu_launch: blocks must be 1-D with a multiple of 32 threads, at most 1024");
+    if (block.y != 1 || block.z != 1 || threads < 1 || threads > EMU_MAX_THREADS)
+        emu_fail("emu_launch: blocks must be 1-D with 1 to 1024 threads");
     if (smem_bytes > EMU_SMEM_MAX) emu_fail("emu_launch: more dynamic shared memory than sm_90 allows");
     gridDim = grid;
     blockDim = block;
     g_dyn_smem_bytes = smem_bytes;
     g_kernel = &kernel;
-    const int warps = threads / 32;
+    const int warps = (threads + 31) / 32;
     std::vector<int> warp_order(warps), lane_order(32);
     for (int w = 0; w < warps; ++w) warp_order[w] = w;
     for (int l = 0; l < 32; ++l) lane_order[l] = l;
@@ -804,7 +805,7 @@ inline void emu_launch(dim3 grid, dim3 block, size_t smem_bytes, const std::func
             for (unsigned x = 0; x < grid.x; ++x) {
                 const dim3 block_idx{x, y, z};
                 g_block_barrier = {threads};
-                for (int w = 0; w < warps; ++w) g_warp_barrier[w] = {32};
+                for (int w = 0; w < warps; ++w) g_warp_barrier[w] = {std::min(32, threads - 32 * w)};
                 // Poison shared memory: a read of something no thread wrote shows up as NaN.
                 emu_poison_shared();
                 for (int t = 0; t < threads; ++t) emu_fiber_start(g_fibers[t]);
@@ -823,6 +824,7 @@ inline void emu_launch(dim3 grid, dim3 block, size_t smem_bytes, const std::func
                             std::shuffle(lane_order.begin(), lane_order.end(), g_schedule_rng);
                             for (int l : lane_order) {
                                 const int t = 32 * w + l;
+                                if (t >= threads) continue;  // past a partial last warp
                                 EmuFiber& f = g_fibers[t];
                                 if (f.done || (f.waiting != nullptr && f.waiting->generation == f.wait_gen)) continue;
                                 f.waiting = nullptr;
