@@ -1,19 +1,25 @@
 // CPU emulation of the CUDA execution model, used by scripts/emulate/run.sh: one block at a
-// time, each CUDA thread a fiber (its own stack, switched in user space on one OS thread: no
-// kernel round trip per barrier), __syncthreads as a block barrier, warp-wide operations
-// (shuffles, ldmatrix, mma.sync) through per-warp scratch and warp barriers, cp.async as a copy
-// deferred to the thread's wait, dynamic shared memory as one poisoned buffer with a canary past
-// the launched size. Between two __syncthreads the warps run one after another in a fresh
-// random order (the lanes of a warp in a random order too), so that a missing barrier between
-// warps shows as poison or stale data.
+// time (1 to 1024 threads; a partial last warp's barrier expects only its live lanes), each CUDA
+// thread a fiber (its own stack, switched in user space on one OS thread: no kernel round trip
+// per barrier), __syncthreads as a block barrier, warp-wide operations (shuffles, the votes
+// __any_sync and __match_any_sync, ldmatrix, mma.sync) through per-warp scratch and warp
+// barriers, cp.async as a copy deferred to the thread's wait, dynamic shared memory as one
+// poisoned buffer with a canary past the launched size. Between two __syncthreads the warps run
+// one after another in a fresh random order (the lanes of a warp in a random order too), so
+// that a missing barrier between warps shows as poison or stale data. The other built-ins the
+// kernels use are here too (float2/float4/uint4, the half-pair conversions, atomicAdd/atomicOr,
+// __popc, __clz, isfinite), so a driver includes this file and its kernel file and nothing else;
+// CUDA code type-puns through vector types, which nvcc allows: run.sh compiles with
+// -fno-strict-aliasing.
 //
 // A kernel file that wraps its inline asm in `#ifdef MK_HOST_EMULATION` calls the mk_emulated_*
 // functions below instead. Things that are checked on every call and abort with a message:
 // ldmatrix and cp.async addresses inside the launched dynamic shared memory and 16-byte
-// aligned, shuffle masks full, a barrier that not every live thread reaches (deadlock), writes
-// past the launched dynamic shared memory.
+// aligned, warp-wide masks full and the warp whole (a full-mask shuffle, vote, ldmatrix, mma or
+// __syncwarp in a partial warp is undefined on the GPU), a barrier that not every live thread
+// reaches (deadlock), writes past the launched dynamic shared memory.
 //
-// Global memory: the drivers allocate every device buffer as an emu::DeviceVec<T> (see "global
+// Global memory: the five drivers allocate every device buffer as an emu::DeviceVec<T> (see "global
 // memory" below), its end against an inaccessible guard region (EMU_GUARD=before: its start),
 // so an out-of-bounds read or write faults at the instruction; the SIGSEGV handler prints
 //   EMULATION ERROR (block x,y,z thread t): out-of-bounds global access at <addr>: N bytes past
@@ -45,6 +51,10 @@
 //   maml.cu, the tiled product's store guard `gn <= s.n`: found after block 0,0,2 (slack of a
 //     420-byte buffer); its k-tail guard `gk <= s.k` (a read): "(block 0,0,2 thread 68): ... 16
 //     bytes past the end of a 300-byte device buffer"
+//   kmeans.cu, assign_reference reading the next row (`x[(r + 1) * d + e]`): "(block 2,0,0
+//     thread 43): ... 0 bytes past the end of a 8400-byte device buffer (byte 8400 from its
+//     start)"; stable_scatter's rank mask including the lane (`(2u << lane) - 1`): "(block 0,0,0
+//     thread 90): ... 0 bytes past the end of a 20000-byte device buffer"
 #pragma once
 #include <algorithm>
 #include <atomic>

@@ -2,12 +2,12 @@
 # Runs one family's CUDA kernels on the CPU, without a GPU: compiles kernels/<family>.cu as C++
 # (g++ >= 12, C++20, x86-64) against the emulation of the CUDA execution model in prelude.h (one
 # block at a time, each CUDA thread a user-space fiber resumed in a random order at every barrier,
-# __syncthreads as a real barrier, warp shuffles, ldmatrix and mma.sync m16n8k16 with the PTX ISA
-# fragment layouts, cp.async as a copy that lands at the issuing thread's wait, dynamic shared
-# memory and outputs poisoned with NaN, every global buffer against an inaccessible guard region
-# so that an out-of-bounds access faults and is named), then runs scripts/emulate/<family>.cpp,
-# which replays the launch sequences of src/ops/<family>/cuda.rs and compares every fast kernel
-# with the family's reference kernel or a float64 reference.
+# __syncthreads as a real barrier, warp shuffles and votes, ldmatrix and mma.sync m16n8k16 with
+# the PTX ISA fragment layouts, cp.async as a copy that lands at the issuing thread's wait,
+# dynamic shared memory and outputs poisoned with NaN, every global buffer against an
+# inaccessible guard region so that an out-of-bounds access faults and is named), then runs
+# scripts/emulate/<family>.cpp, which replays the launch sequences of src/ops/<family>/cuda.rs
+# and compares every fast kernel with the family's reference kernel or a float64 reference.
 #
 #   scripts/emulate/run.sh linear_attention [quick]     exit status 1 on a mismatch
 #   scripts/emulate/run.sh momentum_attention [quick]   (3 on an emulation error: deadlock,
