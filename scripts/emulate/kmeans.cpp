@@ -57,60 +57,15 @@
 // tie rule reversed; assign_reference reading the next row (a fault past the end of x). Not
 // caught, and equivalent: the scatter's cursor advanced by the first peer
 // instead of the last (exactly one lane adds the same count either way).
-// Every host buffer ends at a guard page (see "guarded host buffers"): an access past the end of
-// one faults and is reported with its block and thread (the SIMT tail mutant and three of the
-// sort mutants above die that way). What it cannot: timing; interleavings finer than "one warp's
-// whole barrier interval, then another's"; accesses before the start of a buffer or within the
-// 16-byte rounding of its end; bank conflicts, registers, spills; the hardware's
-// mma accumulation order. It is not a GPU run.
-// CUDA code reads registers and shared memory through other types (sq_sum8's uint4 as __half2,
-// the float4 loads of the SIMT tiles); nvcc allows it, g++ -O2's strict aliasing does not (the
-// streaming tensor-core kernel's ‖x‖² came out as garbage without this).
-#pragma GCC optimize("no-strict-aliasing")
+// Every buffer a kernel reads or writes is an emu::DeviceVec (prelude.h, "global memory"): an
+// access past its end faults and is named with its block, thread and buffer (the SIMT tail mutant
+// and three of the sort mutants above die that way; EMU_GUARD=before: accesses before its start).
+// What it cannot: timing; interleavings finer than "one warp's whole barrier interval, then
+// another's"; reads within the 16-byte rounding of a buffer's end (writes there are found after
+// the block); bank conflicts, registers, spills; the hardware's mma accumulation order. It is not
+// a GPU run.
 #include "prelude.h"
 #define MK_HOST_EMULATION 1
-
-// ------------------------------------------------------------------ missing intrinsics ---------
-// Emulations of CUDA built-ins kernels/kmeans.cu uses that the prelude lacks (generic: candidates
-// for prelude.h).
-struct alignas(16) float4 { float x, y, z, w; };
-struct alignas(16) uint4 { uint32_t x, y, z, w; };
-inline uint4 make_uint4(uint32_t x, uint32_t y, uint32_t z, uint32_t w) { return {x, y, z, w}; }
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-inline float2 __half22float2(__half2 h) { return {__half2float(h.x), __half2float(h.y)}; }
-inline float2 __bfloat1622float2(__nv_bfloat162 h) { return {__bfloat162float(h.x), __bfloat162float(h.y)}; }
-template <typename T>
-T atomicOr(T* p, T v) {
-    return std::atomic_ref<T>(*p).fetch_or(v, std::memory_order_relaxed);
-}
-using std::isfinite;  // the CUDA math function, in the global namespace
-inline int __popc(uint32_t x) { return __builtin_popcount(x); }
-inline int __clz(uint32_t x) { return x == 0 ? 32 : __builtin_clz(x); }
-// Warp votes and matches: every lane publishes, the warp meets, each lane reads all 32, the warp
-// meets again (so that the next call cannot overwrite a value still being read).
-uint64_t g_vote[EMU_MAX_WARPS][32];
-inline uint32_t __match_any_sync(unsigned mask, uint32_t v) {
-    if (mask != EMU_FULL_MASK) emu_fail("__match_any_sync with a partial mask is not emulated");
-    const int w = threadIdx.x / 32, l = threadIdx.x % 32;
-    g_vote[w][l] = v;
-    warp_sync();
-    uint32_t peers = 0;
-    for (int j = 0; j < 32; ++j) peers |= (g_vote[w][j] == v ? 1u : 0u) << j;
-    warp_sync();
-    return peers;
-}
-inline int __any_sync(unsigned mask, int pred) {
-    if (mask != EMU_FULL_MASK) emu_fail("__any_sync with a partial mask is not emulated");
-    const int w = threadIdx.x / 32, l = threadIdx.x % 32;
-    g_vote[w][l] = pred != 0;
-    warp_sync();
-    int any = 0;
-    for (int j = 0; j < 32; ++j) any |= (int)g_vote[w][j];
-    warp_sync();
-    return any;
-}
-// ------------------------------------------------------------------ end of missing intrinsics --
 
 namespace {
 namespace tc {
@@ -121,53 +76,13 @@ EMU_DYNAMIC_SHARED(unsigned char, smem);  // tc::assign_l2's `extern __shared__ 
 #include <cstdarg>
 #include <map>
 #include <random>
-#include <csignal>
 #include <string>
 
-// ------------------------------------------------------------------ guarded host buffers -------
-// Every buffer of this driver (the kernels' "global memory") ends at a page boundary, rounded up
-// to 16 bytes, with an inaccessible page after it: a kernel reading or writing past the end of a
-// buffer faults, and the handler below reports the block and thread (a candidate for prelude.h).
-template <typename T>
-struct Guarded {
-    using value_type = T;
-    static constexpr size_t PAGE = 4096;
-    Guarded() = default;
-    template <typename U> Guarded(const Guarded<U>&) {}
-    static size_t bytes(size_t n) { return (n * sizeof(T) + 15) / 16 * 16; }
-    static size_t span(size_t n) { return (bytes(n) + PAGE - 1) / PAGE * PAGE + PAGE; }
-    T* allocate(size_t n) {
-        void* m = mmap(nullptr, span(n), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-        if (m == MAP_FAILED) throw std::bad_alloc();
-        unsigned char* guard = static_cast<unsigned char*>(m) + span(n) - PAGE;
-        mprotect(guard, PAGE, PROT_NONE);
-        return reinterpret_cast<T*>(guard - bytes(n));
-    }
-    void deallocate(T* p, size_t n) {
-        munmap(reinterpret_cast<unsigned char*>(p) + bytes(n) + PAGE - span(n), span(n));
-    }
-    template <typename U> bool operator==(const Guarded<U>&) const { return true; }
-};
-template <typename T> using vec = std::vector<T, Guarded<T>>;
-
-static void emu_on_fault(int, siginfo_t* info, void*) {
-    char msg[160];
-    std::snprintf(msg, sizeof msg, "memory fault at %p: a guard page (an access past the end of a buffer, or a fiber stack overflow)%s",
-                  info->si_addr, g_current < 0 ? ", outside any kernel" : "");
-    emu_fail(msg);
-}
-static const bool g_fault_handler = [] {
-    static std::vector<unsigned char> alt(1 << 16);
-    stack_t ss{};
-    ss.ss_sp = alt.data(), ss.ss_size = alt.size();
-    sigaltstack(&ss, nullptr);
-    struct sigaction sa{};
-    sa.sa_sigaction = emu_on_fault;
-    sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
-    sigaction(SIGSEGV, &sa, nullptr);
-    sigaction(SIGBUS, &sa, nullptr);
-    return true;
-}();
+// Host data is std::vector; every buffer a kernel reads or writes is an emu::DeviceVec (prelude.h:
+// its end against a guard region), filled from and copied back to host vectors around the
+// launches of one call, as cudaMemcpy would.
+template <typename T> using vec = std::vector<T>;
+template <typename T> using Dev = emu::DeviceVec<T>;
 
 // ------------------------------------------------------------------ comparisons ---------------
 
@@ -285,8 +200,9 @@ template <typename T>
 static AssignOut assign_raw(const vec<T>& x, const vec<T>& c, int n, int k, int d, Metric m,
                             uint32_t* status, std::string* kernel_name = nullptr, bool force_simt = false) {
     using K = Kernels<T>;
-    AssignOut o{vec<uint32_t>(n, POISON_U32), vec<float>(n, NAN)};
-    vec<float> c_norms(k, NAN);  // dev.alloc: uninitialised
+    Dev<uint32_t> labels(n, POISON_U32), st(1, *status);
+    Dev<float> dists(n, NAN), c_norms(k, NAN);  // dev.alloc: uninitialised
+    const Dev<T> xd(x), cd(c);
     const bool half = !std::is_same_v<T, float>;
     std::string kernel;
     size_t smem = 0;
@@ -298,28 +214,32 @@ static AssignOut assign_raw(const vec<T>& x, const vec<T>& c, int n, int k, int 
     else kernel = "assign_simt_l1_", fn = K::simt_l1;
     kernel += K::name;
     if (kernel_name) *kernel_name = kernel;
-    const T *xs = x.data(), *cs = c.data();
+    const T *xs = xd.data(), *cs = cd.data();
     float* cn = c_norms.data();
+    uint32_t* sp = st.data();
     if (m == Metric::L2)
         launch(std::string("row_sq_norms_") + K::name, {(unsigned)std::clamp(div_ceil(k, 8), 1u, 65535u), 1, 1}, 256, 0,
                [=] { K::norms(cs, k, d, cn); });
-    uint32_t* l = o.labels.data();
-    float* dist = o.dist.data();
+    uint32_t* l = labels.data();
+    float* dist = dists.data();
     launch(kernel, {div_ceil(n, ASSIGN_ROWS), 1, 1}, ASSIGN_THREADS, smem,
-           [=] { fn(xs, cs, cn, n, k, d, l, dist, status); });
-    return o;
+           [=] { fn(xs, cs, cn, n, k, d, l, dist, sp); });
+    *status = st[0];
+    return {labels, dists};
 }
 
 template <typename T>
 static AssignOut assign_reference(const vec<T>& x, const vec<T>& c, int n, int k, int d, Metric m) {
-    AssignOut o{vec<uint32_t>(n, POISON_U32), vec<float>(n, NAN)};
-    const T *xs = x.data(), *cs = c.data();
-    uint32_t* l = o.labels.data();
-    float* dist = o.dist.data();
+    Dev<uint32_t> labels(n, POISON_U32);
+    Dev<float> dists(n, NAN);
+    const Dev<T> xd(x), cd(c);
+    const T *xs = xd.data(), *cs = cd.data();
+    uint32_t* l = labels.data();
+    float* dist = dists.data();
     const int l1 = m == Metric::L1;
     launch(std::string("assign_reference_") + Kernels<T>::name, {div_ceil(n, 128), 1, 1}, 128, 0,
            [=] { Kernels<T>::reference(xs, cs, n, k, d, l1, l, dist); });
-    return o;
+    return {labels, dists};
 }
 
 struct Sorted { vec<uint32_t> order, offsets, counts; };
@@ -333,28 +253,30 @@ static Sorted counting_sort_raw(const vec<uint32_t>& labels, int n, int k, uint3
         tile_rows = std::min(std::max(SORT_TILE_ROWS, t), MAX_TILE_ROWS);
     }
     const size_t tiles = std::max<size_t>((n + tile_rows - 1) / tile_rows, 1);
-    vec<uint32_t> cursors(tiles * k, 0);  // alloc_zeros
-    Sorted s{vec<uint32_t>(n, POISON_U32), vec<uint32_t>(k + 1, POISON_U32),
-             vec<uint32_t>(k, POISON_U32)};
-    const uint32_t* l = labels.data();
-    uint32_t *cur = cursors.data(), *counts = s.counts.data(), *off = s.offsets.data(), *order = s.order.data();
+    Dev<uint32_t> cursors(tiles * k, 0);  // alloc_zeros
+    Dev<uint32_t> order_d(n, POISON_U32), offsets_d(k + 1, POISON_U32), counts_d(k, POISON_U32), st(1, *status);
+    const Dev<uint32_t> labels_d(labels);
+    const uint32_t* l = labels_d.data();
+    uint32_t *cur = cursors.data(), *counts = counts_d.data(), *off = offsets_d.data(), *order = order_d.data();
+    uint32_t* sp = st.data();
     const int ti = (int)tiles, tri = (int)tile_rows;
-    launch("tile_histogram_u32", {(unsigned)tiles, 1, 1}, 256, 0, [=] { tile_histogram_u32(l, n, k, tri, cur, status); });
+    launch("tile_histogram_u32", {(unsigned)tiles, 1, 1}, 256, 0, [=] { tile_histogram_u32(l, n, k, tri, cur, sp); });
     launch("scan_tiles_u32", {div_ceil(k, 32), 1, 1}, 256, 0, [=] { scan_tiles_u32(cur, ti, k, counts); });
     launch("scan_offsets_u32", {1, 1, 1}, 1024, 0, [=] { scan_offsets_u32(counts, k, off); });
     launch("stable_scatter_u32", {div_ceil(tiles, 4), 1, 1}, 128, 0,
            [=] { stable_scatter_u32(l, n, k, tri, off, cur, order); });
-    return s;
+    *status = st[0];
+    return {order_d, offsets_d, counts_d};
 }
 
-// counting_sort_reference: one thread (launched as one warp: the emulation's blocks are whole
-// warps; the kernel returns at once on every thread but 0).
+// counting_sort_reference: one block of one thread, as cuda.rs launches it.
 static Sorted counting_sort_reference(const vec<uint32_t>& labels, int n, int k) {
-    Sorted s{vec<uint32_t>(n, POISON_U32), vec<uint32_t>(k + 1, POISON_U32), {}};
-    const uint32_t* l = labels.data();
-    uint32_t *off = s.offsets.data(), *order = s.order.data();
-    launch("counting_sort_reference_u32", {1, 1, 1}, 32, 0, [=] { counting_sort_reference_u32(l, n, k, off, order); });
-    return s;
+    Dev<uint32_t> order_d(n, POISON_U32), offsets_d(k + 1, POISON_U32);
+    const Dev<uint32_t> labels_d(labels);
+    const uint32_t* l = labels_d.data();
+    uint32_t *off = offsets_d.data(), *order = order_d.data();
+    launch("counting_sort_reference_u32", {1, 1, 1}, 1, 0, [=] { counting_sort_reference_u32(l, n, k, off, order); });
+    return {order_d, offsets_d, {}};
 }
 
 // segment_means_raw.
@@ -363,19 +285,22 @@ static vec<float> segment_means_raw(const vec<T>& x, const vec<uint32_t>& order,
                                             const vec<uint32_t>& offsets, int n, int d, int k,
                                             uint32_t* status, size_t max_blocks = MAX_SEG_BLOCKS) {
     const size_t max_chunks = (n + SEG_CHUNK_ROWS - 1) / SEG_CHUNK_ROWS + std::min(n, k);
-    vec<uint32_t> chunk_start(k + 1, POISON_U32);
-    vec<float> partial(max_chunks * d, NAN), centroids((size_t)k * d, NAN);
-    const uint32_t *o = order.data(), *off = offsets.data();
-    uint32_t* cs = chunk_start.data();
+    Dev<uint32_t> chunk_start(k + 1, POISON_U32), st(1, *status);
+    Dev<float> partial(max_chunks * d, NAN), centroids((size_t)k * d, NAN);
+    const Dev<uint32_t> order_d(order), offsets_d(offsets);
+    const Dev<T> xd(x);
+    const uint32_t *o = order_d.data(), *off = offsets_d.data();
+    uint32_t *cs = chunk_start.data(), *sp = st.data();
     float *p = partial.data(), *c = centroids.data();
-    const T* xs = x.data();
+    const T* xs = xd.data();
     const int chunk = (int)SEG_CHUNK_ROWS;
     launch("scan_chunks_u32", {1, 1, 1}, 1024, 0, [=] { scan_chunks_u32(off, k, chunk, cs); });
     launch(std::string("segment_partials_") + Kernels<T>::name,
            {(unsigned)std::min(max_chunks, max_blocks), div_ceil(d, SEG_DIMS_RS), 1}, 256, 0,
            [=] { Kernels<T>::partials(xs, o, off, cs, k, d, chunk, p); });
     launch("segment_finish_f32", grid_1d((size_t)k * d, 256), 256, 0,
-           [=] { segment_finish_f32(p, off, cs, k, d, c, status); });
+           [=] { segment_finish_f32(p, off, cs, k, d, c, sp); });
+    *status = st[0];
     return centroids;
 }
 
@@ -399,10 +324,12 @@ template <typename T>
 static std::pair<vec<float>, vec<uint32_t>> update_reference(const vec<T>& x,
                                                                             const vec<uint32_t>& labels,
                                                                             int n, int d, int k) {
-    vec<float> c((size_t)k * d, NAN);
-    vec<uint32_t> counts(k, POISON_U32);
-    const T* xs = x.data();
-    const uint32_t* l = labels.data();
+    Dev<float> c((size_t)k * d, NAN);
+    Dev<uint32_t> counts(k, POISON_U32);
+    const Dev<T> xd(x);
+    const Dev<uint32_t> labels_d(labels);
+    const T* xs = xd.data();
+    const uint32_t* l = labels_d.data();
     float* cp = c.data();
     uint32_t* cnt = counts.data();
     launch(std::string("update_reference_") + Kernels<T>::name, {div_ceil((size_t)k * d, 256), 1, 1}, 256, 0,
@@ -427,11 +354,13 @@ static Fit lloyd(const vec<T>& x, int n, int d, int k, Metric m, const vec<float
     const int l1 = m == Metric::L1;
     vec<float> c = c0;
     uint32_t status = 0;
-    vec<double> stats(3, NAN);
+    Dev<double> stats(3, NAN);
     auto shift_inertia = [&](const vec<float>& old_c, const vec<float>& new_c,
                              const vec<float>& dist) {
-        const float *o = old_c.data(), *nc = new_c.data(), *ds = dist.data();
-        const uint32_t* st = &status;
+        const Dev<float> old_d(old_c), new_d(new_c), dist_d(dist);
+        const Dev<uint32_t> status_d(1, status);
+        const float *o = old_d.data(), *nc = new_d.data(), *ds = dist_d.data();
+        const uint32_t* st = status_d.data();
         double* out = stats.data();
         launch("shift_inertia_f32", {1, 1, 1}, 1024, 0, [=] { shift_inertia_f32(o, nc, k, d, l1, ds, n, st, out); });
     };
@@ -446,12 +375,17 @@ static Fit lloyd(const vec<T>& x, int n, int d, int k, Metric m, const vec<float
         Sorted s = counting_sort_raw(a.labels, n, k, &status);
         vec<float> next = segment_means_raw(x, s.order, s.offsets, n, d, k, &status);
         {
-            const T* xs = x.data();
-            const uint32_t* cnt = s.counts.data();
-            const float* ds = a.dist.data();
-            float* nx = next.data();
+            const Dev<T> xd(x);
+            const Dev<uint32_t> counts_d(s.counts);
+            const Dev<float> dist_d(a.dist);
+            Dev<float> next_d(next);
+            const T* xs = xd.data();
+            const uint32_t* cnt = counts_d.data();
+            const float* ds = dist_d.data();
+            float* nx = next_d.data();
             launch(std::string("reseed_empty_") + Kernels<T>::name, {1, 1, 1}, 1024, 0,
                    [=] { Kernels<T>::reseed(xs, n, d, k, cnt, ds, nx); });
+            next = next_d;
         }
         stats.assign(3, NAN);
         shift_inertia(c, next, a.dist);
@@ -774,15 +708,18 @@ static void gather_case(int n, int d, int m) {
     vec<uint32_t> ids(m);
     std::uniform_int_distribution<uint32_t> any(0, n - 1);
     for (auto& v : ids) v = any(g_rng);
-    vec<float> out((size_t)m * d, NAN), want((size_t)m * d);
+    Dev<float> out((size_t)m * d, NAN);
+    vec<float> want((size_t)m * d);
     for (int r = 0; r < m; ++r)
         for (int e = 0; e < d; ++e) want[(size_t)r * d + e] = (float)x64[(size_t)ids[r] * d + e];
-    const T* xs = x.data();
-    const uint32_t* id = ids.data();
+    const Dev<T> xd(x);
+    const Dev<uint32_t> ids_d(ids);
+    const T* xs = xd.data();
+    const uint32_t* id = ids_d.data();
     float* o = out.data();
     launch(std::string("gather_rows_") + Kernels<T>::name, {(unsigned)std::clamp(div_ceil(m, 8), 1u, 65535u), 1, 1}, 256, 0,
            [=] { Kernels<T>::gather(xs, id, m, d, o); });
-    exact(tag("gather_rows %s n=%d d=%d m=%d", Kernels<T>::name, n, d, m), out, want);
+    exact(tag("gather_rows %s n=%d d=%d m=%d", Kernels<T>::name, n, d, m), out.to_vector(), want);
 }
 
 // Non-finite x (every assign kernel, the update, the Lloyd loop) and labels ≥ k.

@@ -43,87 +43,27 @@
 // past the row and top1_logits_reference reading one logit past it (faults at the end of the
 // buffers, like the staging row bound above). Not caught, and equivalent:
 // normal_equations' chunk stride shortened, scatter_scaled's 4-wide stride halved (overlapping
-// work that writes the same values). Every host buffer ends at a guard page (see "guarded host
-// buffers"): an access past the end of one faults and is reported with its block and thread.
+// work that writes the same values). Every buffer a kernel reads or writes is an emu::DeviceVec
+// (prelude.h, "global memory"): an access past its end faults and is named with its block,
+// thread and buffer (EMU_GUARD=before: accesses before its start).
 // What it cannot: timing; interleavings finer than "one warp's whole barrier interval, then
-// another's"; accesses before the start of a buffer or within the 16-byte rounding of its end; the host's f64 min-norm fallback for flagged systems and the n + r > 256 host path
+// another's"; reads within the 16-byte rounding of a buffer's end (writes there are found after
+// the block); the host's f64 min-norm fallback for flagged systems and the n + r > 256 host path
 // (no kernel runs there); the hardware's __expf. It is not a GPU run.
-#pragma GCC optimize("no-strict-aliasing")  // CUDA-style type punning (see kmeans.cpp)
 #include "prelude.h"
 #define MK_HOST_EMULATION 1
-
-// ------------------------------------------------------------------ missing intrinsics ---------
-// The same emulations as in scripts/emulate/kmeans.cpp (generic: candidates for prelude.h).
-struct alignas(16) uint4 { uint32_t x, y, z, w; };
-template <typename T>
-T atomicOr(T* p, T v) {
-    return std::atomic_ref<T>(*p).fetch_or(v, std::memory_order_relaxed);
-}
-using std::isfinite;  // the CUDA math function, in the global namespace
-uint64_t g_vote[EMU_MAX_WARPS][32];
-inline int __any_sync(unsigned mask, int pred) {
-    if (mask != EMU_FULL_MASK) emu_fail("__any_sync with a partial mask is not emulated");
-    const int w = threadIdx.x / 32, l = threadIdx.x % 32;
-    g_vote[w][l] = pred != 0;
-    warp_sync();
-    int any = 0;
-    for (int j = 0; j < 32; ++j) any |= (int)g_vote[w][j];
-    warp_sync();
-    return any;
-}
-// ------------------------------------------------------------------ end of missing intrinsics --
 
 #include "moe.cu"
 #include <cstdarg>
 #include <map>
 #include <random>
-#include <csignal>
 #include <string>
 
-// ------------------------------------------------------------------ guarded host buffers -------
-// Every buffer of this driver (the kernels' "global memory") ends at a page boundary, rounded up
-// to 16 bytes, with an inaccessible page after it: a kernel reading or writing past the end of a
-// buffer faults, and the handler below reports the block and thread (a candidate for prelude.h).
-template <typename T>
-struct Guarded {
-    using value_type = T;
-    static constexpr size_t PAGE = 4096;
-    Guarded() = default;
-    template <typename U> Guarded(const Guarded<U>&) {}
-    static size_t bytes(size_t n) { return (n * sizeof(T) + 15) / 16 * 16; }
-    static size_t span(size_t n) { return (bytes(n) + PAGE - 1) / PAGE * PAGE + PAGE; }
-    T* allocate(size_t n) {
-        void* m = mmap(nullptr, span(n), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-        if (m == MAP_FAILED) throw std::bad_alloc();
-        unsigned char* guard = static_cast<unsigned char*>(m) + span(n) - PAGE;
-        mprotect(guard, PAGE, PROT_NONE);
-        return reinterpret_cast<T*>(guard - bytes(n));
-    }
-    void deallocate(T* p, size_t n) {
-        munmap(reinterpret_cast<unsigned char*>(p) + bytes(n) + PAGE - span(n), span(n));
-    }
-    template <typename U> bool operator==(const Guarded<U>&) const { return true; }
-};
-template <typename T> using vec = std::vector<T, Guarded<T>>;
-
-static void emu_on_fault(int, siginfo_t* info, void*) {
-    char msg[160];
-    std::snprintf(msg, sizeof msg, "memory fault at %p: a guard page (an access past the end of a buffer, or a fiber stack overflow)%s",
-                  info->si_addr, g_current < 0 ? ", outside any kernel" : "");
-    emu_fail(msg);
-}
-static const bool g_fault_handler = [] {
-    static std::vector<unsigned char> alt(1 << 16);
-    stack_t ss{};
-    ss.ss_sp = alt.data(), ss.ss_size = alt.size();
-    sigaltstack(&ss, nullptr);
-    struct sigaction sa{};
-    sa.sa_sigaction = emu_on_fault;
-    sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
-    sigaction(SIGSEGV, &sa, nullptr);
-    sigaction(SIGBUS, &sa, nullptr);
-    return true;
-}();
+// Host data is std::vector; every buffer a kernel reads or writes is an emu::DeviceVec (prelude.h:
+// its end against a guard region), filled from and copied back to host vectors around the
+// launches of one call, as cudaMemcpy would.
+template <typename T> using vec = std::vector<T>;
+template <typename T> using Dev = emu::DeviceVec<T>;
 
 // ------------------------------------------------------------------ comparisons ---------------
 
@@ -221,37 +161,43 @@ struct Top1 { vec<uint32_t> expert; vec<float> probs; uint32_t status = 0; };
 
 template <typename T>
 static Top1 top1_logits(const vec<T>& logits, int n, int k) {
-    Top1 o{vec<uint32_t>(n, 0xffffffffu), vec<float>(n, NAN), 0};
-    const T* l = logits.data();
-    uint32_t *e = o.expert.data(), *s = &o.status;
-    float* p = o.probs.data();
+    Dev<uint32_t> expert(n, 0xffffffffu), status(1, 0);
+    Dev<float> probs(n, NAN);
+    const Dev<T> logits_d(logits);
+    const T* l = logits_d.data();
+    uint32_t *e = expert.data(), *s = status.data();
+    float* p = probs.data();
     launch(std::string("top1_logits_") + Kernels<T>::name, row_grid(n), ROW_THREADS,
            [=] { Kernels<T>::top1(l, n, k, e, p, s); });
-    return o;
+    return {expert, probs, status[0]};
 }
 
 template <typename T>
 static Top1 top1_logits_reference(const vec<T>& logits, int n, int k) {
-    Top1 o{vec<uint32_t>(n, 0xffffffffu), vec<float>(n, NAN), 0};
-    const T* l = logits.data();
-    uint32_t* e = o.expert.data();
-    float* p = o.probs.data();
+    Dev<uint32_t> expert(n, 0xffffffffu);
+    Dev<float> probs(n, NAN);
+    const Dev<T> logits_d(logits);
+    const T* l = logits_d.data();
+    uint32_t* e = expert.data();
+    float* p = probs.data();
     launch(std::string("top1_logits_reference_") + Kernels<T>::name, {std::max(div_ceil(n, 128), 1u), 1, 1}, 128,
            [=] { Kernels<T>::top1_ref(l, n, k, e, p); });
-    return o;
+    return {expert, probs, 0};
 }
 
 // move_rows: gather (dst[j] = src[order[j]]) or scatter (dst[order[j]] = src[j]).
 template <typename T>
 static vec<T> move_rows(const vec<T>& src, const vec<uint32_t>& order, int n, int d,
                                 bool scatter, std::string* kernel_name = nullptr) {
-    vec<T> out((size_t)n * d);
-    std::memset(out.data(), 0xff, out.size() * sizeof(T));  // dev.alloc: poisoned
+    Dev<T> out((size_t)n * d);
+    out.poison();  // dev.alloc
     if (n > 0 && d > 0) {
         const size_t row_bytes = (size_t)d * sizeof(T);
-        const uint32_t* idx = order.data();
+        const Dev<T> src_d(src);
+        const Dev<uint32_t> order_d(order);
+        const uint32_t* idx = order_d.data();
         const int sc = scatter, vecs16 = (int)(row_bytes / 16), vecs4 = (int)(row_bytes / 4), vecs2 = (int)(row_bytes / 2);
-        const void* s = src.data();
+        const void* s = src_d.data();
         void* o = out.data();
         std::string name;
         if (row_bytes % 16 == 0)
@@ -271,13 +217,15 @@ static vec<T> move_rows(const vec<T>& src, const vec<uint32_t>& order, int n, in
 template <typename T>
 static vec<T> move_rows_reference(const vec<T>& src, const vec<uint32_t>& order, int n,
                                           int d, bool scatter) {
-    vec<T> out((size_t)n * d);
-    std::memset(out.data(), 0xff, out.size() * sizeof(T));
+    Dev<T> out((size_t)n * d);
+    out.poison();
     const int row_bytes = d * (int)sizeof(T), sc = scatter;
     const size_t total = (size_t)n * row_bytes;
-    const uint8_t* s = (const uint8_t*)src.data();
+    const Dev<T> src_d(src);
+    const Dev<uint32_t> order_d(order);
+    const uint8_t* s = (const uint8_t*)src_d.data();
     uint8_t* o = (uint8_t*)out.data();
-    const uint32_t* idx = order.data();
+    const uint32_t* idx = order_d.data();
     launch("move_bytes_reference", {std::max(div_ceil(total, 256), 1u), 1, 1}, 256,
            [=] { move_bytes_reference(s, idx, n, row_bytes, sc, o); });
     return out;
@@ -286,11 +234,14 @@ static vec<T> move_rows_reference(const vec<T>& src, const vec<uint32_t>& order,
 template <typename T>
 static vec<T> combine_weighted(const vec<T>& grouped, const vec<uint32_t>& order,
                                        const vec<float>& w, int n, int d) {
-    vec<T> out((size_t)n * d);
-    std::memset(out.data(), 0xff, out.size() * sizeof(T));
-    const T* s = grouped.data();
-    const uint32_t* idx = order.data();
-    const float* ws = w.data();
+    Dev<T> out((size_t)n * d);
+    out.poison();
+    const Dev<T> grouped_d(grouped);
+    const Dev<uint32_t> order_d(order);
+    const Dev<float> w_d(w);
+    const T* s = grouped_d.data();
+    const uint32_t* idx = order_d.data();
+    const float* ws = w_d.data();
     T* o = out.data();
     launch(std::string("scatter_scaled_") + Kernels<T>::name, row_grid(n), ROW_THREADS,
            [=] { Kernels<T>::scaled(s, idx, ws, n, d, o); });
@@ -302,9 +253,11 @@ static vec<float> gram(const vec<float>& x, const vec<float>& y, const vec<uint3
                                int n, int r, bool reference) {
     const int systems = (int)seg.size() - 1;
     const size_t total = (size_t)systems * n * (n + r);
-    vec<float> g(total, NAN);
-    const float *xs = x.data(), *ys = y.data();
-    const uint32_t* sg = seg.data();
+    Dev<float> g(total, NAN);
+    const Dev<float> x_d(x), y_d(y);
+    const Dev<uint32_t> seg_d(seg);
+    const float *xs = x_d.data(), *ys = y_d.data();
+    const uint32_t* sg = seg_d.data();
     float* gp = g.data();
     if (reference)
         launch("normal_equations_reference_f32", {div_ceil(total, 256), 1, 1}, 256,
@@ -322,12 +275,15 @@ static Solved solve_on_device(const vec<float>& g, int systems, int n, int r, do
     Solved s{vec<float>((size_t)systems * n * r, NAN), vec<uint32_t>(systems, 4u), false};
     s.on_chip = (size_t)n <= CHOLESKY_MAX_N && (size_t)n * (n + r) <= CHOLESKY_MAX_FLOATS;
     if (s.on_chip) {
-        std::fill(s.flags.begin(), s.flags.end(), 0xffffffffu);
-        const float* gp = g.data();
-        float* w = s.w.data();
-        uint32_t* f = s.flags.data();
+        const Dev<float> g_d(g);
+        Dev<float> w_d(s.w);
+        Dev<uint32_t> flags_d(systems, 0xffffffffu);
+        const float* gp = g_d.data();
+        float* w = w_d.data();
+        uint32_t* f = flags_d.data();
         const float ridge32 = (float)ridge;
         launch("cholesky_solve_f32", {(unsigned)systems, 1, 1}, 128, [=] { cholesky_solve_f32(gp, n, r, ridge32, w, f); });
+        s.w = w_d, s.flags = flags_d;
     }
     return s;
 }

@@ -1,19 +1,25 @@
 // CPU emulation of the CUDA execution model, used by scripts/emulate/run.sh: one block at a
-// time, each CUDA thread a fiber (its own stack, switched in user space on one OS thread: no
-// kernel round trip per barrier), __syncthreads as a block barrier, warp-wide operations
-// (shuffles, ldmatrix, mma.sync) through per-warp scratch and warp barriers, cp.async as a copy
-// deferred to the thread's wait, dynamic shared memory as one poisoned buffer with a canary past
-// the launched size. Between two __syncthreads the warps run one after another in a fresh
-// random order (the lanes of a warp in a random order too), so that a missing barrier between
-// warps shows as poison or stale data.
+// time (1 to 1024 threads; a partial last warp's barrier expects only its live lanes), each CUDA
+// thread a fiber (its own stack, switched in user space on one OS thread: no kernel round trip
+// per barrier), __syncthreads as a block barrier, warp-wide operations (shuffles, the votes
+// __any_sync and __match_any_sync, ldmatrix, mma.sync) through per-warp scratch and warp
+// barriers, cp.async as a copy deferred to the thread's wait, dynamic shared memory as one
+// poisoned buffer with a canary past the launched size. Between two __syncthreads the warps run
+// one after another in a fresh random order (the lanes of a warp in a random order too), so
+// that a missing barrier between warps shows as poison or stale data. The other built-ins the
+// kernels use are here too (float2/float4/uint4, the half-pair conversions, atomicAdd/atomicOr,
+// __popc, __clz, isfinite), so a driver includes this file and its kernel file and nothing else;
+// CUDA code type-puns through vector types, which nvcc allows: run.sh compiles with
+// -fno-strict-aliasing.
 //
 // A kernel file that wraps its inline asm in `#ifdef MK_HOST_EMULATION` calls the mk_emulated_*
 // functions below instead. Things that are checked on every call and abort with a message:
 // ldmatrix and cp.async addresses inside the launched dynamic shared memory and 16-byte
-// aligned, shuffle masks full, a barrier that not every live thread reaches (deadlock), writes
-// past the launched dynamic shared memory.
+// aligned, warp-wide masks full and the warp whole (a full-mask shuffle, vote, ldmatrix, mma or
+// __syncwarp in a partial warp is undefined on the GPU), a barrier that not every live thread
+// reaches (deadlock), writes past the launched dynamic shared memory.
 //
-// Global memory: the drivers allocate every device buffer as an emu::DeviceVec<T> (see "global
+// Global memory: the five drivers allocate every device buffer as an emu::DeviceVec<T> (see "global
 // memory" below), its end against an inaccessible guard region (EMU_GUARD=before: its start),
 // so an out-of-bounds read or write faults at the instruction; the SIGSEGV handler prints
 //   EMULATION ERROR (block x,y,z thread t): out-of-bounds global access at <addr>: N bytes past
@@ -45,6 +51,10 @@
 //   maml.cu, the tiled product's store guard `gn <= s.n`: found after block 0,0,2 (slack of a
 //     420-byte buffer); its k-tail guard `gk <= s.k` (a read): "(block 0,0,2 thread 68): ... 16
 //     bytes past the end of a 300-byte device buffer"
+//   kmeans.cu, assign_reference reading the next row (`x[(r + 1) * d + e]`): "(block 2,0,0
+//     thread 43): ... 0 bytes past the end of a 8400-byte device buffer (byte 8400 from its
+//     start)"; stable_scatter's rank mask including the lane (`(2u << lane) - 1`): "(block 0,0,0
+//     thread 90): ... 0 bytes past the end of a 20000-byte device buffer"
 #pragma once
 #include <algorithm>
 #include <atomic>
@@ -84,11 +94,28 @@ dim3 blockDim, gridDim;
 inline float __expf(float x) { return std::exp(x); }
 // CUDA's math headers overload these for float in the global namespace (fabs(float) is a float
 // there); without the using-declarations a kernel's fabs(x) on a float would be glibc's double.
-using std::abs, std::ceil, std::exp, std::fabs, std::floor, std::fmax, std::fmin, std::log, std::log1p,
-    std::pow, std::sqrt, std::tanh;
+using std::abs, std::ceil, std::exp, std::fabs, std::floor, std::fmax, std::fmin, std::isfinite, std::log,
+    std::log1p, std::pow, std::sqrt, std::tanh;
 
+// Vector types (the alignment of CUDA's vector_types.h: a 16-byte load is one instruction there).
+// CUDA code reads them through other types (a uint4 as four __half2, say), which nvcc allows:
+// run.sh compiles with -fno-strict-aliasing for that.
 struct alignas(8) float2 { float x, y; };
+struct alignas(16) float4 { float x, y, z, w; };
+struct alignas(16) uint4 { uint32_t x, y, z, w; };
 inline float2 make_float2(float x, float y) { return {x, y}; }
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+inline uint4 make_uint4(uint32_t x, uint32_t y, uint32_t z, uint32_t w) { return {x, y, z, w}; }
+
+// cuda_fp16.h / cuda_bf16.h: the host shims in shim/, plus their pair conversions (low half .x).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+inline float2 __half22float2(__half2 h) { return {__half2float(h.x), __half2float(h.y)}; }
+inline float2 __bfloat1622float2(__nv_bfloat162 h) { return {__bfloat162float(h.x), __bfloat162float(h.y)}; }
+
+// Integer intrinsics: __popc counts set bits, __clz leading zeros (32 for 0; CUDA's takes an int).
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz((unsigned)x); }
 
 [[noreturn]] inline void emu_fail(const char* what) {
     std::fprintf(stderr, "EMULATION ERROR (block %u,%u,%u thread %u): %s\n", blockIdx.x, blockIdx.y, blockIdx.z,
@@ -172,8 +199,20 @@ inline void emu_arrive_and_drop(EmuBarrier& b) {
 inline void __syncthreads() { emu_arrive_and_wait(g_block_barrier); }
 inline void warp_sync() { emu_arrive_and_wait(g_warp_barrier[threadIdx.x / 32]); }
 constexpr unsigned EMU_FULL_MASK = 0xffffffffu;
+// A full-mask warp-wide operation (shuffle, vote, match, ldmatrix, mma, __syncwarp) names all 32
+// lanes: in a partial warp (a block of fewer than 32 threads, or a last warp that blockDim.x cuts
+// short) it is undefined on the GPU, and an emulation error here.
+inline void emu_check_full_warp(const char* op) {
+    const unsigned first = threadIdx.x / 32 * 32;
+    if (first + 32 <= blockDim.x) return;
+    char msg[200];
+    std::snprintf(msg, sizeof msg, "%s with a full mask in a partial warp (%u of its 32 lanes launched): undefined on the GPU",
+                  op, blockDim.x - first);
+    emu_fail(msg);
+}
 inline void __syncwarp(unsigned mask = EMU_FULL_MASK) {
     if (mask != EMU_FULL_MASK) emu_fail("__syncwarp with a partial mask is not emulated");
+    emu_check_full_warp("__syncwarp");
     warp_sync();
 }
 
@@ -463,23 +502,35 @@ public:
 };
 }  // namespace emu
 
-// ------------------------------------------------------------------ shuffles ------------------
-// Every lane publishes its value, the warp meets, each lane reads its source lane, the warp
-// meets again (so that the next shuffle cannot overwrite a value still being read).
+// ------------------------------------------------------------------ shuffles and votes --------
+// Every lane publishes its value, the warp meets, each lane computes its result from the 32
+// published values, the warp meets again (so that the next warp-wide call cannot overwrite a
+// value still being read). Masks must be full (and the warp whole, see emu_check_full_warp).
 uint64_t g_shfl[EMU_MAX_WARPS][32];
+template <typename F>
+auto emu_warp_exchange(unsigned mask, const char* op, uint64_t bits, F result) {
+    if (mask != EMU_FULL_MASK) {
+        char msg[120];
+        std::snprintf(msg, sizeof msg, "%s with a partial mask is not emulated", op);
+        emu_fail(msg);
+    }
+    emu_check_full_warp(op);
+    const int w = threadIdx.x / 32;
+    g_shfl[w][threadIdx.x % 32] = bits;
+    warp_sync();
+    const auto r = result(static_cast<const uint64_t*>(g_shfl[w]));
+    warp_sync();
+    return r;
+}
 template <typename T, typename Src>
 T emu_shuffle(unsigned mask, T x, Src source_lane) {
     static_assert(sizeof(T) <= 8, "shuffles move at most 8 bytes");
-    if (mask != EMU_FULL_MASK) emu_fail("shuffle with a partial mask is not emulated");
-    const int w = threadIdx.x / 32, l = threadIdx.x % 32;
     uint64_t bits = 0;
     std::memcpy(&bits, &x, sizeof(T));
-    g_shfl[w][l] = bits;
-    warp_sync();
-    bits = g_shfl[w][source_lane(l)];
+    bits = emu_warp_exchange(mask, "shuffle", bits,
+                             [&](const uint64_t* lanes) { return lanes[source_lane((int)threadIdx.x % 32)]; });
     T r;
     std::memcpy(&r, &bits, sizeof(T));
-    warp_sync();
     return r;
 }
 // Lanes whose source falls outside their segment of `width` lanes keep their own value.
@@ -502,11 +553,39 @@ template <typename T>
 T __shfl_up_sync(unsigned mask, T x, unsigned delta, int width = 32) {
     return emu_shuffle(mask, x, [=](int l) { return (l % width) >= (int)delta ? l - (int)delta : l; });
 }
+// __any_sync: nonzero iff `pred` is nonzero on some lane.
+inline int __any_sync(unsigned mask, int pred) {
+    return emu_warp_exchange(mask, "__any_sync", pred != 0, [](const uint64_t* lanes) {
+        int any = 0;
+        for (int j = 0; j < 32; ++j) any |= lanes[j] != 0;
+        return any;
+    });
+}
+// __match_any_sync: the mask of the lanes whose `v` has the same bits as this lane's (itself too).
+template <typename T>
+unsigned __match_any_sync(unsigned mask, T v) {
+    static_assert(std::is_arithmetic_v<T> && (sizeof(T) == 4 || sizeof(T) == 8),
+                  "__match_any_sync takes a 32- or 64-bit value");
+    uint64_t bits = 0;
+    std::memcpy(&bits, &v, sizeof(T));
+    return emu_warp_exchange(mask, "__match_any_sync", bits, [bits](const uint64_t* lanes) {
+        unsigned peers = 0;
+        for (int j = 0; j < 32; ++j) peers |= (unsigned)(lanes[j] == bits) << j;
+        return peers;
+    });
+}
 
 // ------------------------------------------------------------------ atomics -------------------
+// Each returns the old value. One OS thread runs every fiber, so atomicity is never in question;
+// atomic_ref only keeps the compiler from caching the word.
 template <typename T>
 T atomicAdd(T* p, T v) {
     return std::atomic_ref<T>(*p).fetch_add(v, std::memory_order_relaxed);
+}
+template <typename T>
+T atomicOr(T* p, T v) {
+    static_assert(std::is_integral_v<T>, "atomicOr takes an integer word");
+    return std::atomic_ref<T>(*p).fetch_or(v, std::memory_order_relaxed);
 }
 
 // ------------------------------------------------------------------ shared memory -------------
@@ -622,6 +701,7 @@ inline void mk_emulated_cp_async_wait_all() {
 // 2(l % 4) and 2(l % 4) + 1.
 const unsigned char* g_ldm[EMU_MAX_WARPS][32];
 inline void mk_emulated_ldmatrix_x4(uint32_t (&r)[4], const void* p, bool trans) {
+    emu_check_full_warp("ldmatrix");
     emu_check_shared(p, 16, "ldmatrix row");
     const int w = threadIdx.x / 32, l = threadIdx.x % 32;
     g_ldm[w][l] = static_cast<const unsigned char*>(p);
@@ -650,6 +730,7 @@ inline float emu_half_bits(uint16_t bits, bool bf16) {
     _Float16 h; std::memcpy(&h, &bits, 2); return (float)h;
 }
 inline void mk_emulated_mma(float* d, const uint32_t* a, const uint32_t* b, bool bf16) {
+    emu_check_full_warp("mma.sync");
     const int w = threadIdx.x / 32, l = threadIdx.x % 32;
     for (int i = 0; i < 4; ++i) g_mma_a[w][l][i] = a[i];
     for (int i = 0; i < 2; ++i) g_mma_b[w][l][i] = b[i];
@@ -713,18 +794,19 @@ inline unsigned emu_seed() {
 }
 std::mt19937 g_schedule_rng(emu_seed());
 
-// Runs `kernel` over `grid` blocks of `block.x` threads (a multiple of 32), one block after
-// another, with `smem_bytes` of dynamic shared memory.
+// Runs `kernel` over `grid` blocks of `block.x` threads (1..1024; the last warp may be partial:
+// its warp barrier expects only its live lanes), one block after another, with `smem_bytes` of
+// dynamic shared memory.
 inline void emu_launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& kernel) {
     const int threads = (int)block.x;
-    if (block.y != 1 || block.z != 1 || threads < 32 || threads > EMU_MAX_THREADS || threads % 32 != 0)
-        emu_fail("emu_launch: blocks must be 1-D with a multiple of 32 threads, at most 1024");
+    if (block.y != 1 || block.z != 1 || threads < 1 || threads > EMU_MAX_THREADS)
+        emu_fail("emu_launch: blocks must be 1-D with 1 to 1024 threads");
     if (smem_bytes > EMU_SMEM_MAX) emu_fail("emu_launch: more dynamic shared memory than sm_90 allows");
     gridDim = grid;
     blockDim = block;
     g_dyn_smem_bytes = smem_bytes;
     g_kernel = &kernel;
-    const int warps = threads / 32;
+    const int warps = (threads + 31) / 32;
     std::vector<int> warp_order(warps), lane_order(32);
     for (int w = 0; w < warps; ++w) warp_order[w] = w;
     for (int l = 0; l < 32; ++l) lane_order[l] = l;
@@ -733,7 +815,7 @@ inline void emu_launch(dim3 grid, dim3 block, size_t smem_bytes, const std::func
             for (unsigned x = 0; x < grid.x; ++x) {
                 const dim3 block_idx{x, y, z};
                 g_block_barrier = {threads};
-                for (int w = 0; w < warps; ++w) g_warp_barrier[w] = {32};
+                for (int w = 0; w < warps; ++w) g_warp_barrier[w] = {std::min(32, threads - 32 * w)};
                 // Poison shared memory: a read of something no thread wrote shows up as NaN.
                 emu_poison_shared();
                 for (int t = 0; t < threads; ++t) emu_fiber_start(g_fibers[t]);
@@ -752,6 +834,7 @@ inline void emu_launch(dim3 grid, dim3 block, size_t smem_bytes, const std::func
                             std::shuffle(lane_order.begin(), lane_order.end(), g_schedule_rng);
                             for (int l : lane_order) {
                                 const int t = 32 * w + l;
+                                if (t >= threads) continue;  // past a partial last warp
                                 EmuFiber& f = g_fibers[t];
                                 if (f.done || (f.waiting != nullptr && f.waiting->generation == f.wait_gen)) continue;
                                 f.waiting = nullptr;

@@ -2,12 +2,12 @@
 # Runs one family's CUDA kernels on the CPU, without a GPU: compiles kernels/<family>.cu as C++
 # (g++ >= 12, C++20, x86-64) against the emulation of the CUDA execution model in prelude.h (one
 # block at a time, each CUDA thread a user-space fiber resumed in a random order at every barrier,
-# __syncthreads as a real barrier, warp shuffles, ldmatrix and mma.sync m16n8k16 with the PTX ISA
-# fragment layouts, cp.async as a copy that lands at the issuing thread's wait, dynamic shared
-# memory and outputs poisoned with NaN, every global buffer against an inaccessible guard region
-# so that an out-of-bounds access faults and is named), then runs scripts/emulate/<family>.cpp,
-# which replays the launch sequences of src/ops/<family>/cuda.rs and compares every fast kernel
-# with the family's reference kernel or a float64 reference.
+# __syncthreads as a real barrier, warp shuffles and votes, ldmatrix and mma.sync m16n8k16 with
+# the PTX ISA fragment layouts, cp.async as a copy that lands at the issuing thread's wait,
+# dynamic shared memory and outputs poisoned with NaN, every global buffer against an
+# inaccessible guard region so that an out-of-bounds access faults and is named), then runs
+# scripts/emulate/<family>.cpp, which replays the launch sequences of src/ops/<family>/cuda.rs
+# and compares every fast kernel with the family's reference kernel or a float64 reference.
 #
 #   scripts/emulate/run.sh linear_attention [quick]     exit status 1 on a mismatch
 #   scripts/emulate/run.sh momentum_attention [quick]   (3 on an emulation error: deadlock,
@@ -30,7 +30,10 @@ driver="$here/$family.cpp"
 [ -f "$driver" ] || { echo "no emulation driver $driver" >&2; exit 2; }
 # -fno-extern-tls-init: shared memory is thread_local in the emulation (prelude.h), and the
 # kernels' `extern __shared__` arrays are aliases of one buffer with no dynamic initialiser.
+# -fno-strict-aliasing: CUDA code type-puns through vector types and registers (kmeans reads a
+# uint4 as four __half2, the float4 tile loads), which nvcc allows; g++ -O2's strict aliasing
+# miscompiled it (the streaming tensor-core kernel's ‖x‖² came out as garbage).
 build="$(mktemp -d "${TMPDIR:-/tmp}/mk_emulate_${family}_XXXXXX")"
 trap 'rm -rf "$build"' EXIT
-"${CXX:-g++}" -std=c++20 -O2 -pthread -fno-extern-tls-init -I "$here/shim" -I "$here" -I "$root/kernels" "$driver" -o "$build/driver"
+"${CXX:-g++}" -std=c++20 -O2 -fno-strict-aliasing -pthread -fno-extern-tls-init -I "$here/shim" -I "$here" -I "$root/kernels" "$driver" -o "$build/driver"
 "$build/driver" "$@"
