@@ -69,40 +69,7 @@ EMU_DYNAMIC_SHARED(unsigned char, smem_bytes);  // the kernels' `extern __shared
 #include <optional>
 #include <string>
 
-// ------------------------------------------------------------------ comparisons ---------------
-
-static int g_failures = 0, g_comparisons = 0;
-static double g_worst = 0;  // the largest error / tolerance seen
-static std::string g_worst_what;
-static bool g_self_check = false;  // the f64 reference's own checks: not counted in the worst kernel error
-
-template <typename V>  // std::vector or Dev
-static void compare(const std::string& what, const V& got, const std::vector<double>& want,
-                    double tol) {
-    double num = 0, den = 0;
-    bool nan = got.size() < want.size();
-    for (size_t i = 0; i < want.size() && !nan; ++i) {
-        if (!std::isfinite((double)got[i])) nan = true;
-        const double e = (double)got[i] - want[i];
-        num += e * e;
-        den += want[i] * want[i];
-    }
-    // testing::rel_error: relative to the reference's norm, absolute when that is zero.
-    const double rel = den == 0 ? std::sqrt(num) : std::sqrt(num / den);
-    const bool ok = !nan && rel <= tol;
-    ++g_comparisons;
-    if (!ok) ++g_failures;
-    if (!nan && !g_self_check && rel / tol > g_worst) g_worst = rel / tol, g_worst_what = what;
-    std::printf("%-78s rel %.2e (tol %.0e) %s\n", what.c_str(), rel, tol, ok ? "ok" : (nan ? "NaN FAIL" : "FAIL"));
-    std::fflush(stdout);
-}
-
-static void check(const std::string& what, bool ok) {
-    ++g_comparisons;
-    if (!ok) ++g_failures;
-    std::printf("%-78s %s\n", what.c_str(), ok ? "ok" : "FAIL");
-    std::fflush(stdout);
-}
+#include "report.h"
 
 template <typename V>
 static std::vector<double> doubles(const V& v, size_t n) {
@@ -1050,8 +1017,5 @@ int main(int argc, char** argv) {
             if (std::find(g_launched.begin(), g_launched.end(), std::string(k) + "_" + d) == g_launched.end())
                 std::printf("kernel %s_%s never launched\n", k, d), ++missing;
     check("every one of the 26 kernels launched", missing == 0);
-    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    std::printf("%d comparison(s), %d failure(s); worst error / tolerance %.3f (%s); %.0f s\n", g_comparisons,
-                g_failures, g_worst, g_worst_what.c_str(), secs);
-    return g_failures ? 1 : 0;
+    return finish(start);
 }

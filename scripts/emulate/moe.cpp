@@ -59,64 +59,13 @@
 #include <random>
 #include <string>
 
+#include "report.h"
+
 // Host data is std::vector; every buffer a kernel reads or writes is an emu::DeviceVec (prelude.h:
 // its end against a guard region), filled from and copied back to host vectors around the
 // launches of one call, as cudaMemcpy would.
 template <typename T> using vec = std::vector<T>;
 template <typename T> using Dev = emu::DeviceVec<T>;
-
-// ------------------------------------------------------------------ comparisons ---------------
-
-static int g_failures = 0, g_comparisons = 0;
-static double g_worst = 0;  // the largest error / tolerance seen
-static std::string g_worst_what;
-
-static void record(const std::string& what, double ratio, bool ok, const char* detail) {
-    ++g_comparisons;
-    if (!ok) ++g_failures;
-    if (std::isfinite(ratio) && ratio > g_worst) g_worst = ratio, g_worst_what = what;
-    std::printf("%-72s %s %s\n", what.c_str(), detail, ok ? "ok" : "FAIL");
-    std::fflush(stdout);
-}
-
-// Relative error vs the reference's norm (testing::rel_error / assert_close), absolute when zero.
-static void compare(const std::string& what, const vec<float>& got, const vec<double>& want,
-                    double tol) {
-    double num = 0, den = 0;
-    bool nan = got.size() != want.size();
-    for (size_t i = 0; i < want.size() && !nan; ++i) {
-        if (!std::isfinite(got[i])) nan = true;
-        num += (got[i] - want[i]) * (got[i] - want[i]);
-        den += want[i] * want[i];
-    }
-    const double rel = den == 0 ? std::sqrt(num) : std::sqrt(num / den);
-    char detail[80];
-    std::snprintf(detail, sizeof detail, "rel %.2e (tol %.0e)%s", rel, tol, nan ? " NaN/unwritten" : "");
-    record(what, nan ? INFINITY : rel / tol, !nan && rel <= tol, detail);
-}
-
-template <typename U>
-static void exact(const std::string& what, const vec<U>& got, const vec<U>& want) {
-    size_t bad = got.size() == want.size() ? 0 : 1, first = 0;
-    for (size_t i = 0; i < std::min(got.size(), want.size()); ++i)
-        if (std::memcmp(&got[i], &want[i], sizeof(U)) != 0 && bad++ == 0) first = i;
-    char detail[80];
-    if (bad) std::snprintf(detail, sizeof detail, "%zu of %zu differ (first at %zu)", bad, want.size(), first);
-    else std::snprintf(detail, sizeof detail, "exact (%zu)", want.size());
-    record(what, bad ? INFINITY : 0, bad == 0, detail);
-}
-
-static void check(const std::string& what, bool ok, const char* detail = "") { record(what, ok ? 0 : INFINITY, ok, detail); }
-
-static std::string tag(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
-static std::string tag(const char* fmt, ...) {
-    char b[160];
-    va_list a;
-    va_start(a, fmt);
-    std::vsnprintf(b, sizeof b, fmt, a);
-    va_end(a);
-    return b;
-}
 
 // ------------------------------------------------------------------ dtypes and kernels --------
 
@@ -574,8 +523,5 @@ int main(int argc, char** argv) {
     for (auto& s : missing) m += " " + s;
     std::printf("kernels launched: %zu distinct%s%s\n", g_launched.size(), missing.empty() ? "" : "; NOT launched:",
                 m.c_str());
-    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    std::printf("%d comparison(s), %d failure(s); worst error / tolerance %.3f (%s); %.0f s\n", g_comparisons,
-                g_failures, g_worst, g_worst_what.c_str(), secs);
-    return g_failures ? 1 : 0;
+    return finish(start);
 }

@@ -41,30 +41,7 @@ EMU_DYNAMIC_SHARED(unsigned char, smem_raw);  // the kernels' `extern __shared__
 #include <random>
 #include <string>
 
-// ------------------------------------------------------------------ comparisons ---------------
-
-static int g_failures = 0, g_comparisons = 0;
-static double g_worst = 0;  // the largest error / tolerance seen
-static std::string g_worst_what;
-
-static void compare(const std::string& what, const std::vector<float>& got, const std::vector<double>& want,
-                    double tol) {
-    double num = 0, den = 0;
-    bool nan = got.size() != want.size();
-    for (size_t i = 0; i < want.size() && !nan; ++i) {
-        if (!std::isfinite(got[i])) nan = true;
-        num += (got[i] - want[i]) * (got[i] - want[i]);
-        den += want[i] * want[i];
-    }
-    // testing::rel_error: relative to the reference's norm, absolute when that is zero.
-    const double rel = den == 0 ? std::sqrt(num) : std::sqrt(num / den);
-    const bool ok = !nan && rel <= tol;
-    ++g_comparisons;
-    if (!ok) ++g_failures;
-    if (!nan && rel / tol > g_worst) g_worst = rel / tol, g_worst_what = what;
-    std::printf("%-64s rel %.2e (tol %.0e) %s\n", what.c_str(), rel, tol, ok ? "ok" : (nan ? "NaN FAIL" : "FAIL"));
-    std::fflush(stdout);
-}
+#include "report.h"
 
 // ------------------------------------------------------------------ dtypes and kernels --------
 
@@ -425,8 +402,5 @@ int main(int argc, char** argv) {
         run_dtype_quick<__half>(256);
         run_dtype_quick<__nv_bfloat16>(64);
     }
-    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    std::printf("%d comparison(s), %d failure(s); worst error / tolerance %.3f (%s); %.0f s\n", g_comparisons,
-                g_failures, g_worst, g_worst_what.c_str(), secs);
-    return g_failures ? 1 : 0;
+    return finish(start);
 }
