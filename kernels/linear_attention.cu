@@ -19,8 +19,8 @@
 // memory, keeps the state tile S[:, tile] and z in shared memory for the whole sequence, and
 // computes, with each thread owning a (C/16)×4 register micro-tile:
 //   A = mask(φ(Q)φ(K)ᵀ);  O = φ(Q)·S + A·V;  S += φ(K)ᵀV;  z += Σ φ(K)
-// Accumulation is f32 throughout. This SIMT core serves f32, Dk > 128, momentum and the
-// backward; f16/bf16 forwards with Dk ≤ 128 run core_mma (tensor cores), below.
+// Accumulation is f32 throughout. This SIMT core serves f32, momentum and the backward;
+// f16/bf16 forwards run core_mma (tensor cores), below.
 // C = 64 for Dk ≤ 128 and 32 above (shared memory), so every state stays on chip.
 //
 // A split form for few (sequence, head)s uses the same core on groups of chunks: pass 1 with
@@ -444,12 +444,15 @@ __device__ void core(const CoreArgs& p, const Item& it, const Io& io, float* sm)
 }
 
 // ---------------------------------------------------------------- tensor-core core ---------
-// The same algorithm for f16/bf16 inputs with Dk ≤ 128, its three chunk products on mma.sync
+// The same algorithm for f16/bf16 inputs with Dk ≤ 256, its three chunk products on mma.sync
 // m16n8k16 (16-bit operands, f32 accumulation). φ(Q), φ(K), V, the masked scores A and a
 // 16-bit copy of the state tile are staged in shared memory; the state S itself and z stay
 // f32 in shared memory for the whole sequence (as in fla, S is rounded to the input type only
-// as an mma operand). 8 warps; for the 64×64 products warp w owns rows 16·(w%4).. and
-// columns 32·(w/4).. (four 16×8 tiles). Fragments are gathered with 16/32-bit shared loads.
+// as an mma operand). Chunks of C = 64 rows for Dk ≤ 128 and C = 32 above, so that the plan
+// fits an sm_80 block (152 KiB at Dk = 256). 8 warps tile each C×64 product: warp w owns rows
+// 16·(w % (C/16)).. and the next C/2 columns of its column group (C/16 tiles of 16×8); the
+// C×C scores use the warps whose columns fall inside the chunk. Fragments are gathered with
+// 16/32-bit shared loads.
 
 #ifdef MK_HOST_EMULATION
 // scripts/emulate/run.sh linear_attention runs this file on CPU threads; it supplies an
@@ -511,27 +514,29 @@ __device__ __forceinline__ void frag_b_kmajor(uint32_t* b, const uint16_t* m, in
     b[1] = pack2(m, (k + 8) * ld + n, (k + 9) * ld + n);
 }
 
-constexpr int MMA_C = 64;
 constexpr int HALF_LD_PAD = 8;
 
-// Shared-memory plan of the tensor-core core, in bytes, for a padded key width dkp (a
-// multiple of 16, ≤ 128). Halves first, then floats (16-byte aligned).
+// The widest key of the tensor-core core's chunk of C rows (see above).
+__host__ __device__ constexpr int mma_max_dk(int C) { return C == 64 ? 128 : 256; }
+
+// Shared-memory plan of the tensor-core core, in bytes, for chunks of C rows and a padded key
+// width dkp (a multiple of 16, ≤ mma_max_dk(C)). Halves first, then floats (16-byte aligned).
 struct SmemMma {
     int ldq, q, k, v, a, sh, sf, z, den, m, o, total;
-    __host__ __device__ SmemMma(int dkp) {
+    __host__ __device__ SmemMma(int C, int dkp) {
         ldq = dkp + HALF_LD_PAD;
         const int ldt = TILE + HALF_LD_PAD;
-        q = 0;                                  // halves: MMA_C × ldq
-        k = q + MMA_C * ldq * 2;                // halves: MMA_C × ldq
-        v = k + MMA_C * ldq * 2;                // halves: MMA_C × ldt
-        a = v + MMA_C * ldt * 2;                // halves: MMA_C × ldt
-        sh = a + MMA_C * ldt * 2;               // halves: dkp × ldt
+        q = 0;                                  // halves: C × ldq
+        k = q + C * ldq * 2;                    // halves: C × ldq
+        v = k + C * ldq * 2;                    // halves: C × ldt
+        a = v + C * ldt * 2;                    // halves: C × ldt
+        sh = a + C * ldt * 2;                   // halves: dkp × ldt
         sf = (sh + dkp * ldt * 2 + 15) / 16 * 16;  // floats: dkp × TILE_LD
         z = sf + dkp * TILE_LD * 4;             // floats: dkp
-        den = z + dkp * 4;                      // floats: MMA_C
-        m = den + MMA_C * 4;                    // floats: TILE
-        o = m + TILE * 4;                       // floats: MMA_C × TILE_LD
-        total = o + MMA_C * TILE_LD * 4;
+        den = z + dkp * 4;                      // floats: C
+        m = den + C * 4;                        // floats: TILE
+        o = m + TILE * 4;                       // floats: C × TILE_LD
+        total = o + C * TILE_LD * 4;
     }
 };
 
@@ -568,12 +573,15 @@ __device__ float state_scale_up(const float* Sf, int rows, float* scratch, int t
     }
 }
 
-template <typename T>
+template <typename T, int C>
 __device__ void core_mma(const CoreArgs& p, unsigned char* smem) {
-    constexpr int C = MMA_C;
+    static_assert(C == 64 || C == 32, "chunks of 64 or 32 rows");
+    constexpr int ROW_GROUPS = C / 16;                  // 16-row strips of a C×64 product
+    constexpr int WARP_COLS = TILE * ROW_GROUPS / 8;    // columns per warp: 32 or 16
+    constexpr int NT = WARP_COLS / 8;                   // 16×8 tiles per warp
     const int dk = p.dk, dv = p.dv;
     const int dkp = (dk + 15) / 16 * 16;
-    const SmemMma L(dkp);
+    const SmemMma L(C, dkp);
     const int ldq = L.ldq, ldt = TILE + HALF_LD_PAD;
     T* Qh = reinterpret_cast<T*>(smem + L.q);
     T* Kh = reinterpret_cast<T*>(smem + L.k);
@@ -591,7 +599,7 @@ __device__ void core_mma(const CoreArgs& p, unsigned char* smem) {
     const uint16_t* Au = reinterpret_cast<const uint16_t*>(Ah);
     const uint16_t* Su = reinterpret_cast<const uint16_t*>(Sh);
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tq = lane % 4;
-    const int wr = (warp % 4) * 16, wc = (warp / 4) * 32;  // this warp's 16×32 block of a 64×64 product
+    const int wr = (warp % ROW_GROUPS) * 16, wc = (warp / ROW_GROUPS) * WARP_COLS;  // this warp's block
     const Item it = p.items[blockIdx.x];
     const int j0 = blockIdx.y * TILE;
     const int w = min(TILE, dv - j0);
@@ -629,9 +637,9 @@ __device__ void core_mma(const CoreArgs& p, unsigned char* smem) {
     // whole 16-byte pieces (rows_vectorize), a chunk travels as pieces held in registers: its
     // loads are issued one chunk AHEAD (`fetch`), so they are in flight while the block
     // computes the current chunk, and `store` later writes them to shared memory. A thread
-    // holds at most ROW_PIECES pieces of a q or k chunk (dkp ≤ 128) and V_PIECES of a v tile.
+    // holds at most ROW_PIECES pieces of a q or k chunk and V_PIECES of a v tile.
     // Otherwise a chunk is loaded element by element when it is needed (`load_now`).
-    constexpr int ROW_PIECES = C * (128 / NV) / THREADS, V_PIECES = C * (TILE / NV) / THREADS;
+    constexpr int ROW_PIECES = C * (mma_max_dk(C) / NV) / THREADS, V_PIECES = C * (TILE / NV) / THREADS;
     static_assert(C * (TILE / NV) % THREADS == 0, "whole rounds of v pieces");
     struct Rows { mk::Vec<T, NV> r[ROW_PIECES]; };
     struct VTile { mk::Vec<T, NV> r[V_PIECES]; };
@@ -778,42 +786,43 @@ __device__ void core_mma(const CoreArgs& p, unsigned char* smem) {
             Sh[c * ldt + j] = mk::from_float<T>(Sf[c * TILE_LD + j] * s_down);
         }
         __syncthreads();
-        if (p.causal) {
-            // A = mask(φ(Q)φ(K)ᵀ), rounded to T for the next product.
-            float d[4][4] = {};
+        if (p.causal && wc < C) {
+            // A = mask(φ(Q)φ(K)ᵀ), rounded to T for the next product (C×C: with C = 32 the
+            // warps of the upper column groups sit this one out).
+            float d[NT][4] = {};
             for (int k0 = 0; k0 < dkp; k0 += 16) {
                 uint32_t a[4];
                 frag_a_rowmajor(a, Qu, ldq, wr, k0, g, tq);
 #pragma unroll
-                for (int nt = 0; nt < 4; ++nt) {
+                for (int nt = 0; nt < NT; ++nt) {
                     uint32_t b[2];
                     frag_b_nmajor(b, Ku, ldq, k0, wc + 8 * nt, g, tq);
                     mma16816(d[nt], a, b, T());
                 }
             }
 #pragma unroll
-            for (int nt = 0; nt < 4; ++nt)
+            for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int i = wr + g + (e >= 2 ? 8 : 0), s = wc + 8 * nt + 2 * tq + (e & 1);
                     Ah[i * ldt + s] = mk::from_float<T>(s <= i ? d[nt][e] : 0.f);
                 }
-            __syncthreads();
         }
+        if (p.causal) __syncthreads();
         // O = φ(Q)·S + A·V
-        float o[4][4] = {};
+        float o[NT][4] = {};
         for (int k0 = 0; k0 < dkp; k0 += 16) {
             uint32_t a[4];
             frag_a_rowmajor(a, Qu, ldq, wr, k0, g, tq);
 #pragma unroll
-            for (int nt = 0; nt < 4; ++nt) {
+            for (int nt = 0; nt < NT; ++nt) {
                 uint32_t b[2];
                 frag_b_kmajor(b, Su, ldt, k0, wc + 8 * nt, g, tq);
                 mma16816(o[nt], a, b, T());
             }
         }
 #pragma unroll
-        for (int nt = 0; nt < 4; ++nt)
+        for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) o[nt][e] *= s_up;
         if (p.causal) {
@@ -822,7 +831,7 @@ __device__ void core_mma(const CoreArgs& p, unsigned char* smem) {
                 uint32_t a[4];
                 frag_a_rowmajor(a, Au, ldt, wr, k0, g, tq);
 #pragma unroll
-                for (int nt = 0; nt < 4; ++nt) {
+                for (int nt = 0; nt < NT; ++nt) {
                     uint32_t b[2];
                     frag_b_kmajor(b, Vu, ldt, k0, wc + 8 * nt, g, tq);
                     mma16816(o[nt], a, b, T());
@@ -838,7 +847,7 @@ __device__ void core_mma(const CoreArgs& p, unsigned char* smem) {
         }
         __syncthreads();
 #pragma unroll
-        for (int nt = 0; nt < 4; ++nt)
+        for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int i = wr + g + (e >= 2 ? 8 : 0), j = wc + 8 * nt + 2 * tq + (e & 1);
@@ -1076,14 +1085,15 @@ __device__ void reference_backward(const RefBackwardArgs& r) {
     extern "C" __global__ void la_reference_forward_##SN(CoreArgs p) { reference_forward<T>(p); } \
     extern "C" __global__ void la_reference_backward_##SN(RefBackwardArgs r) { reference_backward<T>(r); }
 
-extern "C" __global__ void __launch_bounds__(THREADS, 1) la_core_mma_f16(CoreArgs p) {
-    extern __shared__ __align__(16) unsigned char smem_h[];
-    core_mma<__half>(p, smem_h);
-}
-extern "C" __global__ void __launch_bounds__(THREADS, 1) la_core_mma_bf16(CoreArgs p) {
-    extern __shared__ __align__(16) unsigned char smem_b[];
-    core_mma<__nv_bfloat16>(p, smem_b);
-}
+#define MK_CORE_MMA(SN, T, C)                                                           \
+    extern "C" __global__ void __launch_bounds__(THREADS, 1) la_core_mma_##SN##_c##C(CoreArgs p) { \
+        extern __shared__ __align__(16) unsigned char smem_mma[];                        \
+        core_mma<T, C>(p, smem_mma);                                                     \
+    }
+MK_CORE_MMA(f16, __half, 64)
+MK_CORE_MMA(f16, __half, 32)
+MK_CORE_MMA(bf16, __nv_bfloat16, 64)
+MK_CORE_MMA(bf16, __nv_bfloat16, 32)
 
 MK_CORE_ALL(f16, __half)
 MK_CORE_ALL(bf16, __nv_bfloat16)

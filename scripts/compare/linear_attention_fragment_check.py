@@ -8,9 +8,10 @@ c0..c3 over rows g, g+8 and columns 2t, 2t+1, with g = lane/4, t = lane%4), pack
 with the kernel's `frag_a_rowmajor`, `frag_a_colmajor`, `frag_b_nmajor` and `frag_b_kmajor`
 (the same shared-memory index formulas, padded strides ldq = dkp + 8 and ldt = 64 + 8), runs
 one chunk of the kernel's three products with its warp tiling on small integer tiles, and
-compares against plain matrix products:
-  A = mask(φ(Q) φ(K)ᵀ)        (8 warps, each a 16×32 block: rows 16·(w%4), columns 32·(w/4))
-  O = φ(Q)·S + A·V            (same tiling)
+compares against plain matrix products, for both chunk sizes C (64 rows for Dk ≤ 128, 32 above):
+  A = mask(φ(Q) φ(K)ᵀ)        (8 warps, each a 16×(C/2) block: rows 16·(w % (C/16)), columns
+                               (C/2)·(w / (C/16)); with C = 32 the warps past column C idle)
+  O = φ(Q)·S + A·V            (same tiling over the 64 columns of the v tile)
   S += φ(K)ᵀ V                (16×8 tiles distributed over the warps)
 for key widths that are and are not multiples of 16 and for a full and a ragged chunk.
 Pure Python, no dependencies; exit status 1 on a mismatch. A check of index math under the
@@ -20,7 +21,7 @@ import random
 import sys
 
 random.seed(3)
-C, TILE, PAD = 64, 64, 8
+TILE, PAD = 64, 8
 
 
 def mma(d, a, b):
@@ -68,8 +69,11 @@ def frag_b_kmajor(m, ld, k0, n0, g, t):
     return [(m[k * ld + n], m[(k + 1) * ld + n]), (m[(k + 8) * ld + n], m[(k + 9) * ld + n])]
 
 
-def check(dk, n, w):
-    """One chunk of n ≤ 64 rows, key width dk, a v tile of w ≤ 64 columns."""
+def check(C, dk, n, w):
+    """One chunk of n ≤ C rows, key width dk, a v tile of w ≤ 64 columns."""
+    row_groups = C // 16
+    warp_cols = TILE * row_groups // 8
+    nts = warp_cols // 8
     dkp = (dk + 15) // 16 * 16
     ldq, ldt = dkp + PAD, TILE + PAD
     rnd = lambda: random.randint(-3, 3)
@@ -91,36 +95,38 @@ def check(dk, n, w):
             Sh[c * ldt + j] = S[c][j]
 
     ok = True
-    # A = mask(QKᵀ) and O = Q·S + A·V, 8 warps of 16×32.
+    # A = mask(QKᵀ) and O = Q·S + A·V, 8 warps of 16×(C/2).
     acc_o = {}
     for warp in range(8):
-        wr, wc = (warp % 4) * 16, (warp // 4) * 32
-        d = [[[0] * 4 for _ in range(32)] for _ in range(4)]
+        wr, wc = (warp % row_groups) * 16, (warp // row_groups) * warp_cols
+        if wc >= C:
+            continue
+        d = [[[0] * 4 for _ in range(32)] for _ in range(nts)]
         for k0 in range(0, dkp, 16):
             a = [frag_a_rowmajor(Qh, ldq, wr, k0, l // 4, l % 4) for l in range(32)]
-            for nt in range(4):
+            for nt in range(nts):
                 b = [frag_b_nmajor(Kh, ldq, k0, wc + 8 * nt, l // 4, l % 4) for l in range(32)]
                 mma(d[nt], a, b)
-        for nt in range(4):
+        for nt in range(nts):
             for l in range(32):
                 g, t = l // 4, l % 4
                 for e in range(4):
                     i, s = wr + g + (8 if e >= 2 else 0), wc + 8 * nt + 2 * t + (e & 1)
                     Ah[i * ldt + s] = d[nt][l][e] if s <= i else 0
     for warp in range(8):
-        wr, wc = (warp % 4) * 16, (warp // 4) * 32
-        o = [[[0] * 4 for _ in range(32)] for _ in range(4)]
+        wr, wc = (warp % row_groups) * 16, (warp // row_groups) * warp_cols
+        o = [[[0] * 4 for _ in range(32)] for _ in range(nts)]
         for k0 in range(0, dkp, 16):
             a = [frag_a_rowmajor(Qh, ldq, wr, k0, l // 4, l % 4) for l in range(32)]
-            for nt in range(4):
+            for nt in range(nts):
                 b = [frag_b_kmajor(Sh, ldt, k0, wc + 8 * nt, l // 4, l % 4) for l in range(32)]
                 mma(o[nt], a, b)
         for k0 in range(0, C, 16):
             a = [frag_a_rowmajor(Ah, ldt, wr, k0, l // 4, l % 4) for l in range(32)]
-            for nt in range(4):
+            for nt in range(nts):
                 b = [frag_b_kmajor(Vh, ldt, k0, wc + 8 * nt, l // 4, l % 4) for l in range(32)]
                 mma(o[nt], a, b)
-        for nt in range(4):
+        for nt in range(nts):
             for l in range(32):
                 g, t = l // 4, l % 4
                 for e in range(4):
@@ -153,9 +159,13 @@ def check(dk, n, w):
         for j in range(TILE):
             if Sf[c][j] != S[c][j] + sum(K[i][c] * V[i][j] for i in range(C)):
                 ok = False
-    print(f"dk={dk:3} rows={n:2} v-tile width={w:2}: {'OK' if ok else 'MISMATCH'}")
+    if len(acc_o) != C * TILE:
+        ok = False  # some output element no warp wrote
+    print(f"C={C} dk={dk:3} rows={n:2} v-tile width={w:2}: {'OK' if ok else 'MISMATCH'}")
     return ok
 
 
-results = [check(dk, n, w) for dk, n, w in [(6, 64, 64), (40, 37, 9), (16, 1, 64), (128, 64, 33)]]
+cases = [(64, 6, 64, 64), (64, 40, 37, 9), (64, 16, 1, 64), (64, 128, 64, 33),
+         (32, 136, 32, 64), (32, 250, 17, 40), (32, 256, 32, 64)]
+results = [check(*case) for case in cases]
 sys.exit(0 if all(results) else 1)

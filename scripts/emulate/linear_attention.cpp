@@ -9,6 +9,8 @@ static void mk_emulated_check_aligned(const void* p, size_t bytes) {
         std::abort();
     }
 }
+EMU_DYNAMIC_SHARED(float, sm);                  // the SIMT cores' `extern __shared__ float sm[]`
+EMU_DYNAMIC_SHARED(unsigned char, smem_mma);    // the tensor-core core's
 #include "linear_attention.cu"
 #include <random>
 #include <string>
@@ -56,14 +58,21 @@ static void compare(const std::string& what, const std::vector<float>& got, cons
 enum Dt { F32, F16, BF16 };
 static const char* dt_name(Dt d) { return d == F32 ? "f32" : d == F16 ? "f16" : "bf16"; }
 
+// Dynamic shared memory of a launch, as cuda.rs sizes it (core_smem_bytes, mma_smem_bytes):
+// from the kernel's own plans, so an access past its plan lands in the emulation's poisoned,
+// checked slack (prelude.h).
+static size_t simt_smem(int c, int dk) { return (size_t)Smem(c, dk).total * sizeof(float); }
+static size_t mma_smem(int c, int dk) { return (size_t)SmemMma(c, (dk + 15) / 16 * 16).total; }
+
 // Mirrors launch_core in cuda.rs.
 static void run_core(Dt in, bool out_f32, const CoreArgs& a, int n_items, int width_v) {
     const int c = a.dk <= 128 ? 64 : 32;
-    const bool mma = in != F32 && !out_f32 && a.dk <= 128 && a.eta < 0.f;
+    const bool mma = in != F32 && !out_f32 && a.eta < 0.f;
     dim3 grid{(unsigned)n_items, (unsigned)((width_v + 63) / 64), 1};
     std::function<void()> k;
 #define CORE(NAME) k = [a] { NAME(a); }
-    if (mma) { if (in == F16) CORE(la_core_mma_f16); else CORE(la_core_mma_bf16); }
+    if (mma && in == F16) { if (c == 64) CORE(la_core_mma_f16_c64); else CORE(la_core_mma_f16_c32); }
+    else if (mma) { if (c == 64) CORE(la_core_mma_bf16_c64); else CORE(la_core_mma_bf16_c32); }
     else if (in == F32) { if (c == 64) CORE(la_core_f32_to_f32_c64); else CORE(la_core_f32_to_f32_c32); }
     else if (in == F16) {
         if (c == 64) CORE(la_core_f16_to_f16_c64); else CORE(la_core_f16_to_f16_c32);
@@ -71,7 +80,7 @@ static void run_core(Dt in, bool out_f32, const CoreArgs& a, int n_items, int wi
         if (c == 64) CORE(la_core_bf16_to_bf16_c64); else CORE(la_core_bf16_to_bf16_c32);
     }
 #undef CORE
-    emu_launch(grid, k);
+    emu_launch(grid, {EMU_THREADS, 1, 1}, mma ? mma_smem(c, a.dk) : simt_smem(c, a.dk), k);
 }
 
 struct Opts { int fm, causal, normalize; float scale, eps, eta; };
@@ -225,9 +234,10 @@ static BwdOut backward(const Problem<T>& p, const Opts& o, bool reference) {
     passes = w64 ? std::function<void()>([a] { la_backward_passes_##SN##_c64(a); }) : std::function<void()>([a] { la_backward_passes_##SN##_c32(a); });
     if (p.dt == F32) { BWD(f32) } else if (p.dt == F16) { BWD(f16) } else { BWD(bf16) }
 #undef BWD
-    emu_launch({(unsigned)n_items, (unsigned)tiles, 1}, prep);
+    emu_launch({(unsigned)n_items, (unsigned)tiles, 1}, {EMU_THREADS, 1, 1}, simt_smem(c64 ? 64 : 32, dk), prep);
     const int ytiles = std::max((dk + 63) / 64, (dva + 63) / 64);
-    emu_launch({(unsigned)n_items, (unsigned)ytiles, 3}, passes);
+    const int wide = std::max(dk, dva);
+    emu_launch({(unsigned)n_items, (unsigned)ytiles, 3}, {EMU_THREADS, 1, 1}, simt_smem(w64 ? 64 : 32, wide), passes);
     return {floats(dq), floats(dkk), floats(dvv), ds0, dz0};
 }
 
@@ -295,12 +305,13 @@ static void run_quadratic(Dt dt, int heads, long long t, int dk, int dv, Opts o)
     float* ap = a.data();
     const int ti = t;
     const unsigned rt = (t + 15) / 16;
-    emu_launch({rt, rt, (unsigned)heads}, [&] {
+    const size_t tiles_smem = 2 * 16 * 17 * sizeof(float);  // as cuda.rs launches them
+    emu_launch({rt, rt, (unsigned)heads}, {EMU_THREADS, 1, 1}, tiles_smem, [&] {
         if constexpr (std::is_same_v<T, float>) la_quadratic_scores_f32(q, k, ap, ti, dk, o.causal, o.fm);
         else if constexpr (std::is_same_v<T, __half>) la_quadratic_scores_f16(q, k, ap, ti, dk, o.causal, o.fm);
         else la_quadratic_scores_bf16(q, k, ap, ti, dk, o.causal, o.fm);
     });
-    emu_launch({(unsigned)(dv + 15) / 16, rt, (unsigned)heads}, [&] {
+    emu_launch({(unsigned)(dv + 15) / 16, rt, (unsigned)heads}, {EMU_THREADS, 1, 1}, tiles_smem, [&] {
         if constexpr (std::is_same_v<T, float>) la_quadratic_output_f32(ap, v, op, ti, dv, o.normalize, o.scale, o.eps);
         else if constexpr (std::is_same_v<T, __half>) la_quadratic_output_f16(ap, v, op, ti, dv, o.normalize, o.scale, o.eps);
         else la_quadratic_output_bf16(ap, v, op, ti, dv, o.normalize, o.scale, o.eps);
@@ -345,9 +356,11 @@ int main(int argc, char** argv) {
             if (!quick) run_quadratic<__nv_bfloat16>(BF16, 1, 40, 5, 33, o);
         }
     {
-        // Quick too (CI): both 16-byte paths once, pieces and a misaligned base.
+        // Quick too (CI): both 16-byte paths once, pieces and a misaligned base; both chunks
+        // of the tensor-core core.
         Opts o{1, 1, 1, 0.7f, 1e-3f, -1.f};
         run_case<__nv_bfloat16>(BF16, {37, 70}, 32, 72, o, true, false);
+        run_case<__half>(F16, {45, 32}, 256, 80, o, true, false);
         run_case<float>(F32, {37, 70}, 8, 12, o, true, true, 1);
     }
     if (!quick) {
@@ -371,8 +384,16 @@ int main(int argc, char** argv) {
         run_case<__nv_bfloat16>(BF16, {37, 70}, 20, 72, o, true, false);   // q, k scalar; v, o pieces
         run_case<__half>(F16, {37, 70}, 32, 70, o, true, false);           // q, k pieces; v, o scalar
         run_case<float>(F32, {37, 70}, 8, 12, o, true, true, 1);           // SIMT f32, misaligned
-        run_case<__half>(F16, {37, 30}, 136, 24, o, true, true);           // SIMT 16-bit (Dk > 128), pieces
-        run_case<__nv_bfloat16>(BF16, {37, 30}, 136, 24, o, false, false, 1);
+        run_case<__half>(F16, {37, 30}, 136, 24, o, true, true);           // mma c32 (Dk > 128), pieces
+        run_case<__nv_bfloat16>(BF16, {37, 30}, 136, 24, o, false, false, 1);  // mma c32, misaligned
+        // The 32-row tensor-core chunks at the widest keys: every option once, a ragged last
+        // chunk, an unpadded key width (250) and a second v tile.
+        for (int causal = 0; causal < 2; ++causal)
+            for (int norm = 0; norm < 2; ++norm) {
+                Opts w{causal + norm, causal, norm, 0.7f, 1e-3f, -1.f};
+                run_case<__nv_bfloat16>(BF16, {45, 32}, 256, 80, w, norm, false);
+                run_case<__half>(F16, {70}, 250, 40, w, !norm, false);
+            }
         run_case<__nv_bfloat16>(BF16, {130}, 128, 128, o, true, false);     // the benchmark's widths
         run_case<__nv_bfloat16>(BF16, {37, 30}, 8, 16, m, false, true);    // momentum, SIMT pieces
     }

@@ -610,13 +610,6 @@ inline void emu_check_shared(const void* p, size_t bytes, const char* what) {
     if ((uintptr_t)p % 16 != 0) emu_fail("shared address not 16-byte aligned");
 }
 
-// Shared memory of the linear-attention kernels (they name their dynamic arrays sm, smem_h, smem_b).
-extern "C" {
-alignas(16) thread_local float sm[65536];
-alignas(16) thread_local unsigned char smem_h[262144];
-alignas(16) thread_local unsigned char smem_b[262144];
-}
-
 // Every `__shared__` variable, static or dynamic, is a thread_local of the executable, and the
 // emulation keeps nothing else there: so poisoning the executable's whole static TLS block
 // (x86-64 TLS variant II: the block of size round_up(memsz, align) ends at the thread pointer)

@@ -13,10 +13,10 @@
 //! and a second core launch computes all groups' outputs in parallel. The threshold is the
 //! occupancy argument above; it has not yet been tuned by measurement on a GPU.
 //!
-//! **Tensor cores.** Forward launches with f16/bf16 inputs, Dk ≤ 128 and no momentum run
-//! `la_core_mma_<dt>`, whose three chunk products are `mma.sync.m16n8k16` with f32
-//! accumulation; everything else (f32, Dk > 128, the momentum forward) runs the SIMT core
-//! `la_core_<dt>_to_<dt>_c<C>`, and so does the backward (its operands are f32 gradients and
+//! **Tensor cores.** Forward launches with f16/bf16 inputs and no momentum run
+//! `la_core_mma_<dt>_c<C>` (every Dk up to 256; chunks of 64 rows, 32 above Dk = 128), whose
+//! three chunk products are `mma.sync.m16n8k16` with f32 accumulation; everything else (f32,
+//! the momentum forward) runs the SIMT core `la_core_<dt>_to_<dt>_c<C>`, and so does the backward (its operands are f32 gradients and
 //! widths of Dv + 1 up to 257; see the .cu file).
 //!
 //! **Backward** (2 launches, both O(T), both the SIMT core with other I/O):
@@ -217,8 +217,7 @@ impl Out {
     }
 }
 
-/// Rows per chunk of the SIMT core for a key width `dk` (shared memory bounds it); the
-/// tensor-core core always uses 64.
+/// Rows per chunk of either core for a key width `dk` (shared memory bounds it).
 fn chunk_for(dk: usize) -> usize {
     if dk <= 128 {
         64
@@ -234,19 +233,20 @@ fn core_smem_bytes(c: usize, dk: usize) -> usize {
     floats * 4
 }
 
-/// Shared-memory bytes of the tensor-core core; mirrors `SmemMma` in the .cu file.
-fn mma_smem_bytes(dk: usize) -> usize {
+/// Shared-memory bytes of the tensor-core core with chunks of `c` rows; mirrors `SmemMma` in
+/// the .cu file.
+fn mma_smem_bytes(c: usize, dk: usize) -> usize {
     let dkp = dk.div_ceil(16) * 16;
-    let (ldq, ldt, c, tile_ld) = (dkp + 8, TILE + 8, 64, TILE + 1);
+    let (ldq, ldt, tile_ld) = (dkp + 8, TILE + 8, TILE + 1);
     let halves = 2 * c * ldq + 2 * c * ldt + dkp * ldt;
     let floats_start = (halves * 2).div_ceil(16) * 16;
     floats_start + 4 * (dkp * tile_ld + dkp + c + TILE + c * tile_ld)
 }
 
-/// Whether a forward core launch runs on the tensor-core kernel: 16-bit inputs, Dk ≤ 128, no
-/// momentum term.
+/// Whether a forward core launch runs on the tensor-core kernel: 16-bit inputs and no momentum
+/// term (every key width the API accepts, ≤ 256, has a plan).
 fn uses_mma(in_dtype: DType, args: &CoreArgs) -> bool {
-    matches!(in_dtype, DType::F16 | DType::BF16) && args.dk <= 128 && args.eta < 0.0
+    matches!(in_dtype, DType::F16 | DType::BF16) && args.eta < 0.0
 }
 
 /// The grid of a core launch: one block per (work item, 64-column v tile, pass).
@@ -274,7 +274,7 @@ fn launch_core(
     let c = chunk_for(dk);
     let dt = in_dtype.as_str();
     let (name, smem) = if uses_mma(in_dtype, args) {
-        (format!("la_core_mma_{dt}"), mma_smem_bytes(dk))
+        (format!("la_core_mma_{dt}_c{c}"), mma_smem_bytes(c, dk))
     } else {
         (format!("la_core_{dt}_to_{dt}_c{c}"), core_smem_bytes(c, dk))
     };

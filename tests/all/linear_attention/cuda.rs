@@ -76,8 +76,9 @@ fn cuda_forward_every_option_and_path() {
     }
 }
 
-/// Wide heads (Dk up to 256, the 32-row chunk; Dv over several 64-column tiles with a partial
-/// one), the tensor-core core with several 16-wide k steps and a padded key width (Dk = 100)
+/// Wide heads (Dk up to 256, the 32-row chunk of both cores, the tensor-core one with a padded
+/// key width at Dk = 130; Dv over several 64-column tiles with a partial one), the tensor-core
+/// core's 64-row chunk with several 16-wide k steps and a padded key width (Dk = 100)
 /// and a partial last v tile (Dv = 130), long sequences through the split form, and one step.
 #[test]
 fn cuda_forward_wide_heads_and_long_sequences() {
