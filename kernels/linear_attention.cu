@@ -1,5 +1,5 @@
-// Linear attention: a chunked "core" kernel that every forward and backward pass is built
-// from, and obviously correct reference kernels.
+// Linear attention: a chunked "core" (in f32 SIMT and tensor-core versions) that every forward
+// and backward pass is built from, and obviously correct reference kernels.
 //
 // The core computes, for each work item (a run of rows of one (sequence, head), with an
 // optional initial state), o_t = scale · φ(q_t)ᵀ S_t (÷ (φ(q_t)·z_t + eps) when normalising)
@@ -10,7 +10,7 @@
 //   dφ(Q) = core(q = g', k = [v,1], v = φ(K), S_0 = [S_0,z_0]ᵀ)
 //   dφ(K) = core(q = [v,1], k = g', v = φ(Q), S_0 = dS'_Tᵀ, reverse)
 //   dV'   = core(q = φ(K), k = φ(Q), v = g', S_0 = dS'_T, reverse)  → final state = dS'_0
-// The core only computes; where it reads operands and writes results is an I/O policy
+// Either core only computes; where it reads operands and writes results is an I/O policy
 // (ForwardIo for the forward, PrepIo and PassIo for the backward), so the backward reads q, k,
 // v, ∂L/∂o and the states in place and writes dq, dk, dv, ∂S_0, ∂z_0 directly.
 //
@@ -19,8 +19,8 @@
 // memory, keeps the state tile S[:, tile] and z in shared memory for the whole sequence, and
 // computes, with each thread owning a (C/16)×4 register micro-tile:
 //   A = mask(φ(Q)φ(K)ᵀ);  O = φ(Q)·S + A·V;  S += φ(K)ᵀV;  z += Σ φ(K)
-// Accumulation is f32 throughout. This SIMT core serves f32, momentum and the backward;
-// f16/bf16 forwards run core_mma (tensor cores), below.
+// Accumulation is f32 throughout. This SIMT core serves f32 and momentum; f16/bf16 run
+// core_mma (tensor cores), below, forward and backward.
 // C = 64 for Dk ≤ 128 and 32 above (shared memory), so every state stays on chip.
 //
 // A split form for few (sequence, head)s uses the same core on groups of chunks: pass 1 with
@@ -573,9 +573,17 @@ __device__ float state_scale_up(const float* Sf, int rows, float* scratch, int t
     }
 }
 
-template <typename T, int C>
-__device__ void core_mma(const CoreArgs& p, unsigned char* smem) {
+// T is the type of the mma operands; Io (as for the SIMT core) says where operands come from
+// and results go. A forward Io (Io::VEC > 0: ForwardIo, PrepIo) reads T tensors, which then
+// travel in 16-byte pieces prefetched into registers; an Io without pieces (PassIo: operands
+// built on load, such as [v, 1] and the f32 gradient g') is read element by element as floats
+// and rounded to T. Only the element path takes key widths past mma_max_dk(C) (the backward's
+// Dv + 1 = 257 at Dv = 256): the register prefetch holds mma_max_dk(C) columns.
+template <typename T, int C, typename Io>
+__device__ void core_mma(const CoreArgs& p, const Item& it, const Io& io, unsigned char* smem) {
     static_assert(C == 64 || C == 32, "chunks of 64 or 32 rows");
+    static_assert(Io::VEC == 0 || Io::VEC == 16 / sizeof(T), "pieces of the operand type");
+    constexpr bool PIECES = Io::VEC > 0;
     constexpr int ROW_GROUPS = C / 16;                  // 16-row strips of a C×64 product
     constexpr int WARP_COLS = TILE * ROW_GROUPS / 8;    // columns per warp: 32 or 16
     constexpr int NT = WARP_COLS / 8;                   // 16×8 tiles per warp
@@ -600,7 +608,6 @@ __device__ void core_mma(const CoreArgs& p, unsigned char* smem) {
     const uint16_t* Su = reinterpret_cast<const uint16_t*>(Sh);
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tq = lane % 4;
     const int wr = (warp % ROW_GROUPS) * 16, wc = (warp / ROW_GROUPS) * WARP_COLS;  // this warp's block
-    const Item it = p.items[blockIdx.x];
     const int j0 = blockIdx.y * TILE;
     const int w = min(TILE, dv - j0);
     const T* q = static_cast<const T*>(p.q);
@@ -611,7 +618,7 @@ __device__ void core_mma(const CoreArgs& p, unsigned char* smem) {
     // traffic"): NV halves of q, k, v, o per piece, 4 floats of the states. The shared rows are
     // 16-byte aligned (ldq, ldt multiples of 8 halves), so a piece is one shared store too.
     constexpr int NV = 16 / sizeof(T);
-    const bool vec_s = dv % 4 == 0 && (reinterpret_cast<uintptr_t>(p.s_in) & 15) == 0;
+    const bool vec_s = PIECES && dv % 4 == 0 && (reinterpret_cast<uintptr_t>(p.s_in) & 15) == 0;
     const bool has_s_in = it.state_in >= 0 && p.s_in != nullptr;
     if (vec_s) {
         for (int e = tid; e < dkp * (TILE / 4); e += THREADS) {
@@ -624,13 +631,10 @@ __device__ void core_mma(const CoreArgs& p, unsigned char* smem) {
     } else {
         for (int e = tid; e < dkp * TILE; e += THREADS) {
             const int c = e / TILE, j = e % TILE;
-            float x = 0.f;
-            if (c < dk && j < w && has_s_in) x = p.s_in[(it.state_in * dk + c) * dv + j0 + j];
-            Sf[c * TILE_LD + j] = x;
+            Sf[c * TILE_LD + j] = (c < dk && j < w) ? io.s0(c, j0 + j) : 0.f;
         }
     }
-    for (int c = tid; c < dkp; c += THREADS)
-        zs[c] = (c < dk && it.state_in >= 0 && p.z_in != nullptr) ? p.z_in[it.state_in * dk + c] : 0.f;
+    for (int c = tid; c < dkp; c += THREADS) zs[c] = c < dk ? io.z0(c) : 0.f;
     const long long chunks = (it.len + C - 1) / C;
 
     // Staging of q, k (φ applied) and v chunks into shared memory. Where a tensor's rows are
@@ -665,11 +669,11 @@ __device__ void core_mma(const CoreArgs& p, unsigned char* smem) {
             st16(dst + i * ldq + c, h);
         }
     };
-    auto load_rows_now = [&](T* dst, const T* src, long long ch, int n) {
+    // The element path: get(row, c) is io.q or io.k (φ applied).
+    auto load_rows_now = [&](T* dst, long long ch, int n, auto&& get) {
         for (int e = tid; e < C * dkp; e += THREADS) {
             const int i = e / dkp, c = e % dkp;
-            float x = 0.f;
-            if (i < n && c < dk) x = phi(p.fm, mk::to_float(src[row_of(it, ch * C + i, p.reverse) * dk + c]));
+            const float x = (i < n && c < dk) ? get(row_of(it, ch * C + i, p.reverse), c) : 0.f;
             dst[i * ldq + c] = mk::from_float<T>(x);
         }
     };
@@ -697,11 +701,14 @@ __device__ void core_mma(const CoreArgs& p, unsigned char* smem) {
     auto load_v_now = [&](long long ch, int n) {
         for (int e = tid; e < C * TILE; e += THREADS) {
             const int i = e / TILE, j = e % TILE;
-            Vh[i * ldt + j] = (i < n && j < w) ? v[row_of(it, ch * C + i, p.reverse) * dv + j0 + j] : mk::from_float<T>(0.f);
+            const float x = (i < n && j < w) ? io.v(row_of(it, ch * C + i, p.reverse), j0 + j) : 0.f;
+            Vh[i * ldt + j] = mk::from_float<T>(x);
         }
     };
-    const bool vec_q = rows_vectorize<T>(q, dk), vec_k = rows_vectorize<T>(k, dk);
-    const bool vec_v = rows_vectorize<T>(v, dv), vec_o = rows_vectorize<T>(p.out, dv);
+    const bool vec_q = PIECES && rows_vectorize<T>(q, dk), vec_k = PIECES && rows_vectorize<T>(k, dk);
+    const bool vec_v = PIECES && rows_vectorize<T>(v, dv);
+    auto io_q = [&](long long row, int c) { return io.q(row, c); };
+    auto io_k = [&](long long row, int c) { return io.k(row, c); };
     auto rows_in = [&](long long ch) { return (int)min((long long)C, it.len - ch * C); };
     Rows pf_q, pf_k;
     VTile pf_v;
@@ -719,14 +726,14 @@ __device__ void core_mma(const CoreArgs& p, unsigned char* smem) {
         const bool ahead = ch + 1 < chunks;
         const int n_next = ahead ? rows_in(ch + 1) : 0;
         if (with_q) {
-            if (!vec_q) load_rows_now(Qh, q, ch, n);
+            if (!vec_q) load_rows_now(Qh, ch, n, io_q);
             else {
                 store_rows(Qh, pf_q, n);
                 if (ahead) fetch_rows(pf_q, q, ch + 1, n_next);
             }
         }
         if (with_kv) {
-            if (!vec_k) load_rows_now(Kh, k, ch, n);
+            if (!vec_k) load_rows_now(Kh, ch, n, io_k);
             else {
                 store_rows(Kh, pf_k, n);
                 if (ahead) fetch_rows(pf_k, k, ch + 1, n_next);
@@ -774,8 +781,9 @@ __device__ void core_mma(const CoreArgs& p, unsigned char* smem) {
         }
     }
     if (tid < TILE) ms[tid] = 0.f;
-    if (p.out != nullptr) first(true, p.causal);
-    for (long long ch = 0; ch < chunks && p.out != nullptr; ++ch) {
+    const bool has_out = io.has_out();
+    if (has_out) first(true, p.causal);
+    for (long long ch = 0; ch < chunks && has_out; ++ch) {
         const int n = rows_in(ch);
         __syncthreads();
         stage(true, p.causal, ch);
@@ -855,26 +863,10 @@ __device__ void core_mma(const CoreArgs& p, unsigned char* smem) {
                 Os[i * TILE_LD + j] = f * o[nt][e];
             }
         __syncthreads();
-        T* out = static_cast<T*>(p.out);
-        if (vec_o) {
-            constexpr int per = TILE / NV;
-            for (int e = tid; e < n * per; e += THREADS) {
-                const int i = e / per, j = (e % per) * NV;
-                if (j >= w) continue;
-                mk::Vec<T, NV> h;
-#pragma unroll
-                for (int u = 0; u < NV; ++u) h.v[u] = mk::from_float<T>(Os[i * TILE_LD + j + u]);
-                st16(out + row_of(it, ch * C + i, p.reverse) * dv + j0 + j, h);
-            }
-        } else {
-            for (int e = tid; e < n * TILE; e += THREADS) {
-                const int i = e / TILE, j = e % TILE;
-                if (j < w) out[row_of(it, ch * C + i, p.reverse) * dv + j0 + j] = mk::from_float<T>(Os[i * TILE_LD + j]);
-            }
-        }
+        io.store_chunk(Os, dens, ch * C, n, j0, w);
         if (p.causal) update_state();
     }
-    if (p.out == nullptr && p.causal) {
+    if (!has_out && p.causal) {
         first(false, true);
         for (long long ch = 0; ch < chunks; ++ch) {
             __syncthreads();
@@ -884,8 +876,8 @@ __device__ void core_mma(const CoreArgs& p, unsigned char* smem) {
         }
     }
     __syncthreads();
-    if (it.state_out >= 0 && p.s_out != nullptr) {
-        if (dv % 4 == 0 && (reinterpret_cast<uintptr_t>(p.s_out) & 15) == 0) {
+    if (io.has_state_out()) {
+        if (PIECES && dv % 4 == 0 && (reinterpret_cast<uintptr_t>(p.s_out) & 15) == 0) {
             const int per = w / 4;
             for (int e = tid; e < dk * per; e += THREADS) {
                 const int c = e / per, j = (e % per) * 4;
@@ -897,11 +889,11 @@ __device__ void core_mma(const CoreArgs& p, unsigned char* smem) {
         } else {
             for (int e = tid; e < dk * w; e += THREADS) {
                 const int c = e / w, j = e % w;
-                p.s_out[(it.state_out * dk + c) * dv + j0 + j] = Sf[c * TILE_LD + j];
+                io.store_state(c, j0 + j, Sf[c * TILE_LD + j]);
             }
         }
-        if (blockIdx.y == 0 && p.z_out != nullptr)
-            for (int c = tid; c < dk; c += THREADS) p.z_out[it.state_out * dk + c] = zs[c];
+        if (blockIdx.y == 0)
+            for (int c = tid; c < dk; c += THREADS) io.store_z(c, zs[c]);
     }
 }
 
@@ -1088,7 +1080,8 @@ __device__ void reference_backward(const RefBackwardArgs& r) {
 #define MK_CORE_MMA(SN, T, C)                                                           \
     extern "C" __global__ void __launch_bounds__(THREADS, 1) la_core_mma_##SN##_c##C(CoreArgs p) { \
         extern __shared__ __align__(16) unsigned char smem_mma[];                        \
-        core_mma<T, C>(p, smem_mma);                                                     \
+        const Item it = p.items[blockIdx.x];                                             \
+        core_mma<T, C>(p, it, ForwardIo<T, T>{p, it}, smem_mma);                         \
     }
 MK_CORE_MMA(f16, __half, 64)
 MK_CORE_MMA(f16, __half, 32)
@@ -1209,7 +1202,8 @@ extern "C" __global__ void la_state_scan(const float* __restrict__ local_s, cons
 }
 
 // ---------------------------------------------------------------- backward -----------------
-// Two launches, both the SIMT core with other I/O (see ForwardIo):
+// Two launches, both a core with other I/O (see ForwardIo); the SIMT core for f32 and
+// momentum, the tensor-core core for f16/bf16 otherwise (backward_*_mma below):
 //   1. la_backward_prep: the forward recomputed chunk by chunk (one block per item × 64-column
 //      v tile); instead of o it writes g' = [∂L/∂num, ∂L/∂den] to gp, a [rows, dv + tiles]
 //      scratch: gp[r, j] = f_r·g[r, j] (f = scale/den or scale) and, per v tile y,
@@ -1394,6 +1388,34 @@ __device__ void backward_passes(const BwdArgs& b, float* sm) {
     core<C>(p, it, PassIo<T>{b, it, pass}, sm);
 }
 
+// The same two launches on tensor cores, for f16/bf16 without momentum: the prep is the
+// tensor-core forward (its operands q, k, v in their own type), the passes round their
+// operands to bf16 whatever the input type. The passes' operands include the f32 gradient g'
+// = f·∂L/∂o with f = scale/den ~ 1/(T·Dk) on long normalised sequences, which f16 would take
+// into its subnormals (about 3% precision at T = 4096, Dk = 128), and the states ∂S: bf16 has
+// f32's range, one step less precision than f16 on q, k, v. Accumulation stays f32.
+// Except one pass: when normalising, dφ(q) = f·(S g − z (g·o/scale)) = f·(S − z ôᵀ) g is a
+// difference of nearly equal terms (z ôᵀ is S's mean part when φ ≥ 0), and rounding S and z
+// to 16 bits makes its error grow with the cancellation (1.7% against 0.4% for the other
+// gradients, CPU emulation); so that pass stays on the f32 SIMT core, in the same launch
+// (shared memory: the larger of the two plans).
+template <typename T, int C>
+__device__ void backward_prep_mma(const BwdArgs& b, unsigned char* smem) {
+    const CoreArgs p = prep_shape(b);
+    const Item it = b.items[blockIdx.x];
+    core_mma<T, C>(p, it, PrepIo<T>(p, it, b), smem);
+}
+
+template <typename T, int C>
+__device__ void backward_passes_mma(const BwdArgs& b, unsigned char* smem) {
+    const int pass = blockIdx.z;
+    const CoreArgs p = pass_shape(b, pass);
+    if ((int)blockIdx.y * TILE >= p.dv) return;  // the whole block: this pass is narrower
+    const Item it = b.items[blockIdx.x];
+    if (pass == 0 && b.normalize) core<C>(p, it, PassIo<T>{b, it, pass}, reinterpret_cast<float*>(smem));
+    else core_mma<__nv_bfloat16, C>(p, it, PassIo<T>{b, it, pass}, smem);
+}
+
 }  // namespace
 
 #define MK_BACKWARD(SN, T, C)                                                                             \
@@ -1406,9 +1428,23 @@ __device__ void backward_passes(const BwdArgs& b, float* sm) {
         backward_passes<T, C>(b, sm);                                                                     \
     }
 
+#define MK_BACKWARD_MMA(SN, T, C)                                                                                 \
+    extern "C" __global__ void __launch_bounds__(THREADS, 1) la_backward_prep_mma_##SN##_c##C(BwdArgs b) {   \
+        extern __shared__ __align__(16) unsigned char smem_mma[];                                             \
+        backward_prep_mma<T, C>(b, smem_mma);                                                                 \
+    }                                                                                                         \
+    extern "C" __global__ void __launch_bounds__(THREADS, 1) la_backward_passes_mma_##SN##_c##C(BwdArgs b) { \
+        extern __shared__ __align__(16) unsigned char smem_mma[];                                             \
+        backward_passes_mma<T, C>(b, smem_mma);                                                               \
+    }
+
 MK_BACKWARD(f32, float, 64)
 MK_BACKWARD(f32, float, 32)
 MK_BACKWARD(f16, __half, 64)
 MK_BACKWARD(f16, __half, 32)
 MK_BACKWARD(bf16, __nv_bfloat16, 64)
 MK_BACKWARD(bf16, __nv_bfloat16, 32)
+MK_BACKWARD_MMA(f16, __half, 64)
+MK_BACKWARD_MMA(f16, __half, 32)
+MK_BACKWARD_MMA(bf16, __nv_bfloat16, 64)
+MK_BACKWARD_MMA(bf16, __nv_bfloat16, 32)

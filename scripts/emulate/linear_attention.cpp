@@ -228,16 +228,23 @@ static BwdOut backward(const Problem<T>& p, const Opts& o, bool reference) {
     a.fm = o.fm; a.causal = o.causal; a.normalize = o.normalize; a.scale = o.scale; a.eps = o.eps;
     a.eta = o.eta >= 0 ? o.eta : -1.f;
     const bool c64 = dk <= 128, w64 = std::max(dk, dva) <= 128;
+    const bool mma = p.dt != F32 && o.eta < 0;  // tensor cores for 16-bit inputs without momentum
     std::function<void()> prep, passes;
 #define BWD(SN) \
     prep = c64 ? std::function<void()>([a] { la_backward_prep_##SN##_c64(a); }) : std::function<void()>([a] { la_backward_prep_##SN##_c32(a); }); \
     passes = w64 ? std::function<void()>([a] { la_backward_passes_##SN##_c64(a); }) : std::function<void()>([a] { la_backward_passes_##SN##_c32(a); });
-    if (p.dt == F32) { BWD(f32) } else if (p.dt == F16) { BWD(f16) } else { BWD(bf16) }
+    if (p.dt == F32) { BWD(f32) }
+    else if (p.dt == F16) { if (mma) { BWD(mma_f16) } else { BWD(f16) } }
+    else { if (mma) { BWD(mma_bf16) } else { BWD(bf16) } }
 #undef BWD
-    emu_launch({(unsigned)n_items, (unsigned)tiles, 1}, {EMU_THREADS, 1, 1}, simt_smem(c64 ? 64 : 32, dk), prep);
     const int ytiles = std::max((dk + 63) / 64, (dva + 63) / 64);
     const int wide = std::max(dk, dva);
-    emu_launch({(unsigned)n_items, (unsigned)ytiles, 3}, {EMU_THREADS, 1, 1}, simt_smem(w64 ? 64 : 32, wide), passes);
+    // The tensor-core passes run a normalised dφ(q) on the SIMT core: the larger plan.
+    const size_t prep_smem = mma ? mma_smem(c64 ? 64 : 32, dk) : simt_smem(c64 ? 64 : 32, dk);
+    size_t pass_smem = simt_smem(w64 ? 64 : 32, wide);
+    if (mma) pass_smem = o.normalize ? std::max(pass_smem, mma_smem(w64 ? 64 : 32, wide)) : mma_smem(w64 ? 64 : 32, wide);
+    emu_launch({(unsigned)n_items, (unsigned)tiles, 1}, {EMU_THREADS, 1, 1}, prep_smem, prep);
+    emu_launch({(unsigned)n_items, (unsigned)ytiles, 3}, {EMU_THREADS, 1, 1}, pass_smem, passes);
     return {floats(dq), floats(dkk), floats(dvv), ds0, dz0};
 }
 
@@ -357,10 +364,10 @@ int main(int argc, char** argv) {
         }
     {
         // Quick too (CI): both 16-byte paths once, pieces and a misaligned base; both chunks
-        // of the tensor-core core.
+        // of the tensor-core core, forward and backward.
         Opts o{1, 1, 1, 0.7f, 1e-3f, -1.f};
         run_case<__nv_bfloat16>(BF16, {37, 70}, 32, 72, o, true, false);
-        run_case<__half>(F16, {45, 32}, 256, 80, o, true, false);
+        run_case<__half>(F16, {45, 32}, 256, 80, o, true, true);
         run_case<float>(F32, {37, 70}, 8, 12, o, true, true, 1);
     }
     if (!quick) {
@@ -395,6 +402,13 @@ int main(int argc, char** argv) {
                 run_case<__half>(F16, {70}, 250, 40, w, !norm, false);
             }
         run_case<__nv_bfloat16>(BF16, {130}, 128, 128, o, true, false);     // the benchmark's widths
+        // The tensor-core backward at its widest: passes of key width Dv + 1 = 257 (past the
+        // forward's 256, on the element path), causal and not; a misaligned base.
+        for (int causal = 0; causal < 2; ++causal) {
+            Opts wv{1, causal, 1 - causal, 0.7f, 1e-3f, -1.f};
+            run_case<__nv_bfloat16>(BF16, {40, 33}, 24, 256, wv, true, true);
+        }
+        run_case<__half>(F16, {37, 70}, 32, 72, o, true, true, 1);
         run_case<__nv_bfloat16>(BF16, {37, 30}, 8, 16, m, false, true);    // momentum, SIMT pieces
     }
     for (int causal = 0; causal < 2; ++causal) run_f16_state_range(causal);

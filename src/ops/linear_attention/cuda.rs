@@ -16,11 +16,12 @@
 //! **Tensor cores.** Forward launches with f16/bf16 inputs and no momentum run
 //! `la_core_mma_<dt>_c<C>` (every Dk up to 256; chunks of 64 rows, 32 above Dk = 128), whose
 //! three chunk products are `mma.sync.m16n8k16` with f32 accumulation; everything else (f32,
-//! the momentum forward) runs the SIMT core `la_core_<dt>_to_<dt>_c<C>`, and so does the backward (its operands are f32 gradients and
-//! widths of Dv + 1 up to 257; see the .cu file).
+//! the momentum forward) runs the SIMT core `la_core_<dt>_to_<dt>_c<C>`.
 //!
-//! **Backward** (2 launches, both O(T), both the SIMT core with other I/O):
-//! `la_backward_prep_<dt>_c<C>` recomputes the forward chunk by chunk and writes
+//! **Backward** (2 launches, both O(T), both the core with other I/O; f16/bf16 without momentum
+//! on the tensor-core core, `la_backward_{prep,passes}_mma_<dt>_c<C>`, whose passes round their
+//! operands to bf16 (the f32 gradients they carry can leave f16's range) except a normalised
+//! dφ(q), which cancellation makes sensitive to rounding; the rest on the SIMT core): `la_backward_prep_<dt>_c<C>` recomputes the forward chunk by chunk and writes
 //! g' = [∂L/∂num, ∂L/∂den] (the ∂L/∂den column as one partial per 64-column v tile, summed in
 //! a fixed order by the readers); `la_backward_passes_<dt>_c<C>` runs the three passes
 //! (dφ(Q) forward in time; dφ(K) and dV' backward in time, the last carrying dS' to dS'_0 and
@@ -735,17 +736,27 @@ fn chunked_backward(
         eps: p.cfg.eps,
         eta: p.momentum.unwrap_or(-1.0),
     };
+    // Tensor cores for 16-bit inputs; the momentum's reverse sum lives in the SIMT core only.
+    let mma = matches!(a.q.dtype(), DType::F16 | DType::BF16) && p.momentum.is_none();
+    let kind = if mma { "mma_" } else { "" };
     // 1. The forward recomputed, g' written instead of o; its chunk follows Dk.
     let c = chunk_for(dk);
-    let cfg = core_grid(n_items, tiles, 1, core_smem_bytes(c, dk))?;
-    launch_backward(dev, &format!("la_backward_prep_{dts}_c{c}"), &args, cfg)?;
+    let smem = if mma { mma_smem_bytes(c, dk) } else { core_smem_bytes(c, dk) };
+    let cfg = core_grid(n_items, tiles, 1, smem)?;
+    launch_backward(dev, &format!("la_backward_prep_{kind}{dts}_c{c}"), &args, cfg)?;
     // 2. The three passes, of widths (dv+1) × dk, (dv+1) × dk and dk × (dv+1): chunk and
     //    shared memory follow the wider key width, the grid the most v tiles of any pass.
     let wide = dk.max(dv + 1);
     let c = chunk_for(wide);
     let tiles = dk.div_ceil(TILE).max((dv + 1).div_ceil(TILE));
-    let cfg = core_grid(n_items, tiles, 3, core_smem_bytes(c, wide))?;
-    launch_backward(dev, &format!("la_backward_passes_{dts}_c{c}"), &args, cfg)
+    // The tensor-core passes run a normalised dφ(q) on the SIMT core (see the .cu file).
+    let smem = match (mma, p.cfg.normalize) {
+        (false, _) => core_smem_bytes(c, wide),
+        (true, false) => mma_smem_bytes(c, wide),
+        (true, true) => mma_smem_bytes(c, wide).max(core_smem_bytes(c, wide)),
+    };
+    let cfg = core_grid(n_items, tiles, 3, smem)?;
+    launch_backward(dev, &format!("la_backward_passes_{kind}{dts}_c{c}"), &args, cfg)
 }
 
 fn launch_backward(dev: &CudaDevice, name: &str, args: &BwdArgs, cfg: LaunchConfig) -> Result<()> {

@@ -20,11 +20,13 @@
 //!   outputs in parallel); the chunk products run through an unpacked register-blocked GEMM
 //!   (`cpu_gemm.rs`, AVX-512 / AVX2 picked at run time), the forward reading q, k, v in place.
 //! - **CUDA** (`cuda.rs`, `kernels/linear_attention.cu`): one chunked "core" kernel, with the
-//!   state tile and z in shared memory for the whole sequence; f16/bf16 forwards (every Dk
-//!   up to 256) use tensor cores (`mma.sync.m16n8k16`, f32 accumulation), the rest f32 FMA.
-//!   Their operands are 16-bit: the state is rounded scaled by a power of two (so f16's 65504
-//!   does not cap it on long sequences), while the scores φ(q)·φ(k) within one chunk are
-//!   rounded as they are and must stay within the dtype's range. The
+//!   state tile and z in shared memory for the whole sequence; f16/bf16 (every Dk up to 256,
+//!   forward and backward) use tensor cores (`mma.sync.m16n8k16`, f32 accumulation), the rest
+//!   f32 FMA. Their operands are 16-bit: the forward's state is rounded scaled by a power of
+//!   two (so f16's 65504 does not cap it on long sequences), while the scores φ(q)·φ(k) within
+//!   one chunk are rounded as they are and must stay within the dtype's range; the backward's
+//!   gradient passes round to bf16 (f32's range), except a normalised ∂q, whose cancellation
+//!   keeps it on the f32 core. The
 //!   forward is one launch, or a split form (chunk-group states, a scan, then all groups'
 //!   outputs in parallel) when the sequences × heads do not fill the GPU; the backward is two
 //!   launches of the same core (the forward recomputed into ∂L/∂(numerator, denominator), then

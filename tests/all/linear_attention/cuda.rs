@@ -148,8 +148,10 @@ fn on_cpu(t: &Tensor) -> Tensor {
 }
 
 /// Backward on both CUDA paths against the CPU backward (checked against finite differences),
-/// for every feature map × causal × normalize × dtype, with initial and final-state grads; then
-/// wide heads (Dk = 200: the 32-row chunk in every pass; Dv = 256: five tiles of [dv, 1]).
+/// for every feature map × causal × normalize × dtype (f16/bf16: the tensor-core backward, its
+/// normalised dφ(q) pass on the SIMT core), with initial and final-state grads; then wide heads
+/// (Dk = 200: the 32-row chunk in every pass; Dv = 256: five tiles of [dv, 1], a key width of
+/// 257 in two of the passes).
 #[test]
 fn cuda_backward_matches_cpu() {
     let Some(gpu) = cuda_or_skip("cuda_backward_matches_cpu") else { return };
