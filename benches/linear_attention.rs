@@ -9,7 +9,8 @@
 //! written once), the fraction of the same-run ceiling (CPU: f32 GEMM rate; GPU: device copy
 //! bandwidth), and the speed-up over the unfused quadratic baseline (masked QKᵀ then ·V, on the
 //! same device: matrixmultiply on the CPU, `forward_quadratic` on the GPU), over the other GPU
-//! paths (fused, split) and, at a small shape, over the reference kernel.
+//! paths (fused, split) and, at a small shape, over the reference kernel. On the GPU also one
+//! wide-head shape, (2,8,2048,256), the 32-row chunks of the tensor-core kernels.
 
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use metakernels::bench_support::{best_ms, cpu_ceilings, device_copy_gbps, Measurement};
@@ -19,6 +20,8 @@ use metakernels::{DType, Device, Tensor};
 use rayon::prelude::*;
 
 const SHAPES: [(usize, usize, usize, usize); 3] = [(1, 8, 4096, 64), (4, 16, 2048, 128), (8, 8, 1024, 64)];
+/// Dk = Dv = 256: the tensor-core kernels' 32-row chunk (GPU report only).
+const WIDE_SHAPE: (usize, usize, usize, usize) = (2, 8, 2048, 256);
 
 /// The FLOP count of one pass over all heads.
 fn flops(b: usize, h: usize, t: usize, dk: usize, dv: usize) -> f64 {
@@ -166,7 +169,7 @@ fn cpu_report() {
 fn cuda_report(gpu: &Device) {
     let copy = device_copy_gbps(gpu).unwrap_or(f64::NAN);
     println!("[metakernels] {}: device copy {copy:.1} GB/s", gpu.name());
-    for shape in SHAPES {
+    for shape in SHAPES.into_iter().chain([WIDE_SHAPE]) {
         let (b, h, t, d) = shape;
         let dtype = DType::BF16;
         let (q, k, v) = inputs(shape, dtype, gpu);
