@@ -11,9 +11,11 @@ second order: torch.func.grad of the adapted query loss through the unrolled inn
     /tmp/maml_torch_venv/bin/python scripts/compare/maml_torch.py --device cuda   # or cpu
 
 Timing: best of `--reps` calls after warm-up; CUDA calls are timed with CUDA events around the
-call (the same way metakernels' benchmarks time kernels).
+call (the same way metakernels' benchmarks time kernels). Prints one JSON object per k (the
+GPU bundle's run.sh gathers lines starting with `{` into summary.json) after a readable line.
 """
 import argparse
+import json
 import math
 import time
 
@@ -83,7 +85,12 @@ def main():
                 t0 = time.perf_counter()
                 meta(params)
                 best = min(best, (time.perf_counter() - t0) * 1e3)
-        print(f"[torch.func] maml/sinusoid_meta_gradient T{TASKS} 1-40-40-1 K{K} k{steps} f32 second order: {best:.4f} ms")
+        shape = f"T{TASKS} 1-40-40-1 K{K} k{steps} f32 second order"
+        print(f"[torch.func] maml/sinusoid_meta_gradient {shape}: {best:.4f} ms")
+        print(json.dumps({
+            "kernel": "torch.func maml/sinusoid_meta_gradient (vmap of grad of grad)",
+            "shape": shape, "steps": steps, "device": str(dev), "ms": best, "torch": torch.__version__,
+        }))
 
 
 if __name__ == "__main__":
