@@ -5,13 +5,20 @@
 //! the forward, the three backward passes and the split form share one kernel. Its arguments
 //! travel as one `#[repr(C)]` struct mirroring `CoreArgs` in the .cu file.
 //!
-//! **Forward rule.** One block runs one (sequence, head) × 64-column tile of v. When those
-//! blocks fill the GPU (≥ one per SM), or the call has a momentum term, or a sequence has
-//! fewer than four chunks, the forward is one fused launch. Otherwise it is split: each
-//! sequence is cut into G groups of chunks (G ≈ 2·SMs / blocks) whose local states one launch
-//! computes, `la_state_scan` turns them into each group's initial state and the final state,
-//! and a second core launch computes all groups' outputs in parallel. The threshold is the
-//! occupancy argument above; it has not yet been tuned by measurement on a GPU.
+//! **Forward rule.** One block runs one (sequence, head) × 64-column tile of v. The split form
+//! cuts each sequence into G groups of chunks: one launch computes the groups' local states,
+//! `la_state_scan` turns them into each group's initial state and the final state, and a
+//! second core launch computes all groups' outputs in parallel. It buys parallelism with a
+//! second read of k and v, so the rule (`split_groups`) compares waves: with W blocks
+//! resident per wave (SMs × the kernel's occupancy), the fused form takes ⌈blocks/W⌉ waves of
+//! whole sequences, the split ⌈G·blocks/W⌉ waves of 1/G of a sequence, each group paying the
+//! state pass too (counted as half an output pass: it reads k and v, writes no output, and
+//! does one of the three chunk products) and its state's trips through memory (written,
+//! scanned, read back: 3·Dk·64 floats against the block's q, k, v, o traffic over the
+//! sequence). The G with the fewest estimated sequence-times is taken if it beats the fused
+//! form by 10%. A momentum term, or sequences under four chunks,
+//! stay fused. The constants are reasoned, not yet measured on a GPU: the benchmark times
+//! Auto, Fused and Split side by side so the first GPU run can check them.
 //!
 //! **Tensor cores.** Forward launches with f16/bf16 inputs and no momentum run
 //! `la_core_mma_<dt>_c<C>` (every Dk up to 256; chunks of 64 rows, 32 above Dk = 128), whose
@@ -263,6 +270,18 @@ fn core_grid(n_items: usize, tiles: usize, passes: u32, smem: usize) -> Result<L
     })
 }
 
+/// The forward core kernel for `args` and its dynamic shared memory in bytes.
+fn core_kernel(in_dtype: DType, args: &CoreArgs) -> (String, usize) {
+    let dk = args.dk as usize;
+    let c = chunk_for(dk);
+    let dt = in_dtype.as_str();
+    if uses_mma(in_dtype, args) {
+        (format!("la_core_mma_{dt}_c{c}"), mma_smem_bytes(c, dk))
+    } else {
+        (format!("la_core_{dt}_to_{dt}_c{c}"), core_smem_bytes(c, dk))
+    }
+}
+
 /// Launches the forward core over `items` with `args` (pointers filled in by the caller).
 fn launch_core(
     dev: &CudaDevice,
@@ -271,14 +290,7 @@ fn launch_core(
     n_items: usize,
     width_v: usize,
 ) -> Result<()> {
-    let dk = args.dk as usize;
-    let c = chunk_for(dk);
-    let dt = in_dtype.as_str();
-    let (name, smem) = if uses_mma(in_dtype, args) {
-        (format!("la_core_mma_{dt}_c{c}"), mma_smem_bytes(c, dk))
-    } else {
-        (format!("la_core_{dt}_to_{dt}_c{c}"), core_smem_bytes(c, dk))
-    };
+    let (name, smem) = core_kernel(in_dtype, args);
     let f = dev.function(MODULE, &name)?;
     dev.allow_shared_bytes(&f, &name, smem)?;
     if n_items == 0 {
@@ -322,7 +334,7 @@ fn sm_count(dev: &CudaDevice) -> Result<usize> {
 }
 
 /// The number of chunk groups per sequence for the split form, or 1 for the fused form.
-fn split_groups(dev: &CudaDevice, p: &Problem, path: KernelPath) -> Result<usize> {
+fn split_groups(dev: &CudaDevice, p: &Problem, a: &ForwardArgs<'_>, path: KernelPath) -> Result<usize> {
     if p.momentum.is_some() || matches!(path, KernelPath::Fused | KernelPath::Reference) {
         return Ok(1);
     }
@@ -331,13 +343,54 @@ fn split_groups(dev: &CudaDevice, p: &Problem, path: KernelPath) -> Result<usize
     let c = 64;
     let max_chunks = p.segments.iter().map(|s| s.len.div_ceil(c)).max().unwrap_or(1);
     let blocks = p.segments.len() * p.dv.div_ceil(TILE);
-    let sms = sm_count(dev)?;
-    let groups = (2 * sms).div_ceil(blocks).min(max_chunks);
-    let split = match path {
-        KernelPath::Split => groups > 1,
-        _ => blocks < sms && max_chunks >= 4 && groups > 1,
-    };
-    Ok(if split { groups } else { 1 })
+    if path == KernelPath::Split {
+        return Ok((2 * sm_count(dev)?).div_ceil(blocks.max(1)).min(max_chunks));
+    }
+    if max_chunks < 4 {
+        return Ok(1);
+    }
+    let mut args = CoreArgs { dk: p.dk as i32, eta: -1.0, ..CoreArgs::default() };
+    fill_core_options(&mut args, p);
+    let (name, smem) = core_kernel(a.q.dtype(), &args);
+    let f = dev.function(MODULE, &name)?;
+    dev.allow_shared_bytes(&f, &name, smem)?;
+    let per_sm = f
+        .occupancy_max_active_blocks_per_multiprocessor(THREADS, smem, None)
+        .map_err(driver(format!("occupancy of {name}")))?;
+    let per_wave = sm_count(dev)? * (per_sm as usize).max(1);
+    // A group's state trips against one block's traffic over its whole sequence.
+    let longest = p.segments.iter().map(|s| s.len).max().unwrap_or(1);
+    let sequence_bytes = longest * (2 * p.dk + 2 * TILE) * a.q.dtype().size_in_bytes();
+    let group_overhead = (3 * p.dk * TILE * 4) as f64 / sequence_bytes.max(1) as f64;
+    Ok(cheapest_groups(blocks, per_wave, max_chunks, p.cfg.causal, group_overhead))
+}
+
+/// The split form's state pass, in output passes (see the module docs).
+const STATE_PASS_SHARE: f64 = 0.5;
+
+/// The forward rule's choice (module docs): 1 (fused) or the number of groups G ≥ 2 whose
+/// estimated time, in waves × the share of a whole sequence each block runs, is lowest, when it
+/// beats the fused form by 10%. `per_wave`: blocks resident at once; `max_chunks`: the longest
+/// sequence's chunks (a group holds at least one); `group_overhead`: one group's state traffic
+/// in whole-sequence units.
+fn cheapest_groups(
+    blocks: usize,
+    per_wave: usize,
+    max_chunks: usize,
+    causal: bool,
+    group_overhead: f64,
+) -> usize {
+    let waves = |n: usize| n.div_ceil(per_wave.max(1)) as f64;
+    // Non-causal, the fused form sweeps k and v twice too (the whole state first).
+    let fused = waves(blocks) * if causal { 1.0 } else { 1.0 + STATE_PASS_SHARE };
+    let split = |g: usize| waves(g * blocks) * ((1.0 + STATE_PASS_SHARE) / g as f64 + group_overhead);
+    let most = max_chunks.min(4 * per_wave.div_ceil(blocks.max(1))).max(2);
+    let best = (2..=most).min_by(|&x, &y| split(x).total_cmp(&split(y))).unwrap_or(1);
+    if max_chunks >= 2 && split(best) < 0.9 * fused {
+        best
+    } else {
+        1
+    }
 }
 
 pub(super) fn forward(p: &Problem, a: &ForwardArgs<'_>, path: KernelPath) -> Result<ForwardResult> {
@@ -350,7 +403,7 @@ pub(super) fn forward(p: &Problem, a: &ForwardArgs<'_>, path: KernelPath) -> Res
     if path == KernelPath::Reference {
         reference_forward(dev, p, a, &mut out, &mut s_out, &mut z_out)?;
     } else {
-        let groups = split_groups(dev, p, path)?;
+        let groups = split_groups(dev, p, a, path)?;
         if groups == 1 {
             fused_forward(dev, p, a, &mut out, &mut s_out, &mut z_out)?;
         } else {
@@ -770,4 +823,51 @@ fn launch_backward(dev: &CudaDevice, name: &str, args: &BwdArgs, cfg: LaunchConf
     // the widest pass.
     unsafe { b.launch(cfg) }.map_err(driver(format!("launching {name}")))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cheapest_groups;
+
+    /// H200: 132 SMs; the tensor-core core runs one 256-thread block per SM.
+    const WAVE: usize = 132;
+
+    #[test]
+    fn few_long_sequences_split() {
+        // (1,8,4096,64) bf16: 8 blocks on 132 SMs, 64 chunks each; a group's state trips are
+        // 3·64·64 floats against 4096·256 halves of traffic.
+        let g = cheapest_groups(8, WAVE, 64, true, 0.023);
+        assert!((8..=64).contains(&g), "{g} groups");
+        assert!(g * 8 <= 2 * WAVE, "at most two waves: {g} groups");
+    }
+
+    #[test]
+    fn a_nearly_full_wave_stays_fused() {
+        // (4,16,2048,128): 64 items × 2 v tiles = 128 blocks, 97% of a wave: a split would
+        // re-read k and v to fill the last 4 SMs.
+        for overhead in [0.0, 0.05] {
+            assert_eq!(cheapest_groups(128, WAVE, 32, true, overhead), 1);
+            assert_eq!(cheapest_groups(128, WAVE, 32, false, overhead), 1);
+            assert_eq!(cheapest_groups(WAVE, WAVE, 32, true, overhead), 1);
+            assert_eq!(cheapest_groups(10 * WAVE, WAVE, 32, true, overhead), 1);
+        }
+    }
+
+    #[test]
+    fn half_a_wave_splits_while_the_state_trips_are_cheap() {
+        // 64 blocks: two groups fill one wave with half a sequence plus its state pass each
+        // (0.75 + overhead against 1.0 fused).
+        assert_eq!(cheapest_groups(64, WAVE, 32, true, 0.02), 2);
+        assert_eq!(cheapest_groups(64, WAVE, 32, true, 0.3), 1);
+        // A quarter of a wave: splitting wins.
+        assert!(cheapest_groups(32, WAVE, 32, true, 0.02) > 1);
+    }
+
+    #[test]
+    fn groups_never_exceed_the_chunks() {
+        for chunks in 1..8 {
+            let g = cheapest_groups(1, WAVE, chunks, true, 0.0);
+            assert!(g <= chunks.max(1), "{g} groups for {chunks} chunks");
+        }
+    }
 }

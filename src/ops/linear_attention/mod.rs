@@ -26,12 +26,11 @@
 //!   two (so f16's 65504 does not cap it on long sequences), while the scores φ(q)·φ(k) within
 //!   one chunk are rounded as they are and must stay within the dtype's range; the backward's
 //!   gradient passes round to bf16 (f32's range), except a normalised ∂q, whose cancellation
-//!   keeps it on the f32 core. The
-//!   forward is one launch, or a split form (chunk-group states, a scan, then all groups'
-//!   outputs in parallel) when the sequences × heads do not fill the GPU; the backward is two
-//!   launches of the same core (the forward recomputed into ∂L/∂(numerator, denominator), then
-//!   the three gradient passes side by side). O(T²) reference kernels sit beside them for the
-//!   tests.
+//!   keeps it on the f32 core. The forward is one launch, or a split form (chunk-group
+//!   states, a scan, then all groups' outputs in parallel) when the sequences × heads leave
+//!   much of the GPU idle; the backward is two launches of the same core (the forward
+//!   recomputed into ∂L/∂(numerator, denominator), then the three gradient passes side by
+//!   side). O(T²) reference kernels sit beside them for the tests.
 //!
 //! This file holds the public API, the validation of every argument, and the dispatch. Both
 //! back ends see the same `Problem`: a list of `Segment`s, one per (sequence, head), each a
@@ -180,8 +179,8 @@ pub struct LinearAttentionGrads {
 #[doc(hidden)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KernelPath {
-    /// The rule documented in `cuda.rs`: fused when the (sequence, head) × Dv-tile blocks fill
-    /// the GPU, split otherwise.
+    /// The rule documented in `cuda.rs`: the split form when its estimated waves beat the
+    /// fused form's (few, long sequences), fused otherwise.
     Auto,
     /// The O(T²) reference kernels.
     Reference,
