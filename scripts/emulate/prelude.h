@@ -19,7 +19,7 @@
 // __syncwarp in a partial warp is undefined on the GPU), a barrier that not every live thread
 // reaches (deadlock), writes past the launched dynamic shared memory.
 //
-// Global memory: the five drivers allocate every device buffer as an emu::DeviceVec<T> (see "global
+// Global memory: the drivers allocate every device buffer as an emu::DeviceVec<T> (see "global
 // memory" below), its end against an inaccessible guard region (EMU_GUARD=before: its start),
 // so an out-of-bounds read or write faults at the instruction; the SIGSEGV handler prints
 //   EMULATION ERROR (block x,y,z thread t): out-of-bounds global access at <addr>: N bytes past

@@ -47,11 +47,19 @@ macro_rules! nearest {
 nearest!(nearest_f16, f16);
 nearest!(nearest_bf16, bf16);
 
-/// Values that exercise rounding: normal data at several scales, plus ties and specials.
+/// Values that exercise rounding: normal data at several scales, plus ties and specials. The
+/// `just_above` values sit a hair above a 16-bit tie, below f32's resolution: rounding f64 to f32
+/// first lands on the tie, which then rounds to even, the wrong way (double rounding); a
+/// correctly rounded cast goes up.
 fn cast_inputs(n: usize, seed: u64) -> Vec<f64> {
     let mut rng = Rng::new(seed);
     let mut v: Vec<f64> = (0..n).map(|i| rng.normal() * 10f64.powi((i % 7) as i32 - 3)).collect();
     v.extend([0.0, -0.0, 1.0 + 2f64.powi(-11), 65504.0, 1e-8, -3.0e38]);
+    v.extend([f64::INFINITY, f64::NEG_INFINITY, f64::NAN, 65520.0, 3.3961776e38]);
+    let just_above = |tie: f64| tie + 2f64.powi(-40);
+    for x in [just_above(1.0 + 2f64.powi(-8)), just_above(1.0 + 2f64.powi(-11))] {
+        v.extend([x, -x]);
+    }
     v
 }
 
