@@ -669,12 +669,21 @@ __device__ void core_mma(const CoreArgs& p, const Item& it, const Io& io, unsign
             st16(dst + i * ldq + c, h);
         }
     };
-    // The element path: get(row, c) is io.q or io.k (φ applied).
+    // The element path, a thread NV consecutive columns at a time (one index split and one
+    // 16-byte shared store per NV elements; the rows are whole pieces of the padded widths).
+    // get(row, c) is io.q or io.k (φ applied); zeros past the row count and the width.
+    auto load_piece_now = [&](T* dst, long long ch, int n, int i, int c0, int width, auto&& get) {
+        mk::Vec<T, NV> h;
+        const long long row = row_of(it, ch * C + i, p.reverse);
+#pragma unroll
+        for (int u = 0; u < NV; ++u) h.v[u] = mk::from_float<T>(i < n && c0 + u < width ? get(row, c0 + u) : 0.f);
+        st16(dst, h);
+    };
     auto load_rows_now = [&](T* dst, long long ch, int n, auto&& get) {
-        for (int e = tid; e < C * dkp; e += THREADS) {
-            const int i = e / dkp, c = e % dkp;
-            const float x = (i < n && c < dk) ? get(row_of(it, ch * C + i, p.reverse), c) : 0.f;
-            dst[i * ldq + c] = mk::from_float<T>(x);
+        const int per = dkp / NV;
+        for (int e = tid; e < C * per; e += THREADS) {
+            const int i = e / per, c0 = (e % per) * NV;
+            load_piece_now(dst + i * ldq + c0, ch, n, i, c0, dk, get);
         }
     };
     auto fetch_v = [&](VTile& pf, long long ch, int n) {
@@ -699,10 +708,11 @@ __device__ void core_mma(const CoreArgs& p, const Item& it, const Io& io, unsign
         }
     };
     auto load_v_now = [&](long long ch, int n) {
-        for (int e = tid; e < C * TILE; e += THREADS) {
-            const int i = e / TILE, j = e % TILE;
-            const float x = (i < n && j < w) ? io.v(row_of(it, ch * C + i, p.reverse), j0 + j) : 0.f;
-            Vh[i * ldt + j] = mk::from_float<T>(x);
+        constexpr int per = TILE / NV;
+        auto get = [&](long long row, int j) { return io.v(row, j0 + j); };
+        for (int e = tid; e < C * per; e += THREADS) {
+            const int i = e / per, j = (e % per) * NV;
+            load_piece_now(Vh + i * ldt + j, ch, n, i, j, w, get);
         }
     };
     const bool vec_q = PIECES && rows_vectorize<T>(q, dk), vec_k = PIECES && rows_vectorize<T>(k, dk);
