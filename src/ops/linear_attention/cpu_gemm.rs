@@ -3,13 +3,18 @@
 //! `matrixmultiply` packs both operands on every call; for the 64-row chunk products that
 //! packing costs about as much as the arithmetic. Here every operand is already in L1/L2 and
 //! B is row-major, so a register-blocked loop (4 rows × 32 columns of C in registers, one row
-//! of B loaded and four elements of A broadcast per step) runs without packing. The body is
-//! compiled three times — AVX-512, AVX2+FMA, and the baseline — and picked at run time.
+//! of B loaded and four elements of A broadcast per step) runs without packing. Columns past the
+//! last multiple of 32 go through the same loop 8 wide, on B's tail columns packed once per
+//! call into zero-padded 8-vectors: the backward's augmented width Dv + 1 = 65 leaves one such
+//! column, which a scalar loop made cost four times the 64 others. The body is compiled three times — AVX-512,
+//! AVX2+FMA, and the baseline — and picked at run time.
 
 use crate::{Error, Result};
 
 const MR: usize = 4;
 const NR: usize = 32;
+/// Width of the blocks over the columns past the last multiple of NR.
+const NR_TAIL: usize = 8;
 
 /// C (m×n, row stride `ldc`) = A·B (+ C when `accumulate`), with A's element (i, p) at
 /// `a[i·rsa + p·csa]` and B row-major k×n with row stride `ldb`.
@@ -79,15 +84,29 @@ impl Gemm {
     #[inline(always)]
     fn body(&self, a: &[f32], b: &[f32], c: &mut [f32]) {
         let full_cols = self.n - self.n % NR;
+        let row_blocks = self.m - self.m % MR;
         for j0 in (0..full_cols).step_by(NR) {
-            let mut i0 = 0;
-            while i0 + MR <= self.m {
+            for i0 in (0..row_blocks).step_by(MR) {
                 self.block(a, b, c, i0, j0);
-                i0 += MR;
             }
-            self.edge(a, b, c, i0..self.m, j0..j0 + NR);
+            self.edge(a, b, c, row_blocks..self.m, j0..j0 + NR);
         }
-        self.edge(a, b, c, 0..self.m, full_cols..self.n);
+        let mut packed = Vec::new();
+        for j0 in (full_cols..self.n).step_by(NR_TAIL) {
+            let width = NR_TAIL.min(self.n - j0);
+            if row_blocks > 0 {
+                packed.clear();
+                packed.extend((0..self.k).map(|p| {
+                    // Element by element: a copy of `width` floats would be a memcpy call.
+                    let src = &b[p * self.ldb + j0..p * self.ldb + j0 + width];
+                    std::array::from_fn(|j| if j < width { src[j] } else { 0.0 })
+                }));
+            }
+            for i0 in (0..row_blocks).step_by(MR) {
+                self.tail_block(a, &packed, c, i0, j0, width);
+            }
+            self.edge(a, b, c, row_blocks..self.m, j0..j0 + width);
+        }
     }
 
     /// The MR × NR register block of C at (i0, j0).
@@ -113,6 +132,37 @@ impl Gemm {
                 out.iter_mut().zip(acc_r).for_each(|(o, x)| *o += x);
             } else {
                 out.copy_from_slice(acc_r);
+            }
+        }
+    }
+
+    /// The MR × `width` block of C at (i0, j0), `width` ≤ NR_TAIL: `block` on 8-vectors, with
+    /// B's columns j0.. packed row by row (zero-padded) in `packed`.
+    #[inline(always)]
+    fn tail_block(
+        &self,
+        a: &[f32],
+        packed: &[[f32; NR_TAIL]],
+        c: &mut [f32],
+        i0: usize,
+        j0: usize,
+        width: usize,
+    ) {
+        let mut acc = [[0f32; NR_TAIL]; MR];
+        for (p, row) in packed.iter().enumerate() {
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                let x = a[(i0 + r) * self.rsa + p * self.csa];
+                for (o, &y) in acc_r.iter_mut().zip(row) {
+                    *o = x.mul_add(y, *o);
+                }
+            }
+        }
+        for (r, acc_r) in acc.iter().enumerate() {
+            let out = &mut c[(i0 + r) * self.ldc + j0..(i0 + r) * self.ldc + j0 + width];
+            if self.accumulate {
+                out.iter_mut().zip(acc_r).for_each(|(o, x)| *o += x);
+            } else {
+                out.copy_from_slice(&acc_r[..width]);
             }
         }
     }
@@ -153,7 +203,16 @@ mod tests {
 
     #[test]
     fn matches_naive_on_ragged_shapes() {
-        for (m, n, k) in [(64, 64, 64), (5, 33, 7), (1, 1, 1), (67, 65, 3), (4, 32, 0)] {
+        for (m, n, k) in [
+            (64, 64, 64),
+            (5, 33, 7),
+            (1, 1, 1),
+            (67, 65, 3),
+            (4, 32, 0),
+            (64, 65, 64),
+            (8, 47, 5),
+            (7, 3, 9),
+        ] {
             let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
             let b: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.11).cos()).collect();
             for accumulate in [false, true] {
