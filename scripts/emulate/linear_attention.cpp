@@ -331,15 +331,15 @@ static void run_quadratic(Dt dt, int heads, long long t, int dk, int dv, Opts o)
 // f16's range: values with a large mean over a long sequence drive the state past 65504, which
 // the tensor-core kernel must survive (it rounds S scaled by a power of two). Normalised, so the
 // output itself stays small.
-static void run_f16_state_range(bool causal) {
+static void run_f16_state_range(bool causal, int off = 1, int dk = 6, int dv = 9, long long t = 1500, float shift = 40.f) {
     Opts o{1, causal, 1, 1.f, 1e-3f, -1.f};
-    auto p = make<__half>(F16, {1500}, 1, 6, 9, false, false, true);
-    for (auto& x : p.v) x = cvt<__half>(back(x) + 40.f);
+    auto p = make<__half>(F16, {t}, off, dk, dv, false, false, true);
+    for (auto& x : p.v) x = cvt<__half>(back(x) + shift);
     auto ref = forward(p, o, 0, 1);
     float largest = 0.f;
     for (float x : ref.s) largest = std::max(largest, std::fabs(x));
     char tag[160];
-    std::snprintf(tag, sizeof tag, "f16 state range c=%d (largest |S| %.0f > 65504)", causal, largest);
+    std::snprintf(tag, sizeof tag, "f16 state range c=%d dk=%d dv=%d off=%d (largest |S| %.0f > 65504)", causal, dk, dv, off, largest);
     compare(std::string(tag) + " fwd fused o", forward(p, o, 1, 1).o, ref.o, 1e-2);
     compare(std::string(tag) + " fwd split o", forward(p, o, 2, 3).o, ref.o, 1e-2);
 }
@@ -410,7 +410,24 @@ int main(int argc, char** argv) {
         }
         run_case<__half>(F16, {37, 70}, 32, 72, o, true, true, 1);
         run_case<__nv_bfloat16>(BF16, {37, 30}, 8, 16, m, false, true);    // momentum, SIMT pieces
+        // Not exercised above (review): the f16 backward without normalisation (its dφ(q) pass on
+        // tensor cores too), causal and not; the mixed launch (SIMT dφ(q) beside the tensor-core
+        // passes) at key width 257, causal; Dk = Dv = 256 together (prep in 32-row chunks over four
+        // v tiles of pieces, passes over five), both dtypes, normalised and not; one-row and
+        // exact-chunk segments on the tensor-core paths.
+        for (int causal = 0; causal < 2; ++causal) {
+            Opts u{2, causal, 0, 0.7f, 1e-3f, -1.f};
+            run_case<__half>(F16, {37, 70}, 32, 72, u, true, true);
+        }
+        run_case<__nv_bfloat16>(BF16, {40, 33}, 24, 256, o, true, true);
+        run_case<__half>(F16, {33}, 256, 256, o, true, true);
+        run_case<__nv_bfloat16>(BF16, {33}, 136, 256, Opts{0, 1, 0, 0.7f, 1e-3f, -1.f}, false, true);
+        run_case<__nv_bfloat16>(BF16, {1, 64, 65}, 16, 8, o, true, true);
+        run_case<__half>(F16, {1, 32, 33}, 136, 8, Opts{1, 0, 1, 0.7f, 1e-3f, -1.f}, true, true);
     }
     for (int causal = 0; causal < 2; ++causal) run_f16_state_range(causal);
+    // The same past f16's range on the 16-byte pieces and the 32-row chunk (Dk > 128).
+    if (!quick)
+        for (int causal = 0; causal < 2; ++causal) run_f16_state_range(causal, 0, 136, 16, 500, 120.f);
     return finish(start);
 }

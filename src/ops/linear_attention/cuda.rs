@@ -802,14 +802,21 @@ fn chunked_backward(
     let wide = dk.max(dv + 1);
     let c = chunk_for(wide);
     let tiles = dk.div_ceil(TILE).max((dv + 1).div_ceil(TILE));
-    // The tensor-core passes run a normalised dφ(q) on the SIMT core (see the .cu file).
-    let smem = match (mma, p.cfg.normalize) {
+    let cfg = core_grid(n_items, tiles, 3, passes_smem_bytes(mma, p.cfg.normalize, dk, dv))?;
+    launch_backward(dev, &format!("la_backward_passes_{kind}{dts}_c{c}"), &args, cfg)
+}
+
+/// Dynamic shared memory of the backward's passes launch: the plan of the wider key width,
+/// dk or dv + 1. The tensor-core passes run a normalised dφ(q) on the SIMT core in the same
+/// launch (see the .cu file), so they get the larger of the two plans.
+fn passes_smem_bytes(mma: bool, normalize: bool, dk: usize, dv: usize) -> usize {
+    let wide = dk.max(dv + 1);
+    let c = chunk_for(wide);
+    match (mma, normalize) {
         (false, _) => core_smem_bytes(c, wide),
         (true, false) => mma_smem_bytes(c, wide),
         (true, true) => mma_smem_bytes(c, wide).max(core_smem_bytes(c, wide)),
-    };
-    let cfg = core_grid(n_items, tiles, 3, smem)?;
-    launch_backward(dev, &format!("la_backward_passes_{kind}{dts}_c{c}"), &args, cfg)
+    }
 }
 
 fn launch_backward(dev: &CudaDevice, name: &str, args: &BwdArgs, cfg: LaunchConfig) -> Result<()> {
@@ -827,7 +834,56 @@ fn launch_backward(dev: &CudaDevice, name: &str, args: &BwdArgs, cfg: LaunchConf
 
 #[cfg(test)]
 mod tests {
-    use super::cheapest_groups;
+    use super::{
+        cheapest_groups, chunk_for, core_kernel, core_smem_bytes, mma_smem_bytes, passes_smem_bytes, CoreArgs,
+    };
+    use crate::DType;
+
+    /// The most dynamic shared memory an sm_80 block may opt into (163 KiB; sm_90: 227 KiB).
+    const SM80_OPTIN: usize = 163 * 1024;
+
+    /// Every launch's shared memory at every head width the API accepts (1..=256) fits an sm_80
+    /// block: the forward (SIMT and tensor-core), the backward's prep and its passes (key widths
+    /// up to Dv + 1 = 257, the mixed SIMT/tensor-core launch taking the larger plan). A plan
+    /// past the limit would be refused by `allow_shared_bytes` on the GPU, not caught on the CPU.
+    #[test]
+    fn shared_memory_fits_sm80_at_every_width() {
+        for dk in 1..=256usize {
+            for dtype in [DType::F32, DType::F16, DType::BF16] {
+                for eta in [-1.0f32, 0.5] {
+                    let args = CoreArgs { dk: dk as i32, eta, ..CoreArgs::default() };
+                    let (name, smem) = core_kernel(dtype, &args);
+                    assert!(smem <= SM80_OPTIN, "{name} at Dk {dk}: {smem} bytes");
+                }
+            }
+            let c = chunk_for(dk);
+            assert!(mma_smem_bytes(c, dk).max(core_smem_bytes(c, dk)) <= SM80_OPTIN, "prep at Dk {dk}");
+            for dv in 1..=256usize {
+                for (mma, normalize) in [(false, false), (false, true), (true, false), (true, true)] {
+                    let smem = passes_smem_bytes(mma, normalize, dk, dv);
+                    assert!(
+                        smem <= SM80_OPTIN,
+                        "passes mma={mma} normalize={normalize} Dk {dk} Dv {dv}: {smem}"
+                    );
+                }
+            }
+        }
+        // The widest: the mixed passes launch at key width 257 (padded to 272) in 32-row chunks.
+        assert_eq!(passes_smem_bytes(true, true, 256, 256), mma_smem_bytes(32, 257));
+        assert_eq!(mma_smem_bytes(32, 257), 164_736);
+    }
+
+    /// The tensor-core plan mirrors `SmemMma` in the .cu file: halves (q, k, v, A, the 16-bit
+    /// state) with rows padded by 8, then, 16-byte aligned, the f32 state, z, dens, m and o.
+    #[test]
+    fn mma_plan_by_hand() {
+        // C = 64, Dk = 64: ldq = 72, ldt = 72; halves 2·64·72 + 2·64·72 + 64·72 = 23040 (46080
+        // bytes), floats 64·65 + 64 + 64 + 64 + 64·65 = 8512 (34048 bytes).
+        assert_eq!(mma_smem_bytes(64, 64), 46_080 + 34_048);
+        // Dk = 6 pads to 16: halves 2·64·24 + 2·64·72 + 16·72 = 13440 (26880 bytes), floats
+        // 16·65 + 16 + 64 + 64 + 64·65 = 5344 (21376 bytes).
+        assert_eq!(mma_smem_bytes(64, 6), 26_880 + 21_376);
+    }
 
     /// H200: 132 SMs; the tensor-core core runs one 256-thread block per SM.
     const WAVE: usize = 132;
@@ -861,6 +917,29 @@ mod tests {
         assert_eq!(cheapest_groups(64, WAVE, 32, true, 0.3), 1);
         // A quarter of a wave: splitting wins.
         assert!(cheapest_groups(32, WAVE, 32, true, 0.02) > 1);
+    }
+
+    #[test]
+    fn the_issues_shapes() {
+        // (8,8,1024,64) bf16: 64 blocks, half a wave; a group's state trips 3·64·64 floats
+        // against 1024·256 halves: two groups fill the wave.
+        assert_eq!(cheapest_groups(64, WAVE, 16, true, 0.094), 2);
+        // (2,8,2048,256), the benchmark's wide shape: 16 items × 4 v tiles.
+        assert_eq!(cheapest_groups(64, WAVE, 32, true, 0.075), 2);
+    }
+
+    #[test]
+    fn degenerate_inputs_never_panic() {
+        for blocks in [0, 1, 7, 1 << 20, 1 << 40] {
+            for per_wave in [0, 1, WAVE] {
+                for max_chunks in [0, 1, 2, 5, 1 << 20] {
+                    for causal in [true, false] {
+                        let g = cheapest_groups(blocks, per_wave, max_chunks, causal, 0.05);
+                        assert!(g >= 1 && (g == 1 || g <= max_chunks), "{g} groups");
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -83,21 +83,24 @@ fn cuda_forward_every_option_and_path() {
 #[test]
 fn cuda_forward_wide_heads_and_long_sequences() {
     let Some(gpu) = cuda_or_skip("cuda_forward_wide_heads_and_long_sequences") else { return };
-    for (b, h, t, dk, dv) in [
-        (1, 2, 100, 256, 200),
-        (1, 1, 77, 130, 256),
-        (1, 2, 200, 100, 130),
-        (1, 2, 1000, 64, 64),
-        (2, 3, 1, 5, 7),
+    for (b, h, t, dk, dv, normalize) in [
+        (1, 2, 100, 256, 200, true),
+        (1, 2, 100, 256, 200, false),
+        (1, 1, 77, 130, 256, true),
+        (1, 2, 200, 100, 130, true),
+        (1, 2, 1000, 64, 64, true),
+        (2, 3, 1, 5, 7, true),
     ] {
         for causal in [true, false] {
             for dtype in DTYPES {
-                let cfg = layer(FeatureMap::EluPlusOne, causal, true);
-                let c = Case::new([b, h, t], dk, dv, b * h, true, true, dtype, &gpu, (t + dk) as u64);
+                let cfg = layer(FeatureMap::EluPlusOne, causal, normalize);
+                let c = Case::new([b, h, t], dk, dv, b * h, true, normalize, dtype, &gpu, (t + dk) as u64);
                 let r = reference::forward(&cfg, None, &c.x, &dense_segments(b * h, t), dk, dv);
                 for path in [KernelPath::Fused, KernelPath::Split, KernelPath::Auto] {
                     let out = cfg.forward_on_path(&c.q, &c.k, &c.v, c.initial(), path).expect("forward");
-                    let what = format!("B{b} H{h} T{t} Dk{dk} Dv{dv} causal={causal} {dtype} {path:?}");
+                    let what = format!(
+                        "B{b} H{h} T{t} Dk{dk} Dv{dv} causal={causal} normalize={normalize} {dtype} {path:?}"
+                    );
                     let tol = if dtype == DType::F32 { 1e-4 } else { 1e-2 };
                     assert_close(&format!("{what} output"), &f64s(&out.output), &r.o, tol);
                     let state_tol = state_tolerance(dtype).max(1e-4);
@@ -151,7 +154,7 @@ fn on_cpu(t: &Tensor) -> Tensor {
 /// for every feature map × causal × normalize × dtype (f16/bf16: the tensor-core backward, its
 /// normalised dφ(q) pass on the SIMT core), with initial and final-state grads; then wide heads
 /// (Dk = 200: the 32-row chunk in every pass; Dv = 256: five tiles of [dv, 1], a key width of
-/// 257 in two of the passes).
+/// 257 in two of the passes), for every dtype, normalised and not.
 #[test]
 fn cuda_backward_matches_cpu() {
     let Some(gpu) = cuda_or_skip("cuda_backward_matches_cpu") else { return };
@@ -166,9 +169,17 @@ fn cuda_backward_matches_cpu() {
             }
         }
     }
+    // Wide: f32 on the SIMT core; f16 and bf16 on tensor cores, normalised (the mixed launch:
+    // dφ(q) on the SIMT core at key width 257) and not (every pass on tensor cores).
     for causal in [true, false] {
-        for dtype in [DType::F32, DType::BF16] {
-            cases.push(((1, 1, 70, 200, 256), layer(FeatureMap::EluPlusOne, causal, true), dtype));
+        for (dtype, normalize) in [
+            (DType::F32, true),
+            (DType::BF16, true),
+            (DType::BF16, false),
+            (DType::F16, true),
+            (DType::F16, false),
+        ] {
+            cases.push(((1, 1, 70, 200, 256), layer(FeatureMap::EluPlusOne, causal, normalize), dtype));
         }
     }
     for ((b, h, t, dk, dv), cfg, dtype) in cases {
