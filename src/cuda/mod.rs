@@ -237,7 +237,9 @@ impl CudaDevice {
 
     /// Lets `func` (named `name` in messages) launch with `bytes` of dynamic shared memory:
     /// above the 48 KiB every kernel gets, the kernel must opt in. Errors when the device allows
-    /// less than `bytes`.
+    /// less than `bytes`. The opt-in is the most the device allows beside the kernel's static
+    /// shared memory, never the size of this launch: a per-launch value could be lowered by
+    /// another thread launching the same kernel smaller, between this call and the launch.
     pub(crate) fn allow_shared_bytes(&self, func: &CudaFunction, name: &str, bytes: usize) -> Result<()> {
         const DEFAULT_LIMIT: usize = 48 * 1024;
         if bytes <= DEFAULT_LIMIT {
@@ -253,9 +255,26 @@ impl CudaDevice {
                 ),
             ));
         }
-        let bytes = i32::try_from(bytes).unwrap_or(i32::MAX);
-        func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes)
-            .map_err(driver(format!("opting {name} into {bytes} bytes of shared memory")))
+        let static_bytes = func
+            .get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
+            .map_err(driver(format!("reading {name}'s static shared memory")))?;
+        let dynamic_limit = limit.saturating_sub(static_bytes.max(0) as usize);
+        if bytes > dynamic_limit {
+            return Err(Error::invalid(
+                "cuda launch",
+                "shared memory",
+                format!(
+                    "kernel {name} needs {bytes} bytes of dynamic shared memory per block beside \
+                     {static_bytes} static; this GPU allows {limit} in all"
+                ),
+            ));
+        }
+        let dynamic_limit = i32::try_from(dynamic_limit).unwrap_or(i32::MAX);
+        func.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            dynamic_limit,
+        )
+        .map_err(driver(format!("opting {name} into {dynamic_limit} bytes of shared memory")))
     }
 
     /// Peak rate of one of the `kernels/ceiling.cu` micro-kernels, in TFLOP/s.
