@@ -16,9 +16,9 @@
 //! does one of the three chunk products) and its state's trips through memory (written,
 //! scanned, read back: 3·Dk·64 floats against the block's q, k, v, o traffic over the
 //! sequence). The G with the fewest estimated sequence-times is taken if it beats the fused
-//! form by 10%. A momentum term, or sequences under four chunks,
-//! stay fused. The constants are reasoned, not yet measured on a GPU: the benchmark times
-//! Auto, Fused and Split side by side so the first GPU run can check them.
+//! form by 10%. A momentum term, or sequences under four chunks, stay fused. The constants are
+//! reasoned, not yet measured on a GPU: the benchmark times Auto, Fused and Split side by side
+//! so the first GPU run can check them.
 //!
 //! **Tensor cores.** Forward launches with f16/bf16 inputs and no momentum run
 //! `la_core_mma_<dt>_c<C>` (every Dk up to 256; chunks of 64 rows, 32 above Dk = 128), whose
@@ -28,7 +28,8 @@
 //! **Backward** (2 launches, both O(T), both the core with other I/O; f16/bf16 without momentum
 //! on the tensor-core core, `la_backward_{prep,passes}_mma_<dt>_c<C>`, whose passes round their
 //! operands to bf16 (the f32 gradients they carry can leave f16's range) except a normalised
-//! dφ(q), which cancellation makes sensitive to rounding; the rest on the SIMT core): `la_backward_prep_<dt>_c<C>` recomputes the forward chunk by chunk and writes
+//! dφ(q), which cancellation makes sensitive to rounding; the rest on the SIMT core):
+//! `la_backward_prep_<dt>_c<C>` recomputes the forward chunk by chunk and writes
 //! g' = [∂L/∂num, ∂L/∂den] (the ∂L/∂den column as one partial per 64-column v tile, summed in
 //! a fixed order by the readers); `la_backward_passes_<dt>_c<C>` runs the three passes
 //! (dφ(Q) forward in time; dφ(K) and dV' backward in time, the last carrying dS' to dS'_0 and
