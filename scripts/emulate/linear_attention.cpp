@@ -292,7 +292,11 @@ static void run_case(Dt dt, const std::vector<long long>& lens, int dk, int dv, 
     auto rb = backward(p, o, true);
     auto fb = backward(p, o, false);
     const double btol = dt == F32 ? 1e-4 : 2e-2;
-    compare(std::string(tag) + " bwd dq", fb.dq, rb.dq, btol);
+    // A normalised 16-bit dq runs on the f32 SIMT core (its cancellation, see the .cu file): its
+    // error is the prep's bf16 rounding only (worst 6.3e-3 here), where bf16 operands gave 1.7e-2,
+    // which the GPU tests' 2e-2 would pass. 1e-2 tells the two apart.
+    const double dq_tol = dt != F32 && o.normalize && o.eta < 0 ? 1e-2 : btol;
+    compare(std::string(tag) + " bwd dq", fb.dq, rb.dq, dq_tol);
     compare(std::string(tag) + " bwd dk", fb.dk, rb.dk, btol);
     compare(std::string(tag) + " bwd dv", fb.dv, rb.dv, btol);
     compare(std::string(tag) + " bwd dS0", fb.ds0, rb.ds0, btol);
