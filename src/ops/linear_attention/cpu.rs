@@ -95,8 +95,6 @@ struct Workspace {
     kf: Vec<f32>,
     /// CHUNK × CHUNK: a score block before masking.
     square: Vec<f32>,
-    /// CHUNK × CHUNK: the masked score block.
-    masked: Vec<f32>,
     /// CHUNK × dva: [numerator | denominator] of the output rows.
     oa: Vec<f32>,
     /// CHUNK × dk: dφ(Q) or dφ(K) of a chunk.
@@ -128,7 +126,6 @@ impl Workspace {
             right: vec![0.0; (d.dk + CHUNK) * d.dva],
             kf: vec![0.0; CHUNK * d.dk],
             square: vec![0.0; CHUNK * CHUNK],
-            masked: vec![0.0; CHUNK * CHUNK],
             oa: vec![0.0; CHUNK * d.dva],
             dfeat: vec![0.0; CHUNK * d.dk],
             ds: vec![0.0; d.dk * d.dva],
@@ -209,6 +206,70 @@ fn mask_into(square: &[f32], masked: &mut [f32], n: usize, ld: usize, lower: boo
             *o = if keep { x } else { 0.0 };
         }
     }
+}
+
+/// The rows and columns of row block `i0` that a causal mask keeps: `lower` (j ≤ i) stops at the
+/// block's last row, else (j ≥ i) starts at its first.
+fn kept_span(i0: usize, n: usize, lower: bool) -> (usize, std::ops::Range<usize>) {
+    let rows = ROW_BLOCK.min(n - i0);
+    (rows, if lower { 0..i0 + rows } else { i0..n })
+}
+
+/// `square[i·CHUNK + j]` = (A·B)[i, j] where the causal mask keeps it (`lower`: j ≤ i; else
+/// j ≥ i) and 0 elsewhere inside each row block's kept span, for `n` rows; A is n × k with
+/// strides `(rsa, csa)`, B k × n row-major (row stride `ldb`). Row block by row block, only the
+/// kept side is multiplied (about 1/4 of a full 64 × 64 product saved); entries outside a row
+/// block's span are left as they were: [`masked_times`] never reads them.
+#[allow(clippy::too_many_arguments)]
+fn masked_scores(
+    a: &[f32],
+    (rsa, csa): (usize, usize),
+    b: &[f32],
+    ldb: usize,
+    k: usize,
+    n: usize,
+    lower: bool,
+    square: &mut [f32],
+) -> Result<()> {
+    for i0 in (0..n).step_by(ROW_BLOCK) {
+        let (rows, cols) = kept_span(i0, n, lower);
+        let block = Gemm { m: rows, n: cols.len(), k, rsa, csa, ldb, ldc: CHUNK, accumulate: false };
+        block.run(&a[i0 * rsa..], &b[cols.start..], &mut square[i0 * CHUNK + cols.start..])?;
+        for i in i0..i0 + rows {
+            // Inside the span, the other side of the diagonal.
+            let row = &mut square[i * CHUNK..(i + 1) * CHUNK];
+            if lower {
+                row[i + 1..cols.end].fill(0.0);
+            } else {
+                row[cols.start..i].fill(0.0);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `out` (n × width, row stride `ldo`) = M·X (+ `out` when `accumulate`) for the masked
+/// `square` M of [`masked_scores`] (same `n`, `lower`), X row-major with row stride `ldx`: each
+/// row block multiplies only its kept span.
+#[allow(clippy::too_many_arguments)]
+fn masked_times(
+    square: &[f32],
+    n: usize,
+    lower: bool,
+    x: &[f32],
+    ldx: usize,
+    width: usize,
+    out: &mut [f32],
+    ldo: usize,
+    accumulate: bool,
+) -> Result<()> {
+    for i0 in (0..n).step_by(ROW_BLOCK) {
+        let (rows, span) = kept_span(i0, n, lower);
+        let block =
+            Gemm { m: rows, n: width, k: span.len(), rsa: CHUNK, csa: 1, ldb: ldx, ldc: ldo, accumulate };
+        block.run(&square[i0 * CHUNK + span.start..], &x[span.start * ldx..], &mut out[i0 * ldo..])?;
+    }
+    Ok(())
 }
 
 /// S' := [S_0, z_0] (zeros where not given) in the first dk rows of `right`.
@@ -702,9 +763,8 @@ fn causal_dq_pass(t: BackwardIn<'_>, dq: &mut [f32], o: Opts, d: Dims, ws: &mut 
         transpose(&ws.right, d.dk, dva, dva, &mut ws.state_t, d.dk);
         mm((n, d.dk, dva), gp, (dva, 1), &ws.state_t, d.dk, &mut ws.dfeat, d.dk, false)?;
         transpose(&ws.right[d.dk * dva..], n, dva, dva, &mut ws.rows_t, CHUNK);
-        mm((n, n, dva), gp, (dva, 1), &ws.rows_t, CHUNK, &mut ws.square, CHUNK, false)?;
-        mask_into(&ws.square, &mut ws.masked, n, CHUNK, true);
-        mm((n, d.dk, n), &ws.masked, (CHUNK, 1), &ws.kf, d.dk, &mut ws.dfeat, d.dk, true)?;
+        masked_scores(gp, (dva, 1), &ws.rows_t, CHUNK, dva, n, true, &mut ws.square)?;
+        masked_times(&ws.square, n, true, &ws.kf, d.dk, d.dk, &mut ws.dfeat, d.dk, true)?;
         let rows = t0 * d.dk..(t0 + n) * d.dk;
         chain_feature(o.fm, &ws.dfeat[..n * d.dk], &t.q[rows.clone()], &mut dq[rows]);
         update_state(ws, n, d)?;
@@ -736,19 +796,17 @@ fn causal_dkv_pass(
         let vals = &ws.right[d.dk * dva..(d.dk + n) * dva];
         // dφ(K) = mask(V' G'ᵀ) φ(Q) + V' dS'ᵀ
         transpose(gp, n, dva, dva, &mut ws.rows_t, CHUNK);
-        mm((n, n, dva), vals, (dva, 1), &ws.rows_t, CHUNK, &mut ws.square, CHUNK, false)?;
-        mask_into(&ws.square, &mut ws.masked, n, CHUNK, false);
-        mm((n, d.dk, n), &ws.masked, (CHUNK, 1), &ws.left, ld_l, &mut ws.dfeat, d.dk, false)?;
+        masked_scores(vals, (dva, 1), &ws.rows_t, CHUNK, dva, n, false, &mut ws.square)?;
+        masked_times(&ws.square, n, false, &ws.left, ld_l, d.dk, &mut ws.dfeat, d.dk, false)?;
         transpose(&ws.ds, d.dk, dva, dva, &mut ws.state_t, d.dk);
         mm((n, d.dk, dva), vals, (dva, 1), &ws.state_t, d.dk, &mut ws.dfeat, d.dk, true)?;
         let rows = t0 * d.dk..(t0 + n) * d.dk;
         chain_feature(o.fm, &ws.dfeat[..n * d.dk], &t.k[rows.clone()], &mut dk_out[rows]);
         // dV = mask(φ(K) φ(Q)ᵀ) G' + φ(K) dS'   (the first dv columns of dV')
         transpose(&ws.left, n, d.dk, ld_l, &mut ws.qft, CHUNK);
-        mm((n, n, d.dk), &ws.kf, (d.dk, 1), &ws.qft, CHUNK, &mut ws.square, CHUNK, false)?;
-        mask_into(&ws.square, &mut ws.masked, n, CHUNK, false);
+        masked_scores(&ws.kf, (d.dk, 1), &ws.qft, CHUNK, d.dk, n, false, &mut ws.square)?;
         let dv = &mut dv_out[t0 * d.dv..(t0 + n) * d.dv];
-        mm((n, d.dv, n), &ws.masked, (CHUNK, 1), gp, dva, dv, d.dv, false)?;
+        masked_times(&ws.square, n, false, gp, dva, d.dv, dv, d.dv, false)?;
         mm((n, d.dv, d.dk), &ws.kf, (d.dk, 1), &ws.ds, dva, dv, d.dv, true)?;
         if let Some(eta) = o.eta {
             add_momentum_grad(eta, &t.g[t0 * d.dv..(t0 + n) * d.dv], dv, &mut ws.carry, d.dv);
