@@ -4,9 +4,10 @@
 //! packing costs about as much as the arithmetic. Here every operand is already in L1/L2 and
 //! B is row-major, so a register-blocked loop (4 rows × 32 columns of C in registers, one row
 //! of B loaded and four elements of A broadcast per step) runs without packing. Columns past the
-//! last multiple of 32 go through the same loop 8 wide, on B's tail columns packed once per
-//! call into zero-padded 8-vectors: the backward's augmented width Dv + 1 = 65 leaves one such
-//! column, which a scalar loop made cost four times the 64 others. The body is compiled three times — AVX-512,
+//! last multiple of 32 (the backward's augmented width Dv + 1 = 65 leaves one, which a scalar
+//! loop made cost four times the 64 others) go one column at a time down all rows, a vector
+//! pass along A's contiguous direction, or, for A strided both ways, through the register loop
+//! 8 wide on B's tail packed into zero-padded 8-vectors. The body is compiled three times — AVX-512,
 //! AVX2+FMA, and the baseline — and picked at run time.
 
 use crate::{Error, Result};
@@ -91,6 +92,13 @@ impl Gemm {
             }
             self.edge(a, b, c, row_blocks..self.m, j0..j0 + NR);
         }
+        if self.rsa == 1 || self.csa == 1 {
+            let mut scratch = Vec::new();
+            for j in full_cols..self.n {
+                self.column(a, b, c, j, &mut scratch);
+            }
+            return;
+        }
         let mut packed = Vec::new();
         for j0 in (full_cols..self.n).step_by(NR_TAIL) {
             let width = NR_TAIL.min(self.n - j0);
@@ -133,6 +141,40 @@ impl Gemm {
             } else {
                 out.copy_from_slice(acc_r);
             }
+        }
+    }
+
+    /// Column j of C over all rows, for A with contiguous columns (`rsa` = 1: C[:, j] gathers
+    /// A[:, p]·B[p, j] over p, a vector axpy each) or contiguous rows (`csa` = 1: a dot product of
+    /// each A row with B's column j, packed once into `scratch`).
+    #[inline(always)]
+    fn column(&self, a: &[f32], b: &[f32], c: &mut [f32], j: usize, scratch: &mut Vec<f32>) {
+        // Plain loops throughout, no closures: a closure is not certain to be inlined into the
+        // `target_feature` wrappers, and outside them mul_add is a call to libm's fmaf.
+        let (m, k) = (self.m, self.k);
+        scratch.clear();
+        if self.rsa == 1 {
+            scratch.resize(m, 0.0);
+            for p in 0..k {
+                let x = b[p * self.ldb + j];
+                for (o, &y) in scratch.iter_mut().zip(&a[p * self.csa..p * self.csa + m]) {
+                    *o = y.mul_add(x, *o);
+                }
+            }
+        } else {
+            for p in 0..k {
+                scratch.push(b[p * self.ldb + j]);
+            }
+            let column: &[f32] = scratch;
+            let mut dots = [0f32; 0].to_vec();
+            for i in 0..m {
+                dots.push(dot(&a[i * self.rsa..i * self.rsa + k], column));
+            }
+            *scratch = dots;
+        }
+        for (i, &x) in scratch.iter().enumerate() {
+            let out = &mut c[i * self.ldc + j];
+            *out = if self.accumulate { *out + x } else { x };
         }
     }
 
@@ -197,6 +239,28 @@ impl Gemm {
     }
 }
 
+/// x·y in 16 independent lanes (a single running sum would not vectorise).
+#[inline(always)]
+fn dot(x: &[f32], y: &[f32]) -> f32 {
+    const LANES: usize = 16;
+    let mut acc = [0f32; LANES];
+    let (xs, ys) = (x.chunks_exact(LANES), y.chunks_exact(LANES));
+    let mut tail = 0f32;
+    for (&a, &b) in xs.remainder().iter().zip(ys.remainder()) {
+        tail = a.mul_add(b, tail);
+    }
+    for (xc, yc) in xs.zip(ys) {
+        for ((s, &a), &b) in acc.iter_mut().zip(xc).zip(yc) {
+            *s = a.mul_add(b, *s);
+        }
+    }
+    let mut sum = tail;
+    for s in acc {
+        sum += s;
+    }
+    sum
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -215,17 +279,22 @@ mod tests {
         ] {
             let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
             let b: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.11).cos()).collect();
-            for accumulate in [false, true] {
-                // A read transposed: stored k×m.
-                let at: Vec<f32> = (0..k * m).map(|x| a[(x % m) * k + x / m]).collect();
+            // A's three layouts, one per column path: stored transposed (k×m: rsa = 1), row-major
+            // (csa = 1), and every other element of a row-major m × 2k (strided both ways).
+            let at: Vec<f32> = (0..k * m).map(|x| a[(x % m) * k + x / m]).collect();
+            let spread: Vec<f32> = a.iter().flat_map(|&x| [x, f32::NAN]).collect();
+            let layouts = [(&at, 1, m.max(1)), (&a, k.max(1), 1), (&spread, 2 * k.max(1), 2)];
+            for ((stored, rsa, csa), accumulate) in layouts.into_iter().flat_map(|l| [(l, false), (l, true)])
+            {
                 let mut c = vec![1.0f32; m * n];
-                let g = Gemm { m, n, k, rsa: 1, csa: m, ldb: n, ldc: n, accumulate };
-                assert!(g.run(&at, &b, &mut c).is_ok());
+                let g = Gemm { m, n, k, rsa, csa, ldb: n, ldc: n, accumulate };
+                assert!(g.run(stored, &b, &mut c).is_ok());
                 for i in 0..m {
                     for j in 0..n {
                         let dot: f32 = (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum();
                         let expect = dot + if accumulate { 1.0 } else { 0.0 };
-                        assert!((c[i * n + j] - expect).abs() < 1e-4, "{m}x{n}x{k} ({i},{j})");
+                        let what = format!("{m}x{n}x{k} rsa {rsa} csa {csa} ({i},{j})");
+                        assert!((c[i * n + j] - expect).abs() < 1e-4, "{what}");
                     }
                 }
             }
