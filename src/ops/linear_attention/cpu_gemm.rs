@@ -161,21 +161,24 @@ impl Gemm {
                     *o = y.mul_add(x, *o);
                 }
             }
+            for (i, &x) in scratch.iter().enumerate() {
+                self.put(c, i, j, x);
+            }
         } else {
             for p in 0..k {
                 scratch.push(b[p * self.ldb + j]);
             }
-            let column: &[f32] = scratch;
-            let mut dots = [0f32; 0].to_vec();
             for i in 0..m {
-                dots.push(dot(&a[i * self.rsa..i * self.rsa + k], column));
+                self.put(c, i, j, dot(&a[i * self.rsa..i * self.rsa + k], scratch));
             }
-            *scratch = dots;
         }
-        for (i, &x) in scratch.iter().enumerate() {
-            let out = &mut c[i * self.ldc + j];
-            *out = if self.accumulate { *out + x } else { x };
-        }
+    }
+
+    /// C[i, j] = x (+ C[i, j] when accumulating).
+    #[inline(always)]
+    fn put(&self, c: &mut [f32], i: usize, j: usize, x: f32) {
+        let out = &mut c[i * self.ldc + j];
+        *out = if self.accumulate { *out + x } else { x };
     }
 
     /// The MR × `width` block of C at (i0, j0), `width` ≤ NR_TAIL: `block` on 8-vectors, with
