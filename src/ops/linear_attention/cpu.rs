@@ -216,7 +216,7 @@ fn kept_span(i0: usize, n: usize, lower: bool) -> (usize, std::ops::Range<usize>
 }
 
 /// `square[i·CHUNK + j]` = (A·B)[i, j] where the causal mask keeps it (`lower`: j ≤ i; else
-/// j ≥ i) and 0 elsewhere inside each row block's kept span, for `n` rows; A is n × k with
+/// j ≥ i) and 0 across the diagonal within each row block's kept span, for `n` rows; A is n × k with
 /// strides `(rsa, csa)`, B k × n row-major (row stride `ldb`). Row block by row block, only the
 /// kept side is multiplied (about 1/4 of a full 64 × 64 product saved); entries outside a row
 /// block's span are left as they were: [`masked_times`] never reads them.

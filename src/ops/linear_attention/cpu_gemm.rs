@@ -7,8 +7,8 @@
 //! last multiple of 32 (the backward's augmented width Dv + 1 = 65 leaves one, which a scalar
 //! loop made cost four times the 64 others) go one column at a time down all rows, a vector
 //! pass along A's contiguous direction, or, for A strided both ways, through the register loop
-//! 8 wide on B's tail packed into zero-padded 8-vectors. The body is compiled three times — AVX-512,
-//! AVX2+FMA, and the baseline — and picked at run time.
+//! 8 wide on B's tail packed into zero-padded 8-vectors. The body is compiled three times
+//! (AVX-512, AVX2+FMA, and the baseline) and picked at run time.
 
 use crate::{Error, Result};
 
