@@ -6,16 +6,14 @@
 //! of B loaded and four elements of A broadcast per step) runs without packing. Columns past the
 //! last multiple of 32 (the backward's augmented width Dv + 1 = 65 leaves one, which a scalar
 //! loop made cost four times the 64 others) go one column at a time down all rows, a vector
-//! pass along A's contiguous direction, or, for A strided both ways, through the register loop
-//! 8 wide on B's tail packed into zero-padded 8-vectors. The body is compiled three times
-//! (AVX-512, AVX2+FMA, and the baseline) and picked at run time.
+//! pass along A's contiguous direction (every caller's A has one; A strided both ways takes the
+//! scalar edge loop). The body is compiled three times (AVX-512, AVX2+FMA, and the baseline)
+//! and picked at run time.
 
 use crate::{Error, Result};
 
 const MR: usize = 4;
 const NR: usize = 32;
-/// Width of the blocks over the columns past the last multiple of NR.
-const NR_TAIL: usize = 8;
 
 /// C (m×n, row stride `ldc`) = A·B (+ C when `accumulate`), with A's element (i, p) at
 /// `a[i·rsa + p·csa]` and B row-major k×n with row stride `ldb`.
@@ -97,23 +95,8 @@ impl Gemm {
             for j in full_cols..self.n {
                 self.column(a, b, c, j, &mut scratch);
             }
-            return;
-        }
-        let mut packed = Vec::new();
-        for j0 in (full_cols..self.n).step_by(NR_TAIL) {
-            let width = NR_TAIL.min(self.n - j0);
-            if row_blocks > 0 {
-                packed.clear();
-                packed.extend((0..self.k).map(|p| {
-                    // Element by element: a copy of `width` floats would be a memcpy call.
-                    let src = &b[p * self.ldb + j0..p * self.ldb + j0 + width];
-                    std::array::from_fn(|j| if j < width { src[j] } else { 0.0 })
-                }));
-            }
-            for i0 in (0..row_blocks).step_by(MR) {
-                self.tail_block(a, &packed, c, i0, j0, width);
-            }
-            self.edge(a, b, c, row_blocks..self.m, j0..j0 + width);
+        } else {
+            self.edge(a, b, c, 0..self.m, full_cols..self.n);
         }
     }
 
@@ -179,37 +162,6 @@ impl Gemm {
     fn put(&self, c: &mut [f32], i: usize, j: usize, x: f32) {
         let out = &mut c[i * self.ldc + j];
         *out = if self.accumulate { *out + x } else { x };
-    }
-
-    /// The MR × `width` block of C at (i0, j0), `width` ≤ NR_TAIL: `block` on 8-vectors, with
-    /// B's columns j0.. packed row by row (zero-padded) in `packed`.
-    #[inline(always)]
-    fn tail_block(
-        &self,
-        a: &[f32],
-        packed: &[[f32; NR_TAIL]],
-        c: &mut [f32],
-        i0: usize,
-        j0: usize,
-        width: usize,
-    ) {
-        let mut acc = [[0f32; NR_TAIL]; MR];
-        for (p, row) in packed.iter().enumerate() {
-            for (r, acc_r) in acc.iter_mut().enumerate() {
-                let x = a[(i0 + r) * self.rsa + p * self.csa];
-                for (o, &y) in acc_r.iter_mut().zip(row) {
-                    *o = x.mul_add(y, *o);
-                }
-            }
-        }
-        for (r, acc_r) in acc.iter().enumerate() {
-            let out = &mut c[(i0 + r) * self.ldc + j0..(i0 + r) * self.ldc + j0 + width];
-            if self.accumulate {
-                out.iter_mut().zip(acc_r).for_each(|(o, x)| *o += x);
-            } else {
-                out.copy_from_slice(&acc_r[..width]);
-            }
-        }
     }
 
     /// Rows `rows` × columns `cols` of C, one row at a time (the ragged edges).
