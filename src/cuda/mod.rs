@@ -47,6 +47,9 @@ struct Inner {
     stream: Arc<CudaStream>,
     // Loaded once per module, lazily: most programs use one or two families.
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    // Kernels (by CUfunction handle: modules stay loaded) opted into more than 48 KiB of
+    // dynamic shared memory, with their limit.
+    opted_in: Mutex<HashMap<usize, usize>>,
 }
 
 /// The number of CUDA devices, or why CUDA cannot be used at all.
@@ -86,8 +89,16 @@ impl CudaDevice {
         let ctx = CudaContext::new(ordinal).map_err(driver("creating a CUDA context"))?;
         let name = ctx.name().unwrap_or_else(|_| format!("CUDA device {ordinal}"));
         let stream = ctx.default_stream();
-        let dev =
-            CudaDevice { inner: Arc::new(Inner { ordinal, name, ctx, stream, modules: Mutex::default() }) };
+        let dev = CudaDevice {
+            inner: Arc::new(Inner {
+                ordinal,
+                name,
+                ctx,
+                stream,
+                modules: Mutex::default(),
+                opted_in: Mutex::default(),
+            }),
+        };
         map.insert(ordinal, dev.clone());
         Ok(dev)
     }
@@ -237,44 +248,46 @@ impl CudaDevice {
 
     /// Lets `func` (named `name` in messages) launch with `bytes` of dynamic shared memory:
     /// above the 48 KiB every kernel gets, the kernel must opt in. Errors when the device allows
-    /// less than `bytes`. The opt-in is the most the device allows beside the kernel's static
-    /// shared memory, never the size of this launch: a per-launch value could be lowered by
-    /// another thread launching the same kernel smaller, between this call and the launch.
+    /// less than `bytes`.
     pub(crate) fn allow_shared_bytes(&self, func: &CudaFunction, name: &str, bytes: usize) -> Result<()> {
         const DEFAULT_LIMIT: usize = 48 * 1024;
         if bytes <= DEFAULT_LIMIT {
             return Ok(());
         }
-        let limit = self.max_shared_bytes_optin()?;
+        let limit = self.opt_in(func, name)?;
         if bytes > limit {
             return Err(Error::invalid(
                 "cuda launch",
                 "shared memory",
                 format!(
-                    "kernel {name} needs {bytes} bytes of shared memory per block; this GPU allows {limit}"
+                    "kernel {name} needs {bytes} bytes of dynamic shared memory per block; this GPU \
+                     allows it {limit} beside its static shared memory"
                 ),
             ));
+        }
+        Ok(())
+    }
+
+    /// Opts `func` into the most dynamic shared memory the device allows beside the kernel's
+    /// static shared memory, once per kernel, and returns that limit. Never the size of one
+    /// launch: a per-launch value could be lowered by another thread launching the same kernel
+    /// smaller, between this call and the launch.
+    fn opt_in(&self, func: &CudaFunction, name: &str) -> Result<usize> {
+        // Callers name kernels for messages only (one name may cover several): key by handle.
+        let key = func.cu_function() as usize;
+        let mut opted_in = lock(&self.inner.opted_in);
+        if let Some(&limit) = opted_in.get(&key) {
+            return Ok(limit);
         }
         let static_bytes = func
             .get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
             .map_err(driver(format!("reading {name}'s static shared memory")))?;
-        let dynamic_limit = limit.saturating_sub(static_bytes.max(0) as usize);
-        if bytes > dynamic_limit {
-            return Err(Error::invalid(
-                "cuda launch",
-                "shared memory",
-                format!(
-                    "kernel {name} needs {bytes} bytes of dynamic shared memory per block beside \
-                     {static_bytes} static; this GPU allows {limit} in all"
-                ),
-            ));
-        }
-        let dynamic_limit = i32::try_from(dynamic_limit).unwrap_or(i32::MAX);
-        func.set_attribute(
-            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            dynamic_limit,
-        )
-        .map_err(driver(format!("opting {name} into {dynamic_limit} bytes of shared memory")))
+        let limit = self.max_shared_bytes_optin()?.saturating_sub(static_bytes.max(0) as usize);
+        let value = i32::try_from(limit).unwrap_or(i32::MAX);
+        func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, value)
+            .map_err(driver(format!("opting {name} into {value} bytes of shared memory")))?;
+        opted_in.insert(key, limit);
+        Ok(limit)
     }
 
     /// Peak rate of one of the `kernels/ceiling.cu` micro-kernels, in TFLOP/s.
