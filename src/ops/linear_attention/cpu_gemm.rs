@@ -90,7 +90,8 @@ impl Gemm {
             }
             self.edge(a, b, c, row_blocks..self.m, j0..j0 + NR);
         }
-        if self.rsa == 1 || self.csa == 1 {
+        // m = 0 or k = 0 reads neither A nor B (`in_bounds` then checks neither); `column` would.
+        if self.m > 0 && self.k > 0 && (self.rsa == 1 || self.csa == 1) {
             let mut scratch = Vec::new();
             for j in full_cols..self.n {
                 self.column(a, b, c, j, &mut scratch);
@@ -231,28 +232,68 @@ mod tests {
             (64, 65, 64),
             (8, 47, 5),
             (7, 3, 9),
+            (3, 5, 0),
+            (0, 5, 3),
+            (2, 31, 17),
+            (33, 97, 40),
         ] {
             let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
             let b: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.11).cos()).collect();
-            // A's three layouts, one per column path: stored transposed (k×m: rsa = 1), row-major
-            // (csa = 1), and every other element of a row-major m × 2k (strided both ways).
-            let at: Vec<f32> = (0..k * m).map(|x| a[(x % m) * k + x / m]).collect();
-            let spread: Vec<f32> = a.iter().flat_map(|&x| [x, f32::NAN]).collect();
-            let layouts = [(&at, 1, m.max(1)), (&a, k.max(1), 1), (&spread, 2 * k.max(1), 2)];
-            for ((stored, rsa, csa), accumulate) in layouts.into_iter().flat_map(|l| [(l, false), (l, true)])
-            {
-                let mut c = vec![1.0f32; m * n];
-                let g = Gemm { m, n, k, rsa, csa, ldb: n, ldc: n, accumulate };
-                assert!(g.run(stored, &b, &mut c).is_ok());
+            // B and C with padded rows (NaN in B's padding; C's must come back untouched).
+            let (ldb, ldc) = (n + 3, n + 2);
+            let mut bp = vec![f32::NAN; k * ldb];
+            for p in 0..k {
+                bp[p * ldb..p * ldb + n].copy_from_slice(&b[p * n..(p + 1) * n]);
+            }
+            // A's layouts, one per column path: transposed with padded columns (rsa = 1),
+            // row-major with padded rows (csa = 1), and strided both ways; NaN wherever A is not.
+            let layouts = [(1, m + 1), (k + 1, 1), (2 * k + 1, 2)];
+            for ((rsa, csa), accumulate) in layouts.into_iter().flat_map(|l| [(l, false), (l, true)]) {
+                // Each operand exactly as long as `in_bounds` requires: a read past it panics.
+                let a_len = if m == 0 || k == 0 { 0 } else { (m - 1) * rsa + (k - 1) * csa + 1 };
+                let mut stored = vec![f32::NAN; a_len];
                 for i in 0..m {
-                    for j in 0..n {
+                    for p in 0..k {
+                        stored[i * rsa + p * csa] = a[i * k + p];
+                    }
+                }
+                let b_len = if k == 0 || m == 0 { 0 } else { (k - 1) * ldb + n };
+                let c_len = if m == 0 { 0 } else { (m - 1) * ldc + n };
+                let mut c = vec![-7.0f32; c_len];
+                for i in 0..m {
+                    c[i * ldc..i * ldc + n].fill(1.0);
+                }
+                let g = Gemm { m, n, k, rsa, csa, ldb, ldc, accumulate };
+                assert!(g.run(&stored, &bp[..b_len], &mut c).is_ok());
+                for i in 0..m {
+                    for j in 0..ldc.min(c_len - i * ldc) {
+                        let what = format!("{m}x{n}x{k} rsa {rsa} csa {csa} acc {accumulate} ({i},{j})");
+                        if j >= n {
+                            assert_eq!(c[i * ldc + j], -7.0, "{what}: padding written");
+                            continue;
+                        }
                         let dot: f32 = (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum();
                         let expect = dot + if accumulate { 1.0 } else { 0.0 };
-                        let what = format!("{m}x{n}x{k} rsa {rsa} csa {csa} ({i},{j})");
-                        assert!((c[i * n + j] - expect).abs() < 1e-4, "{what}");
+                        assert!(
+                            (c[i * ldc + j] - expect).abs() < 1e-4,
+                            "{what}: {} vs {expect}",
+                            c[i * ldc + j]
+                        );
                     }
                 }
             }
         }
+    }
+
+    #[test]
+    fn out_of_bounds_views_are_errors() {
+        let g = Gemm { m: 3, n: 5, k: 2, rsa: 2, csa: 1, ldb: 5, ldc: 5, accumulate: false };
+        let (a, b, mut c) = (vec![0f32; 6], vec![0f32; 10], vec![0f32; 15]);
+        assert!(g.run(&a, &b, &mut c).is_ok());
+        assert!(g.run(&a[..5], &b, &mut c).is_err());
+        assert!(g.run(&a, &b[..9], &mut c).is_err());
+        assert!(g.run(&a, &b, &mut c[..14]).is_err());
+        assert!(Gemm { ldb: 4, ..g }.run(&a, &b, &mut c).is_err());
+        assert!(Gemm { ldc: 4, ..g }.run(&a, &b, &mut c).is_err());
     }
 }
