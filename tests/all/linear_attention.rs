@@ -280,6 +280,79 @@ fn backward_matches_finite_differences() {
     }
 }
 
+/// Wide heads, where the backward's chunk products leave the GEMM's scalar paths: Dv + 1 = 65
+/// (normalised) leaves one column past the 32-wide register blocks, Dk = 33 and 40 ragged ones,
+/// and T = 129 / 97 / 64 end on a one-row chunk, a 33-row one (a full row block and one row) and
+/// an exact chunk. Whole finite differences would take minutes at these sizes: the gradient is
+/// checked at every row on either side of each chunk and row-block boundary, at the edge
+/// columns of each 32-wide block, and at a sample of S_0 and z_0.
+#[test]
+fn backward_wide_heads_at_chunk_and_row_block_boundaries() {
+    set_poisoning(true);
+    let dev = Device::cpu();
+    let cases = [
+        (129, 33, 64, FeatureMap::EluPlusOne),
+        (97, 40, 31, FeatureMap::Relu),
+        (64, 32, 32, FeatureMap::Identity),
+    ];
+    let mut seed = 900;
+    for (t, dk, dv, fm) in cases {
+        for causal in [true, false] {
+            for normalize in [false, true] {
+                seed += 1;
+                let cfg = layer(fm, causal, normalize);
+                let c = Case::new([1, 1, t], dk, dv, 1, true, normalize, DType::F32, &dev, seed);
+                let mut rng = Rng::new(seed + 50);
+                let (go, wo) = tensor(&rng.normal_vec(t * dv), &[1, 1, t, dv], DType::F32, &dev);
+                let (gs, ws) = tensor(&rng.normal_vec(dk * dv), &[1, 1, dk, dv], DType::F32, &dev);
+                let (gz, wz) = tensor(&rng.normal_vec(dk), &[1, 1, dk], DType::F32, &dev);
+                let final_grad = RecurrentState { state: &gs, normalizer: Some(&gz) };
+                let grads =
+                    cfg.backward(&c.q, &c.k, &c.v, c.initial(), &go, Some(final_grad)).expect("backward");
+                let w = LossWeights { wo, ws: Some(ws), wz: Some(wz) };
+                let segs = dense_segments(1, t);
+                let near = |bound: usize, marks: &[usize]| -> Vec<usize> {
+                    let mut v: Vec<usize> = marks
+                        .iter()
+                        .flat_map(|&m| [m.saturating_sub(1), m, m + 1])
+                        .chain([0, bound - 1])
+                        .filter(|&i| i < bound)
+                        .collect();
+                    v.sort_unstable();
+                    v.dedup();
+                    v
+                };
+                let rows = near(t, &[32, 64, 96, 128]);
+                type Pick = fn(&mut Inputs) -> &mut Vec<f64>;
+                let picks: [(&str, Pick, &metakernels::Tensor, usize, usize); 5] = [
+                    ("dq", |x| &mut x.q, &grads.dq, t, dk),
+                    ("dk", |x| &mut x.k, &grads.dk, t, dk),
+                    ("dv", |x| &mut x.v, &grads.dv, t, dv),
+                    // invariant: the case has an initial state.
+                    ("dS0", |x| x.s0.as_mut().unwrap(), &grads.d_initial_state, dk, dv),
+                    ("dz0", |x| x.z0.as_mut().unwrap(), &grads.d_initial_normalizer, dk, 1),
+                ];
+                for (name, pick, got, nrows, width) in picks {
+                    let got = f64s(got);
+                    let rows = if nrows == t { rows.clone() } else { near(nrows, &[32]) };
+                    let cols = near(width, &[32]);
+                    let (mut out, mut fd) = (Vec::new(), Vec::new());
+                    for &r in &rows {
+                        for &col in &cols {
+                            let i = r * width + col;
+                            out.push(got[i]);
+                            fd.push(reference::finite_difference_at(
+                                &cfg, None, &c.x, &segs, dk, dv, &w, &pick, i,
+                            ));
+                        }
+                    }
+                    assert_close(&format!("{cfg:?} T={t} Dk={dk} Dv={dv} {name}"), &out, &fd, 1e-4);
+                }
+            }
+        }
+    }
+}
+
 /// Half-precision backward (f32 accumulation) stays within the half-precision tolerance, and
 /// the backward without an initial state gives the gradient at S_0 = 0.
 #[test]

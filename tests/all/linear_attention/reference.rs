@@ -205,3 +205,27 @@ pub fn finite_differences(
         dz0: grad_state(&|x| x.z0.as_mut().unwrap(), states * dk),
     }
 }
+
+/// The central finite difference of the loss along one input element: `pick` chooses the tensor
+/// (q, k, v, or a present s0 / z0), `i` the element. For shapes too wide to difference whole.
+#[allow(clippy::too_many_arguments)]
+pub fn finite_difference_at(
+    cfg: &LinearAttention,
+    eta: Option<f64>,
+    x: &Inputs,
+    segs: &[Seg],
+    dk: usize,
+    dv: usize,
+    w: &LossWeights,
+    pick: &dyn Fn(&mut Inputs) -> &mut Vec<f64>,
+    i: usize,
+) -> f64 {
+    const H: f64 = 1e-5;
+    let mut x = x.clone();
+    let orig = pick(&mut x)[i];
+    pick(&mut x)[i] = orig + H;
+    let up = loss(&forward(cfg, eta, &x, segs, dk, dv), w);
+    pick(&mut x)[i] = orig - H;
+    let down = loss(&forward(cfg, eta, &x, segs, dk, dv), w);
+    (up - down) / (2.0 * H)
+}
