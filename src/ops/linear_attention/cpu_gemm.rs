@@ -264,25 +264,47 @@ mod tests {
                     c[i * ldc..i * ldc + n].fill(1.0);
                 }
                 let g = Gemm { m, n, k, rsa, csa, ldb, ldc, accumulate };
-                assert!(g.run(&stored, &bp[..b_len], &mut c).is_ok());
-                for i in 0..m {
-                    for j in 0..ldc.min(c_len - i * ldc) {
-                        let what = format!("{m}x{n}x{k} rsa {rsa} csa {csa} acc {accumulate} ({i},{j})");
-                        if j >= n {
-                            assert_eq!(c[i * ldc + j], -7.0, "{what}: padding written");
-                            continue;
+                for (variant, c) in each_variant(&g, &stored, &bp[..b_len], &c) {
+                    for i in 0..m {
+                        for j in 0..ldc.min(c_len - i * ldc) {
+                            let what = format!(
+                                "{variant} {m}x{n}x{k} rsa {rsa} csa {csa} acc {accumulate} ({i},{j})"
+                            );
+                            if j >= n {
+                                assert_eq!(c[i * ldc + j], -7.0, "{what}: padding written");
+                                continue;
+                            }
+                            let dot: f32 = (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum();
+                            let expect = dot + if accumulate { 1.0 } else { 0.0 };
+                            assert!(
+                                (c[i * ldc + j] - expect).abs() < 1e-4,
+                                "{what}: {} vs {expect}",
+                                c[i * ldc + j]
+                            );
                         }
-                        let dot: f32 = (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum();
-                        let expect = dot + if accumulate { 1.0 } else { 0.0 };
-                        assert!(
-                            (c[i * ldc + j] - expect).abs() < 1e-4,
-                            "{what}: {} vs {expect}",
-                            c[i * ldc + j]
-                        );
                     }
                 }
             }
         }
+    }
+
+    /// C from each compiled body this CPU can run (`run` picks only the widest): the dispatching
+    /// `run`, the baseline, and AVX2 + FMA when present.
+    fn each_variant(g: &Gemm, a: &[f32], b: &[f32], c0: &[f32]) -> Vec<(&'static str, Vec<f32>)> {
+        let mut c = c0.to_vec();
+        assert!(g.run(a, b, &mut c).is_ok());
+        let mut out = vec![("run", c)];
+        let mut c = c0.to_vec();
+        g.body(a, b, &mut c);
+        out.push(("baseline", c));
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            let mut c = c0.to_vec();
+            // SAFETY: the CPU supports AVX2 and FMA (checked just above); `run` checked the views.
+            unsafe { g.run_avx2(a, b, &mut c) };
+            out.push(("avx2", c));
+        }
+        out
     }
 
     #[test]
