@@ -160,9 +160,29 @@ fn mm(
 /// dst[c·ld_dst + i] = src[i·ld_src + c] for i < rows, c < cols: the transposed operands the
 /// row-major-B [`Gemm`] needs (O(n·d) per chunk, against O(n·d²) of arithmetic).
 fn transpose(src: &[f32], rows: usize, cols: usize, ld_src: usize, dst: &mut [f32], ld_dst: usize) {
+    // 8 × 8 tiles through a register block: whole rows in, whole rows out (one element at a
+    // time scattered the writes a row apart and checked every index).
+    const B: usize = 8;
+    let (full_rows, full_cols) = (rows - rows % B, cols - cols % B);
+    for i0 in (0..full_rows).step_by(B) {
+        for c0 in (0..full_cols).step_by(B) {
+            let mut tile = [[0f32; B]; B];
+            for (r, row) in tile.iter_mut().enumerate() {
+                row.copy_from_slice(&src[(i0 + r) * ld_src + c0..(i0 + r) * ld_src + c0 + B]);
+            }
+            for c in 0..B {
+                let out = &mut dst[(c0 + c) * ld_dst + i0..(c0 + c) * ld_dst + i0 + B];
+                for (r, o) in out.iter_mut().enumerate() {
+                    *o = tile[r][c];
+                }
+            }
+        }
+    }
+    // The ragged right columns of the tiled rows, then the ragged bottom rows.
     for i in 0..rows {
-        for (c, &x) in src[i * ld_src..i * ld_src + cols].iter().enumerate() {
-            dst[c * ld_dst + i] = x;
+        let first = if i < full_rows { full_cols } else { 0 };
+        for (c, &x) in src[i * ld_src + first..i * ld_src + cols].iter().enumerate() {
+            dst[(first + c) * ld_dst + i] = x;
         }
     }
 }
@@ -407,9 +427,7 @@ fn forward_segment(t: ForwardTask<'_>, o: Opts, d: Dims, ws: &mut Workspace) -> 
         let qf = features(o.fm, &t.q[t0 * dk..], n, dk, qbuf);
         let kf = if o.causal { features(o.fm, &t.k[t0 * dk..], n, dk, kbuf) } else { &[][..] };
         if o.causal {
-            for (i, row) in kf.chunks_exact(dk).enumerate() {
-                row.iter().enumerate().for_each(|(c, &x)| kft[c * CHUNK + i] = x);
-            }
+            transpose(kf, n, dk, dk, kft, CHUNK);
             // Row block by row block, only up to the diagonal: the rest is masked anyway.
             for i0 in (0..n).step_by(ROW_BLOCK) {
                 let (rows, cols) = (ROW_BLOCK.min(n - i0), (i0 + ROW_BLOCK).min(n));
@@ -995,5 +1013,26 @@ fn to_dtype(data: Vec<f32>, shape: &[usize], dtype: DType) -> Tensor {
             Tensor::from_host_vec(h, shape)
         }
         _ => Tensor::from_host_vec(data, shape),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::transpose;
+
+    #[test]
+    fn transpose_matches_the_definition_on_ragged_shapes() {
+        for (rows, cols) in [(64, 65), (64, 64), (7, 3), (1, 1), (9, 17), (0, 5), (16, 0)] {
+            let (ld_src, ld_dst) = (cols + 3, rows + 2);
+            let src: Vec<f32> = (0..rows * ld_src).map(|i| i as f32).collect();
+            let mut dst = vec![-1.0f32; cols * ld_dst];
+            transpose(&src, rows, cols, ld_src, &mut dst, ld_dst);
+            for c in 0..cols {
+                for i in 0..ld_dst {
+                    let want = if i < rows { src[i * ld_src + c] } else { -1.0 };
+                    assert_eq!(dst[c * ld_dst + i], want, "{rows}x{cols} at ({c}, {i})");
+                }
+            }
+        }
     }
 }
