@@ -9,7 +9,8 @@
 //! written once), the fraction of the same-run ceiling (CPU: f32 GEMM rate; GPU: device copy
 //! bandwidth), and the speed-up over the unfused quadratic baseline (masked QKᵀ then ·V, on the
 //! same device: matrixmultiply on the CPU, `forward_quadratic` on the GPU), over the other GPU
-//! paths (fused, split) and, at a small shape, over the reference kernel. On the GPU also one
+//! paths (fused, split, and the f32 SIMT core with tensor cores off, forward and
+//! forward+backward) and, at a small shape, over the reference kernel. On the GPU also one
 //! wide-head shape, (2,8,2048,256), the 32-row chunks of the tensor-core kernels.
 
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
@@ -178,7 +179,7 @@ fn cuda_report(gpu: &Device) {
             let attn = LinearAttention { causal, ..Default::default() };
             let kind = if causal { "causal" } else { "noncausal" };
             let mut times = Vec::new();
-            for path in [KernelPath::Auto, KernelPath::Fused, KernelPath::Split] {
+            for path in [KernelPath::Auto, KernelPath::Fused, KernelPath::Split, KernelPath::Simt] {
                 let ms =
                     best_ms(gpu, 10, || attn.forward_on_path(&q, &k, &v, None, path).map(|_| ())).unwrap();
                 times.push((format!("{path:?}"), ms));
@@ -201,11 +202,14 @@ fn cuda_report(gpu: &Device) {
             }
             .report();
             let go = v.clone();
-            let both = best_ms(gpu, 5, || {
-                attn.forward(&q, &k, &v, None)?;
-                attn.backward(&q, &k, &v, None, &go, None).map(|_| ())
-            })
-            .unwrap();
+            let forward_backward = |path: KernelPath| {
+                best_ms(gpu, 5, || {
+                    attn.forward_on_path(&q, &k, &v, None, path)?;
+                    attn.backward_on_path(&q, &k, &v, None, &go, None, path).map(|_| ())
+                })
+            };
+            let both = forward_backward(KernelPath::Auto).unwrap();
+            let simt = forward_backward(KernelPath::Simt).unwrap();
             Measurement {
                 kernel: format!("linear_attention/forward+backward_{kind}"),
                 shape: name.clone(),
@@ -214,7 +218,7 @@ fn cuda_report(gpu: &Device) {
                 flops: 5.0 * flops(b, h, t, d, d),
                 bytes: 2.0 * min_bytes(b, h, t, d, d, dtype),
                 ceiling: Some(("device copy GB/s".into(), copy)),
-                baselines: vec![],
+                baselines: vec![("SIMT core (tensor cores off)".into(), simt)],
             }
             .report();
         }

@@ -65,9 +65,10 @@ static size_t simt_smem(int c, int dk) { return (size_t)Smem(c, dk).total * size
 static size_t mma_smem(int c, int dk) { return (size_t)SmemMma(c, (dk + 15) / 16 * 16).total; }
 
 // Mirrors launch_core in cuda.rs.
-static void run_core(Dt in, bool out_f32, const CoreArgs& a, int n_items, int width_v) {
+// `tensor_cores` false: KernelPath::Simt (the SIMT core whatever the dtype).
+static void run_core(Dt in, bool out_f32, const CoreArgs& a, int n_items, int width_v, bool tensor_cores = true) {
     const int c = a.dk <= 128 ? 64 : 32;
-    const bool mma = in != F32 && !out_f32 && a.eta < 0.f;
+    const bool mma = tensor_cores && in != F32 && !out_f32 && a.eta < 0.f;
     dim3 grid{(unsigned)n_items, (unsigned)((width_v + 63) / 64), 1};
     std::function<void()> k;
 #define CORE(NAME) k = [a] { NAME(a); }
@@ -111,7 +112,7 @@ static std::vector<Item> seg_items(const Problem<T>& p, bool has_initial) {
 struct FwdOut { std::vector<float> o, s, z; };
 
 template <typename T>
-static FwdOut forward(const Problem<T>& p, const Opts& o, int path /*0 ref, 1 fused, 2 split groups*/, int groups) {
+static FwdOut forward(const Problem<T>& p, const Opts& o, int path /*0 ref, 1 fused, 2 split groups, 3 SIMT*/, int groups) {
     const long long states = p.segs.size();
     const int off = p.off;
     Dev<T> out(off + p.rows * p.dv, cvt<T>(NAN));
@@ -137,7 +138,7 @@ static FwdOut forward(const Problem<T>& p, const Opts& o, int path /*0 ref, 1 fu
             else k = [a] { la_reference_forward_bf16(a); };
             emu_launch({(unsigned)items.size(), 1, 1}, k);
         } else {
-            run_core(p.dt, false, a, items.size(), p.dv);
+            run_core(p.dt, false, a, items.size(), p.dv, path != 3);
         }
         return result();
     }
@@ -192,7 +193,7 @@ GLUE(__half, f16)
 GLUE(__nv_bfloat16, bf16)
 
 template <typename T>
-static BwdOut backward(const Problem<T>& p, const Opts& o, bool reference) {
+static BwdOut backward(const Problem<T>& p, const Opts& o, bool reference, bool tensor_cores = true) {
     const long long rows = p.rows, states = p.segs.size();
     const int dk = p.dk, dv = p.dv, dva = dv + 1;
     Dev<T> dq(rows * dk, cvt<T>(NAN)), dkk(rows * dk, cvt<T>(NAN)), dvv(rows * dv, cvt<T>(NAN));
@@ -228,7 +229,7 @@ static BwdOut backward(const Problem<T>& p, const Opts& o, bool reference) {
     a.fm = o.fm; a.causal = o.causal; a.normalize = o.normalize; a.scale = o.scale; a.eps = o.eps;
     a.eta = o.eta >= 0 ? o.eta : -1.f;
     const bool c64 = dk <= 128, w64 = std::max(dk, dva) <= 128;
-    const bool mma = p.dt != F32 && o.eta < 0;  // tensor cores for 16-bit inputs without momentum
+    const bool mma = tensor_cores && p.dt != F32 && o.eta < 0;  // 16-bit inputs without momentum
     std::function<void()> prep, passes;
 #define BWD(SN) \
     prep = c64 ? std::function<void()>([a] { la_backward_prep_##SN##_c64(a); }) : std::function<void()>([a] { la_backward_prep_##SN##_c32(a); }); \
@@ -287,6 +288,12 @@ static void run_case(Dt dt, const std::vector<long long>& lens, int dk, int dv, 
         compare(std::string(tag) + " fwd split S", split.s, ref.s, tol);
         compare(std::string(tag) + " fwd split z", split.z, ref.z, tol);
     }
+    if (dt != F32 && o.eta < 0) {
+        // KernelPath::Simt: the SIMT core for 16-bit inputs (the benchmarks' baseline).
+        auto simt = forward(p, o, 3, 1);
+        compare(std::string(tag) + " fwd simt o", simt.o, ref.o, tol);
+        compare(std::string(tag) + " fwd simt S", simt.s, ref.s, tol);
+    }
     if (!do_bwd) return;
     if (o.eta >= 0) { p.has_s0 = false; p.has_gs = false; }
     auto rb = backward(p, o, true);
@@ -301,6 +308,13 @@ static void run_case(Dt dt, const std::vector<long long>& lens, int dk, int dv, 
     compare(std::string(tag) + " bwd dv", fb.dv, rb.dv, btol);
     compare(std::string(tag) + " bwd dS0", fb.ds0, rb.ds0, btol);
     compare(std::string(tag) + " bwd dz0", fb.dz0, rb.dz0, btol);
+    if (dt != F32 && o.eta < 0) {
+        auto sb = backward(p, o, false, false);
+        compare(std::string(tag) + " bwd simt dq", sb.dq, rb.dq, btol);
+        compare(std::string(tag) + " bwd simt dk", sb.dk, rb.dk, btol);
+        compare(std::string(tag) + " bwd simt dv", sb.dv, rb.dv, btol);
+        compare(std::string(tag) + " bwd simt dS0", sb.ds0, rb.ds0, btol);
+    }
 }
 
 // The unfused quadratic baseline (bench only) against the reference forward: H heads of T

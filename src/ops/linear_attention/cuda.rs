@@ -23,7 +23,8 @@
 //! **Tensor cores.** Forward launches with f16/bf16 inputs and no momentum run
 //! `la_core_mma_<dt>_c<C>` (every Dk up to 256; chunks of 64 rows, 32 above Dk = 128), whose
 //! three chunk products are `mma.sync.m16n8k16` with f32 accumulation; everything else (f32,
-//! the momentum forward) runs the SIMT core `la_core_<dt>_to_<dt>_c<C>`.
+//! the momentum forward, and `KernelPath::Simt`, the benchmarks' baseline) runs the SIMT core
+//! `la_core_<dt>_to_<dt>_c<C>`.
 //!
 //! **Backward** (2 launches, both O(T), both the core with other I/O; f16/bf16 without momentum
 //! on the tensor-core core, `la_backward_{prep,passes}_mma_<dt>_c<C>`, whose passes round their
@@ -271,12 +272,13 @@ fn core_grid(n_items: usize, tiles: usize, passes: u32, smem: usize) -> Result<L
     })
 }
 
-/// The forward core kernel for `args` and its dynamic shared memory in bytes.
-fn core_kernel(in_dtype: DType, args: &CoreArgs) -> (String, usize) {
+/// The forward core kernel for `args` and its dynamic shared memory in bytes; the SIMT core
+/// unless `tensor_cores` allows the tensor-core one.
+fn core_kernel(in_dtype: DType, args: &CoreArgs, tensor_cores: bool) -> (String, usize) {
     let dk = args.dk as usize;
     let c = chunk_for(dk);
     let dt = in_dtype.as_str();
-    if uses_mma(in_dtype, args) {
+    if tensor_cores && uses_mma(in_dtype, args) {
         (format!("la_core_mma_{dt}_c{c}"), mma_smem_bytes(c, dk))
     } else {
         (format!("la_core_{dt}_to_{dt}_c{c}"), core_smem_bytes(c, dk))
@@ -290,8 +292,9 @@ fn launch_core(
     args: &CoreArgs,
     n_items: usize,
     width_v: usize,
+    tensor_cores: bool,
 ) -> Result<()> {
-    let (name, smem) = core_kernel(in_dtype, args);
+    let (name, smem) = core_kernel(in_dtype, args, tensor_cores);
     let f = dev.function(MODULE, &name)?;
     dev.allow_shared_bytes(&f, &name, smem)?;
     if n_items == 0 {
@@ -336,7 +339,7 @@ fn sm_count(dev: &CudaDevice) -> Result<usize> {
 
 /// The number of chunk groups per sequence for the split form, or 1 for the fused form.
 fn split_groups(dev: &CudaDevice, p: &Problem, a: &ForwardArgs<'_>, path: KernelPath) -> Result<usize> {
-    if p.momentum.is_some() || matches!(path, KernelPath::Fused | KernelPath::Reference) {
+    if p.momentum.is_some() || matches!(path, KernelPath::Fused | KernelPath::Reference | KernelPath::Simt) {
         return Ok(1);
     }
     // Chunk boundaries of the groups must be chunk boundaries of both cores: 64 is a multiple
@@ -352,7 +355,7 @@ fn split_groups(dev: &CudaDevice, p: &Problem, a: &ForwardArgs<'_>, path: Kernel
     }
     let mut args = CoreArgs { dk: p.dk as i32, eta: -1.0, ..CoreArgs::default() };
     fill_core_options(&mut args, p);
-    let (name, smem) = core_kernel(a.q.dtype(), &args);
+    let (name, smem) = core_kernel(a.q.dtype(), &args, true);
     let f = dev.function(MODULE, &name)?;
     dev.allow_shared_bytes(&f, &name, smem)?;
     let per_sm = f
@@ -406,7 +409,8 @@ pub(super) fn forward(p: &Problem, a: &ForwardArgs<'_>, path: KernelPath) -> Res
     } else {
         let groups = split_groups(dev, p, a, path)?;
         if groups == 1 {
-            fused_forward(dev, p, a, &mut out, &mut s_out, &mut z_out)?;
+            let tensor_cores = path != KernelPath::Simt;
+            fused_forward(dev, p, a, tensor_cores, &mut out, &mut s_out, &mut z_out)?;
         } else {
             split_forward(dev, p, a, groups, &mut out, &mut s_out, &mut z_out)?;
         }
@@ -434,6 +438,7 @@ fn fused_forward(
     dev: &CudaDevice,
     p: &Problem,
     a: &ForwardArgs<'_>,
+    tensor_cores: bool,
     out: &mut Out,
     s_out: &mut CudaSlice<f32>,
     z_out: &mut CudaSlice<f32>,
@@ -459,7 +464,7 @@ fn fused_forward(
         args.mom_width = p.dv as i32;
         args.mom_ld = p.dv as i32;
     }
-    launch_core(dev, a.q.dtype(), &args, p.segments.len(), p.dv)
+    launch_core(dev, a.q.dtype(), &args, p.segments.len(), p.dv, tensor_cores)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -511,7 +516,7 @@ fn split_forward(
         args.items = ptr.of(&items1);
         args.s_out = ptr.of_mut(&mut local_s);
         args.z_out = ptr.of_mut(&mut local_z);
-        launch_core(dev, a.q.dtype(), &args, n_items, dv)?;
+        launch_core(dev, a.q.dtype(), &args, n_items, dv, true)?;
     }
     {
         let f = dev.function(MODULE, "la_state_scan")?;
@@ -554,7 +559,7 @@ fn split_forward(
         args.s_in = ptr.of(s_out);
         args.z_in = ptr.of(z_out);
     }
-    launch_core(dev, a.q.dtype(), &args, n_items, dv)
+    launch_core(dev, a.q.dtype(), &args, n_items, dv, true)
 }
 
 fn reference_forward(
@@ -676,7 +681,7 @@ pub(super) fn backward(
     if path == KernelPath::Reference {
         reference_backward(dev, p, a, b, &mut outs)?;
     } else {
-        chunked_backward(dev, p, a, b, &mut outs)?;
+        chunked_backward(dev, p, a, b, &mut outs, path != KernelPath::Simt)?;
     }
     let device = a.q.device();
     Ok(BackwardResult {
@@ -753,6 +758,7 @@ fn chunked_backward(
     a: &ForwardArgs<'_>,
     b: &BackwardArgs<'_>,
     o: &mut Outs<'_>,
+    tensor_cores: bool,
 ) -> Result<()> {
     let dts = a.q.dtype().as_str();
     let (rows, dk, dv) = (p.rows, p.dk, p.dv);
@@ -791,7 +797,7 @@ fn chunked_backward(
         eta: p.momentum.unwrap_or(-1.0),
     };
     // Tensor cores for 16-bit inputs; the momentum's reverse sum lives in the SIMT core only.
-    let mma = matches!(a.q.dtype(), DType::F16 | DType::BF16) && p.momentum.is_none();
+    let mma = tensor_cores && matches!(a.q.dtype(), DType::F16 | DType::BF16) && p.momentum.is_none();
     let kind = if mma { "mma_" } else { "" };
     // 1. The forward recomputed, g' written instead of o; its chunk follows Dk.
     let c = chunk_for(dk);
@@ -853,7 +859,7 @@ mod tests {
             for dtype in [DType::F32, DType::F16, DType::BF16] {
                 for eta in [-1.0f32, 0.5] {
                     let args = CoreArgs { dk: dk as i32, eta, ..CoreArgs::default() };
-                    let (name, smem) = core_kernel(dtype, &args);
+                    let (name, smem) = core_kernel(dtype, &args, true);
                     assert!(smem <= SM80_OPTIN, "{name} at Dk {dk}: {smem} bytes");
                 }
             }

@@ -189,6 +189,9 @@ pub enum KernelPath {
     /// Chunk-group states, a scan, then all groups' outputs in parallel (forward only; the
     /// backward and momentum calls fall back to fused).
     Split,
+    /// Fused, on the f32 SIMT core whatever the dtype (CUDA tensor cores off): the baseline the
+    /// benchmarks measure the tensor-core kernels against. Fused on the CPU.
+    Simt,
 }
 
 /// One (sequence, head): `len` consecutive rows from `row0` of the `[rows, D]` views of q, k,

@@ -11,7 +11,10 @@ use metakernels::{DType, Device, Tensor};
 use super::reference::{self, dense_segments, varlen_segments};
 use super::{f64s, tensor, Case, DTYPES, FEATURE_MAPS};
 
-const PATHS: [KernelPath; 3] = [KernelPath::Reference, KernelPath::Fused, KernelPath::Split];
+/// The reference kernel first; `Simt` is the SIMT core for f16/bf16 too (the benchmarks'
+/// baseline), which must be as right as the tensor-core `Fused`.
+const PATHS: [KernelPath; 4] =
+    [KernelPath::Reference, KernelPath::Fused, KernelPath::Split, KernelPath::Simt];
 
 /// Final states are f32; on the tensor-core path (f16/bf16) they are sums of products of
 /// 16-bit-rounded φ(k) and v.
@@ -198,7 +201,7 @@ fn cuda_backward_matches_cpu() {
             .backward(&on_cpu(&c.q), &on_cpu(&c.k), &on_cpu(&c.v), init_cpu, &on_cpu(&go), Some(gf_cpu))
             .expect("cpu backward");
         let tol = if dtype == DType::F32 { 1e-4 } else { 2e-2 };
-        for path in [KernelPath::Reference, KernelPath::Fused] {
+        for path in [KernelPath::Reference, KernelPath::Fused, KernelPath::Simt] {
             let g = cfg
                 .backward_on_path(&c.q, &c.k, &c.v, c.initial(), &go, Some(gf), path)
                 .expect("cuda backward");
