@@ -162,40 +162,15 @@ pub fn finite_differences(
     dv: usize,
     w: &LossWeights,
 ) -> FdGrads {
-    const H: f64 = 1e-5;
-    let f = |x: &Inputs| loss(&forward(cfg, eta, x, segs, dk, dv), w);
-    let grad = |pick: &dyn Fn(&mut Inputs) -> &mut Vec<f64>, len: usize| -> Vec<f64> {
-        let mut x = x.clone();
-        (0..len)
-            .map(|i| {
-                let orig = pick(&mut x)[i];
-                pick(&mut x)[i] = orig + H;
-                let up = f(&x);
-                pick(&mut x)[i] = orig - H;
-                let down = f(&x);
-                pick(&mut x)[i] = orig;
-                (up - down) / (2.0 * H)
-            })
-            .collect()
+    let along = |x: &Inputs, pick: &dyn Fn(&mut Inputs) -> &mut Vec<f64>, len: usize| -> Vec<f64> {
+        (0..len).map(|i| finite_difference_at(cfg, eta, x, segs, dk, dv, w, pick, i)).collect()
     };
+    let grad = |pick: &dyn Fn(&mut Inputs) -> &mut Vec<f64>, len: usize| along(x, pick, len);
     let states = segs.len();
     let mut with_state = x.clone();
     with_state.s0.get_or_insert_with(|| vec![0.0; states * dk * dv]);
     with_state.z0.get_or_insert_with(|| vec![0.0; states * dk]);
-    let grad_state = |pick: &dyn Fn(&mut Inputs) -> &mut Vec<f64>, len: usize| -> Vec<f64> {
-        let mut x = with_state.clone();
-        (0..len)
-            .map(|i| {
-                let orig = pick(&mut x)[i];
-                pick(&mut x)[i] = orig + H;
-                let up = f(&x);
-                pick(&mut x)[i] = orig - H;
-                let down = f(&x);
-                pick(&mut x)[i] = orig;
-                (up - down) / (2.0 * H)
-            })
-            .collect()
-    };
+    let grad_state = |pick: &dyn Fn(&mut Inputs) -> &mut Vec<f64>, len: usize| along(&with_state, pick, len);
     FdGrads {
         dq: grad(&|x| &mut x.q, x.q.len()),
         dk: grad(&|x| &mut x.k, x.k.len()),
