@@ -21,7 +21,7 @@
 // (a large cluster spreads over many blocks) and a second pass adding each cluster's chunk sums
 // in order: bitwise reproducible, no float atomics.
 // update_reference_* is the O(N·K·D) direct version for tests.
-#include "common.cuh"
+#include "tensor_core.cuh"
 
 #include <type_traits>
 
@@ -203,63 +203,11 @@ namespace tc {
 // phase and every 16-byte cp.async store then fall on distinct bank quads.
 constexpr int BM = 128, BN = 128, BK = 32, THREADS = 256, LDS = BK + 8;
 
-template <typename T> struct Mma;
-#ifdef MK_HOST_EMULATION
-// scripts/emulate/run.sh kmeans runs this file on the CPU; its prelude emulates mma.sync,
-// ldmatrix and cp.async (commit / wait_group) with the PTX ISA semantics and fragment layouts.
-template <typename T> struct Mma {
-    static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-        const uint32_t b[2] = {b0, b1};
-        mk_emulated_mma(c, a, b, std::is_same_v<T, __nv_bfloat16>);
-    }
-};
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) { mk_emulated_ldmatrix_x4(r, p, false); }
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
-    mk_emulated_cp_async_16(dst, src, src_bytes);
-}
-__device__ __forceinline__ void cp_async_commit() { mk_emulated_cp_async_commit(); }
-__device__ __forceinline__ void cp_async_wait_all() { mk_emulated_cp_async_wait_group(0); }
-#else
-template <> struct Mma<__half> {
-    static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-            "{%0,%1,%2,%3};\n"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-};
-template <> struct Mma<__nv_bfloat16> {
-    static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-            "{%0,%1,%2,%3};\n"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-};
-
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// Four 8×8 b16 matrices from shared memory; lane l gives the address of row l % 8 of matrix l / 8
-// and receives, of each matrix i, the pair (row l / 4, columns 2(l % 4), 2(l % 4) + 1) in r[i].
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_u32(p))
-                 : "memory");
-}
-
-// 16 bytes global → shared without passing through registers; src_bytes = 0 writes zeros.
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(src_bytes)
-                 : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
-#endif
+using mk::cp_async_16;
+using mk::cp_async_commit;
+using mk::cp_async_wait_all;
+using mk::ldmatrix_x4;
+using mk::mma_16816;
 
 // 8 consecutive halfs of row r from dim k, zero outside the matrix (the path for D % 8 ≠ 0,
 // where rows are not 16-byte aligned).
@@ -283,7 +231,7 @@ __device__ __forceinline__ void load_chunk(T* dst, const T* __restrict__ m, int 
                                            bool async_ok) {
     if (async_ok) {
         const bool inside = r < rows && k < d;
-        cp_async16(dst, inside ? m + (size_t)r * d + k : m, inside ? 16 : 0);
+        cp_async_16(dst, inside ? m + (size_t)r * d + k : m, inside ? 16 : 0);
     } else {
         *reinterpret_cast<uint4*>(dst) = load8(m, rows, d, r, k);
     }
@@ -425,7 +373,7 @@ __device__ void assign_l2(const T* __restrict__ x, const T* __restrict__ c, cons
 #pragma unroll
             for (int mt = 0; mt < 4; ++mt)
 #pragma unroll
-                for (int nt = 0; nt < 4; ++nt) Mma<T>::run(acc[mt][nt], a[mt], b[nt][0], b[nt][1]);
+                for (int nt = 0; nt < 4; ++nt) mma_16816<T>(acc[mt][nt], a[mt], b[nt][0], b[nt][1]);
         }
         if (step % k_steps == k_steps - 1) {
             // Epilogue of centroid tile ct: fold its scores into the running minimum.

@@ -28,7 +28,7 @@
 //                               momentum sum with powf: the GPU tests' reference.
 //
 // Logits are kept in base 2: scale_log2 = scale · log2 e, p = exp2(s2 − m2).
-#include "common.cuh"
+#include "tensor_core.cuh"
 
 namespace {
 
@@ -37,71 +37,12 @@ constexpr int PAD = 8;        // halves of padding per shared row: ldmatrix rows
 
 // ------------------------------------------------------------------ small helpers -------------
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-#ifdef MK_HOST_EMULATION
-// scripts/emulate/run.sh momentum_attention runs this file on the CPU; its prelude emulates
-// cp.async, ldmatrix and the warp-wide mma with the PTX ISA semantics and fragment layouts.
-__device__ __forceinline__ void cp_async_16(void* dst, const void* src, int src_bytes) {
-    mk_emulated_cp_async_16(dst, src, src_bytes);
-}
-__device__ __forceinline__ void cp_async_commit() { mk_emulated_cp_async_commit(); }
-__device__ __forceinline__ void cp_async_wait_all() { mk_emulated_cp_async_wait_all(); }
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) { mk_emulated_ldmatrix_x4(r, p, false); }
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
-    mk_emulated_ldmatrix_x4(r, p, true);
-}
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    const uint32_t b[2] = {b0, b1};
-    mk_emulated_mma(d, a, b, std::is_same_v<T, __nv_bfloat16>);
-}
-#else
-// 16-byte global → shared copy; src_bytes = 0 fills the 16 bytes with zeros (tails).
-__device__ __forceinline__ void cp_async_16(void* dst, const void* src, int src_bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
-                 "r"(src_bytes)
-                 : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(p)));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(p)));
-}
-
-// D(16×8, f32) += A(16×16) · B(16×8), A row-major, B column-major.
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
-template <>
-__device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                                  uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-template <>
-__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                                         uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-#endif
+using mk::cp_async_16;
+using mk::cp_async_commit;
+using mk::cp_async_wait_all;
+using mk::ldmatrix_x4;
+using mk::ldmatrix_x4_trans;
+using mk::mma_16816;
 
 // Two floats as one register of two 16-bit values (the first in the low half).
 template <typename T>
