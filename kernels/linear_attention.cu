@@ -26,7 +26,7 @@
 // A split form for few (sequence, head)s uses the same core on groups of chunks: pass 1 with
 // outputs off gives each group's local state, la_state_scan turns them into each group's
 // initial state (and the final state), pass 2 computes every group's outputs in parallel.
-#include "common.cuh"
+#include "tensor_core.cuh"
 
 namespace {
 
@@ -451,68 +451,12 @@ __device__ void core(const CoreArgs& p, const Item& it, const Io& io, float* sm)
 // as an mma operand). Chunks of C = 64 rows for Dk ≤ 128 and C = 32 above, so that the plan
 // fits an sm_80 block (152 KiB at Dk = 256). 8 warps tile each C×64 product: warp w owns rows
 // 16·(w % (C/16)).. and the next C/2 columns of its column group (C/16 tiles of 16×8); the
-// C×C scores use the warps whose columns fall inside the chunk. Fragments are gathered with
-// 16/32-bit shared loads.
+// C×C scores use the warps whose columns fall inside the chunk. Fragments come from ldmatrix
+// (one instruction per 16×16 A tile or pair of 16×8 B tiles; the 8-half row pad keeps its rows
+// on distinct banks), and one φ(Q) fragment feeds both φ(Q)φ(K)ᵀ and φ(Q)·S: with 16-row warp
+// tiles these products are bound by shared-memory traffic, not by the tensor cores.
 
-#ifdef MK_HOST_EMULATION
-// scripts/emulate/run.sh linear_attention runs this file on CPU threads; it supplies an
-// emulation of the warp-wide mma with the PTX ISA fragment layouts.
-__device__ __forceinline__ void mma16816(float* d, const uint32_t* a, const uint32_t* b, __half) {
-    mk_emulated_mma(d, a, b, false);
-}
-__device__ __forceinline__ void mma16816(float* d, const uint32_t* a, const uint32_t* b, __nv_bfloat16) {
-    mk_emulated_mma(d, a, b, true);
-}
-#else
-__device__ __forceinline__ void mma16816(float* d, const uint32_t* a, const uint32_t* b, __half) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
-__device__ __forceinline__ void mma16816(float* d, const uint32_t* a, const uint32_t* b, __nv_bfloat16) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-#endif
-
-__device__ __forceinline__ uint32_t pack2(const uint16_t* base, int lo, int hi) {
-    return (uint32_t)base[lo] | ((uint32_t)base[hi] << 16);
-}
-
-// Fragments of a 16×16 A tile at (r0, k0) of a matrix stored M[r][k] (row stride ld, halves).
-__device__ __forceinline__ void frag_a_rowmajor(uint32_t* a, const uint16_t* m, int ld, int r0, int k0, int g, int t) {
-    const int r = r0 + g, k = k0 + 2 * t;
-    a[0] = pack2(m, r * ld + k, r * ld + k + 1);
-    a[1] = pack2(m, (r + 8) * ld + k, (r + 8) * ld + k + 1);
-    a[2] = pack2(m, r * ld + k + 8, r * ld + k + 9);
-    a[3] = pack2(m, (r + 8) * ld + k + 8, (r + 8) * ld + k + 9);
-}
-// ... of an A tile stored transposed, M[k][r].
-__device__ __forceinline__ void frag_a_colmajor(uint32_t* a, const uint16_t* m, int ld, int r0, int k0, int g, int t) {
-    const int r = r0 + g, k = k0 + 2 * t;
-    a[0] = pack2(m, k * ld + r, (k + 1) * ld + r);
-    a[1] = pack2(m, k * ld + r + 8, (k + 1) * ld + r + 8);
-    a[2] = pack2(m, (k + 8) * ld + r, (k + 9) * ld + r);
-    a[3] = pack2(m, (k + 8) * ld + r + 8, (k + 9) * ld + r + 8);
-}
-// Fragments of a 16×8 B tile at (k0, n0) of B stored N-major, M[n][k] (e.g. φ(K) for QKᵀ).
-__device__ __forceinline__ void frag_b_nmajor(uint32_t* b, const uint16_t* m, int ld, int k0, int n0, int g, int t) {
-    const int n = n0 + g, k = k0 + 2 * t;
-    b[0] = pack2(m, n * ld + k, n * ld + k + 1);
-    b[1] = pack2(m, n * ld + k + 8, n * ld + k + 9);
-}
-// ... of B stored K-major, M[k][n] (e.g. V, S).
-__device__ __forceinline__ void frag_b_kmajor(uint32_t* b, const uint16_t* m, int ld, int k0, int n0, int g, int t) {
-    const int n = n0 + g, k = k0 + 2 * t;
-    b[0] = pack2(m, k * ld + n, (k + 1) * ld + n);
-    b[1] = pack2(m, (k + 8) * ld + n, (k + 9) * ld + n);
-}
+using mk::mma_16816;
 
 constexpr int HALF_LD_PAD = 8;
 
@@ -522,7 +466,7 @@ __host__ __device__ constexpr int mma_max_dk(int C) { return C == 64 ? 128 : 256
 // Shared-memory plan of the tensor-core core, in bytes, for chunks of C rows and a padded key
 // width dkp (a multiple of 16, ≤ mma_max_dk(C)). Halves first, then floats (16-byte aligned).
 struct SmemMma {
-    int ldq, q, k, v, a, sh, sf, z, den, m, o, total;
+    int ldq, q, k, v, a, sh, sf, z, den, part, o, total;
     __host__ __device__ SmemMma(int C, int dkp) {
         ldq = dkp + HALF_LD_PAD;
         const int ldt = TILE + HALF_LD_PAD;
@@ -534,8 +478,8 @@ struct SmemMma {
         sf = (sh + dkp * ldt * 2 + 15) / 16 * 16;  // floats: dkp × TILE_LD
         z = sf + dkp * TILE_LD * 4;             // floats: dkp
         den = z + dkp * 4;                      // floats: C
-        m = den + C * 4;                        // floats: TILE
-        o = m + TILE * 4;                       // floats: C × TILE_LD
+        part = den + C * 4;                     // floats: 2 × C
+        o = part + 2 * C * 4;                   // floats: C × TILE_LD
         total = o + C * TILE_LD * 4;
     }
 };
@@ -599,13 +543,8 @@ __device__ void core_mma(const CoreArgs& p, const Item& it, const Io& io, unsign
     float* Sf = reinterpret_cast<float*>(smem + L.sf);
     float* zs = reinterpret_cast<float*>(smem + L.z);
     float* dens = reinterpret_cast<float*>(smem + L.den);
-    float* ms = reinterpret_cast<float*>(smem + L.m);
+    float* part = reinterpret_cast<float*>(smem + L.part);
     float* Os = reinterpret_cast<float*>(smem + L.o);
-    const uint16_t* Qu = reinterpret_cast<const uint16_t*>(Qh);
-    const uint16_t* Ku = reinterpret_cast<const uint16_t*>(Kh);
-    const uint16_t* Vu = reinterpret_cast<const uint16_t*>(Vh);
-    const uint16_t* Au = reinterpret_cast<const uint16_t*>(Ah);
-    const uint16_t* Su = reinterpret_cast<const uint16_t*>(Sh);
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tq = lane % 4;
     const int wr = (warp % ROW_GROUPS) * 16, wc = (warp / ROW_GROUPS) * WARP_COLS;  // this warp's block
     const int j0 = blockIdx.y * TILE;
@@ -755,29 +694,75 @@ __device__ void core_mma(const CoreArgs& p, const Item& it, const Io& io, unsign
             }
         }
     };
-    // S += φ(K)ᵀV on tensor cores (S: dkp × 64, k = the C chunk rows); z += Σ φ(K).
+    // S += φ(K)ᵀV on tensor cores (S: dkp × 64, summed over the C chunk rows); z += Σ φ(K).
+    // A warp takes 16 rows × 32 columns of S at a time: each φ(K)ᵀ fragment feeds four mma,
+    // and the warps of column 0 also sum the fragments into z (a[0], a[2]: key g; a[1], a[3]:
+    // key g + 8).
     auto update_state = [&]() {
-        const int tiles = (dkp / 16) * (TILE / 8);
-        for (int tt = warp; tt < tiles; tt += THREADS / 32) {
-            const int r0 = (tt / (TILE / 8)) * 16, n0 = (tt % (TILE / 8)) * 8;
-            float d[4] = {Sf[(r0 + g) * TILE_LD + n0 + 2 * tq], Sf[(r0 + g) * TILE_LD + n0 + 2 * tq + 1],
-                          Sf[(r0 + g + 8) * TILE_LD + n0 + 2 * tq], Sf[(r0 + g + 8) * TILE_LD + n0 + 2 * tq + 1]};
+        const int units = (dkp / 16) * (TILE / 32);
+        for (int u = warp; u < units; u += THREADS / 32) {
+            const int r0 = (u / (TILE / 32)) * 16, n0 = (u % (TILE / 32)) * 32;
+            float d[4][4], z_lo = 0.f, z_hi = 0.f;
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) d[nt][e] = Sf[(r0 + g + (e >= 2 ? 8 : 0)) * TILE_LD + n0 + 8 * nt + 2 * tq + (e & 1)];
 #pragma unroll
             for (int k0 = 0; k0 < C; k0 += 16) {
-                uint32_t a[4], b[2];
-                frag_a_colmajor(a, Ku, ldq, r0, k0, g, tq);
-                frag_b_kmajor(b, Vu, ldt, k0, n0, g, tq);
-                mma16816(d, a, b, T());
+                uint32_t a[4];
+                mk::frag_a_trans(a, Kh, ldq, r0, k0);
+                if (n0 == 0) {
+                    const float2 k0g = mk::unpack2<T>(a[0]), k8g = mk::unpack2<T>(a[2]);
+                    const float2 k0h = mk::unpack2<T>(a[1]), k8h = mk::unpack2<T>(a[3]);
+                    z_lo += (k0g.x + k0g.y) + (k8g.x + k8g.y);
+                    z_hi += (k0h.x + k0h.y) + (k8h.x + k8h.y);
+                }
+#pragma unroll
+                for (int np = 0; np < 2; ++np) {
+                    uint32_t b[4];
+                    mk::frag_b_pair_trans(b, Vh, ldt, k0, n0 + 16 * np);
+                    mma_16816<T>(d[2 * np], a, b[0], b[1]);
+                    mma_16816<T>(d[2 * np + 1], a, b[2], b[3]);
+                }
             }
-            Sf[(r0 + g) * TILE_LD + n0 + 2 * tq] = d[0];
-            Sf[(r0 + g) * TILE_LD + n0 + 2 * tq + 1] = d[1];
-            Sf[(r0 + g + 8) * TILE_LD + n0 + 2 * tq] = d[2];
-            Sf[(r0 + g + 8) * TILE_LD + n0 + 2 * tq + 1] = d[3];
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) Sf[(r0 + g + (e >= 2 ? 8 : 0)) * TILE_LD + n0 + 8 * nt + 2 * tq + (e & 1)] = d[nt][e];
+            if (n0 == 0) {
+                z_lo += __shfl_xor_sync(0xffffffffu, z_lo, 1);
+                z_lo += __shfl_xor_sync(0xffffffffu, z_lo, 2);
+                z_hi += __shfl_xor_sync(0xffffffffu, z_hi, 1);
+                z_hi += __shfl_xor_sync(0xffffffffu, z_hi, 2);
+                if (tq == 0) {
+                    zs[r0 + g] += z_lo;
+                    zs[r0 + g + 8] += z_hi;
+                }
+            }
         }
-        for (int c = tid; c < dk; c += THREADS) {
-            float acc = 0.f;
-            for (int i = 0; i < C; ++i) acc += mk::to_float(Kh[i * ldq + c]);
-            zs[c] += acc;
+    };
+
+    // Denominators φ(q_i)·z + Σ_s A_is (normalised only), from the fragments in registers: the
+    // warps of column group 0 add φ(Q)·z as they load φ(Q) (a[0], a[2]: row g; a[1], a[3]:
+    // row g + 8); each score warp adds its rows' masked scores; the two groups' shares of a
+    // row meet in `part` (C floats per group).
+    auto den_qz = [&](const uint32_t (&a)[4], int k0, float& lo, float& hi) {
+        const float2 z0 = *reinterpret_cast<const float2*>(zs + k0 + 2 * tq);
+        const float2 z8 = *reinterpret_cast<const float2*>(zs + k0 + 2 * tq + 8);
+        const float2 r0 = mk::unpack2<T>(a[0]), r8 = mk::unpack2<T>(a[1]);
+        const float2 r0h = mk::unpack2<T>(a[2]), r8h = mk::unpack2<T>(a[3]);
+        lo = fmaf(r0.x, z0.x, fmaf(r0.y, z0.y, fmaf(r0h.x, z8.x, fmaf(r0h.y, z8.y, lo))));
+        hi = fmaf(r8.x, z0.x, fmaf(r8.y, z0.y, fmaf(r8h.x, z8.x, fmaf(r8h.y, z8.y, hi))));
+    };
+    auto store_den_parts = [&](float lo, float hi) {
+        lo += __shfl_xor_sync(0xffffffffu, lo, 1);
+        lo += __shfl_xor_sync(0xffffffffu, lo, 2);
+        hi += __shfl_xor_sync(0xffffffffu, hi, 1);
+        hi += __shfl_xor_sync(0xffffffffu, hi, 2);
+        float* mine = part + (wc / WARP_COLS) * C;
+        if (tq == 0) {
+            mine[wr + g] = lo;
+            mine[wr + g + 8] = hi;
         }
     };
 
@@ -790,7 +775,6 @@ __device__ void core_mma(const CoreArgs& p, const Item& it, const Io& io, unsign
             update_state();
         }
     }
-    if (tid < TILE) ms[tid] = 0.f;
     const bool has_out = io.has_out();
     if (has_out) first(true, p.causal);
     for (long long ch = 0; ch < chunks && has_out; ++ch) {
@@ -804,72 +788,69 @@ __device__ void core_mma(const CoreArgs& p, const Item& it, const Io& io, unsign
             Sh[c * ldt + j] = mk::from_float<T>(Sf[c * TILE_LD + j] * s_down);
         }
         __syncthreads();
-        if (p.causal && wc < C) {
-            // A = mask(φ(Q)φ(K)ᵀ), rounded to T for the next product (C×C: with C = 32 the
-            // warps of the upper column groups sit this one out).
-            float d[NT][4] = {};
-            for (int k0 = 0; k0 < dkp; k0 += 16) {
-                uint32_t a[4];
-                frag_a_rowmajor(a, Qu, ldq, wr, k0, g, tq);
+        // One pass over the key dimension: O = φ(Q)·S and (causal) the scores φ(Q)φ(K)ᵀ, then
+        // A = mask(scores) rounded to T for O += A·V (C×C: with C = 32 the warps of the upper
+        // column groups have no scores).
+        const bool scores = p.causal && wc < C;
+        float o[NT][4] = {}, sc[NT][4] = {};
+        float den_lo = 0.f, den_hi = 0.f;  // this lane's share of rows wr + g and wr + g + 8
+        for (int k0 = 0; k0 < dkp; k0 += 16) {
+            uint32_t a[4];
+            mk::frag_a(a, Qh, ldq, wr, k0);
+            if (p.normalize && wc == 0) den_qz(a, k0, den_lo, den_hi);
 #pragma unroll
-                for (int nt = 0; nt < NT; ++nt) {
-                    uint32_t b[2];
-                    frag_b_nmajor(b, Ku, ldq, k0, wc + 8 * nt, g, tq);
-                    mma16816(d[nt], a, b, T());
+            for (int np = 0; np < NT / 2; ++np) {
+                uint32_t b[4];
+                if (scores) {
+                    mk::frag_b_pair(b, Kh, ldq, k0, wc + 16 * np);
+                    mma_16816<T>(sc[2 * np], a, b[0], b[1]);
+                    mma_16816<T>(sc[2 * np + 1], a, b[2], b[3]);
                 }
+                mk::frag_b_pair_trans(b, Sh, ldt, k0, wc + 16 * np);
+                mma_16816<T>(o[2 * np], a, b[0], b[1]);
+                mma_16816<T>(o[2 * np + 1], a, b[2], b[3]);
             }
+        }
+        if (scores) {
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int i = wr + g + (e >= 2 ? 8 : 0), s = wc + 8 * nt + 2 * tq + (e & 1);
-                    Ah[i * ldt + s] = mk::from_float<T>(s <= i ? d[nt][e] : 0.f);
+                    const T a_is = mk::from_float<T>(s <= i ? sc[nt][e] : 0.f);
+                    Ah[i * ldt + s] = a_is;
+                    (e >= 2 ? den_hi : den_lo) += mk::to_float(a_is);  // the A that A·V sees
                 }
         }
-        if (p.causal) __syncthreads();
-        // O = φ(Q)·S + A·V
-        float o[NT][4] = {};
-        for (int k0 = 0; k0 < dkp; k0 += 16) {
-            uint32_t a[4];
-            frag_a_rowmajor(a, Qu, ldq, wr, k0, g, tq);
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt) {
-                uint32_t b[2];
-                frag_b_kmajor(b, Su, ldt, k0, wc + 8 * nt, g, tq);
-                mma16816(o[nt], a, b, T());
-            }
-        }
+        if (p.normalize && wc < C) store_den_parts(den_lo, den_hi);
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) o[nt][e] *= s_up;
         if (p.causal) {
+            __syncthreads();
 #pragma unroll
             for (int k0 = 0; k0 < C; k0 += 16) {
                 uint32_t a[4];
-                frag_a_rowmajor(a, Au, ldt, wr, k0, g, tq);
+                mk::frag_a(a, Ah, ldt, wr, k0);
 #pragma unroll
-                for (int nt = 0; nt < NT; ++nt) {
-                    uint32_t b[2];
-                    frag_b_kmajor(b, Vu, ldt, k0, wc + 8 * nt, g, tq);
-                    mma16816(o[nt], a, b, T());
+                for (int np = 0; np < NT / 2; ++np) {
+                    uint32_t b[4];
+                    mk::frag_b_pair_trans(b, Vh, ldt, k0, wc + 16 * np);
+                    mma_16816<T>(o[2 * np], a, b[0], b[1]);
+                    mma_16816<T>(o[2 * np + 1], a, b[2], b[3]);
                 }
             }
         }
-        if (tid < C) {
-            float dsum = 0.f;
-            for (int c = 0; c < dk; ++c) dsum = fmaf(mk::to_float(Qh[tid * ldq + c]), zs[c], dsum);
-            if (p.causal)
-                for (int s = 0; s < C; ++s) dsum += mk::to_float(Ah[tid * ldt + s]);
-            dens[tid] = dsum + p.eps;
-        }
         __syncthreads();
+        auto den = [&](int i) { return part[i] + part[C + i] + p.eps; };
+        if (p.normalize && tid < C) dens[tid] = den(tid);  // for io.store_chunk
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int i = wr + g + (e >= 2 ? 8 : 0), j = wc + 8 * nt + 2 * tq + (e & 1);
-                const float f = p.normalize ? p.scale / dens[i] : p.scale;
+                const float f = p.normalize ? p.scale / den(i) : p.scale;
                 Os[i * TILE_LD + j] = f * o[nt][e];
             }
         __syncthreads();

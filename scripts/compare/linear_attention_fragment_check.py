@@ -2,17 +2,20 @@
 """Checks the tensor-core fragment addressing of `core_mma` in kernels/linear_attention.cu
 without a GPU.
 
-Emulates `mma.sync.aligned.m16n8k16.row.col` with the fragment layouts of the PTX ISA (A: a0..a7
-over rows g, g+8 and columns 2t.., 2t+8..; B: b0..b3 over rows 2t.., 2t+8.. and column g; C/D:
-c0..c3 over rows g, g+8 and columns 2t, 2t+1, with g = lane/4, t = lane%4), packs the operands
-with the kernel's `frag_a_rowmajor`, `frag_a_colmajor`, `frag_b_nmajor` and `frag_b_kmajor`
-(the same shared-memory index formulas, padded strides ldq = dkp + 8 and ldt = 64 + 8), runs
-one chunk of the kernel's three products with its warp tiling on small integer tiles, and
-compares against plain matrix products, for both chunk sizes C (64 rows for Dk ≤ 128, 32 above):
-  A = mask(φ(Q) φ(K)ᵀ)        (8 warps, each a 16×(C/2) block: rows 16·(w % (C/16)), columns
-                               (C/2)·(w / (C/16)); with C = 32 the warps past column C idle)
-  O = φ(Q)·S + A·V            (same tiling over the 64 columns of the v tile)
-  S += φ(K)ᵀ V                (16×8 tiles distributed over the warps)
+Emulates `ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16` and
+`mma.sync.aligned.m16n8k16.row.col` with the fragment layouts of the PTX ISA (A: a0..a7 over
+rows g, g+8 and columns 2t.., 2t+8..; B: b0..b3 over rows 2t.., 2t+8.. and column g; C/D: c0..c3
+over rows g, g+8 and columns 2t, 2t+1, with g = lane/4, t = lane%4), loads the operands with the
+address formulas of `frag_a`, `frag_a_trans`, `frag_b_pair` and `frag_b_pair_trans` in
+kernels/tensor_core.cuh (padded strides ldq = dkp + 8 and ldt = 64 + 8), runs one chunk of the
+kernel's three products with its warp tiling on small integer tiles, and compares against plain
+matrix products, for both chunk sizes C (64 rows for Dk ≤ 128, 32 above):
+  O = φ(Q)·S, A = mask(φ(Q) φ(K)ᵀ)   (one pass over the key dimension; 8 warps, each a
+                                     16×(C/2) block: rows 16·(w % (C/16)), columns
+                                     (C/2)·(w / (C/16)); with C = 32 the warps past column C
+                                     have no scores)
+  O += A·V                           (same tiling over the 64 columns of the v tile)
+  S += φ(K)ᵀ V                       (16×32 units of S distributed over the warps)
 for key widths that are and are not multiples of 16 and for a full and a ragged chunk.
 Pure Python, no dependencies; exit status 1 on a mismatch. A check of index math under the
 documented layouts, not a substitute for the GPU tests.
@@ -24,8 +27,21 @@ random.seed(3)
 TILE, PAD = 64, 8
 
 
-def mma(d, a, b):
-    """d[lane] (4 accumulators) += A·B for one warp; a[lane] = 4 packed pairs, b[lane] = 2."""
+def ldmatrix_x4(smem, addrs, trans=False):
+    """Per lane, 4 registers of 2 halves; addrs[lane] = flat index of the row lane provides."""
+    regs = [[None] * 4 for _ in range(32)]
+    for i in range(4):
+        rows = [[smem[addrs[8 * i + j] + c] for c in range(8)] for j in range(8)]
+        for l in range(32):
+            if trans:
+                regs[l][i] = (rows[2 * (l % 4)][l // 4], rows[2 * (l % 4) + 1][l // 4])
+            else:
+                regs[l][i] = (rows[l // 4][2 * (l % 4)], rows[l // 4][2 * (l % 4) + 1])
+    return regs
+
+
+def mma(d, a, b0, b1):
+    """d[lane] (4 accumulators) += A·B for one warp; a[lane] = 4 pairs, b0[lane], b1[lane] pairs."""
     A = [[None] * 16 for _ in range(16)]
     B = [[None] * 8 for _ in range(16)]
     for lane in range(32):
@@ -35,8 +51,8 @@ def mma(d, a, b):
             A[g + 8][2 * t + e] = a[lane][1][e]
             A[g][2 * t + 8 + e] = a[lane][2][e]
             A[g + 8][2 * t + 8 + e] = a[lane][3][e]
-            B[2 * t + e][g] = b[lane][0][e]
-            B[2 * t + 8 + e][g] = b[lane][1][e]
+            B[2 * t + e][g] = b0[lane][e]
+            B[2 * t + 8 + e][g] = b1[lane][e]
     prod = [[sum(A[i][k] * B[k][j] for k in range(16)) for j in range(8)] for i in range(16)]
     for lane in range(32):
         g, t = lane // 4, lane % 4
@@ -46,27 +62,27 @@ def mma(d, a, b):
         d[lane][3] += prod[g + 8][2 * t + 1]
 
 
-# The kernel's fragment gathers; pack2(m, lo, hi) is the pair (m[lo], m[hi]).
-def frag_a_rowmajor(m, ld, r0, k0, g, t):
-    r, k = r0 + g, k0 + 2 * t
-    return [(m[r * ld + k], m[r * ld + k + 1]), (m[(r + 8) * ld + k], m[(r + 8) * ld + k + 1]),
-            (m[r * ld + k + 8], m[r * ld + k + 9]), (m[(r + 8) * ld + k + 8], m[(r + 8) * ld + k + 9])]
+# kernels/tensor_core.cuh's fragment loads: the address each lane gives ldmatrix.
+def frag_a(m, ld, r0, k0):
+    return ldmatrix_x4(m, [(r0 + l % 16) * ld + k0 + (l // 16) * 8 for l in range(32)])
 
 
-def frag_a_colmajor(m, ld, r0, k0, g, t):
-    r, k = r0 + g, k0 + 2 * t
-    return [(m[k * ld + r], m[(k + 1) * ld + r]), (m[k * ld + r + 8], m[(k + 1) * ld + r + 8]),
-            (m[(k + 8) * ld + r], m[(k + 9) * ld + r]), (m[(k + 8) * ld + r + 8], m[(k + 9) * ld + r + 8])]
+def frag_a_trans(m, ld, r0, k0):
+    return ldmatrix_x4(m, [(k0 + (l // 16) * 8 + l % 8) * ld + r0 + ((l // 8) % 2) * 8 for l in range(32)], True)
 
 
-def frag_b_nmajor(m, ld, k0, n0, g, t):
-    n, k = n0 + g, k0 + 2 * t
-    return [(m[n * ld + k], m[n * ld + k + 1]), (m[n * ld + k + 8], m[n * ld + k + 9])]
+def frag_b_pair(m, ld, k0, n0):
+    return ldmatrix_x4(m, [(n0 + (l // 16) * 8 + l % 8) * ld + k0 + ((l // 8) % 2) * 8 for l in range(32)])
 
 
-def frag_b_kmajor(m, ld, k0, n0, g, t):
-    n, k = n0 + g, k0 + 2 * t
-    return [(m[k * ld + n], m[(k + 1) * ld + n]), (m[(k + 8) * ld + n], m[(k + 9) * ld + n])]
+def frag_b_pair_trans(m, ld, k0, n0):
+    return ldmatrix_x4(m, [(k0 + ((l // 8) % 2) * 8 + l % 8) * ld + n0 + (l // 16) * 8 for l in range(32)], True)
+
+
+def mma_pair(d, nt, a, b):
+    """The kernel's two mma per B pair: tiles nt and nt + 1."""
+    mma(d[nt], a, [r[0] for r in b], [r[1] for r in b])
+    mma(d[nt + 1], a, [r[2] for r in b], [r[3] for r in b])
 
 
 def check(C, dk, n, w):
@@ -95,37 +111,32 @@ def check(C, dk, n, w):
             Sh[c * ldt + j] = S[c][j]
 
     ok = True
-    # A = mask(QKᵀ) and O = Q·S + A·V, 8 warps of 16×(C/2).
-    acc_o = {}
+    # O = Q·S and the scores QKᵀ in one pass over the key dimension, then O += mask(QKᵀ)·V;
+    # 8 warps of 16×(C/2).
+    acc_o, warps = {}, []
     for warp in range(8):
         wr, wc = (warp % row_groups) * 16, (warp // row_groups) * warp_cols
-        if wc >= C:
-            continue
-        d = [[[0] * 4 for _ in range(32)] for _ in range(nts)]
-        for k0 in range(0, dkp, 16):
-            a = [frag_a_rowmajor(Qh, ldq, wr, k0, l // 4, l % 4) for l in range(32)]
-            for nt in range(nts):
-                b = [frag_b_nmajor(Kh, ldq, k0, wc + 8 * nt, l // 4, l % 4) for l in range(32)]
-                mma(d[nt], a, b)
-        for nt in range(nts):
-            for l in range(32):
-                g, t = l // 4, l % 4
-                for e in range(4):
-                    i, s = wr + g + (8 if e >= 2 else 0), wc + 8 * nt + 2 * t + (e & 1)
-                    Ah[i * ldt + s] = d[nt][l][e] if s <= i else 0
-    for warp in range(8):
-        wr, wc = (warp % row_groups) * 16, (warp // row_groups) * warp_cols
+        sc = [[[0] * 4 for _ in range(32)] for _ in range(nts)]
         o = [[[0] * 4 for _ in range(32)] for _ in range(nts)]
         for k0 in range(0, dkp, 16):
-            a = [frag_a_rowmajor(Qh, ldq, wr, k0, l // 4, l % 4) for l in range(32)]
+            a = frag_a(Qh, ldq, wr, k0)
+            for np in range(nts // 2):
+                if wc < C:
+                    mma_pair(sc, 2 * np, a, frag_b_pair(Kh, ldq, k0, wc + 16 * np))
+                mma_pair(o, 2 * np, a, frag_b_pair_trans(Sh, ldt, k0, wc + 16 * np))
+        if wc < C:
             for nt in range(nts):
-                b = [frag_b_kmajor(Sh, ldt, k0, wc + 8 * nt, l // 4, l % 4) for l in range(32)]
-                mma(o[nt], a, b)
+                for l in range(32):
+                    g, t = l // 4, l % 4
+                    for e in range(4):
+                        i, s = wr + g + (8 if e >= 2 else 0), wc + 8 * nt + 2 * t + (e & 1)
+                        Ah[i * ldt + s] = sc[nt][l][e] if s <= i else 0
+        warps.append((wr, wc, o))
+    for wr, wc, o in warps:  # after the barrier: every warp's scores are in Ah
         for k0 in range(0, C, 16):
-            a = [frag_a_rowmajor(Ah, ldt, wr, k0, l // 4, l % 4) for l in range(32)]
-            for nt in range(nts):
-                b = [frag_b_kmajor(Vh, ldt, k0, wc + 8 * nt, l // 4, l % 4) for l in range(32)]
-                mma(o[nt], a, b)
+            a = frag_a(Ah, ldt, wr, k0)
+            for np in range(nts // 2):
+                mma_pair(o, 2 * np, a, frag_b_pair_trans(Vh, ldt, k0, wc + 16 * np))
         for nt in range(nts):
             for l in range(32):
                 g, t = l // 4, l % 4
@@ -138,23 +149,22 @@ def check(C, dk, n, w):
             want = sum(Q[i][c] * S[c][j] for c in range(dkp)) + sum(a_row[s] * V[s][j] for s in range(C))
             if acc_o.get((i, j)) != want:
                 ok = False
-    # S += φ(K)ᵀV: (dkp/16)·(64/8) tiles over the warps.
+    # S += φ(K)ᵀV: (dkp/16)·2 units of 16×32 over the warps.
     Sf = [row[:] for row in S]
-    tiles = (dkp // 16) * (TILE // 8)
+    units = (dkp // 16) * (TILE // 32)
     for warp in range(8):
-        for tt in range(warp, tiles, 8):
-            r0, n0 = (tt // (TILE // 8)) * 16, (tt % (TILE // 8)) * 8
-            d = [[Sf[r0 + l // 4][n0 + 2 * (l % 4)], Sf[r0 + l // 4][n0 + 2 * (l % 4) + 1],
-                  Sf[r0 + l // 4 + 8][n0 + 2 * (l % 4)], Sf[r0 + l // 4 + 8][n0 + 2 * (l % 4) + 1]]
-                 for l in range(32)]
+        for u in range(warp, units, 8):
+            r0, n0 = (u // (TILE // 32)) * 16, (u % (TILE // 32)) * 32
+            d = [[[Sf[r0 + l // 4 + (8 if e >= 2 else 0)][n0 + 8 * nt + 2 * (l % 4) + (e & 1)] for e in range(4)]
+                  for l in range(32)] for nt in range(4)]
             for k0 in range(0, C, 16):
-                a = [frag_a_colmajor(Kh, ldq, r0, k0, l // 4, l % 4) for l in range(32)]
-                b = [frag_b_kmajor(Vh, ldt, k0, n0, l // 4, l % 4) for l in range(32)]
-                mma(d, a, b)
-            for l in range(32):
-                g, t = l // 4, l % 4
-                Sf[r0 + g][n0 + 2 * t], Sf[r0 + g][n0 + 2 * t + 1] = d[l][0], d[l][1]
-                Sf[r0 + g + 8][n0 + 2 * t], Sf[r0 + g + 8][n0 + 2 * t + 1] = d[l][2], d[l][3]
+                a = frag_a_trans(Kh, ldq, r0, k0)
+                for np in range(2):
+                    mma_pair(d, 2 * np, a, frag_b_pair_trans(Vh, ldt, k0, n0 + 16 * np))
+            for nt in range(4):
+                for l in range(32):
+                    for e in range(4):
+                        Sf[r0 + l // 4 + (8 if e >= 2 else 0)][n0 + 8 * nt + 2 * (l % 4) + (e & 1)] = d[nt][l][e]
     for c in range(dkp):
         for j in range(TILE):
             if Sf[c][j] != S[c][j] + sum(K[i][c] * V[i][j] for i in range(C)):

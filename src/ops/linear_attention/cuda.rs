@@ -250,7 +250,7 @@ fn mma_smem_bytes(c: usize, dk: usize) -> usize {
     let (ldq, ldt, tile_ld) = (dkp + 8, TILE + 8, TILE + 1);
     let halves = 2 * c * ldq + 2 * c * ldt + dkp * ldt;
     let floats_start = (halves * 2).div_ceil(16) * 16;
-    floats_start + 4 * (dkp * tile_ld + dkp + c + TILE + c * tile_ld)
+    floats_start + 4 * (dkp * tile_ld + dkp + c + 2 * c + c * tile_ld)
 }
 
 /// Whether a forward core launch runs on the tensor-core kernel: 16-bit inputs and no momentum
@@ -881,15 +881,16 @@ mod tests {
     }
 
     /// The tensor-core plan mirrors `SmemMma` in the .cu file: halves (q, k, v, A, the 16-bit
-    /// state) with rows padded by 8, then, 16-byte aligned, the f32 state, z, dens, m and o.
+    /// state) with rows padded by 8, then, 16-byte aligned, the f32 state, z, dens, the two
+    /// column groups' shares of dens, and o.
     #[test]
     fn mma_plan_by_hand() {
         // C = 64, Dk = 64: ldq = 72, ldt = 72; halves 2·64·72 + 2·64·72 + 64·72 = 23040 (46080
-        // bytes), floats 64·65 + 64 + 64 + 64 + 64·65 = 8512 (34048 bytes).
-        assert_eq!(mma_smem_bytes(64, 64), 46_080 + 34_048);
+        // bytes), floats 64·65 + 64 + 64 + 128 + 64·65 = 8576 (34304 bytes).
+        assert_eq!(mma_smem_bytes(64, 64), 46_080 + 34_304);
         // Dk = 6 pads to 16: halves 2·64·24 + 2·64·72 + 16·72 = 13440 (26880 bytes), floats
-        // 16·65 + 16 + 64 + 64 + 64·65 = 5344 (21376 bytes).
-        assert_eq!(mma_smem_bytes(64, 6), 26_880 + 21_376);
+        // 16·65 + 16 + 64 + 128 + 64·65 = 5408 (21632 bytes).
+        assert_eq!(mma_smem_bytes(64, 6), 26_880 + 21_632);
     }
 
     /// H200: 132 SMs; the tensor-core core runs one 256-thread block per SM.
