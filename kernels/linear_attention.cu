@@ -392,13 +392,18 @@ __device__ void core(const CoreArgs& p, const Item& it, const Io& io, float* sm)
                     for (int b = 0; b < 4; ++b) acc[a][b] = fmaf(aa[a], vb[b], acc[a][b]);
             }
         }
-        // Denominators: φ(q_i)·z (+ the intra-chunk row sum of A).
-        if (tid < C) {
+        // Denominators φ(q_i)·z (+ the intra-chunk row sum of A), only when normalising: the
+        // block's THREADS / C consecutive threads per row split the sums.
+        if (p.normalize) {
+            constexpr int PER = THREADS / C;
+            const int i = tid / PER, part = tid % PER;
             float d = 0.f;
-            for (int c = 0; c < dk; ++c) d = fmaf(Qs[tid * L.ld_qk + c], zs[c], d);
+            for (int c = part; c < dk; c += PER) d = fmaf(Qs[i * L.ld_qk + c], zs[c], d);
             if (p.causal)
-                for (int s = 0; s < C; ++s) d += As[tid * (C + 1) + s];
-            dens[tid] = d + p.eps;
+                for (int s = part; s < C; s += PER) d += As[i * (C + 1) + s];
+#pragma unroll
+            for (int o = PER / 2; o > 0; o /= 2) d += __shfl_xor_sync(0xffffffffu, d, o);
+            if (part == 0) dens[i] = d + p.eps;
         }
         __syncthreads();
 #pragma unroll
