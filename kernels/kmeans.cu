@@ -403,16 +403,15 @@ __device__ void assign_l2(const T* __restrict__ x, const T* __restrict__ c, cons
         }
     }
     if (RESIDENT) {
-        // ‖x‖² of row tid from the resident tile (zeros past D; it landed before step 0's
-        // barrier and is never overwritten).
-        if (tid < BM) {
-            float v = 0.f;
-            for (int e = 0; e < k_steps * BK; ++e) {
-                const float f = mk::to_float(As[tid * LDS_RESIDENT + e]);
-                v = fmaf(f, f, v);
-            }
-            x_norm[tid] = v;
-        }
+        // ‖x‖² from the resident tile (zeros past D; it landed before step 0's barrier and is
+        // never overwritten): two threads per row, alternate 16-byte pieces each.
+        static_assert(THREADS == 2 * BM, "two threads per row");
+        const int r = tid / 2, half = tid % 2;
+        float v = 0.f;
+        for (int e = 8 * half; e < k_steps * BK; e += 16)
+            v += sq_sum8(*reinterpret_cast<const uint4*>(As + r * LDS_RESIDENT + e), T());
+        v += __shfl_xor_sync(mk::FULL_MASK, v, 1);
+        if (half == 0) x_norm[r] = v;
     } else {
         // ‖x‖²: the four loader threads of a row are four consecutive lanes.
 #pragma unroll
