@@ -25,6 +25,8 @@ use super::cpu_gemm::Gemm;
 use super::{
     BackwardArgs, BackwardResult, FeatureMap, ForwardArgs, ForwardResult, KernelPath, Problem, Segment,
 };
+use crate::cpu::math::exp;
+use crate::cpu::multiversion;
 use crate::testing::output_vec;
 use crate::{DType, Error, Result, Tensor};
 
@@ -39,6 +41,8 @@ const ROW_BLOCK: usize = 32;
 
 const OP: &str = "linear_attention (cpu)";
 
+/// φ(x). elu + 1 takes `math::exp` (within 1 ulp, vectorises) rather than libm's `expf` (a call
+/// per element: the feature map alone cost 2.7× the whole identity-map forward).
 #[inline]
 fn phi(fm: FeatureMap, x: f32) -> f32 {
     match fm {
@@ -47,7 +51,7 @@ fn phi(fm: FeatureMap, x: f32) -> f32 {
             if x > 0.0 {
                 x + 1.0
             } else {
-                x.exp()
+                exp(x)
             }
         }
         FeatureMap::Relu => x.max(0.0),
@@ -63,7 +67,7 @@ fn dphi(fm: FeatureMap, x: f32) -> f32 {
             if x > 0.0 {
                 1.0
             } else {
-                x.exp()
+                exp(x)
             }
         }
         FeatureMap::Relu => {
@@ -187,13 +191,15 @@ fn transpose(src: &[f32], rows: usize, cols: usize, ld_src: usize, dst: &mut [f3
     }
 }
 
-/// dst[i·ld_dst + c] = φ(src[i·d + c]) for `n` rows of width `d`. One loop per map, so that
-/// each vectorises (a `match` per element did not).
-fn load_features(fm: FeatureMap, src: &[f32], n: usize, d: usize, dst: &mut [f32], ld_dst: usize) {
-    match fm {
-        FeatureMap::Identity => map_rows(src, n, d, dst, ld_dst, |x| x),
-        FeatureMap::Relu => map_rows(src, n, d, dst, ld_dst, |x| phi(FeatureMap::Relu, x)),
-        FeatureMap::EluPlusOne => map_rows(src, n, d, dst, ld_dst, |x| phi(FeatureMap::EluPlusOne, x)),
+multiversion! {
+    /// dst[i·ld_dst + c] = φ(src[i·d + c]) for `n` rows of width `d`. One loop per map, so that
+    /// each vectorises (a `match` per element did not).
+    fn load_features(fm: FeatureMap, src: &[f32], n: usize, d: usize, dst: &mut [f32], ld_dst: usize) {
+        match fm {
+            FeatureMap::Identity => map_rows(src, n, d, dst, ld_dst, |x| x),
+            FeatureMap::Relu => map_rows(src, n, d, dst, ld_dst, |x| phi(FeatureMap::Relu, x)),
+            FeatureMap::EluPlusOne => map_rows(src, n, d, dst, ld_dst, |x| phi(FeatureMap::EluPlusOne, x)),
+        }
     }
 }
 
@@ -718,16 +724,18 @@ fn augmented_grad(o: Opts, d: Dims, oa: &[f32], g: &[f32], gp: &mut [f32], n: us
     }
 }
 
-/// dst[i·d + c] = grad[i·d + c] · φ'(x[i·d + c]), one loop per map (as `load_features`).
-fn chain_feature(fm: FeatureMap, grad: &[f32], x: &[f32], dst: &mut [f32]) {
-    #[inline(always)]
-    fn chain(grad: &[f32], x: &[f32], dst: &mut [f32], dphi: impl Fn(f32) -> f32) {
-        dst.iter_mut().zip(grad).zip(x).for_each(|((o, &g), &x)| *o = g * dphi(x));
-    }
-    match fm {
-        FeatureMap::Identity => chain(grad, x, dst, |_| 1.0),
-        FeatureMap::Relu => chain(grad, x, dst, |x| dphi(FeatureMap::Relu, x)),
-        FeatureMap::EluPlusOne => chain(grad, x, dst, |x| dphi(FeatureMap::EluPlusOne, x)),
+multiversion! {
+    /// dst[i·d + c] = grad[i·d + c] · φ'(x[i·d + c]), one loop per map (as `load_features`).
+    fn chain_feature(fm: FeatureMap, grad: &[f32], x: &[f32], dst: &mut [f32]) {
+        #[inline(always)]
+        fn chain(grad: &[f32], x: &[f32], dst: &mut [f32], dphi: impl Fn(f32) -> f32) {
+            dst.iter_mut().zip(grad).zip(x).for_each(|((o, &g), &x)| *o = g * dphi(x));
+        }
+        match fm {
+            FeatureMap::Identity => chain(grad, x, dst, |_| 1.0),
+            FeatureMap::Relu => chain(grad, x, dst, |x| dphi(FeatureMap::Relu, x)),
+            FeatureMap::EluPlusOne => chain(grad, x, dst, |x| dphi(FeatureMap::EluPlusOne, x)),
+        }
     }
 }
 

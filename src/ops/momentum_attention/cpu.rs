@@ -23,7 +23,8 @@ use std::borrow::Cow;
 use rayon::prelude::*;
 
 use super::{BackwardInputs, MomentumAttentionGrads, Problem, SoftmaxParams};
-use crate::cpu::{sgemm, Mat};
+use crate::cpu::math::exp2;
+use crate::cpu::{multiversion, sgemm, Mat};
 use crate::testing::output_vec;
 use crate::{DType, Element, Error, Result, Tensor};
 
@@ -545,39 +546,6 @@ fn add_momentum_grad(
 
 // ----- vectorised row kernels ---------------------------------------------------------------------
 
-/// Defines `fn $name(args)` that runs its body compiled for AVX-512F or AVX2+FMA when the CPU
-/// has them (detected at run time, cached by std), else for the baseline target: the softmax
-/// row loops vectorise 4× wider than the crate's default x86-64 target allows.
-macro_rules! multiversion {
-    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
-        $(#[$meta])*
-        fn $name($($arg: $ty),*) {
-            #[inline(always)]
-            fn generic($($arg: $ty),*) $body
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f")]
-                unsafe fn avx512($($arg: $ty),*) {
-                    generic($($arg),*)
-                }
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2($($arg: $ty),*) {
-                    generic($($arg),*)
-                }
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the CPU supports AVX-512F (checked just above).
-                    return unsafe { avx512($($arg),*) };
-                }
-                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                    // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-                    return unsafe { avx2($($arg),*) };
-                }
-            }
-            generic($($arg),*)
-        }
-    };
-}
-
 multiversion! {
     /// One online-softmax step over a score tile (`row_max.len()` rows of `cols` base-2 logits,
     /// row stride BLOCK): updates each row's running max and sum, replaces the scores by
@@ -613,31 +581,6 @@ multiversion! {
 }
 
 // ----- small vectorisable helpers -----------------------------------------------------------------
-
-/// 2^x for x ≤ 128, 0 for x < −126 (and −∞), relative error below 2e-7. Branch-free so that
-/// loops over it vectorise: round to nearest with the 1.5·2²³ trick, a degree-6 polynomial for
-/// 2^f on [−½, ½], and the integer part put into the exponent bits.
-#[inline(always)]
-fn exp2(x: f32) -> f32 {
-    const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23
-    let clamped = x.clamp(-127.0, 127.0);
-    let n = (clamped + ROUND) - ROUND;
-    let f = clamped - n;
-    // Taylor coefficients of 2^f = e^{f ln 2}: (ln 2)^i / i!.
-    let p = 1.540_353e-4f32;
-    let p = p * f + 1.333_355_8e-3;
-    let p = p * f + 9.618_129e-3;
-    let p = p * f + 5.550_411e-2;
-    let p = p * f + 0.240_226_5;
-    let p = p * f + std::f32::consts::LN_2;
-    let p = p * f + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
-    if x < -126.0 {
-        0.0
-    } else {
-        p * scale
-    }
-}
 
 /// Replaces each score s by 2^(s − max) and returns their sum (16 partial sums so it vectorises).
 #[inline(always)]
@@ -700,23 +643,4 @@ fn gemm_bug(op: &'static str) -> Error {
         "tile GEMM",
         "a tile product was refused its shapes (a metakernels bug; please report)",
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn exp2_is_accurate_and_saturates() {
-        for i in -2000..=2000 {
-            let x = i as f32 * 0.0625;
-            let (got, want) = (exp2(x), (x as f64).exp2());
-            if x < -126.0 {
-                assert_eq!(got, 0.0);
-            } else {
-                assert!(((got as f64 - want) / want).abs() < 5e-7, "exp2({x}) = {got}, want {want}");
-            }
-        }
-        assert_eq!(exp2(f32::NEG_INFINITY), 0.0);
-    }
 }

@@ -1,6 +1,8 @@
 //! Shared CPU building blocks for the families' fallbacks: a checked GEMM over the
 //! `matrixmultiply` crate (cache-blocked, SIMD microkernels), used wherever CPU work is
-//! matmul-shaped.
+//! matmul-shaped, and (`math`) exponentials that vectorise.
+
+pub(crate) mod math;
 
 /// A row-major matrix view: `rows × cols` elements of `data`, row stride `ld` (≥ cols), or its
 /// transpose when `transposed` (then `data` is `cols × rows` with row stride `ld`).
@@ -96,6 +98,41 @@ checked_gemm!(
     f64,
     matrixmultiply::dgemm
 );
+
+/// Defines `fn $name(args) -> ret` whose body runs compiled for AVX-512 or AVX2 + FMA when the
+/// CPU has them (detected at run time, cached by std), else for the baseline target: elementwise
+/// loops (exponentials, feature maps, softmax rows) then use 16- or 8-lane vectors where the
+/// crate's default x86-64 target allows SSE's 4.
+macro_rules! multiversion {
+    ($(#[$attr:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$attr])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn generic($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
+                    generic($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
+                    generic($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU supports AVX-512F (checked just above).
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            generic($($arg),*)
+        }
+    };
+}
+pub(crate) use multiversion;
 
 #[cfg(test)]
 mod tests {
