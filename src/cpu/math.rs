@@ -69,6 +69,24 @@ pub(crate) fn exp(x: f32) -> f32 {
     p * pow2(half) * pow2(n_int.wrapping_sub(half))
 }
 
+/// tanh x for every f32, within 2 ulp of the exact value (checked for every f32 in (0, 10]: worst
+/// 1.33 ulp; tanh is odd and so is this; above 10 it is 1), NaN for NaN. Below |x| = 0.625: x + x³·P(x²) (Cephes'
+/// minimax polynomial for `tanhf`); above: 1 − 2/(e^{2|x|} + 1) through `exp`, which reaches 1
+/// exactly once e^{2|x|} overflows.
+#[inline(always)]
+pub(crate) fn tanh(x: f32) -> f32 {
+    let a = x.abs();
+    let large = 1.0 - 2.0 / (exp(2.0 * a) + 1.0);
+    let z = a * a;
+    let p = -5.704_988_7e-3f32;
+    let p = p * z + 2.063_908_9e-2;
+    let p = p * z - 5.373_971_6e-2;
+    let p = p * z + 0.133_314_42;
+    let p = p * z - 0.333_332_82;
+    let small = a + a * (z * p);
+    (if a < 0.625 { small } else { large }).copysign(x)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,6 +135,29 @@ mod tests {
             check(x);
         }
         assert!(worst.0 <= 1.0, "exp({}) is {} ulp off", worst.1, worst.0);
+    }
+
+    /// Every STEP-th positive f32 below 10 (where tanh rounds to 1), plus the edges; odd
+    /// symmetry covers the negatives. With STEP = 1 (all 1.09e9) the worst is 1.33 ulp at 0.62830955.
+    #[test]
+    fn tanh_is_within_two_ulp() {
+        let mut worst = (0.0, 0.0f32);
+        let mut check = |x: f32| {
+            let e = ulps(tanh(x), (x as f64).tanh());
+            if e > worst.0 {
+                worst = (e, x);
+            }
+            assert_eq!(tanh(-x).to_bits(), (-tanh(x)).to_bits(), "tanh is odd at {x}");
+        };
+        (1u32..=10.0f32.to_bits()).step_by(STEP).for_each(|b| check(f32::from_bits(b)));
+        for x in [0.625, 0.624_999_94, 1e-30, 9.0, 20.0, 44.0, 1e30] {
+            check(x);
+        }
+        assert!(worst.0 <= 2.0, "tanh({}) is {} ulp off", worst.1, worst.0);
+        assert_eq!(tanh(f32::INFINITY), 1.0);
+        assert_eq!(tanh(f32::NEG_INFINITY), -1.0);
+        assert_eq!(tanh(-0.0).to_bits(), (-0.0f32).to_bits());
+        assert!(tanh(f32::NAN).is_nan());
     }
 
     #[test]
