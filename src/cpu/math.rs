@@ -55,7 +55,7 @@ pub(crate) fn exp2(x: f32) -> f32 {
 pub(crate) fn exp(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4; // 355/512: 9 significant bits
     const LN2_LO: f32 = -2.121_944_4e-4; // ln 2 − LN2_HI
-                                         let x = x.clamp(-104.0, 89.0); // NaN stays NaN (unlike max/min)
+    let x = x.clamp(-104.0, 89.0); // NaN stays NaN (unlike max/min)
     let (n, n_int) = round_to_int(x * std::f32::consts::LOG2_E); // n_int in [−150, 129]
     let r = (x - n * LN2_HI) - n * LN2_LO;
     let p = 1.987_569_2e-4f32;
@@ -79,10 +79,10 @@ pub(crate) fn tanh(x: f32) -> f32 {
     let large = 1.0 - 2.0 / (exp(2.0 * a) + 1.0);
     let z = a * a;
     let p = -5.704_988_7e-3f32;
-    let p = p * z + 2.063_908_9e-2;
+    let p = p * z + 2.063_909e-2;
     let p = p * z - 5.373_971_6e-2;
     let p = p * z + 0.133_314_42;
-    let p = p * z - 0.333_332_82;
+    let p = p * z - 0.333_332_8;
     let small = a + a * (z * p);
     (if a < 0.625 { small } else { large }).copysign(x)
 }
