@@ -11,11 +11,13 @@
 //! same device: matrixmultiply on the CPU, `forward_quadratic` on the GPU), over the other GPU
 //! paths (fused, split, and the f32 SIMT core with tensor cores off, forward and
 //! forward+backward) and, at a small shape, over the reference kernel. On the GPU also one
-//! wide-head shape, (2,8,2048,256), the 32-row chunks of the tensor-core kernels.
+//! wide-head shape, (2,8,2048,256), the 32-row chunks of the tensor-core kernels. At one shape
+//! per device also the linear transformer's configuration (causal, elu + 1, normalised) against
+//! the plain one in the same run.
 
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use metakernels::bench_support::{best_ms, cpu_ceilings, device_copy_gbps, Measurement};
-use metakernels::linear_attention::{KernelPath, LinearAttention};
+use metakernels::linear_attention::{FeatureMap, KernelPath, LinearAttention};
 use metakernels::testing::randn;
 use metakernels::{DType, Device, Tensor};
 use rayon::prelude::*;
@@ -165,6 +167,50 @@ fn cpu_report() {
             .report();
         }
     }
+    feature_map_report(&dev, SHAPES[0], DType::F32, gemm);
+}
+
+/// The configuration of Katharopoulos et al.'s linear transformer (causal, elu + 1, normalised)
+/// against the plain one (identity map, no normaliser) in the same run: what the feature map and
+/// the denominators cost, forward and forward+backward.
+fn feature_map_report(
+    dev: &Device,
+    shape: (usize, usize, usize, usize),
+    dtype: DType,
+    ceiling: (String, f64),
+) {
+    let (b, h, t, d) = shape;
+    let (q, k, v) = inputs(shape, dtype, dev);
+    let go = v.clone();
+    let plain = LinearAttention::default();
+    let elu = LinearAttention { feature_map: FeatureMap::EluPlusOne, normalize: true, ..plain };
+    let reps = if dev.is_cpu() { 3 } else { 10 };
+    let forward = |attn: &LinearAttention| best_ms(dev, reps, || attn.forward(&q, &k, &v, None).map(|_| ()));
+    let both = |attn: &LinearAttention| {
+        best_ms(dev, reps, || {
+            attn.forward(&q, &k, &v, None)?;
+            attn.backward(&q, &k, &v, None, &go, None).map(|_| ())
+        })
+    };
+    let device = if dev.is_cpu() { "cpu".to_string() } else { format!("{dev} ({})", dev.name()) };
+    // (pass, time, plain time, passes counted, minimum traffic counted)
+    let runs = [
+        ("forward", forward(&elu), forward(&plain), 1.0, 1.0),
+        ("forward+backward", both(&elu), both(&plain), 5.0, 2.0),
+    ];
+    for (pass, ms, plain_ms, passes, traffic) in runs {
+        Measurement {
+            kernel: format!("linear_attention/{pass}_causal_elu+1_normalised"),
+            shape: format!("B{b} H{h} T{t} D{d} {dtype}"),
+            device: device.clone(),
+            ms: ms.unwrap(),
+            flops: passes * flops(b, h, t, d, d),
+            bytes: traffic * min_bytes(b, h, t, d, d, dtype),
+            ceiling: Some(ceiling.clone()),
+            baselines: vec![("identity map, unnormalised".into(), plain_ms.unwrap())],
+        }
+        .report();
+    }
 }
 
 fn cuda_report(gpu: &Device) {
@@ -223,6 +269,7 @@ fn cuda_report(gpu: &Device) {
             .report();
         }
     }
+    feature_map_report(gpu, SHAPES[1], DType::BF16, ("device copy GB/s".into(), copy));
     // The O(T²)-per-element reference kernel only at a shape where it finishes quickly.
     let shape = (1, 8, 512, 64);
     let (q, k, v) = inputs(shape, DType::BF16, gpu);
