@@ -92,9 +92,17 @@ struct Smem {
         den = z + dk;
         m = den + c;
         o = m + TILE;
-        total = o + c * TILE_LD;
+        total = o + c * TILE;  // the output tile, os_index
     }
 };
+
+// Where element (i, j) of a core's f32 output tile Os (C rows of TILE floats) lives: columns
+// XOR-swizzled in groups of 8 by the row, so that the tensor-core core's fragment-layout float2
+// stores (rows g, g + 8; columns 8·nt + 2·tq) hit 32 distinct banks per half-warp, while a row's
+// consecutive columns stay a permutation of themselves (the readers' row-wise loops stay
+// conflict-free) and its aligned groups of 4 and 8 stay together. The f32 state tile of the
+// tensor-core core is laid out the same way (sf_index).
+__device__ __forceinline__ int os_index(int i, int j) { return i * TILE + (j ^ ((i & 3) << 3)); }
 
 // Physical row of logical step `t` of an item (time runs backwards when reversing).
 __device__ __forceinline__ long long row_of(const Item& it, long long t, int reverse) {
@@ -213,14 +221,14 @@ struct ForwardIo {
                 if (j >= w) continue;
                 mk::Vec<TOut, V> x;
 #pragma unroll
-                for (int u = 0; u < V; ++u) x.v[u] = mk::from_float<TOut>(Os[i * TILE_LD + j + u]);
+                for (int u = 0; u < V; ++u) x.v[u] = mk::from_float<TOut>(Os[os_index(i, j + u)]);
                 st16(out + row_of(it, step0 + i, p.reverse) * p.dv + j0 + j, x);
             }
             return;
         }
         for (int e = threadIdx.x; e < n * TILE; e += THREADS) {
             const int i = e / TILE, j = e % TILE;
-            if (j < w) out[row_of(it, step0 + i, p.reverse) * p.dv + j0 + j] = mk::from_float<TOut>(Os[i * TILE_LD + j]);
+            if (j < w) out[row_of(it, step0 + i, p.reverse) * p.dv + j0 + j] = mk::from_float<TOut>(Os[os_index(i, j)]);
         }
     }
     __device__ bool has_state_out() const { return it.state_out >= 0 && p.s_out != nullptr; }
@@ -411,14 +419,14 @@ __device__ void core(const CoreArgs& p, const Item& it, const Io& io, float* sm)
             const int i = ty + 16 * a;
             const float f = p.normalize ? p.scale / dens[i] : p.scale;
 #pragma unroll
-            for (int b = 0; b < 4; ++b) Os[i * TILE_LD + tx + 16 * b] = f * acc[a][b];
+            for (int b = 0; b < 4; ++b) Os[os_index(i, tx + 16 * b)] = f * acc[a][b];
         }
         __syncthreads();
         // Momentum: row t gets m_t, then m_{t+1} = η (m_t + src_t); sequential in t per column.
         if (p.eta >= 0.f && tid < w && j0 + tid < p.mom_width) {
             float m = ms[tid];
             for (int i = 0; i < n; ++i) {
-                Os[i * TILE_LD + tid] += m;
+                Os[os_index(i, tid)] += m;
                 m = p.eta * (m + io.mom(row_of(it, ch * C + i, p.reverse), j0 + tid));
             }
             ms[tid] = m;
@@ -480,14 +488,18 @@ struct SmemMma {
         v = k + C * ldq * 2;                    // halves: C × ldt
         a = v + C * ldt * 2;                    // halves: C × ldt
         sh = a + C * ldt * 2;                   // halves: dkp × ldt
-        sf = (sh + dkp * ldt * 2 + 15) / 16 * 16;  // floats: dkp × TILE_LD
-        z = sf + dkp * TILE_LD * 4;             // floats: dkp
+        sf = (sh + dkp * ldt * 2 + 15) / 16 * 16;  // floats: dkp × TILE, swizzled (sf_index)
+        z = sf + dkp * TILE * 4;                // floats: dkp
         den = z + dkp * 4;                      // floats: C
         part = den + C * 4;                     // floats: 2 × C
-        o = part + 2 * C * 4;                   // floats: C × TILE_LD
-        total = o + C * TILE_LD * 4;
+        o = part + 2 * C * 4;                   // floats: C × TILE, os_index
+        total = o + C * TILE * 4;
     }
 };
+
+// Where S[c][j] (j < TILE) lives in the tensor-core core's f32 state tile: swizzled as the output
+// tile (os_index), for the state update's fragment-layout float2 accesses.
+__device__ __forceinline__ int sf_index(int c, int j) { return os_index(c, j); }
 
 // f16 holds at most 65504, and the state S is a sum over every row so far: on long sequences
 // (or values with a large mean) its entries pass that, and S rounded to f16 would be inf. So the
@@ -498,7 +510,8 @@ struct SmemMma {
 template <typename T> constexpr bool NARROW_RANGE = false;
 template <> constexpr bool NARROW_RANGE<__half> = true;
 
-// Returns 2^e for the state tile Sf (`rows` × TILE; 1 for bf16). Block-wide: every thread calls it.
+// Returns 2^e for the state tile Sf (`rows` × TILE in any order; 1 for bf16). Block-wide: every
+// thread calls it.
 // Uses `scratch` (at least THREADS / 32 floats, free at this point) for the reduction.
 template <typename T>
 __device__ float state_scale_up(const float* Sf, int rows, float* scratch, int tid, int lane, int warp) {
@@ -506,7 +519,7 @@ __device__ float state_scale_up(const float* Sf, int rows, float* scratch, int t
         return 1.f;
     } else {
         float m = 0.f;
-        for (int e = tid; e < rows * TILE; e += THREADS) m = fmaxf(m, fabsf(Sf[(e / TILE) * TILE_LD + e % TILE]));
+        for (int e = tid; e < rows * TILE; e += THREADS) m = fmaxf(m, fabsf(Sf[e]));
         m = mk::warp_max(m);
         if (lane == 0) scratch[warp] = m;
         __syncthreads();
@@ -570,12 +583,12 @@ __device__ void core_mma(const CoreArgs& p, const Item& it, const Io& io, unsign
             mk::Vec<float, 4> x = {{0.f, 0.f, 0.f, 0.f}};
             if (c < dk && j < w && has_s_in) x = ld16(p.s_in + (it.state_in * dk + c) * dv + j0 + j);
 #pragma unroll
-            for (int u = 0; u < 4; ++u) Sf[c * TILE_LD + j + u] = x.v[u];
+            for (int u = 0; u < 4; ++u) Sf[sf_index(c, j + u)] = x.v[u];
         }
     } else {
         for (int e = tid; e < dkp * TILE; e += THREADS) {
             const int c = e / TILE, j = e % TILE;
-            Sf[c * TILE_LD + j] = (c < dk && j < w) ? io.s0(c, j0 + j) : 0.f;
+            Sf[sf_index(c, j)] = (c < dk && j < w) ? io.s0(c, j0 + j) : 0.f;
         }
     }
     for (int c = tid; c < dkp; c += THREADS) zs[c] = c < dk ? io.z0(c) : 0.f;
@@ -708,10 +721,14 @@ __device__ void core_mma(const CoreArgs& p, const Item& it, const Io& io, unsign
         for (int u = warp; u < units; u += THREADS / 32) {
             const int r0 = (u / (TILE / 32)) * 16, n0 = (u % (TILE / 32)) * 32;
             float d[4][4], z_lo = 0.f, z_hi = 0.f;
+            auto pair = [&](int nt, int half) {  // S[r0 + g + 8·half][n0 + 8·nt + 2·tq, + 1]
+                return reinterpret_cast<float2*>(Sf + sf_index(r0 + g + 8 * half, n0 + 8 * nt + 2 * tq));
+            };
 #pragma unroll
-            for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) d[nt][e] = Sf[(r0 + g + (e >= 2 ? 8 : 0)) * TILE_LD + n0 + 8 * nt + 2 * tq + (e & 1)];
+            for (int nt = 0; nt < 4; ++nt) {
+                const float2 lo = *pair(nt, 0), hi = *pair(nt, 1);
+                d[nt][0] = lo.x, d[nt][1] = lo.y, d[nt][2] = hi.x, d[nt][3] = hi.y;
+            }
 #pragma unroll
             for (int k0 = 0; k0 < C; k0 += 16) {
                 uint32_t a[4];
@@ -731,9 +748,10 @@ __device__ void core_mma(const CoreArgs& p, const Item& it, const Io& io, unsign
                 }
             }
 #pragma unroll
-            for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) Sf[(r0 + g + (e >= 2 ? 8 : 0)) * TILE_LD + n0 + 8 * nt + 2 * tq + (e & 1)] = d[nt][e];
+            for (int nt = 0; nt < 4; ++nt) {
+                *pair(nt, 0) = make_float2(d[nt][0], d[nt][1]);
+                *pair(nt, 1) = make_float2(d[nt][2], d[nt][3]);
+            }
             if (n0 == 0) {
                 z_lo += __shfl_xor_sync(0xffffffffu, z_lo, 1);
                 z_lo += __shfl_xor_sync(0xffffffffu, z_lo, 2);
@@ -790,7 +808,7 @@ __device__ void core_mma(const CoreArgs& p, const Item& it, const Io& io, unsign
         const float s_down = 1.f / s_up;  // exact: a power of two
         for (int e = tid; e < dkp * TILE; e += THREADS) {
             const int c = e / TILE, j = e % TILE;
-            Sh[c * ldt + j] = mk::from_float<T>(Sf[c * TILE_LD + j] * s_down);
+            Sh[c * ldt + j] = mk::from_float<T>(Sf[sf_index(c, j)] * s_down);
         }
         __syncthreads();
         // One pass over the key dimension: O = φ(Q)·S and (causal) the scores φ(Q)φ(K)ᵀ, then
@@ -850,14 +868,14 @@ __device__ void core_mma(const CoreArgs& p, const Item& it, const Io& io, unsign
         __syncthreads();
         auto den = [&](int i) { return part[i] + part[C + i] + p.eps; };
         if (p.normalize && tid < C) dens[tid] = den(tid);  // for io.store_chunk
+        const float f_lo = p.normalize ? p.scale / den(wr + g) : p.scale;
+        const float f_hi = p.normalize ? p.scale / den(wr + g + 8) : p.scale;
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int i = wr + g + (e >= 2 ? 8 : 0), j = wc + 8 * nt + 2 * tq + (e & 1);
-                const float f = p.normalize ? p.scale / den(i) : p.scale;
-                Os[i * TILE_LD + j] = f * o[nt][e];
-            }
+        for (int nt = 0; nt < NT; ++nt) {
+            const int j = wc + 8 * nt + 2 * tq;
+            *reinterpret_cast<float2*>(Os + os_index(wr + g, j)) = make_float2(f_lo * o[nt][0], f_lo * o[nt][1]);
+            *reinterpret_cast<float2*>(Os + os_index(wr + g + 8, j)) = make_float2(f_hi * o[nt][2], f_hi * o[nt][3]);
+        }
         __syncthreads();
         io.store_chunk(Os, dens, ch * C, n, j0, w);
         if (p.causal) update_state();
@@ -879,13 +897,13 @@ __device__ void core_mma(const CoreArgs& p, const Item& it, const Io& io, unsign
                 const int c = e / per, j = (e % per) * 4;
                 mk::Vec<float, 4> x;
 #pragma unroll
-                for (int u = 0; u < 4; ++u) x.v[u] = Sf[c * TILE_LD + j + u];
+                for (int u = 0; u < 4; ++u) x.v[u] = Sf[sf_index(c, j + u)];
                 st16(p.s_out + (it.state_out * dk + c) * dv + j0 + j, x);
             }
         } else {
             for (int e = tid; e < dk * w; e += THREADS) {
                 const int c = e / w, j = e % w;
-                io.store_state(c, j0 + j, Sf[c * TILE_LD + j]);
+                io.store_state(c, j0 + j, Sf[sf_index(c, j)]);
             }
         }
         if (blockIdx.y == 0)
@@ -1262,7 +1280,7 @@ struct PrepIo : ForwardIo<T, float> {
         for (int i = warp; i < n; i += THREADS / 32) {
             const long long row = this->it.row0 + step0 + i;
             float dot = 0.f;
-            for (int j = lane; j < w; j += 32) dot += mk::to_float(g[row * b.dv + j0 + j]) * Os[i * TILE_LD + j];
+            for (int j = lane; j < w; j += 32) dot += mk::to_float(g[row * b.dv + j0 + j]) * Os[os_index(i, j)];
             dot = mk::warp_sum(dot);
             if (lane == 0) b.gp[row * ld + b.dv + blockIdx.y] = b.normalize ? -dot / dens[i] : 0.f;
         }
@@ -1313,7 +1331,7 @@ struct PassIo {
             const int i = e / TILE, j = e % TILE, col = j0 + j;
             const long long row = row_of(it, step0 + i, pass != 0);
             if (j >= w) continue;
-            const float x = Os[i * TILE_LD + j];
+            const float x = Os[os_index(i, j)];
             if (pass == 0)
                 static_cast<T*>(b.grad_q)[row * b.dk + col] = mk::from_float<T>(x * dphi(b.fm, raw(b.q, row, col)));
             else if (pass == 1)

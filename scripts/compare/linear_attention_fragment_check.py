@@ -16,8 +16,9 @@ matrix products, for both chunk sizes C (64 rows for Dk ≤ 128, 32 above):
                                      have no scores)
   O += A·V                           (same tiling over the 64 columns of the v tile)
   S += φ(K)ᵀ V                       (16×32 units of S distributed over the warps)
-for key widths that are and are not multiples of 16 and for a full and a ragged chunk.
-Pure Python, no dependencies; exit status 1 on a mismatch. A check of index math under the
+for key widths that are and are not multiples of 16 and for a full and a ragged chunk; and that
+the swizzled f32 state and output tiles (`sf_index`, `os_index`) serve the fragment-layout
+float2 accesses without bank conflicts. Pure Python, no dependencies; exit status 1 on a mismatch. A check of index math under the
 documented layouts, not a substitute for the GPU tests.
 """
 import random
@@ -175,7 +176,37 @@ def check(C, dk, n, w):
     return ok
 
 
+def sf_index(c, j):
+    """kernels/linear_attention.cu's swizzled f32 tiles, os_index = sf_index (rows of TILE floats)."""
+    return c * TILE + (j ^ ((c & 3) << 3))
+
+
+def state_tile_banks():
+    """The state update's float2 accesses to the f32 state tile and the output's float2 stores
+    (lane (g, t): rows r0 + g (+ 8), columns n0 + 8·nt + 2t) must be conflict-free: a 64-bit access is served per half-warp, 16
+    lanes × 2 words on 32 distinct banks. Also the row-wise copies (32 consecutive columns of a
+    row per warp) and that the swizzle is a permutation of each row."""
+    ok = True
+    for c in range(64):
+        ok &= sorted(sf_index(c, j) for j in range(TILE)) == list(range(c * TILE, (c + 1) * TILE))
+        for j0 in (0, 32):
+            ok &= len({sf_index(c, j0 + j) % 32 for j in range(32)}) == 32
+    for r0 in range(0, 256, 16):
+        for n0 in (0, 32):
+            for nt in range(4):
+                for half in (0, 1):
+                    for phase in (range(16), range(16, 32)):
+                        banks = set()
+                        for lane in phase:
+                            g, t = lane // 4, lane % 4
+                            w = sf_index(r0 + g + 8 * half, n0 + 8 * nt + 2 * t)
+                            banks |= {w % 32, (w + 1) % 32}
+                        ok &= len(banks) == 32
+    print(f"state/output tile swizzle: {'conflict-free' if ok else 'BANK CONFLICTS'}")
+    return ok
+
+
 cases = [(64, 6, 64, 64), (64, 40, 37, 9), (64, 16, 1, 64), (64, 128, 64, 33),
          (32, 136, 32, 64), (32, 250, 17, 40), (32, 256, 32, 64)]
-results = [check(*case) for case in cases]
+results = [check(*case) for case in cases] + [state_tile_banks()]
 sys.exit(0 if all(results) else 1)

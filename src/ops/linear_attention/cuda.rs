@@ -239,7 +239,7 @@ fn chunk_for(dk: usize) -> usize {
 /// Shared-memory bytes of the core; mirrors `Smem` in the .cu file.
 fn core_smem_bytes(c: usize, dk: usize) -> usize {
     let tile_ld = TILE + 1;
-    let floats = 2 * c * (dk + 1) + c * tile_ld + c * (c + 1) + dk * tile_ld + dk + c + TILE + c * tile_ld;
+    let floats = 2 * c * (dk + 1) + c * tile_ld + c * (c + 1) + dk * tile_ld + dk + c + TILE + c * TILE;
     floats * 4
 }
 
@@ -247,10 +247,10 @@ fn core_smem_bytes(c: usize, dk: usize) -> usize {
 /// the .cu file.
 fn mma_smem_bytes(c: usize, dk: usize) -> usize {
     let dkp = dk.div_ceil(16) * 16;
-    let (ldq, ldt, tile_ld) = (dkp + 8, TILE + 8, TILE + 1);
+    let (ldq, ldt) = (dkp + 8, TILE + 8);
     let halves = 2 * c * ldq + 2 * c * ldt + dkp * ldt;
     let floats_start = (halves * 2).div_ceil(16) * 16;
-    floats_start + 4 * (dkp * tile_ld + dkp + c + 2 * c + c * tile_ld)
+    floats_start + 4 * (dkp * TILE + dkp + c + 2 * c + c * TILE)
 }
 
 /// Whether a forward core launch runs on the tensor-core kernel: 16-bit inputs and no momentum
@@ -877,7 +877,7 @@ mod tests {
         }
         // The widest: the mixed passes launch at key width 257 (padded to 272) in 32-row chunks.
         assert_eq!(passes_smem_bytes(true, true, 256, 256), mma_smem_bytes(32, 257));
-        assert_eq!(mma_smem_bytes(32, 257), 164_736);
+        assert_eq!(mma_smem_bytes(32, 257), 163_520);
     }
 
     /// The tensor-core plan mirrors `SmemMma` in the .cu file: halves (q, k, v, A, the 16-bit
@@ -886,11 +886,11 @@ mod tests {
     #[test]
     fn mma_plan_by_hand() {
         // C = 64, Dk = 64: ldq = 72, ldt = 72; halves 2·64·72 + 2·64·72 + 64·72 = 23040 (46080
-        // bytes), floats 64·65 + 64 + 64 + 128 + 64·65 = 8576 (34304 bytes).
-        assert_eq!(mma_smem_bytes(64, 64), 46_080 + 34_304);
+        // bytes), floats 64·64 + 64 + 64 + 128 + 64·64 = 8448 (33792 bytes).
+        assert_eq!(mma_smem_bytes(64, 64), 46_080 + 33_792);
         // Dk = 6 pads to 16: halves 2·64·24 + 2·64·72 + 16·72 = 13440 (26880 bytes), floats
-        // 16·65 + 16 + 64 + 128 + 64·65 = 5408 (21632 bytes).
-        assert_eq!(mma_smem_bytes(64, 6), 26_880 + 21_632);
+        // 16·64 + 16 + 64 + 128 + 64·64 = 5328 (21312 bytes).
+        assert_eq!(mma_smem_bytes(64, 6), 26_880 + 21_312);
     }
 
     /// H200: 132 SMs; the tensor-core core runs one 256-thread block per SM.
