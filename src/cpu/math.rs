@@ -1,6 +1,7 @@
-//! Branch-free f32 exponentials for loops over slices: libm's `expf` is one call per element,
-//! which keeps such a loop scalar; these compile to a handful of vector instructions per lane.
-//! Used by the feature map elu + 1 of linear attention and the softmax of momentum attention.
+//! Branch-free f32 exponentials for loops over slices: libm's `expf` and `tanhf` are one call
+//! per element, which keeps such a loop scalar; these compile to a handful of vector
+//! instructions per lane. Used by linear attention's feature map elu + 1, momentum attention's
+//! softmax, and the f32 activations and losses of MAML.
 
 /// 1.5 · 2²³: adding and subtracting it rounds an f32 of magnitude below 2²² to an integer
 /// (to nearest, ties to even).
@@ -21,9 +22,10 @@ fn pow2(n: i32) -> f32 {
     f32::from_bits((n.wrapping_add(127) as u32) << 23)
 }
 
-/// 2^x for x ≤ 128, 0 for x < −126 (and −∞), relative error below 2e-7: round to nearest with
-/// `ROUND`, a degree-6 polynomial for 2^f on [−½, ½], the integer part put into the exponent
-/// bits. Results below 2⁻¹²⁶ are flushed to zero (what a softmax wants).
+/// 2^x for x in [−126, 127] with relative error below 2e-7, 0 below −126 (and for −∞), 2^127
+/// above 127, NaN for NaN: round to nearest with `ROUND`, a degree-6 polynomial for 2^f on
+/// [−½, ½], the integer part put into the exponent bits. Results below 2⁻¹²⁶ are flushed to zero
+/// (what a softmax, whose arguments are ≤ 0, wants).
 #[inline(always)]
 pub(crate) fn exp2(x: f32) -> f32 {
     let clamped = x.clamp(-127.0, 127.0);
@@ -69,10 +71,10 @@ pub(crate) fn exp(x: f32) -> f32 {
     p * pow2(half) * pow2(n_int.wrapping_sub(half))
 }
 
-/// tanh x for every f32, within 2 ulp of the exact value (checked for every f32 in (0, 10]: worst
-/// 1.33 ulp; tanh is odd and so is this; above 10 it is 1), NaN for NaN. Below |x| = 0.625: x + x³·P(x²) (Cephes'
-/// minimax polynomial for `tanhf`); above: 1 − 2/(e^{2|x|} + 1) through `exp`, which reaches 1
-/// exactly once e^{2|x|} overflows.
+/// tanh x for every f32, within 2 ulp of the exact value (checked for every f32 in (0, 10]:
+/// worst 1.33 ulp; above 10 it is 1; tanh is odd and so is this), NaN for NaN. Below
+/// |x| = 0.625: x + x³·P(x²) (Cephes' minimax polynomial for `tanhf`); above:
+/// 1 − 2/(e^{2|x|} + 1) through `exp`, which reaches 1 exactly once e^{2|x|} overflows.
 #[inline(always)]
 pub(crate) fn tanh(x: f32) -> f32 {
     let a = x.abs();
@@ -113,6 +115,8 @@ mod tests {
             }
         }
         assert_eq!(exp2(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp2(200.0), 2f32.powi(127));
+        assert!(exp2(f32::NAN).is_nan());
     }
 
     /// Every STEP-th f32 in [−104, 89] (about 2.3 million), plus the edges. With STEP = 1 (all
