@@ -89,6 +89,32 @@ pub(crate) fn tanh(x: f32) -> f32 {
     (if a < 0.625 { small } else { large }).copysign(x)
 }
 
+/// ln(1 + u) for u in [0, 1] (NaN for NaN), within 1 ulp: with s = u/(2 + u) ∈ [0, ⅓],
+/// ln(1 + u) = 2 atanh s = 2s(1 + s²/3 + s⁴/5 + …), summed to s¹⁶ (the next term is below
+/// 2⁻²⁵ of the sum). No 1 + u is formed, so small u keep every bit.
+#[inline(always)]
+fn log1p_unit(u: f32) -> f32 {
+    let s = u / (2.0 + u);
+    let z = s * s;
+    let p = 1.0f32 / 17.0;
+    let p = p * z + 1.0 / 15.0;
+    let p = p * z + 1.0 / 13.0;
+    let p = p * z + 1.0 / 11.0;
+    let p = p * z + 1.0 / 9.0;
+    let p = p * z + 1.0 / 7.0;
+    let p = p * z + 1.0 / 5.0;
+    let p = p * z + 1.0 / 3.0;
+    2.0 * s + 2.0 * s * (z * p)
+}
+
+/// softplus x = ln(1 + eˣ) for every f32, as max(x, 0) + ln(1 + e^−|x|) (no overflow), within
+/// 3 ulp (checked for every f32 in [−104, 30]: worst 2.80 ulp, where the result is close to
+/// e^x and carries `exp`'s error and the series' roundings), NaN for NaN.
+#[inline(always)]
+pub(crate) fn softplus(x: f32) -> f32 {
+    x.max(0.0) + log1p_unit(exp(-x.abs()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,6 +188,29 @@ mod tests {
         assert_eq!(tanh(f32::NEG_INFINITY), -1.0);
         assert_eq!(tanh(-0.0).to_bits(), (-0.0f32).to_bits());
         assert!(tanh(f32::NAN).is_nan());
+    }
+
+    /// Every STEP-th f32 in [−104, 30] (beyond, softplus is 0-ish or x itself), plus the edges.
+    /// With STEP = 1 (2.2e9 values) the worst is 2.80 ulp at −2.7570076.
+    #[test]
+    fn softplus_is_within_three_ulp() {
+        let exact = |x: f64| x.max(0.0) + (-x.abs()).exp().ln_1p();
+        let mut worst = (0.0, 0.0f32);
+        let mut check = |x: f32| {
+            let e = ulps(softplus(x), exact(x as f64));
+            if e > worst.0 {
+                worst = (e, x);
+            }
+        };
+        (0x8000_0000u32..=(-104.0f32).to_bits()).step_by(STEP).for_each(|b| check(f32::from_bits(b)));
+        (0u32..=30.0f32.to_bits()).step_by(STEP).for_each(|b| check(f32::from_bits(b)));
+        for x in [0.0, 1e-30, -1e-30, 20.0, -20.0, 88.0, -87.0, 1e30, -1e30] {
+            check(x);
+        }
+        assert!(worst.0 <= 3.0, "softplus({}) is {} ulp off", worst.1, worst.0);
+        assert!(softplus(f32::NAN).is_nan());
+        assert_eq!(softplus(f32::INFINITY), f32::INFINITY);
+        assert_eq!(softplus(f32::NEG_INFINITY), 0.0);
     }
 
     #[test]

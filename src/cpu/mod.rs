@@ -99,36 +99,41 @@ checked_gemm!(
     matrixmultiply::dgemm
 );
 
-/// Defines `fn $name(args) -> ret` whose body runs compiled for AVX-512 or AVX2 + FMA when the
-/// CPU has them (detected at run time, cached by std), else for the baseline target: elementwise
-/// loops (exponentials, feature maps, softmax rows) then use 16- or 8-lane vectors where the
-/// crate's default x86-64 target allows SSE's 4.
+/// Defines `fn $name<generics>(args) -> ret` whose body runs compiled for AVX-512 or AVX2 + FMA
+/// when the CPU has them (detected at run time, cached by std), else for the baseline target:
+/// elementwise loops (exponentials, feature maps, softmax rows, activations) then use 16- or
+/// 8-lane vectors where the crate's default x86-64 target allows SSE's 4. Whatever the body calls
+/// must be `#[inline(always)]` to be compiled inside each variant.
 macro_rules! multiversion {
-    ($(#[$attr:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+    (
+        $(#[$attr:meta])*
+        $vis:vis fn $name:ident $(<$($g:ident: $bound:path),* $(,)?>)? ($($arg:ident: $ty:ty),* $(,)?)
+            $(-> $ret:ty)? $body:block
+    ) => {
         $(#[$attr])*
-        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+        $vis fn $name $(<$($g: $bound),*>)? ($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
-            fn generic($($arg: $ty),*) $(-> $ret)? $body
+            fn generic $(<$($g: $bound),*>)? ($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx2,fma")]
-                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
-                    generic($($arg),*)
+                unsafe fn avx512 $(<$($g: $bound),*>)? ($($arg: $ty),*) $(-> $ret)? {
+                    generic $(::<$($g),*>)? ($($arg),*)
                 }
                 #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
-                    generic($($arg),*)
+                unsafe fn avx2 $(<$($g: $bound),*>)? ($($arg: $ty),*) $(-> $ret)? {
+                    generic $(::<$($g),*>)? ($($arg),*)
                 }
                 if std::arch::is_x86_feature_detected!("avx512f") {
                     // SAFETY: the CPU supports AVX-512F (checked just above).
-                    return unsafe { avx512($($arg),*) };
+                    return unsafe { avx512 $(::<$($g),*>)? ($($arg),*) };
                 }
                 if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
                     // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-                    return unsafe { avx2($($arg),*) };
+                    return unsafe { avx2 $(::<$($g),*>)? ($($arg),*) };
                 }
             }
-            generic($($arg),*)
+            generic $(::<$($g),*>)? ($($arg),*)
         }
     };
 }

@@ -20,6 +20,7 @@ use rayon::prelude::*;
 use super::real::{is_small, mm_nn, mm_nt, mm_tn, transpose, with_act, Act, Real};
 use super::Dims;
 use super::{Layout, Loss, Maml, MetaDims, MetaGradient, Order, TaskBatch};
+use crate::cpu::multiversion;
 use crate::testing::output_vec;
 use crate::{Result, Tensor};
 
@@ -453,6 +454,50 @@ fn task_hvp_on_tape<T: Real>(
     backward_r(layout, p, v, x, n, ws, r, hv);
 }
 
+multiversion! {
+    /// [`forward`] in the CPU's widest vectors.
+    fn forward_wide<T: Real>(layout: &Layout, p: &[T], x: &[T], n: usize, ws: &mut Workspace<T>) {
+        forward(layout, p, x, n, ws)
+    }
+}
+
+multiversion! {
+    /// [`task_grad`] in the CPU's widest vectors.
+    fn task_grad_wide<T: Real>(
+        layout: &Layout,
+        p: &[T],
+        x: &[T],
+        y: Targets<'_, T>,
+        n: usize,
+        ws: &mut Workspace<T>,
+        grad: &mut [T],
+    ) -> T {
+        task_grad(layout, p, x, y, n, ws, grad)
+    }
+}
+
+multiversion! {
+    /// H·v of one task's loss at `p` (the plain passes, then the R-passes), in the CPU's widest
+    /// vectors.
+    #[allow(clippy::too_many_arguments)]
+    fn task_hvp<T: Real>(
+        layout: &Layout,
+        p: &[T],
+        v: &[T],
+        x: &[T],
+        y: Targets<'_, T>,
+        n: usize,
+        ws: &mut Workspace<T>,
+        r: &mut RWorkspace<T>,
+        hv: &mut [T],
+    ) {
+        forward(layout, p, x, n, ws);
+        loss_head(layout, y, n, ws);
+        backward(layout, p, x, n, ws, None);
+        task_hvp_on_tape(layout, p, v, x, y, n, ws, r, hv);
+    }
+}
+
 // ------------------------------------------------------------------------------------------
 // The public operations.
 
@@ -490,7 +535,7 @@ pub(super) fn forward_op<T: Real>(
     out.par_chunks_mut(n * d_out).enumerate().for_each_init(
         || Workspace::new(layout, n),
         |ws, (t, out_row)| {
-            forward(layout, row(p, t, pn, dims.broadcast), &xs[t * n * d_in..], n, ws);
+            forward_wide(layout, row(p, t, pn, dims.broadcast), &xs[t * n * d_in..], n, ws);
             out_row.copy_from_slice(ws.output(layout, n));
         },
     );
@@ -514,7 +559,7 @@ pub(super) fn loss_and_grad<T: Real>(
         || Workspace::new(layout, n),
         |ws, (t, (g, loss))| {
             let (pt, xt) = (row(p, t, pn, dims.broadcast), &xs[t * n * d_in..]);
-            *loss = task_grad(layout, pt, xt, task_targets(ys, t, n, stride), n, ws, g);
+            *loss = task_grad_wide(layout, pt, xt, task_targets(ys, t, n, stride), n, ws, g);
         },
     );
     Ok((Tensor::from_host_vec(losses, &[dims.tasks]), Tensor::from_host_vec(grads, &[dims.tasks, pn])))
@@ -539,10 +584,7 @@ pub(super) fn hvp<T: Real>(
         |(ws, r), (t, hv)| {
             let (pt, vt) = (row(p, t, pn, dims.broadcast), row(vs, t, pn, v_broadcast));
             let (xt, yt) = (&xs[t * n * d_in..], task_targets(ys, t, n, stride));
-            forward(layout, pt, xt, n, ws);
-            loss_head(layout, yt, n, ws);
-            backward(layout, pt, xt, n, ws, None);
-            task_hvp_on_tape(layout, pt, vt, xt, yt, n, ws, r, hv);
+            task_hvp(layout, pt, vt, xt, yt, n, ws, r, hv);
         },
     );
     Ok(Tensor::from_host_vec(out, &[dims.tasks, pn]))
@@ -626,99 +668,47 @@ struct TaskData<'a, T> {
     yq: Targets<'a, T>,
 }
 
-/// One task of MAML: writes the meta-gradient into `g` and the adapted parameters into
-/// `adapted`; returns the query loss.
-#[inline(always)]
-fn maml_task<T: Real>(
-    layout: &Layout,
-    maml: &Maml,
-    dims: &MetaDims,
-    theta: &[T],
-    data: &TaskData<'_, T>,
-    ws: &mut MetaWorkspace<T>,
-    g: &mut [T],
-) -> T {
-    let (pn, k) = (layout.num_params, maml.inner_steps);
-    let lr = T::of(maml.inner_lr);
-    let MetaWorkspace { tapes, r, iterates, adapted, hv, .. } = ws;
-    iterates[..pn].copy_from_slice(theta);
-    // Inner loop: θ_{j+1} = θ_j − α ∇L_support(θ_j); the gradient lands in `hv` as scratch.
-    for j in 0..k {
-        let (done, next) = iterates.split_at_mut((j + 1) * pn);
-        let current = &done[j * pn..];
-        task_grad(layout, current, data.xs, data.ys, dims.support, &mut tapes[j], hv);
-        let target: &mut [T] = if j + 1 < k { &mut next[..pn] } else { adapted };
-        for ((t, &c), &d) in target.iter_mut().zip(current).zip(hv.iter()) {
-            *t = c - lr * d;
-        }
-    }
-    let loss = task_grad(layout, adapted, data.xq, data.yq, dims.query, &mut tapes[k], g);
-    if maml.order == Order::Second {
-        // g ← (I − α H_j) g for j = k−1 … 0.
-        for j in (0..k).rev() {
-            let theta_j = &iterates[j * pn..(j + 1) * pn];
-            let tape = &tapes[j];
-            task_hvp_on_tape(layout, theta_j, g, data.xs, data.ys, dims.support, tape, r, hv);
-            for (gi, &h) in g.iter_mut().zip(hv.iter()) {
-                *gi -= lr * h;
+multiversion! {
+    /// One task of MAML: writes the meta-gradient into `g` and the adapted parameters into
+    /// `adapted`; returns the query loss. The whole per-task engine is inlined into it, so its
+    /// elementwise loops take the CPU's widest vectors.
+    fn maml_task<T: Real>(
+        layout: &Layout,
+        maml: &Maml,
+        dims: &MetaDims,
+        theta: &[T],
+        data: &TaskData<'_, T>,
+        ws: &mut MetaWorkspace<T>,
+        g: &mut [T],
+    ) -> T {
+        let (pn, k) = (layout.num_params, maml.inner_steps);
+        let lr = T::of(maml.inner_lr);
+        let MetaWorkspace { tapes, r, iterates, adapted, hv, .. } = ws;
+        iterates[..pn].copy_from_slice(theta);
+        // Inner loop: θ_{j+1} = θ_j − α ∇L_support(θ_j); the gradient lands in `hv` as scratch.
+        for j in 0..k {
+            let (done, next) = iterates.split_at_mut((j + 1) * pn);
+            let current = &done[j * pn..];
+            task_grad(layout, current, data.xs, data.ys, dims.support, &mut tapes[j], hv);
+            let target: &mut [T] = if j + 1 < k { &mut next[..pn] } else { adapted };
+            for ((t, &c), &d) in target.iter_mut().zip(current).zip(hv.iter()) {
+                *t = c - lr * d;
             }
         }
-    }
-    loss
-}
-
-/// [`maml_task`] compiled for AVX-512 or AVX2+FMA when the CPU has them (the whole per-task
-/// engine is inlined into one function, so its elementwise loops use wide vectors too), else
-/// for the baseline target. (`avx512f` as a target feature needs Rust 1.89.)
-fn maml_task_dispatch<T: Real>(
-    layout: &Layout,
-    maml: &Maml,
-    dims: &MetaDims,
-    theta: &[T],
-    data: &TaskData<'_, T>,
-    ws: &mut MetaWorkspace<T>,
-    g: &mut [T],
-) -> T {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F (checked just above).
-            return unsafe { maml_task_avx512(layout, maml, dims, theta, data, ws, g) };
+        let loss = task_grad(layout, adapted, data.xq, data.yq, dims.query, &mut tapes[k], g);
+        if maml.order == Order::Second {
+            // g ← (I − α H_j) g for j = k−1 … 0.
+            for j in (0..k).rev() {
+                let theta_j = &iterates[j * pn..(j + 1) * pn];
+                let tape = &tapes[j];
+                task_hvp_on_tape(layout, theta_j, g, data.xs, data.ys, dims.support, tape, r, hv);
+                for (gi, &h) in g.iter_mut().zip(hv.iter()) {
+                    *gi -= lr * h;
+                }
+            }
         }
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-            return unsafe { maml_task_avx2(layout, maml, dims, theta, data, ws, g) };
-        }
+        loss
     }
-    maml_task(layout, maml, dims, theta, data, ws, g)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn maml_task_avx2<T: Real>(
-    layout: &Layout,
-    maml: &Maml,
-    dims: &MetaDims,
-    theta: &[T],
-    data: &TaskData<'_, T>,
-    ws: &mut MetaWorkspace<T>,
-    g: &mut [T],
-) -> T {
-    maml_task(layout, maml, dims, theta, data, ws, g)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn maml_task_avx512<T: Real>(
-    layout: &Layout,
-    maml: &Maml,
-    dims: &MetaDims,
-    theta: &[T],
-    data: &TaskData<'_, T>,
-    ws: &mut MetaWorkspace<T>,
-    g: &mut [T],
-) -> T {
-    maml_task(layout, maml, dims, theta, data, ws, g)
 }
 
 pub(super) fn meta_gradient<T: Real>(
@@ -767,7 +757,7 @@ pub(super) fn meta_gradient<T: Real>(
                     yq: task_targets(yq, t, nq, stride),
                 };
                 let mut grad = vec![T::ZERO; pn];
-                let loss = maml_task_dispatch(layout, maml, dims, theta, &data, ws, &mut grad);
+                let loss = maml_task(layout, maml, dims, theta, &data, ws, &mut grad);
                 let adapted = if maml.return_adapted { ws.adapted.clone() } else { Vec::new() };
                 TaskResult { grad, loss, adapted }
             },

@@ -4,7 +4,7 @@
 
 use std::ops::{Add, AddAssign, Div, Mul, Neg, Sub, SubAssign};
 
-use crate::cpu::{dgemm, sgemm, Mat};
+use crate::cpu::{dgemm, math, sgemm, Mat};
 use crate::Element;
 
 /// f32 or f64.
@@ -24,9 +24,9 @@ pub(crate) trait Real:
     fn of(v: f64) -> Self;
     fn exp(self) -> Self;
     fn ln(self) -> Self;
-    fn ln_1p(self) -> Self;
     fn tanh(self) -> Self;
-    fn abs(self) -> Self;
+    /// ln(1 + eˢᵉˡᶠ), without overflow.
+    fn softplus(self) -> Self;
     fn max(self, other: Self) -> Self;
     /// self·a + b with one rounding (an FMA instruction where the target has one).
     fn mul_add(self, a: Self, b: Self) -> Self;
@@ -37,7 +37,7 @@ pub(crate) trait Real:
 }
 
 macro_rules! real {
-    ($t:ty, $gemm:ident, $transpose:ident, exp: $exp:path, tanh: $tanh:path) => {
+    ($t:ty, $gemm:ident, $transpose:ident, exp: $exp:path, tanh: $tanh:path, softplus: $softplus:path) => {
         impl Real for $t {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
@@ -54,16 +54,12 @@ macro_rules! real {
                 <$t>::ln(self)
             }
             #[inline(always)]
-            fn ln_1p(self) -> Self {
-                <$t>::ln_1p(self)
-            }
-            #[inline(always)]
             fn tanh(self) -> Self {
                 $tanh(self)
             }
             #[inline(always)]
-            fn abs(self) -> Self {
-                <$t>::abs(self)
+            fn softplus(self) -> Self {
+                $softplus(self)
             }
             #[inline(always)]
             fn max(self, other: Self) -> Self {
@@ -90,10 +86,16 @@ macro_rules! real {
         }
     };
 }
-// f32's exponentials vectorise (libm's are a call per element: tanh alone was 60% of the
+// f32's transcendentals vectorise (libm's are a call per element: tanh alone was 60% of the
 // 64-256-256-10 Tanh gradient); f64, the tests' reference precision, keeps libm's.
-real!(f32, sgemm, transpose_f32, exp: crate::cpu::math::exp, tanh: crate::cpu::math::tanh);
-real!(f64, dgemm, transpose_tiles, exp: f64::exp, tanh: f64::tanh);
+real!(f32, sgemm, transpose_f32, exp: math::exp, tanh: math::tanh, softplus: math::softplus);
+real!(f64, dgemm, transpose_tiles, exp: f64::exp, tanh: f64::tanh, softplus: softplus_f64);
+
+/// softplus as max(x, 0) + ln(1 + e^−|x|): no overflow for large x.
+#[inline(always)]
+fn softplus_f64(x: f64) -> f64 {
+    x.max(0.0) + (-x.abs()).exp().ln_1p()
+}
 
 // ------------------------------------------------------------------------------------------
 // Activations: value, first and second derivative.
@@ -104,14 +106,17 @@ pub(crate) trait Act {
     /// (σ'(z), σ''(z)).
     fn derivs<T: Real>(z: T) -> (T, T);
     /// σ'(z) alone (cheaper where σ'' is not needed).
+    #[inline(always)]
     fn d1<T: Real>(z: T) -> T {
         Self::derivs(z).0
     }
     /// (σ'(z), σ''(z)) given h = σ(z) as well (tanh needs no transcendental then).
+    #[inline(always)]
     fn derivs_at<T: Real>(z: T, _h: T) -> (T, T) {
         Self::derivs(z)
     }
     /// σ'(z) given h = σ(z) as well.
+    #[inline(always)]
     fn d1_at<T: Real>(z: T, _h: T) -> T {
         Self::d1(z)
     }
@@ -186,7 +191,7 @@ impl Act for Gelu {
 impl Act for Softplus {
     #[inline(always)]
     fn value<T: Real>(z: T) -> T {
-        z.max(T::ZERO) + (-z.abs()).exp().ln_1p()
+        z.softplus()
     }
     #[inline(always)]
     fn derivs<T: Real>(z: T) -> (T, T) {
