@@ -752,6 +752,18 @@ __device__ void core_mma(const CoreArgs& p, const Item& it, const Io& io, unsign
                 *pair(nt, 0) = make_float2(d[nt][0], d[nt][1]);
                 *pair(nt, 1) = make_float2(d[nt][2], d[nt][3]);
             }
+            if constexpr (!NARROW_RANGE<T>) {
+                // The next chunk's 16-bit copy of S, from the registers (f16 waits for the
+                // chunk's scale: see state_scale_up). 32-bit stores, conflict-free.
+                auto sh_pair = [&](int nt, int half) {  // Sh[r0 + g + 8·half][n0 + 8·nt + 2·tq, + 1]
+                    return reinterpret_cast<uint32_t*>(Sh + (r0 + g + 8 * half) * ldt + n0 + 8 * nt + 2 * tq);
+                };
+#pragma unroll
+                for (int nt = 0; nt < 4; ++nt) {
+                    *sh_pair(nt, 0) = mk::pack2<T>(d[nt][0], d[nt][1]);
+                    *sh_pair(nt, 1) = mk::pack2<T>(d[nt][2], d[nt][3]);
+                }
+            }
             if (n0 == 0) {
                 z_lo += __shfl_xor_sync(0xffffffffu, z_lo, 1);
                 z_lo += __shfl_xor_sync(0xffffffffu, z_lo, 2);
@@ -806,9 +818,11 @@ __device__ void core_mma(const CoreArgs& p, const Item& it, const Io& io, unsign
         stage(true, p.causal, ch);
         const float s_up = state_scale_up<T>(Sf, dkp, dens, tid, lane, warp);
         const float s_down = 1.f / s_up;  // exact: a power of two
-        for (int e = tid; e < dkp * TILE; e += THREADS) {
-            const int c = e / TILE, j = e % TILE;
-            Sh[c * ldt + j] = mk::from_float<T>(Sf[sf_index(c, j)] * s_down);
+        if (NARROW_RANGE<T> || ch == 0) {  // later bf16 chunks: update_state wrote Sh
+            for (int e = tid; e < dkp * TILE; e += THREADS) {
+                const int c = e / TILE, j = e % TILE;
+                Sh[c * ldt + j] = mk::from_float<T>(Sf[sf_index(c, j)] * s_down);
+            }
         }
         __syncthreads();
         // One pass over the key dimension: O = φ(Q)·S and (causal) the scores φ(Q)φ(K)ᵀ, then

@@ -43,20 +43,8 @@ using mk::cp_async_wait_all;
 using mk::ldmatrix_x4;
 using mk::ldmatrix_x4_trans;
 using mk::mma_16816;
+using mk::pack2;
 
-// Two floats as one register of two 16-bit values (the first in the low half).
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi);
-template <>
-__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
-    __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
-}
-template <>
-__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
-}
 
 // exp2 of a base-2 logit difference; the max is replaced by 0 for rows that have seen only
 // masked keys so far (−∞ − −∞ would be NaN).

@@ -105,6 +105,21 @@ __device__ __forceinline__ void frag_b_pair_trans(uint32_t (&b)[4], const void* 
     ldmatrix_x4_trans(b, static_cast<const uint16_t*>(m) + (k0 + ((l / 8) % 2) * 8 + l % 8) * ld + n0 + (l / 16) * 8);
 }
 
+// Two floats as one register of two 16-bit values (the first in the low half), rounded to
+// nearest: a fragment register, or a 32-bit store of two adjacent elements.
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+}
+
 // The two 16-bit values of a fragment register as floats, the lower-addressed one first.
 template <typename T>
 __device__ __forceinline__ float2 unpack2(uint32_t r) {
