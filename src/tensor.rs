@@ -145,11 +145,12 @@ impl Tensor {
         let n = numel_of(shape);
         match &device.0 {
             Kind::Cpu => Ok(match dtype {
-                DType::F32 => Tensor::from_host_vec(vec![0f32; n], shape),
-                DType::F64 => Tensor::from_host_vec(vec![0f64; n], shape),
-                DType::F16 => Tensor::from_host_vec(vec![f16::ZERO; n], shape),
-                DType::BF16 => Tensor::from_host_vec(vec![bf16::ZERO; n], shape),
-                DType::U32 => Tensor::from_host_vec(vec![0u32; n], shape),
+                // calloc'd: no fill pass (f16/bf16's vec![ZERO; n] was a serial one).
+                DType::F32 => Tensor::from_host_vec(bytemuck::zeroed_vec::<f32>(n), shape),
+                DType::F64 => Tensor::from_host_vec(bytemuck::zeroed_vec::<f64>(n), shape),
+                DType::F16 => Tensor::from_host_vec(bytemuck::zeroed_vec::<f16>(n), shape),
+                DType::BF16 => Tensor::from_host_vec(bytemuck::zeroed_vec::<bf16>(n), shape),
+                DType::U32 => Tensor::from_host_vec(bytemuck::zeroed_vec::<u32>(n), shape),
             }),
             #[cfg(feature = "cuda")]
             Kind::Cuda(d) => {
