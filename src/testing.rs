@@ -6,7 +6,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::{DType, Device, Element, Result, Tensor};
+use crate::{DType, Device, Result, Tensor};
 
 static POISON: AtomicBool = AtomicBool::new(false);
 
@@ -24,40 +24,7 @@ pub fn poisoning() -> bool {
     POISON.load(Ordering::Relaxed)
 }
 
-/// A host output buffer of `len` elements: zeros, or all-ones bytes while poisoning is on.
-/// CPU kernels that write every element allocate their outputs with this. The zeros come from
-/// the allocator (calloc: fresh pages, zeroed by the OS as the kernel's threads first touch
-/// them), not from a fill loop, which for f16/bf16 was a serial pass over the whole output.
-pub fn output_vec<T: Element>(len: usize) -> Vec<T> {
-    if poisoning() {
-        vec![bytemuck::cast_slice::<u8, T>(&[0xFFu8; 8][..size_of::<T>()])[0]; len]
-    } else {
-        let mut v = bytemuck::zeroed_vec(len);
-        advise_huge_pages(&mut v);
-        v
-    }
-}
-
-/// Asks Linux to back a large, untouched output with transparent huge pages (where THP is in
-/// its `madvise` mode): the first touches then fault in 2 MiB at a time instead of 4 KiB, and
-/// for a fresh output of hundreds of MiB the 4 KiB faults were most of a gather's time.
-/// Advisory only: the contents and the allocation are unchanged either way.
-fn advise_huge_pages<T>(v: &mut [T]) {
-    #[cfg(target_os = "linux")]
-    {
-        const HUGE: usize = 2 << 20;
-        let (base, bytes) = (v.as_mut_ptr() as usize, size_of_val(v));
-        if bytes < 8 * HUGE {
-            return;
-        }
-        let (start, end) = (base.next_multiple_of(HUGE), (base + bytes) / HUGE * HUGE);
-        // SAFETY: [start, end) lies inside `v`'s allocation; MADV_HUGEPAGE only changes how the
-        // kernel backs those pages, never what they hold, and its failure is harmless.
-        unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = v;
-}
+pub use crate::cpu::output_vec;
 
 /// A small, fast, seeded generator (SplitMix64): reproducible test data without a dependency.
 #[derive(Clone, Debug)]
@@ -230,26 +197,5 @@ pub fn built_kernel_modules() -> Vec<&'static str> {
     #[cfg(not(feature = "cuda"))]
     {
         Vec::new()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The huge-page advice leaves a large zeroed buffer zeroed and writable, edges included.
-    #[test]
-    fn huge_page_advice_keeps_contents() {
-        let mut v: Vec<f32> = bytemuck::zeroed_vec((40 << 20) / 4 + 3);
-        advise_huge_pages(&mut v);
-        assert!(v.iter().all(|&x| x == 0.0));
-        let n = v.len();
-        for i in [0, 1, n / 2, n - 1] {
-            v[i] = i as f32;
-        }
-        assert_eq!((v[0], v[1], v[n / 2], v[n - 1]), (0.0, 1.0, (n / 2) as f32, (n - 1) as f32));
-        let mut small = [1.0f32; 3];
-        advise_huge_pages(&mut small);
-        assert_eq!(small, [1.0; 3]);
     }
 }

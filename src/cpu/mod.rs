@@ -1,6 +1,7 @@
 //! Shared CPU building blocks for the families' fallbacks: a checked GEMM over the
 //! `matrixmultiply` crate (cache-blocked, SIMD microkernels), used wherever CPU work is
-//! matmul-shaped, and (`math`) exponentials that vectorise.
+//! matmul-shaped; `multiversion!` for loops that want the CPU's widest vectors; `output_vec`,
+//! the allocation of every CPU output; and (`math`) exponentials that vectorise.
 
 pub(crate) mod math;
 
@@ -139,6 +140,42 @@ macro_rules! multiversion {
 }
 pub(crate) use multiversion;
 
+/// A host output buffer of `len` elements: zeros, or all-ones bytes while poisoning is on
+/// (`testing::set_poisoning`). CPU kernels that write every element allocate their outputs with
+/// this. The zeros come from
+/// the allocator (calloc: fresh pages, zeroed by the OS as the kernel's threads first touch
+/// them), not from a fill loop, which for f16/bf16 was a serial pass over the whole output.
+pub fn output_vec<T: crate::Element>(len: usize) -> Vec<T> {
+    if crate::testing::poisoning() {
+        vec![bytemuck::cast_slice::<u8, T>(&[0xFFu8; 8][..size_of::<T>()])[0]; len]
+    } else {
+        let mut v = bytemuck::zeroed_vec(len);
+        advise_huge_pages(&mut v);
+        v
+    }
+}
+
+/// Asks Linux to back a large, untouched output with transparent huge pages (where THP is in
+/// its `madvise` mode): the first touches then fault in 2 MiB at a time instead of 4 KiB, and
+/// for a fresh output of hundreds of MiB the 4 KiB faults were most of a gather's time.
+/// Advisory only: the contents and the allocation are unchanged either way.
+fn advise_huge_pages<T>(v: &mut [T]) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let (base, bytes) = (v.as_mut_ptr() as usize, size_of_val(v));
+        if bytes < 8 * HUGE {
+            return;
+        }
+        let (start, end) = (base.next_multiple_of(HUGE), (base + bytes) / HUGE * HUGE);
+        // SAFETY: [start, end) lies inside `v`'s allocation; MADV_HUGEPAGE only changes how the
+        // kernel backs those pages, never what they hold, and its failure is harmless.
+        unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = v;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,5 +197,21 @@ mod tests {
             !sgemm(1.0, Mat::new(&a, m, k), Mat::new(&bt, n, k), 0.0, &mut c, n),
             "k mismatch must be refused"
         );
+    }
+
+    /// The huge-page advice leaves a large zeroed buffer zeroed and writable, edges included.
+    #[test]
+    fn huge_page_advice_keeps_contents() {
+        let mut v: Vec<f32> = bytemuck::zeroed_vec((40 << 20) / 4 + 3);
+        advise_huge_pages(&mut v);
+        assert!(v.iter().all(|&x| x == 0.0));
+        let n = v.len();
+        for i in [0, 1, n / 2, n - 1] {
+            v[i] = i as f32;
+        }
+        assert_eq!((v[0], v[1], v[n / 2], v[n - 1]), (0.0, 1.0, (n / 2) as f32, (n - 1) as f32));
+        let mut small = [1.0f32; 3];
+        advise_huge_pages(&mut small);
+        assert_eq!(small, [1.0; 3]);
     }
 }

@@ -32,7 +32,7 @@ fn cast_from<S: Element>(src: &[S], shape: &[usize], dtype: DType) -> Tensor {
 }
 
 fn convert<S: Element, D: Element>(src: &[S]) -> Vec<D> {
-    let mut out = crate::testing::output_vec::<D>(src.len());
+    let mut out = crate::cpu::output_vec::<D>(src.len());
     out.par_chunks_mut(BLOCK).zip(src.par_chunks(BLOCK)).for_each(|(dst, src)| convert_block(src, dst));
     out
 }

@@ -26,8 +26,8 @@ pub(crate) fn assign(
     k: usize,
     metric: Metric,
 ) -> (Vec<u32>, Vec<f32>) {
-    let mut labels = crate::testing::output_vec::<u32>(n);
-    let mut dist = crate::testing::output_vec::<f32>(n);
+    let mut labels = crate::cpu::output_vec::<u32>(n);
+    let mut dist = crate::cpu::output_vec::<f32>(n);
     match metric {
         Metric::SquaredL2 => assign_l2(x, d, c, k, &mut labels, &mut dist),
         Metric::MeanL1 => assign_l1(x, d, c, &mut labels, &mut dist),
@@ -168,7 +168,7 @@ pub(crate) fn counting_sort(labels: &[u32], k: usize) -> (Vec<u32>, Vec<u32>) {
         offsets[c + 1] += offsets[c];
     }
     let mut next = offsets.clone();
-    let mut order = crate::testing::output_vec::<u32>(labels.len());
+    let mut order = crate::cpu::output_vec::<u32>(labels.len());
     for (i, &c) in labels.iter().enumerate() {
         let slot = &mut next[c as usize];
         order[*slot as usize] = i as u32;
@@ -181,7 +181,7 @@ pub(crate) fn counting_sort(labels: &[u32], k: usize) -> (Vec<u32>, Vec<u32>) {
 /// runs over its rows in increasing row order, so the result does not depend on threads.
 pub(crate) fn update(x: &[f32], d: usize, labels: &[u32], k: usize) -> (Vec<f32>, Vec<u32>) {
     let (order, offsets) = counting_sort(labels, k);
-    let mut centroids = crate::testing::output_vec::<f32>(k * d);
+    let mut centroids = crate::cpu::output_vec::<f32>(k * d);
     centroids.par_chunks_mut(d).enumerate().for_each(|(c, out)| {
         let members = &order[offsets[c] as usize..offsets[c + 1] as usize];
         out.fill(0.0);

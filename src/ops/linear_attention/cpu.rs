@@ -27,7 +27,7 @@ use super::{
 };
 use crate::cpu::math::exp;
 use crate::cpu::multiversion;
-use crate::testing::output_vec;
+use crate::cpu::output_vec;
 use crate::{DType, Error, Result, Tensor};
 
 /// Rows per chunk: 64 keeps the three GEMMs square-ish (64×64×Dk) and the intra-chunk

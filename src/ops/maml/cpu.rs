@@ -21,7 +21,7 @@ use super::real::{is_small, mm_nn, mm_nt, mm_tn, transpose, with_act, Act, Real}
 use super::Dims;
 use super::{Layout, Loss, Maml, MetaDims, MetaGradient, Order, TaskBatch};
 use crate::cpu::multiversion;
-use crate::testing::output_vec;
+use crate::cpu::output_vec;
 use crate::{Result, Tensor};
 
 /// The targets of one task.

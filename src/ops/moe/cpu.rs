@@ -12,8 +12,8 @@ use crate::{Element, Error, Result, Tensor};
 
 /// (expert, probability of that expert) per row of `logits` (`n × k`).
 pub(super) fn top1_logits(logits: &[f32], n: usize, k: usize) -> (Vec<u32>, Vec<f32>) {
-    let mut expert = crate::testing::output_vec::<u32>(n);
-    let mut prob = crate::testing::output_vec::<f32>(n);
+    let mut expert = crate::cpu::output_vec::<u32>(n);
+    let mut prob = crate::cpu::output_vec::<f32>(n);
     logits.par_chunks(k).zip(expert.par_iter_mut()).zip(prob.par_iter_mut()).for_each(|((row, e), p)| {
         let (mut best, mut arg) = (row[0], 0usize);
         for (j, &v) in row.iter().enumerate().skip(1) {
@@ -44,7 +44,7 @@ multiversion! {
 /// `out[j] = x[order[j]]` for a CPU tensor of any float dtype.
 pub(super) fn gather_rows(x: &Tensor, order: &[u32], n: usize, d: usize) -> Result<Tensor> {
     fn go<T: Element>(src: &[T], order: &[u32], n: usize, d: usize) -> Tensor {
-        let mut out = crate::testing::output_vec::<T>(n * d);
+        let mut out = crate::cpu::output_vec::<T>(n * d);
         out.par_chunks_mut(d.max(1)).zip(order.par_iter()).for_each(|(dst, &i)| {
             dst.copy_from_slice(&src[i as usize * d..(i as usize + 1) * d]);
         });
@@ -75,7 +75,7 @@ pub(super) fn combine(
         return gather_rows(grouped, &position, n, d);
     };
     fn go<T: Element>(src: &[T], pos: &[u32], w: &[f32], n: usize, d: usize) -> Tensor {
-        let mut out = crate::testing::output_vec::<T>(n * d);
+        let mut out = crate::cpu::output_vec::<T>(n * d);
         out.par_chunks_mut(d.max(1)).zip(pos.par_iter().zip(w.par_iter())).for_each(|(dst, (&j, &wt))| {
             let row = &src[j as usize * d..(j as usize + 1) * d];
             dst.iter_mut().zip(row).for_each(|(o, &v)| *o = T::from_f32(wt * v.to_f32()));

@@ -33,7 +33,7 @@ pub(super) fn solve_segments(
             if xs.iter().chain(ys.iter()).any(|v| !v.is_finite()) {
                 return Err(Error::NonFinite { op, what: "x or y".into() });
             }
-            let mut out = crate::testing::output_vec::<f32>(segments.len() * n * r);
+            let mut out = crate::cpu::output_vec::<f32>(segments.len() * n * r);
             out.par_chunks_mut(n * r).zip(segments.par_iter()).for_each(|(w, &(b, e))| {
                 let (a, rhs) = gram(&xs[b * n..e * n], &ys[b * r..e * r], n, r);
                 let sol = solve_normal(a, rhs, n, r, ridge, HOST_REL_TOL);

@@ -24,8 +24,8 @@ use rayon::prelude::*;
 
 use super::{BackwardInputs, MomentumAttentionGrads, Problem, SoftmaxParams};
 use crate::cpu::math::exp2;
+use crate::cpu::output_vec;
 use crate::cpu::{multiversion, sgemm, Mat};
-use crate::testing::output_vec;
 use crate::{DType, Element, Error, Result, Tensor};
 
 /// Query and key rows per tile. 128 keeps a score tile (64 KiB) and a head-dim-256 accumulator
