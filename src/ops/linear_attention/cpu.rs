@@ -42,7 +42,7 @@ const ROW_BLOCK: usize = 32;
 const OP: &str = "linear_attention (cpu)";
 
 /// φ(x). elu + 1 takes `math::exp` (within 1 ulp, vectorises) rather than libm's `expf` (a call
-/// per element: the feature map alone cost 2.7× the whole identity-map forward).
+/// per element, which made the elu + 1 forward 4.3× slower than the identity map's).
 #[inline]
 fn phi(fm: FeatureMap, x: f32) -> f32 {
     match fm {
