@@ -417,21 +417,23 @@ fn act_backward_r<A: Act, T: Real>(b: ActBackR<'_, T>) {
     }
 }
 
-/// Loss and gradient of one task at `p`; leaves the tape of both passes in `ws`.
-#[inline(always)]
-pub(crate) fn task_grad<T: Real>(
-    layout: &Layout,
-    p: &[T],
-    x: &[T],
-    y: Targets<'_, T>,
-    n: usize,
-    ws: &mut Workspace<T>,
-    grad: &mut [T],
-) -> T {
-    forward(layout, p, x, n, ws);
-    let loss = loss_head(layout, y, n, ws);
-    backward(layout, p, x, n, ws, Some(grad));
-    loss
+multiversion! {
+    /// Loss and gradient of one task at `p`; leaves the tape of both passes in `ws`. In the
+    /// CPU's widest vectors (also when called from `maml_task`: one dispatch per pass).
+    pub(crate) fn task_grad<T: Real>(
+        layout: &Layout,
+        p: &[T],
+        x: &[T],
+        y: Targets<'_, T>,
+        n: usize,
+        ws: &mut Workspace<T>,
+        grad: &mut [T],
+    ) -> T {
+        forward(layout, p, x, n, ws);
+        let loss = loss_head(layout, y, n, ws);
+        backward(layout, p, x, n, ws, Some(grad));
+        loss
+    }
 }
 
 /// H·v of one task's loss at `p`, given the tape `ws` of the plain passes at `p` on the same
@@ -458,21 +460,6 @@ multiversion! {
     /// [`forward`] in the CPU's widest vectors.
     fn forward_wide<T: Real>(layout: &Layout, p: &[T], x: &[T], n: usize, ws: &mut Workspace<T>) {
         forward(layout, p, x, n, ws)
-    }
-}
-
-multiversion! {
-    /// [`task_grad`] in the CPU's widest vectors.
-    fn task_grad_wide<T: Real>(
-        layout: &Layout,
-        p: &[T],
-        x: &[T],
-        y: Targets<'_, T>,
-        n: usize,
-        ws: &mut Workspace<T>,
-        grad: &mut [T],
-    ) -> T {
-        task_grad(layout, p, x, y, n, ws, grad)
     }
 }
 
@@ -559,7 +546,7 @@ pub(super) fn loss_and_grad<T: Real>(
         || Workspace::new(layout, n),
         |ws, (t, (g, loss))| {
             let (pt, xt) = (row(p, t, pn, dims.broadcast), &xs[t * n * d_in..]);
-            *loss = task_grad_wide(layout, pt, xt, task_targets(ys, t, n, stride), n, ws, g);
+            *loss = task_grad(layout, pt, xt, task_targets(ys, t, n, stride), n, ws, g);
         },
     );
     Ok((Tensor::from_host_vec(losses, &[dims.tasks]), Tensor::from_host_vec(grads, &[dims.tasks, pn])))
