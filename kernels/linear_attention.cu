@@ -479,7 +479,7 @@ __host__ __device__ constexpr int mma_max_dk(int C) { return C == 64 ? 128 : 256
 // Shared-memory plan of the tensor-core core, in bytes, for chunks of C rows and a padded key
 // width dkp (a multiple of 16, ≤ mma_max_dk(C)). Halves first, then floats (16-byte aligned).
 struct SmemMma {
-    int ldq, q, k, v, a, sh, sf, z, den, part, o, total;
+    int ldq, q, k, v, a, sh, sf, z, den, part, wmax, o, total;
     __host__ __device__ SmemMma(int C, int dkp) {
         ldq = dkp + HALF_LD_PAD;
         const int ldt = TILE + HALF_LD_PAD;
@@ -492,7 +492,8 @@ struct SmemMma {
         z = sf + dkp * TILE * 4;                // floats: dkp
         den = z + dkp * 4;                      // floats: C
         part = den + C * 4;                     // floats: 2 × C
-        o = part + 2 * C * 4;                   // floats: C × TILE, os_index
+        wmax = part + 2 * C * 4;                // floats: THREADS / 32 (f16: each warp's max |S|)
+        o = wmax + THREADS / 32 * 4;            // floats: C × TILE, os_index
         total = o + C * TILE * 4;
     }
 };
@@ -510,9 +511,20 @@ __device__ __forceinline__ int sf_index(int c, int j) { return os_index(c, j); }
 template <typename T> constexpr bool NARROW_RANGE = false;
 template <> constexpr bool NARROW_RANGE<__half> = true;
 
-// Returns 2^e for the state tile Sf (`rows` × TILE in any order; 1 for bf16). Block-wide: every
-// thread calls it.
-// Uses `scratch` (at least THREADS / 32 floats, free at this point) for the reduction.
+// 2^e for a state whose largest |entry| is m: 1 while m < 2^14, else the power of two that brings
+// m below 2^14 (not for inf or NaN: those propagate as they are).
+__device__ __forceinline__ float scale_for_max(float m) {
+    int e = 0;
+    if (m >= 16384.f && m <= 3.0e38f) {
+        frexpf(m, &e);  // m < 2^e
+        e -= 14;        // so that m·2^-e < 2^14
+    }
+    return ldexpf(1.f, e);
+}
+
+// Returns 2^e for the state tile Sf (`rows` × TILE in any order; 1 for bf16) by scanning it.
+// Block-wide: every thread calls it. Uses `scratch` (at least THREADS / 32 floats, free at this
+// point) for the reduction.
 template <typename T>
 __device__ float state_scale_up(const float* Sf, int rows, float* scratch, int tid, int lane, int warp) {
     if constexpr (!NARROW_RANGE<T>) {
@@ -526,12 +538,7 @@ __device__ float state_scale_up(const float* Sf, int rows, float* scratch, int t
         m = 0.f;
         for (int i = 0; i < THREADS / 32; ++i) m = fmaxf(m, scratch[i]);
         __syncthreads();  // scratch is written again by the caller
-        int e = 0;
-        if (m >= 16384.f && m <= 3.0e38f) {  // not for inf or NaN: those propagate as they are
-            frexpf(m, &e);                   // m < 2^e
-            e -= 14;                         // so that m·2^-e < 2^14
-        }
-        return ldexpf(1.f, e);
+        return scale_for_max(m);
     }
 }
 
@@ -562,6 +569,7 @@ __device__ void core_mma(const CoreArgs& p, const Item& it, const Io& io, unsign
     float* zs = reinterpret_cast<float*>(smem + L.z);
     float* dens = reinterpret_cast<float*>(smem + L.den);
     float* part = reinterpret_cast<float*>(smem + L.part);
+    float* wmax = reinterpret_cast<float*>(smem + L.wmax);
     float* Os = reinterpret_cast<float*>(smem + L.o);
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tq = lane % 4;
     const int wr = (warp % ROW_GROUPS) * 16, wc = (warp / ROW_GROUPS) * WARP_COLS;  // this warp's block
@@ -718,6 +726,7 @@ __device__ void core_mma(const CoreArgs& p, const Item& it, const Io& io, unsign
     // key g + 8).
     auto update_state = [&]() {
         const int units = (dkp / 16) * (TILE / 32);
+        float abs_max = 0.f;  // f16: this warp's largest |S| entry (fmaxf: NaN left out, as the scan)
         for (int u = warp; u < units; u += THREADS / 32) {
             const int r0 = (u / (TILE / 32)) * 16, n0 = (u % (TILE / 32)) * 32;
             float d[4][4], z_lo = 0.f, z_hi = 0.f;
@@ -752,9 +761,14 @@ __device__ void core_mma(const CoreArgs& p, const Item& it, const Io& io, unsign
                 *pair(nt, 0) = make_float2(d[nt][0], d[nt][1]);
                 *pair(nt, 1) = make_float2(d[nt][2], d[nt][3]);
             }
-            if constexpr (!NARROW_RANGE<T>) {
+            if constexpr (NARROW_RANGE<T>) {
+#pragma unroll
+                for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) abs_max = fmaxf(abs_max, fabsf(d[nt][e]));
+            } else {
                 // The next chunk's 16-bit copy of S, from the registers (f16 waits for the
-                // chunk's scale: see state_scale_up). 32-bit stores, conflict-free.
+                // chunk's scale, from wmax). 32-bit stores, conflict-free.
                 auto sh_pair = [&](int nt, int half) {  // Sh[r0 + g + 8·half][n0 + 8·nt + 2·tq, + 1]
                     return reinterpret_cast<uint32_t*>(Sh + (r0 + g + 8 * half) * ldt + n0 + 8 * nt + 2 * tq);
                 };
@@ -774,6 +788,10 @@ __device__ void core_mma(const CoreArgs& p, const Item& it, const Io& io, unsign
                     zs[r0 + g + 8] += z_hi;
                 }
             }
+        }
+        if constexpr (NARROW_RANGE<T>) {
+            abs_max = mk::warp_max(abs_max);  // every warp writes its slot, 0 without units
+            if (lane == 0) wmax[warp] = abs_max;
         }
     };
 
@@ -812,13 +830,24 @@ __device__ void core_mma(const CoreArgs& p, const Item& it, const Io& io, unsign
     }
     const bool has_out = io.has_out();
     if (has_out) first(true, p.causal);
+    float s_up = 1.f;  // 2^e of the current 16-bit copy of S (f16; 1 for bf16)
     for (long long ch = 0; ch < chunks && has_out; ++ch) {
         const int n = rows_in(ch);
         __syncthreads();
         stage(true, p.causal, ch);
-        const float s_up = state_scale_up<T>(Sf, dkp, dens, tid, lane, warp);
-        const float s_down = 1.f / s_up;  // exact: a power of two
-        if (NARROW_RANGE<T> || ch == 0) {  // later bf16 chunks: update_state wrote Sh
+        // The 16-bit copy of S (and, for f16, its scale): converted from the f32 tile at the first
+        // chunk, and again at each later causal f16 chunk, scaled by the powers of two the
+        // warps' maxima give; bf16's later causal copies come from update_state, and without
+        // causality S does not change.
+        if (ch == 0 || (NARROW_RANGE<T> && p.causal)) {
+            if (ch == 0) {
+                s_up = state_scale_up<T>(Sf, dkp, dens, tid, lane, warp);
+            } else {
+                float m = 0.f;
+                for (int i = 0; i < THREADS / 32; ++i) m = fmaxf(m, wmax[i]);
+                s_up = scale_for_max(m);
+            }
+            const float s_down = 1.f / s_up;  // exact: a power of two
             for (int e = tid; e < dkp * TILE; e += THREADS) {
                 const int c = e / TILE, j = e % TILE;
                 Sh[c * ldt + j] = mk::from_float<T>(Sf[sf_index(c, j)] * s_down);

@@ -250,7 +250,7 @@ fn mma_smem_bytes(c: usize, dk: usize) -> usize {
     let (ldq, ldt) = (dkp + 8, TILE + 8);
     let halves = 2 * c * ldq + 2 * c * ldt + dkp * ldt;
     let floats_start = (halves * 2).div_ceil(16) * 16;
-    floats_start + 4 * (dkp * TILE + dkp + c + 2 * c + c * TILE)
+    floats_start + 4 * (dkp * TILE + dkp + c + 2 * c + THREADS as usize / 32 + c * TILE)
 }
 
 /// Whether a forward core launch runs on the tensor-core kernel: 16-bit inputs and no momentum
@@ -877,20 +877,20 @@ mod tests {
         }
         // The widest: the mixed passes launch at key width 257 (padded to 272) in 32-row chunks.
         assert_eq!(passes_smem_bytes(true, true, 256, 256), mma_smem_bytes(32, 257));
-        assert_eq!(mma_smem_bytes(32, 257), 163_520);
+        assert_eq!(mma_smem_bytes(32, 257), 163_552);
     }
 
     /// The tensor-core plan mirrors `SmemMma` in the .cu file: halves (q, k, v, A, the 16-bit
     /// state) with rows padded by 8, then, 16-byte aligned, the f32 state, z, dens, the two
-    /// column groups' shares of dens, and o.
+    /// column groups' shares of dens, the warps' maxima of |S| (f16), and o.
     #[test]
     fn mma_plan_by_hand() {
         // C = 64, Dk = 64: ldq = 72, ldt = 72; halves 2·64·72 + 2·64·72 + 64·72 = 23040 (46080
-        // bytes), floats 64·64 + 64 + 64 + 128 + 64·64 = 8448 (33792 bytes).
-        assert_eq!(mma_smem_bytes(64, 64), 46_080 + 33_792);
+        // bytes), floats 64·64 + 64 + 64 + 128 + 8 + 64·64 = 8456 (33824 bytes).
+        assert_eq!(mma_smem_bytes(64, 64), 46_080 + 33_824);
         // Dk = 6 pads to 16: halves 2·64·24 + 2·64·72 + 16·72 = 13440 (26880 bytes), floats
-        // 16·64 + 16 + 64 + 128 + 64·64 = 5328 (21312 bytes).
-        assert_eq!(mma_smem_bytes(64, 6), 26_880 + 21_312);
+        // 16·64 + 16 + 64 + 128 + 8 + 64·64 = 5336 (21344 bytes).
+        assert_eq!(mma_smem_bytes(64, 6), 26_880 + 21_344);
     }
 
     /// H200: 132 SMs; the tensor-core core runs one 256-thread block per SM.
