@@ -10,7 +10,9 @@
 // kernels use are here too (float2/float4/uint4, the half-pair conversions, atomicAdd/atomicOr,
 // __popc, __clz, isfinite), so a driver includes this file and its kernel file and nothing else;
 // CUDA code type-puns through vector types, which nvcc allows: run.sh compiles with
-// -fno-strict-aliasing.
+// -fno-strict-aliasing. With EMU_TSAN=1, run.sh builds with ThreadSanitizer and the emulation
+// tells it what orders memory between CUDA threads ("race detection" below): then a missing
+// barrier is reported at its two accesses even when no order of the warps exposes it in a value.
 //
 // A kernel file that wraps its inline asm in `#ifdef MK_HOST_EMULATION` calls the mk_emulated_*
 // functions below instead. Things that are checked on every call and abort with a message:
@@ -167,10 +169,53 @@ emu_switch:
     .size emu_switch, .-emu_switch
 )");
 
+// ------------------------------------------------------------------ race detection ------------
+// With EMU_TSAN=1, run.sh builds the driver with ThreadSanitizer, and every CUDA thread is a
+// TSan fiber switched to without implied ordering: TSan then reports any two accesses to the
+// same shared or global memory by different CUDA threads, one a write, that no __syncthreads or
+// __syncwarp orders (the CUDA memory model: shuffles, votes, ldmatrix and mma meet the warp but
+// order no memory, and neither does program order between lanes). Blocks run one after another
+// and each block's start is ordered after the previous block's end (its shared memory is the
+// same bytes here), so races between blocks through global memory are not looked for. The
+// emulation's own bookkeeping (barrier counters, the per-warp exchange scratch, threadIdx
+// written by the scheduler) lives in EMU_UNTRACKED functions, which TSan does not instrument.
+// Without EMU_TSAN all of this compiles to nothing.
+#ifdef EMU_TSAN
+#include <sanitizer/tsan_interface.h>
+extern "C" {
+void __tsan_read_range(void* addr, unsigned long size);
+void __tsan_write_range(void* addr, unsigned long size);
+}
+// The emulation's bookkeeping: a function whose own loads and stores TSan does not see (not
+// inlined: GCC would not inline it into an instrumented caller anyway). What it calls is tracked
+// as usual, and so are the explicit emu_access_* below. (TSan's run-time ignore annotations
+// record a stack per call: 30x slower.)
+#define EMU_UNTRACKED __attribute__((no_sanitize("thread"), noinline))
+inline void emu_hb_release(void* sync) { __tsan_release(sync); }
+inline void emu_hb_acquire(void* sync) { __tsan_acquire(sync); }
+inline void emu_access_read(const void* p, size_t n) { __tsan_read_range(const_cast<void*>(p), n); }
+inline void emu_access_write(void* p, size_t n) { __tsan_write_range(p, n); }
+// TSan's hook, called for every report (after it is printed): the block, which TSan cannot name.
+extern "C" void __tsan_on_report(const void*) {
+    std::fprintf(stderr, "EMULATION ERROR: a data race in block %u,%u,%u (TSan's report above)\n", blockIdx.x,
+                 blockIdx.y, blockIdx.z);
+}
+#else
+#define EMU_UNTRACKED
+inline void emu_hb_release(void*) {}
+inline void emu_hb_acquire(void*) {}
+inline void emu_access_read(const void*, size_t) {}
+inline void emu_access_write(void*, size_t) {}
+#endif
+
 struct EmuBarrier {
     int expected = 0, arrived = 0;
     uint64_t generation = 0;
-    void release() { arrived = 0, ++generation; }
+    // TSan sync objects: generation g releases into and acquires from ordering[g % 2]. Two, so
+    // that a thread released from generation g that has not yet resumed cannot acquire a faster
+    // thread's release into generation g + 1 (which needs this thread's arrival anyway).
+    char ordering[2] = {};
+    EMU_UNTRACKED void release() { arrived = 0, ++generation; }
 };
 struct EmuFiber {
     void* sp = nullptr;  // saved stack pointer while switched out
@@ -185,19 +230,46 @@ int g_current = -1;  // the running fiber
 void* g_scheduler_sp = nullptr;
 EmuBarrier g_block_barrier, g_warp_barrier[EMU_MAX_WARPS];
 
-// Blocks the running fiber at `b` until every live thread it counts has arrived.
-inline void emu_arrive_and_wait(EmuBarrier& b) {
-    if (++b.arrived == b.expected) return b.release();
-    EmuFiber& f = g_fibers[g_current];
-    f.waiting = &b, f.wait_gen = b.generation;
-    emu_switch(&f.sp, g_scheduler_sp);  // resumed by the scheduler once `b` has released
+#ifdef EMU_TSAN
+void* g_tsan_fiber[EMU_MAX_THREADS];  // of each thread index, created with its stack
+void* g_tsan_scheduler = nullptr;
+#endif
+// Before every switch between the scheduler and a CUDA thread: no ordering implied.
+inline void emu_tsan_to_thread([[maybe_unused]] int t) {
+#ifdef EMU_TSAN
+    __tsan_switch_to_fiber(g_tsan_fiber[t], __tsan_switch_to_fiber_no_sync);
+#endif
+}
+inline void emu_tsan_to_scheduler() {
+#ifdef EMU_TSAN
+    __tsan_switch_to_fiber(g_tsan_scheduler, __tsan_switch_to_fiber_no_sync);
+#endif
+}
+
+// Blocks the running fiber at `b` until every live thread it counts has arrived. A barrier that
+// `orders_memory` (__syncthreads, __syncwarp) orders every participant's accesses before it
+// before every participant's accesses after it; the warp meetings inside shuffles, ldmatrix and
+// mma do not.
+EMU_UNTRACKED inline void emu_arrive_and_wait(EmuBarrier& b, bool orders_memory) {
+    void* const ordering = &b.ordering[b.generation % 2];
+    if (orders_memory) emu_hb_release(ordering);
+    if (++b.arrived == b.expected) {
+        b.release();
+    } else {
+        EmuFiber& f = g_fibers[g_current];
+        f.waiting = &b, f.wait_gen = b.generation;
+        emu_tsan_to_scheduler();
+        emu_switch(&f.sp, g_scheduler_sp);  // resumed by the scheduler once `b` has released
+    }
+    if (orders_memory) emu_hb_acquire(ordering);
 }
 // An exited thread no longer takes part in barriers (as on the GPU).
-inline void emu_arrive_and_drop(EmuBarrier& b) {
+EMU_UNTRACKED inline void emu_arrive_and_drop(EmuBarrier& b) {
     if (--b.expected == b.arrived && b.arrived > 0) b.release();
 }
-inline void __syncthreads() { emu_arrive_and_wait(g_block_barrier); }
-inline void warp_sync() { emu_arrive_and_wait(g_warp_barrier[threadIdx.x / 32]); }
+inline void __syncthreads() { emu_arrive_and_wait(g_block_barrier, true); }
+// The warp meets (inside a warp-wide operation); orders no memory.
+inline void warp_sync() { emu_arrive_and_wait(g_warp_barrier[threadIdx.x / 32], false); }
 constexpr unsigned EMU_FULL_MASK = 0xffffffffu;
 // A full-mask warp-wide operation (shuffle, vote, match, ldmatrix, mma, __syncwarp) names all 32
 // lanes: in a partial warp (a block of fewer than 32 threads, or a last warp that blockDim.x cuts
@@ -213,7 +285,7 @@ inline void emu_check_full_warp(const char* op) {
 inline void __syncwarp(unsigned mask = EMU_FULL_MASK) {
     if (mask != EMU_FULL_MASK) emu_fail("__syncwarp with a partial mask is not emulated");
     emu_check_full_warp("__syncwarp");
-    warp_sync();
+    emu_arrive_and_wait(g_warp_barrier[threadIdx.x / 32], true);
 }
 
 // ------------------------------------------------------------------ global memory -------------
@@ -507,6 +579,13 @@ public:
 // published values, the warp meets again (so that the next warp-wide call cannot overwrite a
 // value still being read). Masks must be full (and the warp whole, see emu_check_full_warp).
 uint64_t g_shfl[EMU_MAX_WARPS][32];
+EMU_UNTRACKED inline void emu_exchange_bits(uint64_t bits, uint64_t (&lanes)[32]) {
+    const int w = threadIdx.x / 32;
+    g_shfl[w][threadIdx.x % 32] = bits;
+    warp_sync();
+    for (int j = 0; j < 32; ++j) lanes[j] = g_shfl[w][j];
+    warp_sync();
+}
 template <typename F>
 auto emu_warp_exchange(unsigned mask, const char* op, uint64_t bits, F result) {
     if (mask != EMU_FULL_MASK) {
@@ -515,12 +594,9 @@ auto emu_warp_exchange(unsigned mask, const char* op, uint64_t bits, F result) {
         emu_fail(msg);
     }
     emu_check_full_warp(op);
-    const int w = threadIdx.x / 32;
-    g_shfl[w][threadIdx.x % 32] = bits;
-    warp_sync();
-    const auto r = result(static_cast<const uint64_t*>(g_shfl[w]));
-    warp_sync();
-    return r;
+    uint64_t lanes[32];
+    emu_exchange_bits(bits, lanes);
+    return result(static_cast<const uint64_t*>(lanes));
 }
 template <typename T, typename Src>
 T emu_shuffle(unsigned mask, T x, Src source_lane) {
@@ -655,16 +731,22 @@ inline bool emu_env_is(const char* name, const char* value) {
     return v != nullptr && std::strcmp(v, value) == 0;
 }
 bool g_cp_async_eager = emu_env_is("EMU_CP_ASYNC", "eager");  // a driver may also set it
+EMU_UNTRACKED inline void emu_in_cp_async_copy(bool in) {
+    g_in_cp_async_copy = in;
+}
 inline void emu_copy(const EmuCopy& c) {
-    g_in_cp_async_copy = true;  // a fault in the read names the deferred copy
+    emu_in_cp_async_copy(true);  // a fault in the read names the deferred copy
     std::memcpy(c.dst, c.src, c.bytes);
-    g_in_cp_async_copy = false;
+    emu_in_cp_async_copy(false);
     std::memset(c.dst + c.bytes, 0, 16 - c.bytes);
 }
 inline void mk_emulated_cp_async_16(void* dst, const void* src, int src_bytes) {
     emu_check_shared(dst, 16, "cp.async destination");
     if ((uintptr_t)src % 16 != 0) emu_fail("cp.async source not 16-byte aligned");
     if (src_bytes < 0 || src_bytes > 16) emu_fail("cp.async src-size outside [0, 16]");
+    // The copy may happen at any time from here to the wait: TSan sees its accesses at both ends.
+    emu_access_write(dst, 16);
+    emu_access_read(src, src_bytes);
     const EmuCopy c{static_cast<unsigned char*>(dst), static_cast<const unsigned char*>(src), src_bytes};
     if (g_cp_async_eager) emu_copy(c);
     else g_uncommitted[threadIdx.x].push_back(c);
@@ -693,9 +775,12 @@ inline void mk_emulated_cp_async_wait_all() {
 // columns 2(l % 4) and 2(l % 4) + 1 (the low half first); with .trans, column l / 4 of rows
 // 2(l % 4) and 2(l % 4) + 1.
 const unsigned char* g_ldm[EMU_MAX_WARPS][32];
-inline void mk_emulated_ldmatrix_x4(uint32_t (&r)[4], const void* p, bool trans) {
+// TSan sees each lane read the row it names (the warp reads all 32 at once), not the rows of
+// other lanes that make up its registers.
+EMU_UNTRACKED inline void mk_emulated_ldmatrix_x4(uint32_t (&r)[4], const void* p, bool trans) {
     emu_check_full_warp("ldmatrix");
     emu_check_shared(p, 16, "ldmatrix row");
+    emu_access_read(p, 16);
     const int w = threadIdx.x / 32, l = threadIdx.x % 32;
     g_ldm[w][l] = static_cast<const unsigned char*>(p);
     warp_sync();
@@ -722,7 +807,7 @@ inline float emu_half_bits(uint16_t bits, bool bf16) {
     if (bf16) { uint32_t u = (uint32_t)bits << 16; float f; std::memcpy(&f, &u, 4); return f; }
     _Float16 h; std::memcpy(&h, &bits, 2); return (float)h;
 }
-inline void mk_emulated_mma(float* d, const uint32_t* a, const uint32_t* b, bool bf16) {
+EMU_UNTRACKED inline void mk_emulated_mma(float* d, const uint32_t* a, const uint32_t* b, bool bf16) {
     emu_check_full_warp("mma.sync");
     const int w = threadIdx.x / 32, l = threadIdx.x % 32;
     for (int i = 0; i < 4; ++i) g_mma_a[w][l][i] = a[i];
@@ -750,13 +835,20 @@ inline void mk_emulated_mma(float* d, const uint32_t* a, const uint32_t* b, bool
 
 // ------------------------------------------------------------------ launch --------------------
 const std::function<void()>* g_kernel;
+// TSan sync objects: the host's work (and the previous block's) before a block's threads start,
+// their work before the host's next step.
+char g_block_start, g_block_end;
+EMU_UNTRACKED inline void emu_mark_done() { g_fibers[g_current].done = true; }
 
 [[noreturn]] inline void emu_fiber_entry() {
+    emu_hb_acquire(&g_block_start);
     (*g_kernel)();
     mk_emulated_cp_async_wait_all();  // copies never waited for still land
     emu_arrive_and_drop(g_warp_barrier[threadIdx.x / 32]);
     emu_arrive_and_drop(g_block_barrier);
-    g_fibers[g_current].done = true;
+    emu_hb_release(&g_block_end);
+    emu_mark_done();
+    emu_tsan_to_scheduler();
     emu_switch(&g_fibers[g_current].sp, g_scheduler_sp);
     __builtin_unreachable();
 }
@@ -770,6 +862,13 @@ inline void emu_fiber_start(EmuFiber& f) {
         if (m == MAP_FAILED) emu_fail("mmap of a fiber stack");
         mprotect(m, EMU_GUARD_BYTES, PROT_NONE);
         f.stack = static_cast<unsigned char*>(m) + EMU_GUARD_BYTES;
+#ifdef EMU_TSAN
+        const int t = (int)(&f - g_fibers);
+        char name[64];
+        std::snprintf(name, sizeof name, "CUDA thread %d (warp %d, lane %d)", t, t / 32, t % 32);
+        g_tsan_fiber[t] = __tsan_create_fiber(0);
+        __tsan_set_fiber_name(g_tsan_fiber[t], name);
+#endif
     }
     auto* top = reinterpret_cast<uint64_t*>(f.stack + EMU_STACK_BYTES);  // 16-byte aligned
     *--top = 0;                                                          // the entry's return address
@@ -790,11 +889,15 @@ std::mt19937 g_schedule_rng(emu_seed());
 // Runs `kernel` over `grid` blocks of `block.x` threads (1..1024; the last warp may be partial:
 // its warp barrier expects only its live lanes), one block after another, with `smem_bytes` of
 // dynamic shared memory.
-inline void emu_launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& kernel) {
+// (Untracked: the scheduler writes threadIdx and the barriers' state that the threads read.)
+EMU_UNTRACKED inline void emu_launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& kernel) {
     const int threads = (int)block.x;
     if (block.y != 1 || block.z != 1 || threads < 1 || threads > EMU_MAX_THREADS)
         emu_fail("emu_launch: blocks must be 1-D with 1 to 1024 threads");
     if (smem_bytes > EMU_SMEM_MAX) emu_fail("emu_launch: more dynamic shared memory than sm_90 allows");
+#ifdef EMU_TSAN
+    g_tsan_scheduler = __tsan_get_current_fiber();
+#endif
     gridDim = grid;
     blockDim = block;
     g_dyn_smem_bytes = smem_bytes;
@@ -812,6 +915,7 @@ inline void emu_launch(dim3 grid, dim3 block, size_t smem_bytes, const std::func
                 // Poison shared memory: a read of something no thread wrote shows up as NaN.
                 emu_poison_shared();
                 for (int t = 0; t < threads; ++t) emu_fiber_start(g_fibers[t]);
+                emu_hb_release(&g_block_start);
                 // Rounds: the warps in a random order, each run alone (its lanes resumed in a
                 // random order, each until it blocks at a barrier or exits) until every one of its
                 // threads waits at __syncthreads or has exited. So between two __syncthreads one
@@ -834,6 +938,7 @@ inline void emu_launch(dim3 grid, dim3 block, size_t smem_bytes, const std::func
                                 threadIdx = {(unsigned)t, 0, 0};
                                 blockIdx = block_idx;
                                 g_current = t;
+                                emu_tsan_to_thread(t);
                                 emu_switch(&g_scheduler_sp, f.sp);
                                 ran = progress = true;
                                 if (f.done) --live;
@@ -847,6 +952,7 @@ inline void emu_launch(dim3 grid, dim3 block, size_t smem_bytes, const std::func
                     }
                 }
                 g_current = -1;
+                emu_hb_acquire(&g_block_end);
                 emu_check_global_gaps();
                 // Canary: nothing past the launched dynamic shared memory may have been written.
                 for (size_t i = smem_bytes; i < EMU_SMEM_MAX; ++i)

@@ -17,10 +17,18 @@
 #   EMU_CP_ASYNC=eager scripts/emulate/run.sh ...       cp.async lands at issue, not at the wait
 #   EMU_GUARD=before scripts/emulate/run.sh ...         the guard before each global buffer's start
 #                                                        (negative indices), not after its end
+#   EMU_TSAN=1 scripts/emulate/run.sh ...               the race detector: built with ThreadSanitizer,
+#                                                        each CUDA thread a TSan fiber, only
+#                                                        __syncthreads and __syncwarp ordering memory
+#                                                        (prelude.h, "race detection"); exit 66 and
+#                                                        TSan's report (both accesses, their threads
+#                                                        and lines) at the first race
 #
-# What it proves: index math, tails, the barrier structure, fragment layouts, numerics. What it
-# cannot: timing, and races that only real warps running out of lockstep exhibit. It is not a
-# GPU run, and docs/gpu-validation.md never counts it as one.
+# What it proves: index math, tails, the barrier structure, fragment layouts, numerics; with
+# EMU_TSAN=1, that no two threads of a block touch the same shared or global bytes (one of them
+# writing) without a barrier ordering them, whatever the order the warps or lanes run in. What it
+# cannot: timing, races between blocks, the hardware's arithmetic. It is not a GPU run, and
+# docs/gpu-validation.md never counts it as one.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
@@ -35,5 +43,12 @@ driver="$here/$family.cpp"
 # miscompiled it (the streaming tensor-core kernel's ‖x‖² came out as garbage).
 build="$(mktemp -d "${TMPDIR:-/tmp}/mk_emulate_${family}_XXXXXX")"
 trap 'rm -rf "$build"' EXIT
-"${CXX:-g++}" -std=c++20 -O2 -fno-strict-aliasing -pthread -fno-extern-tls-init -I "$here/shim" -I "$here" -I "$root/kernels" "$driver" -o "$build/driver"
+flags=(-O2)
+if [ "${EMU_TSAN:-0}" = 1 ]; then
+  # The race detector (prelude.h, "race detection"): -O1 -g keeps TSan's stacks readable, and
+  # halt_on_error stops at the first race with TSan's exit status 66.
+  flags=(-O1 -g -fsanitize=thread -DEMU_TSAN)
+  export TSAN_OPTIONS="halt_on_error=1 ${TSAN_OPTIONS:-}"
+fi
+"${CXX:-g++}" -std=c++20 "${flags[@]}" -fno-strict-aliasing -pthread -fno-extern-tls-init -I "$here/shim" -I "$here" -I "$root/kernels" "$driver" -o "$build/driver"
 "$build/driver" "$@"
