@@ -796,7 +796,8 @@ __device__ void reseed_empty(const T* __restrict__ x, int n, int d, int k, const
         for (int e = tid; e < d; e += blockDim.x)
             centroids[(size_t)cluster * d + e] = mk::to_float(x[(size_t)prev_i * d + e]);
         search_from = cluster + 1;
-        __syncthreads();
+        // No barrier here: what the next round writes (s_cluster, sv/si, s_pick) every thread
+        // has read before a barrier the next round's writer passes first.
     }
 }
 

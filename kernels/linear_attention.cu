@@ -412,8 +412,8 @@ __device__ void core(const CoreArgs& p, const Item& it, const Io& io, float* sm)
 #pragma unroll
             for (int o = PER / 2; o > 0; o /= 2) d += __shfl_xor_sync(0xffffffffu, d, o);
             if (part == 0) dens[i] = d + p.eps;
+            __syncthreads();  // (uniform: p.normalize is the block's)
         }
-        __syncthreads();
 #pragma unroll
         for (int a = 0; a < RA; ++a) {
             const int i = ty + 16 * a;
@@ -422,16 +422,18 @@ __device__ void core(const CoreArgs& p, const Item& it, const Io& io, float* sm)
             for (int b = 0; b < 4; ++b) Os[os_index(i, tx + 16 * b)] = f * acc[a][b];
         }
         __syncthreads();
-        // Momentum: row t gets m_t, then m_{t+1} = η (m_t + src_t); sequential in t per column.
-        if (p.eta >= 0.f && tid < w && j0 + tid < p.mom_width) {
-            float m = ms[tid];
-            for (int i = 0; i < n; ++i) {
-                Os[os_index(i, tid)] += m;
-                m = p.eta * (m + io.mom(row_of(it, ch * C + i, p.reverse), j0 + tid));
+        if (p.eta >= 0.f) {
+            // Momentum: row t gets m_t, then m_{t+1} = η (m_t + src_t); sequential in t per column.
+            if (tid < w && j0 + tid < p.mom_width) {
+                float m = ms[tid];
+                for (int i = 0; i < n; ++i) {
+                    Os[os_index(i, tid)] += m;
+                    m = p.eta * (m + io.mom(row_of(it, ch * C + i, p.reverse), j0 + tid));
+                }
+                ms[tid] = m;
             }
-            ms[tid] = m;
+            __syncthreads();
         }
-        __syncthreads();
         io.store_chunk(Os, dens, ch * C, n, j0, w);
         if (p.causal) update_state(n);
     }

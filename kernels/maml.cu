@@ -251,9 +251,7 @@ __device__ T loss_head(const NetConfig& c, const int* sizes, const T* y, const u
             local += (log_(total) + m - zr[label]) * inv_n;
         }
     }
-    const T sum = mk::block_sum(local, w.scratch);
-    __syncthreads();
-    return sum;
+    return mk::block_sum(local, w.scratch);  // its barriers also publish delta and rdelta
 }
 
 // Backward pass from delta: writes the gradient into grad (when not null); with v, also the
@@ -383,8 +381,9 @@ __device__ void maml_meta(const MetaConfig cfg, const int* sizes, const int* w_o
             forward(c, sizes, w_off, theta, g, x_s, cfg.support, w);
             loss_head(c, sizes, y_s, l_s, cfg.support, true, w);
             backward(c, sizes, w_off, theta, g, hv, x_s, cfg.support, (T*)nullptr, w);
+            // No barrier: other threads read g after the one that follows the next block_copy,
+            // and the final copy below reads each g[i] from the thread that wrote it.
             for (int i = threadIdx.x; i < P; i += blockDim.x) g[i] -= lr * hv[i];
-            __syncthreads();
         }
     }
     block_copy(grads + (long long)task * P, g, P);

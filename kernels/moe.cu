@@ -214,12 +214,12 @@ __device__ void cholesky_solve(const float* __restrict__ g, int n, int r, float 
         const float l = a[j * w + j];
         for (int i = j + 1 + tid; i < n; i += blockDim.x) a[i * w + j] /= l;
         __syncthreads();
-        // Trailing update of the lower triangle: row i, columns j+1..i.
+        // Trailing update of the lower triangle: row i, columns j+1..i. No barrier after it: the
+        // next pivot, row j+1, is thread 0's own, and the barrier after the pivot orders the rest.
         for (int i = j + 1 + tid; i < n; i += blockDim.x) {
             const float lij = a[i * w + j];
             for (int c = j + 1; c <= i; ++c) a[i * w + c] -= lij * a[c * w + j];
         }
-        __syncthreads();
     }
     const uint32_t flag = s_flag;
     if (tid == 0) flags[s] = flag;

@@ -455,8 +455,8 @@ __device__ void forward_simt(const T* __restrict__ q, const T* __restrict__ k, c
     float l = row_sum;
     l += __shfl_xor_sync(mk::FULL_MASK, l, 1);
     l += __shfl_xor_sync(mk::FULL_MASK, l, 2);
-    __syncthreads();
-    float* o_s = q_s;  // [BR][LD] f32, free now
+    // Row r of q_s becomes row r of o_s: only its own quad read it, before the last __syncwarp.
+    float* o_s = q_s;  // [BR][LD] f32
     const float inv = 1.f / l;
 #pragma unroll
     for (int i = 0; i < COLS; ++i) o_s[r * LD + quarter + 4 * i] = o[i] * inv;
@@ -725,7 +725,9 @@ __device__ void backward_mma(const T* __restrict__ q, const T* __restrict__ k, c
     const int warp_key0 = k0 + warp * 16;
 
     for (int q0 = k0; q0 < t_len; q0 += BR) {
-        __syncthreads();  // the previous query tile's Q, dO and dSᵀ are consumed
+        // No barrier first: the previous tile last read Q, dO, lse and delta before the barrier
+        // that completes its dSᵀ, and dQ reads only dSᵀ and K, which staging does not touch
+        // (dSᵀ is rewritten after staging's own barrier).
         stage_query_tile<T, D, LD, BR>(q_s, g_s, lse_s, delta_s, q, dout, lse2, delta, q0, t_len);
         // Warps whose keys all come after this query tile see only masked entries.
         const bool warp_active = warp_key0 <= q0 + BR - 1;
