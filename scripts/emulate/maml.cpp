@@ -56,7 +56,8 @@
 // summation start (same sum, other order) passes, full mode included.
 //
 // What it cannot: timing, bank conflicts, registers, spills; interleavings finer than "one
-// warp's whole barrier interval, then another's"; the device's expf/tanhf/log1pf (glibc's
+// warp's whole barrier interval, then another's" (EMU_TSAN=1 checks every ordering instead: see
+// run.sh); the device's expf/tanhf/log1pf (glibc's
 // here) and nvcc's FMA contraction. It is not a GPU run.
 #include "prelude.h"
 

@@ -28,9 +28,9 @@
 // __syncthreads, __syncwarp or cp.async wait, a write-after-read race on a cp.async tile, a
 // tile overrun) all fail it. What it cannot: timing; interleavings finer than "one warp's whole
 // barrier interval, then another's" (lanes of a warp meet at every warp-wide operation, not at
-// every instruction); cp.async lands at the issuing thread's wait by default and at issue with
-// EMU_CP_ASYNC=eager; bank conflicts, registers, spills; the hardware's exp2f and mma
-// accumulation order. It is not a GPU run.
+// every instruction; EMU_TSAN=1 checks every ordering instead: see run.sh); cp.async lands at
+// the issuing thread's wait by default and at issue with EMU_CP_ASYNC=eager; bank conflicts,
+// registers, spills; the hardware's exp2f and mma accumulation order. It is not a GPU run.
 #include "prelude.h"
 #define MK_HOST_EMULATION 1
 namespace {

@@ -25,10 +25,10 @@
 #                                                        and lines) at the first race
 #
 # What it proves: index math, tails, the barrier structure, fragment layouts, numerics; with
-# EMU_TSAN=1, that no two threads of a block touch the same shared or global bytes (one of them
-# writing) without a barrier ordering them, whatever the order the warps or lanes run in. What it
-# cannot: timing, races between blocks, the hardware's arithmetic. It is not a GPU run, and
-# docs/gpu-validation.md never counts it as one.
+# EMU_TSAN=1, that in the launches replayed no two threads of a block touch the same shared or
+# global bytes (one of them writing) without a barrier ordering them, whatever order the warps
+# and lanes run in. What it cannot: timing, races between blocks, the hardware's arithmetic. It
+# is not a GPU run, and docs/gpu-validation.md never counts it as one.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
