@@ -1,7 +1,7 @@
 // CPU emulation of the CUDA execution model, used by scripts/emulate/run.sh: one block at a
-// time (1 to 1024 threads; a partial last warp's barrier expects only its live lanes), each CUDA
-// thread a fiber (its own stack, switched in user space on one OS thread: no kernel round trip
-// per barrier), __syncthreads as a block barrier, warp-wide operations (shuffles, the votes
+// time, the blocks in a random order (1 to 1024 threads; a partial last warp's barrier expects
+// only its live lanes), each CUDA thread a fiber (its own stack, switched in user space on one
+// OS thread: no kernel round trip per barrier), __syncthreads as a block barrier, warp-wide operations (shuffles, the votes
 // __any_sync and __match_any_sync, ldmatrix, mma.sync) through per-warp scratch and warp
 // barriers, cp.async as a copy deferred to the thread's wait, dynamic shared memory as one
 // poisoned buffer with a canary past the launched size. Between two __syncthreads the warps run
@@ -886,9 +886,81 @@ inline unsigned emu_seed() {
 }
 std::mt19937 g_schedule_rng(emu_seed());
 
+// Runs one block of the current launch to completion (emu_launch's state: gridDim, blockDim,
+// g_kernel, the dynamic shared memory size).
+EMU_UNTRACKED inline void emu_run_block(dim3 block_idx, std::vector<int>& warp_order, std::vector<int>& lane_order) {
+    const int threads = (int)blockDim.x, warps = (threads + 31) / 32;
+    const size_t smem_bytes = g_dyn_smem_bytes;
+    g_block_barrier = {threads};
+    for (int w = 0; w < warps; ++w) g_warp_barrier[w] = {std::min(32, threads - 32 * w)};
+    // Poison shared memory: a read of something no thread wrote shows up as NaN.
+    emu_poison_shared();
+    for (int t = 0; t < threads; ++t) emu_fiber_start(g_fibers[t]);
+    emu_hb_release(&g_block_start);
+    // Rounds: the warps in a random order, each run alone (its lanes resumed in a random order,
+    // each until it blocks at a barrier or exits) until every one of its threads waits at
+    // __syncthreads or has exited. So between two __syncthreads one warp runs entirely before
+    // another: a warp that reads what another writes without a barrier between them sees poison
+    // or stale data, and a warp that overwrites (or cp.async-loads into) what another still
+    // reads corrupts it.
+    for (int live = threads; live > 0;) {
+        std::shuffle(warp_order.begin(), warp_order.end(), g_schedule_rng);
+        bool progress = false;
+        for (int w : warp_order) {
+            for (bool ran = true; ran;) {
+                ran = false;
+                std::shuffle(lane_order.begin(), lane_order.end(), g_schedule_rng);
+                for (int l : lane_order) {
+                    const int t = 32 * w + l;
+                    if (t >= threads) continue;  // past a partial last warp
+                    EmuFiber& f = g_fibers[t];
+                    if (f.done || (f.waiting != nullptr && f.waiting->generation == f.wait_gen)) continue;
+                    f.waiting = nullptr;
+                    threadIdx = {(unsigned)t, 0, 0};
+                    blockIdx = block_idx;
+                    g_current = t;
+                    emu_tsan_to_thread(t);
+                    emu_switch(&g_scheduler_sp, f.sp);
+                    ran = progress = true;
+                    if (f.done) --live;
+                }
+            }
+        }
+        if (!progress) {
+            blockIdx = block_idx;
+            threadIdx = {0, 0, 0};
+            emu_fail("deadlock: a __syncthreads or warp-wide operation that not every live thread reaches");
+        }
+    }
+    g_current = -1;
+    emu_hb_acquire(&g_block_end);
+    emu_check_global_gaps();
+    // Canary: nothing past the launched dynamic shared memory may have been written.
+    for (size_t i = smem_bytes; i < EMU_SMEM_MAX; ++i)
+        if (emu_dyn_smem[i] != 0xff) {
+            blockIdx = block_idx;
+            emu_fail("a write past the launched dynamic shared memory");
+        }
+}
+
+// The order in which a launch runs its blocks: a fresh random permutation (from EMU_SEED) unless
+// EMU_BLOCK_ORDER=sequential. The GPU promises no order, so a kernel whose block reads what
+// another block of the same launch writes (without atomics meant for it) gets a different
+// answer here from run to run instead of the one that x-then-y-then-z order happens to give.
+const bool g_blocks_sequential = emu_env_is("EMU_BLOCK_ORDER", "sequential");
+inline std::vector<dim3> emu_block_order(dim3 grid) {
+    std::vector<dim3> order;
+    order.reserve((size_t)grid.x * grid.y * grid.z);
+    for (unsigned z = 0; z < grid.z; ++z)
+        for (unsigned y = 0; y < grid.y; ++y)
+            for (unsigned x = 0; x < grid.x; ++x) order.push_back({x, y, z});
+    if (!g_blocks_sequential) std::shuffle(order.begin(), order.end(), g_schedule_rng);
+    return order;
+}
+
 // Runs `kernel` over `grid` blocks of `block.x` threads (1..1024; the last warp may be partial:
-// its warp barrier expects only its live lanes), one block after another, with `smem_bytes` of
-// dynamic shared memory.
+// its warp barrier expects only its live lanes), one block after another (in emu_block_order),
+// with `smem_bytes` of dynamic shared memory.
 // (Untracked: the scheduler writes threadIdx and the barriers' state that the threads read.)
 EMU_UNTRACKED inline void emu_launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& kernel) {
     const int threads = (int)block.x;
@@ -906,61 +978,7 @@ EMU_UNTRACKED inline void emu_launch(dim3 grid, dim3 block, size_t smem_bytes, c
     std::vector<int> warp_order(warps), lane_order(32);
     for (int w = 0; w < warps; ++w) warp_order[w] = w;
     for (int l = 0; l < 32; ++l) lane_order[l] = l;
-    for (unsigned z = 0; z < grid.z; ++z)
-        for (unsigned y = 0; y < grid.y; ++y)
-            for (unsigned x = 0; x < grid.x; ++x) {
-                const dim3 block_idx{x, y, z};
-                g_block_barrier = {threads};
-                for (int w = 0; w < warps; ++w) g_warp_barrier[w] = {std::min(32, threads - 32 * w)};
-                // Poison shared memory: a read of something no thread wrote shows up as NaN.
-                emu_poison_shared();
-                for (int t = 0; t < threads; ++t) emu_fiber_start(g_fibers[t]);
-                emu_hb_release(&g_block_start);
-                // Rounds: the warps in a random order, each run alone (its lanes resumed in a
-                // random order, each until it blocks at a barrier or exits) until every one of its
-                // threads waits at __syncthreads or has exited. So between two __syncthreads one
-                // warp runs entirely before another: a warp that reads what another writes
-                // without a barrier between them sees poison or stale data, and a warp that
-                // overwrites (or cp.async-loads into) what another still reads corrupts it.
-                for (int live = threads; live > 0;) {
-                    std::shuffle(warp_order.begin(), warp_order.end(), g_schedule_rng);
-                    bool progress = false;
-                    for (int w : warp_order) {
-                        for (bool ran = true; ran;) {
-                            ran = false;
-                            std::shuffle(lane_order.begin(), lane_order.end(), g_schedule_rng);
-                            for (int l : lane_order) {
-                                const int t = 32 * w + l;
-                                if (t >= threads) continue;  // past a partial last warp
-                                EmuFiber& f = g_fibers[t];
-                                if (f.done || (f.waiting != nullptr && f.waiting->generation == f.wait_gen)) continue;
-                                f.waiting = nullptr;
-                                threadIdx = {(unsigned)t, 0, 0};
-                                blockIdx = block_idx;
-                                g_current = t;
-                                emu_tsan_to_thread(t);
-                                emu_switch(&g_scheduler_sp, f.sp);
-                                ran = progress = true;
-                                if (f.done) --live;
-                            }
-                        }
-                    }
-                    if (!progress) {
-                        blockIdx = block_idx;
-                        threadIdx = {0, 0, 0};
-                        emu_fail("deadlock: a __syncthreads or warp-wide operation that not every live thread reaches");
-                    }
-                }
-                g_current = -1;
-                emu_hb_acquire(&g_block_end);
-                emu_check_global_gaps();
-                // Canary: nothing past the launched dynamic shared memory may have been written.
-                for (size_t i = smem_bytes; i < EMU_SMEM_MAX; ++i)
-                    if (emu_dyn_smem[i] != 0xff) {
-                        blockIdx = block_idx;
-                        emu_fail("a write past the launched dynamic shared memory");
-                    }
-            }
+    for (const dim3& block_idx : emu_block_order(grid)) emu_run_block(block_idx, warp_order, lane_order);
 }
 
 // The linear-attention drivers' launch: 256 threads, the kernels' fixed shared arrays.

@@ -13,7 +13,10 @@
 #   scripts/emulate/run.sh momentum_attention [quick]   (3 on an emulation error: deadlock,
 #                                                        out-of-range shared address,
 #                                                        out-of-bounds global access, ...)
-#   EMU_SEED=7 scripts/emulate/run.sh ...               another order of warps between barriers
+#   EMU_SEED=7 scripts/emulate/run.sh ...               another order of blocks, and of warps
+#                                                        between barriers
+#   EMU_BLOCK_ORDER=sequential scripts/emulate/run.sh   blocks in x, y, z order (the default
+#                                                        shuffles them: the GPU promises no order)
 #   EMU_CP_ASYNC=eager scripts/emulate/run.sh ...       cp.async lands at issue, not at the wait
 #   EMU_GUARD=before scripts/emulate/run.sh ...         the guard before each global buffer's start
 #                                                        (negative indices), not after its end
