@@ -180,6 +180,13 @@ emu_switch:
 // emulation's own bookkeeping (barrier counters, the per-warp exchange scratch, threadIdx
 // written by the scheduler) lives in EMU_UNTRACKED functions, which TSan does not instrument.
 // Without EMU_TSAN all of this compiles to nothing.
+//
+// Races it reports that no order of the warps turned into a wrong value (barrier-sweep.sh
+// removed each barrier in turn; the plain quick runs passed): moe.cu's Cholesky without the
+// barrier after the ridge is added (thread 0's maximum of the diagonal read a row that warp 0
+// had not written yet: NaN poison, which fmaxf drops); kmeans.cu's reseed without the barrier
+// between the per-warp maxima and thread 0 reading them; kmeans.cu's stable_scatter without its second __syncwarp; linear_attention.cu's tensor-core core reloading
+// its tiles for the next chunk of a non-causal state pass while a warp still read them.
 #ifdef EMU_TSAN
 #include <sanitizer/tsan_interface.h>
 extern "C" {
