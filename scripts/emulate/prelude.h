@@ -174,9 +174,9 @@ emu_switch:
 // TSan fiber switched to without implied ordering: TSan then reports any two accesses to the
 // same shared or global memory by different CUDA threads, one a write, that no __syncthreads or
 // __syncwarp orders (the CUDA memory model: shuffles, votes, ldmatrix and mma meet the warp but
-// order no memory, and neither does program order between lanes). Blocks run one after another
-// and each block's start is ordered after the previous block's end (its shared memory is the
-// same bytes here), so races between blocks through global memory are not looked for. The
+// order no memory, and neither does program order between lanes). Blocks run one at a time,
+// each block's start ordered after the previous block's end (its shared memory is the same bytes
+// here), so races between blocks through global memory are not looked for. The
 // emulation's own bookkeeping (barrier counters, the per-warp exchange scratch, threadIdx
 // written by the scheduler) lives in EMU_UNTRACKED functions, which TSan does not instrument.
 // Without EMU_TSAN all of this compiles to nothing.
@@ -185,8 +185,9 @@ emu_switch:
 // removed each barrier in turn; the plain quick runs passed): moe.cu's Cholesky without the
 // barrier after the ridge is added (thread 0's maximum of the diagonal read a row that warp 0
 // had not written yet: NaN poison, which fmaxf drops); kmeans.cu's reseed without the barrier
-// between the per-warp maxima and thread 0 reading them; kmeans.cu's stable_scatter without its second __syncwarp; linear_attention.cu's tensor-core core reloading
-// its tiles for the next chunk of a non-causal state pass while a warp still read them.
+// between the per-warp maxima and thread 0 reading them; kmeans.cu's stable_scatter without
+// its second __syncwarp; linear_attention.cu's tensor-core core reloading its tiles for the next
+// chunk of a non-causal state pass while a warp still read them.
 #ifdef EMU_TSAN
 #include <sanitizer/tsan_interface.h>
 extern "C" {
