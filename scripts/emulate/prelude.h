@@ -848,7 +848,9 @@ const std::function<void()>* g_kernel;
 char g_block_start, g_block_end;
 EMU_UNTRACKED inline void emu_mark_done() { g_fibers[g_current].done = true; }
 
-[[noreturn]] inline void emu_fiber_entry() {
+// Untracked too: it never returns (each block restarts it), so an instrumented entry would grow
+// TSan's shadow call stack of the fiber by a frame per block until TSan aborts (64 Ki frames).
+[[noreturn]] EMU_UNTRACKED inline void emu_fiber_entry() {
     emu_hb_acquire(&g_block_start);
     (*g_kernel)();
     mk_emulated_cp_async_wait_all();  // copies never waited for still land
