@@ -1,16 +1,16 @@
 // CPU emulation of the CUDA execution model, used by scripts/emulate/run.sh: one block at a
 // time, the blocks in a random order (1 to 1024 threads; a partial last warp's barrier expects
 // only its live lanes), each CUDA thread a fiber (its own stack, switched in user space on one
-// OS thread: no kernel round trip per barrier), __syncthreads as a block barrier, warp-wide operations (shuffles, the votes
-// __any_sync and __match_any_sync, ldmatrix, mma.sync) through per-warp scratch and warp
-// barriers, cp.async as a copy deferred to the thread's wait, dynamic shared memory as one
-// poisoned buffer with a canary past the launched size. Between two __syncthreads the warps run
-// one after another in a fresh random order (the lanes of a warp in a random order too), so
-// that a missing barrier between warps shows as poison or stale data. The other built-ins the
-// kernels use are here too (float2/float4/uint4, the half-pair conversions, atomicAdd/atomicOr,
-// __popc, __clz, isfinite), so a driver includes this file and its kernel file and nothing else;
-// CUDA code type-puns through vector types, which nvcc allows: run.sh compiles with
-// -fno-strict-aliasing. With EMU_TSAN=1, run.sh builds with ThreadSanitizer and the emulation
+// OS thread: no kernel round trip per barrier), __syncthreads as a block barrier, warp-wide
+// operations (shuffles, the votes __any_sync and __match_any_sync, ldmatrix, mma.sync) through
+// per-warp scratch and warp barriers, cp.async as a copy deferred to the thread's wait,
+// dynamic shared memory as one poisoned buffer with a canary past the launched size. Between two
+// __syncthreads the warps run one after another in a fresh random order (the lanes of a warp in
+// a random order too), so that a missing barrier between warps shows as poison or stale data.
+// The other built-ins the kernels use are here too (float2/float4/uint4, the half-pair
+// conversions, atomicAdd/atomicOr, __popc, __clz, isfinite), so a driver includes this file and
+// its kernel file and nothing else; CUDA code type-puns through vector types, which nvcc allows:
+// run.sh compiles with -fno-strict-aliasing. With EMU_TSAN=1, run.sh builds with ThreadSanitizer and the emulation
 // tells it what orders memory between CUDA threads ("race detection" below): then a missing
 // barrier is reported at its two accesses even when no order of the warps exposes it in a value.
 //
@@ -176,10 +176,10 @@ emu_switch:
 // __syncwarp orders (the CUDA memory model: shuffles, votes, ldmatrix and mma meet the warp but
 // order no memory, and neither does program order between lanes). Blocks run one at a time,
 // each block's start ordered after the previous block's end (its shared memory is the same bytes
-// here), so races between blocks through global memory are not looked for. The
-// emulation's own bookkeeping (barrier counters, the per-warp exchange scratch, threadIdx
-// written by the scheduler) lives in EMU_UNTRACKED functions, which TSan does not instrument.
-// Without EMU_TSAN all of this compiles to nothing.
+// here), so races between blocks through global memory are not looked for. The emulation's own
+// bookkeeping (barrier counters, the per-warp exchange scratch, threadIdx written by the
+// scheduler) lives in EMU_UNTRACKED functions, which TSan does not instrument. Without EMU_TSAN
+// all of this compiles to nothing.
 //
 // Races it reports that no order of the warps turned into a wrong value (barrier-sweep.sh
 // removed each barrier in turn; the plain quick runs passed): moe.cu's Cholesky without the
@@ -846,7 +846,6 @@ const std::function<void()>* g_kernel;
 // TSan sync objects: the host's work (and the previous block's) before a block's threads start,
 // their work before the host's next step.
 char g_block_start, g_block_end;
-EMU_UNTRACKED inline void emu_mark_done() { g_fibers[g_current].done = true; }
 
 // Untracked too: it never returns (each block restarts it), so an instrumented entry would grow
 // TSan's shadow call stack of the fiber by a frame per block until TSan aborts (64 Ki frames).
@@ -857,7 +856,7 @@ EMU_UNTRACKED inline void emu_mark_done() { g_fibers[g_current].done = true; }
     emu_arrive_and_drop(g_warp_barrier[threadIdx.x / 32]);
     emu_arrive_and_drop(g_block_barrier);
     emu_hb_release(&g_block_end);
-    emu_mark_done();
+    g_fibers[g_current].done = true;
     emu_tsan_to_scheduler();
     emu_switch(&g_fibers[g_current].sp, g_scheduler_sp);
     __builtin_unreachable();
