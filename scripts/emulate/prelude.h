@@ -10,9 +10,10 @@
 // The other built-ins the kernels use are here too (float2/float4/uint4, the half-pair
 // conversions, atomicAdd/atomicOr, __popc, __clz, isfinite), so a driver includes this file and
 // its kernel file and nothing else; CUDA code type-puns through vector types, which nvcc allows:
-// run.sh compiles with -fno-strict-aliasing. With EMU_TSAN=1, run.sh builds with ThreadSanitizer and the emulation
-// tells it what orders memory between CUDA threads ("race detection" below): then a missing
-// barrier is reported at its two accesses even when no order of the warps exposes it in a value.
+// run.sh compiles with -fno-strict-aliasing. With EMU_TSAN=1, run.sh builds with
+// ThreadSanitizer and the emulation tells it what orders memory between CUDA threads ("race
+// detection" below): then a missing barrier is reported at its two accesses even when no order
+// of the warps exposes it in a value.
 //
 // A kernel file that wraps its inline asm in `#ifdef MK_HOST_EMULATION` calls the mk_emulated_*
 // functions below instead. Things that are checked on every call and abort with a message:
