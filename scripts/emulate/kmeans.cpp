@@ -61,9 +61,9 @@
 // access past its end faults and is named with its block, thread and buffer (the SIMT tail mutant
 // and three of the sort mutants above die that way; EMU_GUARD=before: accesses before its start).
 // What it cannot: timing; interleavings finer than "one warp's whole barrier interval, then
-// another's" (EMU_TSAN=1 checks every ordering instead: see run.sh); reads within the 16-byte rounding of a buffer's end (writes there are found after
-// the block); bank conflicts, registers, spills; the hardware's mma accumulation order. It is not
-// a GPU run.
+// another's" (EMU_TSAN=1 checks every ordering instead: see run.sh); reads within the 16-byte
+// rounding of a buffer's end (writes there are found after the block); bank conflicts,
+// registers, spills; the hardware's mma accumulation order. It is not a GPU run.
 #include "prelude.h"
 #define MK_HOST_EMULATION 1
 

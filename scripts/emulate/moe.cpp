@@ -47,9 +47,10 @@
 // (prelude.h, "global memory"): an access past its end faults and is named with its block,
 // thread and buffer (EMU_GUARD=before: accesses before its start).
 // What it cannot: timing; interleavings finer than "one warp's whole barrier interval, then
-// another's" (EMU_TSAN=1 checks every ordering instead: see run.sh); reads within the 16-byte rounding of a buffer's end (writes there are found after
-// the block); the host's f64 min-norm fallback for flagged systems and the n + r > 256 host path
-// (no kernel runs there); the hardware's __expf. It is not a GPU run.
+// another's" (EMU_TSAN=1 checks every ordering instead: see run.sh); reads within the 16-byte
+// rounding of a buffer's end (writes there are found after the block); the host's f64 min-norm
+// fallback for flagged systems and the n + r > 256 host path (no kernel runs there); the
+// hardware's __expf. It is not a GPU run.
 #include "prelude.h"
 #define MK_HOST_EMULATION 1
 
