@@ -118,12 +118,12 @@ pub enum Error {
         module: &'static str,
     },
 
-    /// The device ran out of memory.
-    #[error("out of device memory: asked for {requested_bytes} bytes on {device}, {free_bytes} bytes free")]
+    /// The device (or the host, for CPU tensors) ran out of memory.
+    #[error("out of memory: asked for {requested_bytes} bytes on {device}, {free_bytes} bytes free")]
     OutOfMemory {
         /// Bytes requested.
         requested_bytes: usize,
-        /// Bytes the driver reported free.
+        /// Bytes the driver reported free (the host's available memory for `cpu`; 0 where unknown).
         free_bytes: usize,
         /// The device, in words.
         device: String,

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use half::{bf16, f16};
 
+use crate::cpu::zeroed_vec;
 use crate::device::Kind;
 use crate::{DType, Device, Element, Error, Result};
 
@@ -109,8 +110,24 @@ typed_buffer!(
     CudaSlice
 );
 
+/// The element count of a tensor's own shape, checked when the tensor was made (so never
+/// `None` here; a zero dimension beside a huge one is 0, not an overflow).
 fn numel_of(shape: &[usize]) -> usize {
-    shape.iter().product()
+    checked_numel(shape).unwrap_or(0)
+}
+
+/// The element count of a requested shape, or `None` when it overflows usize (a zero dimension
+/// makes it 0 whatever the others).
+fn checked_numel(shape: &[usize]) -> Option<usize> {
+    if shape.contains(&0) {
+        return Some(0);
+    }
+    shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))
+}
+
+/// The error for a requested shape whose element count overflows usize.
+fn overflowing_shape(op: &'static str, shape: &[usize]) -> Error {
+    Error::invalid(op, "shape", format!("{shape:?} overflows usize elements"))
 }
 
 impl Tensor {
@@ -141,16 +158,19 @@ impl Tensor {
     }
 
     /// A tensor of zeros.
+    ///
+    /// Errors when the element count overflows usize, and with [`Error::OutOfMemory`] when the
+    /// device (or the host) cannot hold it.
     pub fn zeros(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
-        let n = numel_of(shape);
+        let n = checked_numel(shape).ok_or_else(|| overflowing_shape("Tensor::zeros", shape))?;
         match &device.0 {
             Kind::Cpu => Ok(match dtype {
                 // calloc'd: no fill pass (f16/bf16's vec![ZERO; n] was a serial one).
-                DType::F32 => Tensor::from_host_vec(bytemuck::zeroed_vec::<f32>(n), shape),
-                DType::F64 => Tensor::from_host_vec(bytemuck::zeroed_vec::<f64>(n), shape),
-                DType::F16 => Tensor::from_host_vec(bytemuck::zeroed_vec::<f16>(n), shape),
-                DType::BF16 => Tensor::from_host_vec(bytemuck::zeroed_vec::<bf16>(n), shape),
-                DType::U32 => Tensor::from_host_vec(bytemuck::zeroed_vec::<u32>(n), shape),
+                DType::F32 => Tensor::from_host_vec(zeroed_vec::<f32>(n)?, shape),
+                DType::F64 => Tensor::from_host_vec(zeroed_vec::<f64>(n)?, shape),
+                DType::F16 => Tensor::from_host_vec(zeroed_vec::<f16>(n)?, shape),
+                DType::BF16 => Tensor::from_host_vec(zeroed_vec::<bf16>(n)?, shape),
+                DType::U32 => Tensor::from_host_vec(zeroed_vec::<u32>(n)?, shape),
             }),
             #[cfg(feature = "cuda")]
             Kind::Cuda(d) => {
@@ -261,7 +281,7 @@ impl Tensor {
 
     /// The same elements seen with another shape of equal element count (no copy).
     pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
-        if numel_of(shape) != self.numel() {
+        if checked_numel(shape) != Some(self.numel()) {
             return Err(Error::shape(
                 "Tensor::reshape",
                 format!("target shape {shape:?}"),
@@ -389,11 +409,10 @@ impl std::fmt::Debug for Tensor {
 }
 
 fn check_len(shape: &[usize], len: usize) -> Result<()> {
-    let expected = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
-    match expected {
+    match checked_numel(shape) {
         Some(n) if n == len => Ok(()),
         Some(n) => Err(Error::LengthMismatch { shape: shape.to_vec(), expected: n, got: len }),
-        None => Err(Error::invalid("Tensor", "shape", format!("{shape:?} overflows usize elements"))),
+        None => Err(overflowing_shape("Tensor", shape)),
     }
 }
 

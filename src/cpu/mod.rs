@@ -5,6 +5,8 @@
 
 pub(crate) mod math;
 
+use crate::{Error, Result};
+
 /// A row-major matrix view: `rows × cols` elements of `data`, row stride `ld` (≥ cols), or its
 /// transpose when `transposed` (then `data` is `cols × rows` with row stride `ld`).
 #[derive(Clone, Copy, Debug)]
@@ -142,17 +144,83 @@ pub(crate) use multiversion;
 
 /// A host output buffer of `len` elements: zeros, or all-ones bytes while poisoning is on
 /// (`testing::set_poisoning`). CPU kernels that write every element allocate their outputs with
-/// this. The zeros come from
-/// the allocator (calloc: fresh pages, zeroed by the OS as the kernel's threads first touch
-/// them), not from a fill loop, which for f16/bf16 was a serial pass over the whole output.
-pub fn output_vec<T: crate::Element>(len: usize) -> Vec<T> {
+/// this. The zeros come from the allocator (calloc: fresh pages, zeroed by the OS as the kernel's
+/// threads first touch them), not from a fill loop, which for f16/bf16 was a serial pass over the
+/// whole output.
+///
+/// Errors with [`Error::OutOfMemory`] instead of aborting the process when the allocator refuses:
+/// an output's size can come from a parameter (K clusters) or from a dimension beside a zero one
+/// (`[0, 2⁴⁰]` holds no data), so no input bounds it.
+pub fn output_vec<T: crate::Element>(len: usize) -> Result<Vec<T>> {
     if crate::testing::poisoning() {
-        vec![bytemuck::cast_slice::<u8, T>(&[0xFFu8; 8][..size_of::<T>()])[0]; len]
+        let mut v = vec_with_capacity(len)?;
+        v.resize(len, bytemuck::cast_slice::<u8, T>(&[0xFFu8; 8][..size_of::<T>()])[0]);
+        Ok(v)
     } else {
-        let mut v = bytemuck::zeroed_vec(len);
+        let mut v = zeroed_vec(len)?;
         advise_huge_pages(&mut v);
-        v
+        Ok(v)
     }
+}
+
+/// An empty vector with room for `len` elements, or [`Error::OutOfMemory`]: for host scratch
+/// whose length no input bounds.
+pub(crate) fn vec_with_capacity<T>(len: usize) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| host_out_of_memory::<T>(len))?;
+    Ok(v)
+}
+
+/// `len` zeros from `alloc_zeroed` (calloc), or [`Error::OutOfMemory`]: `bytemuck::zeroed_vec`
+/// without its abort on a refused allocation.
+pub(crate) fn zeroed_vec<T: bytemuck::Zeroable>(len: usize) -> Result<Vec<T>> {
+    let Ok(layout) = std::alloc::Layout::array::<T>(len) else {
+        return Err(host_out_of_memory::<T>(len));
+    };
+    if layout.size() == 0 {
+        return Ok(Vec::new());
+    }
+    // SAFETY: the layout's size is non-zero.
+    let ptr = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<T>();
+    if ptr.is_null() {
+        return Err(host_out_of_memory::<T>(len));
+    }
+    // SAFETY: `ptr` comes from the global allocator with the layout of `len` T's (the layout
+    // `Vec` frees with), and all-zero bytes are a valid T (`Zeroable`).
+    Ok(unsafe { Vec::from_raw_parts(ptr, len, len) })
+}
+
+/// The host refused `len` elements of `T` (or their size overflows usize).
+fn host_out_of_memory<T>(len: usize) -> Error {
+    host_refuses(len.saturating_mul(size_of::<T>()))
+}
+
+fn host_refuses(requested_bytes: usize) -> Error {
+    Error::OutOfMemory {
+        requested_bytes,
+        free_bytes: host_available_bytes().unwrap_or(0),
+        device: "cpu".into(),
+    }
+}
+
+/// Refuses up front, with [`Error::OutOfMemory`], working memory of `bytes` (`None`: more than
+/// usize counts) that the host does not have available, for scratch that many threads allocate
+/// at once and whose size no input bounds (an n × n Gram matrix of a wide least-squares system).
+/// Where the host does not say what it has available, only an overflow is refused.
+pub(crate) fn check_host_memory(bytes: Option<usize>) -> Result<()> {
+    match (bytes, host_available_bytes()) {
+        (None, _) => Err(host_refuses(usize::MAX)),
+        (Some(b), Some(available)) if b > available => Err(host_refuses(b)),
+        _ => Ok(()),
+    }
+}
+
+/// MemAvailable of /proc/meminfo (Linux), in bytes.
+fn host_available_bytes() -> Option<usize> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find_map(|line| line.strip_prefix("MemAvailable:"))?;
+    let kib = line.trim().trim_end_matches("kB").trim().parse::<usize>().ok()?;
+    Some(kib.saturating_mul(1024))
 }
 
 /// Asks Linux to back a large, untouched output with transparent huge pages (where THP is in

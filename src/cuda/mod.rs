@@ -147,10 +147,10 @@ impl CudaDevice {
     /// allocations). Filled with all-ones bytes (NaN for floats) while output poisoning is on.
     pub(crate) fn alloc<T: DeviceRepr>(&self, len: usize) -> Result<CudaSlice<T>> {
         let len = len.max(1);
+        let bytes = self.checked_bytes::<T>(len)?;
         // SAFETY: the buffer is either poisoned here or fully written by the kernel that asked
         // for it before any read; every caller is an op that writes all its outputs.
-        let mut buf = unsafe { self.stream().alloc::<T>(len) }
-            .map_err(|e| self.alloc_error(e, len * size_of::<T>()))?;
+        let mut buf = unsafe { self.stream().alloc::<T>(len) }.map_err(|e| self.alloc_error(e, bytes))?;
         if crate::testing::poisoning() {
             self.fill_bytes(&mut buf, 0xFF)?;
         }
@@ -160,7 +160,21 @@ impl CudaDevice {
     /// A zero-filled buffer of `len` elements (at least one).
     pub(crate) fn alloc_zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>> {
         let len = len.max(1);
-        self.stream().alloc_zeros::<T>(len).map_err(|e| self.alloc_error(e, len * size_of::<T>()))
+        let bytes = self.checked_bytes::<T>(len)?;
+        self.stream().alloc_zeros::<T>(len).map_err(|e| self.alloc_error(e, bytes))
+    }
+
+    /// The bytes of `len` elements of `T`, or [`Error::OutOfMemory`] when they overflow (no
+    /// device holds them; cudarc would overflow computing the size).
+    fn checked_bytes<T>(&self, len: usize) -> Result<usize> {
+        len.checked_mul(size_of::<T>()).filter(|&b| b <= isize::MAX as usize).ok_or_else(|| {
+            let free_bytes = self.inner.ctx.mem_get_info().map(|(free, _)| free).unwrap_or(0);
+            Error::OutOfMemory {
+                requested_bytes: usize::MAX,
+                free_bytes,
+                device: format!("cuda:{}", self.ordinal()),
+            }
+        })
     }
 
     fn fill_bytes<T: DeviceRepr>(&self, buf: &mut CudaSlice<T>, byte: u8) -> Result<()> {

@@ -229,9 +229,28 @@ fn mixing_cuda_and_cpu_tensors_is_an_error() {
 #[test]
 fn outputs_are_poisoned_while_testing() {
     testing::set_poisoning(true);
-    let v = testing::output_vec::<f32>(3);
+    let v = testing::output_vec::<f32>(3).unwrap();
     assert!(v.iter().all(|x| x.is_nan()));
-    assert!(testing::output_vec::<u32>(2).iter().all(|&x| x == u32::MAX));
+    assert!(testing::output_vec::<u32>(2).unwrap().iter().all(|&x| x == u32::MAX));
+}
+
+#[test]
+fn outputs_too_large_for_the_host_are_an_error_not_an_abort() {
+    // Poisoned outputs (the tests' setting; the flag is process-wide, so it stays on) and zeros
+    // (Tensor::zeros takes the calloc path whatever the flag).
+    testing::set_poisoning(true);
+    let err = testing::output_vec::<f32>(1 << 60).unwrap_err();
+    assert!(matches!(err, Error::OutOfMemory { requested_bytes, .. } if requested_bytes == 1 << 62), "{err}");
+    assert!(matches!(testing::output_vec::<f64>(usize::MAX), Err(Error::OutOfMemory { .. })));
+    let zeros = Tensor::zeros(&[1 << 30, 1 << 30], DType::F32, &Device::cpu());
+    assert!(matches!(zeros, Err(Error::OutOfMemory { .. })));
+    assert!(matches!(
+        Tensor::zeros(&[usize::MAX, 2], DType::F32, &Device::cpu()),
+        Err(Error::InvalidArgument { .. })
+    ));
+    let t = Tensor::zeros(&[0, 3], DType::F32, &Device::cpu()).unwrap();
+    assert_eq!(t.reshape(&[usize::MAX, 2, 0]).unwrap().numel(), 0, "0 elements either way");
+    assert!(t.reshape(&[usize::MAX, 2]).is_err());
 }
 
 #[test]

@@ -5,36 +5,36 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::tensor::HostBuffer;
-use crate::{DType, Element, Tensor};
+use crate::{DType, Element, Result, Tensor};
 
 /// Elements per rayon task: large enough to amortise scheduling, small enough to balance.
 const BLOCK: usize = 1 << 15;
 
-pub(super) fn cast(src: &HostBuffer, shape: &[usize], dtype: DType) -> Tensor {
+pub(super) fn cast(src: &HostBuffer, shape: &[usize], dtype: DType) -> Result<Tensor> {
     match src {
         HostBuffer::F32(v) => cast_from(v, shape, dtype),
         HostBuffer::F64(v) => cast_from(v, shape, dtype),
         HostBuffer::F16(v) => cast_from(v, shape, dtype),
         HostBuffer::BF16(v) => cast_from(v, shape, dtype),
         // invariant: the caller rejects u32 before dispatching.
-        HostBuffer::U32(v) => Tensor::from_host_vec(v.clone(), shape),
+        HostBuffer::U32(v) => Ok(Tensor::from_host_vec(v.clone(), shape)),
     }
 }
 
-fn cast_from<S: Element>(src: &[S], shape: &[usize], dtype: DType) -> Tensor {
-    match dtype {
-        DType::F32 => Tensor::from_host_vec(convert::<S, f32>(src), shape),
-        DType::F64 => Tensor::from_host_vec(convert::<S, f64>(src), shape),
-        DType::F16 => Tensor::from_host_vec(convert::<S, f16>(src), shape),
-        DType::BF16 => Tensor::from_host_vec(convert::<S, bf16>(src), shape),
-        DType::U32 => Tensor::from_host_vec(convert::<S, u32>(src), shape),
-    }
+fn cast_from<S: Element>(src: &[S], shape: &[usize], dtype: DType) -> Result<Tensor> {
+    Ok(match dtype {
+        DType::F32 => Tensor::from_host_vec(convert::<S, f32>(src)?, shape),
+        DType::F64 => Tensor::from_host_vec(convert::<S, f64>(src)?, shape),
+        DType::F16 => Tensor::from_host_vec(convert::<S, f16>(src)?, shape),
+        DType::BF16 => Tensor::from_host_vec(convert::<S, bf16>(src)?, shape),
+        DType::U32 => Tensor::from_host_vec(convert::<S, u32>(src)?, shape),
+    })
 }
 
-fn convert<S: Element, D: Element>(src: &[S]) -> Vec<D> {
-    let mut out = crate::cpu::output_vec::<D>(src.len());
+fn convert<S: Element, D: Element>(src: &[S]) -> Result<Vec<D>> {
+    let mut out = crate::cpu::output_vec::<D>(src.len())?;
     out.par_chunks_mut(BLOCK).zip(src.par_chunks(BLOCK)).for_each(|(dst, src)| convert_block(src, dst));
-    out
+    Ok(out)
 }
 
 /// Converts one block. f32 ↔ f16/bf16 use `half`'s slice conversions (F16C / SIMD where the CPU

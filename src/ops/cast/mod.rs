@@ -23,7 +23,7 @@ pub(crate) fn cast(x: &Tensor, dtype: DType) -> Result<Tensor> {
         });
     }
     match x.storage() {
-        Storage::Cpu(buffer) => Ok(cpu::cast(buffer, x.shape(), dtype)),
+        Storage::Cpu(buffer) => cpu::cast(buffer, x.shape(), dtype),
         #[cfg(feature = "cuda")]
         Storage::Cuda(buffer) => {
             cuda::cast(x.cuda_device()?, buffer, x.shape(), x.numel(), dtype, x.device())

@@ -10,6 +10,7 @@
 use rayon::prelude::*;
 
 use super::Metric;
+use crate::Result;
 
 /// Rows per rayon task (and per GEMM call).
 const ROW_BLOCK: usize = 256;
@@ -25,14 +26,14 @@ pub(crate) fn assign(
     c: &[f32],
     k: usize,
     metric: Metric,
-) -> (Vec<u32>, Vec<f32>) {
-    let mut labels = crate::cpu::output_vec::<u32>(n);
-    let mut dist = crate::cpu::output_vec::<f32>(n);
+) -> Result<(Vec<u32>, Vec<f32>)> {
+    let mut labels = crate::cpu::output_vec::<u32>(n)?;
+    let mut dist = crate::cpu::output_vec::<f32>(n)?;
     match metric {
         Metric::SquaredL2 => assign_l2(x, d, c, k, &mut labels, &mut dist),
         Metric::MeanL1 => assign_l1(x, d, c, &mut labels, &mut dist),
     }
-    (labels, dist)
+    Ok((labels, dist))
 }
 
 fn sq_norms(rows: &[f32], d: usize) -> Vec<f32> {
@@ -158,30 +159,33 @@ pub(crate) fn distance(metric: Metric, a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// Stable counting sort of row ids by cluster: `(order [n], offsets [k+1])`.
-/// Every label must be `< k` (checked by the callers).
-pub(crate) fn counting_sort(labels: &[u32], k: usize) -> (Vec<u32>, Vec<u32>) {
-    let mut offsets = vec![0u32; k + 1];
+/// Every label must be `< k` (checked by the callers). Errors only when the host cannot hold
+/// the k + 1 offsets.
+pub(crate) fn counting_sort(labels: &[u32], k: usize) -> Result<(Vec<u32>, Vec<u32>)> {
+    let mut offsets = crate::cpu::zeroed_vec::<u32>(k.saturating_add(1))?;
     for &c in labels {
         offsets[c as usize + 1] += 1;
     }
     for c in 0..k {
         offsets[c + 1] += offsets[c];
     }
-    let mut next = offsets.clone();
-    let mut order = crate::cpu::output_vec::<u32>(labels.len());
+    let mut next = crate::cpu::zeroed_vec::<u32>(k)?;
+    next.copy_from_slice(&offsets[..k]);
+    let mut order = crate::cpu::output_vec::<u32>(labels.len())?;
     for (i, &c) in labels.iter().enumerate() {
         let slot = &mut next[c as usize];
         order[*slot as usize] = i as u32;
         *slot += 1;
     }
-    (order, offsets)
+    Ok((order, offsets))
 }
 
 /// Per-cluster means (`k × d`, zero rows for empty clusters) and counts. Each cluster's sum
 /// runs over its rows in increasing row order, so the result does not depend on threads.
-pub(crate) fn update(x: &[f32], d: usize, labels: &[u32], k: usize) -> (Vec<f32>, Vec<u32>) {
-    let (order, offsets) = counting_sort(labels, k);
-    let mut centroids = crate::cpu::output_vec::<f32>(k * d);
+/// Errors only when the host cannot hold the centroids.
+pub(crate) fn update(x: &[f32], d: usize, labels: &[u32], k: usize) -> Result<(Vec<f32>, Vec<u32>)> {
+    let (order, offsets) = counting_sort(labels, k)?;
+    let mut centroids = crate::cpu::output_vec::<f32>(k.saturating_mul(d))?;
     centroids.par_chunks_mut(d).enumerate().for_each(|(c, out)| {
         let members = &order[offsets[c] as usize..offsets[c + 1] as usize];
         out.fill(0.0);
@@ -195,5 +199,5 @@ pub(crate) fn update(x: &[f32], d: usize, labels: &[u32], k: usize) -> (Vec<f32>
         }
     });
     let counts = offsets.windows(2).map(|w| w[1] - w[0]).collect();
-    (centroids, counts)
+    Ok((centroids, counts))
 }

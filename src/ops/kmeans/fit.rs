@@ -224,9 +224,9 @@ impl KMeans {
         let mut converged = false;
         let mut iterations = 0;
         for it in 1..=self.max_iter {
-            let (labels, dist) = cpu::assign(xs, n, d, &round(&c), k, self.metric);
+            let (labels, dist) = cpu::assign(xs, n, d, &round(&c), k, self.metric)?;
             history.push(inertia(&dist)?);
-            let (mut next, counts) = cpu::update(xs, d, &labels, k);
+            let (mut next, counts) = cpu::update(xs, d, &labels, k)?;
             reseed_empty(xs, d, &counts, &dist, &mut next);
             let shift = max_shift(&c, &next, d, self.metric);
             c = next;
@@ -236,7 +236,7 @@ impl KMeans {
                 break;
             }
         }
-        let (labels, dist) = cpu::assign(xs, n, d, &round(&c), k, self.metric);
+        let (labels, dist) = cpu::assign(xs, n, d, &round(&c), k, self.metric)?;
         let inertia = inertia(&dist)?;
         Ok(KMeansFit {
             centroids: Tensor::from_host_vec(c, &[k, d]),

@@ -46,7 +46,7 @@ impl Points for HostPoints<'_> {
         Ok(gather(self.x, self.d, ids))
     }
     fn nearest(&self, centres: &[f32], m: usize) -> Result<(Vec<u32>, Vec<f32>)> {
-        Ok(cpu::assign(self.x, self.n, self.d, centres, m, self.metric))
+        cpu::assign(self.x, self.n, self.d, centres, m, self.metric)
     }
 }
 

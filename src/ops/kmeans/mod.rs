@@ -73,7 +73,7 @@ pub fn assign(x: &Tensor, centroids: &Tensor, metric: Metric) -> Result<(Tensor,
             if cs.iter().any(|v| !v.is_finite()) {
                 return Err(Error::NonFinite { op: OP, what: "centroids".into() });
             }
-            let (a, dist) = cpu::assign(&xs, n, d, &cs, k, metric);
+            let (a, dist) = cpu::assign(&xs, n, d, &cs, k, metric)?;
             if dist.iter().any(|v| !v.is_finite()) {
                 return Err(non_finite(OP, centroids));
             }
@@ -120,7 +120,7 @@ pub fn update(x: &Tensor, assignment: &Tensor, k: usize) -> Result<(Tensor, Tens
                     format!("holds cluster {bad}, expected < k = {k}"),
                 ));
             }
-            let (c, counts) = cpu::update(&xs, d, a, k);
+            let (c, counts) = cpu::update(&xs, d, a, k)?;
             if c.iter().any(|v| !v.is_finite()) {
                 return Err(Error::NonFinite { op: OP, what: "x".into() });
             }
@@ -169,7 +169,7 @@ pub fn sort_by_cluster(assignment: &Tensor, k: usize) -> Result<(Tensor, Tensor)
                     format!("holds cluster {bad}, expected < k = {k}"),
                 ));
             }
-            let (order, offsets) = cpu::counting_sort(a, k);
+            let (order, offsets) = cpu::counting_sort(a, k)?;
             Ok((Tensor::from_host_vec(order, &[n]), Tensor::from_host_vec(offsets, &[k + 1])))
         }
         #[cfg(feature = "cuda")]

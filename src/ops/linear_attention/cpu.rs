@@ -507,9 +507,9 @@ pub(super) fn forward(p: &Problem, a: &ForwardArgs<'_>, path: KernelPath) -> Res
     let (q, k, v) = (a.q.host_f32(OP)?, a.k.host_f32(OP)?, a.v.host_f32(OP)?);
     let s0 = a.s0.map(|s| s.host_slice::<f32>(OP)).transpose()?;
     let z0 = a.z0.map(|z| z.host_slice::<f32>(OP)).transpose()?;
-    let mut out = output_vec::<f32>(p.rows * d.dv);
-    let mut s_out = output_vec::<f32>(p.states() * d.dk * d.dv);
-    let mut z_out = output_vec::<f32>(p.states() * d.dk);
+    let mut out = output_vec::<f32>(p.rows * d.dv)?;
+    let mut s_out = output_vec::<f32>(p.states() * d.dk * d.dv)?;
+    let mut z_out = output_vec::<f32>(p.states() * d.dk)?;
     let o = Opts::of(p);
     let inputs = Inputs { q: &q, k: &k, v: &v, s0, z0 };
     let groups = split_groups(p, path);
@@ -911,11 +911,11 @@ pub(super) fn backward(p: &Problem, a: &ForwardArgs<'_>, b: &BackwardArgs<'_>) -
     let z0 = a.z0.map(|z| z.host_slice::<f32>(OP)).transpose()?;
     let gs = b.grad_state.map(|s| s.host_slice::<f32>(OP)).transpose()?;
     let gz = b.grad_normalizer.map(|z| z.host_slice::<f32>(OP)).transpose()?;
-    let mut dq = output_vec::<f32>(p.rows * d.dk);
-    let mut dk = output_vec::<f32>(p.rows * d.dk);
-    let mut dv = output_vec::<f32>(p.rows * d.dv);
-    let mut ds0 = output_vec::<f32>(p.states() * d.dk * d.dv);
-    let mut dz0 = output_vec::<f32>(p.states() * d.dk);
+    let mut dq = output_vec::<f32>(p.rows * d.dk)?;
+    let mut dk = output_vec::<f32>(p.rows * d.dk)?;
+    let mut dv = output_vec::<f32>(p.rows * d.dv)?;
+    let mut ds0 = output_vec::<f32>(p.states() * d.dk * d.dv)?;
+    let mut dz0 = output_vec::<f32>(p.states() * d.dk)?;
 
     let row_outs = split_rows(&mut dq, &p.segments, d.dk)
         .into_iter()

@@ -518,7 +518,7 @@ pub(super) fn forward_op<T: Real>(
     const OP: &str = "Mlp::forward";
     let (p, xs) = (params.host_slice::<T>(OP)?, x.host_slice::<T>(OP)?);
     let (n, pn, d_in, d_out) = (dims.samples, layout.num_params, layout.input(), layout.output());
-    let mut out = output_vec::<T>(dims.tasks * n * d_out);
+    let mut out = output_vec::<T>(dims.tasks * n * d_out)?;
     out.par_chunks_mut(n * d_out).enumerate().for_each_init(
         || Workspace::new(layout, n),
         |ws, (t, out_row)| {
@@ -540,8 +540,8 @@ pub(super) fn loss_and_grad<T: Real>(
     let (p, xs) = (params.host_slice::<T>(OP)?, x.host_slice::<T>(OP)?);
     let (ys, stride) = targets::<T>(layout, y, OP)?;
     let (n, pn, d_in) = (dims.samples, layout.num_params, layout.input());
-    let mut losses = output_vec::<T>(dims.tasks);
-    let mut grads = output_vec::<T>(dims.tasks * pn);
+    let mut losses = output_vec::<T>(dims.tasks)?;
+    let mut grads = output_vec::<T>(dims.tasks * pn)?;
     grads.par_chunks_mut(pn).zip(losses.par_iter_mut()).enumerate().for_each_init(
         || Workspace::new(layout, n),
         |ws, (t, (g, loss))| {
@@ -565,7 +565,7 @@ pub(super) fn hvp<T: Real>(
     let v_broadcast = v.rank() == 1;
     let (ys, stride) = targets::<T>(layout, y, OP)?;
     let (n, pn, d_in) = (dims.samples, layout.num_params, layout.input());
-    let mut out = output_vec::<T>(dims.tasks * pn);
+    let mut out = output_vec::<T>(dims.tasks * pn)?;
     out.par_chunks_mut(pn).enumerate().for_each_init(
         || (Workspace::new(layout, n), RWorkspace::new(layout, n)),
         |(ws, r), (t, hv)| {

@@ -11,9 +11,9 @@ use crate::tensor::HostBuffer;
 use crate::{Element, Error, Result, Tensor};
 
 /// (expert, probability of that expert) per row of `logits` (`n × k`).
-pub(super) fn top1_logits(logits: &[f32], n: usize, k: usize) -> (Vec<u32>, Vec<f32>) {
-    let mut expert = crate::cpu::output_vec::<u32>(n);
-    let mut prob = crate::cpu::output_vec::<f32>(n);
+pub(super) fn top1_logits(logits: &[f32], n: usize, k: usize) -> Result<(Vec<u32>, Vec<f32>)> {
+    let mut expert = crate::cpu::output_vec::<u32>(n)?;
+    let mut prob = crate::cpu::output_vec::<f32>(n)?;
     logits.par_chunks(k).zip(expert.par_iter_mut()).zip(prob.par_iter_mut()).for_each(|((row, e), p)| {
         let (mut best, mut arg) = (row[0], 0usize);
         for (j, &v) in row.iter().enumerate().skip(1) {
@@ -25,7 +25,7 @@ pub(super) fn top1_logits(logits: &[f32], n: usize, k: usize) -> (Vec<u32>, Vec<
         *e = arg as u32;
         *p = 1.0 / softmax_denominator(row, best);
     });
-    (expert, prob)
+    Ok((expert, prob))
 }
 
 multiversion! {
@@ -43,20 +43,20 @@ multiversion! {
 
 /// `out[j] = x[order[j]]` for a CPU tensor of any float dtype.
 pub(super) fn gather_rows(x: &Tensor, order: &[u32], n: usize, d: usize) -> Result<Tensor> {
-    fn go<T: Element>(src: &[T], order: &[u32], n: usize, d: usize) -> Tensor {
-        let mut out = crate::cpu::output_vec::<T>(n * d);
+    fn go<T: Element>(src: &[T], order: &[u32], n: usize, d: usize) -> Result<Tensor> {
+        let mut out = crate::cpu::output_vec::<T>(n * d)?;
         out.par_chunks_mut(d.max(1)).zip(order.par_iter()).for_each(|(dst, &i)| {
             dst.copy_from_slice(&src[i as usize * d..(i as usize + 1) * d]);
         });
-        Tensor::from_host_vec(out, &[n, d])
+        Ok(Tensor::from_host_vec(out, &[n, d]))
     }
-    Ok(match storage(x)? {
+    match storage(x)? {
         HostBuffer::F32(v) => go(v, order, n, d),
         HostBuffer::F16(v) => go(v, order, n, d),
         HostBuffer::BF16(v) => go(v, order, n, d),
         HostBuffer::F64(v) => go(v, order, n, d),
         HostBuffer::U32(v) => go(v, order, n, d),
-    })
+    }
 }
 
 /// `out[order[j]] = w[order[j]] · grouped[j]`, as a gather through the inverse permutation.
@@ -74,20 +74,20 @@ pub(super) fn combine(
     let Some(w) = w else {
         return gather_rows(grouped, &position, n, d);
     };
-    fn go<T: Element>(src: &[T], pos: &[u32], w: &[f32], n: usize, d: usize) -> Tensor {
-        let mut out = crate::cpu::output_vec::<T>(n * d);
+    fn go<T: Element>(src: &[T], pos: &[u32], w: &[f32], n: usize, d: usize) -> Result<Tensor> {
+        let mut out = crate::cpu::output_vec::<T>(n * d)?;
         out.par_chunks_mut(d.max(1)).zip(pos.par_iter().zip(w.par_iter())).for_each(|(dst, (&j, &wt))| {
             let row = &src[j as usize * d..(j as usize + 1) * d];
             dst.iter_mut().zip(row).for_each(|(o, &v)| *o = T::from_f32(wt * v.to_f32()));
         });
-        Tensor::from_host_vec(out, &[n, d])
+        Ok(Tensor::from_host_vec(out, &[n, d]))
     }
-    Ok(match storage(grouped)? {
+    match storage(grouped)? {
         HostBuffer::F32(v) => go::<f32>(v, &position, w, n, d),
         HostBuffer::F16(v) => go::<f16>(v, &position, w, n, d),
         HostBuffer::BF16(v) => go::<bf16>(v, &position, w, n, d),
-        _ => return Err(Error::invalid(op, "grouped", "expected f32, f16 or bf16")),
-    })
+        _ => Err(Error::invalid(op, "grouped", "expected f32, f16 or bf16")),
+    }
 }
 
 fn storage(t: &Tensor) -> Result<&HostBuffer> {

@@ -213,7 +213,7 @@ pub(super) fn lstsq_segments(
     if segments.is_empty() {
         return Tensor::zeros(out_shape, DType::F32, device);
     }
-    if n + r > GRAM_MAX_COLS {
+    if n.saturating_add(r) > GRAM_MAX_COLS {
         // Too wide for the staging tile: the documented host path (f64 throughout).
         let cpu = Device::cpu();
         let w = super::solve::solve_segments(
@@ -304,18 +304,21 @@ const FLAG_HOST: u32 = 4;
 
 /// Reference least squares for the GPU tests: the one-thread-per-entry normal equations, then
 /// the same solve as [`lstsq_segments`].
-pub(super) fn lstsq_reference(x: &Tensor, y: &Tensor, ridge: f64) -> Result<Tensor> {
+pub(super) fn lstsq_reference(
+    x: &Tensor,
+    y: &Tensor,
+    segments: &[(usize, usize)],
+    ridge: f64,
+) -> Result<Tensor> {
     const OP: &str = "moe::reference::lstsq";
     let rank = x.rank();
-    let (m, n, r) = (x.shape()[rank - 2], x.shape()[rank - 1], y.shape()[rank - 1]);
-    let batch: usize = x.shape()[..rank - 2].iter().product();
-    let segments: Vec<(usize, usize)> = (0..batch).map(|b| (b * m, (b + 1) * m)).collect();
+    let (n, r, batch) = (x.shape()[rank - 1], y.shape()[rank - 1], segments.len());
     let mut out_shape = x.shape()[..rank - 2].to_vec();
     out_shape.extend([n, r]);
     let dev = x.cuda_device()?.clone();
     let x32 = x.to_dtype(DType::F32)?;
     let y32 = y.to_dtype(DType::F32)?;
-    let seg = dev.htod(&segment_offsets(&segments))?;
+    let seg = dev.htod(&segment_offsets(segments))?;
     let g = gram(&dev, x32.cuda_slice::<f32>(OP)?, y32.cuda_slice::<f32>(OP)?, &seg, batch, n, r, true)?;
     solve_on_device(&dev, &g, batch, n, r, ridge, &out_shape, x.device(), OP)
 }

@@ -195,7 +195,7 @@ pub fn route_top1_logits(logits: &Tensor) -> Result<Routing> {
             if l.iter().any(|v| !v.is_finite()) {
                 return Err(Error::NonFinite { op: OP, what: "logits".into() });
             }
-            let (e, p) = cpu::top1_logits(&l, n, k);
+            let (e, p) = cpu::top1_logits(&l, n, k)?;
             (Tensor::from_host_vec(e, &[n]), Tensor::from_host_vec(p, &[n]))
         }
         #[cfg(feature = "cuda")]
@@ -281,8 +281,7 @@ pub fn lstsq(x: &Tensor, y: &Tensor, ridge: f64) -> Result<Tensor> {
         ));
     }
     let rank = x.rank();
-    let (m, n, r) = (x.shape()[rank - 2], x.shape()[rank - 1], y.shape()[rank - 1]);
-    let batch: usize = x.shape()[..rank - 2].iter().product();
+    let (n, r) = (x.shape()[rank - 1], y.shape()[rank - 1]);
     if n == 0 || r == 0 {
         return Err(Error::EmptyInput {
             op: OP,
@@ -292,8 +291,27 @@ pub fn lstsq(x: &Tensor, y: &Tensor, ridge: f64) -> Result<Tensor> {
     }
     let mut out_shape = x.shape()[..rank - 2].to_vec();
     out_shape.extend([n, r]);
-    let segments: Vec<(usize, usize)> = (0..batch).map(|b| (b * m, (b + 1) * m)).collect();
+    let segments = batch_segments(x, OP)?;
     solve::solve_segments(x, y, n, r, &segments, ridge, &out_shape, OP)
+}
+
+/// The rows `(b·M, (b+1)·M)` of each system `b` of a batched x (`[..., M, n]`, rank ≥ 2). With
+/// M = 0 the batch dimensions hold no data and can be huge: their product overflowing usize is
+/// a shape error, and segments the host cannot hold are [`Error::OutOfMemory`].
+fn batch_segments(x: &Tensor, op: &'static str) -> Result<Vec<(usize, usize)>> {
+    let rank = x.rank();
+    let m = x.shape()[rank - 2];
+    let Some(batch) = x.shape()[..rank - 2].iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)) else {
+        return Err(Error::shape(
+            op,
+            "x",
+            "[..., M, n] whose batch dimensions multiply within usize",
+            x.shape(),
+        ));
+    };
+    let mut segments = crate::cpu::vec_with_capacity(batch)?;
+    segments.extend((0..batch).map(|b| (b * m, (b + 1) * m)));
+    Ok(segments)
 }
 
 /// One least-squares solution per expert over its routed rows: for expert `e`, rows
@@ -400,7 +418,7 @@ pub mod reference {
             Storage::Cuda(_) => {
                 // Same validation as the fast path.
                 let _ = super::lstsq(x, y, ridge)?;
-                cuda::lstsq_reference(x, y, ridge)
+                cuda::lstsq_reference(x, y, &super::batch_segments(x, "moe::reference::lstsq")?, ridge)
             }
         }
     }

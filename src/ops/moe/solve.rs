@@ -33,7 +33,8 @@ pub(super) fn solve_segments(
             if xs.iter().chain(ys.iter()).any(|v| !v.is_finite()) {
                 return Err(Error::NonFinite { op, what: "x or y".into() });
             }
-            let mut out = crate::cpu::output_vec::<f32>(segments.len() * n * r);
+            check_scratch(n, r, segments.len())?;
+            let mut out = crate::cpu::output_vec::<f32>(segments.len().saturating_mul(n).saturating_mul(r))?;
             out.par_chunks_mut(n * r).zip(segments.par_iter()).for_each(|(w, &(b, e))| {
                 let (a, rhs) = gram(&xs[b * n..e * n], &ys[b * r..e * r], n, r);
                 let sol = solve_normal(a, rhs, n, r, ridge, HOST_REL_TOL);
@@ -44,6 +45,17 @@ pub(super) fn solve_segments(
         #[cfg(feature = "cuda")]
         Storage::Cuda(_) => super::cuda::lstsq_segments(x, y, n, r, segments, ridge, out_shape, op),
     }
+}
+
+/// The systems' f64 scratch, refused up front when the host cannot hold it (rather than aborting
+/// in the allocator): each system holds its n × n Gram matrix about three times (the matrix, its
+/// copy for the minimum-norm fallback, the eigenvectors) and its n × r right-hand side and
+/// solution as often, one system per thread at a time. A wide x asks for far more than its data:
+/// n = 10⁵ unknowns is 80 GB per matrix.
+fn check_scratch(n: usize, r: usize, systems: usize) -> Result<()> {
+    let in_flight = systems.min(rayon::current_num_threads());
+    let per_system = n.checked_add(r).and_then(|cols| cols.checked_mul(n)).and_then(|e| e.checked_mul(3 * 8));
+    crate::cpu::check_host_memory(per_system.and_then(|b| b.checked_mul(in_flight)))
 }
 
 /// (XᵀX, XᵀY) in f64 for the rows of one segment.

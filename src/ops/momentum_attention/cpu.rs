@@ -46,7 +46,7 @@ pub(super) fn forward(
 ) -> Result<Tensor> {
     let op = super::OP_FORWARD;
     let (q, k, v) = (q.host_f32(op)?, k.host_f32(op)?, v.host_f32(op)?);
-    let mut out = output_vec::<f32>(problem.numel());
+    let mut out = output_vec::<f32>(problem.numel())?;
     let mut lse2 = vec![0f32; problem.bh * problem.t];
     attention_forward(problem, params, (&q, &k, &v), &mut out, &mut lse2, None)?;
     Ok(to_tensor(out, problem.dtype, shape))
@@ -64,9 +64,9 @@ pub(super) fn forward_with_state(
 ) -> Result<[Tensor; 3]> {
     let op = super::OP_FORWARD;
     let (q, k, v) = (q.host_f32(op)?, k.host_f32(op)?, v.host_f32(op)?);
-    let mut out = output_vec::<f32>(problem.numel());
-    let mut attn = output_vec::<f32>(problem.numel());
-    let mut lse2 = output_vec::<f32>(problem.bh * problem.t);
+    let mut out = output_vec::<f32>(problem.numel())?;
+    let mut attn = output_vec::<f32>(problem.numel())?;
+    let mut lse2 = output_vec::<f32>(problem.bh * problem.t)?;
     attention_forward(problem, params, (&q, &k, &v), &mut out, &mut lse2, Some(&mut attn))?;
     Ok([
         to_tensor(out, problem.dtype, shape),
@@ -305,9 +305,9 @@ pub(super) fn backward(
     let d = problem.d;
     let delta: Vec<f32> = grad.par_chunks(d).zip(attn.par_chunks(d)).map(|(g, o)| dot(g, o)).collect();
 
-    let mut dq = output_vec::<f32>(n);
-    let mut dk = output_vec::<f32>(n);
-    let mut dv = output_vec::<f32>(n);
+    let mut dq = output_vec::<f32>(n)?;
+    let mut dk = output_vec::<f32>(n)?;
+    let mut dv = output_vec::<f32>(n)?;
     let (t, head) = (problem.t, problem.t * d);
     let view = |h: usize| BackwardHead {
         head: HeadView {
