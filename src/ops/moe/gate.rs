@@ -184,16 +184,26 @@ impl MixerGate {
             return Err(Error::shape(OP, "contexts", "[E, dξ]", contexts.shape()));
         }
         let (e, dx) = (contexts.shape()[0], contexts.shape()[1]);
-        if weights.rank() != 2 || weights.shape()[0] != dx + 1 {
-            return Err(Error::shape(OP, "weights", format!("[{}, K] ([dξ+1, K])", dx + 1), weights.shape()));
+        if weights.rank() != 2 || Some(weights.shape()[0]) != dx.checked_add(1) {
+            let expected = format!("[{}, K] ([dξ+1, K])", dx.saturating_add(1));
+            return Err(Error::shape(OP, "weights", expected, weights.shape()));
         }
         contexts.device().expect_same(weights.device(), OP)?;
         let k = weights.shape()[1];
+        if k == 0 {
+            return Err(Error::EmptyInput {
+                op: OP,
+                what: "weights (K = 0 experts)".into(),
+                shape: weights.shape().into(),
+            });
+        }
         let cpu = Device::cpu();
         let w = weights.to_device(&cpu)?.to_dtype(DType::F64)?.to_vec::<f64>()?;
         let c = contexts.to_device(&cpu)?.to_dtype(DType::F64)?.to_vec::<f64>()?;
-        let mut out = vec![0f32; e * k];
-        for (row, o) in c.chunks_exact(dx).zip(out.chunks_exact_mut(k)) {
+        // E·K can exceed what the host holds when dξ = 0 (the contexts then hold no data).
+        let mut out = crate::cpu::output_vec::<f32>(e.saturating_mul(k))?;
+        for (env, o) in out.chunks_exact_mut(k).enumerate() {
+            let row = &c[env * dx..(env + 1) * dx];
             for (j, oj) in o.iter_mut().enumerate() {
                 let s: f64 =
                     row.iter().enumerate().map(|(i, &v)| v * w[i * k + j]).sum::<f64>() + w[dx * k + j];

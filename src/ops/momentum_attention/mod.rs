@@ -163,7 +163,8 @@ impl MomentumAttention {
     /// Errors for η outside `[0, 1)` or non-finite, a non-finite scale, shapes that are not one
     /// common `[B, H, T, D]` with `D` in [`SUPPORTED_HEAD_DIMS`], empty inputs, dtypes other
     /// than one common f32/f16/bf16, or tensors on different devices. With [`Base::Linear`]
-    /// the linear-attention family's checks apply instead (causal layer, any D ≤ 256).
+    /// the linear-attention family's checks apply instead (causal layer, any Dk and Dv ≤ 256; the
+    /// output is `[B, H, T, Dv]`).
     pub fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         if let Base::Linear(linear) = &self.base {
             return linear.forward_with_momentum(q, k, v, self.eta);
