@@ -1,5 +1,6 @@
 //! Integration tests: one binary (fewer links), one module per family.
 
+mod fuzz;
 mod kmeans;
 mod linear_attention;
 mod maml;
