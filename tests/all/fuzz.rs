@@ -3,8 +3,10 @@
 //! dimensions of 0 and 1 and just past a limit, a zero dimension beside a huge one, mixed dtypes,
 //! NaN and ∞ in inputs and settings, out-of-range labels and cluster ids, huge counts with no data
 //! behind them. Each call must return `Ok` or a typed error whose message is not empty, and an
-//! `Ok` output must have the documented shape. Each case runs under `catch_unwind`; the test
-//! fails listing every case that panicked, with its arguments. `METAKERNELS_FUZZ_CASES` sets the
+//! `Ok` output must have the documented shape, ids in range, and finite values when the case drew
+//! no NaN, ∞ or edge setting and the math is bounded (not linear attention's normaliser, which
+//! random signs can bring to ~0). Each case runs under `catch_unwind`; the test fails listing every
+//! failing case with its arguments. `METAKERNELS_FUZZ_CASES` sets the
 //! number of cases per entry point (default 200), `METAKERNELS_FUZZ_SEED` draws other cases, and
 //! `METAKERNELS_FUZZ_VERBOSE=1` prints each case before it runs (with `--nocapture`: to name
 //! one that aborts the process).
@@ -27,6 +29,9 @@ const HUGE: usize = 1 << 40;
 struct Fuzz {
     device: Device,
     rng: Rng,
+    /// No NaN, ∞ or 1e30 planted and no edge setting drawn since [`Fuzz::begin`]: an `Ok`
+    /// output must then be finite (where the math says so).
+    clean: bool,
     cases: usize,
     verbose: bool,
     failures: Vec<String>,
@@ -41,7 +46,12 @@ impl Fuzz {
         let base =
             std::env::var("METAKERNELS_FUZZ_SEED").ok().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
         let rng = Rng::new(seed ^ base.wrapping_mul(0x9E37_79B9));
-        Fuzz { device, rng, cases, verbose, failures: Vec::new(), outcomes: BTreeMap::new() }
+        Fuzz { device, rng, clean: true, cases, verbose, failures: Vec::new(), outcomes: BTreeMap::new() }
+    }
+
+    /// Starts drawing one case's arguments.
+    fn begin(&mut self) {
+        self.clean = true;
     }
 
     fn chance(&mut self, p: f64) -> bool {
@@ -73,6 +83,7 @@ impl Fuzz {
         if self.chance(0.8) {
             return usual;
         }
+        self.clean = false;
         self.pick(&[0.0, -usual, 1.0, -1e-30, 1e30, f64::NAN, f64::INFINITY, f64::NEG_INFINITY])
     }
 
@@ -130,6 +141,7 @@ impl Fuzz {
         if n > 0 && self.chance(0.1) {
             let at = self.rng.below(n as u64) as usize;
             values[at] = self.pick(&[f64::NAN, f64::INFINITY, f64::NEG_INFINITY, 1e30]);
+            self.clean = false;
         }
         testing::from_f64(&values, &shape, dtype, &self.device).expect("float tensor").0
     }
@@ -155,7 +167,9 @@ impl Fuzz {
                 self.failures.push(format!("panicked ({message}): {case}"));
             }
             Ok(Err(e)) if e.to_string().is_empty() => self.failures.push(format!("empty error: {case}")),
-            Ok(Ok(out)) if !check(&out) => self.failures.push(format!("Ok with a wrong shape: {case}")),
+            Ok(Ok(out)) if !check(&out) => {
+                self.failures.push(format!("Ok, wrong shape or not finite: {case}"))
+            }
             Ok(_) => {}
         }
     }
@@ -195,6 +209,16 @@ fn has_shape(t: &Tensor, shape: &[usize]) -> bool {
     t.shape() == shape
 }
 
+/// All of `tensors` finite, when `expected` (a clean case whose math is bounded).
+fn finite_if(expected: bool, tensors: &[&Tensor]) -> bool {
+    !expected || tensors.iter().all(|t| testing::to_f64(t).is_ok_and(|v| v.iter().all(|x| x.is_finite())))
+}
+
+/// Every id of a u32 tensor below `bound`.
+fn ids_below(t: &Tensor, bound: usize) -> bool {
+    t.to_vec::<u32>().is_ok_and(|ids| ids.iter().all(|&i| (i as usize) < bound))
+}
+
 /// Dimension `i` of an input as it was drawn (mutated or not): what an `Ok` output's shape
 /// follows.
 fn dim(t: &Tensor, i: usize) -> usize {
@@ -209,6 +233,7 @@ fn describe(what: impl Debug) -> String {
 fn linear_attention_never_panics() {
     on_every_device("linear_attention_never_panics", 1, |f| {
         for _ in 0..f.cases {
+            f.begin();
             let (b, h, t) = (f.dim(2), f.dim(2), f.dim(9));
             let (dk, dv) = (f.pick(&[1, 4, 16, 64, 256, 257]), f.pick(&[1, 3, 16, 64, 256, 257]));
             let dtype = f.pick(&[DType::F32, DType::F16, DType::BF16]);
@@ -230,26 +255,36 @@ fn linear_attention_never_panics() {
             let eta = f.float(0.5) as f32;
             let args = format!("{la:?} q, k, v, g, s0, z0 = {}", shapes(&[&q, &k, &v, &g, &s0, &z0]));
             let out_shape = [dim(&q, 0), dim(&q, 1), dim(&q, 2), dim(&v, 3)];
+            // Normalising divides by φ(q)·z + eps, which random signs (or z₀) can bring to ~0.
+            let bounded = f.clean && !la.normalize;
             let state_shape = [dim(&q, 0), dim(&q, 1), dim(&q, 3), dim(&v, 3)];
             f.run(
                 format!("forward {args} initial {}", initial.is_some()),
                 || la.forward(&q, &k, &v, initial),
-                |o| has_shape(&o.output, &out_shape) && has_shape(&o.final_state, &state_shape),
+                |o| {
+                    has_shape(&o.output, &out_shape)
+                        && has_shape(&o.final_state, &state_shape)
+                        && finite_if(bounded, &[&o.output, &o.final_state])
+                },
             );
             f.run(
                 format!("backward {args} initial {} grad_final {}", initial.is_some(), grad_final.is_some()),
                 || la.backward(&q, &k, &v, initial, &g, grad_final),
-                |d| has_shape(&d.dq, q.shape()) && has_shape(&d.dv, &out_shape),
+                |d| {
+                    has_shape(&d.dq, q.shape())
+                        && has_shape(&d.dv, &out_shape)
+                        && finite_if(bounded, &[&d.dq, &d.dk, &d.dv, &d.d_initial_state])
+                },
             );
             f.run(
                 format!("forward_with_momentum {args} eta {eta}"),
                 || la.forward_with_momentum(&q, &k, &v, eta),
-                |o| has_shape(o, &out_shape),
+                |o| has_shape(o, &out_shape) && finite_if(bounded, &[o]),
             );
             f.run(
                 format!("backward_with_momentum {args} eta {eta}"),
                 || la.backward_with_momentum(&q, &k, &v, &g, eta),
-                |d| has_shape(&d.dk, k.shape()),
+                |d| has_shape(&d.dk, k.shape()) && finite_if(bounded, &[&d.dq, &d.dk, &d.dv]),
             );
 
             // Packed sequences: [1, H, ΣT, D] and their offsets.
@@ -306,13 +341,15 @@ fn cu_seqlens(f: &mut Fuzz, total: usize) -> Vec<usize> {
 fn momentum_attention_never_panics() {
     on_every_device("momentum_attention_never_panics", 2, |f| {
         for _ in 0..f.cases {
+            f.begin();
             let (b, h, t) = (f.dim(1), f.dim(2), f.dim(9));
             let d = f.pick(&[64, 128, 256, 32, 65]);
             let dtype = f.pick(&[DType::F32, DType::F16, DType::BF16]);
+            let normalize = f.chance(0.5);
             let base = if f.chance(0.7) {
                 Base::Softmax { scale: f.chance(0.5).then(|| f.float(0.125) as f32) }
             } else {
-                Base::Linear(LinearAttention { normalize: f.chance(0.5), ..LinearAttention::default() })
+                Base::Linear(LinearAttention { normalize, ..LinearAttention::default() })
             };
             let attn = MomentumAttention { eta: f.float(0.9) as f32, base };
             let q = f.tensor(&[b, h, t, d], dtype, 0);
@@ -322,18 +359,24 @@ fn momentum_attention_never_panics() {
             let args = format!("{attn:?} q, k, v, g = {}", shapes(&[&q, &k, &v, &g]));
             // D of v may differ from q's with the linear base (the linear family's rule).
             let shape = &[dim(&q, 0), dim(&q, 1), dim(&q, 2), dim(&v, 3)];
-            f.run(format!("forward {args}"), || attn.forward(&q, &k, &v), |o| has_shape(o, shape));
+            let bounded = f.clean && !(normalize && matches!(attn.base, Base::Linear(_)));
+            f.run(
+                format!("forward {args}"),
+                || attn.forward(&q, &k, &v),
+                |o| has_shape(o, shape) && finite_if(bounded, &[o]),
+            );
             f.run(
                 format!("backward {args}"),
                 || attn.backward(&q, &k, &v, &g),
-                |d| has_shape(&d.dq, q.shape()),
+                |d| has_shape(&d.dq, q.shape()) && finite_if(bounded, &[&d.dq, &d.dk, &d.dv]),
             );
             let state = catch_unwind(AssertUnwindSafe(|| attn.forward_with_state(&q, &k, &v)));
             match state {
                 Err(_) => f.failures.push(format!("panicked: forward_with_state {args}")),
                 Ok(Err(_)) => {}
                 Ok(Ok(state)) => {
-                    // The state handed back with other settings or other tensors must be refused.
+                    // The state handed to a module with η drawn again (refused when it differs),
+                    // with other q values (accepted: only shapes can be checked).
                     let other = MomentumAttention { eta: f.float(0.9) as f32, ..attn.clone() };
                     let q2 = f.tensor(&[b, h, t, d], dtype, 0);
                     f.run(
@@ -352,6 +395,7 @@ fn momentum_attention_never_panics() {
 fn maml_never_panics() {
     on_every_device("maml_never_panics", 3, |f| {
         for _ in 0..f.cases {
+            f.begin();
             let sizes: Vec<usize> = match f.rng.below(6) {
                 0 => vec![f.dim(3)],
                 1 => vec![f.dim(3), f.dim(2)],
@@ -381,21 +425,31 @@ fn maml_never_panics() {
             };
             let v = f.tensor(&[tasks, p], dtype, 0);
             let args = format!("{mlp:?} params, x, y, v = {}", shapes(&[&params, &x, &y, &v]));
+            let bounded = f.clean;
             let seed = f.rng.next_u64();
             let device = f.device.clone();
             f.run(format!("init {args}"), || mlp.init(seed, dtype, &device), |t| has_shape(t, &[p]));
             f.run(
                 format!("forward {args}"),
                 || mlp.forward(&params, &x),
-                |o| has_shape(o, &[dim(&x, 0), dim(&x, 1), output]),
+                |o| has_shape(o, &[dim(&x, 0), dim(&x, 1), output]) && finite_if(bounded, &[o]),
             );
             f.run(
                 format!("loss_and_grad {args}"),
                 || mlp.loss_and_grad(&params, &x, &y),
-                |(l, g)| has_shape(l, &[dim(&x, 0)]) && has_shape(g, &[dim(&x, 0), p]),
+                |(l, g)| {
+                    has_shape(l, &[dim(&x, 0)])
+                        && has_shape(g, &[dim(&x, 0), p])
+                        && finite_if(bounded, &[l, g])
+                },
             );
-            f.run(format!("hvp {args}"), || mlp.hvp(&params, &x, &y, &v), |h| has_shape(h, &[dim(&x, 0), p]));
+            f.run(
+                format!("hvp {args}"),
+                || mlp.hvp(&params, &x, &y, &v),
+                |h| has_shape(h, &[dim(&x, 0), p]) && finite_if(bounded, &[h]),
+            );
 
+            f.begin();
             let (ns, nq) = (f.dim(3), f.dim(4));
             let labels = |f: &mut Fuzz, rows: usize| match mlp.loss {
                 Loss::Mse => f.tensor(&[tasks, rows, output], dtype, 0),
@@ -419,10 +473,16 @@ fn maml_never_panics() {
                 shapes(&[&theta]),
                 shapes(&[&batch.support_x, &batch.support_y, &batch.query_x, &batch.query_y])
             );
+            let bounded = f.clean;
             f.run(
                 format!("meta_gradient {margs}"),
                 || maml.meta_gradient(&mlp, &theta, &batch),
-                |m| has_shape(&m.grad, &[p]) && has_shape(&m.per_task_loss, &[dim(&batch.support_x, 0)]),
+                |m| {
+                    has_shape(&m.grad, &[p])
+                        && has_shape(&m.per_task_loss, &[dim(&batch.support_x, 0)])
+                        && (!bounded || m.loss.is_finite())
+                        && finite_if(bounded, &[&m.grad, &m.per_task_loss])
+                },
             );
         }
     });
@@ -432,6 +492,7 @@ fn maml_never_panics() {
 fn kmeans_never_panics() {
     on_every_device("kmeans_never_panics", 4, |f| {
         for _ in 0..f.cases {
+            f.begin();
             let (n, d, k) = (f.dim(40), f.dim(3), f.dim(4));
             let dtype = f.pick(&[DType::F32, DType::F16, DType::BF16]);
             let metric = f.pick(&[Metric::SquaredL2, Metric::MeanL1]);
@@ -440,30 +501,24 @@ fn kmeans_never_panics() {
             let a = f.tensor(&[n], DType::U32, k as u32);
             let kc = f.count(k);
             let args = format!("x, c, a = {} k {kc} {metric:?}", shapes(&[&x, &c, &a]));
-            f.run(
-                format!("assign {args}"),
-                || kmeans::assign(&x, &c, metric),
-                |(a, _)| has_shape(a, &[dim(&x, 0)]),
-            );
+            let bounded = f.clean;
+            let assigned = |(a, dist): &(Tensor, Tensor)| {
+                has_shape(a, &[dim(&x, 0)]) && ids_below(a, dim(&c, 0)) && finite_if(bounded, &[dist])
+            };
+            f.run(format!("assign {args}"), || kmeans::assign(&x, &c, metric), assigned);
             f.run(
                 format!("reference::assign {args}"),
                 || kmeans::reference::assign(&x, &c, metric),
-                |(a, _)| has_shape(a, &[dim(&x, 0)]),
+                assigned,
             );
-            f.run(
-                format!("update {args}"),
-                || kmeans::update(&x, &a, kc),
-                |(c, _)| has_shape(c, &[kc, dim(&x, 1)]),
-            );
-            f.run(
-                format!("reference::update {args}"),
-                || kmeans::reference::update(&x, &a, kc),
-                |(c, _)| has_shape(c, &[kc, dim(&x, 1)]),
-            );
+            let means =
+                |(c, _): &(Tensor, Tensor)| has_shape(c, &[kc, dim(&x, 1)]) && finite_if(bounded, &[c]);
+            f.run(format!("update {args}"), || kmeans::update(&x, &a, kc), means);
+            f.run(format!("reference::update {args}"), || kmeans::reference::update(&x, &a, kc), means);
             f.run(
                 format!("sort_by_cluster {args}"),
                 || kmeans::sort_by_cluster(&a, kc),
-                |(o, off)| has_shape(o, a.shape()) && has_shape(off, &[kc + 1]),
+                |(o, off)| has_shape(o, a.shape()) && has_shape(off, &[kc.saturating_add(1)]),
             );
             f.run(
                 format!("reference::sort_by_cluster {args}"),
@@ -478,10 +533,17 @@ fn kmeans_never_panics() {
             };
             let fit = KMeans::new(kc).max_iter(f.count(5)).tol(f.float(1e-4)).metric(metric).init(init);
             let fit_args = format!("{} x {}", describe(&fit), shapes(&[&x]));
+            let bounded = f.clean;
             f.run(
                 format!("fit {fit_args}"),
                 || fit.fit(&x),
-                |r| has_shape(&r.centroids, &[kc, dim(&x, 1)]) && has_shape(&r.assignment, &[dim(&x, 0)]),
+                |r| {
+                    has_shape(&r.centroids, &[kc, dim(&x, 1)])
+                        && has_shape(&r.assignment, &[dim(&x, 0)])
+                        && ids_below(&r.assignment, kc)
+                        && finite_if(bounded, &[&r.centroids])
+                        && (!bounded || r.inertia.is_finite())
+                },
             );
         }
     });
@@ -491,17 +553,27 @@ fn kmeans_never_panics() {
 fn moe_never_panics() {
     on_every_device("moe_never_panics", 5, |f| {
         for _ in 0..f.cases {
+            f.begin();
             let (n, d, e, r) = (f.dim(30), f.dim(4), f.dim(3), f.dim(2));
             let dtype = f.pick(&[DType::F32, DType::F16, DType::BF16, DType::F64]);
             let x = f.tensor(&[n, d], dtype, 0);
             let c = f.tensor(&[e, d], DType::F32, 0);
             let logits = f.tensor(&[n, e], DType::F32, 0);
             let args = format!("x, c, logits = {}", shapes(&[&x, &c, &logits]));
-            f.run(format!("route_top1 {args}"), || moe::route_top1(&x, &c, Metric::SquaredL2), |_| true);
+            f.run(
+                format!("route_top1 {args}"),
+                || moe::route_top1(&x, &c, Metric::SquaredL2),
+                |r| r.num_tokens() == dim(&x, 0) && ids_below(r.expert(), dim(&c, 0)),
+            );
+            let bounded = f.clean;
             f.run(
                 format!("route_top1_logits {args}"),
                 || moe::route_top1_logits(&logits),
-                |r| r.num_tokens() == dim(&logits, 0),
+                |r| {
+                    r.num_tokens() == dim(&logits, 0)
+                        && ids_below(r.expert(), dim(&logits, 1))
+                        && r.gate_probs().is_some_and(|p| finite_if(bounded, &[p]))
+                },
             );
 
             // Parts of a real routing, or random ones (mostly inconsistent).
@@ -529,24 +601,32 @@ fn moe_never_panics() {
                 "{args} routing of {tokens} tokens, weights, y = {} ridge {ridge}",
                 shapes(&[&weights, &y])
             );
-            f.run(format!("dispatch {args}"), || moe::dispatch(&x, &routing), |g| has_shape(g, x.shape()));
             let use_weights = f.chance(0.5);
+            let bounded = f.clean;
+            f.run(
+                format!("dispatch {args}"),
+                || moe::dispatch(&x, &routing),
+                |g| has_shape(g, x.shape()) && finite_if(bounded, &[g]),
+            );
             f.run(
                 format!("combine {args} weighted {use_weights}"),
                 || moe::combine(&x, &routing, use_weights.then_some(&weights)),
-                |g| has_shape(g, x.shape()),
+                |g| has_shape(g, x.shape()) && finite_if(bounded, &[g]),
             );
             f.run(
                 format!("lstsq {args}"),
                 || moe::lstsq(&x, &y, ridge),
-                |w| has_shape(w, &solution_shape(&x, &y)),
+                |w| has_shape(w, &solution_shape(&x, &y)) && finite_if(bounded, &[w]),
             );
             f.run(
                 format!("grouped_lstsq {args}"),
                 || moe::grouped_lstsq(&x, &y, &routing, ridge),
-                |w| has_shape(w, &[routing.num_experts(), dim(&x, 1), dim(&y, 1)]),
+                |w| {
+                    has_shape(w, &[routing.num_experts(), dim(&x, 1), dim(&y, 1)]) && finite_if(bounded, &[w])
+                },
             );
 
+            f.begin();
             let contexts = f.tensor(&[e * 4, d], DType::F32, 0);
             let losses = f.tensor(&[e * 4, r], DType::F32, 0);
             let warm = f.tensor(&[r, d], DType::F32, 0);
@@ -562,17 +642,19 @@ fn moe_never_panics() {
                 "{gate:?} contexts, losses, warm = {} warm {use_warm}",
                 shapes(&[&contexts, &losses, &warm])
             );
+            let bounded = f.clean;
             f.run(
                 format!("MixerGate::update {gargs}"),
                 || gate.update(&contexts, &losses, use_warm.then_some(&warm)),
-                |_| true,
+                |u| u.weights.as_ref().is_none_or(|w| finite_if(bounded, &[w])),
             );
             let w = f.tensor(&[d + 1, r], DType::F32, 0);
             let wargs = format!("weights, contexts = {}", shapes(&[&w, &contexts]));
+            let bounded = f.clean;
             f.run(
                 format!("MixerGate::logits {wargs}"),
                 || MixerGate::logits(&w, &contexts),
-                |l| has_shape(l, &[dim(&contexts, 0), dim(&w, 1)]),
+                |l| has_shape(l, &[dim(&contexts, 0), dim(&w, 1)]) && finite_if(bounded, &[l]),
             );
             f.run(format!("MixerGate::route {wargs}"), || MixerGate::route(&w, &contexts), |_| true);
         }
@@ -591,6 +673,7 @@ fn solution_shape(x: &Tensor, y: &Tensor) -> Vec<usize> {
 fn tensor_never_panics() {
     on_every_device("tensor_never_panics", 6, |f| {
         for _ in 0..f.cases {
+            f.begin();
             let cols = f.dim(4);
             let shape = f.shape(&[3, cols]);
             let dtype = f.dtype(DType::F32);
