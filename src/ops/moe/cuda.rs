@@ -170,6 +170,10 @@ fn gram(
     r: usize,
     reference: bool,
 ) -> Result<CudaSlice<f32>> {
+    if !reference && n + r > GRAM_MAX_COLS {
+        // The callers route wider systems to the host; launching would overrun the staging tile.
+        return Err(Error::invalid("moe (cuda)", "normal equations", "n + r > 256 on the tiled kernel (a bug)"));
+    }
     let mut g = dev.alloc::<f32>(systems * n * (n + r))?;
     let (ni, ri, si) = (n as i32, r as i32, systems as i32);
     if reference {
@@ -191,7 +195,7 @@ fn gram(
         let mut b = dev.stream().launch_builder(&f);
         b.arg(x).arg(y).arg(seg).arg(&ni).arg(&ri).arg(&mut g);
         // SAFETY: one block per system; n + r ≤ 256 columns fit the kernel's staging tile
-        // (checked by the caller); g holds systems·n·(n + r) floats.
+        // (checked above); g holds systems·n·(n + r) floats.
         unsafe { b.launch(cfg) }.map_err(driver("launching normal_equations_f32"))?;
     }
     Ok(g)
