@@ -713,9 +713,36 @@ static void tensor_core_quick() {
     assign_case<T>(150, 130, 40, Metric::L2, false);   // streaming, register loads
 }
 
+// `random N [seed]`: N cases drawn at random, each an assignment (every dtype, both metrics, N,
+// D and K biased to the tile edges: 16-wide mma steps, 64-row and 128-centroid tiles, the
+// resident-x limit past D = 128) and an update, beyond the fixed shapes above.
+static void run_random(RandomRun run) {
+    std::mt19937_64 r(run.seed);
+    for (int i = 0; i < run.cases; ++i) {
+        const int n = pick_edge(r, {1, 2, 63, 64, 65, 127, 128, 129, 257}, 1, 400);
+        const int d = pick_edge(r, {1, 7, 8, 15, 16, 17, 64, 127, 128, 129, 136, 256}, 1, 256);
+        const int k = pick_edge(r, {1, 2, 63, 64, 65, 127, 128, 129, 255, 256, 257}, 1, 300);
+        const Metric m = r() % 2 ? Metric::L2 : Metric::L1;
+        const bool skewed = k > 2 && r() % 2;  // (update_case's skew puts 90% in cluster 1)
+        std::printf("-- random case %d of %d (seed %llu)\n", i + 1, run.cases, run.seed);
+        switch (r() % 3) {
+            case 0: assign_case<float>(n, d, k, m); update_case<float>(n, d, k, skewed, 1e-5, true); break;
+            case 1: assign_case<__half>(n, d, k, m); update_case<__half>(n, d, k, skewed, 1e-4, true); break;
+            default:
+                assign_case<__nv_bfloat16>(n, d, k, m);
+                update_case<__nv_bfloat16>(n, d, k, skewed, 1e-4, true);
+                break;
+        }
+    }
+}
+
 int main(int argc, char** argv) {
     const bool quick = argc > 1 && std::string(argv[1]) == "quick";
     const auto start = std::chrono::steady_clock::now();
+    if (const auto run = random_run(argc, argv)) {
+        run_random(*run);
+        return finish(start);
+    }
     if (quick) {
         assign_case<float>(300, 7, 5, Metric::L2);
         assign_case<float>(131, 24, 300, Metric::L1);

@@ -366,8 +366,40 @@ static void run_f16_state_range(bool causal, int off = 1, int dk = 6, int dv = 9
     compare(std::string(tag) + " fwd split o", forward(p, o, 2, 3).o, ref.o, 1e-2);
 }
 
+// `random N [seed]`: N cases drawn at random (dtype, segment lengths, Dk and Dv up to 256, every
+// option, momentum, initial state, misaligned bases), biased to the edges the kernels split at
+// (chunks of 32 and 64, 16-wide mma tiles, 64-wide v tiles); beyond the fixed matrix above.
+static void run_random(RandomRun run) {
+    std::mt19937_64 r(run.seed);
+    for (int i = 0; i < run.cases; ++i) {
+        const int dk = pick_edge(r, {1, 15, 16, 17, 64, 65, 128, 129, 136, 255, 256}, 1, 256);
+        const int dv = pick_edge(r, {1, 8, 63, 64, 65, 72, 128, 129, 256}, 1, 256);
+        std::vector<long long> lens(1 + r() % 3);
+        for (auto& len : lens) len = pick_edge(r, {1, 2, 31, 32, 33, 63, 64, 65, 127, 128, 129}, 1, 160);
+        // Normalised with Dk = 1, φ(q) cancels between numerator and denominator: dq is eps's
+        // trace only, and its relative error compares rounding noise.
+        const bool causal = r() % 2, normalize = dk > 1 && r() % 2, momentum = causal && r() % 4 == 0;
+        Opts o{(int)(r() % 3), causal, normalize, 0.7f, 1e-3f, momentum ? 0.05f + 0.9f * (r() % 100) / 100.f : -1.f};
+        // Normalised with only one-step segments, φ(q) cancels the same way (o = v·s/(s + eps)):
+        // dq and dk are ~1e-6, f16 subnormals, where one unit in the last place is 4%.
+        if (normalize && *std::max_element(lens.begin(), lens.end()) == 1) lens[0] = 2;
+        const bool s0 = !momentum && r() % 2, bwd = r() % 2;
+        const int off = r() % 4 == 0;
+        std::printf("-- random case %d of %d (seed %llu)\n", i + 1, run.cases, run.seed);
+        switch (r() % 3) {
+            case 0: run_case<float>(F32, lens, dk, dv, o, s0, bwd, off); break;
+            case 1: run_case<__half>(F16, lens, dk, dv, o, s0, bwd, off); break;
+            default: run_case<__nv_bfloat16>(BF16, lens, dk, dv, o, s0, bwd, off); break;
+        }
+    }
+}
+
 int main(int argc, char** argv) {
     const auto start = std::chrono::steady_clock::now();
+    if (const auto run = random_run(argc, argv)) {
+        run_random(*run);
+        return finish(start);
+    }
     const bool quick = argc > 1 && std::string(argv[1]) == "quick";
     for (int fm = 0; fm < 3; ++fm)
         for (int causal = 0; causal < 2; ++causal)

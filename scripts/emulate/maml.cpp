@@ -994,10 +994,37 @@ static void run_dtype_quick() {
     meta_case<T>(sinus, 1, meta_rows + 1, 3, 1, true, {true, false, false, false}, false);
 }
 
+// `random N [seed]`: N cases drawn at random, each an op case (forward, gradient, HVP) and a
+// meta-gradient (fused, tiled and naive paths) of a random MLP (1 to 3 layers of width 1 to 48,
+// every activation and loss), tasks, sample counts and inner steps; beyond the fixed cases above.
+template <typename T>
+static void random_case(std::mt19937_64& r) {
+    std::vector<int> sizes(2 + r() % 3);
+    for (auto& w : sizes) w = 1 + (int)(r() % (r() % 4 == 0 ? 48 : 9));
+    const Net net(sizes, (int)(r() % 4), (int)(r() % 2));
+    const size_t tasks = 1 + r() % 5, n = 1 + r() % 12;
+    op_case<T>(net, tasks, n, r() % 2, r() % 2, r() % 4 == 0);
+    const int k = 1 + (int)(r() % 4);
+    meta_case<T>(net, tasks, 1 + r() % 10, 1 + r() % 10, k, r() % 4 != 0, {true, true, true, false});
+}
+
+static void run_random(RandomRun run) {
+    std::mt19937_64 r(run.seed);
+    for (int i = 0; i < run.cases; ++i) {
+        std::printf("-- random case %d of %d (seed %llu)\n", i + 1, run.cases, run.seed);
+        if (r() % 2) random_case<float>(r);
+        else random_case<double>(r);
+    }
+}
+
 int main(int argc, char** argv) {
     const bool quick = argc > 1 && std::string(argv[1]) == "quick";
     const auto start = std::chrono::steady_clock::now();
     reference_self_check();
+    if (const auto run = random_run(argc, argv)) {
+        run_random(*run);
+        return finish(start);
+    }
     if (quick) {
         run_dtype_quick<float>();
         run_dtype_quick<double>();

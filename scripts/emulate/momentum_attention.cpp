@@ -384,9 +384,34 @@ static void run_dtype_quick(int long_d) {
     run_case<T>(2, 300, long_d, {0.5f}, {false, false, false, true});
 }
 
+// `random N [seed]`: N cases drawn at random (dtype, head dim, B·H, T biased to the tile edges,
+// η anywhere in [0, 1)), every check on; beyond the fixed matrix above.
+static void run_random(RandomRun run) {
+    std::mt19937_64 r(run.seed);
+    const int edges[] = {1, 2, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129};
+    for (int i = 0; i < run.cases; ++i) {
+        const int d = 64 << (r() % 3);
+        const int t = r() % 2 ? edges[r() % std::size(edges)] : 1 + (int)(r() % 320);
+        const int bh = 1 + r() % 3;
+        const float etas[] = {0.f, 0.5f, 0.9f, 0.99f, (r() % 1000) / 1000.f};
+        const float eta = etas[r() % std::size(etas)];
+        std::printf("-- random case %d of %d (seed %llu)\n", i + 1, run.cases, run.seed);
+        const What all{true, true, true, true};
+        switch (r() % 3) {
+            case 0: run_case<float>(bh, t, d, {eta}, all); break;
+            case 1: run_case<__half>(bh, t, d, {eta}, all); break;
+            default: run_case<__nv_bfloat16>(bh, t, d, {eta}, all); break;
+        }
+    }
+}
+
 int main(int argc, char** argv) {
     const bool quick = argc > 1 && std::string(argv[1]) == "quick";
     const auto start = std::chrono::steady_clock::now();
+    if (const auto run = random_run(argc, argv)) {
+        run_random(*run);
+        return finish(start);
+    }
     if (quick) {
         run_dtype_quick<float>(128);
         run_dtype_quick<__half>(256);

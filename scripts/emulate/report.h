@@ -7,6 +7,9 @@
 #include <cstdarg>
 #include <cstdio>
 #include <cstring>
+#include <initializer_list>
+#include <optional>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -74,4 +77,21 @@ static int finish(std::chrono::steady_clock::time_point start) {
     std::printf("%d comparison(s), %d failure(s); worst error / tolerance %.3f (%s); %.0f s\n", g_comparisons,
                 g_failures, g_worst, g_worst_what.c_str(), secs);
     return g_failures ? 1 : 0;
+}
+
+// `random N [seed]` on a driver's command line: N cases drawn at random from the seed (default
+// 40 cases, seed 1), beyond the driver's fixed matrix. Any seed replays exactly.
+struct RandomRun {
+    int cases;
+    unsigned long long seed;
+};
+static std::optional<RandomRun> random_run(int argc, char** argv) {
+    if (argc < 2 || std::string(argv[1]) != "random") return std::nullopt;
+    return RandomRun{argc > 2 ? std::atoi(argv[2]) : 40, argc > 3 ? std::strtoull(argv[3], nullptr, 10) : 1};
+}
+
+// A size in [lo, hi], half the time one of `edges` (where a kernel splits its work).
+static int pick_edge(std::mt19937_64& r, std::initializer_list<int> edges, int lo, int hi) {
+    if (r() % 2) return std::uniform_int_distribution<int>(lo, hi)(r);
+    return *(edges.begin() + r() % edges.size());
 }

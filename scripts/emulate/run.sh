@@ -13,6 +13,8 @@
 #   scripts/emulate/run.sh momentum_attention [quick]   (3 on an emulation error: deadlock,
 #                                                        out-of-range shared address,
 #                                                        out-of-bounds global access, ...)
+#   scripts/emulate/run.sh linear_attention random N S  N cases of random shapes and options from
+#                                                        seed S (every family but cast)
 #   EMU_SEED=7 scripts/emulate/run.sh ...               another order of blocks, and of warps
 #                                                        between barriers
 #   EMU_BLOCK_ORDER=sequential scripts/emulate/run.sh   blocks in x, y, z order (the default
