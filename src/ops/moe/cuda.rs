@@ -170,15 +170,20 @@ fn gram(
     r: usize,
     reference: bool,
 ) -> Result<CudaSlice<f32>> {
-    if !reference && n + r > GRAM_MAX_COLS {
+    if !reference && n.saturating_add(r) > GRAM_MAX_COLS {
         // The callers route wider systems to the host; launching would overrun the staging tile.
-        return Err(Error::invalid("moe (cuda)", "normal equations", "n + r > 256 on the tiled kernel (a bug)"));
+        return Err(Error::invalid(
+            "moe (cuda)",
+            "normal equations",
+            "n + r > 256 on the tiled kernel (a bug)",
+        ));
     }
-    let mut g = dev.alloc::<f32>(systems * n * (n + r))?;
+    // Saturating: a product past usize (wide x with no rows) is an allocation the device refuses.
+    let total = systems.saturating_mul(n).saturating_mul(n.saturating_add(r));
+    let mut g = dev.alloc::<f32>(total)?;
     let (ni, ri, si) = (n as i32, r as i32, systems as i32);
     if reference {
         let f = dev.function(MODULE, "normal_equations_reference_f32")?;
-        let total = systems * n * (n + r);
         let cfg = LaunchConfig {
             grid_dim: (total.div_ceil(256) as u32, 1, 1),
             block_dim: (256, 1, 1),
