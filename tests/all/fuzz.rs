@@ -6,10 +6,10 @@
 //! `Ok` output must have the documented shape, ids in range, and finite values when the case drew
 //! no NaN, ∞ or edge setting and the math is bounded (not linear attention's normaliser, which
 //! random signs can bring to ~0). Each case runs under `catch_unwind`; the test fails listing every
-//! failing case with its arguments. `METAKERNELS_FUZZ_CASES` sets the
-//! number of cases per entry point (default 200), `METAKERNELS_FUZZ_SEED` draws other cases, and
-//! `METAKERNELS_FUZZ_VERBOSE=1` prints each case before it runs (with `--nocapture`: to name
-//! one that aborts the process).
+//! failing case with its arguments. Every test has a CUDA twin (`*_on_cuda`), skipped without a
+//! GPU. `METAKERNELS_FUZZ_CASES` sets the number of cases per entry point (default 200 on the CPU,
+//! 50 on a GPU), `METAKERNELS_FUZZ_SEED` draws other cases, and `METAKERNELS_FUZZ_VERBOSE=1`
+//! prints each case before it runs (with `--nocapture`: to name one that aborts the process).
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -41,7 +41,12 @@ struct Fuzz {
 
 impl Fuzz {
     fn new(seed: u64, device: Device) -> Fuzz {
-        let cases = std::env::var("METAKERNELS_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
+        // Fewer by default on a GPU, whose first runs have minutes, not hours.
+        let default_cases = if device.is_cpu() { 200 } else { 50 };
+        let cases = std::env::var("METAKERNELS_FUZZ_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default_cases);
         let verbose = std::env::var("METAKERNELS_FUZZ_VERBOSE").is_ok_and(|v| v == "1");
         let base =
             std::env::var("METAKERNELS_FUZZ_SEED").ok().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
@@ -191,14 +196,29 @@ impl Fuzz {
     }
 }
 
-/// Runs a fuzz `body` with its own seed on the CPU, then on the GPU when there is one.
-fn on_every_device(test: &str, seed: u64, body: impl Fn(&mut Fuzz)) {
-    let devices = std::iter::once(Device::cpu()).chain(testing::cuda_or_skip(test));
-    for device in devices {
-        let mut f = Fuzz::new(seed, device);
-        body(&mut f);
-        f.finish(test);
-    }
+/// Runs a fuzz `body` with its own seed on `device`.
+fn fuzz_on(device: Device, test: &str, seed: u64, body: fn(&mut Fuzz)) {
+    let mut f = Fuzz::new(seed, device);
+    body(&mut f);
+    f.finish(test);
+}
+
+/// A CPU test and its CUDA twin (named `*_on_cuda`, so that scripts/gpu-run.sh gives it a
+/// process of its own, where a sticky CUDA error cannot reach other tests; skipped without a GPU).
+macro_rules! fuzz_tests {
+    ($cpu:ident, $cuda:ident, $seed:expr, $body:ident) => {
+        #[test]
+        fn $cpu() {
+            fuzz_on(Device::cpu(), stringify!($cpu), $seed, $body);
+        }
+
+        #[test]
+        fn $cuda() {
+            if let Some(gpu) = testing::cuda_or_skip(stringify!($cuda)) {
+                fuzz_on(gpu, stringify!($cuda), $seed, $body);
+            }
+        }
+    };
 }
 
 fn shapes(tensors: &[&Tensor]) -> String {
@@ -229,89 +249,88 @@ fn describe(what: impl Debug) -> String {
     format!("{what:?}")
 }
 
-#[test]
-fn linear_attention_never_panics() {
-    on_every_device("linear_attention_never_panics", 1, |f| {
-        for _ in 0..f.cases {
-            f.begin();
-            let (b, h, t) = (f.dim(2), f.dim(2), f.dim(9));
-            let (dk, dv) = (f.pick(&[1, 4, 16, 64, 256, 257]), f.pick(&[1, 3, 16, 64, 256, 257]));
-            let dtype = f.pick(&[DType::F32, DType::F16, DType::BF16]);
-            let la = LinearAttention {
-                causal: f.chance(0.5),
-                feature_map: f.pick(&[FeatureMap::Identity, FeatureMap::EluPlusOne, FeatureMap::Relu]),
-                normalize: f.chance(0.5),
-                scale: f.float(0.5) as f32,
-                eps: f.float(1e-6) as f32,
-            };
-            let q = f.tensor(&[b, h, t, dk], dtype, 0);
-            let k = f.tensor(&[b, h, t, dk], dtype, 0);
-            let v = f.tensor(&[b, h, t, dv], dtype, 0);
-            let g = f.tensor(&[b, h, t, dv], dtype, 0);
-            let s0 = f.tensor(&[b, h, dk, dv], DType::F32, 0);
-            let z0 = f.tensor(&[b, h, dk], DType::F32, 0);
-            let initial = f.chance(0.5).then_some(RecurrentState { state: &s0, normalizer: Some(&z0) });
-            let grad_final = f.chance(0.5).then_some(RecurrentState { state: &s0, normalizer: None });
-            let eta = f.float(0.5) as f32;
-            let args = format!("{la:?} q, k, v, g, s0, z0 = {}", shapes(&[&q, &k, &v, &g, &s0, &z0]));
-            let out_shape = [dim(&q, 0), dim(&q, 1), dim(&q, 2), dim(&v, 3)];
-            // Normalising divides by φ(q)·z + eps, which random signs (or z₀) can bring to ~0.
-            let bounded = f.clean && !la.normalize;
-            let state_shape = [dim(&q, 0), dim(&q, 1), dim(&q, 3), dim(&v, 3)];
-            f.run(
-                format!("forward {args} initial {}", initial.is_some()),
-                || la.forward(&q, &k, &v, initial),
-                |o| {
-                    has_shape(&o.output, &out_shape)
-                        && has_shape(&o.final_state, &state_shape)
-                        && finite_if(bounded, &[&o.output, &o.final_state])
-                },
-            );
-            f.run(
-                format!("backward {args} initial {} grad_final {}", initial.is_some(), grad_final.is_some()),
-                || la.backward(&q, &k, &v, initial, &g, grad_final),
-                |d| {
-                    has_shape(&d.dq, q.shape())
-                        && has_shape(&d.dv, &out_shape)
-                        && finite_if(bounded, &[&d.dq, &d.dk, &d.dv, &d.d_initial_state])
-                },
-            );
-            f.run(
-                format!("forward_with_momentum {args} eta {eta}"),
-                || la.forward_with_momentum(&q, &k, &v, eta),
-                |o| has_shape(o, &out_shape) && finite_if(bounded, &[o]),
-            );
-            f.run(
-                format!("backward_with_momentum {args} eta {eta}"),
-                || la.backward_with_momentum(&q, &k, &v, &g, eta),
-                |d| has_shape(&d.dk, k.shape()) && finite_if(bounded, &[&d.dq, &d.dk, &d.dv]),
-            );
+fuzz_tests!(linear_attention_never_panics, linear_attention_never_panics_on_cuda, 1, fuzz_linear_attention);
 
-            // Packed sequences: [1, H, ΣT, D] and their offsets.
-            let (qp, kp) = (f.tensor(&[1, h, t, dk], dtype, 0), f.tensor(&[1, h, t, dk], dtype, 0));
-            let (vp, gp) = (f.tensor(&[1, h, t, dv], dtype, 0), f.tensor(&[1, h, t, dv], dtype, 0));
-            let cu = cu_seqlens(f, t);
-            let sequences = cu.len().saturating_sub(1);
-            let sn = f.tensor(&[sequences, h, dk, dv], DType::F32, 0);
-            let varlen_initial = f.chance(0.5).then_some(RecurrentState { state: &sn, normalizer: None });
-            let args =
-                format!("{la:?} q, k, v, g, sn = {} cu_seqlens {cu:?}", shapes(&[&qp, &kp, &vp, &gp, &sn]));
-            let packed_out = [1, dim(&qp, 1), dim(&qp, 2), dim(&vp, 3)];
-            f.run(
-                format!("forward_varlen {args}"),
-                || la.forward_varlen(&qp, &kp, &vp, &cu, varlen_initial),
-                |o| {
-                    has_shape(&o.output, &packed_out)
-                        && has_shape(&o.final_state, &[sequences, dim(&qp, 1), dim(&qp, 3), dim(&vp, 3)])
-                },
-            );
-            f.run(
-                format!("backward_varlen {args}"),
-                || la.backward_varlen(&qp, &kp, &vp, &cu, varlen_initial, &gp, None),
-                |d| has_shape(&d.dq, qp.shape()),
-            );
-        }
-    });
+fn fuzz_linear_attention(f: &mut Fuzz) {
+    for _ in 0..f.cases {
+        f.begin();
+        let (b, h, t) = (f.dim(2), f.dim(2), f.dim(9));
+        let (dk, dv) = (f.pick(&[1, 4, 16, 64, 256, 257]), f.pick(&[1, 3, 16, 64, 256, 257]));
+        let dtype = f.pick(&[DType::F32, DType::F16, DType::BF16]);
+        let la = LinearAttention {
+            causal: f.chance(0.5),
+            feature_map: f.pick(&[FeatureMap::Identity, FeatureMap::EluPlusOne, FeatureMap::Relu]),
+            normalize: f.chance(0.5),
+            scale: f.float(0.5) as f32,
+            eps: f.float(1e-6) as f32,
+        };
+        let q = f.tensor(&[b, h, t, dk], dtype, 0);
+        let k = f.tensor(&[b, h, t, dk], dtype, 0);
+        let v = f.tensor(&[b, h, t, dv], dtype, 0);
+        let g = f.tensor(&[b, h, t, dv], dtype, 0);
+        let s0 = f.tensor(&[b, h, dk, dv], DType::F32, 0);
+        let z0 = f.tensor(&[b, h, dk], DType::F32, 0);
+        let initial = f.chance(0.5).then_some(RecurrentState { state: &s0, normalizer: Some(&z0) });
+        let grad_final = f.chance(0.5).then_some(RecurrentState { state: &s0, normalizer: None });
+        let eta = f.float(0.5) as f32;
+        let args = format!("{la:?} q, k, v, g, s0, z0 = {}", shapes(&[&q, &k, &v, &g, &s0, &z0]));
+        let out_shape = [dim(&q, 0), dim(&q, 1), dim(&q, 2), dim(&v, 3)];
+        // Normalising divides by φ(q)·z + eps, which random signs (or z₀) can bring to ~0.
+        let bounded = f.clean && !la.normalize;
+        let state_shape = [dim(&q, 0), dim(&q, 1), dim(&q, 3), dim(&v, 3)];
+        f.run(
+            format!("forward {args} initial {}", initial.is_some()),
+            || la.forward(&q, &k, &v, initial),
+            |o| {
+                has_shape(&o.output, &out_shape)
+                    && has_shape(&o.final_state, &state_shape)
+                    && finite_if(bounded, &[&o.output, &o.final_state])
+            },
+        );
+        f.run(
+            format!("backward {args} initial {} grad_final {}", initial.is_some(), grad_final.is_some()),
+            || la.backward(&q, &k, &v, initial, &g, grad_final),
+            |d| {
+                has_shape(&d.dq, q.shape())
+                    && has_shape(&d.dv, &out_shape)
+                    && finite_if(bounded, &[&d.dq, &d.dk, &d.dv, &d.d_initial_state])
+            },
+        );
+        f.run(
+            format!("forward_with_momentum {args} eta {eta}"),
+            || la.forward_with_momentum(&q, &k, &v, eta),
+            |o| has_shape(o, &out_shape) && finite_if(bounded, &[o]),
+        );
+        f.run(
+            format!("backward_with_momentum {args} eta {eta}"),
+            || la.backward_with_momentum(&q, &k, &v, &g, eta),
+            |d| has_shape(&d.dk, k.shape()) && finite_if(bounded, &[&d.dq, &d.dk, &d.dv]),
+        );
+
+        // Packed sequences: [1, H, ΣT, D] and their offsets.
+        let (qp, kp) = (f.tensor(&[1, h, t, dk], dtype, 0), f.tensor(&[1, h, t, dk], dtype, 0));
+        let (vp, gp) = (f.tensor(&[1, h, t, dv], dtype, 0), f.tensor(&[1, h, t, dv], dtype, 0));
+        let cu = cu_seqlens(f, t);
+        let sequences = cu.len().saturating_sub(1);
+        let sn = f.tensor(&[sequences, h, dk, dv], DType::F32, 0);
+        let varlen_initial = f.chance(0.5).then_some(RecurrentState { state: &sn, normalizer: None });
+        let args =
+            format!("{la:?} q, k, v, g, sn = {} cu_seqlens {cu:?}", shapes(&[&qp, &kp, &vp, &gp, &sn]));
+        let packed_out = [1, dim(&qp, 1), dim(&qp, 2), dim(&vp, 3)];
+        f.run(
+            format!("forward_varlen {args}"),
+            || la.forward_varlen(&qp, &kp, &vp, &cu, varlen_initial),
+            |o| {
+                has_shape(&o.output, &packed_out)
+                    && has_shape(&o.final_state, &[sequences, dim(&qp, 1), dim(&qp, 3), dim(&vp, 3)])
+            },
+        );
+        f.run(
+            format!("backward_varlen {args}"),
+            || la.backward_varlen(&qp, &kp, &vp, &cu, varlen_initial, &gp, None),
+            |d| has_shape(&d.dq, qp.shape()),
+        );
+    }
 }
 
 /// Packed-sequence offsets over `total` steps: valid most of the time, otherwise broken in one
@@ -337,328 +356,314 @@ fn cu_seqlens(f: &mut Fuzz, total: usize) -> Vec<usize> {
     cu
 }
 
-#[test]
-fn momentum_attention_never_panics() {
-    on_every_device("momentum_attention_never_panics", 2, |f| {
-        for _ in 0..f.cases {
-            f.begin();
-            let (b, h, t) = (f.dim(1), f.dim(2), f.dim(9));
-            let d = f.pick(&[64, 128, 256, 32, 65]);
-            let dtype = f.pick(&[DType::F32, DType::F16, DType::BF16]);
-            let normalize = f.chance(0.5);
-            let base = if f.chance(0.7) {
-                Base::Softmax { scale: f.chance(0.5).then(|| f.float(0.125) as f32) }
-            } else {
-                Base::Linear(LinearAttention { normalize, ..LinearAttention::default() })
-            };
-            let attn = MomentumAttention { eta: f.float(0.9) as f32, base };
-            let q = f.tensor(&[b, h, t, d], dtype, 0);
-            let k = f.tensor(&[b, h, t, d], dtype, 0);
-            let v = f.tensor(&[b, h, t, d], dtype, 0);
-            let g = f.tensor(&[b, h, t, d], dtype, 0);
-            let args = format!("{attn:?} q, k, v, g = {}", shapes(&[&q, &k, &v, &g]));
-            // D of v may differ from q's with the linear base (the linear family's rule).
-            let shape = &[dim(&q, 0), dim(&q, 1), dim(&q, 2), dim(&v, 3)];
-            let bounded = f.clean && !(normalize && matches!(attn.base, Base::Linear(_)));
-            f.run(
-                format!("forward {args}"),
-                || attn.forward(&q, &k, &v),
-                |o| has_shape(o, shape) && finite_if(bounded, &[o]),
-            );
-            f.run(
-                format!("backward {args}"),
-                || attn.backward(&q, &k, &v, &g),
-                |d| has_shape(&d.dq, q.shape()) && finite_if(bounded, &[&d.dq, &d.dk, &d.dv]),
-            );
-            let state = catch_unwind(AssertUnwindSafe(|| attn.forward_with_state(&q, &k, &v)));
-            match state {
-                Err(_) => f.failures.push(format!("panicked: forward_with_state {args}")),
-                Ok(Err(_)) => {}
-                Ok(Ok(state)) => {
-                    // The state handed to a module with η drawn again (refused when it differs),
-                    // with other q values (accepted: only shapes can be checked).
-                    let other = MomentumAttention { eta: f.float(0.9) as f32, ..attn.clone() };
-                    let q2 = f.tensor(&[b, h, t, d], dtype, 0);
-                    f.run(
-                        format!("backward_with_state {args} other {other:?} q2 {}", shapes(&[&q2])),
-                        || other.backward_with_state(&q2, &k, &v, &state, &g),
-                        |d| has_shape(&d.dv, shape),
-                    );
-                    f.run(format!("logsumexp {args}"), || state.logsumexp(), |l| has_shape(l, &shape[..3]));
-                }
+fuzz_tests!(
+    momentum_attention_never_panics,
+    momentum_attention_never_panics_on_cuda,
+    2,
+    fuzz_momentum_attention
+);
+
+fn fuzz_momentum_attention(f: &mut Fuzz) {
+    for _ in 0..f.cases {
+        f.begin();
+        let (b, h, t) = (f.dim(1), f.dim(2), f.dim(9));
+        let d = f.pick(&[64, 128, 256, 32, 65]);
+        let dtype = f.pick(&[DType::F32, DType::F16, DType::BF16]);
+        let normalize = f.chance(0.5);
+        let base = if f.chance(0.7) {
+            Base::Softmax { scale: f.chance(0.5).then(|| f.float(0.125) as f32) }
+        } else {
+            Base::Linear(LinearAttention { normalize, ..LinearAttention::default() })
+        };
+        let attn = MomentumAttention { eta: f.float(0.9) as f32, base };
+        let q = f.tensor(&[b, h, t, d], dtype, 0);
+        let k = f.tensor(&[b, h, t, d], dtype, 0);
+        let v = f.tensor(&[b, h, t, d], dtype, 0);
+        let g = f.tensor(&[b, h, t, d], dtype, 0);
+        let args = format!("{attn:?} q, k, v, g = {}", shapes(&[&q, &k, &v, &g]));
+        // D of v may differ from q's with the linear base (the linear family's rule).
+        let shape = &[dim(&q, 0), dim(&q, 1), dim(&q, 2), dim(&v, 3)];
+        let bounded = f.clean && !(normalize && matches!(attn.base, Base::Linear(_)));
+        f.run(
+            format!("forward {args}"),
+            || attn.forward(&q, &k, &v),
+            |o| has_shape(o, shape) && finite_if(bounded, &[o]),
+        );
+        f.run(
+            format!("backward {args}"),
+            || attn.backward(&q, &k, &v, &g),
+            |d| has_shape(&d.dq, q.shape()) && finite_if(bounded, &[&d.dq, &d.dk, &d.dv]),
+        );
+        let state = catch_unwind(AssertUnwindSafe(|| attn.forward_with_state(&q, &k, &v)));
+        match state {
+            Err(_) => f.failures.push(format!("panicked: forward_with_state {args}")),
+            Ok(Err(_)) => {}
+            Ok(Ok(state)) => {
+                // The state handed to a module with η drawn again (refused when it differs),
+                // with other q values (accepted: only shapes can be checked).
+                let other = MomentumAttention { eta: f.float(0.9) as f32, ..attn.clone() };
+                let q2 = f.tensor(&[b, h, t, d], dtype, 0);
+                f.run(
+                    format!("backward_with_state {args} other {other:?} q2 {}", shapes(&[&q2])),
+                    || other.backward_with_state(&q2, &k, &v, &state, &g),
+                    |d| has_shape(&d.dv, shape),
+                );
+                f.run(format!("logsumexp {args}"), || state.logsumexp(), |l| has_shape(l, &shape[..3]));
             }
         }
-    });
+    }
 }
 
-#[test]
-fn maml_never_panics() {
-    on_every_device("maml_never_panics", 3, |f| {
-        for _ in 0..f.cases {
-            f.begin();
-            let sizes: Vec<usize> = match f.rng.below(6) {
-                0 => vec![f.dim(3)],
-                1 => vec![f.dim(3), f.dim(2)],
-                _ => vec![f.dim(3), f.dim(5), f.dim(2)],
-            };
-            let mlp = Mlp {
-                sizes: sizes.clone(),
-                activation: f.pick(&[
-                    Activation::Relu,
-                    Activation::Tanh,
-                    Activation::Gelu,
-                    Activation::Softplus,
-                ]),
-                loss: f.pick(&[Loss::Mse, Loss::SoftmaxCrossEntropy]),
-            };
-            let (input, output) = (sizes[0], *sizes.last().unwrap());
-            let p = mlp.num_params();
-            let p = if p > 1 << 20 { 8 } else { p };
-            let (tasks, n) = (f.dim(3), f.dim(4));
-            let dtype = f.pick(&[DType::F32, DType::F64]);
-            let params =
-                if f.chance(0.5) { f.tensor(&[p], dtype, 0) } else { f.tensor(&[tasks, p], dtype, 0) };
-            let x = f.tensor(&[tasks, n, input], dtype, 0);
-            let y = match mlp.loss {
-                Loss::Mse => f.tensor(&[tasks, n, output], dtype, 0),
-                Loss::SoftmaxCrossEntropy => f.tensor(&[tasks, n], DType::U32, output as u32),
-            };
-            let v = f.tensor(&[tasks, p], dtype, 0);
-            let args = format!("{mlp:?} params, x, y, v = {}", shapes(&[&params, &x, &y, &v]));
-            let bounded = f.clean;
-            let seed = f.rng.next_u64();
-            let device = f.device.clone();
-            f.run(format!("init {args}"), || mlp.init(seed, dtype, &device), |t| has_shape(t, &[p]));
-            f.run(
-                format!("forward {args}"),
-                || mlp.forward(&params, &x),
-                |o| has_shape(o, &[dim(&x, 0), dim(&x, 1), output]) && finite_if(bounded, &[o]),
-            );
-            f.run(
-                format!("loss_and_grad {args}"),
-                || mlp.loss_and_grad(&params, &x, &y),
-                |(l, g)| {
-                    has_shape(l, &[dim(&x, 0)])
-                        && has_shape(g, &[dim(&x, 0), p])
-                        && finite_if(bounded, &[l, g])
-                },
-            );
-            f.run(
-                format!("hvp {args}"),
-                || mlp.hvp(&params, &x, &y, &v),
-                |h| has_shape(h, &[dim(&x, 0), p]) && finite_if(bounded, &[h]),
-            );
+fuzz_tests!(maml_never_panics, maml_never_panics_on_cuda, 3, fuzz_maml);
 
-            f.begin();
-            let (ns, nq) = (f.dim(3), f.dim(4));
-            let labels = |f: &mut Fuzz, rows: usize| match mlp.loss {
-                Loss::Mse => f.tensor(&[tasks, rows, output], dtype, 0),
-                Loss::SoftmaxCrossEntropy => f.tensor(&[tasks, rows], DType::U32, output as u32),
-            };
-            let batch = TaskBatch {
-                support_x: f.tensor(&[tasks, ns, input], dtype, 0),
-                support_y: labels(f, ns),
-                query_x: f.tensor(&[tasks, nq, input], dtype, 0),
-                query_y: labels(f, nq),
-            };
-            let theta = f.tensor(&[p], dtype, 0);
-            let maml = Maml {
-                inner_steps: f.count(2),
-                inner_lr: f.float(0.01),
-                order: f.pick(&[Order::First, Order::Second]),
-                return_adapted: f.chance(0.5),
-            };
-            let margs = format!(
-                "{maml:?} {mlp:?} theta {} batch {}",
-                shapes(&[&theta]),
-                shapes(&[&batch.support_x, &batch.support_y, &batch.query_x, &batch.query_y])
-            );
-            let bounded = f.clean;
-            f.run(
-                format!("meta_gradient {margs}"),
-                || maml.meta_gradient(&mlp, &theta, &batch),
-                |m| {
-                    has_shape(&m.grad, &[p])
-                        && has_shape(&m.per_task_loss, &[dim(&batch.support_x, 0)])
-                        && (!bounded || m.loss.is_finite())
-                        && finite_if(bounded, &[&m.grad, &m.per_task_loss])
-                },
-            );
-        }
-    });
+fn fuzz_maml(f: &mut Fuzz) {
+    for _ in 0..f.cases {
+        f.begin();
+        let sizes: Vec<usize> = match f.rng.below(6) {
+            0 => vec![f.dim(3)],
+            1 => vec![f.dim(3), f.dim(2)],
+            _ => vec![f.dim(3), f.dim(5), f.dim(2)],
+        };
+        let mlp = Mlp {
+            sizes: sizes.clone(),
+            activation: f.pick(&[Activation::Relu, Activation::Tanh, Activation::Gelu, Activation::Softplus]),
+            loss: f.pick(&[Loss::Mse, Loss::SoftmaxCrossEntropy]),
+        };
+        let (input, output) = (sizes[0], *sizes.last().unwrap());
+        let p = mlp.num_params();
+        let p = if p > 1 << 20 { 8 } else { p };
+        let (tasks, n) = (f.dim(3), f.dim(4));
+        let dtype = f.pick(&[DType::F32, DType::F64]);
+        let params = if f.chance(0.5) { f.tensor(&[p], dtype, 0) } else { f.tensor(&[tasks, p], dtype, 0) };
+        let x = f.tensor(&[tasks, n, input], dtype, 0);
+        let y = match mlp.loss {
+            Loss::Mse => f.tensor(&[tasks, n, output], dtype, 0),
+            Loss::SoftmaxCrossEntropy => f.tensor(&[tasks, n], DType::U32, output as u32),
+        };
+        let v = f.tensor(&[tasks, p], dtype, 0);
+        let args = format!("{mlp:?} params, x, y, v = {}", shapes(&[&params, &x, &y, &v]));
+        let bounded = f.clean;
+        let seed = f.rng.next_u64();
+        let device = f.device.clone();
+        f.run(format!("init {args}"), || mlp.init(seed, dtype, &device), |t| has_shape(t, &[p]));
+        f.run(
+            format!("forward {args}"),
+            || mlp.forward(&params, &x),
+            |o| has_shape(o, &[dim(&x, 0), dim(&x, 1), output]) && finite_if(bounded, &[o]),
+        );
+        f.run(
+            format!("loss_and_grad {args}"),
+            || mlp.loss_and_grad(&params, &x, &y),
+            |(l, g)| {
+                has_shape(l, &[dim(&x, 0)]) && has_shape(g, &[dim(&x, 0), p]) && finite_if(bounded, &[l, g])
+            },
+        );
+        f.run(
+            format!("hvp {args}"),
+            || mlp.hvp(&params, &x, &y, &v),
+            |h| has_shape(h, &[dim(&x, 0), p]) && finite_if(bounded, &[h]),
+        );
+
+        f.begin();
+        let (ns, nq) = (f.dim(3), f.dim(4));
+        let labels = |f: &mut Fuzz, rows: usize| match mlp.loss {
+            Loss::Mse => f.tensor(&[tasks, rows, output], dtype, 0),
+            Loss::SoftmaxCrossEntropy => f.tensor(&[tasks, rows], DType::U32, output as u32),
+        };
+        let batch = TaskBatch {
+            support_x: f.tensor(&[tasks, ns, input], dtype, 0),
+            support_y: labels(f, ns),
+            query_x: f.tensor(&[tasks, nq, input], dtype, 0),
+            query_y: labels(f, nq),
+        };
+        let theta = f.tensor(&[p], dtype, 0);
+        let maml = Maml {
+            inner_steps: f.count(2),
+            inner_lr: f.float(0.01),
+            order: f.pick(&[Order::First, Order::Second]),
+            return_adapted: f.chance(0.5),
+        };
+        let margs = format!(
+            "{maml:?} {mlp:?} theta {} batch {}",
+            shapes(&[&theta]),
+            shapes(&[&batch.support_x, &batch.support_y, &batch.query_x, &batch.query_y])
+        );
+        let bounded = f.clean;
+        f.run(
+            format!("meta_gradient {margs}"),
+            || maml.meta_gradient(&mlp, &theta, &batch),
+            |m| {
+                has_shape(&m.grad, &[p])
+                    && has_shape(&m.per_task_loss, &[dim(&batch.support_x, 0)])
+                    && (!bounded || m.loss.is_finite())
+                    && finite_if(bounded, &[&m.grad, &m.per_task_loss])
+            },
+        );
+    }
 }
 
-#[test]
-fn kmeans_never_panics() {
-    on_every_device("kmeans_never_panics", 4, |f| {
-        for _ in 0..f.cases {
-            f.begin();
-            let (n, d, k) = (f.dim(40), f.dim(3), f.dim(4));
-            let dtype = f.pick(&[DType::F32, DType::F16, DType::BF16]);
-            let metric = f.pick(&[Metric::SquaredL2, Metric::MeanL1]);
-            let x = f.tensor(&[n, d], dtype, 0);
-            let c = f.tensor(&[k, d], DType::F32, 0);
-            let a = f.tensor(&[n], DType::U32, k as u32);
-            let kc = f.count(k);
-            let args = format!("x, c, a = {} k {kc} {metric:?}", shapes(&[&x, &c, &a]));
-            let bounded = f.clean;
-            let assigned = |(a, dist): &(Tensor, Tensor)| {
-                has_shape(a, &[dim(&x, 0)]) && ids_below(a, dim(&c, 0)) && finite_if(bounded, &[dist])
-            };
-            f.run(format!("assign {args}"), || kmeans::assign(&x, &c, metric), assigned);
-            f.run(
-                format!("reference::assign {args}"),
-                || kmeans::reference::assign(&x, &c, metric),
-                assigned,
-            );
-            let means =
-                |(c, _): &(Tensor, Tensor)| has_shape(c, &[kc, dim(&x, 1)]) && finite_if(bounded, &[c]);
-            f.run(format!("update {args}"), || kmeans::update(&x, &a, kc), means);
-            f.run(format!("reference::update {args}"), || kmeans::reference::update(&x, &a, kc), means);
-            f.run(
-                format!("sort_by_cluster {args}"),
-                || kmeans::sort_by_cluster(&a, kc),
-                |(o, off)| has_shape(o, a.shape()) && has_shape(off, &[kc.saturating_add(1)]),
-            );
-            f.run(
-                format!("reference::sort_by_cluster {args}"),
-                || kmeans::reference::sort_by_cluster(&a, kc),
-                |(o, _)| has_shape(o, a.shape()),
-            );
-            let seed = f.rng.next_u64();
-            let init = match f.rng.below(3) {
-                0 => Init::KMeansPlusPlus { seed },
-                1 => Init::Random { seed },
-                _ => Init::Given(c.clone()),
-            };
-            let fit = KMeans::new(kc).max_iter(f.count(5)).tol(f.float(1e-4)).metric(metric).init(init);
-            let fit_args = format!("{} x {}", describe(&fit), shapes(&[&x]));
-            let bounded = f.clean;
-            f.run(
-                format!("fit {fit_args}"),
-                || fit.fit(&x),
-                |r| {
-                    has_shape(&r.centroids, &[kc, dim(&x, 1)])
-                        && has_shape(&r.assignment, &[dim(&x, 0)])
-                        && ids_below(&r.assignment, kc)
-                        && finite_if(bounded, &[&r.centroids])
-                        && (!bounded || r.inertia.is_finite())
-                },
-            );
-        }
-    });
+fuzz_tests!(kmeans_never_panics, kmeans_never_panics_on_cuda, 4, fuzz_kmeans);
+
+fn fuzz_kmeans(f: &mut Fuzz) {
+    for _ in 0..f.cases {
+        f.begin();
+        let (n, d, k) = (f.dim(40), f.dim(3), f.dim(4));
+        let dtype = f.pick(&[DType::F32, DType::F16, DType::BF16]);
+        let metric = f.pick(&[Metric::SquaredL2, Metric::MeanL1]);
+        let x = f.tensor(&[n, d], dtype, 0);
+        let c = f.tensor(&[k, d], DType::F32, 0);
+        let a = f.tensor(&[n], DType::U32, k as u32);
+        let kc = f.count(k);
+        let args = format!("x, c, a = {} k {kc} {metric:?}", shapes(&[&x, &c, &a]));
+        let bounded = f.clean;
+        let assigned = |(a, dist): &(Tensor, Tensor)| {
+            has_shape(a, &[dim(&x, 0)]) && ids_below(a, dim(&c, 0)) && finite_if(bounded, &[dist])
+        };
+        f.run(format!("assign {args}"), || kmeans::assign(&x, &c, metric), assigned);
+        f.run(format!("reference::assign {args}"), || kmeans::reference::assign(&x, &c, metric), assigned);
+        let means = |(c, _): &(Tensor, Tensor)| has_shape(c, &[kc, dim(&x, 1)]) && finite_if(bounded, &[c]);
+        f.run(format!("update {args}"), || kmeans::update(&x, &a, kc), means);
+        f.run(format!("reference::update {args}"), || kmeans::reference::update(&x, &a, kc), means);
+        f.run(
+            format!("sort_by_cluster {args}"),
+            || kmeans::sort_by_cluster(&a, kc),
+            |(o, off)| has_shape(o, a.shape()) && has_shape(off, &[kc.saturating_add(1)]),
+        );
+        f.run(
+            format!("reference::sort_by_cluster {args}"),
+            || kmeans::reference::sort_by_cluster(&a, kc),
+            |(o, _)| has_shape(o, a.shape()),
+        );
+        let seed = f.rng.next_u64();
+        let init = match f.rng.below(3) {
+            0 => Init::KMeansPlusPlus { seed },
+            1 => Init::Random { seed },
+            _ => Init::Given(c.clone()),
+        };
+        let fit = KMeans::new(kc).max_iter(f.count(5)).tol(f.float(1e-4)).metric(metric).init(init);
+        let fit_args = format!("{} x {}", describe(&fit), shapes(&[&x]));
+        let bounded = f.clean;
+        f.run(
+            format!("fit {fit_args}"),
+            || fit.fit(&x),
+            |r| {
+                has_shape(&r.centroids, &[kc, dim(&x, 1)])
+                    && has_shape(&r.assignment, &[dim(&x, 0)])
+                    && ids_below(&r.assignment, kc)
+                    && finite_if(bounded, &[&r.centroids])
+                    && (!bounded || r.inertia.is_finite())
+            },
+        );
+    }
 }
 
-#[test]
-fn moe_never_panics() {
-    on_every_device("moe_never_panics", 5, |f| {
-        for _ in 0..f.cases {
-            f.begin();
-            let (n, d, e, r) = (f.dim(30), f.dim(4), f.dim(3), f.dim(2));
-            let dtype = f.pick(&[DType::F32, DType::F16, DType::BF16, DType::F64]);
-            let x = f.tensor(&[n, d], dtype, 0);
-            let c = f.tensor(&[e, d], DType::F32, 0);
-            let logits = f.tensor(&[n, e], DType::F32, 0);
-            let args = format!("x, c, logits = {}", shapes(&[&x, &c, &logits]));
-            f.run(
-                format!("route_top1 {args}"),
-                || moe::route_top1(&x, &c, Metric::SquaredL2),
-                |r| r.num_tokens() == dim(&x, 0) && ids_below(r.expert(), dim(&c, 0)),
-            );
-            let bounded = f.clean;
-            f.run(
-                format!("route_top1_logits {args}"),
-                || moe::route_top1_logits(&logits),
-                |r| {
-                    r.num_tokens() == dim(&logits, 0)
-                        && ids_below(r.expert(), dim(&logits, 1))
-                        && r.gate_probs().is_some_and(|p| finite_if(bounded, &[p]))
-                },
-            );
+fuzz_tests!(moe_never_panics, moe_never_panics_on_cuda, 5, fuzz_moe);
 
-            // Parts of a real routing, or random ones (mostly inconsistent).
-            let (expert, order, offsets) = match moe::route_top1_logits(&logits) {
-                Ok(r) if f.chance(0.5) => (r.expert().clone(), r.order().clone(), r.offsets().clone()),
-                _ => (
-                    f.tensor(&[n], DType::U32, e as u32),
-                    f.tensor(&[n], DType::U32, n as u32),
-                    f.tensor(&[e + 1], DType::U32, n as u32 + 1),
-                ),
-            };
-            let parts = format!("expert, order, offsets = {}", shapes(&[&expert, &order, &offsets]));
-            f.run(
-                format!("Routing::from_parts {parts}"),
-                || Routing::from_parts(&expert, &order, &offsets),
-                |_| true,
-            );
+fn fuzz_moe(f: &mut Fuzz) {
+    for _ in 0..f.cases {
+        f.begin();
+        let (n, d, e, r) = (f.dim(30), f.dim(4), f.dim(3), f.dim(2));
+        let dtype = f.pick(&[DType::F32, DType::F16, DType::BF16, DType::F64]);
+        let x = f.tensor(&[n, d], dtype, 0);
+        let c = f.tensor(&[e, d], DType::F32, 0);
+        let logits = f.tensor(&[n, e], DType::F32, 0);
+        let args = format!("x, c, logits = {}", shapes(&[&x, &c, &logits]));
+        f.run(
+            format!("route_top1 {args}"),
+            || moe::route_top1(&x, &c, Metric::SquaredL2),
+            |r| r.num_tokens() == dim(&x, 0) && ids_below(r.expert(), dim(&c, 0)),
+        );
+        let bounded = f.clean;
+        f.run(
+            format!("route_top1_logits {args}"),
+            || moe::route_top1_logits(&logits),
+            |r| {
+                r.num_tokens() == dim(&logits, 0)
+                    && ids_below(r.expert(), dim(&logits, 1))
+                    && r.gate_probs().is_some_and(|p| finite_if(bounded, &[p]))
+            },
+        );
 
-            let Ok(routing) = moe::route_top1_logits(&f.tensor(&[n, e], DType::F32, 0)) else { continue };
-            let tokens = routing.num_tokens();
-            let weights = f.tensor(&[tokens], DType::F32, 0);
-            let y = f.tensor(&[n, r], dtype, 0);
-            let ridge = f.float(1e-3);
-            let args = format!(
-                "{args} routing of {tokens} tokens, weights, y = {} ridge {ridge}",
-                shapes(&[&weights, &y])
-            );
-            let use_weights = f.chance(0.5);
-            let bounded = f.clean;
-            f.run(
-                format!("dispatch {args}"),
-                || moe::dispatch(&x, &routing),
-                |g| has_shape(g, x.shape()) && finite_if(bounded, &[g]),
-            );
-            f.run(
-                format!("combine {args} weighted {use_weights}"),
-                || moe::combine(&x, &routing, use_weights.then_some(&weights)),
-                |g| has_shape(g, x.shape()) && finite_if(bounded, &[g]),
-            );
-            f.run(
-                format!("lstsq {args}"),
-                || moe::lstsq(&x, &y, ridge),
-                |w| has_shape(w, &solution_shape(&x, &y)) && finite_if(bounded, &[w]),
-            );
-            f.run(
-                format!("grouped_lstsq {args}"),
-                || moe::grouped_lstsq(&x, &y, &routing, ridge),
-                |w| {
-                    has_shape(w, &[routing.num_experts(), dim(&x, 1), dim(&y, 1)]) && finite_if(bounded, &[w])
-                },
-            );
+        // Parts of a real routing, or random ones (mostly inconsistent).
+        let (expert, order, offsets) = match moe::route_top1_logits(&logits) {
+            Ok(r) if f.chance(0.5) => (r.expert().clone(), r.order().clone(), r.offsets().clone()),
+            _ => (
+                f.tensor(&[n], DType::U32, e as u32),
+                f.tensor(&[n], DType::U32, n as u32),
+                f.tensor(&[e + 1], DType::U32, n as u32 + 1),
+            ),
+        };
+        let parts = format!("expert, order, offsets = {}", shapes(&[&expert, &order, &offsets]));
+        f.run(
+            format!("Routing::from_parts {parts}"),
+            || Routing::from_parts(&expert, &order, &offsets),
+            |_| true,
+        );
 
-            f.begin();
-            let contexts = f.tensor(&[e * 4, d], DType::F32, 0);
-            let losses = f.tensor(&[e * 4, r], DType::F32, 0);
-            let warm = f.tensor(&[r, d], DType::F32, 0);
-            let gate = MixerGate {
-                max_iter: f.count(5),
-                tol: f.float(1e-4),
-                noise_std: f.float(1e-4),
-                seed: f.rng.next_u64(),
-                ridge: f.float(0.0),
-            };
-            let use_warm = f.chance(0.5);
-            let gargs = format!(
-                "{gate:?} contexts, losses, warm = {} warm {use_warm}",
-                shapes(&[&contexts, &losses, &warm])
-            );
-            let bounded = f.clean;
-            f.run(
-                format!("MixerGate::update {gargs}"),
-                || gate.update(&contexts, &losses, use_warm.then_some(&warm)),
-                |u| u.weights.as_ref().is_none_or(|w| finite_if(bounded, &[w])),
-            );
-            let w = f.tensor(&[d + 1, r], DType::F32, 0);
-            let wargs = format!("weights, contexts = {}", shapes(&[&w, &contexts]));
-            let bounded = f.clean;
-            f.run(
-                format!("MixerGate::logits {wargs}"),
-                || MixerGate::logits(&w, &contexts),
-                |l| has_shape(l, &[dim(&contexts, 0), dim(&w, 1)]) && finite_if(bounded, &[l]),
-            );
-            f.run(format!("MixerGate::route {wargs}"), || MixerGate::route(&w, &contexts), |_| true);
-        }
-    });
+        let Ok(routing) = moe::route_top1_logits(&f.tensor(&[n, e], DType::F32, 0)) else { continue };
+        let tokens = routing.num_tokens();
+        let weights = f.tensor(&[tokens], DType::F32, 0);
+        let y = f.tensor(&[n, r], dtype, 0);
+        let ridge = f.float(1e-3);
+        let args = format!(
+            "{args} routing of {tokens} tokens, weights, y = {} ridge {ridge}",
+            shapes(&[&weights, &y])
+        );
+        let use_weights = f.chance(0.5);
+        let bounded = f.clean;
+        f.run(
+            format!("dispatch {args}"),
+            || moe::dispatch(&x, &routing),
+            |g| has_shape(g, x.shape()) && finite_if(bounded, &[g]),
+        );
+        f.run(
+            format!("combine {args} weighted {use_weights}"),
+            || moe::combine(&x, &routing, use_weights.then_some(&weights)),
+            |g| has_shape(g, x.shape()) && finite_if(bounded, &[g]),
+        );
+        f.run(
+            format!("lstsq {args}"),
+            || moe::lstsq(&x, &y, ridge),
+            |w| has_shape(w, &solution_shape(&x, &y)) && finite_if(bounded, &[w]),
+        );
+        f.run(
+            format!("grouped_lstsq {args}"),
+            || moe::grouped_lstsq(&x, &y, &routing, ridge),
+            |w| has_shape(w, &[routing.num_experts(), dim(&x, 1), dim(&y, 1)]) && finite_if(bounded, &[w]),
+        );
+
+        f.begin();
+        let contexts = f.tensor(&[e * 4, d], DType::F32, 0);
+        let losses = f.tensor(&[e * 4, r], DType::F32, 0);
+        let warm = f.tensor(&[r, d], DType::F32, 0);
+        let gate = MixerGate {
+            max_iter: f.count(5),
+            tol: f.float(1e-4),
+            noise_std: f.float(1e-4),
+            seed: f.rng.next_u64(),
+            ridge: f.float(0.0),
+        };
+        let use_warm = f.chance(0.5);
+        let gargs = format!(
+            "{gate:?} contexts, losses, warm = {} warm {use_warm}",
+            shapes(&[&contexts, &losses, &warm])
+        );
+        let bounded = f.clean;
+        f.run(
+            format!("MixerGate::update {gargs}"),
+            || gate.update(&contexts, &losses, use_warm.then_some(&warm)),
+            |u| u.weights.as_ref().is_none_or(|w| finite_if(bounded, &[w])),
+        );
+        let w = f.tensor(&[d + 1, r], DType::F32, 0);
+        let wargs = format!("weights, contexts = {}", shapes(&[&w, &contexts]));
+        let bounded = f.clean;
+        f.run(
+            format!("MixerGate::logits {wargs}"),
+            || MixerGate::logits(&w, &contexts),
+            |l| has_shape(l, &[dim(&contexts, 0), dim(&w, 1)]) && finite_if(bounded, &[l]),
+        );
+        f.run(format!("MixerGate::route {wargs}"), || MixerGate::route(&w, &contexts), |_| true);
+    }
 }
 
 /// `[..., n, r]` for `x: [..., M, n]` and `y: [..., M, r]`.
@@ -669,29 +674,28 @@ fn solution_shape(x: &Tensor, y: &Tensor) -> Vec<usize> {
     shape
 }
 
-#[test]
-fn tensor_never_panics() {
-    on_every_device("tensor_never_panics", 6, |f| {
-        for _ in 0..f.cases {
-            f.begin();
-            let cols = f.dim(4);
-            let shape = f.shape(&[3, cols]);
-            let dtype = f.dtype(DType::F32);
-            let t = f.tensor(&shape, dtype, 7);
-            let to = f.dtype(DType::F16);
-            let new_shape = f.shape(&[t.numel()]);
-            let args = format!("{} to {to:?} reshape {new_shape:?}", shapes(&[&t]));
-            f.run(format!("to_dtype {args}"), || t.to_dtype(to), |o| o.shape() == t.shape());
-            f.run(format!("reshape {args}"), || t.reshape(&new_shape), |o| has_shape(o, &new_shape));
-            f.run(format!("to_vec::<f32> {args}"), || t.to_vec::<f32>(), |v| v.len() == t.numel());
-            let rows = f.dim(3);
-            let zeros_shape = f.shape(&[rows, 2]);
-            let device = f.device.clone();
-            f.run(
-                format!("zeros {zeros_shape:?} {dtype:?}"),
-                || Tensor::zeros(&zeros_shape, dtype, &device),
-                |z| has_shape(z, &zeros_shape),
-            );
-        }
-    });
+fuzz_tests!(tensor_never_panics, tensor_never_panics_on_cuda, 6, fuzz_tensor);
+
+fn fuzz_tensor(f: &mut Fuzz) {
+    for _ in 0..f.cases {
+        f.begin();
+        let cols = f.dim(4);
+        let shape = f.shape(&[3, cols]);
+        let dtype = f.dtype(DType::F32);
+        let t = f.tensor(&shape, dtype, 7);
+        let to = f.dtype(DType::F16);
+        let new_shape = f.shape(&[t.numel()]);
+        let args = format!("{} to {to:?} reshape {new_shape:?}", shapes(&[&t]));
+        f.run(format!("to_dtype {args}"), || t.to_dtype(to), |o| o.shape() == t.shape());
+        f.run(format!("reshape {args}"), || t.reshape(&new_shape), |o| has_shape(o, &new_shape));
+        f.run(format!("to_vec::<f32> {args}"), || t.to_vec::<f32>(), |v| v.len() == t.numel());
+        let rows = f.dim(3);
+        let zeros_shape = f.shape(&[rows, 2]);
+        let device = f.device.clone();
+        f.run(
+            format!("zeros {zeros_shape:?} {dtype:?}"),
+            || Tensor::zeros(&zeros_shape, dtype, &device),
+            |z| has_shape(z, &zeros_shape),
+        );
+    }
 }
