@@ -22,6 +22,25 @@ use crate::{DType, Device, Error, Result, Tensor};
 const OP: &str = "MixerGate::update";
 
 /// MixER's gate update. [`Default`] gives MixER's settings.
+///
+/// ```
+/// use metakernels::moe::MixerGate;
+/// use metakernels::{Device, Tensor};
+/// # fn main() -> metakernels::Result<()> {
+/// let dev = Device::cpu();
+/// // Six environments in two families (contexts near 0 and near 5). Expert 1 has the low loss
+/// // on the first family, expert 0 on the second.
+/// let contexts = Tensor::from_slice(&[0.0f32, 0.1, 0.2, 5.0, 5.1, 5.2], &[6, 1], &dev)?;
+/// let losses = [0.9f32, 0.1, 0.8, 0.2, 0.9, 0.1, 0.1, 0.9, 0.2, 0.8, 0.1, 0.9];
+/// let losses = Tensor::from_slice(&losses, &[6, 2], &dev)?;
+/// let update = MixerGate::default().update(&contexts, &losses, None)?;
+/// assert!(update.skipped.is_none());
+/// // The new gate sends each family to its expert.
+/// let weights = update.weights.expect("an update that was not skipped has weights");
+/// let routing = MixerGate::route(&weights, &contexts)?;
+/// assert_eq!(routing.expert().to_vec::<u32>()?, vec![1, 1, 1, 0, 0, 0]);
+/// # Ok(()) }
+/// ```
 #[derive(Clone, Debug)]
 pub struct MixerGate {
     /// K-means iterations (MixER: 20).

@@ -266,6 +266,24 @@ pub fn combine(grouped: &Tensor, routing: &Routing, weights: Option<&Tensor>) ->
 /// eigendecomposition (Jacobi, f64, on the host), dropping eigenvalues below the same relative
 /// threshold: the minimum-norm solution `W = pinv(X)·Y`. An expert with no rows and ridge 0
 /// gets W = 0.
+///
+/// ```
+/// use metakernels::{moe, Device, Tensor};
+/// # fn main() -> metakernels::Result<()> {
+/// let dev = Device::cpu();
+/// // Two systems of 3 rows (a batch dimension of 2): y = 2·x₀ − x₁ in the first, x₀ + 3·x₁ in
+/// // the second, with no noise, so least squares recovers the weights.
+/// let x = [1.0f32, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 1.0, 1.0, -1.0];
+/// let y = [2.0f32, -1.0, 1.0, 7.0, 5.0, -2.0];
+/// let x = Tensor::from_slice(&x, &[2, 3, 2], &dev)?;
+/// let y = Tensor::from_slice(&y, &[2, 3, 1], &dev)?;
+/// let w = moe::lstsq(&x, &y, 0.0)?; // [2, 2, 1]
+/// let want = [2.0f32, -1.0, 1.0, 3.0];
+/// for (got, want) in w.to_vec::<f32>()?.iter().zip(want) {
+///     assert!((got - want).abs() < 1e-5);
+/// }
+/// # Ok(()) }
+/// ```
 pub fn lstsq(x: &Tensor, y: &Tensor, ridge: f64) -> Result<Tensor> {
     const OP: &str = "moe::lstsq";
     check_ridge(ridge, OP)?;
