@@ -98,6 +98,9 @@ write_summary cpu-tests
 echo "== CUDA tests, one process each (limit ${test_seconds}s)"
 any_failed=$cpu_rc
 gpu_tests=$("$bin/test-all" --list 2>/dev/null | sed -n 's/: test$//p' | grep -Ei 'cuda|gpu')
+# The kernels' own tests first; the API fuzz's CUDA twins (robustness, not correctness) last, so
+# that a short budget spends itself on the kernels.
+gpu_tests="$(grep -v '^fuzz::' <<< "$gpu_tests") $(grep '^fuzz::' <<< "$gpu_tests")"
 for name in $gpu_tests; do
   t0=$(date +%s)
   log="$out/tests/${name//::/__}.log"  # no colons in file names that travel back
