@@ -139,6 +139,32 @@ fn cuda_round_trips_and_zero_copy() {
     assert!(Device::cuda(0).unwrap().same_as(&dev), "clones share one device");
 }
 
+/// Every public type crosses threads (a data-parallel caller holds them in worker threads), and
+/// the error type works with `?` into `Box<dyn Error + Send + Sync>` / anyhow.
+#[test]
+fn public_types_are_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync + 'static>() {}
+    use metakernels::{kmeans, linear_attention as la, maml, moe, momentum_attention as ma};
+    assert_send_sync::<Error>();
+    assert_send_sync::<Box<dyn std::error::Error + Send + Sync>>();
+    let _: fn(Error) -> Box<dyn std::error::Error + Send + Sync> = |e| e.into();
+    assert_send_sync::<la::LinearAttention>();
+    assert_send_sync::<la::LinearAttentionOutput>();
+    assert_send_sync::<la::LinearAttentionGrads>();
+    assert_send_sync::<ma::MomentumAttention>();
+    assert_send_sync::<ma::MomentumAttentionState>();
+    assert_send_sync::<ma::MomentumAttentionGrads>();
+    assert_send_sync::<maml::Mlp>();
+    assert_send_sync::<maml::Maml>();
+    assert_send_sync::<maml::TaskBatch>();
+    assert_send_sync::<maml::MetaGradient>();
+    assert_send_sync::<kmeans::KMeans>();
+    assert_send_sync::<kmeans::KMeansFit>();
+    assert_send_sync::<moe::Routing>();
+    assert_send_sync::<moe::MixerGate>();
+    assert_send_sync::<moe::GateUpdate>();
+}
+
 #[test]
 fn devices_are_send_sync_and_usable_from_threads() {
     fn assert_send_sync<T: Send + Sync>() {}
