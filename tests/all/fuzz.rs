@@ -7,7 +7,8 @@
 //! no NaN, ∞ or edge setting and the math is bounded (not linear attention's normaliser, which
 //! random signs can bring to ~0). Each case runs under `catch_unwind`; the test fails listing every
 //! failing case with its arguments. Every test has a CUDA twin (`*_on_cuda`), skipped without a
-//! GPU. `METAKERNELS_FUZZ_CASES` sets the number of cases per entry point (default 200 on the CPU,
+//! GPU, where each clean case's outputs must also agree with the same call on host copies of the
+//! inputs: random shapes for the kernels, checked against the CPU fallbacks. `METAKERNELS_FUZZ_CASES` sets the number of cases per entry point (default 200 on the CPU,
 //! 50 on a GPU), `METAKERNELS_FUZZ_SEED` draws other cases, and `METAKERNELS_FUZZ_VERBOSE=1`
 //! prints each case before it runs (with `--nocapture`: to name one that aborts the process).
 
@@ -172,9 +173,9 @@ impl Fuzz {
                 self.failures.push(format!("panicked ({message}): {case}"));
             }
             Ok(Err(e)) if e.to_string().is_empty() => self.failures.push(format!("empty error: {case}")),
-            Ok(Ok(out)) if !check(&out) => {
-                self.failures.push(format!("Ok, wrong shape or not finite: {case}"))
-            }
+            Ok(Ok(out)) if !check(&out) => self.failures.push(format!(
+                "Ok, but the output's shape, ids, finiteness or agreement with the host is off: {case}"
+            )),
             Ok(_) => {}
         }
     }
@@ -234,6 +235,45 @@ fn finite_if(expected: bool, tensors: &[&Tensor]) -> bool {
     !expected || tensors.iter().all(|t| testing::to_f64(t).is_ok_and(|v| v.iter().all(|x| x.is_finite())))
 }
 
+/// A host copy of a (device) tensor.
+fn host(t: &Tensor) -> Tensor {
+    t.to_device(&Device::cpu()).expect("a copy to the host")
+}
+
+/// A host copy of a routing.
+fn host_routing(r: &Routing) -> Routing {
+    Routing::from_parts(&host(r.expert()), &host(r.order()), &host(r.offsets())).expect("a valid routing")
+}
+
+/// The relative L2 error a device result may have against the same call on the host.
+fn host_tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::F64 => 1e-9,
+        DType::F32 => 1e-4,
+        _ => 2e-2,
+    }
+}
+
+/// On a GPU, for a clean case: each of `got` (a device call's outputs) agrees with the same call
+/// on host copies of the inputs (`on_host`) within `tol`. Always true on the CPU: the CUDA twins
+/// turn the fuzz into random-shape checks of the kernels against the CPU fallbacks.
+fn agrees_with_host(
+    clean: bool,
+    got: &[&Tensor],
+    on_host: impl FnOnce() -> Result<Vec<Tensor>>,
+    tol: f64,
+) -> bool {
+    if !clean || got.first().is_none_or(|t| t.device().is_cpu()) {
+        return true;
+    }
+    let Ok(want) = on_host() else { return false };
+    want.len() == got.len()
+        && got.iter().zip(&want).all(|(g, w)| match (testing::to_f64(g), testing::to_f64(w)) {
+            (Ok(g), Ok(w)) => testing::rel_error(&g, &w) <= tol,
+            _ => false,
+        })
+}
+
 /// Every id of a u32 tensor below `bound`.
 fn ids_below(t: &Tensor, bound: usize) -> bool {
     t.to_vec::<u32>().is_ok_and(|ids| ids.iter().all(|&i| (i as usize) < bound))
@@ -282,18 +322,33 @@ fn fuzz_linear_attention(f: &mut Fuzz) {
             format!("forward {args} initial {}", initial.is_some()),
             || la.forward(&q, &k, &v, initial),
             |o| {
+                let on_host = || {
+                    let (s0, z0) = (host(&s0), host(&z0));
+                    let initial = initial.map(|_| RecurrentState { state: &s0, normalizer: Some(&z0) });
+                    let o = la.forward(&host(&q), &host(&k), &host(&v), initial)?;
+                    Ok(vec![o.output, o.final_state])
+                };
                 has_shape(&o.output, &out_shape)
                     && has_shape(&o.final_state, &state_shape)
                     && finite_if(bounded, &[&o.output, &o.final_state])
+                    && agrees_with_host(bounded, &[&o.output, &o.final_state], on_host, host_tolerance(dtype))
             },
         );
         f.run(
             format!("backward {args} initial {} grad_final {}", initial.is_some(), grad_final.is_some()),
             || la.backward(&q, &k, &v, initial, &g, grad_final),
             |d| {
+                let on_host = || {
+                    let (s0, z0) = (host(&s0), host(&z0));
+                    let initial = initial.map(|_| RecurrentState { state: &s0, normalizer: Some(&z0) });
+                    let grad_final = grad_final.map(|_| RecurrentState { state: &s0, normalizer: None });
+                    let d = la.backward(&host(&q), &host(&k), &host(&v), initial, &host(&g), grad_final)?;
+                    Ok(vec![d.dq, d.dk, d.dv])
+                };
                 has_shape(&d.dq, q.shape())
                     && has_shape(&d.dv, &out_shape)
                     && finite_if(bounded, &[&d.dq, &d.dk, &d.dv, &d.d_initial_state])
+                    && agrees_with_host(bounded, &[&d.dq, &d.dk, &d.dv], on_host, host_tolerance(dtype))
             },
         );
         f.run(
@@ -413,12 +468,25 @@ fn fuzz_momentum_attention(f: &mut Fuzz) {
         f.run(
             format!("forward {args}"),
             || attn.forward(&q, &k, &v),
-            |o| has_shape(o, shape) && finite_if(bounded, &[o]),
+            |o| {
+                let on_host = || Ok(vec![attn.forward(&host(&q), &host(&k), &host(&v))?]);
+                has_shape(o, shape)
+                    && finite_if(bounded, &[o])
+                    && agrees_with_host(bounded, &[o], on_host, host_tolerance(dtype))
+            },
         );
         f.run(
             format!("backward {args}"),
             || attn.backward(&q, &k, &v, &g),
-            |d| has_shape(&d.dq, q.shape()) && finite_if(bounded, &[&d.dq, &d.dk, &d.dv]),
+            |d| {
+                let on_host = || {
+                    let d = attn.backward(&host(&q), &host(&k), &host(&v), &host(&g))?;
+                    Ok(vec![d.dq, d.dk, d.dv])
+                };
+                has_shape(&d.dq, q.shape())
+                    && finite_if(bounded, &[&d.dq, &d.dk, &d.dv])
+                    && agrees_with_host(bounded, &[&d.dq, &d.dk, &d.dv], on_host, host_tolerance(dtype))
+            },
         );
         // The benchmarks' unfused baseline, and on a GPU the tests' reference kernel.
         f.run(
@@ -488,19 +556,36 @@ fn fuzz_maml(f: &mut Fuzz) {
         f.run(
             format!("forward {args}"),
             || mlp.forward(&params, &x),
-            |o| has_shape(o, &[dim(&x, 0), dim(&x, 1), output]) && finite_if(bounded, &[o]),
+            |o| {
+                let on_host = || Ok(vec![mlp.forward(&host(&params), &host(&x))?]);
+                has_shape(o, &[dim(&x, 0), dim(&x, 1), output])
+                    && finite_if(bounded, &[o])
+                    && agrees_with_host(bounded, &[o], on_host, host_tolerance(dtype))
+            },
         );
         f.run(
             format!("loss_and_grad {args}"),
             || mlp.loss_and_grad(&params, &x, &y),
             |(l, g)| {
-                has_shape(l, &[dim(&x, 0)]) && has_shape(g, &[dim(&x, 0), p]) && finite_if(bounded, &[l, g])
+                let on_host = || {
+                    let (l, g) = mlp.loss_and_grad(&host(&params), &host(&x), &host(&y))?;
+                    Ok(vec![l, g])
+                };
+                has_shape(l, &[dim(&x, 0)])
+                    && has_shape(g, &[dim(&x, 0), p])
+                    && finite_if(bounded, &[l, g])
+                    && agrees_with_host(bounded, &[l, g], on_host, host_tolerance(dtype))
             },
         );
         f.run(
             format!("hvp {args}"),
             || mlp.hvp(&params, &x, &y, &v),
-            |h| has_shape(h, &[dim(&x, 0), p]) && finite_if(bounded, &[h]),
+            |h| {
+                let on_host = || Ok(vec![mlp.hvp(&host(&params), &host(&x), &host(&y), &host(&v))?]);
+                has_shape(h, &[dim(&x, 0), p])
+                    && finite_if(bounded, &[h])
+                    && agrees_with_host(bounded, &[h], on_host, host_tolerance(dtype))
+            },
         );
 
         f.begin();
@@ -532,8 +617,19 @@ fn fuzz_maml(f: &mut Fuzz) {
             format!("meta_gradient {margs}"),
             || maml.meta_gradient(&mlp, &theta, &batch),
             |m| {
+                let on_host = || {
+                    let batch = TaskBatch {
+                        support_x: host(&batch.support_x),
+                        support_y: host(&batch.support_y),
+                        query_x: host(&batch.query_x),
+                        query_y: host(&batch.query_y),
+                    };
+                    let m = maml.meta_gradient(&mlp, &host(&theta), &batch)?;
+                    Ok(vec![m.grad, m.per_task_loss])
+                };
                 has_shape(&m.grad, &[p])
                     && has_shape(&m.per_task_loss, &[dim(&batch.support_x, 0)])
+                    && agrees_with_host(bounded, &[&m.grad, &m.per_task_loss], on_host, host_tolerance(dtype))
                     && (!bounded || m.loss.is_finite())
                     && finite_if(bounded, &[&m.grad, &m.per_task_loss])
             },
@@ -562,12 +658,26 @@ fn fuzz_kmeans(f: &mut Fuzz) {
         let kc = f.count(k);
         let args = format!("x, c, a = {} k {kc} {metric:?}", shapes(&[&x, &c, &a]));
         let bounded = f.clean;
+        // On a GPU the distances must match the host's (labels may differ at near-ties).
+        let tol = host_tolerance(dtype);
         let assigned = |(a, dist): &(Tensor, Tensor)| {
-            has_shape(a, &[dim(&x, 0)]) && ids_below(a, dim(&c, 0)) && finite_if(bounded, &[dist])
+            let on_host = || Ok(vec![kmeans::assign(&host(&x), &host(&c), metric)?.1]);
+            has_shape(a, &[dim(&x, 0)])
+                && ids_below(a, dim(&c, 0))
+                && finite_if(bounded, &[dist])
+                && agrees_with_host(bounded, &[dist], on_host, tol)
         };
         f.run(format!("assign {args}"), || kmeans::assign(&x, &c, metric), assigned);
         f.run(format!("reference::assign {args}"), || kmeans::reference::assign(&x, &c, metric), assigned);
-        let means = |(c, _): &(Tensor, Tensor)| has_shape(c, &[kc, dim(&x, 1)]) && finite_if(bounded, &[c]);
+        let means = |(c, counts): &(Tensor, Tensor)| {
+            let on_host = || {
+                let (c, counts) = kmeans::update(&host(&x), &host(&a), kc)?;
+                Ok(vec![c, counts])
+            };
+            has_shape(c, &[kc, dim(&x, 1)])
+                && finite_if(bounded, &[c])
+                && agrees_with_host(bounded, &[c, counts], on_host, tol)
+        };
         f.run(format!("update {args}"), || kmeans::update(&x, &a, kc), means);
         f.run(format!("reference::update {args}"), || kmeans::reference::update(&x, &a, kc), means);
         f.run(
@@ -660,12 +770,29 @@ fn fuzz_moe(f: &mut Fuzz) {
         f.run(
             format!("dispatch {args}"),
             || moe::dispatch(&x, &routing),
-            |g| has_shape(g, x.shape()) && finite_if(bounded, &[g]),
+            |g| {
+                let on_host = || Ok(vec![moe::dispatch(&host(&x), &host_routing(&routing))?]);
+                has_shape(g, x.shape())
+                    && finite_if(bounded, &[g])
+                    && agrees_with_host(bounded, &[g], on_host, 0.0)
+            },
         );
         f.run(
             format!("combine {args} weighted {use_weights}"),
             || moe::combine(&x, &routing, use_weights.then_some(&weights)),
-            |g| has_shape(g, x.shape()) && finite_if(bounded, &[g]),
+            |g| {
+                let on_host = || {
+                    let weights = host(&weights);
+                    Ok(vec![moe::combine(
+                        &host(&x),
+                        &host_routing(&routing),
+                        use_weights.then_some(&weights),
+                    )?])
+                };
+                has_shape(g, x.shape())
+                    && finite_if(bounded, &[g])
+                    && agrees_with_host(bounded, &[g], on_host, 1e-6)
+            },
         );
         f.run(
             format!("lstsq {args}"),
@@ -727,7 +854,12 @@ fn fuzz_moe(f: &mut Fuzz) {
         f.run(
             format!("MixerGate::logits {wargs}"),
             || MixerGate::logits(&w, &contexts),
-            |l| has_shape(l, &[dim(&contexts, 0), dim(&w, 1)]) && finite_if(bounded, &[l]),
+            |l| {
+                let on_host = || Ok(vec![MixerGate::logits(&host(&w), &host(&contexts))?]);
+                has_shape(l, &[dim(&contexts, 0), dim(&w, 1)])
+                    && finite_if(bounded, &[l])
+                    && agrees_with_host(bounded, &[l], on_host, 1e-6)
+            },
         );
         f.run(format!("MixerGate::route {wargs}"), || MixerGate::route(&w, &contexts), |_| true);
     }
