@@ -118,7 +118,7 @@ fn numel_of(shape: &[usize]) -> usize {
 
 /// The element count of a requested shape, or `None` when it overflows usize (a zero dimension
 /// makes it 0 whatever the others).
-fn checked_numel(shape: &[usize]) -> Option<usize> {
+pub(crate) fn checked_numel(shape: &[usize]) -> Option<usize> {
     if shape.contains(&0) {
         return Some(0);
     }

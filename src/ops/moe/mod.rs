@@ -319,7 +319,7 @@ pub fn lstsq(x: &Tensor, y: &Tensor, ridge: f64) -> Result<Tensor> {
 fn batch_segments(x: &Tensor, op: &'static str) -> Result<Vec<(usize, usize)>> {
     let rank = x.rank();
     let m = x.shape()[rank - 2];
-    let Some(batch) = x.shape()[..rank - 2].iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)) else {
+    let Some(batch) = crate::tensor::checked_numel(&x.shape()[..rank - 2]) else {
         return Err(Error::shape(
             op,
             "x",
