@@ -5,11 +5,12 @@
 //! behind them. Each call must return `Ok` or a typed error whose message is not empty, and an
 //! `Ok` output must have the documented shape, ids in range, and finite values when the case drew
 //! no NaN, ∞ or edge setting and the math is bounded (not linear attention's normaliser, which
-//! random signs can bring to ~0). Each case runs under `catch_unwind`; the test fails listing every
-//! failing case with its arguments. Every test has a CUDA twin (`*_on_cuda`), skipped without a
-//! GPU, where each clean case's outputs must also agree with the same call on host copies of the
-//! inputs: random shapes for the kernels, checked against the CPU fallbacks. `METAKERNELS_FUZZ_CASES` sets the number of cases per entry point (default 200 on the CPU,
-//! 50 on a GPU), `METAKERNELS_FUZZ_SEED` draws other cases, and `METAKERNELS_FUZZ_VERBOSE=1`
+//! random signs can bring to ~0). No call, `Ok` or not, may change an input's values. Each case
+//! runs under `catch_unwind`; the test fails listing every failing case with its arguments. Every
+//! test has a CUDA twin (`*_on_cuda`), skipped without a GPU, where each clean case's outputs must
+//! also agree with the same call on host copies of the inputs: random shapes for the kernels,
+//! checked against the CPU fallbacks. `METAKERNELS_FUZZ_CASES` sets the number of cases per entry
+//! point (default 200 on the CPU, 50 on a GPU), `METAKERNELS_FUZZ_SEED` draws other cases, and `METAKERNELS_FUZZ_VERBOSE=1`
 //! prints each case before it runs (with `--nocapture`: to name one that aborts the process).
 
 use std::collections::BTreeMap;
@@ -38,6 +39,9 @@ struct Fuzz {
     failures: Vec<String>,
     /// (Ok, Err) counts per entry point: the cases must reach past validation too.
     outcomes: BTreeMap<String, (usize, usize)>,
+    /// The case's input tensors and their values when drawn: no call may change an input (a
+    /// kernel that used one as scratch, or wrote past its own output into it, would).
+    inputs: Vec<(Tensor, Vec<f64>)>,
 }
 
 impl Fuzz {
@@ -52,12 +56,38 @@ impl Fuzz {
         let base =
             std::env::var("METAKERNELS_FUZZ_SEED").ok().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
         let rng = Rng::new(seed ^ base.wrapping_mul(0x9E37_79B9));
-        Fuzz { device, rng, clean: true, cases, verbose, failures: Vec::new(), outcomes: BTreeMap::new() }
+        Fuzz {
+            device,
+            rng,
+            clean: true,
+            cases,
+            verbose,
+            failures: Vec::new(),
+            outcomes: BTreeMap::new(),
+            inputs: Vec::new(),
+        }
     }
 
     /// Starts drawing one case's arguments.
     fn begin(&mut self) {
         self.clean = true;
+        self.inputs.clear();
+    }
+
+    /// Records `t`'s values as drawn, to be checked after every call of the case.
+    fn watch(&mut self, t: Tensor) -> Tensor {
+        let values = testing::to_f64(&host(&t)).expect("an input's values");
+        self.inputs.push((t.clone(), values));
+        t
+    }
+
+    /// Each watched input still holds the values it was drawn with (NaN where it held NaN).
+    fn inputs_unchanged(&self) -> bool {
+        let same = |a: &f64, b: &f64| a == b || (a.is_nan() && b.is_nan());
+        self.inputs.iter().all(|(t, drawn)| {
+            testing::to_f64(&host(t))
+                .is_ok_and(|now| now.len() == drawn.len() && now.iter().zip(drawn).all(|(a, b)| same(a, b)))
+        })
     }
 
     fn chance(&mut self, p: f64) -> bool {
@@ -141,7 +171,8 @@ impl Fuzz {
         if dtype == DType::U32 {
             let bound = if self.chance(0.9) { ids_below.max(1) } else { ids_below.saturating_add(2) };
             let ids: Vec<u32> = (0..n).map(|_| self.rng.below(bound as u64) as u32).collect();
-            return Tensor::from_vec(ids, &shape, &self.device).expect("u32 tensor");
+            let ids = Tensor::from_vec(ids, &shape, &self.device).expect("u32 tensor");
+            return self.watch(ids);
         }
         let mut values = self.rng.normal_vec(n);
         if n > 0 && self.chance(0.1) {
@@ -149,10 +180,12 @@ impl Fuzz {
             values[at] = self.pick(&[f64::NAN, f64::INFINITY, f64::NEG_INFINITY, 1e30]);
             self.clean = false;
         }
-        testing::from_f64(&values, &shape, dtype, &self.device).expect("float tensor").0
+        let t = testing::from_f64(&values, &shape, dtype, &self.device).expect("float tensor").0;
+        self.watch(t)
     }
 
-    /// Runs one case; records a panic, an empty error message, or an `Ok` that `check` rejects.
+    /// Runs one case; records a panic, an empty error message, an `Ok` that `check` rejects, or
+    /// an input that the call changed (whether it returned `Ok` or not).
     fn run<T>(&mut self, case: String, call: impl FnOnce() -> Result<T>, check: impl FnOnce(&T) -> bool) {
         if self.verbose {
             eprintln!("fuzz: {case}");
@@ -177,6 +210,9 @@ impl Fuzz {
                 "Ok, but the output's shape, ids, finiteness or agreement with the host is off: {case}"
             )),
             Ok(_) => {}
+        }
+        if !self.inputs_unchanged() {
+            self.failures.push(format!("an input changed: {case}"));
         }
     }
 
