@@ -222,6 +222,89 @@ fn varlen_matches_reference_forward_and_backward() {
     }
 }
 
+/// Rows `start..end` of every head of a packed `[1, H, ΣT, D]` tensor, as `[1, H, end − start, D]`.
+fn packed_rows(x: &Tensor, start: usize, end: usize) -> Tensor {
+    let (h, total, d) = (x.shape()[1], x.shape()[2], x.shape()[3]);
+    let all = x.to_vec::<f32>().expect("host");
+    let rows: Vec<f32> =
+        (0..h).flat_map(|hh| all[(hh * total + start) * d..(hh * total + end) * d].to_vec()).collect();
+    Tensor::from_vec(rows, &[1, h, end - start, d], x.device()).expect("rows")
+}
+
+/// Entry `i` of a tensor's leading (sequence) dimension, keeping the dimension.
+fn leading(x: &Tensor, i: usize) -> Tensor {
+    let all = x.to_vec::<f32>().expect("host");
+    let each = all.len() / x.shape()[0];
+    let mut shape = x.shape().to_vec();
+    shape[0] = 1;
+    Tensor::from_vec(all[i * each..(i + 1) * each].to_vec(), &shape, x.device()).expect("entry")
+}
+
+/// Packed sequences give, bit for bit up to rounding, what separate calls on each sequence
+/// give: outputs, final states and normalisers forward; dq, dk, dv and the initial-state
+/// gradients backward (with and without a gradient on the final state), for every feature map,
+/// causal or not, normalised or not.
+#[test]
+fn varlen_equals_separate_calls() {
+    varlen_equals_separate_calls_on(&Device::cpu(), 1e-6);
+}
+
+/// [`varlen_equals_separate_calls`] on `dev`, within relative error `tol`.
+pub fn varlen_equals_separate_calls_on(dev: &Device, tol: f64) {
+    set_poisoning(true);
+    let dev = dev.clone();
+    let cu = [0usize, 1, 65, 130, 200];
+    let (h, total, dk, dv) = (2, 200, 5, 3);
+    let n = cu.len() - 1;
+    let mut seed = 700;
+    for fm in FEATURE_MAPS {
+        for causal in [true, false] {
+            for normalize in [false, true] {
+                seed += 1;
+                let cfg = layer(fm, causal, normalize);
+                let c = Case::new([1, h, total], dk, dv, n * h, true, normalize, DType::F32, &dev, seed);
+                let mut rng = Rng::new(seed);
+                let (go, _) = tensor(&rng.normal_vec(h * total * dv), &[1, h, total, dv], DType::F32, &dev);
+                let (gs, _) = tensor(&rng.normal_vec(n * h * dk * dv), &[n, h, dk, dv], DType::F32, &dev);
+                let (gz, _) = tensor(&rng.normal_vec(n * h * dk), &[n, h, dk], DType::F32, &dev);
+                let with_final = seed % 2 == 0;
+                let grad_final = with_final.then_some(RecurrentState { state: &gs, normalizer: Some(&gz) });
+                let packed = cfg.forward_varlen(&c.q, &c.k, &c.v, &cu, c.initial()).expect("varlen forward");
+                let packed_grads = cfg
+                    .backward_varlen(&c.q, &c.k, &c.v, &cu, c.initial(), &go, grad_final)
+                    .expect("varlen backward");
+                let (s0, z0) = (c.s0.as_ref().expect("state"), c.z0.as_ref().expect("normaliser"));
+                for i in 0..n {
+                    let (start, end) = (cu[i], cu[i + 1]);
+                    let rows = |x: &Tensor| packed_rows(x, start, end);
+                    let (q, k, v) = (rows(&c.q), rows(&c.k), rows(&c.v));
+                    let (s0, z0) = (leading(s0, i), leading(z0, i));
+                    let initial = Some(RecurrentState { state: &s0, normalizer: Some(&z0) });
+                    let (gs, gz) = (leading(&gs, i), leading(&gz, i));
+                    let grad_final =
+                        with_final.then_some(RecurrentState { state: &gs, normalizer: Some(&gz) });
+                    let one = cfg.forward(&q, &k, &v, initial).expect("forward");
+                    let grads = cfg.backward(&q, &k, &v, initial, &rows(&go), grad_final).expect("backward");
+                    let what = |name: &str| format!("{cfg:?} sequence {i} (rows {start}..{end}) {name}");
+                    let pairs = [
+                        ("output", rows(&packed.output), one.output),
+                        ("final state", leading(&packed.final_state, i), one.final_state),
+                        ("final normaliser", leading(&packed.final_normalizer, i), one.final_normalizer),
+                        ("dq", rows(&packed_grads.dq), grads.dq),
+                        ("dk", rows(&packed_grads.dk), grads.dk),
+                        ("dv", rows(&packed_grads.dv), grads.dv),
+                        ("dS0", leading(&packed_grads.d_initial_state, i), grads.d_initial_state),
+                        ("dz0", leading(&packed_grads.d_initial_normalizer, i), grads.d_initial_normalizer),
+                    ];
+                    for (name, from_packed, alone) in pairs {
+                        assert_close(&what(name), &f64s(&from_packed), &f64s(&alone), tol);
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Compares a backward against float64 central finite differences of
 /// L = Σ w_o·o + Σ w_S·S_T + Σ w_z·z_T (with the final-state terms unless momentum is on).
 #[allow(clippy::too_many_arguments)]
@@ -283,20 +366,23 @@ fn backward_matches_finite_differences() {
 /// Wide heads, where the backward's chunk products leave the GEMM's scalar paths: Dv + 1 = 65
 /// (normalised) leaves one column past the 32-wide register blocks, Dk = 33 and 40 ragged ones,
 /// and T = 129 / 97 / 64 end on a one-row chunk, a 33-row one (a full row block and one row) and
-/// an exact chunk. Whole finite differences would take minutes at these sizes: the gradient is
-/// checked at every row on either side of each chunk and row-block boundary, at the edge
-/// columns of each 32-wide block, and at a sample of S_0 and z_0.
+/// an exact chunk; Dk = 200, Dv = 256 is the widest head the API takes, there without a
+/// gradient on the final state (the `None` path). Whole finite differences would take minutes at
+/// these sizes: the gradient is checked at every row on either side of each chunk and row-block
+/// boundary, at the edge columns of each 32-, 64- and 128-wide block, and at a sample of S_0 and
+/// z_0.
 #[test]
 fn backward_wide_heads_at_chunk_and_row_block_boundaries() {
     set_poisoning(true);
     let dev = Device::cpu();
     let cases = [
-        (129, 33, 64, FeatureMap::EluPlusOne),
-        (97, 40, 31, FeatureMap::Relu),
-        (64, 32, 32, FeatureMap::Identity),
+        (129, 33, 64, FeatureMap::EluPlusOne, true),
+        (97, 40, 31, FeatureMap::Relu, true),
+        (64, 32, 32, FeatureMap::Identity, true),
+        (40, 200, 256, FeatureMap::EluPlusOne, false),
     ];
     let mut seed = 900;
-    for (t, dk, dv, fm) in cases {
+    for (t, dk, dv, fm, with_final) in cases {
         for causal in [true, false] {
             for normalize in [false, true] {
                 seed += 1;
@@ -306,10 +392,9 @@ fn backward_wide_heads_at_chunk_and_row_block_boundaries() {
                 let (go, wo) = tensor(&rng.normal_vec(t * dv), &[1, 1, t, dv], DType::F32, &dev);
                 let (gs, ws) = tensor(&rng.normal_vec(dk * dv), &[1, 1, dk, dv], DType::F32, &dev);
                 let (gz, wz) = tensor(&rng.normal_vec(dk), &[1, 1, dk], DType::F32, &dev);
-                let final_grad = RecurrentState { state: &gs, normalizer: Some(&gz) };
-                let grads =
-                    cfg.backward(&c.q, &c.k, &c.v, c.initial(), &go, Some(final_grad)).expect("backward");
-                let w = LossWeights { wo, ws: Some(ws), wz: Some(wz) };
+                let final_grad = with_final.then_some(RecurrentState { state: &gs, normalizer: Some(&gz) });
+                let grads = cfg.backward(&c.q, &c.k, &c.v, c.initial(), &go, final_grad).expect("backward");
+                let w = LossWeights { wo, ws: with_final.then_some(ws), wz: with_final.then_some(wz) };
                 let segs = dense_segments(1, t);
                 let near = |bound: usize, marks: &[usize]| -> Vec<usize> {
                     let mut v: Vec<usize> = marks
@@ -335,7 +420,7 @@ fn backward_wide_heads_at_chunk_and_row_block_boundaries() {
                 for (name, pick, got, nrows, width) in picks {
                     let got = f64s(got);
                     let rows = if nrows == t { rows.clone() } else { near(nrows, &[32]) };
-                    let cols = near(width, &[32]);
+                    let cols = near(width, &[32, 64, 128]);
                     let (mut out, mut fd) = (Vec::new(), Vec::new());
                     for &r in &rows {
                         for &col in &cols {
@@ -346,7 +431,8 @@ fn backward_wide_heads_at_chunk_and_row_block_boundaries() {
                             ));
                         }
                     }
-                    assert_close(&format!("{cfg:?} T={t} Dk={dk} Dv={dv} {name}"), &out, &fd, 1e-4);
+                    let what = format!("{cfg:?} T={t} Dk={dk} Dv={dv} final gradient {with_final} {name}");
+                    assert_close(&what, &out, &fd, 1e-4);
                 }
             }
         }

@@ -262,6 +262,13 @@ fn cuda_varlen_matches_reference() {
     }
 }
 
+/// Packed sequences on the GPU equal separate GPU calls, forward and backward.
+#[test]
+fn cuda_varlen_equals_separate_calls() {
+    let Some(gpu) = cuda_or_skip("cuda_varlen_equals_separate_calls") else { return };
+    super::varlen_equals_separate_calls_on(&gpu, 1e-5);
+}
+
 /// The unfused quadratic baseline of the benchmarks (scores, then output) against float64, so
 /// that a benchmark ratio is never taken against a wrong result.
 #[test]
