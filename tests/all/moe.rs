@@ -358,6 +358,29 @@ fn cuda_moe_matches_cpu() {
 /// Least squares on the device beyond the well-conditioned case: the 1024 systems of
 /// 64×16 (fast vs reference kernel vs float64), a rank-deficient system (flagged on chip, solved
 /// by the host's minimum-norm path), and grouped_lstsq with an expert that gets no rows.
+/// A CPU tensor beside GPU ones is a `DeviceMismatch` in every moe operation.
+#[test]
+fn cuda_mixed_devices_are_errors() {
+    let Some(gpu) = testing::cuda_or_skip("cuda_mixed_devices_are_errors") else { return };
+    let x = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.5], &[2, 2], &cpu()).unwrap();
+    let xg = x.to_device(&gpu).unwrap();
+    let logits = Tensor::from_slice(&[1.0f32, 0.0, 0.0, 1.0], &[2, 2], &cpu()).unwrap();
+    let on_cpu = moe::route_top1_logits(&logits).unwrap();
+    let on_gpu = moe::route_top1_logits(&logits.to_device(&gpu).unwrap()).unwrap();
+    let mismatch = |what: &str, e: Option<Error>| {
+        assert!(matches!(e, Some(Error::DeviceMismatch { .. })), "{what}: {e:?}");
+    };
+    mismatch("route_top1", moe::route_top1(&xg, &x, Metric::SquaredL2).err());
+    mismatch("dispatch", moe::dispatch(&xg, &on_cpu).err());
+    mismatch("combine", moe::combine(&x, &on_gpu, None).err());
+    let w = Tensor::from_slice(&[0.5f32, 2.0], &[2], &cpu()).unwrap();
+    mismatch("combine weights", moe::combine(&xg, &on_gpu, Some(&w)).err());
+    mismatch("lstsq", moe::lstsq(&xg, &x, 0.0).err());
+    let e = Tensor::from_slice(&[0u32, 1], &[2], &cpu()).unwrap();
+    let off = Tensor::from_slice(&[0u32, 1, 2], &[3], &gpu).unwrap();
+    mismatch("from_parts", Routing::from_parts(&e, &e.to_device(&gpu).unwrap(), &off).err());
+}
+
 #[test]
 fn cuda_lstsq_rank_deficient_and_grouped() {
     let Some(gpu) = testing::cuda_or_skip("cuda_lstsq_rank_deficient_and_grouped") else { return };

@@ -6,7 +6,7 @@ use metakernels::linear_attention::{
     FeatureMap, KernelPath, LinearAttention, LinearAttentionGrads, RecurrentState,
 };
 use metakernels::testing::{assert_close, cuda_or_skip, tolerance, Rng};
-use metakernels::{DType, Device, Tensor};
+use metakernels::{DType, Device, Error, Tensor};
 
 use super::reference::{self, dense_segments, varlen_segments};
 use super::{f64s, tensor, Case, DTYPES, FEATURE_MAPS};
@@ -287,4 +287,27 @@ fn cuda_quadratic_baseline_matches_reference() {
             }
         }
     }
+}
+
+/// A tensor on the CPU beside tensors on the GPU is a `DeviceMismatch`, wherever it is: an
+/// input, the initial state, the output gradient, the final-state gradient.
+#[test]
+fn cuda_mixed_devices_are_errors() {
+    let Some(gpu) = cuda_or_skip("cuda_mixed_devices_are_errors") else { return };
+    let cfg = layer(FeatureMap::EluPlusOne, true, true);
+    let (dk, dv) = (4, 3);
+    let c = Case::new([1, 2, 10], dk, dv, 2, true, true, DType::F32, &gpu, 61);
+    let host = Case::new([1, 2, 10], dk, dv, 2, true, true, DType::F32, &Device::cpu(), 61);
+    let mismatch = |what: &str, e: Option<Error>| {
+        assert!(matches!(e, Some(Error::DeviceMismatch { .. })), "{what}: {e:?}");
+    };
+    mismatch("cpu k", cfg.forward(&c.q, &host.k, &c.v, c.initial()).err());
+    mismatch("cpu v", cfg.forward(&c.q, &c.k, &host.v, c.initial()).err());
+    mismatch("cpu initial state", cfg.forward(&c.q, &c.k, &c.v, host.initial()).err());
+    mismatch("cpu varlen v", cfg.forward_varlen(&c.q, &c.k, &host.v, &[0, 4, 10], None).err());
+    let go = c.v.clone();
+    mismatch("cpu grad_output", cfg.backward(&c.q, &c.k, &c.v, None, &host.v, None).err());
+    let (s, z) = (host.s0.as_ref().expect("state"), host.z0.as_ref().expect("normaliser"));
+    let final_grad = Some(RecurrentState { state: s, normalizer: Some(z) });
+    mismatch("cpu final-state gradient", cfg.backward(&c.q, &c.k, &c.v, None, &go, final_grad).err());
 }
