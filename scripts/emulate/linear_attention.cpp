@@ -381,8 +381,12 @@ static void run_random(RandomRun run) {
         const bool causal = r() % 2, normalize = dk > 1 && r() % 2, momentum = causal && r() % 4 == 0;
         Opts o{(int)(r() % 3), causal, normalize, 0.7f, 1e-3f, momentum ? 0.05f + 0.9f * (r() % 100) / 100.f : -1.f};
         // Normalised with only one-step segments, φ(q) cancels the same way (o = v·s/(s + eps)):
-        // dq and dk are ~1e-6, f16 subnormals, where one unit in the last place is 4%.
-        if (normalize && *std::max_element(lens.begin(), lens.end()) == 1) lens[0] = 2;
+        // dq and dk are ~1e-6, f16 subnormals, where one unit in the last place is 4%. With two
+        // steps, dq rests on the second row alone, a difference of nearly equal terms (o_2 is a
+        // weighted mean of v_1 and v_2): on 0.5% of draws its f32 value is off by 1e-4 to 2e-3
+        // against float64, in the reference kernel as much as in the fast one (seed 13 drew one:
+        // Dk = 226, Dv = 63, T = 2). Three steps: none in 1000 draws.
+        if (normalize && *std::max_element(lens.begin(), lens.end()) < 3) lens[0] = 3;
         const bool s0 = !momentum && r() % 2, bwd = r() % 2;
         const int off = r() % 4 == 0;
         std::printf("-- random case %d of %d (seed %llu)\n", i + 1, run.cases, run.seed);
