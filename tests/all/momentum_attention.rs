@@ -178,6 +178,45 @@ fn large_magnitude_logits_stay_finite() {
     }
 }
 
+/// Logits that overflow f32 to −∞ (finite inputs of 1e20 whose products pass f32's range) weigh
+/// nothing, as in float64 where they are finite and hugely negative: here every key of the
+/// last row's first key tile (the online softmax's first step: a running max of −∞ and the new
+/// max −∞ must not make −∞ − −∞ = NaN), with finite keys after it.
+#[test]
+fn logits_overflowing_to_minus_infinity_weigh_nothing() {
+    logits_overflowing_to_minus_infinity_on(&Device::cpu());
+}
+
+/// [`logits_overflowing_to_minus_infinity_weigh_nothing`] on `device`.
+pub fn logits_overflowing_to_minus_infinity_on(device: &Device) {
+    testing::set_poisoning(true);
+    let device = device.clone();
+    let dims = Dims { bh: 1, t: 200, d: 64 };
+    let shape = [1, dims.bh, dims.t, dims.d];
+    let (last, first_tile) = (dims.t - 1, 128);
+    let mut rng = testing::Rng::new(21);
+    let mut q64 = rng.normal_vec(dims.t * dims.d);
+    q64[last * dims.d..].fill(1e20);
+    let mut k64 = rng.normal_vec(dims.t * dims.d);
+    k64[..first_tile * dims.d].fill(-1e20);
+    let v64 = rng.normal_vec(dims.t * dims.d);
+    for dtype in [DType::F32, DType::BF16] {
+        let (q, q64) = testing::from_f64(&q64, &shape, dtype, &device).unwrap();
+        let (k, k64) = testing::from_f64(&k64, &shape, dtype, &device).unwrap();
+        let (v, v64) = testing::from_f64(&v64, &shape, dtype, &device).unwrap();
+        for eta in [0.0, 0.9] {
+            let attn = MomentumAttention::new(eta);
+            let out = to_f64(&attn.forward(&q, &k, &v).unwrap()).unwrap();
+            let want = reference::forward(&q64, &k64, &v64, dims, eta as f64, 0.125);
+            assert_close(&format!("overflowing logits {dtype} eta={eta}"), &out, &want, tolerance(dtype));
+            let grads = attn.backward(&q, &k, &v, &v).unwrap();
+            for g in [&grads.dq, &grads.dk, &grads.dv] {
+                assert!(to_f64(g).unwrap().iter().all(|x| x.is_finite()), "non-finite gradient {dtype}");
+            }
+        }
+    }
+}
+
 #[test]
 fn backward_matches_f64_reference_for_every_dtype_head_dim_and_eta() {
     testing::set_poisoning(true);

@@ -550,6 +550,8 @@ multiversion! {
     /// One online-softmax step over a score tile (`row_max.len()` rows of `cols` base-2 logits,
     /// row stride BLOCK): updates each row's running max and sum, replaces the scores by
     /// `2^(s − max)`, and rescales the row's accumulator (`d` wide) by `2^(old max − new max)`.
+    /// A row that has seen only −∞ logits (products past f32's range) subtracts 0 instead of
+    /// its max, as the CUDA kernels do: −∞ − −∞ would be NaN, where those keys weigh nothing.
     fn online_softmax(
         scores: &mut [f32],
         cols: usize,
@@ -561,9 +563,10 @@ multiversion! {
         for (r, (max, sum)) in row_max.iter_mut().zip(row_sum.iter_mut()).enumerate() {
             let row = &mut scores[r * BLOCK..r * BLOCK + cols];
             let new_max = max.max(row_max_of(row));
-            let rescale = exp2(*max - new_max);
+            let base = if new_max == f32::NEG_INFINITY { 0.0 } else { new_max };
+            let rescale = if *max == f32::NEG_INFINITY { 0.0 } else { exp2(*max - base) };
             *max = new_max;
-            *sum = *sum * rescale + exp2_in_place_sum(row, new_max);
+            *sum = *sum * rescale + exp2_in_place_sum(row, base);
             if rescale != 1.0 {
                 acc[r * d..(r + 1) * d].iter_mut().for_each(|a| *a *= rescale);
             }

@@ -174,6 +174,13 @@ fn cuda_large_logits_stay_finite() {
     }
 }
 
+/// Logits past f32's range (−∞) weigh nothing on the GPU either (its `safe_max`).
+#[test]
+fn cuda_logits_overflowing_to_minus_infinity_weigh_nothing() {
+    let Some(gpu) = cuda_or_skip("cuda_logits_overflowing_to_minus_infinity_weigh_nothing") else { return };
+    super::logits_overflowing_to_minus_infinity_on(&gpu);
+}
+
 #[test]
 fn cuda_unfused_baseline_matches_fused() {
     let Some(gpu) = cuda_or_skip("cuda_unfused_baseline_matches_fused") else { return };
