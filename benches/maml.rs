@@ -4,8 +4,7 @@
 //!     K = 10 support and query points, k = 1 and k = 5 inner steps, second order (and first
 //!     order for comparison);
 //! (b) HVP throughput of a 64-256-256-10 Tanh MLP on 128 samples per task, against the gradient
-//!     of the same tasks (the physical expectation for HVP / gradient is 2–4×). On the CPU it runs
-//!     8 tasks so that the file finishes in about a minute and a half; on a GPU the 64.
+//!     of the same tasks (the physical expectation for HVP / gradient is 2–4×), 64 tasks.
 //!
 //! Besides criterion's output, one `[metakernels]` report line per kernel: time, GFLOP/s,
 //! fraction of the same-run f32 GEMM ceiling, and speed-ups over baselines measured in the same
@@ -159,7 +158,7 @@ fn sinusoid(c: &mut Criterion, dev: &Device) {
 /// (b): HVP against gradient throughput.
 fn hvp_throughput(c: &mut Criterion, dev: &Device) {
     let net = hvp_net();
-    let (tasks, n) = (if dev.is_cpu() { 8 } else { 64 }, 128);
+    let (tasks, n) = (64, 128);
     let p = net.num_params();
     let mut rng = Rng::new(2);
     let params = from_f64(

@@ -4,7 +4,10 @@
 //! Every pass works on one task's samples as row-major [N, width] matrices. Workspaces are
 //! allocated once per rayon work item (the meta-gradient gives each thread one contiguous run of
 //! tasks), before any task runs, and reused by every task and every inner step it handles: the
-//! inner loop allocates nothing.
+//! inner loop allocates nothing of its own. (Layer products of 2¹⁸ multiply-adds or more go to
+//! `matrixmultiply`, which mallocs its packing buffer on each call: one allocation per such
+//! product, none at the sinusoid's sizes, whose products all take the allocation-free small
+//! kernel of `real.rs`.)
 //!
 //! The plain passes leave a tape (activations, δ chain, W_lᵀ) in their [`Workspace`]; the
 //! R-operator passes of an HVP at the same parameters read it. The meta-gradient keeps one tape
