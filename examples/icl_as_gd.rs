@@ -10,8 +10,9 @@
 //! −(η/N) Σ_i y_i x_i·x_test: minus the prediction of W1 = W0 − η∇L(W0),
 //! L(W) = 1/(2N) Σ ‖W x_i − y_i‖².
 //!
-//! The layer runs as attention over the N context keys and values; the test query is placed
-//! at every query position (non-causal, so each sees the whole context) and one row is read.
+//! The example forms the tokens and the three matrices, applies them, runs the layer as this
+//! crate's non-causal attention over the N context keys and values (the test query at every
+//! query position; one row is read), and takes the GD step from the gradient of L at W0.
 //!
 //! Run: `cargo run --release --example icl_as_gd`
 
@@ -45,24 +46,67 @@ fn sample_task(rng: &mut Rng) -> Task {
     Task { ys: xs.iter().map(dot).collect(), y_test: dot(&x_test), xs, x_test }
 }
 
-/// The one-step GD prediction W1 x_test with W1 = (η/N) Σ y_i x_iᵀ (from W0 = 0), in f64.
-fn gd_prediction(t: &Task, eta: f64) -> f64 {
-    let w1: Vec<f64> = (0..DX)
-        .map(|c| eta / N as f64 * t.xs.iter().zip(&t.ys).map(|(x, y)| y * x[c]).sum::<f64>())
-        .collect();
-    w1.iter().zip(&t.x_test).map(|(a, b)| a * b).sum()
+/// A d×d matrix, row-major.
+type Matrix = [[f64; D]; D];
+
+/// W_K = W_Q = [[I_x, 0], [0, 0]]: keys and queries see the x part of a token.
+fn w_kq() -> Matrix {
+    let mut m = [[0.0; D]; D];
+    (0..DX).for_each(|i| m[i][i] = 1.0);
+    m
 }
 
-/// q, k, v of von Oswald's construction for all tasks, as [TASKS, 1, N, D] tensors.
-fn layer_inputs(tasks: &[Task], dev: &Device) -> metakernels::Result<(Tensor, Tensor, Tensor)> {
+/// W_V = [[0, 0], [W0, −I_y]]: a value is (0, W0 x − y), the residual of W0 on the token.
+fn w_v(w0: &[f64; DX]) -> Matrix {
+    let mut m = [[0.0; D]; D];
+    m[DX][..DX].copy_from_slice(w0);
+    m[DX][DX] = -1.0;
+    m
+}
+
+fn apply(m: &Matrix, e: &[f64; D]) -> [f64; D] {
+    m.map(|row| row.iter().zip(e).map(|(a, b)| a * b).sum())
+}
+
+/// The token e = (x, y).
+fn token(x: &[f64; DX], y: f64) -> [f64; D] {
+    let mut e = [0.0; D];
+    e[..DX].copy_from_slice(x);
+    e[DX] = y;
+    e
+}
+
+/// One explicit gradient-descent step from W0 on L(W) = 1/(2N) Σ ‖W x_i − y_i‖²:
+/// W1 = W0 − η ∇L(W0), ∇L(W) = (1/N) Σ (W x_i − y_i) x_iᵀ; returns the prediction W1 x_test.
+fn gd_prediction(t: &Task, w0: &[f64; DX], eta: f64) -> f64 {
+    let dot = |a: &[f64; DX], b: &[f64; DX]| a.iter().zip(b).map(|(p, q)| p * q).sum::<f64>();
+    let mut grad = [0.0; DX];
+    for (x, y) in t.xs.iter().zip(&t.ys) {
+        let residual = dot(w0, x) - y;
+        grad.iter_mut().zip(x).for_each(|(g, xc)| *g += residual * xc / N as f64);
+    }
+    let w1: [f64; DX] = std::array::from_fn(|c| w0[c] - eta * grad[c]);
+    dot(&w1, &t.x_test)
+}
+
+/// q = W_Q e_test, k_i = W_K e_i, v_i = W_V e_i of every task, as [TASKS, 1, N, D] tensors: the
+/// context tokens give the keys and values, the test token (x_test, 0) the query, placed at
+/// every query position (non-causal, so each sees the whole context).
+fn layer_inputs(
+    tasks: &[Task],
+    w0: &[f64; DX],
+    dev: &Device,
+) -> metakernels::Result<(Tensor, Tensor, Tensor)> {
+    let (wkq, wv) = (w_kq(), w_v(w0));
     let (mut q, mut k, mut v) = (Vec::new(), Vec::new(), Vec::new());
+    let f32s = |e: [f64; D]| e.map(|x| x as f32);
     for t in tasks {
+        let query = apply(&wkq, &token(&t.x_test, 0.0));
         for (x, &y) in t.xs.iter().zip(&t.ys) {
-            // W_Q e_test = (x_test, 0) at every query position; W_K e_i = (x_i, 0);
-            // W_V e_i = (0, W0 x_i − y_i) = (0, −y_i) with W0 = 0.
-            q.extend(t.x_test.iter().map(|&e| e as f32).chain([0.0]));
-            k.extend(x.iter().map(|&e| e as f32).chain([0.0]));
-            v.extend(std::iter::repeat_n(0.0f32, DX).chain([-y as f32]));
+            let e = token(x, y);
+            q.extend(f32s(query));
+            k.extend(f32s(apply(&wkq, &e)));
+            v.extend(f32s(apply(&wv, &e)));
         }
     }
     let shape = [tasks.len(), 1, N, D];
@@ -77,11 +121,14 @@ fn main() -> metakernels::Result<()> {
     let dev = Device::best();
     let mut rng = Rng::new(2022);
     let tasks: Vec<Task> = (0..TASKS).map(|_| sample_task(&mut rng)).collect();
-    let (q, k, v) = layer_inputs(&tasks, &dev)?;
+    // The paper's setting: GD starts from W0 = 0, which W_V carries.
+    let w0 = [0.0; DX];
+    let (q, k, v) = layer_inputs(&tasks, &w0, &dev)?;
 
     // Half-MSE of the one-step GD predictor over a grid of learning rates.
     let half_mse = |eta: f64| {
-        tasks.iter().map(|t| 0.5 * (gd_prediction(t, eta) - t.y_test).powi(2)).sum::<f64>() / TASKS as f64
+        tasks.iter().map(|t| 0.5 * (gd_prediction(t, &w0, eta) - t.y_test).powi(2)).sum::<f64>()
+            / TASKS as f64
     };
     let grid: Vec<f64> = (1..=120).map(|i| i as f64 * 0.25).collect();
     let (best_eta, best_loss) = grid
@@ -98,7 +145,7 @@ fn main() -> metakernels::Result<()> {
         // Updated test token e_test + Δe_test; its y-entry starts at 0. Query row 0 of task i.
         let y_entry = out[i * N * D + DX] as f64;
         let prediction = -y_entry;
-        max_diff = max_diff.max((prediction - gd_prediction(t, best_eta)).abs());
+        max_diff = max_diff.max((prediction - gd_prediction(t, &w0, best_eta)).abs());
         layer_loss += 0.5 * (prediction - t.y_test).powi(2) / TASKS as f64;
     }
     println!("von Oswald et al. (2022): one linear self-attention layer = one GD step");
