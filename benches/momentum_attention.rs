@@ -2,8 +2,11 @@
 //!
 //! First the report lines (`[metakernels] ...`, best of a few calls): time, GFLOP/s counted as
 //! causal attention (2·B·H·T²·D forward, 2.5× that for the backward), the fraction of the
-//! same-run ceiling, the workspace high-water mark, and the ratios to η = 0 and to the unfused
-//! baseline (attention, then a separate momentum scan) on the same device:
+//! same-run ceiling, the measured memory high-water mark of one call beyond its inputs
+//! (`peak`: outputs and workspace; the heap under a counting allocator on the CPU, the
+//! stream-ordered memory pool on a GPU), and the ratios to η = 0 and to the unfused baseline
+//! (attention, then a separate momentum scan; for the backward, the attention backward, then a
+//! separate reverse scan into dv) on the same device:
 //! - CPU, f32: forward at the bar shape (1,16,4096,64), η = 0 and 0.9, against the
 //!   same-run f32 GEMM rate; forward+backward at (1,16,1024,64).
 //! - CUDA (only when a GPU is usable), bf16: the shapes (4,16,4096,128),
@@ -18,10 +21,16 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput};
-use metakernels::bench_support::{cpu_ceilings, cpu_sgemm_gflops, Measurement};
+use metakernels::bench_support::{
+    cpu_ceilings, cpu_sgemm_gflops, peak_bytes, CountingAllocator, Measurement,
+};
 use metakernels::momentum_attention::MomentumAttention;
 use metakernels::testing::randn;
 use metakernels::{DType, Device, Tensor};
+
+/// Counts heap bytes, for the CPU's memory high-water marks.
+#[global_allocator]
+static ALLOC: CountingAllocator = CountingAllocator;
 
 #[derive(Clone, Copy)]
 struct Shape {
@@ -58,22 +67,14 @@ fn qkv(shape: Shape, dtype: DType, dev: &Device) -> Qkv {
     Qkv { q: make(1), k: make(2), v: make(3) }
 }
 
-/// Bytes a call holds beyond its inputs and outputs (the kernels' own workspace), in the
-/// layouts of cpu.rs and cuda.rs: the forward keeps a per-task tile scratch on the CPU and an
-/// f32 log-sum-exp row on the GPU; forward+backward (forward_with_state, backward_with_state)
-/// adds the saved attention output and log-sum-exps, the row deltas and (GPU) the f32 dQ
-/// accumulator.
-fn workspace_bytes(shape: Shape, dtype: DType, dev: &Device, backward: bool) -> f64 {
-    let n = shape.elements() as f64;
-    let rows = (shape.b * shape.h * shape.t) as f64;
-    let elem = dtype.size_in_bytes() as f64;
-    let threads = rayon::current_num_threads() as f64;
-    let tile_scratch = threads * (64.0 * 64.0 + 64.0 * shape.d as f64 + 2.0 * 64.0 + shape.d as f64) * 4.0;
-    match (dev.is_cuda(), backward) {
-        (false, false) => tile_scratch + rows * 4.0 + if dtype == DType::F32 { 0.0 } else { 4.0 * n * 4.0 },
-        (false, true) => tile_scratch + n * 4.0 * 5.0 + rows * 8.0,
-        (true, false) => rows * 4.0,
-        (true, true) => n * elem + rows * 8.0 + n * 4.0,
+/// The measured memory high-water mark of one call of `f` beyond its inputs (outputs and
+/// workspace; the heap under the counting allocator on the CPU, the stream-ordered pool on a
+/// GPU), as a report label.
+fn peak_label(dev: &Device, f: impl FnOnce() -> metakernels::Result<()>) -> String {
+    match peak_bytes(dev, f) {
+        Ok(Some(bytes)) => format!("peak {:.1}MiB", bytes as f64 / (1 << 20) as f64),
+        Ok(None) => "peak n/a".to_string(),
+        Err(e) => format!("peak failed ({e})"),
     }
 }
 
@@ -113,18 +114,21 @@ fn report_forward(dev: &Device, shape: Shape, dtype: DType, ceiling: Option<(Str
     };
     let times = best_interleaved(dev, reps, &mut [&mut plain_fn, &mut momentum_fn, &mut unfused_fn]);
     let (plain, momentum, unfused) = (times[0], times[1], times[2]);
-    let ws = workspace_bytes(shape, dtype, dev, false) / (1 << 20) as f64;
-    for (eta, ms, baselines) in [
+    let peak = [peak_label(dev, plain_fn), peak_label(dev, momentum_fn)];
+    for ((eta, ms, baselines), peak) in [
         (0.0, plain, vec![]),
         (
             0.9,
             momentum,
             vec![("eta=0 (plain attention)".to_string(), plain), ("unfused".to_string(), unfused)],
         ),
-    ] {
+    ]
+    .into_iter()
+    .zip(peak)
+    {
         Measurement {
             kernel: format!("momentum_attention/forward eta={eta}"),
-            shape: format!("{} ws {ws:.1}MiB", shape.label(dtype)),
+            shape: format!("{} {peak}", shape.label(dtype)),
             device: dev.to_string(),
             ms,
             flops: shape.forward_flops(),
@@ -152,15 +156,35 @@ fn report_forward_backward(
     let (plain_attn, momentum_attn) = (MomentumAttention::new(0.0), MomentumAttention::new(0.9));
     let mut plain_fn = || train(&plain_attn);
     let mut momentum_fn = || train(&momentum_attn);
-    let times = best_interleaved(dev, reps, &mut [&mut plain_fn, &mut momentum_fn]);
-    let (plain, momentum) = (times[0], times[1]);
-    let ws = workspace_bytes(shape, dtype, dev, true) / (1 << 20) as f64;
-    for (eta, ms, baselines) in
-        [(0.0, plain, vec![]), (0.9, momentum, vec![("eta=0 (plain attention)".to_string(), plain)])]
-    {
+    // The unfused baseline recomputes the attention in its backward (attention, then the
+    // momentum scan; the attention backward, then the reverse scan into dv), so it is set beside
+    // the fused step that recomputes too (forward, then backward).
+    let mut recomputing_fn = || {
+        let out = momentum_attn.forward(&x.q, &x.k, &x.v)?;
+        black_box(momentum_attn.backward(&x.q, &x.k, &x.v, &out)?);
+        Ok(())
+    };
+    let mut unfused_fn = || {
+        let out = momentum_attn.forward_unfused(&x.q, &x.k, &x.v)?;
+        black_box(momentum_attn.backward_unfused(&x.q, &x.k, &x.v, &out)?);
+        Ok(())
+    };
+    let times = best_interleaved(
+        dev,
+        reps,
+        &mut [&mut plain_fn, &mut momentum_fn, &mut recomputing_fn, &mut unfused_fn],
+    );
+    let (plain, momentum, recomputing, unfused) = (times[0], times[1], times[2], times[3]);
+    let peak = [peak_label(dev, plain_fn), peak_label(dev, momentum_fn), peak_label(dev, recomputing_fn)];
+    let lines = [
+        ("forward+backward eta=0", plain, vec![]),
+        ("forward+backward eta=0.9", momentum, vec![("eta=0 (plain attention)".to_string(), plain)]),
+        ("forward+backward (recomputing) eta=0.9", recomputing, vec![("unfused".to_string(), unfused)]),
+    ];
+    for ((what, ms, baselines), peak) in lines.into_iter().zip(peak) {
         Measurement {
-            kernel: format!("momentum_attention/forward+backward eta={eta}"),
-            shape: format!("{} ws {ws:.1}MiB", shape.label(dtype)),
+            kernel: format!("momentum_attention/{what}"),
+            shape: format!("{} {peak}", shape.label(dtype)),
             device: dev.to_string(),
             ms,
             flops: 3.5 * shape.forward_flops(),

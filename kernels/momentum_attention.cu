@@ -23,7 +23,8 @@
 //                               dQ += dS K by f32 atomics; the momentum gradient
 //                               dv_s += Σ_{t>s} η^{t−s} do_t fused the same way (SIMT fp32 FMA).
 //   mattn_dq_finish_<DN>        dq (storage dtype) from the f32 accumulator.
-//   mattn_momentum_scan_<DN>    the unfused baseline's separate momentum pass (in place).
+//   mattn_momentum_scan_<DN>    the unfused baseline's separate momentum pass (in place);
+//   mattn_momentum_scan_reverse_<DN>  and its backward's, into dv.
 //   mattn_fwd_reference_<DN>    one block per query row, the obvious algorithm and an explicit
 //                               momentum sum with powf: the GPU tests' reference.
 //
@@ -1069,16 +1070,18 @@ __device__ void forward_reference(const T* __restrict__ q, const T* __restrict__
 }
 
 // Unfused baseline: out += momentum, one thread per (head, column), sequential over all rows.
-template <typename T>
-__device__ void momentum_scan(const T* __restrict__ v, T* __restrict__ out, uint64_t columns, uint64_t t_len,
+// Forward: out_t += Σ_{s<t} η^{t−s} x_s (x = v, out = the attention output). REVERSE, the
+// backward's share of dv: out_s += Σ_{t>s} η^{t−s} x_t (x = dL/do, out = the attention's dv).
+template <typename T, bool REVERSE>
+__device__ void momentum_scan(const T* __restrict__ x, T* __restrict__ out, uint64_t columns, uint64_t t_len,
                               uint64_t d, float eta) {
     for (uint64_t i = mk::global_thread(); i < columns; i += mk::grid_threads()) {
         const uint64_t base = (i / d) * t_len * d + i % d;
         float c = 0.f;
-        for (uint64_t t = 0; t < t_len; ++t) {
-            const uint64_t at = base + t * d;
+        for (uint64_t step = 0; step < t_len; ++step) {
+            const uint64_t at = base + (REVERSE ? t_len - 1 - step : step) * d;
             out[at] = mk::from_float<T>(mk::to_float(out[at]) + c);
-            c = eta * (c + mk::to_float(v[at]));
+            c = eta * (c + mk::to_float(x[at]));
         }
     }
 }
@@ -1142,7 +1145,12 @@ __device__ void momentum_scan(const T* __restrict__ v, T* __restrict__ out, uint
     extern "C" __global__ void mattn_momentum_scan_##DN(const T* __restrict__ v, T* __restrict__ out,    \
                                                         uint64_t columns, uint64_t t_len, uint64_t d,  \
                                                         float eta) {                                   \
-        momentum_scan<T>(v, out, columns, t_len, d, eta);                                               \
+        momentum_scan<T, false>(v, out, columns, t_len, d, eta);                                        \
+    }                                                                                                  \
+    extern "C" __global__ void mattn_momentum_scan_reverse_##DN(const T* __restrict__ g,                 \
+                                                                T* __restrict__ dv, uint64_t columns,   \
+                                                                uint64_t t_len, uint64_t d, float eta) { \
+        momentum_scan<T, true>(g, dv, columns, t_len, d, eta);                                          \
     }
 
 MK_DTYPE(f16, __half, forward_mma)

@@ -4,9 +4,12 @@
 //! machine's ceiling measured in the same run, and speed-ups over baselines. Lines also go, as
 //! JSON, to `$METAKERNELS_BENCH_JSON` when set (the GPU bundle collects them into its summary).
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
+use crate::device::Kind;
 use crate::{Device, Result};
 
 /// The measured ceilings of one device.
@@ -204,4 +207,77 @@ pub fn best_ms<F: FnMut() -> Result<()>>(device: &Device, reps: usize, mut f: F)
         best = best.min(device.time_ms(&mut f)?);
     }
     Ok(best)
+}
+
+/// A global allocator for benchmark binaries: the system allocator, counting the bytes live on
+/// the heap and their high-water mark so that [`peak_bytes`] can measure a CPU call. Install it
+/// with `#[global_allocator] static ALLOC: CountingAllocator = CountingAllocator;`.
+pub struct CountingAllocator;
+
+static HEAP_LIVE: AtomicUsize = AtomicUsize::new(0);
+static HEAP_PEAK: AtomicUsize = AtomicUsize::new(0);
+static HEAP_COUNTED: AtomicBool = AtomicBool::new(false);
+
+fn heap_grew(bytes: usize) {
+    if !HEAP_COUNTED.load(Ordering::Relaxed) {
+        HEAP_COUNTED.store(true, Ordering::Relaxed);
+    }
+    let live = HEAP_LIVE.fetch_add(bytes, Ordering::Relaxed) + bytes;
+    HEAP_PEAK.fetch_max(live, Ordering::Relaxed);
+}
+
+// SAFETY: every call is forwarded to `System` unchanged; the counters only observe sizes.
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = System.alloc(layout);
+        if !p.is_null() {
+            heap_grew(layout.size());
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let p = System.alloc_zeroed(layout);
+        if !p.is_null() {
+            heap_grew(layout.size());
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        System.dealloc(ptr, layout);
+        HEAP_LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let p = System.realloc(ptr, layout, new_size);
+        if !p.is_null() {
+            if new_size >= layout.size() {
+                heap_grew(new_size - layout.size());
+            } else {
+                HEAP_LIVE.fetch_sub(layout.size() - new_size, Ordering::Relaxed);
+            }
+        }
+        p
+    }
+}
+
+/// The memory high-water mark of `f`: the most bytes it held at once beyond what was live when
+/// it started, outputs included (they are live when it returns). On the CPU the heap under
+/// [`CountingAllocator`] (`None`, without running `f`, when the binary did not install it); on a
+/// GPU the device's stream-ordered memory pool (`None` where allocations bypass it).
+pub fn peak_bytes<F: FnOnce() -> Result<()>>(device: &Device, f: F) -> Result<Option<usize>> {
+    match &device.0 {
+        Kind::Cpu => {
+            if !HEAP_COUNTED.load(Ordering::Relaxed) {
+                return Ok(None);
+            }
+            let base = HEAP_LIVE.load(Ordering::Relaxed);
+            HEAP_PEAK.store(base, Ordering::Relaxed);
+            f()?;
+            Ok(Some(HEAP_PEAK.load(Ordering::Relaxed).saturating_sub(base)))
+        }
+        #[cfg(feature = "cuda")]
+        Kind::Cuda(d) => d.pool_peak_bytes(f),
+    }
 }

@@ -9,7 +9,8 @@
 //                      with attn_out and lse2 (forward_with_state): o, the attention without
 //                      momentum and the base-2 log-sum-exp vs f64
 //   reference kernel   mattn_fwd_reference_* vs f64 (T ≤ 77: one block per row is slow to emulate)
-//   unfused baseline   the forward at η = 0, then mattn_momentum_scan_* vs f64
+//   unfused baseline   the forward at η = 0, then mattn_momentum_scan_* vs f64; the backward at
+//                      η = 0, then mattn_momentum_scan_reverse_* into dv vs f64
 //   backward           recomputing forward (η = 0), mattn_bwd_delta_*, mattn_bwd_mma_{f16,bf16}_d*
 //                      or mattn_bwd_f32_d*, mattn_dq_finish_*: dq, dk, dv vs f64; and the same
 //                      from the saved state of forward_with_state (η > 0)
@@ -84,6 +85,9 @@ template <typename T> struct Kernels;
         }                                                                                                 \
         static void scan(const T* v, T* out, uint64_t cols, uint64_t t, uint64_t d, float eta) {           \
             mattn_momentum_scan_##DN(v, out, cols, t, d, eta);                                            \
+        }                                                                                                 \
+        static void scan_reverse(const T* g, T* dv, uint64_t cols, uint64_t t, uint64_t d, float eta) {    \
+            mattn_momentum_scan_reverse_##DN(g, dv, cols, t, d, eta);                                     \
         }                                                                                                 \
     };
 MK_KERNELS(float, f32, mattn_bwd_f32)
@@ -263,6 +267,18 @@ static Grads<T> backward(const Inputs<T>& x, const Params& p, const Forward<T>* 
     return r;
 }
 
+// backward_unfused: the backward at η = 0, then the reverse momentum scan of dL/do into dv.
+template <typename T>
+static Grads<T> backward_unfused(const Inputs<T>& x, const Params& p) {
+    Grads<T> r = backward<T>(x, p.with_eta0(), nullptr);
+    const T* g = x.g.data();
+    T* dv = r.dv.data();
+    const uint64_t t_len = x.t, d = x.d, cols = (uint64_t)x.bh * x.d;
+    const float eta = p.eta;
+    emu_launch(grid_1d(cols, 128), {128, 1, 1}, 0, [=] { Kernels<T>::scan_reverse(g, dv, cols, t_len, d, eta); });
+    return r;
+}
+
 // ------------------------------------------------------------------ float64 reference ---------
 // tests/all/momentum_attention/reference.rs, in the same plain loops.
 
@@ -350,6 +366,13 @@ static void run_case(int bh, int t, int d, const std::vector<float>& etas, What 
             compare(s + " bwd dq", floats(g.dq), want.dq, K::grad_tol);
             compare(s + " bwd dk", floats(g.dk), want.dk, K::grad_tol);
             compare(s + " bwd dv", floats(g.dv), want.dv, K::grad_tol);
+            if (what.unfused) {
+                // The attention's dv rounds to the dtype before the momentum is added.
+                const Grads<T> u = backward_unfused<T>(x, p);
+                compare(s + " unfused bwd dq", floats(u.dq), want.dq, K::grad_tol);
+                compare(s + " unfused bwd dk", floats(u.dk), want.dk, K::grad_tol);
+                compare(s + " unfused bwd dv", floats(u.dv), want.dv, 2 * K::grad_tol);
+            }
             if (what.with_state && eta > 0.f) {
                 const Grads<T> gs = backward(x, p, &state);
                 compare(s + " bwd(saved) dq", floats(gs.dq), want.dq, K::grad_tol);

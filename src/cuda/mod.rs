@@ -225,6 +225,48 @@ impl CudaDevice {
         Ok(ms as f64)
     }
 
+    /// The most pool memory in use while `f` runs, above what was in use when it started, in
+    /// bytes: the high-water mark of the device's stream-ordered memory pool, which every
+    /// allocation of this crate comes from where the driver supports it. `None` where it does
+    /// not (allocations then bypass the pool).
+    pub(crate) fn pool_peak_bytes<F: FnOnce() -> Result<()>>(&self, f: F) -> Result<Option<usize>> {
+        use cudarc::driver::result::{device, mem_pool};
+        use cudarc::driver::sys::CUmemPool_attribute as Attr;
+        if !self.inner.ctx.has_async_alloc() {
+            return Ok(None);
+        }
+        self.synchronize()?;
+        self.inner.ctx.bind_to_thread().map_err(driver("binding the context to this thread"))?;
+        let failed = || driver("reading the memory pool's usage");
+        // SAFETY: the context is current on this thread and `cu_device` is its device.
+        let pool = unsafe { device::get_mem_pool(self.inner.ctx.cu_device()) }.map_err(failed())?;
+        // SAFETY (both): `pool` is valid and these attributes are u64s (cuMemPoolGetAttribute's
+        // contract); setting the high-water mark to 0 resets it to the memory in use now.
+        let get = |attr: Attr| -> Result<u64> {
+            let mut value = 0u64;
+            unsafe { mem_pool::get_attribute(pool, attr, (&mut value as *mut u64).cast()) }
+                .map_err(failed())?;
+            Ok(value)
+        };
+        let reset_high = || -> Result<()> {
+            let mut zero = 0u64;
+            unsafe {
+                mem_pool::set_attribute(
+                    pool,
+                    Attr::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                    (&mut zero as *mut u64).cast(),
+                )
+            }
+            .map_err(failed())
+        };
+        let in_use = get(Attr::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?;
+        reset_high()?;
+        f()?;
+        self.synchronize()?;
+        let high = get(Attr::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?;
+        Ok(Some(high.saturating_sub(in_use) as usize))
+    }
+
     /// Device-to-device copy bandwidth (bytes read + written, GB/s), best of a few copies of
     /// `bytes` bytes.
     pub(crate) fn copy_bandwidth_gbps(&self, bytes: usize) -> Result<f64> {

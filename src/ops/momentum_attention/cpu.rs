@@ -22,7 +22,7 @@ use std::borrow::Cow;
 
 use rayon::prelude::*;
 
-use super::{BackwardInputs, MomentumAttentionGrads, Problem, SoftmaxParams};
+use super::{BackwardInputs, MomentumAttentionGrads, Problem, Scan, SoftmaxParams};
 use crate::cpu::math::exp2;
 use crate::cpu::output_vec;
 use crate::cpu::{multiversion, sgemm, Mat};
@@ -258,17 +258,31 @@ fn add_momentum(
 
 /// `attn + m` by a separate scan over every head (the unfused baseline): rayon over heads, each
 /// head's columns advanced row by row through all T rows.
-pub(super) fn add_momentum_scan(problem: &Problem, eta: f32, attn: &Tensor, v: &Tensor) -> Result<Tensor> {
-    let op = "MomentumAttention::forward_unfused";
-    let shape = attn.shape().to_vec();
-    let (attn, v) = (attn.host_f32(op)?, v.host_f32(op)?);
+/// The unfused baseline's separate momentum pass: `base + Σ_{s<t} η^{t−s} x_s` at every row t
+/// (`Scan::Forward`, x = v, base = the attention output), or `base + Σ_{t>s} η^{t−s} x_t` at
+/// every row s (`Scan::Reverse`, x = dL/do, base = the attention's dv).
+pub(super) fn add_momentum_scan(
+    problem: &Problem,
+    eta: f32,
+    base: &Tensor,
+    x: &Tensor,
+    scan: Scan,
+) -> Result<Tensor> {
+    let op = "MomentumAttention::unfused";
+    let shape = base.shape().to_vec();
+    let (base, x) = (base.host_f32(op)?, x.host_f32(op)?);
     let d = problem.d;
-    let mut out = attn.into_owned();
-    out.par_chunks_mut(problem.t * d).zip(v.par_chunks(problem.t * d)).for_each(|(o, v)| {
+    let mut out = base.into_owned();
+    out.par_chunks_mut(problem.t * d).zip(x.par_chunks(problem.t * d)).for_each(|(o, x)| {
         let mut carry = vec![0f32; d];
-        for (o_row, v_row) in o.chunks_exact_mut(d).zip(v.chunks_exact(d)) {
+        let mut step = |(o_row, x_row): (&mut [f32], &[f32])| {
             o_row.iter_mut().zip(&carry).for_each(|(o, c)| *o += c);
-            carry.iter_mut().zip(v_row).for_each(|(c, v)| *c = eta * (*c + v));
+            carry.iter_mut().zip(x_row).for_each(|(c, x)| *c = eta * (*c + x));
+        };
+        let rows = o.chunks_exact_mut(d).zip(x.chunks_exact(d));
+        match scan {
+            Scan::Forward => rows.for_each(&mut step),
+            Scan::Reverse => rows.rev().for_each(&mut step),
         }
     });
     Ok(to_tensor(out, problem.dtype, &shape))

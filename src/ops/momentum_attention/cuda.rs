@@ -9,7 +9,7 @@
 
 use half::{bf16, f16};
 
-use super::{BackwardInputs, MomentumAttentionGrads, Problem, SoftmaxParams};
+use super::{BackwardInputs, MomentumAttentionGrads, Problem, Scan, SoftmaxParams};
 use crate::cuda::{driver, grid_1d, CudaDevice, CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 use crate::tensor::CudaBuffer;
 use crate::{DType, Element, Error, Result, Tensor};
@@ -255,19 +255,11 @@ pub(crate) fn forward_unfused(
         k: &Tensor,
         v: &Tensor,
     ) -> Result<Tensor> {
-        let op = "MomentumAttention::forward_unfused";
         let dev = q.cuda_device()?;
         let plain = SoftmaxParams { eta: 0.0, horizon: 0, ..*params };
         let mut out = forward_typed::<T>(dev, problem, &plain, q, k, v, false)?.out;
-        let name = format!("mattn_momentum_scan_{}", T::DTYPE.as_str());
-        let func = dev.function(MODULE, &name)?;
-        let (t_len, d, bh) = (problem.t as u64, problem.d as u64, (problem.bh * problem.d) as u64);
-        let mut args = dev.stream().launch_builder(&func);
-        args.arg(v.cuda_slice::<T>(op)?).arg(&mut out).arg(&bh).arg(&t_len).arg(&d).arg(&params.eta);
-        // SAFETY: v and out hold bh·t·d elements; one thread per (head, column) of the
-        // bh·d covered by the grid-stride loop; arguments match mattn_momentum_scan_<dtype>.
-        unsafe { args.launch(grid_1d(problem.bh * problem.d, 128)) }
-            .map_err(driver(format!("launching {name}")))?;
+        let v = v.cuda_slice::<T>("MomentumAttention::forward_unfused")?;
+        momentum_scan(dev, problem, params.eta, v, &mut out, Scan::Forward)?;
         Ok(Tensor::from_cuda_buffer(CudaBuffer::wrap(out), q.shape(), T::DTYPE, q.device()))
     }
     match problem.dtype {
@@ -275,6 +267,63 @@ pub(crate) fn forward_unfused(
         DType::BF16 => typed::<bf16>(problem, params, q, k, v),
         _ => typed::<f32>(problem, params, q, k, v),
     }
+}
+
+/// The attention backward with η = 0, then `mattn_momentum_scan_reverse_<dtype>` adding the
+/// momentum term's gradient into dv: the unfused baseline of the backward.
+pub(super) fn backward_unfused(
+    problem: &Problem,
+    params: &SoftmaxParams,
+    inputs: &BackwardInputs<'_>,
+    shape: &[usize],
+) -> Result<MomentumAttentionGrads> {
+    fn typed<T: Element>(
+        dev: &CudaDevice,
+        problem: &Problem,
+        params: &SoftmaxParams,
+        inputs: &BackwardInputs<'_>,
+    ) -> Result<Grads<T>> {
+        let plain = SoftmaxParams { eta: 0.0, horizon: 0, ..*params };
+        let (dq, dk, mut dv) = backward_typed::<T>(dev, problem, &plain, inputs)?;
+        let grad = inputs.grad_output.cuda_slice::<T>("MomentumAttention::backward_unfused")?;
+        momentum_scan(dev, problem, params.eta, grad, &mut dv, Scan::Reverse)?;
+        Ok((dq, dk, dv))
+    }
+    let q = inputs.q;
+    let dev = q.cuda_device()?;
+    let (dq, dk, dv) = match problem.dtype {
+        DType::F16 => wrap3(typed::<f16>(dev, problem, params, inputs)?),
+        DType::BF16 => wrap3(typed::<bf16>(dev, problem, params, inputs)?),
+        _ => wrap3(typed::<f32>(dev, problem, params, inputs)?),
+    };
+    let tensor = |b| Tensor::from_cuda_buffer(b, shape, problem.dtype, q.device());
+    Ok(MomentumAttentionGrads { dq: tensor(dq), dk: tensor(dk), dv: tensor(dv) })
+}
+
+/// `out += Σ η^{|t−s|} x` along T in place, over earlier rows (`Scan::Forward`) or later ones
+/// (`Scan::Reverse`): `mattn_momentum_scan[_reverse]_<dtype>`, one thread per head column.
+fn momentum_scan<T: Element>(
+    dev: &CudaDevice,
+    problem: &Problem,
+    eta: f32,
+    x: &CudaSlice<T>,
+    out: &mut CudaSlice<T>,
+    scan: Scan,
+) -> Result<()> {
+    let direction = match scan {
+        Scan::Forward => "",
+        Scan::Reverse => "reverse_",
+    };
+    let name = format!("mattn_momentum_scan_{direction}{}", T::DTYPE.as_str());
+    let func = dev.function(MODULE, &name)?;
+    let (t_len, d, columns) = (problem.t as u64, problem.d as u64, (problem.bh * problem.d) as u64);
+    let mut args = dev.stream().launch_builder(&func);
+    args.arg(x).arg(out).arg(&columns).arg(&t_len).arg(&d).arg(&eta);
+    // SAFETY: x and out hold bh·t·d elements; one thread per (head, column) of the bh·d covered
+    // by the grid-stride loop; arguments match mattn_momentum_scan[_reverse]_<dtype>.
+    unsafe { args.launch(grid_1d(problem.bh * problem.d, 128)) }
+        .map_err(driver(format!("launching {name}")))?;
+    Ok(())
 }
 
 // ----- backward ----------------------------------------------------------------------------------

@@ -300,12 +300,52 @@ impl MomentumAttention {
         match q.storage() {
             Storage::Cpu(_) => {
                 let attn = cpu::forward(&problem, &plain, q, k, v, q.shape())?;
-                cpu::add_momentum_scan(&problem, eta, &attn, v)
+                cpu::add_momentum_scan(&problem, eta, &attn, v, Scan::Forward)
             }
             #[cfg(feature = "cuda")]
             Storage::Cuda(_) => cuda::forward_unfused(&problem, &params, q, k, v),
         }
     }
+
+    /// The unfused backward the fused kernels are measured against: the attention backward with
+    /// η = 0, then a separate reverse pass adding the momentum term's gradient
+    /// `Σ_{t>s} η^{t−s} dL/do_t` into dv, on the same device. Same result as
+    /// [`backward`](Self::backward) up to rounding and the skipped sub-resolution lags; kept for
+    /// benchmarks and tests.
+    #[doc(hidden)]
+    pub fn backward_unfused(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        grad_output: &Tensor,
+    ) -> Result<MomentumAttentionGrads> {
+        const OP: &str = "MomentumAttention::backward_unfused";
+        let scale = self.softmax_scale(OP)?;
+        let problem = Problem::check(OP, q, k, v)?;
+        problem.check_like(OP, "grad_output", grad_output, q)?;
+        let eta = check_eta(OP, self.eta)?;
+        let params = SoftmaxParams::new(OP, eta, scale, problem.d)?;
+        let plain = SoftmaxParams { eta: 0.0, horizon: 0, ..params };
+        let inputs = BackwardInputs { q, k, v, grad_output, saved: None };
+        match q.storage() {
+            Storage::Cpu(_) => {
+                let grads = cpu::backward(&problem, &plain, &inputs, q.shape())?;
+                let dv = cpu::add_momentum_scan(&problem, eta, &grads.dv, grad_output, Scan::Reverse)?;
+                Ok(MomentumAttentionGrads { dv, ..grads })
+            }
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => cuda::backward_unfused(&problem, &params, &inputs, q.shape()),
+        }
+    }
+}
+
+/// The direction of the unfused baselines' separate momentum pass: over earlier rows (the
+/// forward's `m_t`) or later ones (its gradient into dv).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Scan {
+    Forward,
+    Reverse,
 }
 
 /// How many lags of the momentum sum the kernels keep for coefficient `eta`: the smallest `H`

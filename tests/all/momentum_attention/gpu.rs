@@ -192,6 +192,22 @@ fn cuda_unfused_baseline_matches_fused() {
             let unfused = to_f64(&attn.forward_unfused(&x.q, &x.k, &x.v).unwrap()).unwrap();
             // The unfused pass rounds the attention to the dtype before adding the momentum.
             assert_close(&format!("unfused {dtype} eta={eta}"), &unfused, &fused, 2.0 * tolerance(dtype));
+            let g = randn(x.q.shape(), dtype, &gpu, 8001).unwrap().0;
+            let fused = attn.backward(&x.q, &x.k, &x.v, &g).unwrap();
+            let unfused = attn.backward_unfused(&x.q, &x.k, &x.v, &g).unwrap();
+            for (name, a, b) in [
+                ("dq", &unfused.dq, &fused.dq),
+                ("dk", &unfused.dk, &fused.dk),
+                ("dv", &unfused.dv, &fused.dv),
+            ] {
+                let (a, b) = (to_f64(a).unwrap(), to_f64(b).unwrap());
+                assert_close(
+                    &format!("unfused {name} {dtype} eta={eta}"),
+                    &a,
+                    &b,
+                    2.0 * grad_tolerance(dtype),
+                );
+            }
         }
     }
 }
