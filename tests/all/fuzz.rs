@@ -524,11 +524,16 @@ fn fuzz_momentum_attention(f: &mut Fuzz) {
                     && agrees_with_host(bounded, &[&d.dq, &d.dk, &d.dv], on_host, host_tolerance(dtype))
             },
         );
-        // The benchmarks' unfused baseline, and on a GPU the tests' reference kernel.
+        // The benchmarks' unfused baselines, and on a GPU the tests' reference kernel.
         f.run(
             format!("forward_unfused {args}"),
             || attn.forward_unfused(&q, &k, &v),
             |o| has_shape(o, shape) && finite_if(bounded, &[o]),
+        );
+        f.run(
+            format!("backward_unfused {args}"),
+            || attn.backward_unfused(&q, &k, &v, &g),
+            |d| has_shape(&d.dv, q.shape()) && finite_if(bounded, &[&d.dq, &d.dk, &d.dv]),
         );
         if !f.device.is_cpu() {
             f.run(
