@@ -13,7 +13,8 @@
 //   cholesky_solve_f32     one block per system (n ≤ 64): (A + ridge I) = LLᵀ in shared memory,
 //                          then one thread per right-hand side for the two triangular solves;
 //                          a pivot ≤ n·1e-6·max diag flags the system for the host's min-norm path.
-//   *_reference            obviously-correct versions for the GPU tests.
+//   *_reference            obviously-correct versions for the GPU tests (one thread per row,
+//                          element, entry or system).
 #include "common.cuh"
 
 namespace {
@@ -108,6 +109,16 @@ __device__ void top1_logits_reference(const T* __restrict__ logits, int n, int k
     for (int j = 0; j < k; ++j) denom += expf(mk::to_float(l[j]) - best);
     expert[row] = arg;
     probs[row] = 1.f / denom;
+}
+
+// One thread per element (grid-stride): the reference for scatter_scaled.
+template <typename T>
+__device__ void scatter_scaled_reference(const T* __restrict__ src, const uint32_t* __restrict__ idx,
+                                         const float* __restrict__ w, int rows, int d, T* __restrict__ dst) {
+    for (uint64_t e = mk::global_thread(); e < (uint64_t)rows * d; e += mk::grid_threads()) {
+        const uint64_t j = e / d, c = e % d, t = idx[j];
+        dst[t * d + c] = mk::from_float<T>(w[t] * mk::to_float(src[e]));
+    }
 }
 
 // One thread per byte: the reference for move_rows.
@@ -240,6 +251,57 @@ __device__ void cholesky_solve(const float* __restrict__ g, int n, int r, float 
     }
 }
 
+// One thread per system, the textbook loops in the storage the fast kernel uses (work, a copy of
+// the system's [G | XᵀY] with the ridge added): the reference for cholesky_solve, with its pivot
+// rule and flags.
+__device__ void cholesky_solve_reference(const float* __restrict__ g, int systems, int n, int r, float ridge,
+                                         float* __restrict__ work, float* __restrict__ out,
+                                         uint32_t* __restrict__ flags) {
+    const int s = blockIdx.x * blockDim.x + threadIdx.x;
+    if (s >= systems) return;
+    const int w = n + r;
+    float* a = work + (size_t)s * n * w;
+    const float* gs = g + (size_t)s * n * w;
+    float max_diag = 0.f;
+    for (int e = 0; e < n * w; ++e) {
+        if (!isfinite(gs[e])) {
+            flags[s] = FLAG_NON_FINITE;
+            return;
+        }
+        a[e] = gs[e] + (e / w == e % w ? ridge : 0.f);
+    }
+    for (int i = 0; i < n; ++i) max_diag = fmaxf(max_diag, a[i * w + i]);
+    const float threshold = 1e-6f * (float)n * max_diag;
+    for (int j = 0; j < n; ++j) {  // A = LLᵀ, L in the lower triangle
+        float p = a[j * w + j];
+        for (int c = 0; c < j; ++c) p -= a[j * w + c] * a[j * w + c];
+        if (!(p > threshold)) {
+            flags[s] = FLAG_RANK_DEFICIENT;
+            return;
+        }
+        a[j * w + j] = sqrtf(p);
+        for (int i = j + 1; i < n; ++i) {
+            float v = a[i * w + j];
+            for (int c = 0; c < j; ++c) v -= a[i * w + c] * a[j * w + c];
+            a[i * w + j] = v / a[j * w + j];
+        }
+    }
+    float* x = out + (size_t)s * n * r;
+    for (int col = 0; col < r; ++col) {  // L z = b, then Lᵀ x = z, both in x's column
+        for (int i = 0; i < n; ++i) {
+            float v = a[i * w + n + col];
+            for (int p = 0; p < i; ++p) v -= a[i * w + p] * x[p * r + col];
+            x[i * r + col] = v / a[i * w + i];
+        }
+        for (int i = n - 1; i >= 0; --i) {
+            float v = x[i * r + col];
+            for (int p = i + 1; p < n; ++p) v -= a[p * w + i] * x[p * r + col];
+            x[i * r + col] = v / a[i * w + i];
+        }
+    }
+    flags[s] = 0;
+}
+
 }  // namespace
 
 #define MK_TYPED(SN, T)                                                                                    \
@@ -254,6 +316,10 @@ __device__ void cholesky_solve(const float* __restrict__ g, int n, int r, float 
     extern "C" __global__ void top1_logits_reference_##SN(const T* logits, int n, int k, uint32_t* expert, \
                                                           float* probs) {                                  \
         top1_logits_reference<T>(logits, n, k, expert, probs);                                             \
+    }                                                                                                      \
+    extern "C" __global__ void scatter_scaled_reference_##SN(const T* src, const uint32_t* idx,            \
+                                                             const float* w, int rows, int d, T* dst) {    \
+        scatter_scaled_reference<T>(src, idx, w, rows, d, dst);                                            \
     }
 MK_TYPED(f32, float)
 MK_TYPED(f16, __half)
@@ -283,4 +349,8 @@ extern "C" __global__ void normal_equations_reference_f32(const float* x, const 
 extern "C" __global__ void cholesky_solve_f32(const float* g, int n, int r, float ridge, float* out,
                                               uint32_t* flags) {
     cholesky_solve(g, n, r, ridge, out, flags);
+}
+extern "C" __global__ void cholesky_solve_reference_f32(const float* g, int systems, int n, int r, float ridge,
+                                                        float* work, float* out, uint32_t* flags) {
+    cholesky_solve_reference(g, systems, n, r, ridge, work, out, flags);
 }

@@ -12,14 +12,15 @@
 //               The routing's counting sort is kernels/kmeans.cu's (scripts/emulate/kmeans.cpp).
 //   dispatch    move_rows_v{16,4,2} (the widest vector dividing a row's bytes, as cuda.rs picks
 //   /combine    it) as gather and as scatter, move_bytes_reference, scatter_scaled_* (weighted
-//               combine, 4-wide and scalar): exact vs the host's gather / scatter / f32 product,
+//               combine, 4-wide and scalar) and scatter_scaled_reference_*: exact vs the host's
+//               gather / scatter / f32 product,
 //               combine(dispatch(x)) = x exactly, and the weighted combine vs float64 at
 //               testing::tolerance (1e-5 f32, 1e-2 f16/bf16)
 //   lstsq       normal_equations_f32 and normal_equations_reference_f32 (G = [XᵀX | XᵀY]) vs
 //               float64 (1e-5), then cholesky_solve_f32 where cuda.rs's rule puts the system on
 //               chip (n ≤ 64, n·(n + r) ≤ 8192): W vs a float64 solve of the float64 normal
 //               equations (1e-3, lstsq_case on the GPU), fast vs reference-kernel Gram (1e-4),
-//               flags exact: 0 for full rank, 1 (rank deficient → the host's min-norm path) for a
+//               cholesky_solve_reference_f32 (one thread per system) likewise, flags exact: 0 for full rank, 1 (rank deficient → the host's min-norm path) for a
 //               duplicated column and for an empty segment with ridge 0, 2 for non-finite x.
 //               Shapes: 1024 (quick: 64) systems of 64 × 16 with 8 right-hand sides (ridge 0 and
 //               0.01), the CPU test's (64, 16, 4), (20, 5, 3, ridge 0.5), (9, 9, 1), grouped
@@ -87,6 +88,9 @@ template <typename T> struct Kernels;
         static void scaled(const T* src, const uint32_t* idx, const float* w, int rows, int d, T* dst) {  \
             scatter_scaled_##SN(src, idx, w, rows, d, dst);                                               \
         }                                                                                                 \
+        static void scaled_ref(const T* src, const uint32_t* idx, const float* w, int rows, int d, T* dst) { \
+            scatter_scaled_reference_##SN(src, idx, w, rows, d, dst);                                     \
+        }                                                                                                 \
     };
 MK_KERNELS(float, f32)
 MK_KERNELS(__half, f16)
@@ -100,6 +104,10 @@ constexpr size_t MAX_BLOCKS = 65535, CHOLESKY_MAX_N = 64, CHOLESKY_MAX_FLOATS = 
 
 static unsigned div_ceil(size_t a, size_t b) { return (unsigned)((a + b - 1) / b); }
 static dim3 row_grid(size_t rows) { return {(unsigned)std::clamp<size_t>(div_ceil(rows, ROW_THREADS / 32), 1, MAX_BLOCKS), 1, 1}; }
+// grid_1d in src/cuda/mod.rs.
+static dim3 grid_1d(size_t work_items, unsigned threads) {
+    return {(unsigned)std::clamp<size_t>(div_ceil(work_items, threads), 1, MAX_BLOCKS), 1, 1};
+}
 
 static std::map<std::string, int> g_launched;  // kernel name → launches (coverage)
 static void launch(const std::string& name, dim3 grid, unsigned block, const std::function<void()>& k) {
@@ -183,7 +191,7 @@ static vec<T> move_rows_reference(const vec<T>& src, const vec<uint32_t>& order,
 
 template <typename T>
 static vec<T> combine_weighted(const vec<T>& grouped, const vec<uint32_t>& order,
-                                       const vec<float>& w, int n, int d) {
+                                       const vec<float>& w, int n, int d, bool reference = false) {
     Dev<T> out((size_t)n * d);
     out.poison();
     const Dev<T> grouped_d(grouped);
@@ -193,8 +201,12 @@ static vec<T> combine_weighted(const vec<T>& grouped, const vec<uint32_t>& order
     const uint32_t* idx = order_d.data();
     const float* ws = w_d.data();
     T* o = out.data();
-    launch(std::string("scatter_scaled_") + Kernels<T>::name, row_grid(n), ROW_THREADS,
-           [=] { Kernels<T>::scaled(s, idx, ws, n, d, o); });
+    if (reference)  // cuda.rs: grid_1d(n·d, 256), a grid-stride loop
+        launch(std::string("scatter_scaled_reference_") + Kernels<T>::name, grid_1d((size_t)n * d, 256), 256,
+               [=] { Kernels<T>::scaled_ref(s, idx, ws, n, d, o); });
+    else
+        launch(std::string("scatter_scaled_") + Kernels<T>::name, row_grid(n), ROW_THREADS,
+               [=] { Kernels<T>::scaled(s, idx, ws, n, d, o); });
     return out;
 }
 
@@ -221,7 +233,7 @@ struct Solved { vec<float> w; vec<uint32_t> flags; bool on_chip; };
 
 // solve_on_device: the on-chip Cholesky when the rule allows; flagged systems (and all systems
 // off chip) go to the host's f64 solver in cuda.rs, which this driver does not replay.
-static Solved solve_on_device(const vec<float>& g, int systems, int n, int r, double ridge) {
+static Solved solve_on_device(const vec<float>& g, int systems, int n, int r, double ridge, bool reference = false) {
     Solved s{vec<float>((size_t)systems * n * r, NAN), vec<uint32_t>(systems, 4u), false};
     s.on_chip = (size_t)n <= CHOLESKY_MAX_N && (size_t)n * (n + r) <= CHOLESKY_MAX_FLOATS;
     if (s.on_chip) {
@@ -232,7 +244,14 @@ static Solved solve_on_device(const vec<float>& g, int systems, int n, int r, do
         float* w = w_d.data();
         uint32_t* f = flags_d.data();
         const float ridge32 = (float)ridge;
-        launch("cholesky_solve_f32", {(unsigned)systems, 1, 1}, 128, [=] { cholesky_solve_f32(gp, n, r, ridge32, w, f); });
+        if (reference) {  // one thread per system, blocks of 64, its factor in a global copy
+            Dev<float> work((size_t)systems * n * (n + r), NAN);
+            float* wk = work.data();
+            launch("cholesky_solve_reference_f32", {(unsigned)div_ceil(systems, 64), 1, 1}, 64,
+                   [=] { cholesky_solve_reference_f32(gp, systems, n, r, ridge32, wk, w, f); });
+        } else {
+            launch("cholesky_solve_f32", {(unsigned)systems, 1, 1}, 128, [=] { cholesky_solve_f32(gp, n, r, ridge32, w, f); });
+        }
         s.w = w_d, s.flags = flags_d;
     }
     return s;
@@ -352,6 +371,7 @@ static void routing_case(int n, int d, int k) {
         }
     const vec<T> weighted = combine_weighted(grouped, order, t.probs, n, d);
     exact(s + tag(" combine scatter_scaled (%s) vs host f32", d % 4 == 0 ? "4-wide" : "scalar"), weighted, want_w);
+    exact(s + " combine scatter_scaled_reference vs host f32", combine_weighted(grouped, order, t.probs, n, d, true), want_w);
     vec<float> wf(weighted.size());
     for (size_t i = 0; i < wf.size(); ++i) wf[i] = back(weighted[i]);
     compare(s + " combine scatter_scaled vs f64", wf, want_w64, K::tol);
@@ -396,15 +416,20 @@ static void lstsq_case(const std::string& what, const vec<double>& x64, const ve
         return;
     }
     exact(s + " cholesky_solve_f32 flags", sol.flags, want_flags);
-    vec<float> got;
+    const Solved ref = reference ? solve_on_device(g, systems, n, r, ridge, true) : Solved{};
+    if (reference) exact(s + " cholesky_solve_reference_f32 flags", ref.flags, want_flags);
+    vec<float> got, got_ref;
     vec<double> want;
     for (int b = 0; b < systems; ++b) {
         if (sol.flags[b] != 0) continue;  // the host's f64 path in cuda.rs
         const vec<double> w = solve64(&g64[(size_t)b * n * (n + r)], n, r, ridge);
         want.insert(want.end(), w.begin(), w.end());
         got.insert(got.end(), sol.w.begin() + (size_t)b * n * r, sol.w.begin() + (size_t)(b + 1) * n * r);
+        if (reference)
+            got_ref.insert(got_ref.end(), ref.w.begin() + (size_t)b * n * r, ref.w.begin() + (size_t)(b + 1) * n * r);
     }
     if (!want.empty()) compare(s + " cholesky_solve_f32 W vs f64", got, want, tol);
+    if (!want.empty() && reference) compare(s + " cholesky_solve_reference_f32 W vs f64", got_ref, want, tol);
 }
 
 static vec<double> randn64(size_t len) {
@@ -460,6 +485,9 @@ static void lstsq_edges() {
     const Solved nf = solve_on_device(gram(xf, yf, batches(1, m), 3, 1, false), 1, 3, 1, 0.0);
     check("lstsq non-finite x: cholesky_solve_f32 flag 2", (nf.flags[0] & FLAG_NON_FINITE) != 0,
           tag("flags %u", nf.flags[0]).c_str());
+    const Solved nf_ref = solve_on_device(gram(xf, yf, batches(1, m), 3, 1, false), 1, 3, 1, 0.0, true);
+    check("lstsq non-finite x: cholesky_solve_reference_f32 flag 2", (nf_ref.flags[0] & FLAG_NON_FINITE) != 0,
+          tag("flags %u", nf_ref.flags[0]).c_str());
     // grouped_lstsq: tokens routed to experts {0, 1, 3} of 4, segments from the routing's offsets
     // (expert 2 empty: flag 1 with ridge 0, W = 0 with a ridge).
     const int n_tok = 500, n = 5, r = 3, k = 4;
@@ -543,11 +571,12 @@ int main(int argc, char** argv) {
         batched(4, 1, 1, 1, 0.0, 1e-3, true);     // one row, one column
     }
     std::vector<std::string> missing;
-    for (const char* base : {"top1_logits_", "top1_logits_reference_", "scatter_scaled_"})
+    for (const char* base : {"top1_logits_", "top1_logits_reference_", "scatter_scaled_", "scatter_scaled_reference_"})
         for (const char* sn : {"f32", "f16", "bf16"})
             if (!g_launched.count(std::string(base) + sn)) missing.push_back(std::string(base) + sn);
     for (const char* name : {"move_rows_v16", "move_rows_v4", "move_rows_v2", "move_bytes_reference",
-                             "normal_equations_f32", "normal_equations_reference_f32", "cholesky_solve_f32"})
+                             "normal_equations_f32", "normal_equations_reference_f32", "cholesky_solve_f32",
+                             "cholesky_solve_reference_f32"})
         if (!g_launched.count(name)) missing.push_back(name);
     std::string m;
     for (auto& s : missing) m += " " + s;

@@ -857,8 +857,8 @@ fn fuzz_moe(f: &mut Fuzz) {
             |g| has_shape(g, x.shape()) && finite_if(bounded, &[g]),
         );
         f.run(
-            format!("reference::combine {args}"),
-            || moe::reference::combine(&x, &routing),
+            format!("reference::combine {args} weighted {use_weights}"),
+            || moe::reference::combine(&x, &routing, use_weights.then_some(&weights)),
             |g| has_shape(g, x.shape()) && finite_if(bounded, &[g]),
         );
         f.run(

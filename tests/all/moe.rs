@@ -335,7 +335,7 @@ fn cuda_moe_matches_cpu() {
             let grouped = moe::dispatch(&x, &r).unwrap();
             let grouped_ref = moe::reference::dispatch(&x, &r).unwrap();
             assert_eq!(testing::to_f64(&grouped).unwrap(), testing::to_f64(&grouped_ref).unwrap());
-            assert_eq!(testing::to_f64(&moe::reference::combine(&grouped, &r).unwrap()).unwrap(), xs);
+            assert_eq!(testing::to_f64(&moe::reference::combine(&grouped, &r, None).unwrap()).unwrap(), xs);
             let gc = moe::dispatch(&x.to_device(&host).unwrap(), &rc).unwrap();
             assert_eq!(testing::to_f64(&grouped).unwrap(), testing::to_f64(&gc).unwrap());
             assert_eq!(testing::to_f64(&moe::combine(&grouped, &r, None).unwrap()).unwrap(), xs);
@@ -344,6 +344,8 @@ fn cuda_moe_matches_cpu() {
             let a = testing::to_f64(&moe::combine(&grouped, &r, Some(w)).unwrap()).unwrap();
             let b = testing::to_f64(&moe::combine(&gc, &rc, Some(wc)).unwrap()).unwrap();
             testing::assert_close("weighted combine", &a, &b, testing::tolerance(dtype));
+            let a_ref = testing::to_f64(&moe::reference::combine(&grouped, &r, Some(w)).unwrap()).unwrap();
+            assert_eq!(a, a_ref, "weighted combine vs its reference kernel ({dtype})");
         }
     }
     lstsq_case(&gpu, 5, 64, 16, 4, 0.0, 1e-3);
@@ -355,9 +357,6 @@ fn cuda_moe_matches_cpu() {
     testing::assert_close("lstsq fast vs reference kernel", &fast, &reference, 1e-4);
 }
 
-/// Least squares on the device beyond the well-conditioned case: the 1024 systems of
-/// 64×16 (fast vs reference kernel vs float64), a rank-deficient system (flagged on chip, solved
-/// by the host's minimum-norm path), and grouped_lstsq with an expert that gets no rows.
 /// A CPU tensor beside GPU ones is a `DeviceMismatch` in every moe operation.
 #[test]
 fn cuda_mixed_devices_are_errors() {
@@ -381,6 +380,9 @@ fn cuda_mixed_devices_are_errors() {
     mismatch("from_parts", Routing::from_parts(&e, &e.to_device(&gpu).unwrap(), &off).err());
 }
 
+/// Least squares on the device beyond the well-conditioned case: the 1024 systems of
+/// 64×16 (fast vs reference kernel vs float64), a rank-deficient system (flagged on chip, solved
+/// by the host's minimum-norm path), and grouped_lstsq with an expert that gets no rows.
 #[test]
 fn cuda_lstsq_rank_deficient_and_grouped() {
     let Some(gpu) = testing::cuda_or_skip("cuda_lstsq_rank_deficient_and_grouped") else { return };

@@ -66,16 +66,42 @@ pub(super) fn dispatch(x: &Tensor, routing: &Routing) -> Result<Tensor> {
 }
 
 pub(super) fn combine(grouped: &Tensor, routing: &Routing, weights: Option<&Tensor>) -> Result<Tensor> {
+    match weights {
+        None => move_rows(grouped, routing, true),
+        Some(w) => scatter_scaled(grouped, routing, w, Kernels::Fast),
+    }
+}
+
+/// `combine` with the one-thread-per-byte (unweighted) or one-thread-per-element (weighted)
+/// reference kernels.
+pub(super) fn combine_reference(
+    grouped: &Tensor,
+    routing: &Routing,
+    weights: Option<&Tensor>,
+) -> Result<Tensor> {
+    match weights {
+        None => move_rows_reference(grouped, routing, true),
+        Some(w) => scatter_scaled(grouped, routing, w, Kernels::Reference),
+    }
+}
+
+/// The weighted combine: `scatter_scaled_<dtype>` (one warp per row, 4-element vectors) or its
+/// reference (one thread per element).
+fn scatter_scaled(grouped: &Tensor, routing: &Routing, w: &Tensor, kernels: Kernels) -> Result<Tensor> {
     const OP: &str = "moe::combine";
-    let Some(w) = weights else {
-        return move_rows(grouped, routing, true);
-    };
     let dev = grouped.cuda_device()?.clone();
     let (n, d) = (grouped.shape()[0], grouped.shape()[1]);
     check_row_bytes(d * grouped.dtype().size_in_bytes(), grouped, OP)?;
     let idx = routing.order.cuda_slice::<u32>(OP)?;
     let ws = w.cuda_slice::<f32>(OP)?;
-    let name = format!("scatter_scaled_{}", grouped.dtype().as_str());
+    let name = match kernels {
+        Kernels::Fast => format!("scatter_scaled_{}", grouped.dtype().as_str()),
+        Kernels::Reference => format!("scatter_scaled_reference_{}", grouped.dtype().as_str()),
+    };
+    let cfg = match kernels {
+        Kernels::Fast => row_grid(n),
+        Kernels::Reference => crate::cuda::grid_1d(n * d, 256),
+    };
     let f = dev.function(MODULE, &name)?;
     let (ni, di) = (n as i32, d as i32);
     macro_rules! go {
@@ -84,10 +110,11 @@ pub(super) fn combine(grouped: &Tensor, routing: &Routing, weights: Option<&Tens
             let mut out = dev.alloc::<$t>(n * d)?;
             let mut b = dev.stream().launch_builder(&f);
             b.arg(src).arg(idx).arg(ws).arg(&ni).arg(&di).arg(&mut out);
-            // SAFETY: one warp per grouped row; order is a permutation of 0..n (Routing's
-            // invariant), so every output row is written exactly once; 4-element vectors only
-            // when d % 4 == 0 (rows then stay 4-element aligned).
-            unsafe { b.launch(row_grid(n)) }.map_err(driver(format!("launching {name}")))?;
+            // SAFETY: one warp per grouped row (fast) or a grid-stride loop over its elements
+            // (reference); order is a permutation of 0..n (Routing's invariant), so every output
+            // row is written exactly once; 4-element vectors only when d % 4 == 0 (rows then
+            // stay 4-element aligned).
+            unsafe { b.launch(cfg) }.map_err(driver(format!("launching {name}")))?;
             CudaBuffer::$variant(out)
         }};
     }
@@ -254,7 +281,14 @@ pub(super) fn lstsq_segments(
         r,
         false,
     )?;
-    solve_on_device(&dev, &g, segments.len(), n, r, ridge, out_shape, device, op)
+    solve_on_device(&dev, &g, segments.len(), n, r, ridge, out_shape, device, op, Kernels::Fast)
+}
+
+/// The fast kernels, or the simple ones the GPU tests hold them against.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kernels {
+    Fast,
+    Reference,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -268,21 +302,19 @@ fn solve_on_device(
     out_shape: &[usize],
     device: &Device,
     op: &'static str,
+    kernels: Kernels,
 ) -> Result<Tensor> {
     let on_chip = n <= CHOLESKY_MAX_N && n * (n + r) <= CHOLESKY_MAX_FLOATS;
     let mut flags = vec![FLAG_HOST; systems];
     let mut w = dev.alloc::<f32>(systems * n * r)?;
     if on_chip {
         let mut dflags = dev.alloc::<u32>(systems)?;
-        let f = dev.function(MODULE, "cholesky_solve_f32")?;
-        let (ni, ri, ridge32) = (n as i32, r as i32, ridge as f32);
-        let cfg =
-            LaunchConfig { grid_dim: (systems as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-        let mut b = dev.stream().launch_builder(&f);
-        b.arg(g).arg(&ni).arg(&ri).arg(&ridge32).arg(&mut w).arg(&mut dflags);
-        // SAFETY: one block per system; n·(n + r) ≤ 8192 floats fit its shared array (checked
-        // above); g holds systems·n·(n + r), w systems·n·r floats, flags one per system.
-        unsafe { b.launch(cfg) }.map_err(driver("launching cholesky_solve_f32"))?;
+        match kernels {
+            Kernels::Fast => cholesky_solve(dev, g, systems, n, r, ridge, &mut w, &mut dflags)?,
+            Kernels::Reference => {
+                cholesky_solve_reference(dev, g, systems, n, r, ridge, &mut w, &mut dflags)?
+            }
+        }
         flags = dev.dtoh(&dflags, systems)?;
     }
     if flags.iter().any(|&f| f & 2 != 0) {
@@ -308,11 +340,63 @@ fn solve_on_device(
     Ok(Tensor::from_cuda_buffer(CudaBuffer::F32(w), out_shape, DType::F32, device))
 }
 
+/// `cholesky_solve_f32`: one block per system, the factor in shared memory.
+#[allow(clippy::too_many_arguments)]
+fn cholesky_solve(
+    dev: &CudaDevice,
+    g: &CudaSlice<f32>,
+    systems: usize,
+    n: usize,
+    r: usize,
+    ridge: f64,
+    w: &mut CudaSlice<f32>,
+    flags: &mut CudaSlice<u32>,
+) -> Result<()> {
+    let f = dev.function(MODULE, "cholesky_solve_f32")?;
+    let (ni, ri, ridge32) = (n as i32, r as i32, ridge as f32);
+    let cfg = LaunchConfig { grid_dim: (systems as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(g).arg(&ni).arg(&ri).arg(&ridge32).arg(w).arg(flags);
+    // SAFETY: one block per system; n·(n + r) ≤ 8192 floats fit its shared array (the caller's
+    // on-chip test); g holds systems·n·(n + r), w systems·n·r floats, flags one per system.
+    unsafe { b.launch(cfg) }.map_err(driver("launching cholesky_solve_f32"))?;
+    Ok(())
+}
+
+/// `cholesky_solve_reference_f32`: one thread per system, its factor in a global copy of `g`.
+#[allow(clippy::too_many_arguments)]
+fn cholesky_solve_reference(
+    dev: &CudaDevice,
+    g: &CudaSlice<f32>,
+    systems: usize,
+    n: usize,
+    r: usize,
+    ridge: f64,
+    w: &mut CudaSlice<f32>,
+    flags: &mut CudaSlice<u32>,
+) -> Result<()> {
+    let mut work = dev.alloc::<f32>(systems * n * (n + r))?;
+    let f = dev.function(MODULE, "cholesky_solve_reference_f32")?;
+    let (si, ni, ri, ridge32) = (systems as i32, n as i32, r as i32, ridge as f32);
+    let cfg = LaunchConfig {
+        grid_dim: (systems.div_ceil(64) as u32, 1, 1),
+        block_dim: (64, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(g).arg(&si).arg(&ni).arg(&ri).arg(&ridge32).arg(&mut work).arg(w).arg(flags);
+    // SAFETY: one thread per system (the last block's surplus threads return); g and work hold
+    // systems·n·(n + r), w systems·n·r floats, flags one per system.
+    unsafe { b.launch(cfg) }.map_err(driver("launching cholesky_solve_reference_f32"))?;
+    Ok(())
+}
+
 /// Host-solve marker for systems the chip does not take.
 const FLAG_HOST: u32 = 4;
 
 /// Reference least squares for the GPU tests: the one-thread-per-entry normal equations, then
-/// the same solve as [`lstsq_segments`].
+/// the one-thread-per-system Cholesky (the host paths for rank-deficient and large systems are
+/// [`lstsq_segments`]'s).
 pub(super) fn lstsq_reference(
     x: &Tensor,
     y: &Tensor,
@@ -329,7 +413,7 @@ pub(super) fn lstsq_reference(
     let y32 = y.to_dtype(DType::F32)?;
     let seg = dev.htod(&segment_offsets(segments))?;
     let g = gram(&dev, x32.cuda_slice::<f32>(OP)?, y32.cuda_slice::<f32>(OP)?, &seg, batch, n, r, true)?;
-    solve_on_device(&dev, &g, batch, n, r, ridge, &out_shape, x.device(), OP)
+    solve_on_device(&dev, &g, batch, n, r, ridge, &out_shape, x.device(), OP, Kernels::Reference)
 }
 
 /// One thread per row: the reference for [`top1_logits`].

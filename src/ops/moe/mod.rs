@@ -418,17 +418,19 @@ pub mod reference {
         }
     }
 
-    /// Unweighted [`combine`](super::combine) with one thread per byte on CUDA.
-    pub fn combine(grouped: &Tensor, routing: &Routing) -> Result<Tensor> {
-        let fast = super::combine(grouped, routing, None)?; // validation
+    /// [`combine`](super::combine) with one thread per byte (unweighted) or per element
+    /// (weighted) on CUDA.
+    pub fn combine(grouped: &Tensor, routing: &Routing, weights: Option<&Tensor>) -> Result<Tensor> {
+        let fast = super::combine(grouped, routing, weights)?; // validation
         match grouped.storage() {
             Storage::Cpu(_) => Ok(fast),
             #[cfg(feature = "cuda")]
-            Storage::Cuda(_) => cuda::move_rows_reference(grouped, routing, true),
+            Storage::Cuda(_) => cuda::combine_reference(grouped, routing, weights),
         }
     }
 
-    /// [`lstsq`](super::lstsq) with the one-thread-per-entry normal-equation kernel on CUDA.
+    /// [`lstsq`](super::lstsq) with the one-thread-per-entry normal-equation kernel and the
+    /// one-thread-per-system Cholesky on CUDA.
     pub fn lstsq(x: &Tensor, y: &Tensor, ridge: f64) -> Result<Tensor> {
         match x.storage() {
             Storage::Cpu(_) => super::lstsq(x, y, ridge),
