@@ -8,7 +8,9 @@
 //                       steps, the query gradient and the k reverse HVP steps g <- g - a*H_j g.
 //                       Every per-task buffer (current parameters, g, Hg, activations, deltas and
 //                       their R{} directions) lives in shared memory; only the inner iterates
-//                       theta_1..theta_{k-1} go to global memory.
+//                       theta_1..theta_{k-1} go to global memory. When given `mean`, the last
+//                       block to finish also takes the mean over tasks (maml_mean_rows' sums,
+//                       so the bits match), and the call is one launch.
 //   mlp_op_<T>          forward / loss+gradient / HVP of T tasks, same engine.
 //
 // Per-layer, orchestrated from the host (src/ops/maml/layered.rs), every launch batched over
@@ -332,11 +334,35 @@ __device__ __forceinline__ T* workspace() {
 }
 
 // ------------------------------------------------------------------ fused meta-gradient -----
-// Workspace per task: theta[P], g[P], hv[P], then the engine buffers.
+// The mean over tasks (blocks) of the [tasks, P] rows each block has written, in the same
+// launch: every thread makes its writes visible device-wide, the block draws a ticket from
+// `done`, and the block that draws the last one sums each column in task order (as mean_rows
+// does: the same bits), reading past L1, then rearms `done` to 0 for the next launch.
+template <typename T>
+__device__ void mean_by_last_block(const T* rows, T* mean, unsigned* done, int P) {
+    __shared__ int last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(done, 1u) == gridDim.x - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    const int tasks = gridDim.x;
+    for (int i = threadIdx.x; i < P; i += blockDim.x) {
+        T acc = T(0);
+        for (int t = 0; t < tasks; ++t) acc += __ldcg(rows + (long long)t * P + i);
+        mean[i] = acc / T(tasks);
+    }
+    if (threadIdx.x == 0) *done = 0;
+}
+
+// Workspace per task: theta[P], g[P], hv[P], then the engine buffers. `mean` (P, or null: the
+// host launches maml_mean_rows) and `done` (the device's block counter) as mean_by_last_block.
 template <typename T>
 __device__ void maml_meta(const MetaConfig cfg, const int* sizes, const int* w_off, const T* params,
                           const T* xs, const T* ys, const unsigned* ls, const T* xq, const T* yq,
-                          const unsigned* lq, T* iterates, T* adapted, T* grads, T* losses) {
+                          const unsigned* lq, T* iterates, T* adapted, T* grads, T* losses, T* mean,
+                          unsigned* done) {
     const NetConfig& c = cfg.net;
     const int task = blockIdx.x, P = c.params, in_w = sizes[0], out_w = sizes[c.layers];
     T* base = workspace<T>();
@@ -388,6 +414,7 @@ __device__ void maml_meta(const MetaConfig cfg, const int* sizes, const int* w_o
     }
     block_copy(grads + (long long)task * P, g, P);
     if (threadIdx.x == 0) losses[task] = loss;
+    if (mean != nullptr) mean_by_last_block(grads, mean, done, P);
 }
 
 // ------------------------------------------------------------------ forward / grad / HVP ----
@@ -683,9 +710,9 @@ __device__ void mean_rows(const T* rows, T* out, int tasks, int P) {
     extern "C" __global__ void maml_meta_##TN(                                                           \
         const MetaConfig cfg, const int* sizes, const int* w_off, const T* params, const T* xs,         \
         const T* ys, const unsigned* ls, const T* xq, const T* yq, const unsigned* lq, T* iterates,     \
-        T* adapted, T* grads, T* losses) {                                                               \
+        T* adapted, T* grads, T* losses, T* mean, unsigned* done) {                                      \
         maml_meta<T>(cfg, sizes, w_off, params, xs, ys, ls, xq, yq, lq, iterates, adapted, grads,       \
-                     losses);                                                                            \
+                     losses, mean, done);                                                                \
     }                                                                                                    \
     extern "C" __global__ void mlp_op_##TN(const NetConfig c, int mode, int n, const int* sizes,         \
                                            const int* w_off, const T* params, long long p_stride,       \

@@ -15,7 +15,10 @@ It checks two things a first GPU run would otherwise find:
     another thread read or wrote, in the same interval is a missing __syncthreads().
 
 It cannot see CUDA-specific faults (launch configuration, alignment, the driver); it runs each
-barrier interval's threads in a shuffled order to expose order dependence.
+barrier interval's threads in a shuffled order to expose order dependence. The mean over tasks
+that maml_meta's last block takes (`mean_by_last_block`) is not emulated here: the per-task
+gradients are what it checks; scripts/emulate/maml.cpp runs the kernel itself and holds that
+mean to maml_mean_rows' bits.
 
     python3 scripts/compare/maml_fused_emulation.py     # exit 1 on any mismatch or race
 """

@@ -628,7 +628,12 @@ struct MetaOut {
     Dev<T> grad, losses, adapted, iterates;  // iterates: the fused kernel's only
     double loss = 0;
     bool fused = false;
+    // The fused launch took the mean over tasks itself (cuda.rs: tasks·P ≤ MEAN_IN_LAUNCH_MAX):
+    // whether it has the bits of maml_mean_rows over the same rows, and left its counter at 0.
+    bool mean_in_launch = false, mean_bits_match = false, counter_rearmed = false;
 };
+
+constexpr size_t MEAN_IN_LAUNCH_MAX = size_t(1) << 16;  // cuda.rs
 
 enum class Path { Auto, Reference };
 
@@ -668,8 +673,20 @@ static MetaOut<T> meta_gradient(const Net& net, int k, double lr, bool second, c
         const int *sz = sizes.data(), *off = offsets.data();
         const T *p = theta.data(), *xs = b.xs.data(), *xq = b.xq.data();
         T *it = r.iterates.data(), *ad = r.adapted.data(), *gr = grads.data(), *lo = r.losses.data();
+        r.mean_in_launch = tasks * pn <= MEAN_IN_LAUNCH_MAX;
+        Dev<T> mean = alloc<T>(pn);
+        Dev<unsigned> counter(1, 0u);  // the device's block counter: 0 between launches
+        T* mn = r.mean_in_launch ? mean.data() : nullptr;
+        unsigned* done = counter.data();
         const dim3 grid{(unsigned)tasks, 1, 1};
-        LAUNCH(grid, shared, "maml_meta", K<T>::meta(cfg, sz, off, p, xs, ys, ls, xq, yq, lq, it, ad, gr, lo));
+        LAUNCH(grid, shared, "maml_meta",
+               K<T>::meta(cfg, sz, off, p, xs, ys, ls, xq, yq, lq, it, ad, gr, lo, mn, done));
+        if (r.mean_in_launch) {
+            const Dev<T> separate = mean_rows(grads, tasks, pn);
+            r.mean_bits_match = std::memcmp(mean.data(), separate.data(), pn * sizeof(T)) == 0;
+            r.counter_rearmed = counter[0] == 0;
+            r.grad = std::move(mean);
+        }
     } else {
         // layered::meta_gradient
         Engine<T> e(net, path == Path::Reference ? Product::Naive : Product::Tiled, tasks, std::max(b.ns, b.nq),
@@ -710,7 +727,7 @@ static MetaOut<T> meta_gradient(const Net& net, int k, double lr, bool second, c
         grads = std::move(g);
         r.adapted = std::move(thetas.back());
     }
-    r.grad = mean_rows(grads, tasks, pn);
+    if (!r.mean_in_launch) r.grad = mean_rows(grads, tasks, pn);
     for (size_t t = 0; t < tasks; ++t) r.loss += (double)r.losses[t];
     r.loss /= (double)tasks;
     return r;
@@ -802,6 +819,10 @@ static void meta_case(const Net& net, size_t tasks, size_t ns, size_t nq, int k,
         if (expect_fused) check(s + " auto path is " + (*expect_fused ? "fused" : "tiled"), a.fused == *expect_fused);
         const std::string name = a.fused ? "auto (fused)" : "auto (tiled)";
         check_all(name, a);
+        if (a.mean_in_launch) {
+            check(s + " " + name + " mean over tasks in the launch = maml_mean_rows (bits)", a.mean_bits_match);
+            check(s + " " + name + " block counter back at 0", a.counter_rearmed);
+        }
         if (naive) compare(s + " " + name + " vs naive grad", a.grad, doubles(naive->grad, net.P), tol);
         if (paths.determinism) {
             g_schedule_rng.seed(emu_seed() + 977);

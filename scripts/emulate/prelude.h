@@ -8,7 +8,7 @@
 // __syncthreads the warps run one after another in a fresh random order (the lanes of a warp in
 // a random order too), so that a missing barrier between warps shows as poison or stale data.
 // The other built-ins the kernels use are here too (float2/float4/uint4, the half-pair
-// conversions, atomicAdd/atomicOr, __popc, __clz, isfinite), so a driver includes this file and
+// conversions, atomicAdd/atomicOr, __threadfence, __ldcg, __popc, __clz, isfinite), so a driver includes this file and
 // its kernel file and nothing else; CUDA code type-puns through vector types, which nvcc allows:
 // run.sh compiles with -fno-strict-aliasing. With EMU_TSAN=1, run.sh builds with
 // ThreadSanitizer and the emulation tells it what orders memory between CUDA threads ("race
@@ -671,6 +671,15 @@ template <typename T>
 T atomicOr(T* p, T v) {
     static_assert(std::is_integral_v<T>, "atomicOr takes an integer word");
     return std::atomic_ref<T>(*p).fetch_or(v, std::memory_order_relaxed);
+}
+
+// __threadfence orders a thread's global writes before its later ones, device-wide; here the
+// blocks of a launch run one after another (with happens-before edges between them), so it only
+// has to be a compiler and CPU fence. __ldcg (a load that skips L1) is a plain load.
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+template <typename T>
+T __ldcg(const T* p) {
+    return *p;
 }
 
 // ------------------------------------------------------------------ shared memory -------------

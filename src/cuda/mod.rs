@@ -50,6 +50,12 @@ struct Inner {
     // Kernels (by CUfunction handle: modules stay loaded) opted into more than 48 KiB of
     // dynamic shared memory, with their limit.
     opted_in: Mutex<HashMap<usize, usize>>,
+    // Small i32 tables kernels read (MAML's layer widths and offsets), uploaded once per content
+    // so that a call does not pay a copy for them.
+    tables: Mutex<HashMap<Vec<i32>, Arc<CudaSlice<i32>>>>,
+    // A u32 that is 0 between launches: the ticket counter of kernels whose last block to
+    // finish does a final step (it rearms the counter). One stream per device orders the users.
+    block_counter: Mutex<Option<Arc<CudaSlice<u32>>>>,
 }
 
 /// The number of CUDA devices, or why CUDA cannot be used at all.
@@ -97,6 +103,8 @@ impl CudaDevice {
                 stream,
                 modules: Mutex::default(),
                 opted_in: Mutex::default(),
+                tables: Mutex::default(),
+                block_counter: Mutex::default(),
             }),
         };
         map.insert(ordinal, dev.clone());
@@ -193,6 +201,35 @@ impl CudaDevice {
             return self.alloc::<T>(1);
         }
         self.stream().clone_htod(data).map_err(|e| self.alloc_error(e, std::mem::size_of_val(data)))
+    }
+
+    /// A device copy of `table`, uploaded on first use and kept for later calls (up to 64
+    /// distinct tables; the cache starts over past that).
+    pub(crate) fn constant_table(&self, table: &[i32]) -> Result<Arc<CudaSlice<i32>>> {
+        const MAX_TABLES: usize = 64;
+        let mut tables = lock(&self.inner.tables);
+        if let Some(t) = tables.get(table) {
+            return Ok(t.clone());
+        }
+        if tables.len() >= MAX_TABLES {
+            tables.clear();
+        }
+        let uploaded = Arc::new(self.htod(table)?);
+        tables.insert(table.to_vec(), uploaded.clone());
+        Ok(uploaded)
+    }
+
+    /// The device's block counter: a u32 that is 0 whenever no kernel runs, for kernels whose
+    /// last block to finish (the one that draws ticket gridDim − 1) does a final step and
+    /// rearms it.
+    pub(crate) fn block_counter(&self) -> Result<Arc<CudaSlice<u32>>> {
+        let mut counter = lock(&self.inner.block_counter);
+        if let Some(c) = counter.as_ref() {
+            return Ok(c.clone());
+        }
+        let zeroed = Arc::new(self.alloc_zeros::<u32>(1)?);
+        *counter = Some(zeroed.clone());
+        Ok(zeroed)
     }
 
     /// Copies the first `len` elements of a device buffer to the host (synchronises).
@@ -322,6 +359,12 @@ impl CudaDevice {
             ));
         }
         Ok(())
+    }
+
+    /// The most dynamic shared memory one launch of `func` may use: the device's opt-in limit
+    /// less the kernel's static shared memory (the kernel is opted into it).
+    pub(crate) fn dynamic_shared_limit(&self, func: &CudaFunction, name: &str) -> Result<usize> {
+        self.opt_in(func, name)
     }
 
     /// Opts `func` into the most dynamic shared memory the device allows beside the kernel's

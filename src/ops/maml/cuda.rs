@@ -10,6 +10,7 @@
 //! tiled path with `force_tiled`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use super::layered::{self, Engine, Input, Params, PerTask, Product};
 use super::{Dims, Layout, Loss, Maml, MetaDims, MetaGradient, Order, TaskBatch};
@@ -91,12 +92,13 @@ fn fused_plan<T: Element>(
     rows: usize,
     vectors: usize,
 ) -> Result<Option<(NetConfig, u32)>> {
+    const NAME: &str = "the fused MAML kernel";
     let Some(cfg) = net_config(layout, rows, vectors) else { return Ok(None) };
     let bytes = cfg.ws_elems as usize * size_of::<T>();
-    if bytes > dev.max_shared_bytes_optin()? || FORCE_TILED.load(Ordering::Relaxed) {
+    if bytes > dev.dynamic_shared_limit(func, NAME)? || FORCE_TILED.load(Ordering::Relaxed) {
         return Ok(None);
     }
-    dev.allow_shared_bytes(func, "the fused MAML kernel", bytes)?;
+    dev.allow_shared_bytes(func, NAME, bytes)?;
     Ok(Some((cfg, bytes as u32)))
 }
 
@@ -107,11 +109,15 @@ fn launch_config(tasks: usize, threads: u32, shared: u32) -> Result<LaunchConfig
     Ok(LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: shared })
 }
 
-/// The i32 tables the kernels read: layer widths and weight offsets.
-fn tables(dev: &CudaDevice, layout: &Layout) -> Result<(CudaSlice<i32>, CudaSlice<i32>)> {
+/// A device table of i32s, shared with the device's cache.
+type Table = Arc<CudaSlice<i32>>;
+
+/// The i32 tables the kernels read, layer widths and weight offsets: uploaded on a network's
+/// first call, then reused (a call copies nothing for them).
+fn tables(dev: &CudaDevice, layout: &Layout) -> Result<(Table, Table)> {
     let sizes: Vec<i32> = layout.sizes.iter().map(|&s| s as i32).collect();
     let offsets: Vec<i32> = layout.w_offset.iter().map(|&s| s as i32).collect();
-    Ok((dev.htod(&sizes)?, dev.htod(&offsets)?))
+    Ok((dev.constant_table(&sizes)?, dev.constant_table(&offsets)?))
 }
 
 fn wrap<T: Element>(buf: CudaSlice<T>, shape: &[usize], like: &Tensor) -> Tensor {
@@ -193,7 +199,7 @@ fn run_op_fused<T: Element>(
     let xs = x.cuda_slice::<T>(op)?;
     let cfg_launch = launch_config(dims.tasks, THREADS, shared)?;
     let mut args = dev.stream().launch_builder(func);
-    args.arg(cfg).arg(&mode_i).arg(&n).arg(&sizes).arg(&offsets).arg(p).arg(&p_stride);
+    args.arg(cfg).arg(&mode_i).arg(&n).arg(&*sizes).arg(&*offsets).arg(p).arg(&p_stride);
     match v {
         Some(v) => args.arg(v.cuda_slice::<T>(op)?),
         None => args.arg(&NULL),
@@ -373,18 +379,24 @@ fn meta_typed<T: Element>(
         Path::Auto => fused_plan::<T>(dev, &func, layout, meta.support.max(meta.query), 3)?,
         Path::Reference => None,
     };
-    let per_task = match fused {
-        Some((net, shared)) => meta_fused::<T>(dev, layout, maml, meta, params, batch, &net, &func, shared)?,
+    let (per_task, mean) = match fused {
+        Some((net, shared)) => {
+            let fused = meta_fused::<T>(dev, layout, maml, meta, params, batch, &net, &func, shared)?;
+            (fused.per_task, fused.mean)
+        }
         None => {
             let product = if path == Path::Reference { Product::Naive } else { Product::Tiled };
             let (xs, xq) = layered::batch_inputs::<T>(batch, OP)?;
             let ys = layered::targets::<T>(layout, &batch.support_y, OP)?;
             let yq = layered::targets::<T>(layout, &batch.query_y, OP)?;
             let p = params.cuda_slice::<T>(OP)?;
-            layered::meta_gradient::<T>(dev, layout, maml, meta, product, p, xs, ys, xq, yq)?
+            (layered::meta_gradient::<T>(dev, layout, maml, meta, product, p, xs, ys, xq, yq)?, None)
         }
     };
-    let mean = layered::mean_rows::<T>(dev, &per_task.grads, tasks, pn)?;
+    let mean = match mean {
+        Some(mean) => mean,
+        None => layered::mean_rows::<T>(dev, &per_task.grads, tasks, pn)?,
+    };
     let host_losses = dev.dtoh(&per_task.losses, tasks)?;
     let loss = host_losses.iter().map(|l| l.to_f64()).sum::<f64>() / tasks as f64;
     Ok(MetaGradient {
@@ -395,8 +407,19 @@ fn meta_typed<T: Element>(
     })
 }
 
+/// At most this many per-task gradient entries (tasks × P) are averaged by the last block of
+/// `maml_meta` itself: one block reads 256 KiB (f32) in about the time of a separate launch.
+/// Larger meta-batches launch `maml_mean_rows` across the GPU instead.
+const MEAN_IN_LAUNCH_MAX: usize = 1 << 16;
+
+/// The fused path's results: per task, and the mean gradient when the launch took it.
+struct Fused<T> {
+    per_task: PerTask<T>,
+    mean: Option<CudaSlice<T>>,
+}
+
 /// The whole meta-gradient in one launch of `maml_meta_<T>`, workspace in `shared` bytes of
-/// dynamic shared memory per block.
+/// dynamic shared memory per block; the mean over tasks too, up to [`MEAN_IN_LAUNCH_MAX`].
 #[allow(clippy::too_many_arguments)]
 fn meta_fused<T: Element>(
     dev: &CudaDevice,
@@ -408,7 +431,7 @@ fn meta_fused<T: Element>(
     net: &NetConfig,
     func: &CudaFunction,
     shared: u32,
-) -> Result<PerTask<T>> {
+) -> Result<Fused<T>> {
     const OP: &str = "Maml::meta_gradient";
     let (tasks, pn) = (meta.tasks, layout.num_params);
     let steps =
@@ -433,7 +456,7 @@ fn meta_fused<T: Element>(
     let (xs, xq) = layered::batch_inputs::<T>(batch, OP)?;
     let p = params.cuda_slice::<T>(OP)?;
     let mut args = dev.stream().launch_builder(func);
-    args.arg(&cfg).arg(&sizes).arg(&offsets).arg(p).arg(xs);
+    args.arg(&cfg).arg(&*sizes).arg(&*offsets).arg(p).arg(xs);
     match layout.loss {
         Loss::Mse => args.arg(batch.support_y.cuda_slice::<T>(OP)?).arg(&NULL),
         Loss::SoftmaxCrossEntropy => args.arg(&NULL).arg(batch.support_y.cuda_slice::<u32>(OP)?),
@@ -444,11 +467,19 @@ fn meta_fused<T: Element>(
         Loss::SoftmaxCrossEntropy => args.arg(&NULL).arg(batch.query_y.cuda_slice::<u32>(OP)?),
     };
     args.arg(&iterates).arg(&mut adapted).arg(&mut grads).arg(&mut losses);
+    let counter = dev.block_counter()?;
+    let mut mean = if tasks * pn <= MEAN_IN_LAUNCH_MAX { Some(dev.alloc::<T>(pn)?) } else { None };
+    match mean.as_mut() {
+        Some(mean) => args.arg(mean),
+        None => args.arg(&NULL),
+    };
+    args.arg(&*counter);
     // SAFETY: the argument list matches `maml_meta_<T>` in maml.cu; support/query inputs and
     // targets have the shapes mod.rs validated (T·Ns·in, T·Ns·out or T·Ns labels, likewise for
     // the query), iterates hold T·(k−1)·P (at least one element), adapted and grads T·P,
-    // losses T, and `shared` bytes of dynamic shared memory per block hold the workspace
-    // (attribute raised in `fused_plan`).
+    // losses T, mean P (or null), the counter is the device's (0 between launches, and this
+    // device's one stream runs launches one after another), and `shared` bytes of dynamic
+    // shared memory per block hold the workspace (attribute raised in `fused_plan`).
     unsafe { args.launch(launch_config(tasks, THREADS, shared)?) }.map_err(driver("launching maml_meta"))?;
-    Ok(PerTask { grads, losses, adapted })
+    Ok(Fused { per_task: PerTask { grads, losses, adapted }, mean })
 }
