@@ -8,7 +8,8 @@
 //! and pass (whatever chunk the kernel uses), GB/s of the minimum traffic (q, k, v read once, o
 //! written once), the fraction of the same-run ceiling (CPU: f32 GEMM rate; GPU: device copy
 //! bandwidth), and the speed-up over the unfused quadratic baseline (masked QKᵀ then ·V, on the
-//! same device: matrixmultiply on the CPU, `forward_quadratic` on the GPU), over the other GPU
+//! same device: matrixmultiply on the CPU, forward and forward+backward, checked against the
+//! crate at a small shape first; `forward_quadratic` on the GPU, forward), over the other GPU
 //! paths (fused, split, and the f32 SIMT core with tensor cores off, forward and
 //! forward+backward) and, at a small shape, over the reference kernel. On the GPU also one
 //! wide-head shape, (2,8,2048,256), the 32-row chunks of the tensor-core kernels. At one shape
@@ -42,72 +43,137 @@ fn inputs(shape: (usize, usize, usize, usize), dtype: DType, dev: &Device) -> (T
     (x(1), x(2), x(3))
 }
 
-/// The unfused baseline on the CPU: per head, A = QKᵀ (T×T, masked when causal), then O = A·V,
-/// both through matrixmultiply, rayon over heads.
+/// C[m×n] = A[m×k]·B[k×n] through matrixmultiply; each operand is given with its (row, column)
+/// strides, so a transposed operand is the same buffer with the strides swapped.
+#[allow(clippy::too_many_arguments)]
+fn gemm(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &[f32],
+    sa: (usize, usize),
+    b: &[f32],
+    sb: (usize, usize),
+    c: &mut [f32],
+) {
+    let last = |rows: usize, cols: usize, (r, c): (usize, usize)| (rows - 1) * r + (cols - 1) * c;
+    assert!(last(m, k, sa) < a.len() && last(k, n, sb) < b.len() && m * n <= c.len(), "gemm operand sizes");
+    // SAFETY: the assertion above keeps every element the strides address inside its slice.
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            1.0,
+            a.as_ptr(),
+            sa.0 as isize,
+            sa.1 as isize,
+            b.as_ptr(),
+            sb.0 as isize,
+            sb.1 as isize,
+            0.0,
+            c.as_mut_ptr(),
+            n as isize,
+            1,
+        );
+    }
+}
+
+/// Zeroes the strict upper triangle of a T×T matrix (the causal mask).
+fn mask_above_diagonal(a: &mut [f32], t: usize) {
+    for i in 0..t {
+        a[i * t + i + 1..(i + 1) * t].fill(0.0);
+    }
+}
+
+/// The unfused baseline on the CPU, as an autograd framework runs it: per head, A = QKᵀ (T×T,
+/// masked when causal) and O = A·V; with `grad_output`, also the backward from the saved A:
+/// dV = AᵀdO, dA = mask(dO·Vᵀ), dQ = dA·K, dK = dAᵀ·Q. Every product through matrixmultiply,
+/// rayon over heads. Returns O (and dQ, dK, dV).
+#[allow(clippy::type_complexity)]
 fn quadratic_baseline(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    grad_output: Option<&[f32]>,
     heads: usize,
     t: usize,
     d: usize,
     causal: bool,
-) -> Vec<f32> {
-    let mut out = vec![0f32; heads * t * d];
-    out.par_chunks_mut(t * d).enumerate().for_each(|(hd, o)| {
-        let (q, k, v) = (&q[hd * t * d..], &k[hd * t * d..], &v[hd * t * d..]);
-        let mut a = vec![0f32; t * t];
-        // SAFETY: all pointers address buffers of the sizes the strides describe.
-        unsafe {
-            matrixmultiply::sgemm(
-                t,
-                d,
-                t,
-                1.0,
-                q.as_ptr(),
-                d as isize,
-                1,
-                k.as_ptr(),
-                1,
-                d as isize,
-                0.0,
-                a.as_mut_ptr(),
-                t as isize,
-                1,
-            );
-        }
-        if causal {
-            for i in 0..t {
-                a[i * t + i + 1..(i + 1) * t].fill(0.0);
+) -> (Vec<f32>, Option<[Vec<f32>; 3]>) {
+    let n = t * d;
+    let per_head: Vec<(Vec<f32>, Option<[Vec<f32>; 3]>)> = (0..heads)
+        .into_par_iter()
+        .map(|hd| {
+            let (q, k, v) = (&q[hd * n..(hd + 1) * n], &k[hd * n..(hd + 1) * n], &v[hd * n..(hd + 1) * n]);
+            let (rows, cols) = ((d, 1), (1, d)); // a [T, D] head as itself and as its transpose
+            let mut a = vec![0f32; t * t];
+            gemm(t, d, t, q, rows, k, cols, &mut a);
+            if causal {
+                mask_above_diagonal(&mut a, t);
             }
-        }
-        // SAFETY: as above.
-        unsafe {
-            matrixmultiply::sgemm(
-                t,
-                t,
-                d,
-                1.0,
-                a.as_ptr(),
-                t as isize,
-                1,
-                v.as_ptr(),
-                d as isize,
-                1,
-                0.0,
-                o.as_mut_ptr(),
-                d as isize,
-                1,
+            let mut o = vec![0f32; n];
+            gemm(t, t, d, &a, (t, 1), v, rows, &mut o);
+            let grads = grad_output.map(|go| {
+                let go = &go[hd * n..(hd + 1) * n];
+                let (mut dq, mut dk, mut dv) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+                gemm(t, t, d, &a, (1, t), go, rows, &mut dv);
+                let mut da = vec![0f32; t * t];
+                gemm(t, d, t, go, rows, v, cols, &mut da);
+                if causal {
+                    mask_above_diagonal(&mut da, t);
+                }
+                gemm(t, t, d, &da, (t, 1), k, rows, &mut dq);
+                gemm(t, t, d, &da, (1, t), q, rows, &mut dk);
+                [dq, dk, dv]
+            });
+            (o, grads)
+        })
+        .collect();
+    let out = per_head.iter().flat_map(|(o, _)| o.iter().copied()).collect();
+    let grads = grad_output.map(|_| {
+        std::array::from_fn(|i| {
+            per_head
+                .iter()
+                .flat_map(|(_, g)| g.as_ref().map_or(&[][..], |g| &g[i][..]).iter().copied())
+                .collect()
+        })
+    });
+    (out, grads)
+}
+
+/// The quadratic baseline computes what the crate computes (identity map, unnormalised, scale 1):
+/// a ratio is never taken against a wrong result. Checked at a small shape, causal and not.
+fn check_quadratic_baseline() {
+    let dev = Device::cpu();
+    let (b, h, t, d) = (1, 2, 70, 8);
+    let (q, k, v) = inputs((b, h, t, d), DType::F32, &dev);
+    let go = randn(&[b, h, t, d], DType::F32, &dev, 4).expect("random input").0;
+    let host = |x: &Tensor| x.to_vec::<f32>().expect("host copy");
+    let (qh, kh, vh, gh) = (host(&q), host(&k), host(&v), host(&go));
+    for causal in [true, false] {
+        let attn = LinearAttention { causal, ..Default::default() };
+        let (o, grads) = quadratic_baseline((&qh, &kh, &vh), Some(&gh), b * h, t, d, causal);
+        let want = attn.backward(&q, &k, &v, None, &go, None).expect("backward");
+        let forward = attn.forward(&q, &k, &v, None).expect("forward").output;
+        let [dq, dk, dv] = grads.expect("the baseline's gradients");
+        for (name, got, want) in
+            [("o", o, forward), ("dq", dq, want.dq), ("dk", dk, want.dk), ("dv", dv, want.dv)]
+        {
+            let want = host(&want);
+            let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let scale = want.iter().map(|x| x.abs()).fold(0f32, f32::max);
+            assert!(
+                err <= 1e-4 * scale,
+                "quadratic baseline {name} (causal {causal}): off by {err} of {scale}"
             );
         }
-    });
-    out
+    }
 }
 
 fn cpu_report() {
+    check_quadratic_baseline();
     let dev = Device::cpu();
     let ceilings = cpu_ceilings();
-    let mut gemm = ("CPU f32 GEMM GFLOP/s".to_string(), ceilings.f32_gemm_gflops);
+    let mut gemm_rate = ("CPU f32 GEMM GFLOP/s".to_string(), ceilings.f32_gemm_gflops);
     println!(
         "[metakernels] CPU: {} rayon threads, f32 GEMM {:.1} GFLOP/s, copy {:.1} GB/s",
         rayon::current_num_threads(),
@@ -128,12 +194,12 @@ fn cpu_report() {
             // the GEMM ceiling and of the kernel, keeping the best of each.
             let mut fwd = f64::INFINITY;
             for _ in 0..4 {
-                gemm.1 = gemm.1.max(metakernels::bench_support::cpu_sgemm_gflops());
+                gemm_rate.1 = gemm_rate.1.max(metakernels::bench_support::cpu_sgemm_gflops());
                 fwd = fwd.min(best_ms(&dev, 5, || attn.forward(&q, &k, &v, None).map(|_| ())).unwrap());
             }
             // The quadratic baseline is costly on two cores: one timed call after a warm-up.
             let quad = best_ms(&dev, 1, || {
-                std::hint::black_box(quadratic_baseline(&qh, &kh, &vh, b * h, t, d, causal));
+                std::hint::black_box(quadratic_baseline((&qh, &kh, &vh), None, b * h, t, d, causal));
                 Ok(())
             })
             .unwrap();
@@ -144,13 +210,19 @@ fn cpu_report() {
                 ms: fwd,
                 flops: flops(b, h, t, d, d),
                 bytes: min_bytes(b, h, t, d, d, DType::F32),
-                ceiling: Some(gemm.clone()),
+                ceiling: Some(gemm_rate.clone()),
                 baselines: vec![("quadratic masked QKᵀ·V".into(), quad)],
             }
             .report();
             let both = best_ms(&dev, 2, || {
                 attn.forward(&q, &k, &v, None)?;
                 attn.backward(&q, &k, &v, None, &go, None).map(|_| ())
+            })
+            .unwrap();
+            let goh = go.to_vec::<f32>().unwrap();
+            let quad_both = best_ms(&dev, 1, || {
+                std::hint::black_box(quadratic_baseline((&qh, &kh, &vh), Some(&goh), b * h, t, d, causal));
+                Ok(())
             })
             .unwrap();
             Measurement {
@@ -161,13 +233,13 @@ fn cpu_report() {
                 // forward + backward: the forward, its recompute, and the three backward passes.
                 flops: 5.0 * flops(b, h, t, d, d),
                 bytes: 2.0 * min_bytes(b, h, t, d, d, DType::F32),
-                ceiling: Some(gemm.clone()),
-                baselines: vec![],
+                ceiling: Some(gemm_rate.clone()),
+                baselines: vec![("quadratic masked QKᵀ·V, forward and backward".into(), quad_both)],
             }
             .report();
         }
     }
-    feature_map_report(&dev, SHAPES[0], DType::F32, gemm);
+    feature_map_report(&dev, SHAPES[0], DType::F32, gemm_rate);
 }
 
 /// The configuration of Katharopoulos et al.'s linear transformer (causal, elu + 1, normalised)
