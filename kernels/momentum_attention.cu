@@ -27,6 +27,8 @@
 //   mattn_momentum_scan_reverse_<DN>  and its backward's, into dv.
 //   mattn_fwd_reference_<DN>    one block per query row, the obvious algorithm and an explicit
 //                               momentum sum with powf: the GPU tests' reference.
+//   mattn_bwd_reference_{rows,cols}_<DN>  the backward likewise: one block per query row (dq
+//                               and the row statistics), then one per key row (dk, dv).
 //
 // Logits are kept in base 2: scale_log2 = scale · log2 e, p = exp2(s2 − m2).
 #include "tensor_core.cuh"
@@ -1069,6 +1071,79 @@ __device__ void forward_reference(const T* __restrict__ q, const T* __restrict__
     out[(size_t)t * d + col] = mk::from_float<T>(acc / l + mom);
 }
 
+// The backward by the obvious algorithm, in two kernels of one block of D threads per row (thread
+// c owns column c), natural-log units, every logit and dO·v recomputed by a block reduction:
+//   rows: for query row t, the softmax statistics m_t, l_t, then Δ_t = Σ_s P_ts dP_ts with
+//         dP_ts = dO_t·v_s, then dq_t = scale Σ_s P_ts (dP_ts − Δ_t) k_s; (m_t, l_t, Δ_t) to
+//         `stats` for the second kernel;
+//   cols: for key row s, dk_s = scale Σ_{t≥s} P_ts (dP_ts − Δ_t) q_t and
+//         dv_s = Σ_{t≥s} P_ts dO_t + Σ_{t>s} η^{t−s} dO_t (the momentum term by powf).
+// The reference the GPU tests hold the fused backward kernels against.
+template <typename T>
+__device__ float reference_logit(const T* q_row, const T* k_row, int col, float scale, float* scratch) {
+    return scale * mk::block_sum(mk::to_float(q_row[col]) * mk::to_float(k_row[col]), scratch);
+}
+
+template <typename T>
+__device__ void backward_reference_rows(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                                        const T* __restrict__ g, float* __restrict__ stats, T* __restrict__ dq,
+                                        int t_len, int d, float scale) {
+    __shared__ float scratch[32];
+    const int t = blockIdx.x, col = threadIdx.x;
+    const size_t head = (size_t)blockIdx.y * t_len * d;
+    q += head, k += head, v += head, g += head, dq += head;
+    const T* q_t = q + (size_t)t * d;
+    const T* g_t = g + (size_t)t * d;
+    float m = -INFINITY, l = 0.f;
+    for (int s = 0; s <= t; ++s) {
+        const float logit = reference_logit(q_t, k + (size_t)s * d, col, scale, scratch);
+        const float new_m = fmaxf(m, logit);
+        l = (m == -INFINITY ? 0.f : l * expf(m - new_m)) + expf(logit - new_m);
+        m = new_m;
+    }
+    float delta = 0.f;
+    for (int s = 0; s <= t; ++s) {
+        const float p = expf(reference_logit(q_t, k + (size_t)s * d, col, scale, scratch) - m) / l;
+        delta += p * reference_logit(g_t, v + (size_t)s * d, col, 1.f, scratch);
+    }
+    float acc = 0.f;
+    for (int s = 0; s <= t; ++s) {
+        const float p = expf(reference_logit(q_t, k + (size_t)s * d, col, scale, scratch) - m) / l;
+        const float dp = reference_logit(g_t, v + (size_t)s * d, col, 1.f, scratch);
+        acc += p * (dp - delta) * mk::to_float(k[(size_t)s * d + col]);
+    }
+    dq[(size_t)t * d + col] = mk::from_float<T>(scale * acc);
+    if (col == 0) {
+        float* row = stats + ((size_t)blockIdx.y * t_len + t) * 3;
+        row[0] = m, row[1] = l, row[2] = delta;
+    }
+}
+
+template <typename T>
+__device__ void backward_reference_cols(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                                        const T* __restrict__ g, const float* __restrict__ stats,
+                                        T* __restrict__ dk, T* __restrict__ dv, int t_len, int d, float scale,
+                                        float eta) {
+    __shared__ float scratch[32];
+    const int s = blockIdx.x, col = threadIdx.x;
+    const size_t head = (size_t)blockIdx.y * t_len * d;
+    q += head, k += head, v += head, g += head, dk += head, dv += head;
+    stats += (size_t)blockIdx.y * t_len * 3;
+    const T* k_s = k + (size_t)s * d;
+    const T* v_s = v + (size_t)s * d;
+    float dk_c = 0.f, dv_c = 0.f;
+    for (int t = s; t < t_len; ++t) {
+        const float* row = stats + (size_t)t * 3;
+        const float p = expf(reference_logit(q + (size_t)t * d, k_s, col, scale, scratch) - row[0]) / row[1];
+        const float dp = reference_logit(g + (size_t)t * d, v_s, col, 1.f, scratch);
+        dk_c += p * (dp - row[2]) * mk::to_float(q[(size_t)t * d + col]);
+        dv_c += p * mk::to_float(g[(size_t)t * d + col]);
+    }
+    for (int t = s + 1; t < t_len; ++t) dv_c += powf(eta, (float)(t - s)) * mk::to_float(g[(size_t)t * d + col]);
+    dk[(size_t)s * d + col] = mk::from_float<T>(scale * dk_c);
+    dv[(size_t)s * d + col] = mk::from_float<T>(dv_c);
+}
+
 // Unfused baseline: out += momentum, one thread per (head, column), sequential over all rows.
 // Forward: out_t += Σ_{s<t} η^{t−s} x_s (x = v, out = the attention output). REVERSE, the
 // backward's share of dv: out_s += Σ_{t>s} η^{t−s} x_t (x = dL/do, out = the attention's dv).
@@ -1141,6 +1216,17 @@ __device__ void momentum_scan(const T* __restrict__ x, T* __restrict__ out, uint
                                                         const T* __restrict__ v, T* __restrict__ out,   \
                                                         int t_len, int d, float scale, float eta) {     \
         forward_reference<T>(q, k, v, out, t_len, d, scale, eta);                                       \
+    }                                                                                                  \
+    extern "C" __global__ void mattn_bwd_reference_rows_##DN(const T* q, const T* k, const T* v,          \
+                                                             const T* g, float* stats, T* dq, int t_len, \
+                                                             int d, float scale) {                       \
+        backward_reference_rows<T>(q, k, v, g, stats, dq, t_len, d, scale);                              \
+    }                                                                                                  \
+    extern "C" __global__ void mattn_bwd_reference_cols_##DN(const T* q, const T* k, const T* v,          \
+                                                             const T* g, const float* stats, T* dk,     \
+                                                             T* dv, int t_len, int d, float scale,      \
+                                                             float eta) {                               \
+        backward_reference_cols<T>(q, k, v, g, stats, dk, dv, t_len, d, scale, eta);                     \
     }                                                                                                  \
     extern "C" __global__ void mattn_momentum_scan_##DN(const T* __restrict__ v, T* __restrict__ out,    \
                                                         uint64_t columns, uint64_t t_len, uint64_t d,  \

@@ -541,6 +541,11 @@ fn fuzz_momentum_attention(f: &mut Fuzz) {
                 || attn.forward_reference_kernel(&q, &k, &v),
                 |o| has_shape(o, shape) && finite_if(bounded, &[o]),
             );
+            f.run(
+                format!("backward_reference_kernel {args}"),
+                || attn.backward_reference_kernel(&q, &k, &v, &g),
+                |d| has_shape(&d.dv, q.shape()) && finite_if(bounded, &[&d.dq, &d.dk, &d.dv]),
+            );
         }
         let state = catch_unwind(AssertUnwindSafe(|| attn.forward_with_state(&q, &k, &v)));
         match state {

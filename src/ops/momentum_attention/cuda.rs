@@ -239,6 +239,63 @@ pub(crate) fn forward_reference(
     }
 }
 
+/// The backward by `mattn_bwd_reference_rows_<dtype>` (dq and each row's softmax statistics and
+/// Δ) then `mattn_bwd_reference_cols_<dtype>` (dk, dv with the momentum term): one block of D
+/// threads per row, the obvious algorithm. What the GPU tests hold the fast backward against.
+pub(crate) fn backward_reference(
+    problem: &Problem,
+    params: &SoftmaxParams,
+    inputs: &BackwardInputs<'_>,
+    shape: &[usize],
+) -> Result<MomentumAttentionGrads> {
+    fn typed<T: Element>(
+        dev: &CudaDevice,
+        problem: &Problem,
+        params: &SoftmaxParams,
+        inputs: &BackwardInputs<'_>,
+    ) -> Result<Grads<T>> {
+        let op = "MomentumAttention::backward_reference_kernel";
+        if problem.t > i32::MAX as usize || problem.bh > 65_535 {
+            return Err(Error::invalid(op, "shape", "too large for the reference kernel"));
+        }
+        let (q, k) = (inputs.q.cuda_slice::<T>(op)?, inputs.k.cuda_slice::<T>(op)?);
+        let (v, g) = (inputs.v.cuda_slice::<T>(op)?, inputs.grad_output.cuda_slice::<T>(op)?);
+        let n = problem.numel();
+        let mut stats = dev.alloc::<f32>(problem.bh * problem.t * 3)?;
+        let (mut dq, mut dk, mut dv) = (dev.alloc::<T>(n)?, dev.alloc::<T>(n)?, dev.alloc::<T>(n)?);
+        let cfg = LaunchConfig {
+            grid_dim: (problem.t as u32, problem.bh as u32, 1),
+            block_dim: (problem.d as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (t_len, d) = (problem.t as i32, problem.d as i32);
+        let rows = format!("mattn_bwd_reference_rows_{}", T::DTYPE.as_str());
+        let func = dev.function(MODULE, &rows)?;
+        let mut args = dev.stream().launch_builder(&func);
+        args.arg(q).arg(k).arg(v).arg(g).arg(&mut stats).arg(&mut dq).arg(&t_len).arg(&d).arg(&params.scale);
+        // SAFETY: q, k, v, g, dq hold bh·t·d elements and stats bh·t·3 floats; one block of d
+        // threads per (row, head) writes its own row; arguments match the kernel.
+        unsafe { args.launch(cfg) }.map_err(driver(format!("launching {rows}")))?;
+        let cols = format!("mattn_bwd_reference_cols_{}", T::DTYPE.as_str());
+        let func = dev.function(MODULE, &cols)?;
+        let mut args = dev.stream().launch_builder(&func);
+        args.arg(q).arg(k).arg(v).arg(g).arg(&stats).arg(&mut dk).arg(&mut dv);
+        args.arg(&t_len).arg(&d).arg(&params.scale).arg(&params.eta);
+        // SAFETY: as above; one block per (key row, head) writes that row of dk and dv.
+        unsafe { args.launch(cfg) }.map_err(driver(format!("launching {cols}")))?;
+        Ok((dq, dk, dv))
+    }
+    let q = inputs.q;
+    let dev = q.cuda_device()?;
+    let (dq, dk, dv) = match problem.dtype {
+        DType::F16 => wrap3(typed::<f16>(dev, problem, params, inputs)?),
+        DType::BF16 => wrap3(typed::<bf16>(dev, problem, params, inputs)?),
+        _ => wrap3(typed::<f32>(dev, problem, params, inputs)?),
+    };
+    let tensor = |b| Tensor::from_cuda_buffer(b, shape, problem.dtype, q.device());
+    Ok(MomentumAttentionGrads { dq: tensor(dq), dk: tensor(dk), dv: tensor(dv) })
+}
+
 /// Attention with η = 0, then `mattn_momentum_scan_<dtype>` in place (one thread per head
 /// column, all T rows): the unfused baseline.
 pub(crate) fn forward_unfused(

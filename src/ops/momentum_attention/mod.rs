@@ -282,6 +282,36 @@ impl MomentumAttention {
             }
         }
     }
+
+    /// The backward pass by the CUDA reference kernels (one block per query row for dq, then one
+    /// per key row for dk and dv, the momentum term by an explicit sum): what the GPU tests hold
+    /// the fast backward against. CUDA tensors only.
+    #[doc(hidden)]
+    pub fn backward_reference_kernel(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        grad_output: &Tensor,
+    ) -> Result<MomentumAttentionGrads> {
+        const OP: &str = "MomentumAttention::backward_reference_kernel";
+        let scale = self.softmax_scale(OP)?;
+        let problem = Problem::check(OP, q, k, v)?;
+        problem.check_like(OP, "grad_output", grad_output, q)?;
+        let eta = check_eta(OP, self.eta)?;
+        let params = SoftmaxParams::new(OP, eta, scale, problem.d)?;
+        match q.storage() {
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => {
+                let inputs = BackwardInputs { q, k, v, grad_output, saved: None };
+                cuda::backward_reference(&problem, &params, &inputs, q.shape())
+            }
+            Storage::Cpu(_) => {
+                let _ = params; // only the CUDA kernels take them
+                Err(Error::DeviceMismatch { op: OP, expected: "a CUDA device".into(), got: "cpu".into() })
+            }
+        }
+    }
 }
 
 impl MomentumAttention {

@@ -75,20 +75,35 @@ fn cuda_backward_matches_f64_reference_and_cpu() {
                 for eta in ETAS {
                     let attn = MomentumAttention::new(eta);
                     let grads = attn.backward(&x.q, &x.k, &x.v, &grad).unwrap();
+                    let by_reference = attn.backward_reference_kernel(&x.q, &x.k, &x.v, &grad).unwrap();
                     let on_cpu = attn.backward(&cpu.q, &cpu.k, &cpu.v, &cpu_grad).unwrap();
                     let (dq, dk, dv) =
                         reference::backward(&x.q64, &x.k64, &x.v64, &g64, x.dims, eta as f64, x.scale());
-                    for (name, got, cpu_got, want) in [
-                        ("dq", &grads.dq, &on_cpu.dq, dq),
-                        ("dk", &grads.dk, &on_cpu.dk, dk),
-                        ("dv", &grads.dv, &on_cpu.dv, dv),
+                    for (name, got, reference_kernel, cpu_got, want) in [
+                        ("dq", &grads.dq, &by_reference.dq, &on_cpu.dq, dq),
+                        ("dk", &grads.dk, &by_reference.dk, &on_cpu.dk, dk),
+                        ("dv", &grads.dv, &by_reference.dv, &on_cpu.dv, dv),
                     ] {
                         assert!(got.device().is_cuda());
                         let what = format!("cuda {name} {dtype} d={d} t={t} eta={eta}");
                         let got = to_f64(got).unwrap();
                         assert_close(&format!("{what} vs f64"), &got, &want, grad_tolerance(dtype));
+                        let reference_kernel = to_f64(reference_kernel).unwrap();
+                        assert_close(
+                            &format!("{what}: reference kernel vs f64"),
+                            &reference_kernel,
+                            &want,
+                            grad_tolerance(dtype),
+                        );
+                        let tol = 2.0 * grad_tolerance(dtype);
+                        assert_close(
+                            &format!("{what} vs the reference kernel"),
+                            &got,
+                            &reference_kernel,
+                            tol,
+                        );
                         let cpu_got = to_f64(cpu_got).unwrap();
-                        assert_close(&format!("{what} vs cpu"), &got, &cpu_got, 2.0 * grad_tolerance(dtype));
+                        assert_close(&format!("{what} vs cpu"), &got, &cpu_got, tol);
                     }
                 }
             }
