@@ -285,15 +285,7 @@ pub(crate) fn backward_reference(
         unsafe { args.launch(cfg) }.map_err(driver(format!("launching {cols}")))?;
         Ok((dq, dk, dv))
     }
-    let q = inputs.q;
-    let dev = q.cuda_device()?;
-    let (dq, dk, dv) = match problem.dtype {
-        DType::F16 => wrap3(typed::<f16>(dev, problem, params, inputs)?),
-        DType::BF16 => wrap3(typed::<bf16>(dev, problem, params, inputs)?),
-        _ => wrap3(typed::<f32>(dev, problem, params, inputs)?),
-    };
-    let tensor = |b| Tensor::from_cuda_buffer(b, shape, problem.dtype, q.device());
-    Ok(MomentumAttentionGrads { dq: tensor(dq), dk: tensor(dk), dv: tensor(dv) })
+    grads_by_dtype(problem, params, inputs, shape, (typed, typed, typed))
 }
 
 /// Attention with η = 0, then `mattn_momentum_scan_<dtype>` in place (one thread per head
@@ -346,15 +338,7 @@ pub(super) fn backward_unfused(
         momentum_scan(dev, problem, params.eta, grad, &mut dv, Scan::Reverse)?;
         Ok((dq, dk, dv))
     }
-    let q = inputs.q;
-    let dev = q.cuda_device()?;
-    let (dq, dk, dv) = match problem.dtype {
-        DType::F16 => wrap3(typed::<f16>(dev, problem, params, inputs)?),
-        DType::BF16 => wrap3(typed::<bf16>(dev, problem, params, inputs)?),
-        _ => wrap3(typed::<f32>(dev, problem, params, inputs)?),
-    };
-    let tensor = |b| Tensor::from_cuda_buffer(b, shape, problem.dtype, q.device());
-    Ok(MomentumAttentionGrads { dq: tensor(dq), dk: tensor(dk), dv: tensor(dv) })
+    grads_by_dtype(problem, params, inputs, shape, (typed, typed, typed))
 }
 
 /// `out += Σ η^{|t−s|} x` along T in place, over earlier rows (`Scan::Forward`) or later ones
@@ -391,21 +375,36 @@ pub(super) fn backward(
     inputs: &BackwardInputs<'_>,
     shape: &[usize],
 ) -> Result<MomentumAttentionGrads> {
-    let q = inputs.q;
-    let dev = q.cuda_device()?;
-    let (dq, dk, dv) = match problem.dtype {
-        DType::F16 => wrap3(backward_typed::<f16>(dev, problem, params, inputs)?),
-        DType::BF16 => wrap3(backward_typed::<bf16>(dev, problem, params, inputs)?),
-        _ => wrap3(backward_typed::<f32>(dev, problem, params, inputs)?),
-    };
-    let tensor = |b| Tensor::from_cuda_buffer(b, shape, problem.dtype, q.device());
-    Ok(MomentumAttentionGrads { dq: tensor(dq), dk: tensor(dk), dv: tensor(dv) })
+    grads_by_dtype(problem, params, inputs, shape, (backward_typed, backward_typed, backward_typed))
 }
 
 type Grads<T> = (CudaSlice<T>, CudaSlice<T>, CudaSlice<T>);
 
 fn wrap3<T: Element>((a, b, c): Grads<T>) -> (CudaBuffer, CudaBuffer, CudaBuffer) {
     (CudaBuffer::wrap(a), CudaBuffer::wrap(b), CudaBuffer::wrap(c))
+}
+
+/// One storage type's instance of a backward: dq, dk, dv as device buffers.
+type TypedBackward<T> = fn(&CudaDevice, &Problem, &SoftmaxParams, &BackwardInputs<'_>) -> Result<Grads<T>>;
+
+/// Runs the f16, bf16 or f32 instance of a backward, as the problem's dtype says, and wraps its
+/// gradients as tensors of `shape`.
+fn grads_by_dtype(
+    problem: &Problem,
+    params: &SoftmaxParams,
+    inputs: &BackwardInputs<'_>,
+    shape: &[usize],
+    (half, brain, single): (TypedBackward<f16>, TypedBackward<bf16>, TypedBackward<f32>),
+) -> Result<MomentumAttentionGrads> {
+    let q = inputs.q;
+    let dev = q.cuda_device()?;
+    let (dq, dk, dv) = match problem.dtype {
+        DType::F16 => wrap3(half(dev, problem, params, inputs)?),
+        DType::BF16 => wrap3(brain(dev, problem, params, inputs)?),
+        _ => wrap3(single(dev, problem, params, inputs)?),
+    };
+    let tensor = |b| Tensor::from_cuda_buffer(b, shape, problem.dtype, q.device());
+    Ok(MomentumAttentionGrads { dq: tensor(dq), dk: tensor(dk), dv: tensor(dv) })
 }
 
 fn backward_typed<T: Element>(

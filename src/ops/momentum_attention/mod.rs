@@ -169,10 +169,7 @@ impl MomentumAttention {
         if let Base::Linear(linear) = &self.base {
             return linear.forward_with_momentum(q, k, v, self.eta);
         }
-        let scale = self.softmax_scale(OP_FORWARD)?;
-        let problem = Problem::check(OP_FORWARD, q, k, v)?;
-        let eta = check_eta(OP_FORWARD, self.eta)?;
-        let params = SoftmaxParams::new(OP_FORWARD, eta, scale, problem.d)?;
+        let (problem, params) = self.softmax_setup(OP_FORWARD, q, k, v, None)?;
         softmax_forward(&problem, &params, q, k, v)
     }
 
@@ -180,16 +177,13 @@ impl MomentumAttention {
     /// [`backward_with_state`](Self::backward_with_state) needs (the attention without momentum
     /// and the row log-sum-exps), so that the backward pass does not recompute the forward.
     pub fn forward_with_state(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<MomentumAttentionState> {
-        let scale = self.softmax_scale(OP_FORWARD)?;
-        let problem = Problem::check(OP_FORWARD, q, k, v)?;
-        let eta = check_eta(OP_FORWARD, self.eta)?;
-        let params = SoftmaxParams::new(OP_FORWARD, eta, scale, problem.d)?;
+        let (problem, params) = self.softmax_setup(OP_FORWARD, q, k, v, None)?;
         let [output, attention, lse2] = match q.storage() {
             Storage::Cpu(_) => cpu::forward_with_state(&problem, &params, q, k, v, q.shape())?,
             #[cfg(feature = "cuda")]
             Storage::Cuda(_) => cuda::forward_with_state(&problem, &params, q, k, v, q.shape())?,
         };
-        Ok(MomentumAttentionState { output, attention, lse2, eta, scale: params.scale })
+        Ok(MomentumAttentionState { output, attention, lse2, eta: params.eta, scale: params.scale })
     }
 
     /// The gradients of a loss `L` with respect to `q`, `k`, `v`, given `grad_output = ∂L/∂o`
@@ -203,20 +197,16 @@ impl MomentumAttention {
         state: &MomentumAttentionState,
         grad_output: &Tensor,
     ) -> Result<MomentumAttentionGrads> {
-        let scale = self.softmax_scale(OP_BACKWARD)?;
-        let problem = Problem::check(OP_BACKWARD, q, k, v)?;
-        problem.check_like(OP_BACKWARD, "grad_output", grad_output, q)?;
+        let (problem, params) = self.softmax_setup(OP_BACKWARD, q, k, v, Some(grad_output))?;
         problem.check_like(OP_BACKWARD, "state.output", &state.output, q)?;
         problem.check_like(OP_BACKWARD, "state.attention", &state.attention, q)?;
-        let eta = check_eta(OP_BACKWARD, self.eta)?;
-        let params = SoftmaxParams::new(OP_BACKWARD, eta, scale, problem.d)?;
-        if state.eta != eta || state.scale != params.scale {
+        if state.eta != params.eta || state.scale != params.scale {
             return Err(Error::invalid(
                 OP_BACKWARD,
                 "state",
                 format!(
-                    "it was computed with eta {} and scale {}, but this module has eta {eta} and scale {}",
-                    state.eta, state.scale, params.scale
+                    "it was computed with eta {} and scale {}, but this module has eta {} and scale {}",
+                    state.eta, state.scale, params.eta, params.scale
                 ),
             ));
         }
@@ -241,16 +231,32 @@ impl MomentumAttention {
             let grads = linear.backward_with_momentum(q, k, v, grad_output, self.eta)?;
             return Ok(MomentumAttentionGrads { dq: grads.dq, dk: grads.dk, dv: grads.dv });
         }
-        let scale = self.softmax_scale(OP_BACKWARD)?;
-        let problem = Problem::check(OP_BACKWARD, q, k, v)?;
-        problem.check_like(OP_BACKWARD, "grad_output", grad_output, q)?;
-        let eta = check_eta(OP_BACKWARD, self.eta)?;
-        let params = SoftmaxParams::new(OP_BACKWARD, eta, scale, problem.d)?;
+        let (problem, params) = self.softmax_setup(OP_BACKWARD, q, k, v, Some(grad_output))?;
         softmax_backward(&problem, &params, q, k, v, grad_output, None)
     }
 }
 
 impl MomentumAttention {
+    /// The checked shape and parameters of a softmax-base call: the base, q/k/v (and
+    /// `grad_output` like q), η and the scale, each error naming `op`.
+    fn softmax_setup(
+        &self,
+        op: &'static str,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        grad_output: Option<&Tensor>,
+    ) -> Result<(Problem, SoftmaxParams)> {
+        let scale = self.softmax_scale(op)?;
+        let problem = Problem::check(op, q, k, v)?;
+        if let Some(g) = grad_output {
+            problem.check_like(op, "grad_output", g, q)?;
+        }
+        let eta = check_eta(op, self.eta)?;
+        let params = SoftmaxParams::new(op, eta, scale, problem.d)?;
+        Ok((problem, params))
+    }
+
     /// The softmax scale of a [`Base::Softmax`] module; an error naming `op` for other bases
     /// (the saved state, the reference kernel and the unfused baseline are softmax-only).
     fn softmax_scale(&self, op: &'static str) -> Result<Option<f32>> {
@@ -269,10 +275,7 @@ impl MomentumAttention {
     #[doc(hidden)]
     pub fn forward_reference_kernel(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         const OP: &str = "MomentumAttention::forward_reference_kernel";
-        let scale = self.softmax_scale(OP)?;
-        let problem = Problem::check(OP, q, k, v)?;
-        let eta = check_eta(OP, self.eta)?;
-        let params = SoftmaxParams::new(OP, eta, scale, problem.d)?;
+        let (problem, params) = self.softmax_setup(OP, q, k, v, None)?;
         match q.storage() {
             #[cfg(feature = "cuda")]
             Storage::Cuda(_) => cuda::forward_reference(&problem, &params, q, k, v),
@@ -295,11 +298,7 @@ impl MomentumAttention {
         grad_output: &Tensor,
     ) -> Result<MomentumAttentionGrads> {
         const OP: &str = "MomentumAttention::backward_reference_kernel";
-        let scale = self.softmax_scale(OP)?;
-        let problem = Problem::check(OP, q, k, v)?;
-        problem.check_like(OP, "grad_output", grad_output, q)?;
-        let eta = check_eta(OP, self.eta)?;
-        let params = SoftmaxParams::new(OP, eta, scale, problem.d)?;
+        let (problem, params) = self.softmax_setup(OP, q, k, v, Some(grad_output))?;
         match q.storage() {
             #[cfg(feature = "cuda")]
             Storage::Cuda(_) => {
@@ -322,15 +321,12 @@ impl MomentumAttention {
     #[doc(hidden)]
     pub fn forward_unfused(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         const OP: &str = "MomentumAttention::forward_unfused";
-        let scale = self.softmax_scale(OP)?;
-        let problem = Problem::check(OP, q, k, v)?;
-        let eta = check_eta(OP, self.eta)?;
-        let params = SoftmaxParams::new(OP, eta, scale, problem.d)?;
+        let (problem, params) = self.softmax_setup(OP, q, k, v, None)?;
         let plain = SoftmaxParams { eta: 0.0, horizon: 0, ..params };
         match q.storage() {
             Storage::Cpu(_) => {
                 let attn = cpu::forward(&problem, &plain, q, k, v, q.shape())?;
-                cpu::add_momentum_scan(&problem, eta, &attn, v, Scan::Forward)
+                cpu::add_momentum_scan(&problem, params.eta, &attn, v, Scan::Forward)
             }
             #[cfg(feature = "cuda")]
             Storage::Cuda(_) => cuda::forward_unfused(&problem, &params, q, k, v),
@@ -351,17 +347,13 @@ impl MomentumAttention {
         grad_output: &Tensor,
     ) -> Result<MomentumAttentionGrads> {
         const OP: &str = "MomentumAttention::backward_unfused";
-        let scale = self.softmax_scale(OP)?;
-        let problem = Problem::check(OP, q, k, v)?;
-        problem.check_like(OP, "grad_output", grad_output, q)?;
-        let eta = check_eta(OP, self.eta)?;
-        let params = SoftmaxParams::new(OP, eta, scale, problem.d)?;
+        let (problem, params) = self.softmax_setup(OP, q, k, v, Some(grad_output))?;
         let plain = SoftmaxParams { eta: 0.0, horizon: 0, ..params };
         let inputs = BackwardInputs { q, k, v, grad_output, saved: None };
         match q.storage() {
             Storage::Cpu(_) => {
                 let grads = cpu::backward(&problem, &plain, &inputs, q.shape())?;
-                let dv = cpu::add_momentum_scan(&problem, eta, &grads.dv, grad_output, Scan::Reverse)?;
+                let dv = cpu::add_momentum_scan(&problem, params.eta, &grads.dv, grad_output, Scan::Reverse)?;
                 Ok(MomentumAttentionGrads { dv, ..grads })
             }
             #[cfg(feature = "cuda")]
