@@ -240,6 +240,17 @@ fn cpu_report() {
         }
     }
     feature_map_report(&dev, SHAPES[0], DType::F32, gemm_rate);
+    // The chunk products run on the crate's own unpacked GEMM rather than matrixmultiply: both
+    // timed here on one thread at the shapes a 64-row chunk makes (Dk, Dv = 64 and 128; 65 is
+    // the backward's augmented width).
+    for (m, k, n) in [(64, 64, 64), (64, 64, 65), (64, 128, 128), (64, 64, 128)] {
+        let (ours, packed) = metakernels::bench_support::linear_attention_chunk_gemm_rates(m, k, n);
+        println!(
+            "[metakernels] linear_attention/chunk GEMM {m}x{k}·{k}x{n} f32, one thread: unpacked {ours:.1} \
+             GFLOP/s, matrixmultiply {packed:.1} GFLOP/s ({:.2}x)",
+            ours / packed
+        );
+    }
 }
 
 /// The configuration of Katharopoulos et al.'s linear transformer (causal, elu + 1, normalised)

@@ -281,3 +281,9 @@ pub fn peak_bytes<F: FnOnce() -> Result<()>>(device: &Device, f: F) -> Result<Op
         Kind::Cuda(d) => d.pool_peak_bytes(f),
     }
 }
+
+/// GFLOP/s of the CPU linear attention's chunk-product GEMM and of `matrixmultiply`, one thread,
+/// m×k · k×n products in cache (see `cpu_gemm.rs`): (in-house, matrixmultiply).
+pub fn linear_attention_chunk_gemm_rates(m: usize, k: usize, n: usize) -> (f64, f64) {
+    crate::ops::linear_attention::chunk_gemm_rates(m, k, n)
+}
