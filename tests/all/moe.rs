@@ -302,6 +302,14 @@ fn errors_are_typed() {
     assert!(matches!(MixerGate::default().update(&x, &losses, None), Err(Error::ShapeMismatch { .. })));
     let too_many = Tensor::from_slice(&[1.0f32; 6], &[2, 3], &cpu()).unwrap();
     assert!(matches!(MixerGate::default().update(&x, &too_many, None), Err(Error::InvalidArgument { .. })));
+    // Wrong dtypes: f64 logits and least-squares inputs, u32 rows, 16-bit gate weights.
+    let x64 = x.to_dtype(DType::F64).unwrap();
+    assert!(matches!(moe::route_top1_logits(&x64), Err(Error::DTypeMismatch { .. })));
+    assert!(matches!(moe::lstsq(&x64, &x64, 0.0), Err(Error::DTypeMismatch { .. })));
+    let ids = Tensor::from_slice(&[1u32, 2, 3, 4], &[2, 2], &cpu()).unwrap();
+    assert!(matches!(moe::dispatch(&ids, &r), Err(Error::DTypeMismatch { .. })));
+    let w16 = Tensor::from_slice(&[1.0f32, 2.0], &[2], &cpu()).unwrap().to_dtype(DType::F16).unwrap();
+    assert!(matches!(moe::combine(&x, &r, Some(&w16)), Err(Error::DTypeMismatch { .. })));
 }
 
 #[test]
