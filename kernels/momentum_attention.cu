@@ -1061,7 +1061,7 @@ __device__ void forward_reference(const T* __restrict__ q, const T* __restrict__
         const float logit = scale * mk::block_sum(q_c * mk::to_float(k[(size_t)s * d + col]), scratch);
         const float new_m = fmaxf(m, logit);
         const float old_w = m == -INFINITY ? 0.f : expf(m - new_m);
-        const float w = expf(logit - new_m);
+        const float w = expf(logit - safe_max(new_m));  // a −∞ logit weighs 0, as in the fast kernels
         l = l * old_w + w;
         acc = acc * old_w + w * mk::to_float(v[(size_t)s * d + col]);
         m = new_m;
@@ -1098,7 +1098,7 @@ __device__ void backward_reference_rows(const T* __restrict__ q, const T* __rest
     for (int s = 0; s <= t; ++s) {
         const float logit = reference_logit(q_t, k + (size_t)s * d, col, scale, scratch);
         const float new_m = fmaxf(m, logit);
-        l = (m == -INFINITY ? 0.f : l * expf(m - new_m)) + expf(logit - new_m);
+        l = (m == -INFINITY ? 0.f : l * expf(m - new_m)) + expf(logit - safe_max(new_m));
         m = new_m;
     }
     float delta = 0.f;

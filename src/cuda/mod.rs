@@ -339,12 +339,13 @@ impl CudaDevice {
         self.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
     }
 
-    /// Lets `func` (named `name` in messages) launch with `bytes` of dynamic shared memory:
-    /// above the 48 KiB every kernel gets, the kernel must opt in. Errors when the device allows
-    /// less than `bytes`.
+    /// Lets `func` (named `name` in messages) launch with `bytes` of dynamic shared memory beside
+    /// its static shared memory, opting it in to the device's limit. Errors when the device
+    /// allows less than `bytes`.
     pub(crate) fn allow_shared_bytes(&self, func: &CudaFunction, name: &str, bytes: usize) -> Result<()> {
-        const DEFAULT_LIMIT: usize = 48 * 1024;
-        if bytes <= DEFAULT_LIMIT {
+        // Every kernel with dynamic shared memory is opted in (once; cached): static and dynamic
+        // shared memory share the 48 KiB default, so even a small dynamic size can need it.
+        if bytes == 0 {
             return Ok(());
         }
         let limit = self.opt_in(func, name)?;
