@@ -228,6 +228,23 @@ pub fn logits_overflowing_to_minus_infinity_on(device: &Device) {
             for g in [&grads.dq, &grads.dk, &grads.dv] {
                 assert!(to_f64(g).unwrap().iter().all(|x| x.is_finite()), "non-finite gradient {dtype}");
             }
+            if device.is_cuda() {
+                // The reference kernels too.
+                let out = to_f64(&attn.forward_reference_kernel(&q, &k, &v).unwrap()).unwrap();
+                assert_close(
+                    &format!("overflowing logits, reference kernel, {dtype} eta={eta}"),
+                    &out,
+                    &want,
+                    tolerance(dtype),
+                );
+                let grads = attn.backward_reference_kernel(&q, &k, &v, &v).unwrap();
+                for g in [&grads.dq, &grads.dk, &grads.dv] {
+                    assert!(
+                        to_f64(g).unwrap().iter().all(|x| x.is_finite()),
+                        "reference kernel: non-finite gradient {dtype}"
+                    );
+                }
+            }
         }
     }
 }
