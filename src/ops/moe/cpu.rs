@@ -85,8 +85,28 @@ pub(super) fn combine(
     match storage(grouped)? {
         HostBuffer::F32(v) => go::<f32>(v, &position, w, n, d),
         HostBuffer::F16(v) => go::<f16>(v, &position, w, n, d),
-        HostBuffer::BF16(v) => go::<bf16>(v, &position, w, n, d),
+        HostBuffer::BF16(v) => {
+            let mut out = crate::cpu::output_vec::<bf16>(n * d)?;
+            out.par_chunks_mut(d.max(1)).zip(position.par_iter().zip(w.par_iter())).for_each(
+                |(dst, (&j, &wt))| scale_bf16_row(&v[j as usize * d..(j as usize + 1) * d], wt, dst),
+            );
+            Ok(Tensor::from_host_vec(out, &[n, d]))
+        }
         _ => Err(Error::invalid(op, "grouped", "expected f32, f16 or bf16")),
+    }
+}
+
+crate::cpu::multiversion! {
+    /// `dst = w · src` for bf16 rows, rounding as `bf16::from_f32` does (to nearest even; NaN
+    /// stays a quiet NaN) but in bit operations the compiler vectorises: `half`'s conversion,
+    /// one element at a time, ran the weighted combine at half the unweighted one's speed.
+    fn scale_bf16_row(src: &[bf16], w: f32, dst: &mut [bf16]) {
+        for (o, s) in dst.iter_mut().zip(src) {
+            let x = (f32::from_bits((s.to_bits() as u32) << 16) * w).to_bits();
+            let rounded = x.wrapping_add(0x7fff + ((x >> 16) & 1)) >> 16;
+            let nan = (x & 0x7fff_ffff) > 0x7f80_0000;
+            *o = bf16::from_bits(if nan { ((x >> 16) | 0x40) as u16 } else { rounded as u16 });
+        }
     }
 }
 
@@ -99,5 +119,31 @@ fn storage(t: &Tensor) -> Result<&HostBuffer> {
             expected: "cpu".into(),
             got: t.device().to_string(),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every bf16 value times weights of every kind rounds exactly as `half` does.
+    #[test]
+    fn bf16_row_scaling_matches_half_bit_for_bit() {
+        let all: Vec<bf16> = (0..=u16::MAX).map(bf16::from_bits).collect();
+        let mut out = vec![bf16::ZERO; all.len()];
+        for w in [1.0f32, 0.5, 0.7, -3.3, 1e-30, 1e30, 0.0, f32::INFINITY, f32::NAN] {
+            scale_bf16_row(&all, w, &mut out);
+            for (s, o) in all.iter().zip(&out) {
+                let want = bf16::from_f32(w * s.to_f32());
+                // NaN payloads differ with the order the multiply takes its operands in: NaN is NaN.
+                let same = want.to_bits() == o.to_bits() || (want.is_nan() && o.is_nan());
+                assert!(
+                    same,
+                    "{s:?} × {w}: got {o:?} ({:#06x}), half gives {want:?} ({:#06x})",
+                    o.to_bits(),
+                    want.to_bits()
+                );
+            }
+        }
     }
 }
