@@ -8,8 +8,9 @@
 //! and pass (whatever chunk the kernel uses), GB/s of the minimum traffic (q, k, v read once, o
 //! written once), the fraction of the same-run ceiling (CPU: f32 GEMM rate; GPU: device copy
 //! bandwidth), and the speed-up over the unfused quadratic baseline (masked QKᵀ then ·V, on the
-//! same device: matrixmultiply on the CPU, forward and forward+backward, checked against the
-//! crate at a small shape first; `forward_quadratic` on the GPU, forward), over the other GPU
+//! same device: matrixmultiply on the CPU, checked against the crate at a small shape first;
+//! `forward_quadratic` and `forward_backward_quadratic` on the GPU; forward and
+//! forward+backward), over the other GPU
 //! paths (fused, split, and the f32 SIMT core with tensor cores off, forward and
 //! forward+backward) and, at a small shape, over the reference kernel. On the GPU also one
 //! wide-head shape, (2,8,2048,256), the 32-row chunks of the tensor-core kernels. At one shape
@@ -339,6 +340,11 @@ fn cuda_report(gpu: &Device) {
             };
             let both = forward_backward(KernelPath::Auto).unwrap();
             let simt = forward_backward(KernelPath::Simt).unwrap();
+            let mut baselines = vec![("SIMT core (tensor cores off)".into(), simt)];
+            match best_ms(gpu, 3, || attn.forward_backward_quadratic(&q, &k, &v, &go).map(|_| ())) {
+                Ok(ms) => baselines.push(("quadratic masked QKᵀ·V, forward and backward".into(), ms)),
+                Err(e) => println!("[metakernels] quadratic forward+backward skipped at {name}: {e}"),
+            }
             Measurement {
                 kernel: format!("linear_attention/forward+backward_{kind}"),
                 shape: name.clone(),
@@ -347,7 +353,7 @@ fn cuda_report(gpu: &Device) {
                 flops: 5.0 * flops(b, h, t, d, d),
                 bytes: 2.0 * min_bytes(b, h, t, d, d, dtype),
                 ceiling: Some(("device copy GB/s".into(), copy)),
-                baselines: vec![("SIMT core (tensor cores off)".into(), simt)],
+                baselines,
             }
             .report();
         }

@@ -1159,6 +1159,9 @@ extern "C" __global__ void la_reference_backward_f32(RefBackwardArgs r) { refere
 // without this crate would write it: per head, A = mask(φ(Q)φ(K)ᵀ) materialised as f32 [T, T]
 // (one launch), then O = scale · A·V, divided by rowsum(A) + eps when normalising (a second
 // launch). Plain 16×16 shared-memory tiles, one output element per thread; no initial state.
+// Its backward (identity map, unnormalised), as autograd would run it from the saved A:
+// dA = mask(dO·Vᵀ) (scores), dV = scale·Aᵀ·dO, dQ = scale·dA·K, dK = scale·dAᵀ·Q (output, A
+// read transposed where the product needs Aᵀ).
 
 namespace {
 
@@ -1187,18 +1190,23 @@ __device__ void quadratic_scores(const T* q, const T* k, float* a, int t, int dk
     if (i < t && s < t) a[(h * t + i) * t + s] = (causal && s > i) ? 0.f : acc;
 }
 
-// Block (x, y, z) = (column tile of v, row tile of i, head).
+// Block (x, y, z) = (column tile of v, row tile of i, head). With `transpose_a`, the product
+// takes Aᵀ: the tile is staged with the block's threads along A's rows (coalesced) and stored
+// transposed.
 template <typename T>
 __device__ void quadratic_output(const float* a, const T* v, T* o, int t, int dv, int normalize, float scale,
-                                 float eps, float* sm) {
+                                 float eps, int transpose_a, float* sm) {
     float* as = sm;
     float* vs = sm + QT * QT_LD;
     const int tx = threadIdx.x % QT, ty = threadIdx.x / QT;
     const long long h = blockIdx.z;
-    const int i = blockIdx.y * QT + ty, j = blockIdx.x * QT + tx;
+    const int i0 = blockIdx.y * QT, i = i0 + ty, j = blockIdx.x * QT + tx;
     float acc = 0.f, den = 0.f;
     for (int s0 = 0; s0 < t; s0 += QT) {
-        as[ty * QT_LD + tx] = (i < t && s0 + tx < t) ? a[(h * t + i) * t + s0 + tx] : 0.f;
+        if (transpose_a)  // as[r][c] = Aᵀ[i0 + r][s0 + c] = A[s0 + c][i0 + r]
+            as[tx * QT_LD + ty] = (i0 + tx < t && s0 + ty < t) ? a[(h * t + s0 + ty) * t + i0 + tx] : 0.f;
+        else
+            as[ty * QT_LD + tx] = (i < t && s0 + tx < t) ? a[(h * t + i) * t + s0 + tx] : 0.f;
         vs[ty * QT_LD + tx] = (s0 + ty < t && j < dv) ? mk::to_float(v[(h * t + s0 + ty) * dv + j]) : 0.f;
         __syncthreads();
 #pragma unroll
@@ -1220,9 +1228,10 @@ __device__ void quadratic_output(const float* a, const T* v, T* o, int t, int dv
         quadratic_scores<T>(q, k, a, t, dk, causal, fm, sm);                                               \
     }                                                                                                      \
     extern "C" __global__ void la_quadratic_output_##SN(const float* a, const T* v, T* o, int t, int dv,    \
-                                                        int normalize, float scale, float eps) {           \
+                                                        int normalize, float scale, float eps,             \
+                                                        int transpose_a) {                                 \
         extern __shared__ float sm[];                                                                      \
-        quadratic_output<T>(a, v, o, t, dv, normalize, scale, eps, sm);                                    \
+        quadratic_output<T>(a, v, o, t, dv, normalize, scale, eps, transpose_a, sm);                       \
     }
 
 MK_QUADRATIC(f32, float)

@@ -327,27 +327,47 @@ template <typename T>
 static void run_quadratic(Dt dt, int heads, long long t, int dk, int dv, Opts o) {
     auto p = make<T>(dt, std::vector<long long>(heads, t), 0, dk, dv, false, false, o.normalize);
     auto ref = forward(p, o, 0, 1);
-    Dev<float> a(heads * t * t, NAN);
-    Dev<T> out(p.rows * dv, cvt<T>(NAN));
-    const T *q = (p.q.data() + p.off), *k = (p.k.data() + p.off), *v = p.v.data() + p.off;
-    T* op = out.data();
-    float* ap = a.data();
     const int ti = t;
     const unsigned rt = (t + 15) / 16;
     const size_t tiles_smem = 2 * 16 * 17 * sizeof(float);  // as cuda.rs launches them
-    emu_launch({rt, rt, (unsigned)heads}, {EMU_THREADS, 1, 1}, tiles_smem, [&] {
-        if constexpr (std::is_same_v<T, float>) la_quadratic_scores_f32(q, k, ap, ti, dk, o.causal, o.fm);
-        else if constexpr (std::is_same_v<T, __half>) la_quadratic_scores_f16(q, k, ap, ti, dk, o.causal, o.fm);
-        else la_quadratic_scores_bf16(q, k, ap, ti, dk, o.causal, o.fm);
-    });
-    emu_launch({(unsigned)(dv + 15) / 16, rt, (unsigned)heads}, {EMU_THREADS, 1, 1}, tiles_smem, [&] {
-        if constexpr (std::is_same_v<T, float>) la_quadratic_output_f32(ap, v, op, ti, dv, o.normalize, o.scale, o.eps);
-        else if constexpr (std::is_same_v<T, __half>) la_quadratic_output_f16(ap, v, op, ti, dv, o.normalize, o.scale, o.eps);
-        else la_quadratic_output_bf16(ap, v, op, ti, dv, o.normalize, o.scale, o.eps);
-    });
+    // quadratic_scores / quadratic_output of cuda.rs: mask(φ(X)φ(Y)ᵀ), then scale·A·V (or Aᵀ·V).
+    auto scores = [&](const T* x, const T* y, int width, int fm) {
+        Dev<float> a(heads * t * t, NAN);
+        float* ap = a.data();
+        const int causal = o.causal;
+        emu_launch({rt, rt, (unsigned)heads}, {EMU_THREADS, 1, 1}, tiles_smem, [&] {
+            if constexpr (std::is_same_v<T, float>) la_quadratic_scores_f32(x, y, ap, ti, width, causal, fm);
+            else if constexpr (std::is_same_v<T, __half>) la_quadratic_scores_f16(x, y, ap, ti, width, causal, fm);
+            else la_quadratic_scores_bf16(x, y, ap, ti, width, causal, fm);
+        });
+        return a;
+    };
+    auto output = [&](const Dev<float>& a, const T* v, int width, int normalize, int transpose) {
+        Dev<T> out(p.rows * width, cvt<T>(NAN));
+        T* op = out.data();
+        const float* ap = a.data();
+        emu_launch({(unsigned)(width + 15) / 16, rt, (unsigned)heads}, {EMU_THREADS, 1, 1}, tiles_smem, [&] {
+            if constexpr (std::is_same_v<T, float>) la_quadratic_output_f32(ap, v, op, ti, width, normalize, o.scale, o.eps, transpose);
+            else if constexpr (std::is_same_v<T, __half>) la_quadratic_output_f16(ap, v, op, ti, width, normalize, o.scale, o.eps, transpose);
+            else la_quadratic_output_bf16(ap, v, op, ti, width, normalize, o.scale, o.eps, transpose);
+        });
+        return out;
+    };
+    const T *q = (p.q.data() + p.off), *k = (p.k.data() + p.off), *v = p.v.data() + p.off, *g = p.go.data() + p.off;
+    const Dev<float> a = scores(q, k, dk, o.fm);
     char tag[200];
     std::snprintf(tag, sizeof tag, "%s quadratic H=%d T=%lld dk=%d dv=%d fm=%d c=%d n=%d", dt_name(dt), heads, t, dk, dv, o.fm, o.causal, o.normalize);
-    compare(tag, floats(out), ref.o, dt == F32 ? 1e-5 : 1e-2);
+    const double tol = dt == F32 ? 1e-5 : 1e-2;
+    compare(tag, floats(output(a, v, dv, o.normalize, 0)), ref.o, tol);
+    if (o.fm != 0 || o.normalize) return;
+    // forward_backward_quadratic (identity map, unnormalised): from the saved A, dA = mask(dO Vᵀ),
+    // dV = scale·AᵀdO, dQ = scale·dA·K, dK = scale·dAᵀ·Q, against the reference kernel's backward.
+    const auto rb = backward(p, o, true);
+    const Dev<float> da = scores(g, v, dv, 0);
+    const double btol = dt == F32 ? 1e-4 : 2e-2;
+    compare(std::string(tag) + " backward dq", floats(output(da, k, dk, 0, 0)), rb.dq, btol);
+    compare(std::string(tag) + " backward dk (dAᵀ read transposed)", floats(output(da, q, dk, 0, 1)), rb.dk, btol);
+    compare(std::string(tag) + " backward dv (Aᵀ read transposed)", floats(output(a, g, dv, 0, 1)), rb.dv, btol);
 }
 
 // f16's range: values with a large mean over a long sequence drive the state past 65504, which
@@ -414,12 +434,17 @@ int main(int argc, char** argv) {
                 run_case<__nv_bfloat16>(BF16, {70, 65}, 20, 70, o, norm, true);
                 run_case<__half>(F16, {70}, 6, 9, o, !norm, false);
             }
-    for (int causal = 0; causal < 2; ++causal)
+    for (int causal = 0; causal < 2; ++causal) {
         for (int norm = 0; norm < 2; ++norm) {
             Opts o{1, causal, norm, 0.7f, 1e-3f, -1.f};
             run_quadratic<float>(F32, 2, 37, 20, 19, o);
             if (!quick) run_quadratic<__nv_bfloat16>(BF16, 1, 40, 5, 33, o);
         }
+        // The identity map unnormalised: the forward, and the backward from the saved A.
+        Opts plain{0, causal, 0, 0.7f, 1e-3f, -1.f};
+        run_quadratic<float>(F32, 2, 37, 20, 19, plain);
+        if (!quick) run_quadratic<__nv_bfloat16>(BF16, 1, 40, 5, 33, plain);
+    }
     {
         // Quick too (CI): both 16-byte paths once, pieces and a misaligned base; both chunks
         // of the tensor-core core, forward and backward.

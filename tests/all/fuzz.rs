@@ -422,6 +422,11 @@ fn fuzz_linear_attention(f: &mut Fuzz) {
                 || la.forward_quadratic(&q, &k, &v),
                 |o| has_shape(o, &out_shape),
             );
+            f.run(
+                format!("forward_backward_quadratic {args}"),
+                || la.forward_backward_quadratic(&q, &k, &v, &g),
+                |[o, dq, ..]| has_shape(o, &out_shape) && has_shape(dq, q.shape()),
+            );
         }
 
         // Packed sequences: [1, H, ΣT, D] and their offsets.

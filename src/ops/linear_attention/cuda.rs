@@ -607,57 +607,168 @@ fn reference_forward(
 pub(super) fn forward_quadratic(p: &Problem, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     const OP: &str = "LinearAttention::forward_quadratic";
     let dev = q.cuda_device()?;
-    let dts = q.dtype().as_str();
-    let (heads, t) = (p.segments.len(), p.segments.first().map_or(0, |s| s.len));
-    let too_big =
-        |what: &str, n: usize| Error::invalid(OP, what, format!("{n} is more than the grid allows"));
-    let heads_z = u32::try_from(heads).ok().filter(|&h| h <= 65_535).ok_or_else(|| too_big("B·H", heads))?;
-    let t_i = i32::try_from(t).map_err(|_| too_big("T", t))?;
-    let row_tiles =
-        u32::try_from(t.div_ceil(16)).ok().filter(|&x| x <= 65_535).ok_or_else(|| too_big("T", t))?;
-    let scores_len =
-        heads.checked_mul(t * t).ok_or_else(|| too_big("B·H·T²", heads.saturating_mul(t * t)))?;
-    let mut scores = dev.alloc::<f32>(scores_len)?;
-    let mut out = Out::alloc(dev, q.dtype(), p.rows * p.dv)?;
-    let smem = 2 * 16 * 17 * 4;
-    let stream = dev.stream().clone();
-    {
-        let name = format!("la_quadratic_scores_{dts}");
-        let f = dev.function(MODULE, &name)?;
-        let mut ptr = Ptrs::new(&stream);
-        let (qp, kp, ap) = (ptr.tensor(q)?, ptr.tensor(k)?, ptr.of_mut(&mut scores));
-        let (dk, causal, fm) = (p.dk as i32, p.cfg.causal as i32, p.cfg.feature_map.code());
-        let mut b = stream.launch_builder(&f);
-        b.arg(&qp).arg(&kp).arg(&ap).arg(&t_i).arg(&dk).arg(&causal).arg(&fm);
-        let cfg = LaunchConfig {
-            grid_dim: (row_tiles, row_tiles, heads_z),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: smem,
-        };
-        // SAFETY: q, k are [heads·t, dk], scores holds heads·t·t floats; the grid covers the
-        // t × t tiles of every head and the kernel bounds-checks the last tiles.
-        unsafe { b.launch(cfg) }.map_err(driver(format!("launching {name}")))?;
-    }
-    {
-        let name = format!("la_quadratic_output_{dts}");
-        let f = dev.function(MODULE, &name)?;
-        let mut ptr = Ptrs::new(&stream);
-        let (ap, vp, op) = (ptr.of(&scores), ptr.tensor(v)?, out.ptr(&mut ptr));
-        let (dv, normalize, scale, eps) = (p.dv as i32, p.cfg.normalize as i32, p.cfg.scale, p.cfg.eps);
-        let mut b = stream.launch_builder(&f);
-        b.arg(&ap).arg(&vp).arg(&op).arg(&t_i).arg(&dv).arg(&normalize).arg(&scale).arg(&eps);
-        let cfg = LaunchConfig {
-            grid_dim: (p.dv.div_ceil(16) as u32, row_tiles, heads_z),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: smem,
-        };
-        // SAFETY: scores holds heads·t·t floats, v and the output [heads·t, dv]; the grid covers the
-        // t × dv tiles of every head and the kernel bounds-checks the last tiles.
-        unsafe { b.launch(cfg) }.map_err(driver(format!("launching {name}")))?;
-    }
+    let g = QuadraticGrid::of(p, OP)?;
+    let fm = p.cfg.feature_map.code();
+    let scores = quadratic_scores(dev, &g, (q, k), p.dk, p.cfg.causal, fm)?;
+    let out = quadratic_output(
+        dev,
+        &g,
+        &scores,
+        v,
+        p.dv,
+        Product { normalize: p.cfg.normalize, transpose_a: false },
+        p,
+    )?;
+    Ok(out.into_tensor(&output_shape(q, p.dv), q.device()))
+}
+
+/// The quadratic baseline's forward and backward as autograd runs them (identity map,
+/// unnormalised, the caller checks): A and O as [`forward_quadratic`], then from the saved A,
+/// dA = mask(dO·Vᵀ), dV = scale·Aᵀ·dO, dQ = scale·dA·K, dK = scale·dAᵀ·Q. Returns
+/// [O, dQ, dK, dV].
+pub(super) fn forward_backward_quadratic(
+    p: &Problem,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    grad_output: &Tensor,
+) -> Result<[Tensor; 4]> {
+    const OP: &str = "LinearAttention::forward_backward_quadratic";
+    let dev = q.cuda_device()?;
+    let g = QuadraticGrid::of(p, OP)?;
+    let identity = super::FeatureMap::Identity.code();
+    let plain = Product { normalize: false, transpose_a: false };
+    let transposed = Product { normalize: false, transpose_a: true };
+    let a = quadratic_scores(dev, &g, (q, k), p.dk, p.cfg.causal, identity)?;
+    let o = quadratic_output(dev, &g, &a, v, p.dv, plain, p)?;
+    let da = quadratic_scores(dev, &g, (grad_output, v), p.dv, p.cfg.causal, identity)?;
+    let dv = quadratic_output(dev, &g, &a, grad_output, p.dv, transposed, p)?;
+    let dq = quadratic_output(dev, &g, &da, k, p.dk, plain, p)?;
+    let dk = quadratic_output(dev, &g, &da, q, p.dk, transposed, p)?;
+    let (qs, vs) = (output_shape(q, p.dk), output_shape(q, p.dv));
+    let device = q.device();
+    Ok([
+        o.into_tensor(&vs, device),
+        dq.into_tensor(&qs, device),
+        dk.into_tensor(&qs, device),
+        dv.into_tensor(&vs, device),
+    ])
+}
+
+/// q's shape with the last dimension `width`.
+fn output_shape(q: &Tensor, width: usize) -> Vec<usize> {
     let mut shape = q.shape().to_vec();
-    shape[3] = p.dv;
-    Ok(out.into_tensor(&shape, q.device()))
+    shape[3] = width;
+    shape
+}
+
+/// The quadratic kernels' grid: heads on z, 16-row tiles of T on y (and x for scores), each
+/// count checked against the grid's limits, and the T × T scores' length.
+struct QuadraticGrid {
+    heads: u32,
+    t: i32,
+    row_tiles: u32,
+    scores_len: usize,
+}
+
+impl QuadraticGrid {
+    fn of(p: &Problem, op: &'static str) -> Result<QuadraticGrid> {
+        let (heads, t) = (p.segments.len(), p.segments.first().map_or(0, |s| s.len));
+        let too_big =
+            |what: &str, n: usize| Error::invalid(op, what, format!("{n} is more than the grid allows"));
+        Ok(QuadraticGrid {
+            heads: u32::try_from(heads).ok().filter(|&h| h <= 65_535).ok_or_else(|| too_big("B·H", heads))?,
+            t: i32::try_from(t).map_err(|_| too_big("T", t))?,
+            row_tiles: u32::try_from(t.div_ceil(16))
+                .ok()
+                .filter(|&x| x <= 65_535)
+                .ok_or_else(|| too_big("T", t))?,
+            scores_len: heads
+                .checked_mul(t * t)
+                .ok_or_else(|| too_big("B·H·T²", heads.saturating_mul(t * t)))?,
+        })
+    }
+}
+
+/// Two 16 × 17 f32 tiles: the quadratic kernels' shared memory.
+const QUADRATIC_SMEM: u32 = 2 * 16 * 17 * 4;
+
+/// `la_quadratic_scores_<dtype>`: per head, mask(φ(X)φ(Y)ᵀ) of X, Y [T, `width`] into a new
+/// [heads, T, T] f32 buffer.
+fn quadratic_scores(
+    dev: &CudaDevice,
+    g: &QuadraticGrid,
+    (x, y): (&Tensor, &Tensor),
+    width: usize,
+    causal: bool,
+    fm: i32,
+) -> Result<CudaSlice<f32>> {
+    let mut scores = dev.alloc::<f32>(g.scores_len)?;
+    let name = format!("la_quadratic_scores_{}", x.dtype().as_str());
+    let f = dev.function(MODULE, &name)?;
+    let stream = dev.stream().clone();
+    let mut ptr = Ptrs::new(&stream);
+    let (xp, yp, ap) = (ptr.tensor(x)?, ptr.tensor(y)?, ptr.of_mut(&mut scores));
+    let (width, causal) = (width as i32, causal as i32);
+    let mut b = stream.launch_builder(&f);
+    b.arg(&xp).arg(&yp).arg(&ap).arg(&g.t).arg(&width).arg(&causal).arg(&fm);
+    let cfg = LaunchConfig {
+        grid_dim: (g.row_tiles, g.row_tiles, g.heads),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: QUADRATIC_SMEM,
+    };
+    // SAFETY: x, y are [heads·t, width], scores holds heads·t·t floats; the grid covers the
+    // t × t tiles of every head and the kernel bounds-checks the last tiles.
+    unsafe { b.launch(cfg) }.map_err(driver(format!("launching {name}")))?;
+    drop(ptr);
+    Ok(scores)
+}
+
+/// How `quadratic_output` multiplies: normalised (forward only), or by Aᵀ.
+#[derive(Clone, Copy)]
+struct Product {
+    normalize: bool,
+    transpose_a: bool,
+}
+
+/// `la_quadratic_output_<dtype>`: per head, scale·A·V (Aᵀ·V when `transpose_a`; divided by
+/// rowsum(A) + eps when normalising) of V [T, `width`], into a new output of V's dtype.
+fn quadratic_output(
+    dev: &CudaDevice,
+    g: &QuadraticGrid,
+    a: &CudaSlice<f32>,
+    v: &Tensor,
+    width: usize,
+    product: Product,
+    p: &Problem,
+) -> Result<Out> {
+    let mut out = Out::alloc(dev, v.dtype(), p.rows * width)?;
+    let name = format!("la_quadratic_output_{}", v.dtype().as_str());
+    let f = dev.function(MODULE, &name)?;
+    let stream = dev.stream().clone();
+    let mut ptr = Ptrs::new(&stream);
+    let (ap, vp, op) = (ptr.of(a), ptr.tensor(v)?, out.ptr(&mut ptr));
+    let (w, normalize, transpose) = (width as i32, product.normalize as i32, product.transpose_a as i32);
+    let mut b = stream.launch_builder(&f);
+    b.arg(&ap)
+        .arg(&vp)
+        .arg(&op)
+        .arg(&g.t)
+        .arg(&w)
+        .arg(&normalize)
+        .arg(&p.cfg.scale)
+        .arg(&p.cfg.eps)
+        .arg(&transpose);
+    let cfg = LaunchConfig {
+        grid_dim: (width.div_ceil(16) as u32, g.row_tiles, g.heads),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: QUADRATIC_SMEM,
+    };
+    // SAFETY: a holds heads·t·t floats, v and the output [heads·t, width]; the grid covers the
+    // t × width tiles of every head and the kernel bounds-checks the last tiles.
+    unsafe { b.launch(cfg) }.map_err(driver(format!("launching {name}")))?;
+    drop(ptr);
+    Ok(out)
 }
 
 // ------------------------------------------------------------------------------------------

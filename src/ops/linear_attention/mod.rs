@@ -428,6 +428,41 @@ impl LinearAttention {
         }
     }
 
+    /// The unfused O(T²) training step the benchmarks measure forward+backward against, on the
+    /// GPU, as autograd runs it: [`forward_quadratic`](Self::forward_quadratic)'s A and O, then
+    /// from the saved A: dA = mask(dO·Vᵀ), dV = scale·Aᵀ·dO, dQ = scale·dA·K, dK = scale·dAᵀ·Q
+    /// (six launches, A and dA materialised). Returns [O, dQ, dK, dV], equal to
+    /// [`forward`](Self::forward) and [`backward`](Self::backward) without states up to rounding.
+    /// The identity feature map without normalisation only; CUDA tensors only; needs 2·B·H·T² f32
+    /// of device memory.
+    #[doc(hidden)]
+    pub fn forward_backward_quadratic(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        grad_output: &Tensor,
+    ) -> Result<[Tensor; 4]> {
+        const OP: &str = "LinearAttention::forward_backward_quadratic";
+        let problem = self.dense_problem(OP, q, k, v, None)?;
+        if self.feature_map != FeatureMap::Identity || self.normalize {
+            return Err(Error::invalid(
+                OP,
+                "options",
+                "the quadratic backward covers the identity map, unnormalised",
+            ));
+        }
+        let _ = backward_args(&problem, q, grad_output, None)?; // grad_output's checks
+        match q.storage() {
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => cuda::forward_backward_quadratic(&problem, q, k, v, grad_output),
+            Storage::Cpu(_) => {
+                let _ = problem; // only the CUDA kernels take it
+                Err(Error::DeviceMismatch { op: OP, expected: "a CUDA device".into(), got: "cpu".into() })
+            }
+        }
+    }
+
     fn wrap_forward(&self, r: ForwardResult, lead: &[usize], dk: usize, dv: usize) -> LinearAttentionOutput {
         LinearAttentionOutput {
             output: r.output,

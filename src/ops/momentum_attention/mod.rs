@@ -280,7 +280,7 @@ impl MomentumAttention {
             #[cfg(feature = "cuda")]
             Storage::Cuda(_) => cuda::forward_reference(&problem, &params, q, k, v),
             Storage::Cpu(_) => {
-                let _ = params; // only the CUDA kernel takes them
+                let _ = (problem, params); // only the CUDA kernel takes them
                 Err(Error::DeviceMismatch { op: OP, expected: "a CUDA device".into(), got: "cpu".into() })
             }
         }
@@ -306,7 +306,7 @@ impl MomentumAttention {
                 cuda::backward_reference(&problem, &params, &inputs, q.shape())
             }
             Storage::Cpu(_) => {
-                let _ = params; // only the CUDA kernels take them
+                let _ = (problem, params); // only the CUDA kernels take them
                 Err(Error::DeviceMismatch { op: OP, expected: "a CUDA device".into(), got: "cpu".into() })
             }
         }

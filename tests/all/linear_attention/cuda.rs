@@ -286,6 +286,28 @@ fn cuda_quadratic_baseline_matches_reference() {
                 assert_close(&what, &f64s(&o), &r.o, tolerance(dtype).max(1e-5));
             }
         }
+        // Forward and backward (identity map, unnormalised) against the chunked kernels, whose
+        // backward the CPU tests hold to finite differences.
+        for dtype in DTYPES {
+            let cfg = layer(FeatureMap::Identity, causal, false);
+            let c = Case::new([b, h, t], dk, dv, b * h, false, false, dtype, &gpu, 4100);
+            let go = Case::new([b, h, t], dk, dv, b * h, false, false, dtype, &gpu, 4101).v;
+            let [o, dq, dk_, dv_] =
+                cfg.forward_backward_quadratic(&c.q, &c.k, &c.v, &go).expect("quadratic step");
+            let want_o = cfg.forward(&c.q, &c.k, &c.v, None).expect("forward").output;
+            let want = cfg.backward(&c.q, &c.k, &c.v, None, &go, None).expect("backward");
+            let tol = 2.0 * tolerance(dtype).max(1e-5);
+            for (name, got, want) in
+                [("o", o, want_o), ("dq", dq, want.dq), ("dk", dk_, want.dk), ("dv", dv_, want.dv)]
+            {
+                assert_close(
+                    &format!("quadratic step {name} causal={causal} {dtype}"),
+                    &f64s(&got),
+                    &f64s(&want),
+                    tol,
+                );
+            }
+        }
     }
 }
 
