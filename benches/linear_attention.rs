@@ -241,6 +241,7 @@ fn cpu_report() {
         }
     }
     feature_map_report(&dev, SHAPES[0], DType::F32, gemm_rate);
+    split_rule_report(&dev);
     // The chunk products run on the crate's own unpacked GEMM rather than matrixmultiply: both
     // timed here on one thread at the shapes a 64-row chunk makes (Dk, Dv = 64 and 128; 65 is
     // the backward's augmented width).
@@ -250,6 +251,30 @@ fn cpu_report() {
             "[metakernels] linear_attention/chunk GEMM {m}x{k}·{k}x{n} f32, one thread: unpacked {ours:.1} \
              GFLOP/s, matrixmultiply {packed:.1} GFLOP/s ({:.2}x)",
             ours / packed
+        );
+    }
+}
+
+/// The CPU's rule between the fused form (one task per (sequence, head)) and the split form
+/// (chunk states first, then outputs in parallel): `Auto` splits when there are three rayon
+/// threads or more per head (cpu.rs, `SPLIT_THREADS_PER_SEQUENCE`). Both forms timed at B·H of
+/// one, a third of the threads, the threads and four times them, with the form `Auto` takes,
+/// so that the rule is measured on every machine that runs the bench, not assumed.
+fn split_rule_report(dev: &Device) {
+    let threads = rayon::current_num_threads();
+    let attn = LinearAttention::default();
+    let mut heads: Vec<usize> = vec![1, (threads / 3).max(1), threads, 4 * threads];
+    heads.dedup();
+    for h in heads {
+        let (q, k, v) = inputs((1, h, 4096, 64), DType::F32, dev);
+        let time =
+            |path| best_ms(dev, 5, || attn.forward_on_path(&q, &k, &v, None, path).map(|_| ())).unwrap();
+        let (fused, split, auto) = (time(KernelPath::Fused), time(KernelPath::Split), time(KernelPath::Auto));
+        let picks = if 3 * h <= threads { "split" } else { "fused" };
+        println!(
+            "[metakernels] linear_attention/cpu split rule B1 H{h} T4096 D64 f32, {threads} threads: fused \
+             {fused:.2} ms, split {split:.2} ms, auto {auto:.2} ms (takes {picks}; the faster is {})",
+            if fused <= split { "fused" } else { "split" }
         );
     }
 }
