@@ -47,8 +47,8 @@ struct Inner {
     stream: Arc<CudaStream>,
     // Loaded once per module, lazily: most programs use one or two families.
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
-    // Kernels (by CUfunction handle: modules stay loaded) opted into more than 48 KiB of
-    // dynamic shared memory, with their limit.
+    // Kernels (by CUfunction handle: modules stay loaded) opted into the device's dynamic
+    // shared memory limit, with that limit (beside their static shared memory).
     opted_in: Mutex<HashMap<usize, usize>>,
     // Small i32 tables kernels read (MAML's layer widths and offsets), uploaded once per content
     // so that a call does not pay a copy for them.

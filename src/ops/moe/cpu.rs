@@ -128,7 +128,7 @@ mod tests {
 
     /// Every bf16 value times weights of every kind rounds exactly as `half` does.
     #[test]
-    fn bf16_row_scaling_matches_half_bit_for_bit() {
+    fn bf16_row_scaling_rounds_as_half_does() {
         let all: Vec<bf16> = (0..=u16::MAX).map(bf16::from_bits).collect();
         let mut out = vec![bf16::ZERO; all.len()];
         for w in [1.0f32, 0.5, 0.7, -3.3, 1e-30, 1e30, 0.0, f32::INFINITY, f32::NAN] {
