@@ -21,6 +21,9 @@
 // (a large cluster spreads over many blocks) and a second pass adding each cluster's chunk sums
 // in order: bitwise reproducible, no float atomics.
 // update_reference_* is the O(N·K·D) direct version for tests.
+// The Lloyd loop's helpers, one block each: reseed_empty_* (empty clusters take the farthest
+// rows) and shift_inertia_f32 (the convergence statistics); their one-thread references
+// reseed_empty_reference_* and shift_inertia_reference_f32 run in kmeans::reference::fit.
 #include "tensor_core.cuh"
 
 #include <type_traits>
@@ -833,6 +836,49 @@ __device__ void shift_inertia(const float* __restrict__ old_c, const float* __re
     }
 }
 
+// One thread, the loops written out: the reference for reseed_empty (same order: each empty
+// cluster, in index order, takes the row after the previous pick in (distance descending, row
+// ascending) order) and for shift_inertia (the inertia summed in row order).
+template <typename T>
+__device__ void reseed_empty_reference(const T* __restrict__ x, int n, int d, int k, const uint32_t* __restrict__ counts,
+                                       const float* __restrict__ dist, float* __restrict__ centroids) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    float prev_v = INFINITY;
+    int prev_i = -1;
+    for (int c = 0; c < k; ++c) {
+        if (counts[c] != 0) continue;
+        float best_v = -1.f;
+        int best_i = n;
+        for (int i = 0; i < n; ++i) {
+            const bool after = dist[i] < prev_v || (dist[i] == prev_v && i > prev_i);
+            if (after && dist[i] > best_v) best_v = dist[i], best_i = i;  // ties: the first row
+        }
+        if (best_i >= n) return;  // every row already used
+        for (int e = 0; e < d; ++e) centroids[(size_t)c * d + e] = mk::to_float(x[(size_t)best_i * d + e]);
+        prev_v = best_v, prev_i = best_i;
+    }
+}
+
+__device__ void shift_inertia_reference(const float* __restrict__ old_c, const float* __restrict__ new_c, int k,
+                                        int d, int l1, const float* __restrict__ dist, int n,
+                                        const uint32_t* __restrict__ status, double* __restrict__ out) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    float shift = 0.f;
+    for (int c = 0; c < k; ++c) {
+        float s = 0.f;
+        for (int e = 0; e < d; ++e) {
+            const float t = new_c[(size_t)c * d + e] - old_c[(size_t)c * d + e];
+            s += l1 ? fabsf(t) : t * t;
+        }
+        shift = fmaxf(shift, l1 ? s / (float)d : s);
+    }
+    double total = 0.0;
+    for (int i = 0; i < n; ++i) total += (double)dist[i];
+    out[0] = (double)shift;
+    out[1] = total;
+    out[2] = (double)status[0];
+}
+
 }  // namespace
 
 // ------------------------------------------------------------------ entry points ----------
@@ -869,6 +915,11 @@ __device__ void shift_inertia(const float* __restrict__ old_c, const float* __re
     extern "C" __global__ void reseed_empty_##SN(const T* x, int n, int d, int k, const uint32_t* counts,       \
                                                  const float* dist, float* centroids) {                         \
         reseed_empty<T>(x, n, d, k, counts, dist, centroids);                                                   \
+    }                                                                                                           \
+    extern "C" __global__ void reseed_empty_reference_##SN(const T* x, int n, int d, int k,                     \
+                                                           const uint32_t* counts, const float* dist,           \
+                                                           float* centroids) {                                  \
+        reseed_empty_reference<T>(x, n, d, k, counts, dist, centroids);                                         \
     }
 
 MK_TYPED(f32, float)
@@ -926,4 +977,8 @@ extern "C" __global__ void __launch_bounds__(1024)
     shift_inertia_f32(const float* old_c, const float* new_c, int k, int d, int l1, const float* dist, int n,
                       const uint32_t* status, double* out) {
     shift_inertia(old_c, new_c, k, d, l1, dist, n, status, out);
+}
+extern "C" __global__ void shift_inertia_reference_f32(const float* old_c, const float* new_c, int k, int d, int l1,
+                                                       const float* dist, int n, const uint32_t* status, double* out) {
+    shift_inertia_reference(old_c, new_c, k, d, l1, dist, n, status, out);
 }

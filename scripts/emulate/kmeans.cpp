@@ -123,6 +123,10 @@ template <typename T> struct Kernels;
         static void reseed(const T* x, int n, int d, int k, const uint32_t* cnt, const float* dist, float* c) { \
             reseed_empty_##SN(x, n, d, k, cnt, dist, c);                                                     \
         }                                                                                                    \
+        static void reseed_ref(const T* x, int n, int d, int k, const uint32_t* cnt, const float* dist,      \
+                               float* c) {                                                                   \
+            reseed_empty_reference_##SN(x, n, d, k, cnt, dist, c);                                           \
+        }                                                                                                    \
     };
 MK_KERNELS(float, f32, emu_fail("no f32 tensor-core kernel"), emu_fail("no f32 tensor-core kernel"))
 MK_KERNELS(__half, f16, assign_l2_mma_f16(x, c, cn, n, k, d, l, dist, s),
@@ -308,7 +312,7 @@ struct Fit {
 // lloyd: one status word for the whole loop; the only host read per iteration is `stats`.
 template <typename T>
 static Fit lloyd(const vec<T>& x, int n, int d, int k, Metric m, const vec<float>& c0, int max_iter,
-                 double tol) {
+                 double tol, bool reference_helpers = false) {
     Fit f;
     const int l1 = m == Metric::L1;
     vec<float> c = c0;
@@ -321,7 +325,11 @@ static Fit lloyd(const vec<T>& x, int n, int d, int k, Metric m, const vec<float
         const float *o = old_d.data(), *nc = new_d.data(), *ds = dist_d.data();
         const uint32_t* st = status_d.data();
         double* out = stats.data();
-        launch("shift_inertia_f32", {1, 1, 1}, 1024, 0, [=] { shift_inertia_f32(o, nc, k, d, l1, ds, n, st, out); });
+        if (reference_helpers)  // kmeans::reference::fit: one thread
+            launch("shift_inertia_reference_f32", {1, 1, 1}, 1, 0,
+                   [=] { shift_inertia_reference_f32(o, nc, k, d, l1, ds, n, st, out); });
+        else
+            launch("shift_inertia_f32", {1, 1, 1}, 1024, 0, [=] { shift_inertia_f32(o, nc, k, d, l1, ds, n, st, out); });
     };
     // assign_raw rounds the f32 centroids to x's dtype first (Tensor::to_dtype).
     auto rounded = [&](const vec<float>& v) {
@@ -342,8 +350,12 @@ static Fit lloyd(const vec<T>& x, int n, int d, int k, Metric m, const vec<float
             const uint32_t* cnt = counts_d.data();
             const float* ds = dist_d.data();
             float* nx = next_d.data();
-            launch(std::string("reseed_empty_") + Kernels<T>::name, {1, 1, 1}, 1024, 0,
-                   [=] { Kernels<T>::reseed(xs, n, d, k, cnt, ds, nx); });
+            if (reference_helpers)
+                launch(std::string("reseed_empty_reference_") + Kernels<T>::name, {1, 1, 1}, 1, 0,
+                       [=] { Kernels<T>::reseed_ref(xs, n, d, k, cnt, ds, nx); });
+            else
+                launch(std::string("reseed_empty_") + Kernels<T>::name, {1, 1, 1}, 1024, 0,
+                       [=] { Kernels<T>::reseed(xs, n, d, k, cnt, ds, nx); });
             next = next_d;
         }
         stats.assign(3, NAN);
@@ -623,31 +635,46 @@ static void fit_case(int n, int d, int k, Metric m, int max_iter, double tol) {
     exact(s + " same centroid bits under another schedule", f2.centroids, f.centroids);
     exact(s + " same labels under another schedule", f2.labels, f.labels);
     exact(s + " same inertia bits under another schedule", vec<double>{f2.inertia}, vec<double>{f.inertia});
+    // kmeans::reference::fit: the loop's one-thread reference helpers pick the same rows and stop
+    // at the same iteration; the inertia differs only by its f64 sum's order.
+    const Fit r = lloyd(x, n, d, k, m, c0, max_iter, tol, true);
+    exact(s + " reference helpers: centroids", r.centroids, f.centroids);
+    exact(s + " reference helpers: labels", r.labels, f.labels);
+    check(s + " reference helpers: iterations", r.iterations == f.iterations && r.converged == f.converged);
+    compare(s + " reference helpers: inertia", vec<double>{r.inertia}, vec<double>{f.inertia}, 1e-12);
 }
 
 // The exact reseeding cases of cuda_fit_reseeds_and_matches_cpu.
 static void reseed_cases() {
-    // K = N: every row its own cluster. With rows 0 and 1 equal, they tie on centroid 0, cluster 1
-    // empties and takes the first row in (distance descending, row ascending) order, all
-    // distances being 0: row 0.
-    {
-        const vec<float> x = {0, 0, 1, 1, 5, 5, 7, 7};  // [4, 2]
-        Fit f = lloyd(x, 4, 2, 4, Metric::L2, x, 1, 0.0);
-        exact("fit K = N centroids", f.centroids, x);
-        exact("fit K = N labels", f.labels, {0, 1, 2, 3});
-        const vec<float> y = {0, 0, 0, 0, 5, 5, 7, 7};  // rows 0 and 1 equal
-        f = lloyd(y, 4, 2, 4, Metric::L1, y, 3, 0.0);
-        const Fit64 w = lloyd64<float>(vec<double>(y.begin(), y.end()), 4, 2, 4, Metric::L1, y, 3, 0.0);
-        exact("fit K = N equal rows labels vs f64 mirror", f.labels, w.labels);
-        exact("fit K = N equal rows centroids vs f64 mirror", f.centroids,
-              vec<float>(w.centroids.begin(), w.centroids.end()));
+    // Each case with the loop's fast helpers and with their one-thread references.
+    for (const bool reference : {false, true}) {
+        const std::string h = reference ? " (reference helpers)" : "";
+        // K = N: every row its own cluster. With rows 0 and 1 equal, they tie on centroid 0,
+        // cluster 1 empties and takes the first row in (distance descending, row ascending)
+        // order, all distances being 0: row 0.
+        {
+            const vec<float> x = {0, 0, 1, 1, 5, 5, 7, 7};  // [4, 2]
+            Fit f = lloyd(x, 4, 2, 4, Metric::L2, x, 1, 0.0, reference);
+            exact("fit K = N centroids" + h, f.centroids, x);
+            exact("fit K = N labels" + h, f.labels, {0, 1, 2, 3});
+            const vec<float> y = {0, 0, 0, 0, 5, 5, 7, 7};  // rows 0 and 1 equal
+            f = lloyd(y, 4, 2, 4, Metric::L1, y, 3, 0.0, reference);
+            const Fit64 w = lloyd64<float>(vec<double>(y.begin(), y.end()), 4, 2, 4, Metric::L1, y, 3, 0.0);
+            exact("fit K = N equal rows labels vs f64 mirror" + h, f.labels, w.labels);
+            exact("fit K = N equal rows centroids vs f64 mirror" + h, f.centroids,
+                  vec<float>(w.centroids.begin(), w.centroids.end()));
+        }
+        const vec<float> x = {0, 1, 2, 10};
+        Fit f = lloyd(x, 4, 1, 2, Metric::L2, {0.5f, 100.f}, 1, 0.0, reference);
+        exact("fit reseed k=2 centroids" + h, f.centroids, {3.25f, 10.f});
+        exact("fit reseed k=2 labels" + h, f.labels, {0, 0, 0, 1});
+        f = lloyd(x, 4, 1, 3, Metric::L2, {0.5f, 100.f, 200.f}, 1, 0.0, reference);
+        exact("fit reseed k=3 centroids" + h, f.centroids, {3.25f, 10.f, 2.f});
+        // Three empty clusters take the three farthest rows, in cluster order; rows 0 and 1 tie
+        // (0.25 from 0.5): the lower row, 0.
+        f = lloyd(x, 4, 1, 4, Metric::L2, {0.5f, 100.f, 200.f, 300.f}, 1, 0.0, reference);
+        exact("fit reseed k=4 centroids" + h, f.centroids, {3.25f, 10.f, 2.f, 0.f});
     }
-    const vec<float> x = {0, 1, 2, 10};
-    Fit f = lloyd(x, 4, 1, 2, Metric::L2, {0.5f, 100.f}, 1, 0.0);
-    exact("fit reseed k=2 centroids", f.centroids, {3.25f, 10.f});
-    exact("fit reseed k=2 labels", f.labels, {0, 0, 0, 1});
-    f = lloyd(x, 4, 1, 3, Metric::L2, {0.5f, 100.f, 200.f}, 1, 0.0);
-    exact("fit reseed k=3 centroids", f.centroids, {3.25f, 10.f, 2.f});
 }
 
 template <typename T>
@@ -822,7 +849,8 @@ int main(int argc, char** argv) {
     }
     // Coverage: every __global__ of kernels/kmeans.cu launched at least once.
     static const char* all[] = {"row_sq_norms_", "assign_simt_l2_", "assign_simt_l1_", "assign_reference_",
-                                "segment_partials_", "update_reference_", "gather_rows_", "reseed_empty_"};
+                                "segment_partials_", "update_reference_", "gather_rows_", "reseed_empty_",
+                                "reseed_empty_reference_"};
     std::vector<std::string> missing;
     for (const char* base : all)
         for (const char* sn : {"f32", "f16", "bf16"})
@@ -830,7 +858,7 @@ int main(int argc, char** argv) {
     for (const char* name : {"assign_l2_mma_f16", "assign_l2_mma_bf16", "assign_l2_mma_xres_f16",
                              "assign_l2_mma_xres_bf16", "tile_histogram_u32", "counting_sort_reference_u32",
                              "scan_tiles_u32", "scan_offsets_u32", "scan_chunks_u32", "segment_finish_f32",
-                             "stable_scatter_u32", "shift_inertia_f32"})
+                             "stable_scatter_u32", "shift_inertia_f32", "shift_inertia_reference_f32"})
         if (!g_launched.count(name)) missing.push_back(name);
     std::string m;
     for (auto& s : missing) m += " " + s;

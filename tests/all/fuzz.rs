@@ -761,6 +761,11 @@ fn fuzz_kmeans(f: &mut Fuzz) {
                     && (!bounded || r.inertia.is_finite())
             },
         );
+        f.run(
+            format!("reference::fit {fit_args}"),
+            || kmeans::reference::fit(&fit, &x),
+            |r| has_shape(&r.centroids, &[kc, dim(&x, 1)]) && ids_below(&r.assignment, kc),
+        );
     }
 }
 

@@ -281,8 +281,12 @@ fn empty_clusters_are_reseeded_from_the_farthest_points() {
     assert_eq!(fit.assignment.to_vec::<u32>().unwrap(), vec![0, 0, 0, 1]);
     // Two empty clusters take the two farthest points, farthest first.
     let c = Tensor::from_slice(&[0.5f32, 100.0, 200.0], &[3, 1], &cpu()).unwrap();
-    let fit = KMeans::new(3).max_iter(1).tol(0.0).init(Init::Given(c)).fit(&x).unwrap();
+    let km = KMeans::new(3).max_iter(1).tol(0.0).init(Init::Given(c));
+    let fit = km.fit(&x).unwrap();
     assert_eq!(fit.centroids.to_vec::<f32>().unwrap(), vec![3.25, 10.0, 2.0]);
+    // The loop's one-thread reference helpers reseed the same way.
+    let by_reference = kmeans::reference::fit(&km, &x).unwrap();
+    assert_eq!(by_reference.centroids.to_vec::<f32>().unwrap(), vec![3.25, 10.0, 2.0]);
 }
 
 #[test]
@@ -541,8 +545,12 @@ fn cuda_fit_reseeds_and_matches_cpu() {
     assert_eq!(fit.centroids.to_vec::<f32>().unwrap(), vec![3.25, 10.0]);
     assert_eq!(fit.assignment.to_vec::<u32>().unwrap(), vec![0, 0, 0, 1]);
     let c = Tensor::from_slice(&[0.5f32, 100.0, 200.0], &[3, 1], &cpu()).unwrap();
-    let fit = KMeans::new(3).max_iter(1).tol(0.0).init(Init::Given(c)).fit(&x).unwrap();
+    let km = KMeans::new(3).max_iter(1).tol(0.0).init(Init::Given(c));
+    let fit = km.fit(&x).unwrap();
     assert_eq!(fit.centroids.to_vec::<f32>().unwrap(), vec![3.25, 10.0, 2.0]);
+    // The loop's one-thread reference helpers reseed the same way.
+    let by_reference = kmeans::reference::fit(&km, &x).unwrap();
+    assert_eq!(by_reference.centroids.to_vec::<f32>().unwrap(), vec![3.25, 10.0, 2.0]);
 
     for (metric, dtype) in
         [(Metric::MeanL1, DType::F32), (Metric::SquaredL2, DType::BF16), (Metric::MeanL1, DType::F16)]
@@ -554,7 +562,15 @@ fn cuda_fit_reseeds_and_matches_cpu() {
         let start = xc.to_dtype(DType::F32).unwrap().to_vec::<f32>().unwrap()[..k * d].to_vec();
         let init = Init::Given(Tensor::from_slice(&start, &[k, d], &cpu()).unwrap());
         let fg = KMeans::new(k).metric(metric).init(init.clone()).fit(&xg).unwrap();
+        let km = KMeans::new(k).metric(metric).init(init.clone());
+        let by_reference = kmeans::reference::fit(&km, &xg).unwrap();
         let fc = KMeans::new(k).metric(metric).init(init).fit(&xc).unwrap();
+        // The reference helpers pick the same rows and stop at the same iteration; the inertia
+        // differs only by the order of its f64 sum.
+        assert_eq!(fg.assignment.to_vec::<u32>().unwrap(), by_reference.assignment.to_vec::<u32>().unwrap());
+        assert_eq!(fg.centroids.to_vec::<f32>().unwrap(), by_reference.centroids.to_vec::<f32>().unwrap());
+        assert_eq!(fg.iterations, by_reference.iterations, "{metric:?} {dtype:?} reference helpers");
+        assert!((fg.inertia - by_reference.inertia).abs() <= 1e-12 * fg.inertia, "{metric:?} {dtype:?}");
         assert_eq!(fg.assignment.to_vec::<u32>().unwrap(), fc.assignment.to_vec::<u32>().unwrap());
         assert_eq!(fg.iterations, fc.iterations, "{metric:?} {dtype:?}");
         assert!((fg.inertia - fc.inertia).abs() <= 1e-3 * fc.inertia, "{metric:?} {dtype:?}");

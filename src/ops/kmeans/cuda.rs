@@ -6,6 +6,7 @@
 //! (1 = a non-finite distance or mean, 2 = a label ≥ k) instead of failing; the host reads it
 //! once per public call (or once per Lloyd iteration, with the convergence check).
 
+use super::fit::LoopHelpers;
 use super::fit::{KMeans, KMeansFit};
 use super::Metric;
 use crate::cuda::{driver, CudaDevice, CudaSlice, LaunchConfig, PushKernelArg};
@@ -298,7 +299,7 @@ pub(super) fn update(x: &Tensor, assignment: &Tensor, k: usize) -> Result<(Tenso
 }
 
 /// Lloyd's loop on the device, from host centroids `c0` (`[k, d]` f32).
-pub(super) fn lloyd(x: &Tensor, c0: &[f32], km: &KMeans) -> Result<KMeansFit> {
+pub(super) fn lloyd(x: &Tensor, c0: &[f32], km: &KMeans, helpers: LoopHelpers) -> Result<KMeansFit> {
     const OP: &str = "KMeans::fit";
     let dev = x.cuda_device()?.clone();
     let device = x.device();
@@ -315,9 +316,9 @@ pub(super) fn lloyd(x: &Tensor, c0: &[f32], km: &KMeans) -> Result<KMeansFit> {
         let order = Tensor::from_cuda_buffer(CudaBuffer::U32(order), &[n], DType::U32, device);
         let offsets = Tensor::from_cuda_buffer(CudaBuffer::U32(offsets), &[k + 1], DType::U32, device);
         let mut next = segment_means_raw(&dev, x, &order, &offsets, k, &mut status)?;
-        reseed_empty(&dev, x, &counts, &dist, &mut next)?;
+        reseed_empty(&dev, x, &counts, &dist, &mut next, helpers)?;
         let old = c.cuda_slice::<f32>(OP)?;
-        shift_inertia(&dev, old, &next, k, d, l1, &dist, n, &status, &mut stats)?;
+        shift_inertia(&dev, (old, &next), (k, d, l1), (&dist, n), &status, &mut stats, helpers)?;
         // The convergence check: the loop's only device-to-host copy.
         let host = dev.dtoh(&stats, 3)?;
         if host[2] != 0.0 {
@@ -333,7 +334,7 @@ pub(super) fn lloyd(x: &Tensor, c0: &[f32], km: &KMeans) -> Result<KMeansFit> {
     }
     let (labels, dist) = assign_raw(&dev, x, &c, km.metric, &mut status)?;
     let cs = c.cuda_slice::<f32>(OP)?;
-    shift_inertia(&dev, cs, cs, k, d, l1, &dist, n, &status, &mut stats)?;
+    shift_inertia(&dev, (cs, cs), (k, d, l1), (&dist, n), &status, &mut stats, helpers)?;
     let host = dev.dtoh(&stats, 3)?;
     if host[2] != 0.0 || !host[1].is_finite() {
         return Err(Error::NonFinite { op: OP, what: "x (or its distances overflow f32)".into() });
@@ -348,47 +349,55 @@ pub(super) fn lloyd(x: &Tensor, c0: &[f32], km: &KMeans) -> Result<KMeansFit> {
     })
 }
 
+/// Empty clusters take the farthest rows: `reseed_empty_<dtype>` (one block) or its one-thread
+/// reference.
 fn reseed_empty(
     dev: &CudaDevice,
     x: &Tensor,
     counts: &CudaSlice<u32>,
     dist: &CudaSlice<f32>,
     centroids: &mut CudaSlice<f32>,
+    helpers: LoopHelpers,
 ) -> Result<()> {
     const OP: &str = "KMeans::fit";
     let (n, d) = (x.shape()[0] as i32, x.shape()[1] as i32);
     let k = (counts.len()) as i32;
-    let name = format!("reseed_empty_{}", suffix(x.dtype()));
+    let (name, threads) = match helpers {
+        LoopHelpers::Fast => (format!("reseed_empty_{}", suffix(x.dtype())), 1024),
+        LoopHelpers::Reference => (format!("reseed_empty_reference_{}", suffix(x.dtype())), 1),
+    };
     let f = dev.function(MODULE, &name)?;
     with_slice!(x, OP, |xs| {
         let mut b = dev.stream().launch_builder(&f);
         b.arg(xs).arg(&n).arg(&d).arg(&k).arg(counts).arg(dist).arg(&mut *centroids);
         // SAFETY: one block; reads n·d of x, k counts, n distances; writes rows of centroids
         // (k·d floats) of empty clusters only.
-        unsafe { b.launch(cfg((1, 1), 1024)) }.map_err(driver(format!("launching {name}")))?;
+        unsafe { b.launch(cfg((1, 1), threads)) }.map_err(driver(format!("launching {name}")))?;
     });
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The convergence statistics {max centroid shift, inertia, status} into `stats`:
+/// `shift_inertia_f32` (one block) or its one-thread reference.
 fn shift_inertia(
     dev: &CudaDevice,
-    old: &CudaSlice<f32>,
-    new: &CudaSlice<f32>,
-    k: usize,
-    d: usize,
-    l1: i32,
-    dist: &CudaSlice<f32>,
-    n: usize,
+    (old, new): (&CudaSlice<f32>, &CudaSlice<f32>),
+    (k, d, l1): (usize, usize, i32),
+    (dist, n): (&CudaSlice<f32>, usize),
     status: &CudaSlice<u32>,
     stats: &mut CudaSlice<f64>,
+    helpers: LoopHelpers,
 ) -> Result<()> {
     let (ki, di, ni) = (k as i32, d as i32, n as i32);
-    let f = dev.function(MODULE, "shift_inertia_f32")?;
+    let (name, threads) = match helpers {
+        LoopHelpers::Fast => ("shift_inertia_f32", 1024),
+        LoopHelpers::Reference => ("shift_inertia_reference_f32", 1),
+    };
+    let f = dev.function(MODULE, name)?;
     let mut b = dev.stream().launch_builder(&f);
     b.arg(old).arg(new).arg(&ki).arg(&di).arg(&l1).arg(dist).arg(&ni).arg(status).arg(stats);
     // SAFETY: one block; old/new hold k·d floats, dist n, status 1, stats 3 doubles.
-    unsafe { b.launch(cfg((1, 1), 1024)) }.map_err(driver("launching shift_inertia_f32"))?;
+    unsafe { b.launch(cfg((1, 1), threads)) }.map_err(driver(format!("launching {name}")))?;
     Ok(())
 }
 

@@ -11,6 +11,13 @@ use super::{check_points, cpu, init, Metric};
 use crate::tensor::Storage;
 use crate::{DType, Error, Result, Tensor};
 
+/// The device Lloyd loop's helper kernels (reseeding, the convergence statistics): the fast
+/// one-block kernels, or their one-thread references (`kmeans::reference::fit`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum LoopHelpers {
+    Fast,
+    Reference,
+}
 const OP: &str = "KMeans::fit";
 
 /// How [`KMeans::fit`] picks its first centroids.
@@ -120,6 +127,11 @@ impl KMeans {
     /// Errors: `k = 0` or `k > N`, a negative or non-finite `tol`, non-finite values in `x`,
     /// given centroids of the wrong shape or dtype, and the errors of [`assign`](super::assign).
     pub fn fit(&self, x: &Tensor) -> Result<KMeansFit> {
+        self.fit_with(x, LoopHelpers::Fast)
+    }
+
+    /// [`fit`](Self::fit) with the device loop's helpers chosen (the CPU loop has one kind).
+    pub(super) fn fit_with(&self, x: &Tensor, helpers: LoopHelpers) -> Result<KMeansFit> {
         let (n, d) = check_points(x, OP)?;
         if self.k == 0 || self.k > n {
             return Err(Error::invalid(OP, "k", format!("k = {}, expected 1 ≤ k ≤ N = {n}", self.k)));
@@ -133,6 +145,7 @@ impl KMeans {
         };
         match x.storage() {
             Storage::Cpu(_) => {
+                let _ = helpers; // one CPU loop
                 let xs = x.host_f32(OP)?;
                 if xs.iter().any(|v| !v.is_finite()) {
                     return Err(Error::NonFinite { op: OP, what: "x".into() });
@@ -149,7 +162,7 @@ impl KMeans {
                     Some(c) => c,
                     None => self.seed_on_device(x, n, d)?,
                 };
-                super::cuda::lloyd(x, &c0, self)
+                super::cuda::lloyd(x, &c0, self, helpers)
             }
         }
     }

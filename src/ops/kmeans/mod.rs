@@ -213,6 +213,12 @@ pub mod reference {
         }
     }
 
+    /// [`KMeans::fit`] whose device loop runs the one-thread references of its helpers
+    /// (`reseed_empty_reference_*`, `shift_inertia_reference_f32`); the CPU fit on the CPU.
+    pub fn fit(km: &KMeans, x: &Tensor) -> Result<KMeansFit> {
+        km.fit_with(x, fit::LoopHelpers::Reference)
+    }
+
     /// Reference [`update`](super::update); labels must be `< k`.
     pub fn update(x: &Tensor, assignment: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
         const OP: &str = "kmeans::reference::update";
