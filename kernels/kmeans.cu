@@ -804,6 +804,17 @@ __device__ void reseed_empty(const T* __restrict__ x, int n, int d, int k, const
     }
 }
 
+// How far centroid c moved, under the metric (mean |·| for L1, squared L2).
+__device__ float centroid_shift(const float* __restrict__ old_c, const float* __restrict__ new_c, int c, int d,
+                                int l1) {
+    float s = 0.f;
+    for (int e = 0; e < d; ++e) {
+        const float t = new_c[(size_t)c * d + e] - old_c[(size_t)c * d + e];
+        s += l1 ? fabsf(t) : t * t;
+    }
+    return l1 ? s / (float)d : s;
+}
+
 // One block: out = {max centroid shift under the metric, Σ dist (f64, fixed order), status}.
 __device__ void shift_inertia(const float* __restrict__ old_c, const float* __restrict__ new_c, int k, int d, int l1,
                               const float* __restrict__ dist, int n, const uint32_t* __restrict__ status,
@@ -813,12 +824,7 @@ __device__ void shift_inertia(const float* __restrict__ old_c, const float* __re
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warps = blockDim.x >> 5;
     float shift = 0.f;
     for (int c = tid; c < k; c += blockDim.x) {
-        float s = 0.f;
-        for (int e = 0; e < d; ++e) {
-            const float t = new_c[(size_t)c * d + e] - old_c[(size_t)c * d + e];
-            s += l1 ? fabsf(t) : t * t;
-        }
-        shift = fmaxf(shift, l1 ? s / (float)d : s);
+        shift = fmaxf(shift, centroid_shift(old_c, new_c, c, d, l1));
     }
     double total = 0.0;
     for (int i = tid; i < n; i += blockDim.x) total += (double)dist[i];
@@ -865,12 +871,7 @@ __device__ void shift_inertia_reference(const float* __restrict__ old_c, const f
     if (blockIdx.x != 0 || threadIdx.x != 0) return;
     float shift = 0.f;
     for (int c = 0; c < k; ++c) {
-        float s = 0.f;
-        for (int e = 0; e < d; ++e) {
-            const float t = new_c[(size_t)c * d + e] - old_c[(size_t)c * d + e];
-            s += l1 ? fabsf(t) : t * t;
-        }
-        shift = fmaxf(shift, l1 ? s / (float)d : s);
+        shift = fmaxf(shift, centroid_shift(old_c, new_c, c, d, l1));
     }
     double total = 0.0;
     for (int i = 0; i < n; ++i) total += (double)dist[i];
