@@ -18,6 +18,7 @@ pub(super) enum LoopHelpers {
     Fast,
     Reference,
 }
+
 const OP: &str = "KMeans::fit";
 
 /// How [`KMeans::fit`] picks its first centroids.

@@ -256,11 +256,10 @@ fn add_momentum(
     }
 }
 
-/// `attn + m` by a separate scan over every head (the unfused baseline): rayon over heads, each
-/// head's columns advanced row by row through all T rows.
 /// The unfused baseline's separate momentum pass: `base + Σ_{s<t} η^{t−s} x_s` at every row t
 /// (`Scan::Forward`, x = v, base = the attention output), or `base + Σ_{t>s} η^{t−s} x_t` at
-/// every row s (`Scan::Reverse`, x = dL/do, base = the attention's dv).
+/// every row s (`Scan::Reverse`, x = dL/do, base = the attention's dv). Rayon over heads, each
+/// head's columns advanced row by row through all T rows.
 pub(super) fn add_momentum_scan(
     problem: &Problem,
     eta: f32,
@@ -307,7 +306,7 @@ pub(super) fn backward(
     let (attn, lse2): (Cow<'_, [f32]>, Cow<'_, [f32]>) = match saved {
         Some((attn, lse2)) => (attn.host_f32(op)?, Cow::Borrowed(lse2.host_slice::<f32>(op)?)),
         None => {
-            let plain = SoftmaxParams { eta: 0.0, horizon: 0, ..*params };
+            let plain = params.without_momentum();
             let mut attn = vec![0f32; n];
             let mut lse2 = vec![0f32; problem.bh * problem.t];
             attention_forward(problem, &plain, (&q, &k, &v), &mut attn, &mut lse2, None)?;

@@ -305,7 +305,7 @@ pub(crate) fn forward_unfused(
         v: &Tensor,
     ) -> Result<Tensor> {
         let dev = q.cuda_device()?;
-        let plain = SoftmaxParams { eta: 0.0, horizon: 0, ..*params };
+        let plain = params.without_momentum();
         let mut out = forward_typed::<T>(dev, problem, &plain, q, k, v, false)?.out;
         let v = v.cuda_slice::<T>("MomentumAttention::forward_unfused")?;
         momentum_scan(dev, problem, params.eta, v, &mut out, Scan::Forward)?;
@@ -332,7 +332,7 @@ pub(super) fn backward_unfused(
         params: &SoftmaxParams,
         inputs: &BackwardInputs<'_>,
     ) -> Result<Grads<T>> {
-        let plain = SoftmaxParams { eta: 0.0, horizon: 0, ..*params };
+        let plain = params.without_momentum();
         let (dq, dk, mut dv) = backward_typed::<T>(dev, problem, &plain, inputs)?;
         let grad = inputs.grad_output.cuda_slice::<T>("MomentumAttention::backward_unfused")?;
         momentum_scan(dev, problem, params.eta, grad, &mut dv, Scan::Reverse)?;
@@ -423,7 +423,7 @@ fn backward_typed<T: Element>(
     let (attn, lse2) = match saved {
         Some((attn, lse2)) => (attn.cuda_slice::<T>(op)?, lse2.cuda_slice::<f32>(op)?),
         None => {
-            let plain = SoftmaxParams { eta: 0.0, horizon: 0, ..*params };
+            let plain = params.without_momentum();
             recomputed = forward_typed::<T>(dev, problem, &plain, q, k, v, false)?;
             (&recomputed.out, &recomputed.lse2)
         }

@@ -322,10 +322,9 @@ impl MomentumAttention {
     pub fn forward_unfused(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         const OP: &str = "MomentumAttention::forward_unfused";
         let (problem, params) = self.softmax_setup(OP, q, k, v, None)?;
-        let plain = SoftmaxParams { eta: 0.0, horizon: 0, ..params };
         match q.storage() {
             Storage::Cpu(_) => {
-                let attn = cpu::forward(&problem, &plain, q, k, v, q.shape())?;
+                let attn = cpu::forward(&problem, &params.without_momentum(), q, k, v, q.shape())?;
                 cpu::add_momentum_scan(&problem, params.eta, &attn, v, Scan::Forward)
             }
             #[cfg(feature = "cuda")]
@@ -348,11 +347,10 @@ impl MomentumAttention {
     ) -> Result<MomentumAttentionGrads> {
         const OP: &str = "MomentumAttention::backward_unfused";
         let (problem, params) = self.softmax_setup(OP, q, k, v, Some(grad_output))?;
-        let plain = SoftmaxParams { eta: 0.0, horizon: 0, ..params };
         let inputs = BackwardInputs { q, k, v, grad_output, saved: None };
         match q.storage() {
             Storage::Cpu(_) => {
-                let grads = cpu::backward(&problem, &plain, &inputs, q.shape())?;
+                let grads = cpu::backward(&problem, &params.without_momentum(), &inputs, q.shape())?;
                 let dv = cpu::add_momentum_scan(&problem, params.eta, &grads.dv, grad_output, Scan::Reverse)?;
                 Ok(MomentumAttentionGrads { dv, ..grads })
             }
@@ -456,6 +454,12 @@ pub(crate) struct SoftmaxParams {
 }
 
 impl SoftmaxParams {
+    /// The same scale without the momentum term (η = 0): the attention part alone, which the
+    /// unfused baselines and the recomputing backward run before their own momentum step.
+    pub(crate) fn without_momentum(&self) -> SoftmaxParams {
+        SoftmaxParams { eta: 0.0, horizon: 0, ..*self }
+    }
+
     fn new(op: &'static str, eta: f32, scale: Option<f32>, d: usize) -> Result<SoftmaxParams> {
         let scale = scale.unwrap_or(1.0 / (d as f32).sqrt());
         if !scale.is_finite() {
