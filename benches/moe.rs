@@ -74,14 +74,6 @@ fn report_dispatch(dev: &Device, n: usize, d: usize, dtype: DType) {
     }
 }
 
-/// MemAvailable of /proc/meminfo in GiB (Linux), else `None`.
-fn available_host_gib() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib >> 20)
-}
-
 fn lstsq_inputs(dev: &Device) -> (Tensor, Tensor) {
     (tensor(&[1024, 64, 16], DType::F32, dev, 3), tensor(&[1024, 64, 8], DType::F32, dev, 4))
 }
@@ -145,7 +137,7 @@ fn main() {
         // The issue's 1M tokens: x, the grouped rows and the output (2 GiB each in bf16), and
         // the f32 staging of x's random values (4 GiB) while it is made.
         const NEEDS_GIB: u64 = 12;
-        match available_host_gib() {
+        match metakernels::bench_support::available_host_bytes().map(|bytes| (bytes >> 30) as u64) {
             Some(gib) if gib >= NEEDS_GIB => report_dispatch(&Device::cpu(), 1 << 20, 1024, DType::BF16),
             other => println!(
                 "[metakernels] moe/dispatch N1048576 D1024 bf16 on the cpu skipped: needs {NEEDS_GIB} GiB of \

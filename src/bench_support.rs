@@ -282,6 +282,12 @@ pub fn peak_bytes<F: FnOnce() -> Result<()>>(device: &Device, f: F) -> Result<Op
     }
 }
 
+/// The host memory available now (MemAvailable on Linux), in bytes; `None` where the host does
+/// not say. For benchmarks that need gigabytes, to skip rather than abort.
+pub fn available_host_bytes() -> Option<usize> {
+    crate::cpu::host_available_bytes()
+}
+
 /// GFLOP/s of the CPU linear attention's chunk-product GEMM and of `matrixmultiply`, one thread,
 /// m×k · k×n products in cache (see `cpu_gemm.rs`): (in-house, matrixmultiply).
 pub fn linear_attention_chunk_gemm_rates(m: usize, k: usize, n: usize) -> (f64, f64) {

@@ -216,7 +216,7 @@ pub(crate) fn check_host_memory(bytes: Option<usize>) -> Result<()> {
 }
 
 /// MemAvailable of /proc/meminfo (Linux), in bytes.
-fn host_available_bytes() -> Option<usize> {
+pub(crate) fn host_available_bytes() -> Option<usize> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = meminfo.lines().find_map(|line| line.strip_prefix("MemAvailable:"))?;
     let kib = line.trim().trim_end_matches("kB").trim().parse::<usize>().ok()?;
