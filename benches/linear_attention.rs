@@ -270,7 +270,8 @@ fn split_rule_report(dev: &Device) {
         let time =
             |path| best_ms(dev, 5, || attn.forward_on_path(&q, &k, &v, None, path).map(|_| ())).unwrap();
         let (fused, split, auto) = (time(KernelPath::Fused), time(KernelPath::Split), time(KernelPath::Auto));
-        let picks = if 3 * h <= threads { "split" } else { "fused" };
+        let splits = metakernels::bench_support::linear_attention_cpu_auto_splits(h);
+        let picks = if splits { "split" } else { "fused" };
         println!(
             "[metakernels] linear_attention/cpu split rule B1 H{h} T4096 D64 f32, {threads} threads: fused \
              {fused:.2} ms, split {split:.2} ms, auto {auto:.2} ms (takes {picks}; the faster is {})",

@@ -293,3 +293,9 @@ pub fn available_host_bytes() -> Option<usize> {
 pub fn linear_attention_chunk_gemm_rates(m: usize, k: usize, n: usize) -> (f64, f64) {
     crate::ops::linear_attention::chunk_gemm_rates(m, k, n)
 }
+
+/// Whether the CPU linear attention's `KernelPath::Auto` takes the split form for `heads`
+/// (sequence, head)s on the current rayon pool: the rule the benchmarks time against both forms.
+pub fn linear_attention_cpu_auto_splits(heads: usize) -> bool {
+    crate::ops::linear_attention::cpu_auto_splits(heads)
+}

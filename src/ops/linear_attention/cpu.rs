@@ -548,9 +548,7 @@ fn split_groups(p: &Problem, path: KernelPath) -> usize {
     match path {
         _ if p.momentum.is_some() => 1,
         KernelPath::Split => wanted.min(max_chunks),
-        KernelPath::Auto if p.segments.len() * SPLIT_THREADS_PER_SEQUENCE <= threads => {
-            wanted.min(max_chunks)
-        }
+        KernelPath::Auto if auto_splits(p.segments.len()) => wanted.min(max_chunks),
         _ => 1,
     }
 }
@@ -561,6 +559,11 @@ fn split_groups(p: &Problem, path: KernelPath) -> usize {
 /// took 0.71 (`cargo bench --bench linear_attention`, its "split rule" lines). So splitting pays
 /// only with a clear margin of idle threads: three per (sequence, head).
 const SPLIT_THREADS_PER_SEQUENCE: usize = 3;
+
+/// Whether `Auto` takes the split form for `sequences` (sequence, head)s on this thread pool.
+pub(crate) fn auto_splits(sequences: usize) -> bool {
+    sequences.saturating_mul(SPLIT_THREADS_PER_SEQUENCE) <= rayon::current_num_threads()
+}
 
 /// One task per (sequence, head), in parallel.
 fn fused_forward(

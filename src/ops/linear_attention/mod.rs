@@ -39,6 +39,7 @@
 
 mod cpu;
 mod cpu_gemm;
+pub(crate) use cpu::auto_splits as cpu_auto_splits;
 pub(crate) use cpu_gemm::rates_against_matrixmultiply as chunk_gemm_rates;
 #[cfg(feature = "cuda")]
 mod cuda;
