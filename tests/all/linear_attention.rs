@@ -165,14 +165,7 @@ fn pieces_equal_one_call() {
         let mut state = None::<metakernels::linear_attention::LinearAttentionOutput>;
         let mut pieces = vec![Vec::new(); b * h];
         for w in cuts.windows(2) {
-            let slice = |x: &Tensor, d: usize| {
-                let all = x.to_vec::<f32>().expect("host");
-                let rows: Vec<f32> = (0..b * h)
-                    .flat_map(|bh| all[(bh * t + w[0]) * d..(bh * t + w[1]) * d].to_vec())
-                    .collect();
-                Tensor::from_vec(rows, &[b, h, w[1] - w[0], d], &dev).expect("piece")
-            };
-            let (q, k, v) = (slice(&c.q, dk), slice(&c.k, dk), slice(&c.v, dv));
+            let (q, k, v) = (rows_of(&c.q, w[0], w[1]), rows_of(&c.k, w[0], w[1]), rows_of(&c.v, w[0], w[1]));
             let init = match &state {
                 Some(s) => Some(s.carry()),
                 None => c.initial(),
@@ -222,13 +215,14 @@ fn varlen_matches_reference_forward_and_backward() {
     }
 }
 
-/// Rows `start..end` of every head of a packed `[1, H, ΣT, D]` tensor, as `[1, H, end − start, D]`.
-fn packed_rows(x: &Tensor, start: usize, end: usize) -> Tensor {
-    let (h, total, d) = (x.shape()[1], x.shape()[2], x.shape()[3]);
+/// Rows `start..end` of every (batch, head) of a `[B, H, T, D]` tensor, as
+/// `[B, H, end − start, D]`: a piece of a sequence, or one sequence of a packed `[1, H, ΣT, D]`.
+fn rows_of(x: &Tensor, start: usize, end: usize) -> Tensor {
+    let (b, h, t, d) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
     let all = x.to_vec::<f32>().expect("host");
     let rows: Vec<f32> =
-        (0..h).flat_map(|hh| all[(hh * total + start) * d..(hh * total + end) * d].to_vec()).collect();
-    Tensor::from_vec(rows, &[1, h, end - start, d], x.device()).expect("rows")
+        (0..b * h).flat_map(|bh| all[(bh * t + start) * d..(bh * t + end) * d].to_vec()).collect();
+    Tensor::from_vec(rows, &[b, h, end - start, d], x.device()).expect("rows")
 }
 
 /// Entry `i` of a tensor's leading (sequence) dimension, keeping the dimension.
@@ -276,7 +270,7 @@ pub fn varlen_equals_separate_calls_on(dev: &Device, tol: f64) {
                 let (s0, z0) = (c.s0.as_ref().expect("state"), c.z0.as_ref().expect("normaliser"));
                 for i in 0..n {
                     let (start, end) = (cu[i], cu[i + 1]);
-                    let rows = |x: &Tensor| packed_rows(x, start, end);
+                    let rows = |x: &Tensor| rows_of(x, start, end);
                     let (q, k, v) = (rows(&c.q), rows(&c.k), rows(&c.v));
                     let (s0, z0) = (leading(s0, i), leading(z0, i));
                     let initial = Some(RecurrentState { state: &s0, normalizer: Some(&z0) });
